@@ -1,0 +1,192 @@
+//! Control-plane messages exchanged between agents and the coordinator.
+//!
+//! Every enum is `#[non_exhaustive]` so adding a variant is not a breaking change for
+//! code matching on it; the wire compatibility contract is the `PROTOCOL_VERSION`
+//! checked in the hello exchange. Field order matters for bincode: append new fields
+//! only together with a version bump. No `skip_serializing_if` / `untagged` (bincode is
+//! not self-describing).
+
+use serde::{Deserialize, Serialize};
+
+/// Messages an agent sends to the coordinator on its control stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum AgentMessage {
+    /// First frame on a new connection.
+    Hello(Hello),
+    /// Static description of the node; sent after `Welcome` and whenever it changes.
+    Inventory(Inventory),
+    /// A periodic telemetry sample.
+    Telemetry(TelemetryReport),
+    /// Liveness beat between telemetry samples.
+    Heartbeat { seq: u64 },
+    /// Graceful shutdown: the agent is leaving the mesh on purpose.
+    Leaving { reason: String },
+}
+
+/// Messages the coordinator sends to an agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum CoordinatorMessage {
+    /// The hello was accepted.
+    Welcome(Welcome),
+    /// The hello (or the session) was refused; the connection is closed after this.
+    Reject { reason: String },
+}
+
+/// Agent hello.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    /// `PROTOCOL_VERSION` of the agent.
+    pub protocol_version: u32,
+    /// The name the agent believes it has; must equal the name in its certificate.
+    pub agent_name: String,
+    /// Software version of the agent (informational).
+    pub software_version: String,
+}
+
+/// Coordinator answer to a hello.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub protocol_version: u32,
+    /// Identifies this session; a later session of the same agent replaces it.
+    pub session_id: u64,
+    /// How often the coordinator wants heartbeats (milliseconds).
+    pub heartbeat_interval_ms: u64,
+}
+
+/// Where the GPU figures of an agent come from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum GpuSource {
+    /// Real NVIDIA GPUs read through NVML.
+    Nvml { driver_version: Option<String>, nvml_version: Option<String> },
+    /// Simulated GPUs for development and tests (never real hardware).
+    Simulated { spec: String },
+    /// No NVML on this node: CPU-only.
+    None,
+}
+
+impl GpuSource {
+    /// Short label used in CLI tables and metrics (`nvml`, `simulated`, `none`).
+    pub fn label(&self) -> &'static str {
+        match self {
+            GpuSource::Nvml { .. } => "nvml",
+            GpuSource::Simulated { .. } => "simulated",
+            GpuSource::None => "none",
+        }
+    }
+}
+
+/// Static node description.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Inventory {
+    pub host: HostInfo,
+    pub gpu_source: GpuSource,
+    pub gpus: Vec<GpuInfo>,
+}
+
+/// Static host facts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostInfo {
+    pub hostname: String,
+    pub os: String,
+    pub kernel: String,
+    pub agent_version: String,
+    pub cpu_count: u32,
+    pub memory_total_bytes: u64,
+}
+
+/// Static GPU facts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuInfo {
+    pub index: u32,
+    pub uuid: String,
+    pub name: String,
+    /// True for GPUs from the simulated source; never true for NVML devices.
+    pub simulated: bool,
+    pub memory_total_bytes: u64,
+    pub pci_bus_id: Option<String>,
+}
+
+/// One telemetry sample of a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TelemetryReport {
+    /// Monotonic per-connection sequence number.
+    pub seq: u64,
+    /// Agent wall clock when the sample was taken (ms since the Unix epoch).
+    pub sampled_at_unix_ms: u64,
+    pub host: HostSample,
+    pub gpus: Vec<GpuSample>,
+    /// GPU events (XID, double-bit ECC) observed since the previous report.
+    pub events: Vec<GpuEvent>,
+}
+
+/// Host figures at one instant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostSample {
+    pub cpu_utilization_percent: f32,
+    pub load_1: f64,
+    pub load_5: f64,
+    pub load_15: f64,
+    pub memory_total_bytes: u64,
+    pub memory_used_bytes: u64,
+    /// Disk holding the agent's data dir.
+    pub data_disk_total_bytes: Option<u64>,
+    pub data_disk_available_bytes: Option<u64>,
+    pub net_rx_bytes_per_s: u64,
+    pub net_tx_bytes_per_s: u64,
+    pub uptime_s: u64,
+}
+
+/// GPU figures at one instant. `None` means the GPU does not report that field.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuSample {
+    pub index: u32,
+    pub uuid: String,
+    pub memory_total_bytes: Option<u64>,
+    pub memory_used_bytes: Option<u64>,
+    pub memory_free_bytes: Option<u64>,
+    pub utilization_gpu_percent: Option<u32>,
+    pub utilization_memory_percent: Option<u32>,
+    pub temperature_c: Option<u32>,
+    pub power_w: Option<f64>,
+    pub power_limit_w: Option<f64>,
+    /// Total energy since driver load, millijoules.
+    pub energy_mj: Option<u64>,
+    pub sm_clock_mhz: Option<u32>,
+    pub memory_clock_mhz: Option<u32>,
+    /// Names of active clock throttle reasons (empty = none active).
+    pub throttle_reasons: Option<Vec<String>>,
+    pub ecc_corrected_volatile: Option<u64>,
+    pub ecc_uncorrected_volatile: Option<u64>,
+    pub pcie_rx_kib_per_s: Option<u32>,
+    pub pcie_tx_kib_per_s: Option<u32>,
+    pub mig_enabled: Option<bool>,
+    pub processes: Option<Vec<GpuProcess>>,
+}
+
+/// A compute process on a GPU.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuProcess {
+    pub pid: u32,
+    pub used_memory_bytes: Option<u64>,
+}
+
+/// An asynchronous GPU health event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuEvent {
+    pub uuid: String,
+    pub at_unix_ms: u64,
+    pub kind: GpuEventKind,
+}
+
+/// Kinds of GPU health events.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum GpuEventKind {
+    /// Critical XID error; `None` when the driver did not report the code.
+    Xid(Option<u64>),
+    DoubleBitEcc,
+    SingleBitEcc,
+}
