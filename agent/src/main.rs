@@ -1,1 +1,195 @@
-fn main() {}
+//! `fleetmesh-agent`: the node daemon. Thin shell: parse flags, init tracing, load
+//! config, call `fleetmesh_agent::run`, map errors to exit codes.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use fleetmesh_agent::config::{AgentConfig, FileConfig, ProbeConfig};
+
+#[derive(Parser, Debug)]
+#[command(name = "fleetmesh-agent", version, about = "Fleetmesh node agent")]
+struct Cli {
+    /// TOML config file (same keys as the flags; flags override it).
+    #[arg(long, env = "FLEETMESH_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Coordinator control endpoint HOST:PORT (default port 7400).
+    #[arg(long)]
+    coordinator: Option<String>,
+    /// Agent data directory.
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    /// Mesh CA certificate (PEM).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// This agent's certificate (PEM).
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// This agent's private key (PEM).
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Name to claim in the hello (must equal the certificate's name; default: from it).
+    #[arg(long)]
+    name: Option<String>,
+    /// Use SIMULATED GPUs (development/test only), e.g. 4xH100-80GB.
+    #[arg(long, global = true)]
+    simulate_gpus: Option<String>,
+    /// Telemetry interval, e.g. 1s, 500ms.
+    #[arg(long)]
+    telemetry_interval: Option<String>,
+    /// Longest wait between reconnect attempts, e.g. 5s.
+    #[arg(long)]
+    reconnect_max: Option<String>,
+    /// Log format.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print what this node reports (inventory + one telemetry sample), without connecting.
+    Probe {
+        /// Print JSON instead of a summary.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.log_format);
+    fleetmesh_protocol::tls::install_default_provider();
+    let file = match &cli.config {
+        Some(p) => match FileConfig::load(p) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("fleetmesh-agent: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => FileConfig::default(),
+    };
+    if let Some(Command::Probe { json }) = cli.command {
+        let cfg = ProbeConfig {
+            data_dir: cli.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(".")),
+            simulate_gpus: cli.simulate_gpus.or(file.simulate_gpus),
+        };
+        return match fleetmesh_agent::probe(&cfg) {
+            Ok(out) => {
+                if json {
+                    match serde_json::to_string_pretty(&out) {
+                        Ok(s) => println!("{s}"),
+                        Err(e) => {
+                            eprintln!("fleetmesh-agent: {e}");
+                            return ExitCode::FAILURE;
+                        }
+                    }
+                } else {
+                    print_probe(&out);
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("fleetmesh-agent: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let flags = FileConfig {
+        coordinator: cli.coordinator,
+        data_dir: cli.data_dir,
+        ca: cli.ca,
+        cert: cli.cert,
+        key: cli.key,
+        name: cli.name,
+        simulate_gpus: cli.simulate_gpus,
+        telemetry_interval: cli.telemetry_interval,
+        reconnect_max: cli.reconnect_max,
+    };
+    let config = match AgentConfig::resolve(file, flags) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("fleetmesh-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("fleetmesh-agent: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutdown requested");
+            let _ = tx.send(true);
+        });
+        fleetmesh_agent::run(config, rx).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "agent failed");
+            eprintln!("fleetmesh-agent: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn print_probe(out: &fleetmesh_agent::ProbeOutput) {
+    let inv = &out.inventory;
+    println!("host:       {} ({}, kernel {})", inv.host.hostname, inv.host.os, inv.host.kernel);
+    println!("agent:      {}", inv.host.agent_version);
+    println!("cpus:       {}  memory: {} MiB", inv.host.cpu_count, inv.host.memory_total_bytes >> 20);
+    println!("gpu source: {:?}", inv.gpu_source);
+    let h = &out.telemetry.host;
+    println!(
+        "cpu util:   {:.1}%  load: {:.2} {:.2} {:.2}  mem used: {} MiB",
+        h.cpu_utilization_percent, h.load_1, h.load_5, h.load_15, h.memory_used_bytes >> 20
+    );
+    for g in &out.telemetry.gpus {
+        let name = inv.gpus.iter().find(|i| i.uuid == g.uuid).map(|i| i.name.as_str()).unwrap_or("?");
+        println!(
+            "gpu {}: {} {} util={:?}% mem={:?}/{:?} MiB temp={:?}C power={:?}W",
+            g.index,
+            name,
+            g.uuid,
+            g.utilization_gpu_percent,
+            g.memory_used_bytes.map(|b| b >> 20),
+            g.memory_total_bytes.map(|b| b >> 20),
+            g.temperature_c,
+            g.power_w
+        );
+    }
+}

@@ -1,0 +1,96 @@
+//! Agent configuration: a TOML file with the same keys as the command-line flags; flags
+//! override the file.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::AgentError;
+
+/// Keys accepted in the agent's TOML config file.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    pub coordinator: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub name: Option<String>,
+    pub simulate_gpus: Option<String>,
+    pub telemetry_interval: Option<String>,
+    pub reconnect_max: Option<String>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<Self, AgentError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| AgentError::Config(format!("{}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| AgentError::Config(format!("{}: {e}", path.display())))
+    }
+}
+
+/// Fully resolved agent configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub coordinator: String,
+    pub data_dir: PathBuf,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub name: Option<String>,
+    pub simulate_gpus: Option<String>,
+    pub telemetry_interval: Duration,
+    pub reconnect_max: Duration,
+}
+
+/// Default coordinator control port.
+pub const DEFAULT_PORT: u16 = 7400;
+
+/// Parse a human duration such as `1s`, `250ms`, `5m`.
+pub fn parse_duration(what: &str, s: &str) -> Result<Duration, AgentError> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| AgentError::Config(format!("{what}: invalid duration {s:?}: {e}")))?;
+    if d.is_zero() {
+        return Err(AgentError::Config(format!("{what}: must be greater than zero")));
+    }
+    Ok(d)
+}
+
+impl AgentConfig {
+    /// Merge the file config (if any) with flag overrides (`flags` wins).
+    pub fn resolve(file: FileConfig, flags: FileConfig) -> Result<Self, AgentError> {
+        let missing = |k: &str| AgentError::Config(format!("--{k} is required (flag or config file)"));
+        let mut coordinator = flags.coordinator.or(file.coordinator).ok_or_else(|| missing("coordinator"))?;
+        if !coordinator.contains(':') {
+            coordinator = format!("{coordinator}:{DEFAULT_PORT}");
+        }
+        let telemetry_interval = match flags.telemetry_interval.or(file.telemetry_interval) {
+            Some(s) => parse_duration("telemetry-interval", &s)?,
+            None => Duration::from_secs(1),
+        };
+        let reconnect_max = match flags.reconnect_max.or(file.reconnect_max) {
+            Some(s) => parse_duration("reconnect-max", &s)?,
+            None => Duration::from_secs(5),
+        };
+        Ok(Self {
+            coordinator,
+            data_dir: flags.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("/var/lib/fleetmesh-agent")),
+            ca: flags.ca.or(file.ca).ok_or_else(|| missing("ca"))?,
+            cert: flags.cert.or(file.cert).ok_or_else(|| missing("cert"))?,
+            key: flags.key.or(file.key).ok_or_else(|| missing("key"))?,
+            name: flags.name.or(file.name),
+            simulate_gpus: flags.simulate_gpus.or(file.simulate_gpus),
+            telemetry_interval,
+            reconnect_max,
+        })
+    }
+}
+
+/// Settings for `probe`.
+#[derive(Debug, Clone)]
+pub struct ProbeConfig {
+    pub data_dir: PathBuf,
+    pub simulate_gpus: Option<String>,
+}

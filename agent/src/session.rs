@@ -1,0 +1,356 @@
+//! The agent's control-plane connection: connect, hello, inventory, telemetry, and the
+//! reconnect loop around it.
+//!
+//! One session = one QUIC connection with one bidirectional control stream. The agent
+//! writes `AgentMessage` frames; a reader task turns coordinator frames into channel
+//! messages so the writer loop never does a non-cancel-safe read inside `select!`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetmesh_protocol::codec::{parse_header, HEADER_LEN};
+use fleetmesh_protocol::tls::{peer_identity, TlsIdentity};
+use fleetmesh_protocol::{
+    decode_message, encode_frame, AgentMessage, CodecError, CoordinatorMessage, Hello, PeerKind,
+    ALPN_CTL, MAX_FRAME_LEN, PROTOCOL_VERSION, SOFTWARE_VERSION,
+};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, error, info, warn};
+
+use crate::backoff::Backoff;
+use crate::sampler::Sampler;
+
+/// QUIC keep-alive: well under the idle timeout so a quiet but healthy path stays open.
+const KEEP_ALIVE: Duration = Duration::from_secs(1);
+/// QUIC idle timeout: a dead path is noticed by the transport within this time.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to wait for the coordinator's answer to a hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a session ended abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("cannot resolve coordinator address {0:?}")]
+    Resolve(String),
+    #[error("cannot connect to coordinator {addr}: {msg}")]
+    Connect { addr: String, msg: String },
+    #[error("coordinator {addr} presented an unacceptable identity: {msg}")]
+    ServerIdentity { addr: String, msg: String },
+    #[error("coordinator refused the session: {0}")]
+    Rejected(String),
+    #[error("protocol version mismatch: agent speaks {agent}, coordinator speaks {coordinator}")]
+    VersionMismatch { agent: u32, coordinator: u32 },
+    #[error("no answer to hello within {0:?}")]
+    HelloTimeout(Duration),
+    #[error("connection lost: {0}")]
+    ConnectionLost(String),
+    #[error("protocol error: {0}")]
+    Protocol(#[from] CodecError),
+    #[error("unexpected message from coordinator: {0}")]
+    Unexpected(String),
+    #[error("TLS setup: {0}")]
+    Tls(String),
+}
+
+/// Settings for connecting to a coordinator.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// `HOST:PORT` of the coordinator's control endpoint.
+    pub coordinator: String,
+    pub tls: TlsIdentity,
+    /// Name sent in the hello; normally the name in our certificate.
+    pub claimed_name: String,
+    /// Protocol version sent in the hello (tests override it to check the mismatch path).
+    pub protocol_version: u32,
+    pub telemetry_interval: Duration,
+    pub backoff: Backoff,
+}
+
+impl ConnectOptions {
+    pub fn new(coordinator: String, tls: TlsIdentity) -> Self {
+        let claimed_name = tls.identity.name.clone();
+        Self {
+            coordinator,
+            tls,
+            claimed_name,
+            protocol_version: PROTOCOL_VERSION,
+            telemetry_interval: Duration::from_secs(1),
+            backoff: Backoff::default(),
+        }
+    }
+}
+
+/// Counters shared with whoever runs the agent (CLI logs, benchmarks, tests).
+#[derive(Debug, Default)]
+pub struct AgentStats {
+    pub sessions_established: AtomicU64,
+    pub reports_sent: AtomicU64,
+    pub connect_failures: AtomicU64,
+}
+
+/// Build a client endpoint bound to an ephemeral port of the right address family.
+pub fn client_endpoint(opts: &ConnectOptions, remote: SocketAddr) -> Result<quinn::Endpoint, SessionError> {
+    let tls = opts
+        .tls
+        .client_config(&[ALPN_CTL], true)
+        .map_err(|e| SessionError::Tls(e.to_string()))?;
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| SessionError::Tls(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(KEEP_ALIVE));
+    transport.max_idle_timeout(quinn::IdleTimeout::try_from(IDLE_TIMEOUT).ok());
+    cfg.transport_config(Arc::new(transport));
+    let bind: SocketAddr = if remote.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let mut ep = quinn::Endpoint::client(bind)
+        .map_err(|e| SessionError::Connect { addr: remote.to_string(), msg: e.to_string() })?;
+    ep.set_default_client_config(cfg);
+    Ok(ep)
+}
+
+async fn resolve(target: &str) -> Result<(SocketAddr, String), SessionError> {
+    let host = match target.rsplit_once(':') {
+        Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']').to_string(),
+        None => return Err(SessionError::Resolve(target.to_string())),
+    };
+    let addr = tokio::net::lookup_host(target)
+        .await
+        .map_err(|_| SessionError::Resolve(target.to_string()))?
+        .next()
+        .ok_or_else(|| SessionError::Resolve(target.to_string()))?;
+    Ok((addr, host))
+}
+
+async fn write_msg(send: &mut quinn::SendStream, msg: &AgentMessage) -> Result<(), SessionError> {
+    let frame = encode_frame(msg)?;
+    send.write_all(&frame).await.map_err(|e| SessionError::ConnectionLost(e.to_string()))
+}
+
+/// Read one frame; `Ok(None)` on a clean end of stream.
+async fn read_msg(recv: &mut quinn::RecvStream) -> Result<Option<CoordinatorMessage>, SessionError> {
+    let mut header = [0u8; HEADER_LEN];
+    match recv.read_exact(&mut header).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(SessionError::ConnectionLost(e.to_string())),
+    }
+    let len = parse_header(header, MAX_FRAME_LEN)?;
+    let mut payload = vec![0u8; len];
+    recv.read_exact(&mut payload)
+        .await
+        .map_err(|e| SessionError::ConnectionLost(e.to_string()))?;
+    Ok(Some(decode_message(&payload)?))
+}
+
+/// How a session ended without error.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// We were asked to shut down and told the coordinator we are leaving.
+    Shutdown,
+}
+
+/// Run one session until it fails or `shutdown` becomes true.
+pub async fn run_session(
+    endpoint: &quinn::Endpoint,
+    remote: SocketAddr,
+    server_name: &str,
+    opts: &ConnectOptions,
+    sampler: &mut dyn Sampler,
+    stats: &AgentStats,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<SessionEnd, SessionError> {
+    let addr = remote.to_string();
+    let conn = endpoint
+        .connect(remote, server_name)
+        .map_err(|e| SessionError::Connect { addr: addr.clone(), msg: e.to_string() })?
+        .await
+        .map_err(|e| SessionError::Connect { addr: addr.clone(), msg: e.to_string() })?;
+    // The coordinator must be the mesh coordinator of our trust domain.
+    let chain = conn
+        .peer_identity()
+        .and_then(|any| any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok());
+    let server = peer_identity(chain.as_deref().map(|v| v.as_slice()))
+        .map_err(|e| SessionError::ServerIdentity { addr: addr.clone(), msg: e.to_string() })?;
+    if server.kind != PeerKind::Coordinator || server.trust_domain != opts.tls.identity.trust_domain {
+        conn.close(1u32.into(), b"not a coordinator");
+        return Err(SessionError::ServerIdentity {
+            addr,
+            msg: format!("expected a coordinator of {}, got {}", opts.tls.identity.trust_domain, server.spiffe_id()),
+        });
+    }
+
+    let (mut send, mut recv) =
+        conn.open_bi().await.map_err(|e| SessionError::ConnectionLost(e.to_string()))?;
+    write_msg(
+        &mut send,
+        &AgentMessage::Hello(Hello {
+            protocol_version: opts.protocol_version,
+            agent_name: opts.claimed_name.clone(),
+            software_version: SOFTWARE_VERSION.to_string(),
+        }),
+    )
+    .await?;
+    let welcome = match tokio::time::timeout(HELLO_TIMEOUT, read_msg(&mut recv)).await {
+        Err(_) => return Err(SessionError::HelloTimeout(HELLO_TIMEOUT)),
+        Ok(Err(e)) => {
+            // A refusal often arrives as the connection close reason.
+            return Err(match conn.close_reason() {
+                Some(quinn::ConnectionError::ApplicationClosed(c)) => {
+                    SessionError::Rejected(String::from_utf8_lossy(&c.reason).into_owned())
+                }
+                _ => e,
+            });
+        }
+        Ok(Ok(None)) => return Err(SessionError::ConnectionLost("stream closed before welcome".into())),
+        Ok(Ok(Some(CoordinatorMessage::Welcome(w)))) => w,
+        Ok(Ok(Some(CoordinatorMessage::Reject { reason }))) => return Err(SessionError::Rejected(reason)),
+        Ok(Ok(Some(other))) => return Err(SessionError::Unexpected(format!("{other:?}"))),
+    };
+    if welcome.protocol_version != opts.protocol_version {
+        conn.close(2u32.into(), b"protocol version mismatch");
+        return Err(SessionError::VersionMismatch {
+            agent: opts.protocol_version,
+            coordinator: welcome.protocol_version,
+        });
+    }
+    stats.sessions_established.fetch_add(1, Ordering::Relaxed);
+    info!(agent_id = %opts.claimed_name, session = welcome.session_id, coordinator = %addr, "session established");
+
+    write_msg(&mut send, &AgentMessage::Inventory(sampler.inventory())).await?;
+
+    // Reader task: coordinator -> channel.
+    let (tx, mut rx) = mpsc::channel::<Result<CoordinatorMessage, SessionError>>(16);
+    let reader = tokio::spawn(async move {
+        loop {
+            let r = read_msg(&mut recv).await;
+            let end = !matches!(r, Ok(Some(_)));
+            let item = match r {
+                Ok(Some(m)) => Ok(m),
+                Ok(None) => Err(SessionError::ConnectionLost("coordinator closed the stream".into())),
+                Err(e) => Err(e),
+            };
+            if tx.send(item).await.is_err() || end {
+                return;
+            }
+        }
+    });
+    struct AbortOnDrop(tokio::task::JoinHandle<()>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let _reader = AbortOnDrop(reader);
+
+    let hb_every = Duration::from_millis(welcome.heartbeat_interval_ms.clamp(50, 60_000));
+    let mut telemetry = tokio::time::interval(opts.telemetry_interval);
+    telemetry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut heartbeat = tokio::time::interval(hb_every);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seq = 0u64;
+    let mut hb_seq = 0u64;
+    loop {
+        tokio::select! {
+            _ = telemetry.tick() => {
+                seq += 1;
+                let report = sampler.sample(seq);
+                write_msg(&mut send, &AgentMessage::Telemetry(report)).await?;
+                stats.reports_sent.fetch_add(1, Ordering::Relaxed);
+            }
+            _ = heartbeat.tick() => {
+                hb_seq += 1;
+                write_msg(&mut send, &AgentMessage::Heartbeat { seq: hb_seq }).await?;
+            }
+            msg = rx.recv() => match msg {
+                Some(Ok(CoordinatorMessage::Reject { reason })) => {
+                    return Err(SessionError::Rejected(reason));
+                }
+                Some(Ok(other)) => debug!(?other, "ignoring coordinator message"),
+                Some(Err(e)) => {
+                    return Err(match conn.close_reason() {
+                        Some(quinn::ConnectionError::ApplicationClosed(c)) => SessionError::Rejected(
+                            String::from_utf8_lossy(&c.reason).into_owned(),
+                        ),
+                        Some(other) => SessionError::ConnectionLost(other.to_string()),
+                        None => e,
+                    });
+                }
+                None => return Err(SessionError::ConnectionLost("reader stopped".into())),
+            },
+            _ = shutdown.changed() => {
+                if *shutdown.borrow() {
+                    let _ = write_msg(&mut send, &AgentMessage::Leaving { reason: "agent shutting down".into() }).await;
+                    let _ = send.finish();
+                    // Give the coordinator a moment to read the goodbye and close.
+                    let _ = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
+                    conn.close(0u32.into(), b"agent leaving");
+                    return Ok(SessionEnd::Shutdown);
+                }
+            }
+        }
+    }
+}
+
+/// Connect, run sessions, and reconnect forever (with backoff and jitter) until shutdown.
+/// Never returns because the coordinator is unreachable.
+pub async fn run_forever(
+    opts: ConnectOptions,
+    sampler: &mut dyn Sampler,
+    stats: Arc<AgentStats>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let agent = opts.claimed_name.clone();
+    let mut attempt: u32 = 0;
+    let mut endpoint: Option<(SocketAddr, quinn::Endpoint)> = None;
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        let result = async {
+            let (remote, server_name) = resolve(&opts.coordinator).await?;
+            let ep = match &endpoint {
+                Some((r, ep)) if r.is_ipv6() == remote.is_ipv6() => ep.clone(),
+                _ => {
+                    let ep = client_endpoint(&opts, remote)?;
+                    endpoint = Some((remote, ep.clone()));
+                    ep
+                }
+            };
+            run_session(&ep, remote, &server_name, &opts, sampler, &stats, &mut shutdown).await
+        }
+        .await;
+        match result {
+            Ok(SessionEnd::Shutdown) => break,
+            Err(e) => {
+                stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                match &e {
+                    SessionError::Rejected(_) | SessionError::VersionMismatch { .. } | SessionError::ServerIdentity { .. } => {
+                        error!(agent_id = %agent, error = %e, "session refused")
+                    }
+                    _ => warn!(agent_id = %agent, error = %e, "session ended"),
+                }
+                // A session that got going resets the backoff.
+                if matches!(e, SessionError::ConnectionLost(_)) {
+                    attempt = 0;
+                }
+                let delay = opts.backoff.delay(attempt, rand::random::<f64>());
+                attempt = attempt.saturating_add(1);
+                info!(agent_id = %agent, retry_in_ms = delay.as_millis() as u64, "reconnecting");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.changed() => {}
+                }
+            }
+        }
+    }
+    if let Some((_, ep)) = endpoint {
+        let _ = tokio::time::timeout(Duration::from_secs(1), ep.wait_idle()).await;
+    }
+    info!(agent_id = %agent, "agent stopped");
+}
