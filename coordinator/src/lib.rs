@@ -1,1 +1,246 @@
+//! Fleetmesh coordinator.
+//!
+//! Supervision tree (ractor):
+//!
+//! ```text
+//! Coordinator (root supervisor; a child that dies stops the coordinator)
+//! ├── Fleet          registry, telemetry cache + history, liveness (fleet.rs)
+//! ├── Listener       QUIC control endpoint; authenticates, reads hello (listener.rs)
+//! │   └── AgentSession*  one per connected agent (session.rs)
+//! └── Api            HTTPS JSON API + /metrics (api.rs)
+//! ```
+//!
+//! Decision logic lives in I/O-free modules ([`liveness`]) that take `now` as an argument;
+//! actors are thin shells around them. State that must survive a restart lives in the
+//! embedded redb [`store`].
 
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod fleet;
+pub mod listener;
+pub mod liveness;
+pub mod metrics;
+pub mod session;
+pub mod store;
+pub mod views;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fleetmesh_protocol::tls::TlsIdentity;
+use fleetmesh_protocol::PeerKind;
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
+use tokio::sync::{oneshot, watch};
+use tracing::{error, info};
+
+pub use config::CoordinatorConfig;
+
+/// Coordinator failures.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Tls(#[from] fleetmesh_protocol::tls::TlsError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("{0}")]
+    Startup(String),
+    #[error("coordinator stopped: {0}")]
+    Failed(String),
+}
+
+struct RootArgs {
+    config: CoordinatorConfig,
+    tls: Arc<TlsIdentity>,
+    store: Arc<store::Store>,
+    control_bound: oneshot::Sender<SocketAddr>,
+    api_bound: oneshot::Sender<SocketAddr>,
+    failure: Arc<Mutex<Option<String>>>,
+}
+
+struct RootState {
+    fleet: ActorCell,
+    listener: ActorCell,
+    api: ActorCell,
+    stopping: bool,
+    failure: Arc<Mutex<Option<String>>>,
+}
+
+/// Root supervisor.
+struct Coordinator;
+
+/// Messages of the root actor.
+enum RootMsg {
+    Shutdown,
+}
+
+impl Actor for Coordinator {
+    type Msg = RootMsg;
+    type State = RootState;
+    type Arguments = RootArgs;
+
+    async fn pre_start(&self, myself: ActorRef<RootMsg>, a: RootArgs) -> Result<RootState, ActorProcessingErr> {
+        let fleet_cfg = fleet::FleetConfig { liveness: a.config.liveness, history_len: a.config.history };
+        let (fleet, _) = Actor::spawn_linked(
+            None,
+            fleet::Fleet,
+            fleet::FleetArgs { cfg: fleet_cfg, store: a.store },
+            myself.get_cell(),
+        )
+        .await?;
+        let (listener, _) = Actor::spawn_linked(
+            None,
+            listener::Listener,
+            listener::ListenerArgs {
+                listen: a.config.listen,
+                tls: a.tls.clone(),
+                fleet: fleet.clone(),
+                heartbeat_interval: a.config.heartbeat_interval,
+                bound: Some(a.control_bound),
+            },
+            myself.get_cell(),
+        )
+        .await?;
+        let (api, _) = Actor::spawn_linked(
+            None,
+            api::Api,
+            api::ApiArgs { listen: a.config.api_listen, tls: a.tls, fleet: fleet.clone(), bound: Some(a.api_bound) },
+            myself.get_cell(),
+        )
+        .await?;
+        Ok(RootState {
+            fleet: fleet.get_cell(),
+            listener: listener.get_cell(),
+            api: api.get_cell(),
+            stopping: false,
+            failure: a.failure,
+        })
+    }
+
+    async fn handle(&self, myself: ActorRef<RootMsg>, msg: RootMsg, st: &mut RootState) -> Result<(), ActorProcessingErr> {
+        match msg {
+            RootMsg::Shutdown => {
+                st.stopping = true;
+                // Stop intake first, then the Fleet (which persists the registry).
+                let wait = Some(Duration::from_secs(5));
+                let _ = st.listener.stop_and_wait(Some("shutdown".into()), wait).await;
+                let _ = st.api.stop_and_wait(Some("shutdown".into()), wait).await;
+                let _ = st.fleet.stop_and_wait(Some("shutdown".into()), wait).await;
+                myself.stop(None);
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(&self, myself: ActorRef<RootMsg>, evt: SupervisionEvent, st: &mut RootState) -> Result<(), ActorProcessingErr> {
+        if st.stopping {
+            return Ok(());
+        }
+        let why = match evt {
+            SupervisionEvent::ActorTerminated(who, _, reason) => {
+                format!("actor {} terminated: {}", who.get_id(), reason.unwrap_or_default())
+            }
+            SupervisionEvent::ActorFailed(who, err) => format!("actor {} failed: {err}", who.get_id()),
+            _ => return Ok(()),
+        };
+        error!(reason = %why, "a core actor stopped; shutting the coordinator down");
+        if let Ok(mut f) = st.failure.lock() {
+            f.get_or_insert(why);
+        }
+        st.stopping = true;
+        st.listener.stop(None);
+        st.api.stop(None);
+        st.fleet.stop(None);
+        myself.stop(None);
+        Ok(())
+    }
+}
+
+/// A started coordinator.
+pub struct Running {
+    pub control_addr: SocketAddr,
+    pub api_addr: SocketAddr,
+    root: ActorRef<RootMsg>,
+    handle: ractor::concurrency::JoinHandle<()>,
+    failure: Arc<Mutex<Option<String>>>,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running").field("control_addr", &self.control_addr).field("api_addr", &self.api_addr).finish()
+    }
+}
+
+impl Running {
+    /// Stop gracefully and wait.
+    pub async fn shutdown(self) -> Result<(), CoordinatorError> {
+        let _ = self.root.cast(RootMsg::Shutdown);
+        self.wait().await
+    }
+
+    /// Wait until the coordinator stops by itself (a core actor died).
+    pub async fn wait(self) -> Result<(), CoordinatorError> {
+        let _ = self.handle.await;
+        match self.failure.lock().ok().and_then(|mut f| f.take()) {
+            Some(why) => Err(CoordinatorError::Failed(why)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Start the coordinator: load TLS material, open the store, spawn the actor tree.
+pub async fn start(config: CoordinatorConfig) -> Result<Running, CoordinatorError> {
+    let tls = TlsIdentity::load(&config.ca, &config.cert, &config.key)?;
+    if tls.identity.kind != PeerKind::Coordinator {
+        return Err(CoordinatorError::Startup(format!(
+            "{} is a {} certificate; the coordinator needs a coordinator certificate",
+            config.cert.display(),
+            tls.identity.kind
+        )));
+    }
+    let store = Arc::new(store::Store::open(&config.data_dir)?);
+    let (ctl_tx, ctl_rx) = oneshot::channel();
+    let (api_tx, api_rx) = oneshot::channel();
+    let failure = Arc::new(Mutex::new(None));
+    info!(
+        spiffe_id = %tls.identity.spiffe_id(),
+        data_dir = %config.data_dir.display(),
+        "coordinator starting"
+    );
+    let (root, handle) = Actor::spawn(
+        None,
+        Coordinator,
+        RootArgs {
+            config,
+            tls: Arc::new(tls),
+            store,
+            control_bound: ctl_tx,
+            api_bound: api_tx,
+            failure: failure.clone(),
+        },
+    )
+    .await
+    .map_err(|e| CoordinatorError::Startup(e.to_string()))?;
+    let control_addr = ctl_rx.await.map_err(|_| CoordinatorError::Startup("control listener did not start".into()))?;
+    let api_addr = api_rx.await.map_err(|_| CoordinatorError::Startup("API did not start".into()))?;
+    Ok(Running { control_addr, api_addr, root, handle, failure })
+}
+
+/// Run until `shutdown` becomes true or a core actor dies.
+pub async fn run(config: CoordinatorConfig, mut shutdown: watch::Receiver<bool>) -> Result<(), CoordinatorError> {
+    let running = start(config).await?;
+    let root = running.root.clone();
+    let wait = running.wait();
+    tokio::pin!(wait);
+    tokio::select! {
+        r = &mut wait => r,
+        _ = async { while shutdown.changed().await.is_ok() { if *shutdown.borrow() { break; } } } => {
+            info!("shutting down");
+            let _ = root.cast(RootMsg::Shutdown);
+            wait.await
+        }
+    }
+}

@@ -1,1 +1,371 @@
-fn main() {}
+//! `fleetmesh`: the operator/user CLI.
+//!
+//! API address and credentials come from flags, then `FLEETMESH_API`, `FLEETMESH_CA`,
+//! `FLEETMESH_CERT`, `FLEETMESH_KEY`, then `<config dir>/fleetmesh/config.toml`
+//! (keys `api`, `ca`, `cert`, `key`), or the file given with `--config`.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use std::io::Write;
+
+/// `println!` that ends the process quietly when stdout is closed (e.g. `| head`).
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        if writeln!(std::io::stdout(), $($t)*).is_err() {
+            std::process::exit(0);
+        }
+    }};
+}
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use fleetmesh_coordinator::client::ApiClient;
+use fleetmesh_coordinator::views::{AgentDetail, AgentView, GpuView};
+use fleetmesh_protocol::pki::{Ca, IssueRequest};
+use fleetmesh_protocol::tls::TlsIdentity;
+use fleetmesh_protocol::{Attributes, PeerKind};
+use serde::Deserialize;
+
+#[derive(Parser, Debug)]
+#[command(name = "fleetmesh", version, about = "Fleetmesh command-line interface")]
+struct Cli {
+    #[command(flatten)]
+    conn: ConnArgs,
+    /// Output format.
+    #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Debug)]
+struct ConnArgs {
+    /// Coordinator API, e.g. https://127.0.0.1:7401.
+    #[arg(long, global = true, env = "FLEETMESH_API")]
+    api: Option<String>,
+    /// Mesh CA certificate.
+    #[arg(long, global = true, env = "FLEETMESH_CA")]
+    ca: Option<PathBuf>,
+    /// Operator certificate.
+    #[arg(long, global = true, env = "FLEETMESH_CERT")]
+    cert: Option<PathBuf>,
+    /// Operator private key.
+    #[arg(long, global = true, env = "FLEETMESH_KEY")]
+    key: Option<PathBuf>,
+    /// CLI config file [default: <config dir>/fleetmesh/config.toml].
+    #[arg(long, global = true, env = "FLEETMESH_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create a mesh CA and issue certificates.
+    Certs {
+        #[command(subcommand)]
+        cmd: CertsCmd,
+    },
+    /// List agents, or show one.
+    Agents {
+        #[command(subcommand)]
+        cmd: Option<AgentsCmd>,
+    },
+    /// List every GPU in the fleet.
+    Gpus,
+    /// Print the coordinator's Prometheus metrics.
+    Metrics,
+}
+
+#[derive(Subcommand, Debug)]
+enum AgentsCmd {
+    /// One agent with its GPUs and recent history.
+    Show { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum CertsCmd {
+    /// Create a CA: writes DIR/ca.pem and DIR/ca.key (0600).
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        trust_domain: String,
+    },
+    /// Issue a certificate: writes DIR/<kind>-<name>.pem and .key (0600).
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        kind: PeerKind,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        region: Option<String>,
+        #[arg(long)]
+        jurisdiction: Option<String>,
+        #[arg(long)]
+        provider: Option<String>,
+        /// Lifetime, e.g. 24h, 30d [default: 30d].
+        #[arg(long, default_value = "30d")]
+        ttl: String,
+        /// DNS SAN (servers); repeatable. Coordinators default to localhost.
+        #[arg(long)]
+        dns: Vec<String>,
+        /// IP SAN (servers); repeatable. Coordinators default to 127.0.0.1 and ::1.
+        #[arg(long)]
+        ip: Vec<IpAddr>,
+    },
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CliConfigFile {
+    api: Option<String>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+}
+
+fn client(conn: &ConnArgs) -> Result<ApiClient> {
+    let path = conn
+        .config
+        .clone()
+        .or_else(|| dirs::config_dir().map(|d| d.join("fleetmesh").join("config.toml")));
+    let file = match &path {
+        Some(p) if p.exists() => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            toml::from_str::<CliConfigFile>(&text).with_context(|| format!("parsing {}", p.display()))?
+        }
+        Some(p) if conn.config.is_some() => bail!("config file {} does not exist", p.display()),
+        _ => CliConfigFile::default(),
+    };
+    let need = |what: &str, env: &str| anyhow!("no {what}: pass --{what}, set {env}, or put `{what} = ...` in the CLI config file");
+    let api = conn.api.clone().or(file.api).ok_or_else(|| need("api", "FLEETMESH_API"))?;
+    let ca = conn.ca.clone().or(file.ca).ok_or_else(|| need("ca", "FLEETMESH_CA"))?;
+    let cert = conn.cert.clone().or(file.cert).ok_or_else(|| need("cert", "FLEETMESH_CERT"))?;
+    let key = conn.key.clone().or(file.key).ok_or_else(|| need("key", "FLEETMESH_KEY"))?;
+    let tls = TlsIdentity::load(&ca, &cert, &key)?;
+    Ok(ApiClient::new(&api, &tls)?)
+}
+
+fn ago(unix_ms: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let s = now.saturating_sub(unix_ms) / 1000;
+    match s {
+        0..=59 => format!("{s}s ago"),
+        60..=3599 => format!("{}m ago", s / 60),
+        3600..=86_399 => format!("{}h ago", s / 3600),
+        _ => format!("{}d ago", s / 86_400),
+    }
+}
+
+fn gib(b: u64) -> String {
+    format!("{:.1}", b as f64 / (1u64 << 30) as f64)
+}
+
+fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut w: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<width$}", width = w[i])).collect();
+        outln!("{}", s.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+    outln!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn dash(o: &Option<String>) -> String {
+    o.clone().unwrap_or_else(|| "-".into())
+}
+
+fn agent_row(a: &AgentView) -> Vec<String> {
+    let utils: Vec<u32> = a.gpus.iter().filter_map(|g| g.utilization_gpu).collect();
+    let util = if utils.is_empty() {
+        "-".into()
+    } else {
+        format!("{:.0}%", utils.iter().sum::<u32>() as f64 / utils.len() as f64)
+    };
+    let used: u64 = a.gpus.iter().filter_map(|g| g.memory_used_bytes).sum();
+    let total: u64 = a.gpus.iter().map(|g| g.memory_total_bytes).sum();
+    let gpus = if a.gpu_source == "simulated" {
+        format!("{} (simulated)", a.gpus.len())
+    } else {
+        a.gpus.len().to_string()
+    };
+    vec![
+        a.name.clone(),
+        a.state.as_str().into(),
+        dash(&a.region),
+        dash(&a.provider),
+        gpus,
+        util,
+        if total > 0 { format!("{}/{} GiB", gib(used), gib(total)) } else { "-".into() },
+        ago(a.last_seen_unix_ms),
+    ]
+}
+
+fn gpu_rows(gpus: &[GpuView]) -> Vec<Vec<String>> {
+    gpus.iter()
+        .map(|g| {
+            vec![
+                g.agent.clone(),
+                g.index.to_string(),
+                if g.simulated { format!("{} [simulated]", g.name) } else { g.name.clone() },
+                g.uuid.clone(),
+                g.utilization_gpu.map(|u| format!("{u}%")).unwrap_or_else(|| "-".into()),
+                format!(
+                    "{}/{} GiB",
+                    g.memory_used_bytes.map(gib).unwrap_or_else(|| "-".into()),
+                    gib(g.memory_total_bytes)
+                ),
+                g.temperature_c.map(|t| format!("{t}C")).unwrap_or_else(|| "-".into()),
+                g.power_w.map(|p| format!("{p:.0}W")).unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect()
+}
+
+const GPU_HEADERS: [&str; 8] = ["AGENT", "IDX", "NAME", "UUID", "UTIL", "MEMORY", "TEMP", "POWER"];
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Certs { cmd } => certs(cmd),
+        Command::Agents { cmd: None } => {
+            let agents: Vec<AgentView> = client(&cli.conn)?.get_json("/api/v1/agents").await?;
+            if cli.output == Output::Json {
+                return print_json(&agents);
+            }
+            table(
+                &["NAME", "STATE", "REGION", "PROVIDER", "GPUS", "GPU UTIL", "GPU MEM", "LAST SEEN"],
+                agents.iter().map(agent_row).collect(),
+            );
+            Ok(())
+        }
+        Command::Agents { cmd: Some(AgentsCmd::Show { name }) } => {
+            let d: AgentDetail = client(&cli.conn)?.get_json(&format!("/api/v1/agents/{name}")).await?;
+            if cli.output == Output::Json {
+                return print_json(&d);
+            }
+            let a = &d.agent;
+            outln!("name:         {}", a.name);
+            outln!("identity:     {}", a.spiffe_id);
+            outln!("state:        {}", a.state.as_str());
+            outln!("region:       {}", dash(&a.region));
+            outln!("jurisdiction: {}", dash(&a.jurisdiction));
+            outln!("provider:     {}", dash(&a.provider));
+            outln!("host:         {} ({}, kernel {})", dash(&a.hostname), dash(&a.os), dash(&a.kernel));
+            outln!("agent:        {}  gpu source: {}", dash(&a.agent_version), a.gpu_source);
+            outln!("first seen:   {}", a.first_seen);
+            outln!("last seen:    {} ({})", a.last_seen, ago(a.last_seen_unix_ms));
+            outln!("cert serial:  {}", d.cert_serial);
+            if let Some(h) = &a.host {
+                outln!(
+                    "cpu:          {:.1}%  load {:.2} {:.2} {:.2}  mem {}/{} GiB",
+                    h.cpu_utilization_percent,
+                    h.load_1,
+                    h.load_5,
+                    h.load_15,
+                    gib(h.memory_used_bytes),
+                    gib(h.memory_total_bytes)
+                );
+            }
+            outln!("history:      {} points", d.history.len());
+            outln!("");
+            table(&GPU_HEADERS, gpu_rows(&a.gpus));
+            if !d.recent_events.is_empty() {
+                outln!("\nrecent GPU events:");
+                for e in &d.recent_events {
+                    outln!("  {} {} {:?}", fleetmesh_coordinator::views::rfc3339_ms(e.at_unix_ms), e.uuid, e.kind);
+                }
+            }
+            Ok(())
+        }
+        Command::Gpus => {
+            let gpus: Vec<GpuView> = client(&cli.conn)?.get_json("/api/v1/gpus").await?;
+            if cli.output == Output::Json {
+                return print_json(&gpus);
+            }
+            table(&GPU_HEADERS, gpu_rows(&gpus));
+            Ok(())
+        }
+        Command::Metrics => {
+            let text = client(&cli.conn)?.get_text("/metrics").await?;
+            if std::io::stdout().write_all(text.as_bytes()).is_err() {
+                std::process::exit(0);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn certs(cmd: CertsCmd) -> Result<()> {
+    match cmd {
+        CertsCmd::Init { dir, trust_domain } => {
+            let ca = Ca::init_dir(&dir, &trust_domain)?;
+            outln!("created CA for trust domain {trust_domain}");
+            outln!("  {}", dir.join("ca.pem").display());
+            outln!("  {} (private, 0600: keep it off the nodes)", dir.join("ca.key").display());
+            outln!("  sha256 fingerprint: {}", ca.fingerprint());
+            Ok(())
+        }
+        CertsCmd::Issue { dir, kind, name, region, jurisdiction, provider, ttl, mut dns, mut ip } => {
+            let ttl: Duration = humantime::parse_duration(&ttl).with_context(|| format!("--ttl {ttl:?}"))?;
+            let ca = Ca::load_dir(&dir)?;
+            if kind == PeerKind::Coordinator && dns.is_empty() && ip.is_empty() {
+                dns.push("localhost".into());
+                ip.push(IpAddr::from([127, 0, 0, 1]));
+                ip.push("::1".parse()?);
+            }
+            let mut req = IssueRequest::new(kind, name, ttl);
+            req.attributes = Attributes { region, jurisdiction, provider };
+            req.dns_names = dns;
+            req.ips = ip;
+            let (cert, key) = ca.issue_to_dir(&dir, &req)?;
+            outln!("issued spiffe://{}/{}/{} (valid {})", ca.trust_domain, kind, req.name, humantime::format_duration(ttl));
+            outln!("  {}", cert.display());
+            outln!("  {} (private, 0600)", key.display());
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    fleetmesh_protocol::tls::install_default_provider();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("fleetmesh: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fleetmesh: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+

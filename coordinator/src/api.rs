@@ -1,0 +1,196 @@
+//! `Api` actor: the HTTPS JSON API and `/metrics`, served by axum over rustls.
+//!
+//! Every connection must present a client certificate from the mesh CA (rustls verifies
+//! chain and validity); every request additionally requires the certificate to be an
+//! *operator* identity, otherwise it gets `403` with a JSON error naming what was
+//! presented. Endpoints:
+//!
+//! | method | path                   | answer                         |
+//! |--------|------------------------|--------------------------------|
+//! | GET    | `/api/v1/agents`       | `[AgentView]`                  |
+//! | GET    | `/api/v1/agents/{name}`| `AgentDetail` or 404           |
+//! | GET    | `/api/v1/gpus`         | `[GpuView]`                    |
+//! | GET    | `/api/v1/stats/ingest` | `IngestStats`                  |
+//! | GET    | `/metrics`             | OpenMetrics text               |
+//! | GET    | `/healthz`             | `ok`                           |
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Extension, Json, Router};
+use fleetmesh_protocol::tls::{peer_identity, TlsIdentity};
+use fleetmesh_protocol::{PeerIdentity, PeerKind};
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use crate::fleet::FleetMsg;
+use crate::views::ApiErrorBody;
+
+/// Longest a client may take for its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest the API waits for the Fleet to answer.
+const FLEET_CALL_MS: u64 = 5000;
+
+#[derive(Clone)]
+struct Peer(Option<PeerIdentity>);
+
+#[derive(Clone)]
+struct AppState {
+    fleet: ActorRef<FleetMsg>,
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(ApiErrorBody { error: msg.into() })).into_response()
+}
+
+async fn require_operator(Extension(peer): Extension<Peer>, req: Request, next: Next) -> Response {
+    match &peer.0 {
+        Some(id) if id.kind == PeerKind::Operator => next.run(req).await,
+        Some(id) => error(
+            StatusCode::FORBIDDEN,
+            format!("the API requires an operator certificate; {} is a {} certificate", id.spiffe_id(), id.kind),
+        ),
+        None => error(StatusCode::FORBIDDEN, "the API requires an operator certificate from the mesh CA"),
+    }
+}
+
+macro_rules! fleet_call {
+    ($fleet:expr, $msg:expr $(, $arg:expr)*) => {
+        match ractor::call_t!($fleet, $msg, FLEET_CALL_MS $(, $arg)*) {
+            Ok(v) => v,
+            Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, format!("fleet unavailable: {e}")),
+        }
+    };
+}
+
+async fn list_agents(State(st): State<AppState>) -> Response {
+    Json(fleet_call!(st.fleet, FleetMsg::ListAgents)).into_response()
+}
+
+async fn show_agent(State(st): State<AppState>, Path(name): Path<String>) -> Response {
+    match fleet_call!(st.fleet, FleetMsg::GetAgent, name.clone()) {
+        Some(d) => Json(d).into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("no agent named {name:?}")),
+    }
+}
+
+async fn list_gpus(State(st): State<AppState>) -> Response {
+    Json(fleet_call!(st.fleet, FleetMsg::ListGpus)).into_response()
+}
+
+async fn ingest(State(st): State<AppState>) -> Response {
+    Json(fleet_call!(st.fleet, FleetMsg::Ingest)).into_response()
+}
+
+async fn metrics(State(st): State<AppState>) -> Response {
+    let agents = fleet_call!(st.fleet, FleetMsg::ListAgents);
+    let stats = fleet_call!(st.fleet, FleetMsg::Ingest);
+    match crate::metrics::render(&agents, &stats) {
+        Ok(text) => (
+            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            text,
+        )
+            .into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+fn router(fleet: ActorRef<FleetMsg>) -> Router {
+    Router::new()
+        .route("/api/v1/agents", get(list_agents))
+        .route("/api/v1/agents/{name}", get(show_agent))
+        .route("/api/v1/gpus", get(list_gpus))
+        .route("/api/v1/stats/ingest", get(ingest))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .layer(middleware::from_fn(require_operator))
+        .with_state(AppState { fleet })
+}
+
+/// Api start-up arguments.
+pub struct ApiArgs {
+    pub listen: SocketAddr,
+    pub tls: Arc<TlsIdentity>,
+    pub fleet: ActorRef<FleetMsg>,
+    pub bound: Option<oneshot::Sender<SocketAddr>>,
+}
+
+/// Api state: the serving task.
+pub struct ApiState {
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The Api actor.
+pub struct Api;
+
+impl Actor for Api {
+    type Msg = ();
+    type State = ApiState;
+    type Arguments = ApiArgs;
+
+    async fn pre_start(&self, _myself: ActorRef<()>, args: ApiArgs) -> Result<ApiState, ActorProcessingErr> {
+        let tls_cfg = args.tls.server_config(&[b"http/1.1"], false)?;
+        let acceptor = TlsAcceptor::from(Arc::new(tls_cfg));
+        let listener = TcpListener::bind(args.listen)
+            .await
+            .map_err(|e| format!("cannot listen on TCP {}: {e}", args.listen))?;
+        let local = listener.local_addr()?;
+        info!(addr = %local, "HTTPS API listening (operator certificates required)");
+        if let Some(tx) = args.bound {
+            let _ = tx.send(local);
+        }
+        let app = router(args.fleet);
+        let task = tokio::spawn(async move {
+            loop {
+                let (tcp, remote) = match listener.accept().await {
+                    Ok(x) => x,
+                    Err(e) => {
+                        warn!(error = %e, "API accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let acceptor = acceptor.clone();
+                let app = app.clone();
+                tokio::spawn(async move {
+                    let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(t)) => t,
+                        Ok(Err(e)) => {
+                            warn!(%remote, error = %e, "API connection refused");
+                            return;
+                        }
+                        Err(_) => {
+                            debug!(%remote, "API TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let peer = peer_identity(tls.get_ref().1.peer_certificates()).ok();
+                    let svc = TowerToHyperService::new(app.layer(Extension(Peer(peer))));
+                    if let Err(e) = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .await
+                    {
+                        debug!(%remote, error = %e, "API connection ended with an error");
+                    }
+                });
+            }
+        });
+        Ok(ApiState { task })
+    }
+
+    async fn post_stop(&self, _myself: ActorRef<()>, st: &mut ApiState) -> Result<(), ActorProcessingErr> {
+        st.task.abort();
+        Ok(())
+    }
+}

@@ -1,0 +1,89 @@
+//! Coordinator configuration: TOML file with the same keys as the flags; flags win.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::liveness::LivenessConfig;
+
+/// Keys of the coordinator's TOML config file (kebab-case, like the flags).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    pub listen: Option<SocketAddr>,
+    pub api_listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub suspect_after: Option<String>,
+    pub lost_after: Option<String>,
+    pub heartbeat_interval: Option<String>,
+    pub history: Option<usize>,
+}
+
+/// Configuration errors.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))
+    }
+}
+
+/// Resolved coordinator configuration.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    pub listen: SocketAddr,
+    pub api_listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub liveness: LivenessConfig,
+    pub heartbeat_interval: Duration,
+    pub history: usize,
+}
+
+fn dur(what: &str, s: Option<String>, default: Duration) -> Result<Duration, ConfigError> {
+    match s {
+        None => Ok(default),
+        Some(s) => humantime::parse_duration(&s).map_err(|e| ConfigError(format!("{what}: invalid duration {s:?}: {e}"))),
+    }
+}
+
+impl CoordinatorConfig {
+    pub fn resolve(file: FileConfig, flags: FileConfig) -> Result<Self, ConfigError> {
+        let missing = |k: &str| ConfigError(format!("--{k} is required (flag or config file)"));
+        let defaults = LivenessConfig::default();
+        let liveness = LivenessConfig {
+            suspect_after: dur("suspect-after", flags.suspect_after.or(file.suspect_after), defaults.suspect_after)?,
+            lost_after: dur("lost-after", flags.lost_after.or(file.lost_after), defaults.lost_after)?,
+            tick: defaults.tick,
+        };
+        if liveness.suspect_after >= liveness.lost_after {
+            return Err(ConfigError("suspect-after must be shorter than lost-after".into()));
+        }
+        let heartbeat_interval =
+            dur("heartbeat-interval", flags.heartbeat_interval.or(file.heartbeat_interval), Duration::from_millis(500))?;
+        if heartbeat_interval * 2 > liveness.suspect_after {
+            return Err(ConfigError("heartbeat-interval must be at most half of suspect-after".into()));
+        }
+        Ok(Self {
+            listen: flags.listen.or(file.listen).unwrap_or_else(|| ([0, 0, 0, 0], 7400).into()),
+            api_listen: flags.api_listen.or(file.api_listen).unwrap_or_else(|| ([127, 0, 0, 1], 7401).into()),
+            data_dir: flags.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("/var/lib/fleetmesh")),
+            ca: flags.ca.or(file.ca).ok_or_else(|| missing("ca"))?,
+            cert: flags.cert.or(file.cert).ok_or_else(|| missing("cert"))?,
+            key: flags.key.or(file.key).ok_or_else(|| missing("key"))?,
+            liveness,
+            heartbeat_interval,
+            history: flags.history.or(file.history).unwrap_or(120),
+        })
+    }
+}

@@ -1,0 +1,459 @@
+//! `Fleet` actor: the registry of agents, their inventory, latest telemetry, a bounded
+//! telemetry history, and liveness.
+//!
+//! Sessions report frames here tagged with their session id; a frame from a session that
+//! is no longer the agent's current one is ignored (fencing), and registering a new
+//! session for a name tells the previous session to close. The registry part of each
+//! agent (first/last seen, attributes, state) is persisted in the store on every state
+//! change and, for `last_seen`, in batches every [`PERSIST_EVERY`].
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fleetmesh_protocol::{GpuEvent, Inventory, PeerIdentity, TelemetryReport};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tracing::{info, warn};
+
+use crate::liveness::{self, AgentState, LivenessConfig};
+use crate::session::SessionMsg;
+use crate::store::{AgentRecord, Store};
+use crate::views::{self, AgentDetail, AgentView, GpuPoint, GpuView, HistoryPoint, IngestStats};
+
+/// How often dirty `last_seen` values are written to the store.
+const PERSIST_EVERY: Duration = Duration::from_secs(5);
+/// Recent GPU events kept per agent.
+const MAX_EVENTS: usize = 100;
+/// Ingest-latency samples kept for percentiles (the most recent ones).
+const LATENCY_WINDOW: usize = 100_000;
+
+/// Fleet settings.
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    pub liveness: LivenessConfig,
+    /// Telemetry history points kept per agent (one per report).
+    pub history_len: usize,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        // 120 points = 2 minutes at the default 1 s interval: enough for live charts,
+        // bounded so 2,000 agents x 8 GPUs stay in tens of MB.
+        Self { liveness: LivenessConfig::default(), history_len: 120 }
+    }
+}
+
+/// Messages of the Fleet actor.
+pub enum FleetMsg {
+    /// A session passed hello; it becomes the agent's current session.
+    Register { identity: PeerIdentity, session_id: u64, session: ActorRef<SessionMsg>, reply: RpcReplyPort<()> },
+    Inventory { name: String, session_id: u64, inventory: Inventory },
+    Telemetry { name: String, session_id: u64, report: Box<TelemetryReport> },
+    Heartbeat { name: String, session_id: u64 },
+    Leaving { name: String, session_id: u64, reason: String },
+    SessionClosed { name: String, session_id: u64, reason: String },
+    Tick,
+    ListAgents(RpcReplyPort<Vec<AgentView>>),
+    GetAgent(String, RpcReplyPort<Option<AgentDetail>>),
+    ListGpus(RpcReplyPort<Vec<GpuView>>),
+    Ingest(RpcReplyPort<IngestStats>),
+}
+
+struct AgentEntry {
+    record: AgentRecord,
+    last_heard: Instant,
+    session: Option<(u64, ActorRef<SessionMsg>)>,
+    inventory: Option<Inventory>,
+    latest: Option<Box<TelemetryReport>>,
+    history: VecDeque<HistoryPoint>,
+    events: VecDeque<GpuEvent>,
+    dirty: bool,
+}
+
+/// Actor state.
+pub struct FleetState {
+    cfg: FleetConfig,
+    store: Arc<Store>,
+    agents: BTreeMap<String, AgentEntry>,
+    last_persist: Instant,
+    applied: u64,
+    stale: u64,
+    latencies_us: VecDeque<u32>,
+    _ticker: Option<ractor::concurrency::JoinHandle<()>>,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl FleetState {
+    fn persist(&self, names: &[&str]) {
+        let recs: Vec<AgentRecord> =
+            names.iter().filter_map(|n| self.agents.get(*n)).map(|e| e.record.clone()).collect();
+        if let Err(e) = self.store.put_agents(&recs) {
+            warn!(error = %e, "could not persist agent registry");
+        }
+    }
+
+    fn set_state(&mut self, name: &str, state: AgentState, why: &str) {
+        let Some(e) = self.agents.get_mut(name) else { return };
+        if e.record.state == state {
+            return;
+        }
+        let from = e.record.state;
+        e.record.state = state;
+        match state {
+            AgentState::Lost => warn!(agent_id = %name, from = from.as_str(), why, "agent lost"),
+            _ => info!(agent_id = %name, from = from.as_str(), to = state.as_str(), why, "agent state changed"),
+        }
+        self.persist(&[name]);
+    }
+
+    /// The entry if `session_id` is the agent's current session; marks it heard.
+    fn current(&mut self, name: &str, session_id: u64, now: Instant) -> Option<&mut AgentEntry> {
+        let e = self.agents.get_mut(name)?;
+        match &e.session {
+            Some((sid, _)) if *sid == session_id => {
+                e.last_heard = now;
+                e.record.last_seen_unix_ms = unix_ms();
+                e.dirty = true;
+                Some(e)
+            }
+            _ => None,
+        }
+    }
+
+    fn heard(&mut self, name: &str, session_id: u64, now: Instant) -> bool {
+        let Some(e) = self.current(name, session_id, now) else {
+            self.stale += 1;
+            return false;
+        };
+        let next = liveness::on_heard(e.record.state);
+        if next != e.record.state {
+            self.set_state(name, next, "frame received");
+        }
+        true
+    }
+
+    fn register(&mut self, identity: PeerIdentity, session_id: u64, session: ActorRef<SessionMsg>, now: Instant) {
+        let name = identity.name.clone();
+        let ms = unix_ms();
+        let previous = self.agents.get(&name).map(|e| e.record.state.as_str()).unwrap_or("new");
+        let entry = self.agents.entry(name.clone()).or_insert_with(|| AgentEntry {
+            record: AgentRecord {
+                name: name.clone(),
+                spiffe_id: identity.spiffe_id(),
+                attributes: identity.attributes.clone(),
+                state: AgentState::Connected,
+                first_seen_unix_ms: ms,
+                last_seen_unix_ms: ms,
+                cert_serial: identity.serial.clone(),
+                hostname: None,
+            },
+            last_heard: now,
+            session: None,
+            inventory: None,
+            latest: None,
+            history: VecDeque::new(),
+            events: VecDeque::new(),
+            dirty: false,
+        });
+        if let Some((old_id, old)) = entry.session.take() {
+            if old_id != session_id {
+                info!(agent_id = %name, old_session = old_id, new_session = session_id, "replacing previous session");
+                let _ = old.cast(SessionMsg::Close { reason: "replaced by a newer session of the same agent".into() });
+            }
+        }
+        // Attributes always come from the certificate of the newest session.
+        entry.record.spiffe_id = identity.spiffe_id();
+        entry.record.attributes = identity.attributes;
+        entry.record.cert_serial = identity.serial;
+        entry.record.last_seen_unix_ms = ms;
+        entry.last_heard = now;
+        entry.session = Some((session_id, session));
+        entry.record.state = AgentState::Connected;
+        info!(agent_id = %name, session = session_id, previous, "agent connected");
+        self.persist(&[&name]);
+    }
+
+    fn apply_telemetry(&mut self, name: &str, session_id: u64, report: Box<TelemetryReport>, now: Instant) {
+        if !self.heard(name, session_id, now) {
+            return;
+        }
+        let lat_ms = unix_ms().saturating_sub(report.sampled_at_unix_ms);
+        self.applied += 1;
+        if self.latencies_us.len() == LATENCY_WINDOW {
+            self.latencies_us.pop_front();
+        }
+        self.latencies_us.push_back((lat_ms.saturating_mul(1000)).min(u64::from(u32::MAX)) as u32);
+        let history_len = self.cfg.history_len;
+        let Some(e) = self.agents.get_mut(name) else { return };
+        for ev in &report.events {
+            warn!(agent_id = %name, gpu = %ev.uuid, kind = ?ev.kind, "GPU health event");
+            if e.events.len() == MAX_EVENTS {
+                e.events.pop_front();
+            }
+            e.events.push_back(ev.clone());
+        }
+        if e.history.len() >= history_len {
+            e.history.pop_front();
+        }
+        if history_len > 0 {
+            e.history.push_back(HistoryPoint {
+                at_unix_ms: report.sampled_at_unix_ms,
+                cpu_utilization_percent: report.host.cpu_utilization_percent,
+                memory_used_bytes: report.host.memory_used_bytes,
+                gpus: report
+                    .gpus
+                    .iter()
+                    .map(|g| GpuPoint {
+                        index: g.index,
+                        utilization_gpu: g.utilization_gpu_percent,
+                        memory_used_bytes: g.memory_used_bytes,
+                        temperature_c: g.temperature_c,
+                        power_w: g.power_w.map(|p| p as f32),
+                    })
+                    .collect(),
+            });
+        }
+        e.latest = Some(report);
+    }
+
+    fn tick(&mut self, now: Instant) {
+        let cfg = self.cfg.liveness;
+        let changes: Vec<(String, AgentState)> = self
+            .agents
+            .iter()
+            .filter_map(|(n, e)| {
+                let next = liveness::next_state(e.record.state, e.last_heard, now, &cfg);
+                (next != e.record.state).then(|| (n.clone(), next))
+            })
+            .collect();
+        for (n, s) in changes {
+            self.set_state(&n, s, "no frames from the agent");
+        }
+        if now.duration_since(self.last_persist) >= PERSIST_EVERY {
+            self.last_persist = now;
+            let dirty: Vec<String> =
+                self.agents.iter().filter(|(_, e)| e.dirty).map(|(n, _)| n.clone()).collect();
+            let names: Vec<&str> = dirty.iter().map(String::as_str).collect();
+            self.persist(&names);
+            for n in dirty {
+                if let Some(e) = self.agents.get_mut(&n) {
+                    e.dirty = false;
+                }
+            }
+        }
+    }
+
+    fn gpu_views(name: &str, e: &AgentEntry) -> Vec<GpuView> {
+        let Some(inv) = &e.inventory else { return Vec::new() };
+        inv.gpus
+            .iter()
+            .map(|g| {
+                let s = e.latest.as_ref().and_then(|r| r.gpus.iter().find(|s| s.uuid == g.uuid));
+                GpuView {
+                    agent: name.to_string(),
+                    index: g.index,
+                    uuid: g.uuid.clone(),
+                    name: g.name.clone(),
+                    simulated: g.simulated,
+                    utilization_gpu: s.and_then(|s| s.utilization_gpu_percent),
+                    utilization_memory: s.and_then(|s| s.utilization_memory_percent),
+                    memory_used_bytes: s.and_then(|s| s.memory_used_bytes),
+                    memory_total_bytes: s.and_then(|s| s.memory_total_bytes).unwrap_or(g.memory_total_bytes),
+                    memory_free_bytes: s.and_then(|s| s.memory_free_bytes),
+                    temperature_c: s.and_then(|s| s.temperature_c),
+                    power_w: s.and_then(|s| s.power_w),
+                    power_limit_w: s.and_then(|s| s.power_limit_w),
+                    energy_mj: s.and_then(|s| s.energy_mj),
+                    sm_clock_mhz: s.and_then(|s| s.sm_clock_mhz),
+                    memory_clock_mhz: s.and_then(|s| s.memory_clock_mhz),
+                    throttle_reasons: s.and_then(|s| s.throttle_reasons.clone()),
+                    ecc_corrected_volatile: s.and_then(|s| s.ecc_corrected_volatile),
+                    ecc_uncorrected_volatile: s.and_then(|s| s.ecc_uncorrected_volatile),
+                    pcie_rx_kib_per_s: s.and_then(|s| s.pcie_rx_kib_per_s),
+                    pcie_tx_kib_per_s: s.and_then(|s| s.pcie_tx_kib_per_s),
+                    mig_enabled: s.and_then(|s| s.mig_enabled),
+                    processes: s.and_then(|s| s.processes.clone()),
+                    pci_bus_id: g.pci_bus_id.clone(),
+                }
+            })
+            .collect()
+    }
+
+    fn agent_view(name: &str, e: &AgentEntry) -> AgentView {
+        let r = &e.record;
+        let inv = e.inventory.as_ref();
+        AgentView {
+            name: name.to_string(),
+            spiffe_id: r.spiffe_id.clone(),
+            state: r.state,
+            region: r.attributes.region.clone(),
+            jurisdiction: r.attributes.jurisdiction.clone(),
+            provider: r.attributes.provider.clone(),
+            first_seen: views::rfc3339_ms(r.first_seen_unix_ms),
+            last_seen: views::rfc3339_ms(r.last_seen_unix_ms),
+            last_seen_unix_ms: r.last_seen_unix_ms,
+            gpu_source: inv.map(|i| i.gpu_source.label().to_string()).unwrap_or_else(|| "unknown".into()),
+            hostname: inv.map(|i| i.host.hostname.clone()).or_else(|| r.hostname.clone()),
+            os: inv.map(|i| i.host.os.clone()),
+            kernel: inv.map(|i| i.host.kernel.clone()),
+            agent_version: inv.map(|i| i.host.agent_version.clone()),
+            cpu_count: inv.map(|i| i.host.cpu_count),
+            host: e.latest.as_ref().map(|l| l.host.clone()),
+            gpus: Self::gpu_views(name, e),
+        }
+    }
+
+    fn ingest_stats(&self) -> IngestStats {
+        let mut v: Vec<u32> = self.latencies_us.iter().copied().collect();
+        v.sort_unstable();
+        let pct = |p: f64| -> f64 {
+            if v.is_empty() {
+                return 0.0;
+            }
+            let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+            f64::from(v[i.min(v.len() - 1)]) / 1000.0
+        };
+        IngestStats {
+            reports_applied: self.applied,
+            reports_ignored_stale: self.stale,
+            window: v.len() as u64,
+            ingest_p50_ms: pct(0.50),
+            ingest_p99_ms: pct(0.99),
+            ingest_max_ms: v.last().map(|m| f64::from(*m) / 1000.0).unwrap_or(0.0),
+        }
+    }
+}
+
+/// The Fleet actor.
+pub struct Fleet;
+
+/// Start-up arguments.
+pub struct FleetArgs {
+    pub cfg: FleetConfig,
+    pub store: Arc<Store>,
+}
+
+impl Actor for Fleet {
+    type Msg = FleetMsg;
+    type State = FleetState;
+    type Arguments = FleetArgs;
+
+    async fn pre_start(&self, myself: ActorRef<FleetMsg>, args: FleetArgs) -> Result<FleetState, ActorProcessingErr> {
+        let now = Instant::now();
+        let mut agents = BTreeMap::new();
+        for mut record in args.store.agents()? {
+            // After a coordinator restart nobody is connected yet: agents that were up get
+            // the normal grace period to reconnect before they are declared lost.
+            if matches!(record.state, AgentState::Connected) {
+                record.state = AgentState::Suspect;
+            }
+            agents.insert(
+                record.name.clone(),
+                AgentEntry {
+                    record,
+                    last_heard: now,
+                    session: None,
+                    inventory: None,
+                    latest: None,
+                    history: VecDeque::new(),
+                    events: VecDeque::new(),
+                    dirty: false,
+                },
+            );
+        }
+        info!(agents = agents.len(), "agent registry loaded");
+        let ticker = myself.send_interval(args.cfg.liveness.tick, || FleetMsg::Tick);
+        Ok(FleetState {
+            cfg: args.cfg,
+            store: args.store,
+            agents,
+            last_persist: now,
+            applied: 0,
+            stale: 0,
+            latencies_us: VecDeque::new(),
+            _ticker: Some(ticker),
+        })
+    }
+
+    async fn post_stop(&self, _myself: ActorRef<FleetMsg>, state: &mut FleetState) -> Result<(), ActorProcessingErr> {
+        if let Some(t) = state._ticker.take() {
+            t.abort();
+        }
+        let names: Vec<String> = state.agents.keys().cloned().collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        state.persist(&refs);
+        Ok(())
+    }
+
+    async fn handle(&self, _myself: ActorRef<FleetMsg>, msg: FleetMsg, st: &mut FleetState) -> Result<(), ActorProcessingErr> {
+        let now = Instant::now();
+        match msg {
+            FleetMsg::Register { identity, session_id, session, reply } => {
+                st.register(identity, session_id, session, now);
+                let _ = reply.send(());
+            }
+            FleetMsg::Inventory { name, session_id, inventory } => {
+                if st.heard(&name, session_id, now) {
+                    if let Some(e) = st.agents.get_mut(&name) {
+                        info!(agent_id = %name, gpus = inventory.gpus.len(), source = inventory.gpu_source.label(), "inventory received");
+                        let host_changed = e.record.hostname.as_deref() != Some(inventory.host.hostname.as_str());
+                        e.record.hostname = Some(inventory.host.hostname.clone());
+                        e.inventory = Some(inventory);
+                        if host_changed {
+                            st.persist(&[&name]);
+                        }
+                    }
+                }
+            }
+            FleetMsg::Telemetry { name, session_id, report } => st.apply_telemetry(&name, session_id, report, now),
+            FleetMsg::Heartbeat { name, session_id } => {
+                st.heard(&name, session_id, now);
+            }
+            FleetMsg::Leaving { name, session_id, reason } => {
+                if st.current(&name, session_id, now).is_some() {
+                    if let Some(e) = st.agents.get_mut(&name) {
+                        e.session = None;
+                    }
+                    st.set_state(&name, AgentState::Left, &reason);
+                }
+            }
+            FleetMsg::SessionClosed { name, session_id, reason } => {
+                if let Some(e) = st.agents.get_mut(&name) {
+                    if e.session.as_ref().is_some_and(|(sid, _)| *sid == session_id) {
+                        e.session = None;
+                        info!(agent_id = %name, session = session_id, %reason, "session closed");
+                        // Liveness (not the transport) decides when it is lost.
+                    }
+                }
+            }
+            FleetMsg::Tick => st.tick(now),
+            FleetMsg::ListAgents(reply) => {
+                let v = st.agents.iter().map(|(n, e)| FleetState::agent_view(n, e)).collect();
+                let _ = reply.send(v);
+            }
+            FleetMsg::GetAgent(name, reply) => {
+                let d = st.agents.get(&name).map(|e| AgentDetail {
+                    agent: FleetState::agent_view(&name, e),
+                    cert_serial: e.record.cert_serial.clone(),
+                    history: e.history.iter().cloned().collect(),
+                    recent_events: e.events.iter().cloned().collect(),
+                });
+                let _ = reply.send(d);
+            }
+            FleetMsg::ListGpus(reply) => {
+                let v = st.agents.iter().flat_map(|(n, e)| FleetState::gpu_views(n, e)).collect();
+                let _ = reply.send(v);
+            }
+            FleetMsg::Ingest(reply) => {
+                let _ = reply.send(st.ingest_stats());
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,250 @@
+//! `Listener` actor: owns the QUIC endpoint of the control plane (ALPN `fleetmesh/ctl/1`).
+//!
+//! For every incoming connection an accept task runs the TLS handshake (the client must
+//! present a certificate chaining to the mesh CA and valid now: rustls checks that),
+//! checks the peer is an *agent* of *our* trust domain, reads the hello, checks the
+//! protocol version and that the claimed name equals the certificate's name, and only
+//! then asks the Listener to spawn an `AgentSession` (linked to the Listener). Every
+//! refusal is logged with its reason and sent to the peer as the close reason.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetmesh_protocol::tls::{peer_identity, TlsIdentity};
+use fleetmesh_protocol::{AgentMessage, CoordinatorMessage, PeerIdentity, PeerKind, ALPN_CTL, PROTOCOL_VERSION};
+use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
+use tokio::sync::oneshot;
+use tracing::{debug, info, warn};
+
+use crate::fleet::FleetMsg;
+use crate::session::{close_code, read_frame, write_frame, AgentSession, ReadError, SessionArgs};
+
+/// Time a new connection has to complete the hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// QUIC idle timeout on the coordinator side (agents keep-alive every second).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Listener settings.
+pub struct ListenerArgs {
+    pub listen: SocketAddr,
+    pub tls: Arc<TlsIdentity>,
+    pub fleet: ActorRef<FleetMsg>,
+    pub heartbeat_interval: Duration,
+    /// Receives the bound address once listening.
+    pub bound: Option<oneshot::Sender<SocketAddr>>,
+}
+
+/// A connection that passed authentication and hello.
+pub struct Accepted {
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    identity: PeerIdentity,
+}
+
+/// Listener messages.
+pub enum ListenerMsg {
+    Accepted(Box<Accepted>),
+}
+
+/// Listener state.
+pub struct ListenerState {
+    endpoint: quinn::Endpoint,
+    fleet: ActorRef<FleetMsg>,
+    heartbeat_interval: Duration,
+    next_session: u64,
+    accept_task: tokio::task::JoinHandle<()>,
+}
+
+/// The Listener actor.
+pub struct Listener;
+
+fn server_config(tls: &TlsIdentity) -> Result<quinn::ServerConfig, ActorProcessingErr> {
+    let rustls_cfg = tls.server_config(&[ALPN_CTL], true)?;
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(rustls_cfg)?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_idle_timeout(quinn::IdleTimeout::try_from(IDLE_TIMEOUT).ok());
+    transport.max_concurrent_uni_streams(0u32.into());
+    transport.max_concurrent_bidi_streams(4u32.into());
+    cfg.transport_config(Arc::new(transport));
+    Ok(cfg)
+}
+
+async fn refuse(conn: &quinn::Connection, code: u32, reason: &str) {
+    conn.close(code.into(), reason.as_bytes());
+}
+
+async fn authenticate(incoming: quinn::Incoming, trust_domain: &str) -> Result<Accepted, String> {
+    let conn = incoming.await.map_err(|e| format!("handshake failed: {e}"))?;
+    let chain = conn
+        .peer_identity()
+        .and_then(|any| any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok());
+    let identity = match peer_identity(chain.as_deref().map(|v| v.as_slice())) {
+        Ok(id) => id,
+        Err(e) => {
+            let why = format!("certificate identity unusable: {e}");
+            refuse(&conn, close_code::REFUSED, &why).await;
+            return Err(why);
+        }
+    };
+    if identity.trust_domain != trust_domain {
+        let why = format!("certificate is for trust domain {}, this mesh is {trust_domain}", identity.trust_domain);
+        refuse(&conn, close_code::REFUSED, &why).await;
+        return Err(why);
+    }
+    if identity.kind != PeerKind::Agent {
+        let why = format!(
+            "the agent port requires an agent certificate; {} presented a {} certificate",
+            identity.spiffe_id(),
+            identity.kind
+        );
+        refuse(&conn, close_code::REFUSED, &why).await;
+        return Err(why);
+    }
+    let (mut send, mut recv) = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(format!("{}: connection ended before hello: {e}", identity.spiffe_id())),
+        Err(_) => {
+            let why = "no control stream within the hello timeout";
+            refuse(&conn, close_code::PROTOCOL_ERROR, why).await;
+            return Err(format!("{}: {why}", identity.spiffe_id()));
+        }
+    };
+    let first = match tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut recv)).await {
+        Ok(Ok(Some(m))) => m,
+        Ok(Ok(None)) => return Err(format!("{}: stream closed before hello", identity.spiffe_id())),
+        Ok(Err(ReadError::Codec(e))) => {
+            let why = format!("protocol error: {e}");
+            refuse(&conn, close_code::PROTOCOL_ERROR, &why).await;
+            return Err(format!("{}: {why}", identity.spiffe_id()));
+        }
+        Ok(Err(ReadError::Transport(e))) => return Err(format!("{}: {e}", identity.spiffe_id())),
+        Err(_) => {
+            let why = "no hello within the hello timeout";
+            refuse(&conn, close_code::PROTOCOL_ERROR, why).await;
+            return Err(format!("{}: {why}", identity.spiffe_id()));
+        }
+    };
+    let hello = match first {
+        AgentMessage::Hello(h) => h,
+        _ => {
+            let why = "first frame was not a hello";
+            refuse(&conn, close_code::PROTOCOL_ERROR, why).await;
+            return Err(format!("{}: {why}", identity.spiffe_id()));
+        }
+    };
+    let reject = if hello.protocol_version != PROTOCOL_VERSION {
+        Some((
+            close_code::VERSION_MISMATCH,
+            format!(
+                "protocol version mismatch: agent speaks {}, coordinator speaks {}",
+                hello.protocol_version, PROTOCOL_VERSION
+            ),
+        ))
+    } else if hello.agent_name != identity.name {
+        Some((
+            close_code::REFUSED,
+            format!("hello claims the name {:?} but the certificate is for agent {:?}", hello.agent_name, identity.name),
+        ))
+    } else {
+        None
+    };
+    if let Some((code, why)) = reject {
+        let _ = write_frame(&mut send, &CoordinatorMessage::Reject { reason: why.clone() }).await;
+        let _ = send.finish();
+        let _ = tokio::time::timeout(Duration::from_millis(500), conn.closed()).await;
+        refuse(&conn, code, &why).await;
+        return Err(format!("{}: {why}", identity.spiffe_id()));
+    }
+    Ok(Accepted { conn, send, recv, identity })
+}
+
+impl Actor for Listener {
+    type Msg = ListenerMsg;
+    type State = ListenerState;
+    type Arguments = ListenerArgs;
+
+    async fn pre_start(&self, myself: ActorRef<ListenerMsg>, args: ListenerArgs) -> Result<ListenerState, ActorProcessingErr> {
+        let cfg = server_config(&args.tls)?;
+        let endpoint = quinn::Endpoint::server(cfg, args.listen)
+            .map_err(|e| format!("cannot listen on UDP {}: {e}", args.listen))?;
+        let local = endpoint.local_addr()?;
+        info!(addr = %local, "control plane listening (QUIC, ALPN fleetmesh/ctl/1)");
+        if let Some(tx) = args.bound {
+            let _ = tx.send(local);
+        }
+        let ep = endpoint.clone();
+        let domain = args.tls.identity.trust_domain.clone();
+        let accept_task = tokio::spawn(async move {
+            while let Some(incoming) = ep.accept().await {
+                let remote = incoming.remote_address();
+                let domain = domain.clone();
+                let me = myself.clone();
+                tokio::spawn(async move {
+                    match authenticate(incoming, &domain).await {
+                        Ok(acc) => {
+                            let _ = me.cast(ListenerMsg::Accepted(Box::new(acc)));
+                        }
+                        Err(why) => warn!(%remote, reason = %why, "connection refused"),
+                    }
+                });
+            }
+        });
+        let next_session = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(1);
+        Ok(ListenerState {
+            endpoint,
+            fleet: args.fleet,
+            heartbeat_interval: args.heartbeat_interval,
+            next_session,
+            accept_task,
+        })
+    }
+
+    async fn handle(&self, myself: ActorRef<ListenerMsg>, msg: ListenerMsg, st: &mut ListenerState) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ListenerMsg::Accepted(acc) => {
+                let Accepted { conn, send, recv, identity } = *acc;
+                st.next_session += 1;
+                let session_id = st.next_session;
+                let name = identity.name.clone();
+                let remote = conn.remote_address();
+                let args = SessionArgs {
+                    conn: conn.clone(),
+                    send,
+                    recv,
+                    identity,
+                    session_id,
+                    fleet: st.fleet.clone(),
+                    heartbeat_interval: st.heartbeat_interval,
+                };
+                match Actor::spawn_linked(None, AgentSession, args, myself.get_cell()).await {
+                    Ok(_) => debug!(agent_id = %name, %remote, session = session_id, "session started"),
+                    Err(e) => {
+                        warn!(agent_id = %name, error = %e, "could not start session");
+                        conn.close(close_code::CLOSED.into(), b"session could not start");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(&self, _myself: ActorRef<ListenerMsg>, evt: SupervisionEvent, _st: &mut ListenerState) -> Result<(), ActorProcessingErr> {
+        // A session ending (normally or not) affects only its agent.
+        if let SupervisionEvent::ActorFailed(who, err) = evt {
+            warn!(actor = %who.get_id(), error = %err, "agent session failed");
+        }
+        Ok(())
+    }
+
+    async fn post_stop(&self, _myself: ActorRef<ListenerMsg>, st: &mut ListenerState) -> Result<(), ActorProcessingErr> {
+        st.accept_task.abort();
+        st.endpoint.close(close_code::SHUTDOWN.into(), b"coordinator shutting down");
+        Ok(())
+    }
+}

@@ -1,0 +1,131 @@
+//! Pure liveness logic: connected -> suspect -> lost, plus left (graceful).
+//!
+//! No I/O and no clock of its own: callers pass `now`, so tests drive it with a virtual
+//! clock. The `Fleet` actor calls [`next_state`] on every tick and [`on_heard`] whenever a
+//! frame arrives from the agent's current session.
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// Liveness state of an agent as the coordinator sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentState {
+    /// Heard from recently.
+    Connected,
+    /// Not heard from for `suspect_after`; still placed nowhere new (later issues).
+    Suspect,
+    /// Not heard from for `lost_after`: treated as dead.
+    Lost,
+    /// Said goodbye (graceful shutdown).
+    Left,
+}
+
+impl AgentState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentState::Connected => "connected",
+            AgentState::Suspect => "suspect",
+            AgentState::Lost => "lost",
+            AgentState::Left => "left",
+        }
+    }
+
+    pub const ALL: [AgentState; 4] =
+        [AgentState::Connected, AgentState::Suspect, AgentState::Lost, AgentState::Left];
+}
+
+/// Liveness thresholds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LivenessConfig {
+    pub suspect_after: Duration,
+    pub lost_after: Duration,
+    /// How often the Fleet re-evaluates liveness.
+    pub tick: Duration,
+}
+
+impl Default for LivenessConfig {
+    /// Agents beat every 500 ms. Suspect after 3 missed beats; lost after 5. With a 100 ms
+    /// tick a node that dies is marked lost at most ~2.6 s after its last frame, inside
+    /// the 3 s promise, while one late beat never flaps a healthy node.
+    fn default() -> Self {
+        Self {
+            suspect_after: Duration::from_millis(1500),
+            lost_after: Duration::from_millis(2500),
+            tick: Duration::from_millis(100),
+        }
+    }
+}
+
+/// State after evaluating silence since `last_heard`.
+pub fn next_state(
+    current: AgentState,
+    last_heard: Instant,
+    now: Instant,
+    cfg: &LivenessConfig,
+) -> AgentState {
+    match current {
+        AgentState::Lost | AgentState::Left => current,
+        AgentState::Connected | AgentState::Suspect => {
+            let silent = now.saturating_duration_since(last_heard);
+            if silent >= cfg.lost_after {
+                AgentState::Lost
+            } else if silent >= cfg.suspect_after {
+                AgentState::Suspect
+            } else {
+                AgentState::Connected
+            }
+        }
+    }
+}
+
+/// State after hearing a frame from the agent's current session.
+pub fn on_heard(current: AgentState) -> AgentState {
+    match current {
+        // A frame from the live session proves the agent is up.
+        AgentState::Connected | AgentState::Suspect | AgentState::Lost => AgentState::Connected,
+        // A left agent only comes back through a new session (register).
+        AgentState::Left => AgentState::Left,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn silence_walks_connected_to_suspect_to_lost() {
+        let cfg = LivenessConfig::default();
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut s = AgentState::Connected;
+        s = next_state(s, t0, at(1000), &cfg);
+        assert_eq!(s, AgentState::Connected);
+        s = next_state(s, t0, at(1500), &cfg);
+        assert_eq!(s, AgentState::Suspect);
+        s = next_state(s, t0, at(2499), &cfg);
+        assert_eq!(s, AgentState::Suspect);
+        s = next_state(s, t0, at(2500), &cfg);
+        assert_eq!(s, AgentState::Lost);
+        // Lost stays lost without a frame, however much time passes.
+        assert_eq!(next_state(s, at(10_000), at(10_001), &cfg), AgentState::Lost);
+    }
+
+    #[test]
+    fn frames_heal_suspect_but_not_left() {
+        assert_eq!(on_heard(AgentState::Suspect), AgentState::Connected);
+        assert_eq!(on_heard(AgentState::Lost), AgentState::Connected);
+        assert_eq!(on_heard(AgentState::Left), AgentState::Left);
+        let cfg = LivenessConfig::default();
+        let t0 = Instant::now();
+        assert_eq!(next_state(AgentState::Left, t0, t0 + Duration::from_secs(60), &cfg), AgentState::Left);
+    }
+
+    #[test]
+    fn worst_case_detection_is_within_three_seconds() {
+        let cfg = LivenessConfig::default();
+        // Last frame just before death, tick phase worst case.
+        assert!(cfg.lost_after + cfg.tick < Duration::from_secs(3));
+    }
+}

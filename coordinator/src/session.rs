@@ -1,0 +1,207 @@
+//! `AgentSession` actor: one per connected agent. Owns the QUIC connection and its control
+//! stream. A reader task decodes agent frames and forwards them to the `Fleet` tagged with
+//! this session's id (the Fleet ignores frames of sessions that are no longer current).
+//! `Close` sends a `Reject` with the reason and closes the connection.
+
+use std::time::Duration;
+
+use fleetmesh_protocol::codec::{parse_header, HEADER_LEN};
+use fleetmesh_protocol::{
+    decode_message, encode_frame, AgentMessage, CodecError, CoordinatorMessage, PeerIdentity, Welcome,
+    MAX_FRAME_LEN, PROTOCOL_VERSION,
+};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tracing::{debug, info, warn};
+
+use crate::fleet::FleetMsg;
+
+/// QUIC application close codes used by the coordinator.
+pub mod close_code {
+    /// Peer identity refused (wrong kind, wrong trust domain, name mismatch).
+    pub const REFUSED: u32 = 1;
+    /// Hello carried another protocol version.
+    pub const VERSION_MISMATCH: u32 = 2;
+    /// A frame was larger than the limit, or did not decode.
+    pub const PROTOCOL_ERROR: u32 = 3;
+    /// Replaced by a newer session, or closed by the coordinator.
+    pub const CLOSED: u32 = 4;
+    /// Coordinator shutting down.
+    pub const SHUTDOWN: u32 = 5;
+}
+
+/// How long the coordinator waits for a frame to be written before giving up on a peer.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Messages of an AgentSession.
+#[derive(Debug)]
+pub enum SessionMsg {
+    /// Close this session, telling the agent why.
+    Close { reason: String },
+    /// The reader saw the stream end or fail.
+    StreamEnded { reason: String },
+}
+
+/// Everything a session needs, handed over by the Listener after a valid hello.
+pub struct SessionArgs {
+    pub conn: quinn::Connection,
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+    pub identity: PeerIdentity,
+    pub session_id: u64,
+    pub fleet: ActorRef<FleetMsg>,
+    pub heartbeat_interval: Duration,
+}
+
+/// Session state.
+pub struct SessionState {
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    name: String,
+    session_id: u64,
+    fleet: ActorRef<FleetMsg>,
+    reader: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// The AgentSession actor.
+pub struct AgentSession;
+
+/// Read one frame. `Ok(None)` on a clean end of stream.
+pub(crate) async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Option<AgentMessage>, ReadError> {
+    let mut header = [0u8; HEADER_LEN];
+    match recv.read_exact(&mut header).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(ReadError::Transport(e.to_string())),
+    }
+    // Checked before allocating the payload buffer.
+    let len = parse_header(header, MAX_FRAME_LEN)?;
+    let mut payload = vec![0u8; len];
+    recv.read_exact(&mut payload).await.map_err(|e| ReadError::Transport(e.to_string()))?;
+    Ok(Some(decode_message(&payload)?))
+}
+
+/// Why reading a frame failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ReadError {
+    #[error("{0}")]
+    Transport(String),
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+}
+
+pub(crate) async fn write_frame(send: &mut quinn::SendStream, msg: &CoordinatorMessage) -> Result<(), String> {
+    let frame = encode_frame(msg).map_err(|e| e.to_string())?;
+    match tokio::time::timeout(WRITE_TIMEOUT, send.write_all(&frame)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("write timed out".into()),
+    }
+}
+
+async fn reader_loop(
+    mut recv: quinn::RecvStream,
+    conn: quinn::Connection,
+    name: String,
+    session_id: u64,
+    fleet: ActorRef<FleetMsg>,
+    myself: ActorRef<SessionMsg>,
+) {
+    let reason = loop {
+        match read_frame(&mut recv).await {
+            Ok(Some(msg)) => {
+                let sent = match msg {
+                    AgentMessage::Telemetry(report) => {
+                        fleet.cast(FleetMsg::Telemetry { name: name.clone(), session_id, report: Box::new(report) })
+                    }
+                    AgentMessage::Heartbeat { .. } => fleet.cast(FleetMsg::Heartbeat { name: name.clone(), session_id }),
+                    AgentMessage::Inventory(inventory) => {
+                        fleet.cast(FleetMsg::Inventory { name: name.clone(), session_id, inventory })
+                    }
+                    AgentMessage::Leaving { reason } => {
+                        info!(agent_id = %name, %reason, "agent is leaving");
+                        fleet.cast(FleetMsg::Leaving { name: name.clone(), session_id, reason })
+                    }
+                    AgentMessage::Hello(_) => {
+                        let why = "second hello on an established session";
+                        warn!(agent_id = %name, why, "protocol error; closing");
+                        conn.close(close_code::PROTOCOL_ERROR.into(), why.as_bytes());
+                        break why.to_string();
+                    }
+                    other => {
+                        debug!(agent_id = %name, ?other, "ignoring unknown agent message");
+                        Ok(())
+                    }
+                };
+                if sent.is_err() {
+                    break "fleet unavailable".to_string();
+                }
+            }
+            Ok(None) => break "agent closed its control stream".to_string(),
+            Err(ReadError::Codec(e)) => {
+                let why = format!("protocol error: {e}");
+                warn!(agent_id = %name, error = %e, "closing session on bad frame");
+                conn.close(close_code::PROTOCOL_ERROR.into(), why.as_bytes());
+                break why;
+            }
+            Err(ReadError::Transport(e)) => break format!("connection lost: {e}"),
+        }
+    };
+    let _ = myself.cast(SessionMsg::StreamEnded { reason });
+}
+
+impl Actor for AgentSession {
+    type Msg = SessionMsg;
+    type State = SessionState;
+    type Arguments = SessionArgs;
+
+    async fn pre_start(&self, myself: ActorRef<SessionMsg>, args: SessionArgs) -> Result<SessionState, ActorProcessingErr> {
+        let SessionArgs { conn, mut send, recv, identity, session_id, fleet, heartbeat_interval } = args;
+        let name = identity.name.clone();
+        ractor::call_t!(fleet, |reply| FleetMsg::Register {
+            identity,
+            session_id,
+            session: myself.clone(),
+            reply
+        }, 5000)?;
+        let welcome = CoordinatorMessage::Welcome(Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            session_id,
+            heartbeat_interval_ms: heartbeat_interval.as_millis() as u64,
+        });
+        if let Err(e) = write_frame(&mut send, &welcome).await {
+            let _ = fleet.cast(FleetMsg::SessionClosed { name: name.clone(), session_id, reason: e.clone() });
+            return Err(format!("could not send welcome to {name}: {e}").into());
+        }
+        let reader = tokio::spawn(reader_loop(recv, conn.clone(), name.clone(), session_id, fleet.clone(), myself));
+        Ok(SessionState { conn, send, name, session_id, fleet, reader: Some(reader) })
+    }
+
+    async fn handle(&self, myself: ActorRef<SessionMsg>, msg: SessionMsg, st: &mut SessionState) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SessionMsg::Close { reason } => {
+                info!(agent_id = %st.name, session = st.session_id, %reason, "closing session");
+                let _ = write_frame(&mut st.send, &CoordinatorMessage::Reject { reason: reason.clone() }).await;
+                let _ = st.send.finish();
+                // Let the Reject frame reach the agent before the close discards it.
+                let conn = st.conn.clone();
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(Duration::from_millis(500), conn.closed()).await;
+                    conn.close(close_code::CLOSED.into(), reason.as_bytes());
+                });
+                myself.stop(None);
+            }
+            SessionMsg::StreamEnded { reason } => {
+                let _ = st.fleet.cast(FleetMsg::SessionClosed { name: st.name.clone(), session_id: st.session_id, reason });
+                myself.stop(None);
+            }
+        }
+        Ok(())
+    }
+
+    async fn post_stop(&self, _myself: ActorRef<SessionMsg>, st: &mut SessionState) -> Result<(), ActorProcessingErr> {
+        if let Some(r) = st.reader.take() {
+            r.abort();
+        }
+        Ok(())
+    }
+}
