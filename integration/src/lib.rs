@@ -1,1 +1,343 @@
+//! Cluster harness for integration tests and benchmarks: a per-test CA made with rcgen,
+//! real `fleetmesh-coordinator` / `fleetmesh-agent` processes on loopback, and an
+//! operator API client. Every child process is killed when its handle is dropped.
 
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use fleetmesh_coordinator::client::ApiClient;
+use fleetmesh_coordinator::views::AgentView;
+use fleetmesh_protocol::pki::{Ca, IssueRequest};
+use fleetmesh_protocol::tls::TlsIdentity;
+use fleetmesh_protocol::{Attributes, PeerKind};
+
+/// Path of a workspace binary next to the running test/bench executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} not found: build the workspace binaries first (`cargo build --workspace --bins`; scripts/test.sh does this)",
+        p.display()
+    );
+    p
+}
+
+/// A free loopback UDP port (best effort: released before use).
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).expect("udp port")
+}
+
+/// A free loopback TCP port (best effort: released before use).
+pub fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).expect("tcp port")
+}
+
+/// A throwaway PKI in a temp dir.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+    pub ca: Ca,
+}
+
+impl Pki {
+    pub fn new(trust_domain: &str) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let ca = Ca::init_dir(dir.path(), trust_domain)?;
+        Ok(Self { dir, ca })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn ca_pem(&self) -> PathBuf {
+        self.path().join("ca.pem")
+    }
+
+    /// Issue `<kind>-<name>.pem/.key` (coordinators get localhost/127.0.0.1 SANs).
+    pub fn issue(&self, kind: PeerKind, name: &str, attrs: Attributes) -> Result<(PathBuf, PathBuf)> {
+        let mut req = IssueRequest::new(kind, name, Duration::from_secs(24 * 3600));
+        req.attributes = attrs;
+        if kind == PeerKind::Coordinator {
+            req.dns_names = vec!["localhost".into()];
+            req.ips = vec![[127, 0, 0, 1].into()];
+        }
+        Ok(self.ca.issue_to_dir(self.path(), &req)?)
+    }
+
+    /// Issue with an explicit request (e.g. an expired validity window).
+    pub fn issue_req(&self, req: &IssueRequest) -> Result<(PathBuf, PathBuf)> {
+        Ok(self.ca.issue_to_dir(self.path(), req)?)
+    }
+
+    /// TLS identity for `<kind>-<name>` trusting this CA.
+    pub fn identity(&self, kind: PeerKind, name: &str) -> Result<TlsIdentity> {
+        let base = self.path().join(format!("{kind}-{name}"));
+        Ok(TlsIdentity::load(&self.ca_pem(), &base.with_extension("pem"), &base.with_extension("key"))?)
+    }
+}
+
+/// Log level for child processes.
+const CHILD_LOG: &str = "info,quinn=warn,rustls=warn";
+
+/// A coordinator process.
+pub struct CoordinatorProc {
+    child: Option<Child>,
+    pub control: SocketAddr,
+    pub api: SocketAddr,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    args: Vec<String>,
+    restarts: u32,
+}
+
+impl CoordinatorProc {
+    /// Issue a coordinator cert (if missing), start on fresh ports, wait until the API answers.
+    pub async fn start(pki: &Pki, data_dir: &Path, extra: &[&str]) -> Result<Self> {
+        if !pki.path().join("coordinator-main.pem").exists() {
+            pki.issue(PeerKind::Coordinator, "main", Attributes::default())?;
+            pki.issue(PeerKind::Operator, "harness", Attributes::default())?;
+        }
+        let control: SocketAddr = ([127, 0, 0, 1], free_udp_port()).into();
+        let api: SocketAddr = ([127, 0, 0, 1], free_tcp_port()).into();
+        let mut args: Vec<String> = vec![
+            "--listen".into(),
+            control.to_string(),
+            "--api-listen".into(),
+            api.to_string(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--ca".into(),
+            pki.ca_pem().display().to_string(),
+            "--cert".into(),
+            pki.path().join("coordinator-main.pem").display().to_string(),
+            "--key".into(),
+            pki.path().join("coordinator-main.key").display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut me = Self {
+            child: None,
+            control,
+            api,
+            data_dir: data_dir.to_path_buf(),
+            log: data_dir.with_extension("coordinator.log"),
+            args,
+            restarts: 0,
+        };
+        me.spawn()?;
+        me.wait_ready(pki).await?;
+        Ok(me)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let child = Command::new(bin("fleetmesh-coordinator"))
+            .args(&self.args)
+            .env("RUST_LOG", CHILD_LOG)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("spawning fleetmesh-coordinator")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    async fn wait_ready(&mut self, pki: &Pki) -> Result<()> {
+        let client = self.client(pki)?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                if let Some(status) = c.try_wait()? {
+                    bail!("coordinator exited with {status}; log:\n{}", self.log_text());
+                }
+            }
+            if client.get_text("/healthz").await.is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("coordinator API not ready; log:\n{}", self.log_text());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Operator API client.
+    pub fn client(&self, pki: &Pki) -> Result<ApiClient> {
+        let tls = pki.identity(PeerKind::Operator, "harness")?;
+        Ok(ApiClient::new(&format!("https://127.0.0.1:{}", self.api.port()), &tls)?)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Start again with the same ports and data dir.
+    pub async fn restart(&mut self, pki: &Pki) -> Result<()> {
+        self.kill9();
+        self.restarts += 1;
+        self.spawn()?;
+        self.wait_ready(pki).await
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for CoordinatorProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// An agent process.
+pub struct AgentProc {
+    child: Option<Child>,
+    pub name: String,
+    pub log: PathBuf,
+    args: Vec<String>,
+}
+
+impl AgentProc {
+    /// Start `fleetmesh-agent` with the given cert/key and simulated GPUs.
+    pub fn start_with(
+        pki: &Pki,
+        coordinator: SocketAddr,
+        name: &str,
+        cert: &Path,
+        key: &Path,
+        simulate: Option<&str>,
+        work: &Path,
+    ) -> Result<Self> {
+        let data_dir = work.join(format!("agent-{name}"));
+        std::fs::create_dir_all(&data_dir)?;
+        let mut args: Vec<String> = vec![
+            "--coordinator".into(),
+            coordinator.to_string(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--ca".into(),
+            pki.ca_pem().display().to_string(),
+            "--cert".into(),
+            cert.display().to_string(),
+            "--key".into(),
+            key.display().to_string(),
+            "--reconnect-max".into(),
+            "1s".into(),
+        ];
+        if let Some(s) = simulate {
+            args.push("--simulate-gpus".into());
+            args.push(s.into());
+        }
+        let mut me = Self { child: None, name: name.into(), log: work.join(format!("agent-{name}.log")), args };
+        me.spawn()?;
+        Ok(me)
+    }
+
+    /// Issue an agent cert (if missing) and start it.
+    pub fn start(pki: &Pki, coordinator: SocketAddr, name: &str, attrs: Attributes, simulate: Option<&str>, work: &Path) -> Result<Self> {
+        let base = pki.path().join(format!("agent-{name}"));
+        if !base.with_extension("pem").exists() {
+            pki.issue(PeerKind::Agent, name, attrs)?;
+        }
+        Self::start_with(pki, coordinator, name, &base.with_extension("pem"), &base.with_extension("key"), simulate, work)
+    }
+
+    pub fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let child = Command::new(bin("fleetmesh-agent"))
+            .args(&self.args)
+            .env("RUST_LOG", CHILD_LOG)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("spawning fleetmesh-agent")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for exit (up to 10 s). Returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        None
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Poll `f` every 50 ms until it returns `Some` or `timeout` passes.
+pub async fn wait_for<T, F, Fut>(timeout: Duration, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Agents as the API lists them (empty on error).
+pub async fn agents(client: &ApiClient) -> Vec<AgentView> {
+    client.get_json("/api/v1/agents").await.unwrap_or_default()
+}
+
+/// Attributes helper.
+pub fn attrs(region: &str, jurisdiction: &str, provider: &str) -> Attributes {
+    Attributes {
+        region: Some(region.into()),
+        jurisdiction: Some(jurisdiction.into()),
+        provider: Some(provider.into()),
+    }
+}
