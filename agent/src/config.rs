@@ -61,8 +61,10 @@ pub fn parse_duration(what: &str, s: &str) -> Result<Duration, AgentError> {
 impl AgentConfig {
     /// Merge the file config (if any) with flag overrides (`flags` wins).
     pub fn resolve(file: FileConfig, flags: FileConfig) -> Result<Self, AgentError> {
-        let missing = |k: &str| AgentError::Config(format!("--{k} is required (flag or config file)"));
-        let mut coordinator = flags.coordinator.or(file.coordinator).ok_or_else(|| missing("coordinator"))?;
+        let missing =
+            |k: &str| AgentError::Config(format!("--{k} is required (flag or config file)"));
+        let mut coordinator =
+            flags.coordinator.or(file.coordinator).ok_or_else(|| missing("coordinator"))?;
         if !coordinator.contains(':') {
             coordinator = format!("{coordinator}:{DEFAULT_PORT}");
         }
@@ -76,7 +78,10 @@ impl AgentConfig {
         };
         Ok(Self {
             coordinator,
-            data_dir: flags.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("/var/lib/fleetmesh-agent")),
+            data_dir: flags
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from("/var/lib/fleetmesh-agent")),
             ca: flags.ca.or(file.ca).ok_or_else(|| missing("ca"))?,
             cert: flags.cert.or(file.cert).ok_or_else(|| missing("cert"))?,
             key: flags.key.or(file.key).ok_or_else(|| missing("key"))?,

@@ -68,7 +68,8 @@ impl HostCollector {
         let (rx, tx) = match self.networks.as_mut() {
             Some(n) => {
                 n.refresh(true);
-                n.iter().fold((0u64, 0u64), |(r, t), (_, d)| (r + d.received(), t + d.transmitted()))
+                n.iter()
+                    .fold((0u64, 0u64), |(r, t), (_, d)| (r + d.received(), t + d.transmitted()))
             }
             None => (0, 0),
         };

@@ -129,13 +129,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("fleetmesh-agent: cannot start runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let rt =
+        match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("fleetmesh-agent: cannot start runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
     let result = rt.block_on(async move {
         let (tx, rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
@@ -174,15 +175,24 @@ fn print_probe(out: &fleetmesh_agent::ProbeOutput) {
     let inv = &out.inventory;
     println!("host:       {} ({}, kernel {})", inv.host.hostname, inv.host.os, inv.host.kernel);
     println!("agent:      {}", inv.host.agent_version);
-    println!("cpus:       {}  memory: {} MiB", inv.host.cpu_count, inv.host.memory_total_bytes >> 20);
+    println!(
+        "cpus:       {}  memory: {} MiB",
+        inv.host.cpu_count,
+        inv.host.memory_total_bytes >> 20
+    );
     println!("gpu source: {:?}", inv.gpu_source);
     let h = &out.telemetry.host;
     println!(
         "cpu util:   {:.1}%  load: {:.2} {:.2} {:.2}  mem used: {} MiB",
-        h.cpu_utilization_percent, h.load_1, h.load_5, h.load_15, h.memory_used_bytes >> 20
+        h.cpu_utilization_percent,
+        h.load_1,
+        h.load_5,
+        h.load_15,
+        h.memory_used_bytes >> 20
     );
     for g in &out.telemetry.gpus {
-        let name = inv.gpus.iter().find(|i| i.uuid == g.uuid).map(|i| i.name.as_str()).unwrap_or("?");
+        let name =
+            inv.gpus.iter().find(|i| i.uuid == g.uuid).map(|i| i.name.as_str()).unwrap_or("?");
         println!(
             "gpu {}: {} {} util={:?}% mem={:?}/{:?} MiB temp={:?}C power={:?}W",
             g.index,

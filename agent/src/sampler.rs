@@ -4,7 +4,7 @@ use std::path::Path;
 
 use fleetmesh_protocol::{HostInfo, HostSample, Inventory, TelemetryReport};
 
-use crate::gpu::{unix_ms_now, GpuBackend};
+use crate::gpu::{unix_us_now, GpuBackend};
 use crate::host::HostCollector;
 
 /// Produces what the agent reports.
@@ -60,7 +60,7 @@ impl Sampler for NodeSampler {
         };
         TelemetryReport {
             seq,
-            sampled_at_unix_ms: unix_ms_now(),
+            sampled_at_unix_us: unix_us_now(),
             host,
             gpus: self.gpu.sample(),
             events: self.gpu.drain_events(),

@@ -91,11 +91,12 @@ pub struct AgentStats {
 }
 
 /// Build a client endpoint bound to an ephemeral port of the right address family.
-pub fn client_endpoint(opts: &ConnectOptions, remote: SocketAddr) -> Result<quinn::Endpoint, SessionError> {
-    let tls = opts
-        .tls
-        .client_config(&[ALPN_CTL], true)
-        .map_err(|e| SessionError::Tls(e.to_string()))?;
+pub fn client_endpoint(
+    opts: &ConnectOptions,
+    remote: SocketAddr,
+) -> Result<quinn::Endpoint, SessionError> {
+    let tls =
+        opts.tls.client_config(&[ALPN_CTL], true).map_err(|e| SessionError::Tls(e.to_string()))?;
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| SessionError::Tls(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
@@ -133,7 +134,9 @@ async fn write_msg(send: &mut quinn::SendStream, msg: &AgentMessage) -> Result<(
 }
 
 /// Read one frame; `Ok(None)` on a clean end of stream.
-async fn read_msg(recv: &mut quinn::RecvStream) -> Result<Option<CoordinatorMessage>, SessionError> {
+async fn read_msg(
+    recv: &mut quinn::RecvStream,
+) -> Result<Option<CoordinatorMessage>, SessionError> {
     let mut header = [0u8; HEADER_LEN];
     match recv.read_exact(&mut header).await {
         Ok(()) => {}
@@ -142,9 +145,7 @@ async fn read_msg(recv: &mut quinn::RecvStream) -> Result<Option<CoordinatorMess
     }
     let len = parse_header(header, MAX_FRAME_LEN)?;
     let mut payload = vec![0u8; len];
-    recv.read_exact(&mut payload)
-        .await
-        .map_err(|e| SessionError::ConnectionLost(e.to_string()))?;
+    recv.read_exact(&mut payload).await.map_err(|e| SessionError::ConnectionLost(e.to_string()))?;
     Ok(Some(decode_message(&payload)?))
 }
 
@@ -177,11 +178,16 @@ pub async fn run_session(
         .and_then(|any| any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok());
     let server = peer_identity(chain.as_deref().map(|v| v.as_slice()))
         .map_err(|e| SessionError::ServerIdentity { addr: addr.clone(), msg: e.to_string() })?;
-    if server.kind != PeerKind::Coordinator || server.trust_domain != opts.tls.identity.trust_domain {
+    if server.kind != PeerKind::Coordinator || server.trust_domain != opts.tls.identity.trust_domain
+    {
         conn.close(1u32.into(), b"not a coordinator");
         return Err(SessionError::ServerIdentity {
             addr,
-            msg: format!("expected a coordinator of {}, got {}", opts.tls.identity.trust_domain, server.spiffe_id()),
+            msg: format!(
+                "expected a coordinator of {}, got {}",
+                opts.tls.identity.trust_domain,
+                server.spiffe_id()
+            ),
         });
     }
 
@@ -207,9 +213,13 @@ pub async fn run_session(
                 _ => e,
             });
         }
-        Ok(Ok(None)) => return Err(SessionError::ConnectionLost("stream closed before welcome".into())),
+        Ok(Ok(None)) => {
+            return Err(SessionError::ConnectionLost("stream closed before welcome".into()))
+        }
         Ok(Ok(Some(CoordinatorMessage::Welcome(w)))) => w,
-        Ok(Ok(Some(CoordinatorMessage::Reject { reason }))) => return Err(SessionError::Rejected(reason)),
+        Ok(Ok(Some(CoordinatorMessage::Reject { reason }))) => {
+            return Err(SessionError::Rejected(reason))
+        }
         Ok(Ok(Some(other))) => return Err(SessionError::Unexpected(format!("{other:?}"))),
     };
     if welcome.protocol_version != opts.protocol_version {
@@ -232,7 +242,9 @@ pub async fn run_session(
             let end = !matches!(r, Ok(Some(_)));
             let item = match r {
                 Ok(Some(m)) => Ok(m),
-                Ok(None) => Err(SessionError::ConnectionLost("coordinator closed the stream".into())),
+                Ok(None) => {
+                    Err(SessionError::ConnectionLost("coordinator closed the stream".into()))
+                }
                 Err(e) => Err(e),
             };
             if tx.send(item).await.is_err() || end {
@@ -330,7 +342,9 @@ pub async fn run_forever(
             Err(e) => {
                 stats.connect_failures.fetch_add(1, Ordering::Relaxed);
                 match &e {
-                    SessionError::Rejected(_) | SessionError::VersionMismatch { .. } | SessionError::ServerIdentity { .. } => {
+                    SessionError::Rejected(_)
+                    | SessionError::VersionMismatch { .. }
+                    | SessionError::ServerIdentity { .. } => {
                         error!(agent_id = %agent, error = %e, "session refused")
                     }
                     _ => warn!(agent_id = %agent, error = %e, "session ended"),

@@ -10,7 +10,7 @@
 //! | GET    | `/api/v1/agents`       | `[AgentView]`                  |
 //! | GET    | `/api/v1/agents/{name}`| `AgentDetail` or 404           |
 //! | GET    | `/api/v1/gpus`         | `[GpuView]`                    |
-//! | GET    | `/api/v1/stats/ingest` | `IngestStats`                  |
+//! | GET    | `/api/v1/stats/ingest?since_unix_ms=T` | `IngestStats` |
 //! | GET    | `/metrics`             | OpenMetrics text               |
 //! | GET    | `/healthz`             | `ok`                           |
 
@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -59,9 +59,16 @@ async fn require_operator(Extension(peer): Extension<Peer>, req: Request, next: 
         Some(id) if id.kind == PeerKind::Operator => next.run(req).await,
         Some(id) => error(
             StatusCode::FORBIDDEN,
-            format!("the API requires an operator certificate; {} is a {} certificate", id.spiffe_id(), id.kind),
+            format!(
+                "the API requires an operator certificate; {} is a {} certificate",
+                id.spiffe_id(),
+                id.kind
+            ),
         ),
-        None => error(StatusCode::FORBIDDEN, "the API requires an operator certificate from the mesh CA"),
+        None => error(
+            StatusCode::FORBIDDEN,
+            "the API requires an operator certificate from the mesh CA",
+        ),
     }
 }
 
@@ -89,13 +96,19 @@ async fn list_gpus(State(st): State<AppState>) -> Response {
     Json(fleet_call!(st.fleet, FleetMsg::ListGpus)).into_response()
 }
 
-async fn ingest(State(st): State<AppState>) -> Response {
-    Json(fleet_call!(st.fleet, FleetMsg::Ingest)).into_response()
+#[derive(serde::Deserialize)]
+struct IngestQuery {
+    #[serde(default)]
+    since_unix_ms: u64,
+}
+
+async fn ingest(State(st): State<AppState>, Query(q): Query<IngestQuery>) -> Response {
+    Json(fleet_call!(st.fleet, FleetMsg::Ingest, q.since_unix_ms)).into_response()
 }
 
 async fn metrics(State(st): State<AppState>) -> Response {
     let agents = fleet_call!(st.fleet, FleetMsg::ListAgents);
-    let stats = fleet_call!(st.fleet, FleetMsg::Ingest);
+    let stats = fleet_call!(st.fleet, FleetMsg::Ingest, 0);
     match crate::metrics::render(&agents, &stats) {
         Ok(text) => (
             [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
@@ -139,7 +152,11 @@ impl Actor for Api {
     type State = ApiState;
     type Arguments = ApiArgs;
 
-    async fn pre_start(&self, _myself: ActorRef<()>, args: ApiArgs) -> Result<ApiState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<()>,
+        args: ApiArgs,
+    ) -> Result<ApiState, ActorProcessingErr> {
         let tls_cfg = args.tls.server_config(&[b"http/1.1"], false)?;
         let acceptor = TlsAcceptor::from(Arc::new(tls_cfg));
         let listener = TcpListener::bind(args.listen)
@@ -164,17 +181,20 @@ impl Actor for Api {
                 let acceptor = acceptor.clone();
                 let app = app.clone();
                 tokio::spawn(async move {
-                    let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(t)) => t,
-                        Ok(Err(e)) => {
-                            warn!(%remote, error = %e, "API connection refused");
-                            return;
-                        }
-                        Err(_) => {
-                            debug!(%remote, "API TLS handshake timed out");
-                            return;
-                        }
-                    };
+                    let tls =
+                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+                            .await
+                        {
+                            Ok(Ok(t)) => t,
+                            Ok(Err(e)) => {
+                                warn!(%remote, error = %e, "API connection refused");
+                                return;
+                            }
+                            Err(_) => {
+                                debug!(%remote, "API TLS handshake timed out");
+                                return;
+                            }
+                        };
                     let peer = peer_identity(tls.get_ref().1.peer_certificates()).ok();
                     let svc = TowerToHyperService::new(app.layer(Extension(Peer(peer))));
                     if let Err(e) = hyper::server::conn::http1::Builder::new()
@@ -189,7 +209,11 @@ impl Actor for Api {
         Ok(ApiState { task })
     }
 
-    async fn post_stop(&self, _myself: ActorRef<()>, st: &mut ApiState) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<()>,
+        st: &mut ApiState,
+    ) -> Result<(), ActorProcessingErr> {
         st.task.abort();
         Ok(())
     }

@@ -77,7 +77,9 @@ pub fn parse_api_url(url: &str) -> Result<(String, u16), ClientError> {
 impl ApiClient {
     pub fn new(url: &str, tls: &TlsIdentity) -> Result<Self, ClientError> {
         let (host, port) = parse_api_url(url)?;
-        let cfg = tls.client_config(&[b"http/1.1"], false).map_err(|e| ClientError::Tls(e.to_string()))?;
+        let cfg = tls
+            .client_config(&[b"http/1.1"], false)
+            .map_err(|e| ClientError::Tls(e.to_string()))?;
         Ok(Self { host, port, tls: Arc::new(cfg) })
     }
 
@@ -118,7 +120,12 @@ impl ApiClient {
             .map_err(|e| ClientError::Http(e.to_string()))?;
         let resp = sender.send_request(req).await.map_err(|e| ClientError::Http(e.to_string()))?;
         let status = resp.status().as_u16();
-        let body = resp.into_body().collect().await.map_err(|e| ClientError::Http(e.to_string()))?.to_bytes();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?
+            .to_bytes();
         driver.abort();
         Ok((status, body))
     }
@@ -153,7 +160,10 @@ mod tests {
     #[test]
     fn urls() {
         assert_eq!(parse_api_url("https://127.0.0.1:7401").unwrap(), ("127.0.0.1".into(), 7401));
-        assert_eq!(parse_api_url("https://coord.example/").unwrap(), ("coord.example".into(), 7401));
+        assert_eq!(
+            parse_api_url("https://coord.example/").unwrap(),
+            ("coord.example".into(), 7401)
+        );
         assert_eq!(parse_api_url("https://[::1]:9000").unwrap(), ("::1".into(), 9000));
         assert!(parse_api_url("http://x").is_err());
         assert!(parse_api_url("https://x/y").is_err());

@@ -31,7 +31,8 @@ pub struct ConfigError(pub String);
 
 impl FileConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
         toml::from_str(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))
     }
 }
@@ -53,7 +54,8 @@ pub struct CoordinatorConfig {
 fn dur(what: &str, s: Option<String>, default: Duration) -> Result<Duration, ConfigError> {
     match s {
         None => Ok(default),
-        Some(s) => humantime::parse_duration(&s).map_err(|e| ConfigError(format!("{what}: invalid duration {s:?}: {e}"))),
+        Some(s) => humantime::parse_duration(&s)
+            .map_err(|e| ConfigError(format!("{what}: invalid duration {s:?}: {e}"))),
     }
 }
 
@@ -62,22 +64,41 @@ impl CoordinatorConfig {
         let missing = |k: &str| ConfigError(format!("--{k} is required (flag or config file)"));
         let defaults = LivenessConfig::default();
         let liveness = LivenessConfig {
-            suspect_after: dur("suspect-after", flags.suspect_after.or(file.suspect_after), defaults.suspect_after)?,
-            lost_after: dur("lost-after", flags.lost_after.or(file.lost_after), defaults.lost_after)?,
+            suspect_after: dur(
+                "suspect-after",
+                flags.suspect_after.or(file.suspect_after),
+                defaults.suspect_after,
+            )?,
+            lost_after: dur(
+                "lost-after",
+                flags.lost_after.or(file.lost_after),
+                defaults.lost_after,
+            )?,
             tick: defaults.tick,
         };
         if liveness.suspect_after >= liveness.lost_after {
             return Err(ConfigError("suspect-after must be shorter than lost-after".into()));
         }
-        let heartbeat_interval =
-            dur("heartbeat-interval", flags.heartbeat_interval.or(file.heartbeat_interval), Duration::from_millis(500))?;
+        let heartbeat_interval = dur(
+            "heartbeat-interval",
+            flags.heartbeat_interval.or(file.heartbeat_interval),
+            Duration::from_millis(500),
+        )?;
         if heartbeat_interval * 2 > liveness.suspect_after {
-            return Err(ConfigError("heartbeat-interval must be at most half of suspect-after".into()));
+            return Err(ConfigError(
+                "heartbeat-interval must be at most half of suspect-after".into(),
+            ));
         }
         Ok(Self {
             listen: flags.listen.or(file.listen).unwrap_or_else(|| ([0, 0, 0, 0], 7400).into()),
-            api_listen: flags.api_listen.or(file.api_listen).unwrap_or_else(|| ([127, 0, 0, 1], 7401).into()),
-            data_dir: flags.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("/var/lib/fleetmesh")),
+            api_listen: flags
+                .api_listen
+                .or(file.api_listen)
+                .unwrap_or_else(|| ([127, 0, 0, 1], 7401).into()),
+            data_dir: flags
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from("/var/lib/fleetmesh")),
             ca: flags.ca.or(file.ca).ok_or_else(|| missing("ca"))?,
             cert: flags.cert.or(file.cert).ok_or_else(|| missing("cert"))?,
             key: flags.key.or(file.key).ok_or_else(|| missing("key"))?,

@@ -46,17 +46,42 @@ impl Default for FleetConfig {
 /// Messages of the Fleet actor.
 pub enum FleetMsg {
     /// A session passed hello; it becomes the agent's current session.
-    Register { identity: PeerIdentity, session_id: u64, session: ActorRef<SessionMsg>, reply: RpcReplyPort<()> },
-    Inventory { name: String, session_id: u64, inventory: Inventory },
-    Telemetry { name: String, session_id: u64, report: Box<TelemetryReport> },
-    Heartbeat { name: String, session_id: u64 },
-    Leaving { name: String, session_id: u64, reason: String },
-    SessionClosed { name: String, session_id: u64, reason: String },
+    Register {
+        identity: PeerIdentity,
+        session_id: u64,
+        session: ActorRef<SessionMsg>,
+        reply: RpcReplyPort<()>,
+    },
+    Inventory {
+        name: String,
+        session_id: u64,
+        inventory: Inventory,
+    },
+    Telemetry {
+        name: String,
+        session_id: u64,
+        report: Box<TelemetryReport>,
+    },
+    Heartbeat {
+        name: String,
+        session_id: u64,
+    },
+    Leaving {
+        name: String,
+        session_id: u64,
+        reason: String,
+    },
+    SessionClosed {
+        name: String,
+        session_id: u64,
+        reason: String,
+    },
     Tick,
     ListAgents(RpcReplyPort<Vec<AgentView>>),
     GetAgent(String, RpcReplyPort<Option<AgentDetail>>),
     ListGpus(RpcReplyPort<Vec<GpuView>>),
-    Ingest(RpcReplyPort<IngestStats>),
+    /// Ingest statistics over reports applied at or after the given time (ms since epoch).
+    Ingest(u64, RpcReplyPort<IngestStats>),
 }
 
 struct AgentEntry {
@@ -78,8 +103,16 @@ pub struct FleetState {
     last_persist: Instant,
     applied: u64,
     stale: u64,
-    latencies_us: VecDeque<u32>,
+    /// (applied at, ms since epoch; sample-to-apply latency, µs).
+    latencies_us: VecDeque<(u64, u32)>,
     _ticker: Option<ractor::concurrency::JoinHandle<()>>,
+}
+
+fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
 }
 
 fn unix_ms() -> u64 {
@@ -107,7 +140,9 @@ impl FleetState {
         e.record.state = state;
         match state {
             AgentState::Lost => warn!(agent_id = %name, from = from.as_str(), why, "agent lost"),
-            _ => info!(agent_id = %name, from = from.as_str(), to = state.as_str(), why, "agent state changed"),
+            _ => {
+                info!(agent_id = %name, from = from.as_str(), to = state.as_str(), why, "agent state changed")
+            }
         }
         self.persist(&[name]);
     }
@@ -138,7 +173,13 @@ impl FleetState {
         true
     }
 
-    fn register(&mut self, identity: PeerIdentity, session_id: u64, session: ActorRef<SessionMsg>, now: Instant) {
+    fn register(
+        &mut self,
+        identity: PeerIdentity,
+        session_id: u64,
+        session: ActorRef<SessionMsg>,
+        now: Instant,
+    ) {
         let name = identity.name.clone();
         let ms = unix_ms();
         let previous = self.agents.get(&name).map(|e| e.record.state.as_str()).unwrap_or("new");
@@ -164,7 +205,9 @@ impl FleetState {
         if let Some((old_id, old)) = entry.session.take() {
             if old_id != session_id {
                 info!(agent_id = %name, old_session = old_id, new_session = session_id, "replacing previous session");
-                let _ = old.cast(SessionMsg::Close { reason: "replaced by a newer session of the same agent".into() });
+                let _ = old.cast(SessionMsg::Close {
+                    reason: "replaced by a newer session of the same agent".into(),
+                });
             }
         }
         // Attributes always come from the certificate of the newest session.
@@ -179,16 +222,24 @@ impl FleetState {
         self.persist(&[&name]);
     }
 
-    fn apply_telemetry(&mut self, name: &str, session_id: u64, report: Box<TelemetryReport>, now: Instant) {
+    fn apply_telemetry(
+        &mut self,
+        name: &str,
+        session_id: u64,
+        report: Box<TelemetryReport>,
+        now: Instant,
+    ) {
         if !self.heard(name, session_id, now) {
             return;
         }
-        let lat_ms = unix_ms().saturating_sub(report.sampled_at_unix_ms);
+        let now_us = unix_us();
+        let applied_at = now_us / 1000;
+        let lat_us = now_us.saturating_sub(report.sampled_at_unix_us);
         self.applied += 1;
         if self.latencies_us.len() == LATENCY_WINDOW {
             self.latencies_us.pop_front();
         }
-        self.latencies_us.push_back((lat_ms.saturating_mul(1000)).min(u64::from(u32::MAX)) as u32);
+        self.latencies_us.push_back((applied_at, lat_us.min(u64::from(u32::MAX)) as u32));
         let history_len = self.cfg.history_len;
         let Some(e) = self.agents.get_mut(name) else { return };
         for ev in &report.events {
@@ -203,7 +254,7 @@ impl FleetState {
         }
         if history_len > 0 {
             e.history.push_back(HistoryPoint {
-                at_unix_ms: report.sampled_at_unix_ms,
+                at_unix_ms: report.sampled_at_unix_us / 1000,
                 cpu_utilization_percent: report.host.cpu_utilization_percent,
                 memory_used_bytes: report.host.memory_used_bytes,
                 gpus: report
@@ -264,7 +315,9 @@ impl FleetState {
                     utilization_gpu: s.and_then(|s| s.utilization_gpu_percent),
                     utilization_memory: s.and_then(|s| s.utilization_memory_percent),
                     memory_used_bytes: s.and_then(|s| s.memory_used_bytes),
-                    memory_total_bytes: s.and_then(|s| s.memory_total_bytes).unwrap_or(g.memory_total_bytes),
+                    memory_total_bytes: s
+                        .and_then(|s| s.memory_total_bytes)
+                        .unwrap_or(g.memory_total_bytes),
                     memory_free_bytes: s.and_then(|s| s.memory_free_bytes),
                     temperature_c: s.and_then(|s| s.temperature_c),
                     power_w: s.and_then(|s| s.power_w),
@@ -298,7 +351,9 @@ impl FleetState {
             first_seen: views::rfc3339_ms(r.first_seen_unix_ms),
             last_seen: views::rfc3339_ms(r.last_seen_unix_ms),
             last_seen_unix_ms: r.last_seen_unix_ms,
-            gpu_source: inv.map(|i| i.gpu_source.label().to_string()).unwrap_or_else(|| "unknown".into()),
+            gpu_source: inv
+                .map(|i| i.gpu_source.label().to_string())
+                .unwrap_or_else(|| "unknown".into()),
             hostname: inv.map(|i| i.host.hostname.clone()).or_else(|| r.hostname.clone()),
             os: inv.map(|i| i.host.os.clone()),
             kernel: inv.map(|i| i.host.kernel.clone()),
@@ -309,8 +364,13 @@ impl FleetState {
         }
     }
 
-    fn ingest_stats(&self) -> IngestStats {
-        let mut v: Vec<u32> = self.latencies_us.iter().copied().collect();
+    fn ingest_stats(&self, since_unix_ms: u64) -> IngestStats {
+        let mut v: Vec<u32> = self
+            .latencies_us
+            .iter()
+            .filter(|(at, _)| *at >= since_unix_ms)
+            .map(|(_, l)| *l)
+            .collect();
         v.sort_unstable();
         let pct = |p: f64| -> f64 {
             if v.is_empty() {
@@ -344,7 +404,11 @@ impl Actor for Fleet {
     type State = FleetState;
     type Arguments = FleetArgs;
 
-    async fn pre_start(&self, myself: ActorRef<FleetMsg>, args: FleetArgs) -> Result<FleetState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<FleetMsg>,
+        args: FleetArgs,
+    ) -> Result<FleetState, ActorProcessingErr> {
         let now = Instant::now();
         let mut agents = BTreeMap::new();
         for mut record in args.store.agents()? {
@@ -381,7 +445,11 @@ impl Actor for Fleet {
         })
     }
 
-    async fn post_stop(&self, _myself: ActorRef<FleetMsg>, state: &mut FleetState) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<FleetMsg>,
+        state: &mut FleetState,
+    ) -> Result<(), ActorProcessingErr> {
         if let Some(t) = state._ticker.take() {
             t.abort();
         }
@@ -391,7 +459,12 @@ impl Actor for Fleet {
         Ok(())
     }
 
-    async fn handle(&self, _myself: ActorRef<FleetMsg>, msg: FleetMsg, st: &mut FleetState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _myself: ActorRef<FleetMsg>,
+        msg: FleetMsg,
+        st: &mut FleetState,
+    ) -> Result<(), ActorProcessingErr> {
         let now = Instant::now();
         match msg {
             FleetMsg::Register { identity, session_id, session, reply } => {
@@ -402,7 +475,8 @@ impl Actor for Fleet {
                 if st.heard(&name, session_id, now) {
                     if let Some(e) = st.agents.get_mut(&name) {
                         info!(agent_id = %name, gpus = inventory.gpus.len(), source = inventory.gpu_source.label(), "inventory received");
-                        let host_changed = e.record.hostname.as_deref() != Some(inventory.host.hostname.as_str());
+                        let host_changed =
+                            e.record.hostname.as_deref() != Some(inventory.host.hostname.as_str());
                         e.record.hostname = Some(inventory.host.hostname.clone());
                         e.inventory = Some(inventory);
                         if host_changed {
@@ -411,7 +485,9 @@ impl Actor for Fleet {
                     }
                 }
             }
-            FleetMsg::Telemetry { name, session_id, report } => st.apply_telemetry(&name, session_id, report, now),
+            FleetMsg::Telemetry { name, session_id, report } => {
+                st.apply_telemetry(&name, session_id, report, now)
+            }
             FleetMsg::Heartbeat { name, session_id } => {
                 st.heard(&name, session_id, now);
             }
@@ -450,8 +526,8 @@ impl Actor for Fleet {
                 let v = st.agents.iter().flat_map(|(n, e)| FleetState::gpu_views(n, e)).collect();
                 let _ = reply.send(v);
             }
-            FleetMsg::Ingest(reply) => {
-                let _ = reply.send(st.ingest_stats());
+            FleetMsg::Ingest(since, reply) => {
+                let _ = reply.send(st.ingest_stats(since));
             }
         }
         Ok(())

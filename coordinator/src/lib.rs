@@ -82,8 +82,13 @@ impl Actor for Coordinator {
     type State = RootState;
     type Arguments = RootArgs;
 
-    async fn pre_start(&self, myself: ActorRef<RootMsg>, a: RootArgs) -> Result<RootState, ActorProcessingErr> {
-        let fleet_cfg = fleet::FleetConfig { liveness: a.config.liveness, history_len: a.config.history };
+    async fn pre_start(
+        &self,
+        myself: ActorRef<RootMsg>,
+        a: RootArgs,
+    ) -> Result<RootState, ActorProcessingErr> {
+        let fleet_cfg =
+            fleet::FleetConfig { liveness: a.config.liveness, history_len: a.config.history };
         let (fleet, _) = Actor::spawn_linked(
             None,
             fleet::Fleet,
@@ -107,7 +112,12 @@ impl Actor for Coordinator {
         let (api, _) = Actor::spawn_linked(
             None,
             api::Api,
-            api::ApiArgs { listen: a.config.api_listen, tls: a.tls, fleet: fleet.clone(), bound: Some(a.api_bound) },
+            api::ApiArgs {
+                listen: a.config.api_listen,
+                tls: a.tls,
+                fleet: fleet.clone(),
+                bound: Some(a.api_bound),
+            },
             myself.get_cell(),
         )
         .await?;
@@ -120,7 +130,12 @@ impl Actor for Coordinator {
         })
     }
 
-    async fn handle(&self, myself: ActorRef<RootMsg>, msg: RootMsg, st: &mut RootState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<RootMsg>,
+        msg: RootMsg,
+        st: &mut RootState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             RootMsg::Shutdown => {
                 st.stopping = true;
@@ -135,7 +150,12 @@ impl Actor for Coordinator {
         Ok(())
     }
 
-    async fn handle_supervisor_evt(&self, myself: ActorRef<RootMsg>, evt: SupervisionEvent, st: &mut RootState) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<RootMsg>,
+        evt: SupervisionEvent,
+        st: &mut RootState,
+    ) -> Result<(), ActorProcessingErr> {
         if st.stopping {
             return Ok(());
         }
@@ -143,7 +163,9 @@ impl Actor for Coordinator {
             SupervisionEvent::ActorTerminated(who, _, reason) => {
                 format!("actor {} terminated: {}", who.get_id(), reason.unwrap_or_default())
             }
-            SupervisionEvent::ActorFailed(who, err) => format!("actor {} failed: {err}", who.get_id()),
+            SupervisionEvent::ActorFailed(who, err) => {
+                format!("actor {} failed: {err}", who.get_id())
+            }
             _ => return Ok(()),
         };
         error!(reason = %why, "a core actor stopped; shutting the coordinator down");
@@ -170,7 +192,10 @@ pub struct Running {
 
 impl std::fmt::Debug for Running {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Running").field("control_addr", &self.control_addr).field("api_addr", &self.api_addr).finish()
+        f.debug_struct("Running")
+            .field("control_addr", &self.control_addr)
+            .field("api_addr", &self.api_addr)
+            .finish()
     }
 }
 
@@ -224,13 +249,19 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, CoordinatorErro
     )
     .await
     .map_err(|e| CoordinatorError::Startup(e.to_string()))?;
-    let control_addr = ctl_rx.await.map_err(|_| CoordinatorError::Startup("control listener did not start".into()))?;
-    let api_addr = api_rx.await.map_err(|_| CoordinatorError::Startup("API did not start".into()))?;
+    let control_addr = ctl_rx
+        .await
+        .map_err(|_| CoordinatorError::Startup("control listener did not start".into()))?;
+    let api_addr =
+        api_rx.await.map_err(|_| CoordinatorError::Startup("API did not start".into()))?;
     Ok(Running { control_addr, api_addr, root, handle, failure })
 }
 
 /// Run until `shutdown` becomes true or a core actor dies.
-pub async fn run(config: CoordinatorConfig, mut shutdown: watch::Receiver<bool>) -> Result<(), CoordinatorError> {
+pub async fn run(
+    config: CoordinatorConfig,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), CoordinatorError> {
     let running = start(config).await?;
     let root = running.root.clone();
     let wait = running.wait();

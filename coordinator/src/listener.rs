@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleetmesh_protocol::tls::{peer_identity, TlsIdentity};
-use fleetmesh_protocol::{AgentMessage, CoordinatorMessage, PeerIdentity, PeerKind, ALPN_CTL, PROTOCOL_VERSION};
+use fleetmesh_protocol::{
+    AgentMessage, CoordinatorMessage, PeerIdentity, PeerKind, ALPN_CTL, PROTOCOL_VERSION,
+};
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
@@ -90,7 +92,10 @@ async fn authenticate(incoming: quinn::Incoming, trust_domain: &str) -> Result<A
         }
     };
     if identity.trust_domain != trust_domain {
-        let why = format!("certificate is for trust domain {}, this mesh is {trust_domain}", identity.trust_domain);
+        let why = format!(
+            "certificate is for trust domain {}, this mesh is {trust_domain}",
+            identity.trust_domain
+        );
         refuse(&conn, close_code::REFUSED, &why).await;
         return Err(why);
     }
@@ -105,7 +110,9 @@ async fn authenticate(incoming: quinn::Incoming, trust_domain: &str) -> Result<A
     }
     let (mut send, mut recv) = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(format!("{}: connection ended before hello: {e}", identity.spiffe_id())),
+        Ok(Err(e)) => {
+            return Err(format!("{}: connection ended before hello: {e}", identity.spiffe_id()))
+        }
         Err(_) => {
             let why = "no control stream within the hello timeout";
             refuse(&conn, close_code::PROTOCOL_ERROR, why).await;
@@ -114,7 +121,9 @@ async fn authenticate(incoming: quinn::Incoming, trust_domain: &str) -> Result<A
     };
     let first = match tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut recv)).await {
         Ok(Ok(Some(m))) => m,
-        Ok(Ok(None)) => return Err(format!("{}: stream closed before hello", identity.spiffe_id())),
+        Ok(Ok(None)) => {
+            return Err(format!("{}: stream closed before hello", identity.spiffe_id()))
+        }
         Ok(Err(ReadError::Codec(e))) => {
             let why = format!("protocol error: {e}");
             refuse(&conn, close_code::PROTOCOL_ERROR, &why).await;
@@ -146,7 +155,10 @@ async fn authenticate(incoming: quinn::Incoming, trust_domain: &str) -> Result<A
     } else if hello.agent_name != identity.name {
         Some((
             close_code::REFUSED,
-            format!("hello claims the name {:?} but the certificate is for agent {:?}", hello.agent_name, identity.name),
+            format!(
+                "hello claims the name {:?} but the certificate is for agent {:?}",
+                hello.agent_name, identity.name
+            ),
         ))
     } else {
         None
@@ -166,7 +178,11 @@ impl Actor for Listener {
     type State = ListenerState;
     type Arguments = ListenerArgs;
 
-    async fn pre_start(&self, myself: ActorRef<ListenerMsg>, args: ListenerArgs) -> Result<ListenerState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<ListenerMsg>,
+        args: ListenerArgs,
+    ) -> Result<ListenerState, ActorProcessingErr> {
         let cfg = server_config(&args.tls)?;
         let endpoint = quinn::Endpoint::server(cfg, args.listen)
             .map_err(|e| format!("cannot listen on UDP {}: {e}", args.listen))?;
@@ -205,7 +221,12 @@ impl Actor for Listener {
         })
     }
 
-    async fn handle(&self, myself: ActorRef<ListenerMsg>, msg: ListenerMsg, st: &mut ListenerState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<ListenerMsg>,
+        msg: ListenerMsg,
+        st: &mut ListenerState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             ListenerMsg::Accepted(acc) => {
                 let Accepted { conn, send, recv, identity } = *acc;
@@ -223,7 +244,9 @@ impl Actor for Listener {
                     heartbeat_interval: st.heartbeat_interval,
                 };
                 match Actor::spawn_linked(None, AgentSession, args, myself.get_cell()).await {
-                    Ok(_) => debug!(agent_id = %name, %remote, session = session_id, "session started"),
+                    Ok(_) => {
+                        debug!(agent_id = %name, %remote, session = session_id, "session started")
+                    }
                     Err(e) => {
                         warn!(agent_id = %name, error = %e, "could not start session");
                         conn.close(close_code::CLOSED.into(), b"session could not start");
@@ -234,7 +257,12 @@ impl Actor for Listener {
         Ok(())
     }
 
-    async fn handle_supervisor_evt(&self, _myself: ActorRef<ListenerMsg>, evt: SupervisionEvent, _st: &mut ListenerState) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(
+        &self,
+        _myself: ActorRef<ListenerMsg>,
+        evt: SupervisionEvent,
+        _st: &mut ListenerState,
+    ) -> Result<(), ActorProcessingErr> {
         // A session ending (normally or not) affects only its agent.
         if let SupervisionEvent::ActorFailed(who, err) = evt {
             warn!(actor = %who.get_id(), error = %err, "agent session failed");
@@ -242,7 +270,11 @@ impl Actor for Listener {
         Ok(())
     }
 
-    async fn post_stop(&self, _myself: ActorRef<ListenerMsg>, st: &mut ListenerState) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<ListenerMsg>,
+        st: &mut ListenerState,
+    ) -> Result<(), ActorProcessingErr> {
         st.accept_task.abort();
         st.endpoint.close(close_code::SHUTDOWN.into(), b"coordinator shutting down");
         Ok(())

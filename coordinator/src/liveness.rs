@@ -119,7 +119,10 @@ mod tests {
         assert_eq!(on_heard(AgentState::Left), AgentState::Left);
         let cfg = LivenessConfig::default();
         let t0 = Instant::now();
-        assert_eq!(next_state(AgentState::Left, t0, t0 + Duration::from_secs(60), &cfg), AgentState::Left);
+        assert_eq!(
+            next_state(AgentState::Left, t0, t0 + Duration::from_secs(60), &cfg),
+            AgentState::Left
+        );
     }
 
     #[test]

@@ -38,7 +38,9 @@ pub fn render(agents: &[AgentView], ingest: &IngestStats) -> Result<String, std:
     let mut used_mem = 0f64;
     let mut util_sum = 0f64;
     let mut util_n = 0u32;
-    for a in agents.iter().filter(|a| matches!(a.state, AgentState::Connected | AgentState::Suspect)) {
+    for a in
+        agents.iter().filter(|a| matches!(a.state, AgentState::Connected | AgentState::Suspect))
+    {
         for g in &a.gpus {
             let labels: Labels = vec![
                 ("agent".into(), a.name.clone()),

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use fleetmesh_protocol::codec::{parse_header, HEADER_LEN};
 use fleetmesh_protocol::{
-    decode_message, encode_frame, AgentMessage, CodecError, CoordinatorMessage, PeerIdentity, Welcome,
-    MAX_FRAME_LEN, PROTOCOL_VERSION,
+    decode_message, encode_frame, AgentMessage, CodecError, CoordinatorMessage, PeerIdentity,
+    Welcome, MAX_FRAME_LEN, PROTOCOL_VERSION,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tracing::{debug, info, warn};
@@ -66,7 +66,9 @@ pub struct SessionState {
 pub struct AgentSession;
 
 /// Read one frame. `Ok(None)` on a clean end of stream.
-pub(crate) async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Option<AgentMessage>, ReadError> {
+pub(crate) async fn read_frame(
+    recv: &mut quinn::RecvStream,
+) -> Result<Option<AgentMessage>, ReadError> {
     let mut header = [0u8; HEADER_LEN];
     match recv.read_exact(&mut header).await {
         Ok(()) => {}
@@ -89,7 +91,10 @@ pub(crate) enum ReadError {
     Codec(#[from] CodecError),
 }
 
-pub(crate) async fn write_frame(send: &mut quinn::SendStream, msg: &CoordinatorMessage) -> Result<(), String> {
+pub(crate) async fn write_frame(
+    send: &mut quinn::SendStream,
+    msg: &CoordinatorMessage,
+) -> Result<(), String> {
     let frame = encode_frame(msg).map_err(|e| e.to_string())?;
     match tokio::time::timeout(WRITE_TIMEOUT, send.write_all(&frame)).await {
         Ok(Ok(())) => Ok(()),
@@ -110,13 +115,19 @@ async fn reader_loop(
         match read_frame(&mut recv).await {
             Ok(Some(msg)) => {
                 let sent = match msg {
-                    AgentMessage::Telemetry(report) => {
-                        fleet.cast(FleetMsg::Telemetry { name: name.clone(), session_id, report: Box::new(report) })
+                    AgentMessage::Telemetry(report) => fleet.cast(FleetMsg::Telemetry {
+                        name: name.clone(),
+                        session_id,
+                        report: Box::new(report),
+                    }),
+                    AgentMessage::Heartbeat { .. } => {
+                        fleet.cast(FleetMsg::Heartbeat { name: name.clone(), session_id })
                     }
-                    AgentMessage::Heartbeat { .. } => fleet.cast(FleetMsg::Heartbeat { name: name.clone(), session_id }),
-                    AgentMessage::Inventory(inventory) => {
-                        fleet.cast(FleetMsg::Inventory { name: name.clone(), session_id, inventory })
-                    }
+                    AgentMessage::Inventory(inventory) => fleet.cast(FleetMsg::Inventory {
+                        name: name.clone(),
+                        session_id,
+                        inventory,
+                    }),
                     AgentMessage::Leaving { reason } => {
                         info!(agent_id = %name, %reason, "agent is leaving");
                         fleet.cast(FleetMsg::Leaving { name: name.clone(), session_id, reason })
@@ -154,33 +165,57 @@ impl Actor for AgentSession {
     type State = SessionState;
     type Arguments = SessionArgs;
 
-    async fn pre_start(&self, myself: ActorRef<SessionMsg>, args: SessionArgs) -> Result<SessionState, ActorProcessingErr> {
-        let SessionArgs { conn, mut send, recv, identity, session_id, fleet, heartbeat_interval } = args;
+    async fn pre_start(
+        &self,
+        myself: ActorRef<SessionMsg>,
+        args: SessionArgs,
+    ) -> Result<SessionState, ActorProcessingErr> {
+        let SessionArgs { conn, mut send, recv, identity, session_id, fleet, heartbeat_interval } =
+            args;
         let name = identity.name.clone();
-        ractor::call_t!(fleet, |reply| FleetMsg::Register {
-            identity,
-            session_id,
-            session: myself.clone(),
-            reply
-        }, 5000)?;
+        ractor::call_t!(
+            fleet,
+            |reply| FleetMsg::Register { identity, session_id, session: myself.clone(), reply },
+            5000
+        )?;
         let welcome = CoordinatorMessage::Welcome(Welcome {
             protocol_version: PROTOCOL_VERSION,
             session_id,
             heartbeat_interval_ms: heartbeat_interval.as_millis() as u64,
         });
         if let Err(e) = write_frame(&mut send, &welcome).await {
-            let _ = fleet.cast(FleetMsg::SessionClosed { name: name.clone(), session_id, reason: e.clone() });
+            let _ = fleet.cast(FleetMsg::SessionClosed {
+                name: name.clone(),
+                session_id,
+                reason: e.clone(),
+            });
             return Err(format!("could not send welcome to {name}: {e}").into());
         }
-        let reader = tokio::spawn(reader_loop(recv, conn.clone(), name.clone(), session_id, fleet.clone(), myself));
+        let reader = tokio::spawn(reader_loop(
+            recv,
+            conn.clone(),
+            name.clone(),
+            session_id,
+            fleet.clone(),
+            myself,
+        ));
         Ok(SessionState { conn, send, name, session_id, fleet, reader: Some(reader) })
     }
 
-    async fn handle(&self, myself: ActorRef<SessionMsg>, msg: SessionMsg, st: &mut SessionState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<SessionMsg>,
+        msg: SessionMsg,
+        st: &mut SessionState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             SessionMsg::Close { reason } => {
                 info!(agent_id = %st.name, session = st.session_id, %reason, "closing session");
-                let _ = write_frame(&mut st.send, &CoordinatorMessage::Reject { reason: reason.clone() }).await;
+                let _ = write_frame(
+                    &mut st.send,
+                    &CoordinatorMessage::Reject { reason: reason.clone() },
+                )
+                .await;
                 let _ = st.send.finish();
                 // Let the Reject frame reach the agent before the close discards it.
                 let conn = st.conn.clone();
@@ -191,14 +226,22 @@ impl Actor for AgentSession {
                 myself.stop(None);
             }
             SessionMsg::StreamEnded { reason } => {
-                let _ = st.fleet.cast(FleetMsg::SessionClosed { name: st.name.clone(), session_id: st.session_id, reason });
+                let _ = st.fleet.cast(FleetMsg::SessionClosed {
+                    name: st.name.clone(),
+                    session_id: st.session_id,
+                    reason,
+                });
                 myself.stop(None);
             }
         }
         Ok(())
     }
 
-    async fn post_stop(&self, _myself: ActorRef<SessionMsg>, st: &mut SessionState) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<SessionMsg>,
+        st: &mut SessionState,
+    ) -> Result<(), ActorProcessingErr> {
         if let Some(r) = st.reader.take() {
             r.abort();
         }

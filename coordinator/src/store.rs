@@ -93,9 +93,8 @@ impl Store {
         let mut out = Vec::new();
         for item in t.iter().map_err(db)? {
             let (k, v) = item.map_err(db)?;
-            let rec: AgentRecord = serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
-                key: k.value().to_string(),
-                msg: e.to_string(),
+            let rec: AgentRecord = serde_json::from_slice(v.value()).map_err(|e| {
+                StoreError::Corrupt { key: k.value().to_string(), msg: e.to_string() }
             })?;
             out.push(rec);
         }

@@ -37,7 +37,10 @@ pub fn free_udp_port() -> u16 {
 
 /// A free loopback TCP port (best effort: released before use).
 pub fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).expect("tcp port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("tcp port")
 }
 
 /// A throwaway PKI in a temp dir.
@@ -62,7 +65,12 @@ impl Pki {
     }
 
     /// Issue `<kind>-<name>.pem/.key` (coordinators get localhost/127.0.0.1 SANs).
-    pub fn issue(&self, kind: PeerKind, name: &str, attrs: Attributes) -> Result<(PathBuf, PathBuf)> {
+    pub fn issue(
+        &self,
+        kind: PeerKind,
+        name: &str,
+        attrs: Attributes,
+    ) -> Result<(PathBuf, PathBuf)> {
         let mut req = IssueRequest::new(kind, name, Duration::from_secs(24 * 3600));
         req.attributes = attrs;
         if kind == PeerKind::Coordinator {
@@ -80,7 +88,11 @@ impl Pki {
     /// TLS identity for `<kind>-<name>` trusting this CA.
     pub fn identity(&self, kind: PeerKind, name: &str) -> Result<TlsIdentity> {
         let base = self.path().join(format!("{kind}-{name}"));
-        Ok(TlsIdentity::load(&self.ca_pem(), &base.with_extension("pem"), &base.with_extension("key"))?)
+        Ok(TlsIdentity::load(
+            &self.ca_pem(),
+            &base.with_extension("pem"),
+            &base.with_extension("key"),
+        )?)
     }
 }
 
@@ -244,18 +256,38 @@ impl AgentProc {
             args.push("--simulate-gpus".into());
             args.push(s.into());
         }
-        let mut me = Self { child: None, name: name.into(), log: work.join(format!("agent-{name}.log")), args };
+        let mut me = Self {
+            child: None,
+            name: name.into(),
+            log: work.join(format!("agent-{name}.log")),
+            args,
+        };
         me.spawn()?;
         Ok(me)
     }
 
     /// Issue an agent cert (if missing) and start it.
-    pub fn start(pki: &Pki, coordinator: SocketAddr, name: &str, attrs: Attributes, simulate: Option<&str>, work: &Path) -> Result<Self> {
+    pub fn start(
+        pki: &Pki,
+        coordinator: SocketAddr,
+        name: &str,
+        attrs: Attributes,
+        simulate: Option<&str>,
+        work: &Path,
+    ) -> Result<Self> {
         let base = pki.path().join(format!("agent-{name}"));
         if !base.with_extension("pem").exists() {
             pki.issue(PeerKind::Agent, name, attrs)?;
         }
-        Self::start_with(pki, coordinator, name, &base.with_extension("pem"), &base.with_extension("key"), simulate, work)
+        Self::start_with(
+            pki,
+            coordinator,
+            name,
+            &base.with_extension("pem"),
+            &base.with_extension("key"),
+            simulate,
+            work,
+        )
     }
 
     pub fn spawn(&mut self) -> Result<()> {

@@ -28,17 +28,30 @@ async fn three_agents_report_live_telemetry_visible_in_cli_api_and_metrics() -> 
     let client = coord.client(&pki)?;
 
     let started = Instant::now();
-    let regions = [("n1", "eu-west-1", "EU", "aws"), ("n2", "us-east-1", "US", "gcp"), ("n3", "eu-north-1", "EU", "onprem")];
+    let regions = [
+        ("n1", "eu-west-1", "EU", "aws"),
+        ("n2", "us-east-1", "US", "gcp"),
+        ("n3", "eu-north-1", "EU", "onprem"),
+    ];
     let mut procs = Vec::new();
     for (n, r, j, p) in regions {
-        procs.push(AgentProc::start(&pki, coord.control, n, attrs(r, j, p), Some("4xH100-80GB"), work.path())?);
+        procs.push(AgentProc::start(
+            &pki,
+            coord.control,
+            n,
+            attrs(r, j, p),
+            Some("4xH100-80GB"),
+            work.path(),
+        )?);
     }
     let first = wait_for(Duration::from_secs(2), || async {
         let m = by_name(agents(&client).await);
         (m.len() == 3 && m.values().all(|a| fully_reporting(a, 4))).then_some(m)
     })
     .await;
-    let first = first.unwrap_or_else(|| panic!("3 agents with telemetry within 2 s; log:\n{}", coord.log_text()));
+    let first = first.unwrap_or_else(|| {
+        panic!("3 agents with telemetry within 2 s; log:\n{}", coord.log_text())
+    });
     eprintln!("3 agents reporting after {:?}", started.elapsed());
 
     // Identity and attributes come from the certificates.
@@ -58,7 +71,10 @@ async fn three_agents_report_live_telemetry_visible_in_cli_api_and_metrics() -> 
         let differs = first.iter().all(|(n, a)| {
             now.get(n).is_some_and(|b| {
                 b.last_seen_unix_ms > a.last_seen_unix_ms
-                    && a.gpus.iter().zip(&b.gpus).any(|(x, y)| x.memory_used_bytes != y.memory_used_bytes)
+                    && a.gpus
+                        .iter()
+                        .zip(&b.gpus)
+                        .any(|(x, y)| x.memory_used_bytes != y.memory_used_bytes)
             })
         });
         differs.then_some(())
@@ -86,7 +102,17 @@ async fn three_agents_report_live_telemetry_visible_in_cli_api_and_metrics() -> 
         }
         assert_eq!(a["state"], "connected");
         for g in a["gpus"].as_array().expect("gpus") {
-            for k in ["index", "uuid", "name", "simulated", "utilization_gpu", "memory_used_bytes", "memory_total_bytes", "temperature_c", "power_w"] {
+            for k in [
+                "index",
+                "uuid",
+                "name",
+                "simulated",
+                "utilization_gpu",
+                "memory_used_bytes",
+                "memory_total_bytes",
+                "temperature_c",
+                "power_w",
+            ] {
                 assert!(g.get(k).is_some(), "gpu JSON lacks {k}: {g}");
             }
             assert_eq!(g["simulated"], true);
@@ -94,12 +120,16 @@ async fn three_agents_report_live_telemetry_visible_in_cli_api_and_metrics() -> 
     }
 
     // Show one agent with history; list GPUs fleet-wide.
-    let detail: fleetmesh_coordinator::views::AgentDetail = client.get_json("/api/v1/agents/n2").await?;
+    let detail: fleetmesh_coordinator::views::AgentDetail =
+        client.get_json("/api/v1/agents/n2").await?;
     assert!(detail.history.len() >= 2, "history has {} points", detail.history.len());
     let gpus: Vec<fleetmesh_coordinator::views::GpuView> = client.get_json("/api/v1/gpus").await?;
     assert_eq!(gpus.len(), 12);
     let missing = client.get_json::<serde_json::Value>("/api/v1/agents/nope").await;
-    assert!(matches!(missing, Err(fleetmesh_coordinator::client::ClientError::Api { status: 404, .. })));
+    assert!(matches!(
+        missing,
+        Err(fleetmesh_coordinator::client::ClientError::Api { status: 404, .. })
+    ));
 
     // Prometheus metrics: per-GPU gauges with agent/gpu/uuid labels, fleet totals.
     let metrics = client.get_text("/metrics").await?;
@@ -114,7 +144,13 @@ async fn three_agents_report_live_telemetry_visible_in_cli_api_and_metrics() -> 
     );
     assert!(metrics.contains("fleetmesh_agents{state=\"connected\"} 3"), "{metrics}");
     assert!(metrics.contains("fleetmesh_fleet_gpus 12"), "{metrics}");
-    assert!(metrics.contains(&format!("fleetmesh_fleet_gpu_memory_total_bytes {}", 12.0 * (80u64 << 30) as f64)), "{metrics}");
+    assert!(
+        metrics.contains(&format!(
+            "fleetmesh_fleet_gpu_memory_total_bytes {}",
+            12.0 * (80u64 << 30) as f64
+        )),
+        "{metrics}"
+    );
     assert!(metrics.contains("fleetmesh_fleet_gpu_utilization_mean_percent"), "{metrics}");
     drop(procs);
     Ok(())
@@ -126,8 +162,22 @@ async fn killed_agent_is_lost_within_3s_and_returns_as_same_identity() -> anyhow
     let work = tempfile::tempdir()?;
     let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
     let client = coord.client(&pki)?;
-    let mut a = AgentProc::start(&pki, coord.control, "victim", attrs("r1", "EU", "aws"), Some("2xA100-40GB"), work.path())?;
-    let _b = AgentProc::start(&pki, coord.control, "bystander", attrs("r1", "EU", "aws"), Some("1xL4-24GB"), work.path())?;
+    let mut a = AgentProc::start(
+        &pki,
+        coord.control,
+        "victim",
+        attrs("r1", "EU", "aws"),
+        Some("2xA100-40GB"),
+        work.path(),
+    )?;
+    let _b = AgentProc::start(
+        &pki,
+        coord.control,
+        "bystander",
+        attrs("r1", "EU", "aws"),
+        Some("1xL4-24GB"),
+        work.path(),
+    )?;
     let before = wait_for(Duration::from_secs(5), || async {
         let m = by_name(agents(&client).await);
         (m.len() == 2 && m.values().all(|a| fully_reporting(a, a.gpus.len().max(1)))).then_some(m)
@@ -171,7 +221,14 @@ async fn coordinator_restart_keeps_registry_and_agents_reconnect() -> anyhow::Re
     let client = coord.client(&pki)?;
     let mut procs = Vec::new();
     for n in ["a", "b", "c"] {
-        procs.push(AgentProc::start(&pki, coord.control, n, attrs("r", "EU", "p"), Some("1xH100-80GB"), work.path())?);
+        procs.push(AgentProc::start(
+            &pki,
+            coord.control,
+            n,
+            attrs("r", "EU", "p"),
+            Some("1xH100-80GB"),
+            work.path(),
+        )?);
     }
     wait_for(Duration::from_secs(5), || async {
         let m = agents(&client).await;
@@ -193,10 +250,15 @@ async fn coordinator_restart_keeps_registry_and_agents_reconnect() -> anyhow::Re
 
     let reconnected = wait_for(Duration::from_secs(10), || async {
         let m = agents(&client).await;
-        (m.len() == 3 && m.iter().all(|a| a.state == AgentState::Connected && a.host.is_some())).then_some(())
+        (m.len() == 3 && m.iter().all(|a| a.state == AgentState::Connected && a.host.is_some()))
+            .then_some(())
     })
     .await;
-    assert!(reconnected.is_some(), "agents did not reconnect by themselves; log:\n{}", coord.log_text());
+    assert!(
+        reconnected.is_some(),
+        "agents did not reconnect by themselves; log:\n{}",
+        coord.log_text()
+    );
     for p in &procs {
         assert!(p.log_text().contains("reconnecting"), "agent {} log lacks a reconnect", p.name);
     }
@@ -209,7 +271,8 @@ async fn sigterm_makes_agent_leave_gracefully() -> anyhow::Result<()> {
     let work = tempfile::tempdir()?;
     let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
     let client = coord.client(&pki)?;
-    let mut a = AgentProc::start(&pki, coord.control, "polite", Default::default(), None, work.path())?;
+    let mut a =
+        AgentProc::start(&pki, coord.control, "polite", Default::default(), None, work.path())?;
     wait_for(Duration::from_secs(5), || async {
         (agents(&client).await.first()?.state == AgentState::Connected).then_some(())
     })

@@ -6,15 +6,17 @@ use std::time::{Duration, Instant};
 
 use fleetmesh_agent::gpu::NoGpus;
 use fleetmesh_agent::sampler::NodeSampler;
-use fleetmesh_agent::session::{client_endpoint, run_session, AgentStats, ConnectOptions, SessionError};
+use fleetmesh_agent::session::{
+    client_endpoint, run_session, AgentStats, ConnectOptions, SessionError,
+};
 use fleetmesh_coordinator::client::{ApiClient, ClientError};
 use fleetmesh_coordinator::liveness::AgentState;
+use fleetmesh_integration::{agents, wait_for, AgentProc, CoordinatorProc, Pki};
 use fleetmesh_protocol::pki::IssueRequest;
 use fleetmesh_protocol::tls::TlsIdentity;
 use fleetmesh_protocol::{
     encode_frame, AgentMessage, Attributes, Hello, HostInfo, HostSample, PeerKind, PROTOCOL_VERSION,
 };
-use fleetmesh_integration::{agents, wait_for, AgentProc, CoordinatorProc, Pki};
 use tokio::sync::watch;
 
 fn sampler() -> NodeSampler {
@@ -43,7 +45,11 @@ fn sampler() -> NodeSampler {
 }
 
 /// One in-process session attempt with `tls`; returns how it ended.
-async fn attempt(addr: SocketAddr, tls: TlsIdentity, tweak: impl FnOnce(&mut ConnectOptions)) -> Result<(), SessionError> {
+async fn attempt(
+    addr: SocketAddr,
+    tls: TlsIdentity,
+    tweak: impl FnOnce(&mut ConnectOptions),
+) -> Result<(), SessionError> {
     let mut opts = ConnectOptions::new(addr.to_string(), tls);
     tweak(&mut opts);
     let ep = client_endpoint(&opts, addr)?;
@@ -60,7 +66,9 @@ async fn attempt(addr: SocketAddr, tls: TlsIdentity, tweak: impl FnOnce(&mut Con
 }
 
 async fn log_contains(coord: &CoordinatorProc, needle: &str) -> bool {
-    wait_for(Duration::from_secs(3), || async { coord.log_text().contains(needle).then_some(()) }).await.is_some()
+    wait_for(Duration::from_secs(3), || async { coord.log_text().contains(needle).then_some(()) })
+        .await
+        .is_some()
 }
 
 async fn setup() -> anyhow::Result<(Pki, tempfile::TempDir, CoordinatorProc, ApiClient)> {
@@ -78,18 +86,27 @@ async fn agent_certificate_from_another_ca_is_refused() -> anyhow::Result<()> {
     let rogue = Pki::new("mesh.test")?;
     let (cert, key) = rogue.issue(PeerKind::Agent, "intruder", Attributes::default())?;
     let a = AgentProc::start_with(&pki, coord.control, "intruder", &cert, &key, None, work.path())?;
-    assert!(log_contains(&coord, "connection refused").await, "no refusal logged:\n{}", coord.log_text());
+    assert!(
+        log_contains(&coord, "connection refused").await,
+        "no refusal logged:\n{}",
+        coord.log_text()
+    );
     let log = coord.log_text();
     // The rogue CA has the same subject name, so rustls finds an "issuer" whose key did
     // not sign the certificate.
     assert!(
-        log.contains("invalid peer certificate: BadSignature") || log.contains("invalid peer certificate: UnknownIssuer"),
+        log.contains("invalid peer certificate: BadSignature")
+            || log.contains("invalid peer certificate: UnknownIssuer"),
         "refusal reason should say the certificate is not from the mesh CA:\n{log}"
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(agents(&client).await.is_empty(), "rogue agent appeared in the registry");
     assert!(
-        wait_for(Duration::from_secs(3), || async { a.log_text().contains("session").then_some(()) }).await.is_some(),
+        wait_for(Duration::from_secs(3), || async {
+            a.log_text().contains("session").then_some(())
+        })
+        .await
+        .is_some(),
         "agent did not log its failure:\n{}",
         a.log_text()
     );
@@ -106,21 +123,32 @@ async fn expired_agent_certificate_is_refused() -> anyhow::Result<()> {
     let _a = AgentProc::start_with(&pki, coord.control, "stale", &cert, &key, None, work.path())?;
     assert!(log_contains(&coord, "connection refused").await);
     let log = coord.log_text();
-    assert!(log.contains("invalid peer certificate: certificate expired"), "refusal reason should say the certificate expired:\n{log}");
+    assert!(
+        log.contains("invalid peer certificate: certificate expired"),
+        "refusal reason should say the certificate expired:\n{log}"
+    );
     assert!(agents(&client).await.is_empty());
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn operator_and_coordinator_certificates_are_refused_on_the_agent_port() -> anyhow::Result<()> {
+async fn operator_and_coordinator_certificates_are_refused_on_the_agent_port() -> anyhow::Result<()>
+{
     let (pki, _work, coord, client) = setup().await?;
     for (kind, name) in [(PeerKind::Operator, "harness"), (PeerKind::Coordinator, "main")] {
         let tls = pki.identity(kind, name)?;
         let err = attempt(coord.control, tls, |_| {}).await.expect_err("must be refused");
         let msg = err.to_string();
-        assert!(msg.contains("requires an agent certificate"), "{kind}: agent-side error was {msg:?}");
+        assert!(
+            msg.contains("requires an agent certificate"),
+            "{kind}: agent-side error was {msg:?}"
+        );
         assert!(msg.contains(&format!("{kind} certificate")), "{msg}");
-        assert!(log_contains(&coord, &format!("presented a {kind} certificate")).await, "{}", coord.log_text());
+        assert!(
+            log_contains(&coord, &format!("presented a {kind} certificate")).await,
+            "{}",
+            coord.log_text()
+        );
     }
     assert!(agents(&client).await.is_empty());
     Ok(())
@@ -131,7 +159,9 @@ async fn hello_claiming_another_name_is_refused() -> anyhow::Result<()> {
     let (pki, _work, coord, client) = setup().await?;
     pki.issue(PeerKind::Agent, "honest", Attributes::default())?;
     let tls = pki.identity(PeerKind::Agent, "honest")?;
-    let err = attempt(coord.control, tls, |o| o.claimed_name = "gpu-big".into()).await.expect_err("refused");
+    let err = attempt(coord.control, tls, |o| o.claimed_name = "gpu-big".into())
+        .await
+        .expect_err("refused");
     let msg = err.to_string();
     assert!(matches!(err, SessionError::Rejected(_)), "{err:?}");
     assert!(msg.contains("claims the name \"gpu-big\"") && msg.contains("\"honest\""), "{msg}");
@@ -146,7 +176,9 @@ async fn protocol_version_mismatch_names_both_versions_on_both_sides() -> anyhow
     pki.issue(PeerKind::Agent, "future", Attributes::default())?;
     let tls = pki.identity(PeerKind::Agent, "future")?;
     let err = attempt(coord.control, tls, |o| o.protocol_version = 999).await.expect_err("refused");
-    let expected = format!("protocol version mismatch: agent speaks 999, coordinator speaks {PROTOCOL_VERSION}");
+    let expected = format!(
+        "protocol version mismatch: agent speaks 999, coordinator speaks {PROTOCOL_VERSION}"
+    );
     assert!(err.to_string().contains(&expected), "agent side: {err}");
     assert!(log_contains(&coord, &expected).await, "coordinator side:\n{}", coord.log_text());
     assert!(agents(&client).await.is_empty());
@@ -154,7 +186,10 @@ async fn protocol_version_mismatch_names_both_versions_on_both_sides() -> anyhow
 }
 
 /// Connect with a valid agent identity and return the raw connection and control stream.
-async fn raw(addr: SocketAddr, tls: TlsIdentity) -> anyhow::Result<(quinn::Endpoint, quinn::Connection, quinn::SendStream, quinn::RecvStream)> {
+async fn raw(
+    addr: SocketAddr,
+    tls: TlsIdentity,
+) -> anyhow::Result<(quinn::Endpoint, quinn::Connection, quinn::SendStream, quinn::RecvStream)> {
     let opts = ConnectOptions::new(addr.to_string(), tls);
     let ep = client_endpoint(&opts, addr)?;
     let conn = ep.connect(addr, "127.0.0.1")?.await?;
@@ -163,7 +198,9 @@ async fn raw(addr: SocketAddr, tls: TlsIdentity) -> anyhow::Result<(quinn::Endpo
 }
 
 async fn expect_closed_for_size(conn: &quinn::Connection) {
-    let reason = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await.expect("connection not closed");
+    let reason = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+        .await
+        .expect("connection not closed");
     match reason {
         quinn::ConnectionError::ApplicationClosed(c) => {
             let text = String::from_utf8_lossy(&c.reason).to_string();
@@ -175,17 +212,20 @@ async fn expect_closed_for_size(conn: &quinn::Connection) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn oversized_frames_close_the_connection_and_the_coordinator_keeps_serving() -> anyhow::Result<()> {
+async fn oversized_frames_close_the_connection_and_the_coordinator_keeps_serving(
+) -> anyhow::Result<()> {
     let (pki, work, coord, client) = setup().await?;
     pki.issue(PeerKind::Agent, "noisy", Attributes::default())?;
 
     // Before hello: a header announcing 4 GiB, and no payload at all.
-    let (_ep, conn, mut send, _recv) = raw(coord.control, pki.identity(PeerKind::Agent, "noisy")?).await?;
+    let (_ep, conn, mut send, _recv) =
+        raw(coord.control, pki.identity(PeerKind::Agent, "noisy")?).await?;
     send.write_all(&u32::MAX.to_be_bytes()).await?;
     expect_closed_for_size(&conn).await;
 
     // After a valid hello, on an established session.
-    let (_ep2, conn, mut send, mut recv) = raw(coord.control, pki.identity(PeerKind::Agent, "noisy")?).await?;
+    let (_ep2, conn, mut send, mut recv) =
+        raw(coord.control, pki.identity(PeerKind::Agent, "noisy")?).await?;
     let hello = AgentMessage::Hello(Hello {
         protocol_version: PROTOCOL_VERSION,
         agent_name: "noisy".into(),
@@ -201,9 +241,20 @@ async fn oversized_frames_close_the_connection_and_the_coordinator_keeps_serving
     assert!(log_contains(&coord, "exceeds the limit").await);
 
     // Still serving: a well-behaved agent joins.
-    let _good = AgentProc::start(&pki, coord.control, "good", Default::default(), Some("1xH100"), work.path())?;
+    let _good = AgentProc::start(
+        &pki,
+        coord.control,
+        "good",
+        Default::default(),
+        Some("1xH100"),
+        work.path(),
+    )?;
     let ok = wait_for(Duration::from_secs(5), || async {
-        agents(&client).await.iter().any(|a| a.name == "good" && a.state == AgentState::Connected).then_some(())
+        agents(&client)
+            .await
+            .iter()
+            .any(|a| a.name == "good" && a.state == AgentState::Connected)
+            .then_some(())
     })
     .await;
     assert!(ok.is_some());
@@ -225,7 +276,9 @@ async fn reconnecting_identity_replaces_the_old_session() -> anyhow::Result<()> 
     let started = Instant::now();
     let t2 = pki.identity(PeerKind::Agent, "twin")?;
     let second = tokio::spawn(async move { attempt(addr, t2, |_| {}).await });
-    let first_end = tokio::time::timeout(Duration::from_secs(5), first).await.expect("old session not closed")?;
+    let first_end = tokio::time::timeout(Duration::from_secs(5), first)
+        .await
+        .expect("old session not closed")?;
     let err = first_end.expect_err("old session must end");
     assert!(err.to_string().contains("replaced by a newer session"), "{err}");
     eprintln!("old session closed {:?} after the new one connected", started.elapsed());
@@ -245,7 +298,9 @@ async fn api_requires_an_operator_certificate_from_the_mesh_ca() -> anyhow::Resu
     pki.issue(PeerKind::Agent, "sneaky", Attributes::default())?;
     let as_agent = ApiClient::new(&url, &pki.identity(PeerKind::Agent, "sneaky")?)?;
     match as_agent.get_json::<serde_json::Value>("/api/v1/agents").await {
-        Err(ClientError::Api { status: 403, message }) => assert!(message.contains("operator certificate"), "{message}"),
+        Err(ClientError::Api { status: 403, message }) => {
+            assert!(message.contains("operator certificate"), "{message}")
+        }
         other => panic!("agent cert on the API: {other:?}"),
     }
     // An operator certificate from another CA does not get through TLS.

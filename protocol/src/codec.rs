@@ -41,7 +41,8 @@ pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, CodecError> {
     if len > MAX_FRAME_LEN {
         return Err(CodecError::FrameTooLarge { len, limit: MAX_FRAME_LEN });
     }
-    let len32 = u32::try_from(len).map_err(|_| CodecError::FrameTooLarge { len, limit: MAX_FRAME_LEN })?;
+    let len32 =
+        u32::try_from(len).map_err(|_| CodecError::FrameTooLarge { len, limit: MAX_FRAME_LEN })?;
     out[..HEADER_LEN].copy_from_slice(&len32.to_be_bytes());
     Ok(out)
 }

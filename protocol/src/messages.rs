@@ -114,8 +114,8 @@ pub struct GpuInfo {
 pub struct TelemetryReport {
     /// Monotonic per-connection sequence number.
     pub seq: u64,
-    /// Agent wall clock when the sample was taken (ms since the Unix epoch).
-    pub sampled_at_unix_ms: u64,
+    /// Agent wall clock when the sample was taken (µs since the Unix epoch).
+    pub sampled_at_unix_us: u64,
     pub host: HostSample,
     pub gpus: Vec<GpuSample>,
     /// GPU events (XID, double-bit ECC) observed since the previous report.

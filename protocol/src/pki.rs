@@ -177,8 +177,11 @@ impl Ca {
         dn.push(DnType::OrganizationName, "Fleetmesh");
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages =
-            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         params.subject_alt_names =
             vec![SanType::URI(format!("spiffe://{trust_domain}").try_into()?)];
         let now = OffsetDateTime::now_utc();
@@ -187,7 +190,11 @@ impl Ca {
         params.serial_number = Some(random_serial());
         let cert = params.self_signed(&key)?;
         let cert_pem = cert.pem();
-        Ok(Ca { trust_domain: trust_domain.to_string(), cert_pem, issuer: Issuer::new(params, key) })
+        Ok(Ca {
+            trust_domain: trust_domain.to_string(),
+            cert_pem,
+            issuer: Issuer::new(params, key),
+        })
     }
 
     /// `init`: create a CA and write `DIR/ca.pem` and `DIR/ca.key` (0600).
@@ -209,8 +216,8 @@ impl Ca {
         let cert_pem = fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
         let key_pem = fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
         let key = KeyPair::from_pem(&key_pem)?;
-        let trust_domain = ca_trust_domain(&cert_pem)
-            .ok_or_else(|| PkiError::NoTrustDomain(cert_path.clone()))?;
+        let trust_domain =
+            ca_trust_domain(&cert_pem).ok_or_else(|| PkiError::NoTrustDomain(cert_path.clone()))?;
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)?;
         Ok(Ca { trust_domain, cert_pem, issuer })
     }
@@ -240,8 +247,9 @@ impl Ca {
         dn.push(DnType::CommonName, format!("{}/{}", req.kind, req.name));
         dn.push(DnType::OrganizationName, "Fleetmesh");
         params.distinguished_name = dn;
-        let mut sans =
-            vec![SanType::URI(identity::spiffe_id(&self.trust_domain, req.kind, &req.name).try_into()?)];
+        let mut sans = vec![SanType::URI(
+            identity::spiffe_id(&self.trust_domain, req.kind, &req.name).try_into()?,
+        )];
         for uri in req.attributes.to_uris() {
             sans.push(SanType::URI(uri.try_into()?));
         }
@@ -272,7 +280,11 @@ impl Ca {
     }
 
     /// `issue`: write `DIR/<kind>-<name>.pem` and `DIR/<kind>-<name>.key` (0600).
-    pub fn issue_to_dir(&self, dir: &Path, req: &IssueRequest) -> Result<(PathBuf, PathBuf), PkiError> {
+    pub fn issue_to_dir(
+        &self,
+        dir: &Path,
+        req: &IssueRequest,
+    ) -> Result<(PathBuf, PathBuf), PkiError> {
         let base = format!("{}-{}", req.kind, req.name);
         let cert_path = dir.join(format!("{base}.pem"));
         let key_path = dir.join(format!("{base}.key"));
@@ -289,7 +301,8 @@ impl Ca {
 fn validate_trust_domain(d: &str) -> Result<(), PkiError> {
     let ok = !d.is_empty()
         && d.len() <= 255
-        && d.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_'));
+        && d.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_'));
     if ok {
         Ok(())
     } else {
@@ -304,7 +317,9 @@ pub fn ca_trust_domain(ca_pem: &str) -> Option<String> {
     let (_, cert) = X509Certificate::from_der(&der).ok()?;
     let san = cert.subject_alternative_name().ok()??;
     san.value.general_names.iter().find_map(|gn| match gn {
-        GeneralName::URI(u) => u.strip_prefix("spiffe://").filter(|d| !d.contains('/')).map(str::to_string),
+        GeneralName::URI(u) => {
+            u.strip_prefix("spiffe://").filter(|d| !d.contains('/')).map(str::to_string)
+        }
         _ => None,
     })
 }

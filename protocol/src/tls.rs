@@ -129,7 +129,11 @@ impl TlsIdentity {
     }
 
     /// Server config requiring a client certificate from the mesh CA.
-    pub fn server_config(&self, alpn: &[&[u8]], tls13_only: bool) -> Result<ServerConfig, TlsError> {
+    pub fn server_config(
+        &self,
+        alpn: &[&[u8]],
+        tls13_only: bool,
+    ) -> Result<ServerConfig, TlsError> {
         let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
             .build()
             .map_err(|e| TlsError::Verifier(e.to_string()))?;
@@ -147,7 +151,11 @@ impl TlsIdentity {
     }
 
     /// Client config presenting our certificate and trusting only the mesh CA.
-    pub fn client_config(&self, alpn: &[&[u8]], tls13_only: bool) -> Result<ClientConfig, TlsError> {
+    pub fn client_config(
+        &self,
+        alpn: &[&[u8]],
+        tls13_only: bool,
+    ) -> Result<ClientConfig, TlsError> {
         let builder = ClientConfig::builder_with_provider(provider());
         let builder = if tls13_only {
             builder.with_protocol_versions(&[&rustls::version::TLS13])?

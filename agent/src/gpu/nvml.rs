@@ -194,10 +194,10 @@ impl GpuBackend for NvmlBackend {
                     throttle_reasons: opt(d.current_throttle_reasons())
                         .map(|r| r.iter_names().map(|(n, _)| n.to_string()).collect()),
                     ecc_corrected_volatile: opt(
-                        d.total_ecc_errors(MemoryError::Corrected, EccCounter::Volatile),
+                        d.total_ecc_errors(MemoryError::Corrected, EccCounter::Volatile)
                     ),
                     ecc_uncorrected_volatile: opt(
-                        d.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile),
+                        d.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile)
                     ),
                     pcie_rx_kib_per_s: opt(d.pcie_throughput(PcieUtilCounter::Receive)),
                     pcie_tx_kib_per_s: opt(d.pcie_throughput(PcieUtilCounter::Send)),

@@ -102,7 +102,9 @@ fn main() -> ExitCode {
         let (tx, rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             use tokio::signal::unix::{signal, SignalKind};
-            if let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            if let (Ok(mut term), Ok(mut int)) =
+                (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+            {
                 tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
             } else {
                 let _ = tokio::signal::ctrl_c().await;

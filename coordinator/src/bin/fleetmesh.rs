@@ -140,13 +140,17 @@ fn client(conn: &ConnArgs) -> Result<ApiClient> {
         .or_else(|| dirs::config_dir().map(|d| d.join("fleetmesh").join("config.toml")));
     let file = match &path {
         Some(p) if p.exists() => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            toml::from_str::<CliConfigFile>(&text).with_context(|| format!("parsing {}", p.display()))?
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            toml::from_str::<CliConfigFile>(&text)
+                .with_context(|| format!("parsing {}", p.display()))?
         }
         Some(p) if conn.config.is_some() => bail!("config file {} does not exist", p.display()),
         _ => CliConfigFile::default(),
     };
-    let need = |what: &str, env: &str| anyhow!("no {what}: pass --{what}, set {env}, or put `{what} = ...` in the CLI config file");
+    let need = |what: &str, env: &str| {
+        anyhow!("no {what}: pass --{what}, set {env}, or put `{what} = ...` in the CLI config file")
+    };
     let api = conn.api.clone().or(file.api).ok_or_else(|| need("api", "FLEETMESH_API"))?;
     let ca = conn.ca.clone().or(file.ca).ok_or_else(|| need("ca", "FLEETMESH_CA"))?;
     let cert = conn.cert.clone().or(file.cert).ok_or_else(|| need("cert", "FLEETMESH_CERT"))?;
@@ -181,7 +185,8 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) {
         }
     }
     let line = |cells: Vec<String>| {
-        let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<width$}", width = w[i])).collect();
+        let s: Vec<String> =
+            cells.iter().enumerate().map(|(i, c)| format!("{c:<width$}", width = w[i])).collect();
         outln!("{}", s.join("  ").trim_end());
     };
     line(headers.iter().map(|h| h.to_string()).collect());
@@ -257,13 +262,23 @@ async fn run(cli: Cli) -> Result<()> {
                 return print_json(&agents);
             }
             table(
-                &["NAME", "STATE", "REGION", "PROVIDER", "GPUS", "GPU UTIL", "GPU MEM", "LAST SEEN"],
+                &[
+                    "NAME",
+                    "STATE",
+                    "REGION",
+                    "PROVIDER",
+                    "GPUS",
+                    "GPU UTIL",
+                    "GPU MEM",
+                    "LAST SEEN",
+                ],
                 agents.iter().map(agent_row).collect(),
             );
             Ok(())
         }
         Command::Agents { cmd: Some(AgentsCmd::Show { name }) } => {
-            let d: AgentDetail = client(&cli.conn)?.get_json(&format!("/api/v1/agents/{name}")).await?;
+            let d: AgentDetail =
+                client(&cli.conn)?.get_json(&format!("/api/v1/agents/{name}")).await?;
             if cli.output == Output::Json {
                 return print_json(&d);
             }
@@ -274,7 +289,12 @@ async fn run(cli: Cli) -> Result<()> {
             outln!("region:       {}", dash(&a.region));
             outln!("jurisdiction: {}", dash(&a.jurisdiction));
             outln!("provider:     {}", dash(&a.provider));
-            outln!("host:         {} ({}, kernel {})", dash(&a.hostname), dash(&a.os), dash(&a.kernel));
+            outln!(
+                "host:         {} ({}, kernel {})",
+                dash(&a.hostname),
+                dash(&a.os),
+                dash(&a.kernel)
+            );
             outln!("agent:        {}  gpu source: {}", dash(&a.agent_version), a.gpu_source);
             outln!("first seen:   {}", a.first_seen);
             outln!("last seen:    {} ({})", a.last_seen, ago(a.last_seen_unix_ms));
@@ -296,7 +316,12 @@ async fn run(cli: Cli) -> Result<()> {
             if !d.recent_events.is_empty() {
                 outln!("\nrecent GPU events:");
                 for e in &d.recent_events {
-                    outln!("  {} {} {:?}", fleetmesh_coordinator::views::rfc3339_ms(e.at_unix_ms), e.uuid, e.kind);
+                    outln!(
+                        "  {} {} {:?}",
+                        fleetmesh_coordinator::views::rfc3339_ms(e.at_unix_ms),
+                        e.uuid,
+                        e.kind
+                    );
                 }
             }
             Ok(())
@@ -329,8 +354,19 @@ fn certs(cmd: CertsCmd) -> Result<()> {
             outln!("  sha256 fingerprint: {}", ca.fingerprint());
             Ok(())
         }
-        CertsCmd::Issue { dir, kind, name, region, jurisdiction, provider, ttl, mut dns, mut ip } => {
-            let ttl: Duration = humantime::parse_duration(&ttl).with_context(|| format!("--ttl {ttl:?}"))?;
+        CertsCmd::Issue {
+            dir,
+            kind,
+            name,
+            region,
+            jurisdiction,
+            provider,
+            ttl,
+            mut dns,
+            mut ip,
+        } => {
+            let ttl: Duration =
+                humantime::parse_duration(&ttl).with_context(|| format!("--ttl {ttl:?}"))?;
             let ca = Ca::load_dir(&dir)?;
             if kind == PeerKind::Coordinator && dns.is_empty() && ip.is_empty() {
                 dns.push("localhost".into());
@@ -342,7 +378,13 @@ fn certs(cmd: CertsCmd) -> Result<()> {
             req.dns_names = dns;
             req.ips = ip;
             let (cert, key) = ca.issue_to_dir(&dir, &req)?;
-            outln!("issued spiffe://{}/{}/{} (valid {})", ca.trust_domain, kind, req.name, humantime::format_duration(ttl));
+            outln!(
+                "issued spiffe://{}/{}/{} (valid {})",
+                ca.trust_domain,
+                kind,
+                req.name,
+                humantime::format_duration(ttl)
+            );
             outln!("  {}", cert.display());
             outln!("  {} (private, 0600)", key.display());
             Ok(())
@@ -368,4 +410,3 @@ fn main() -> ExitCode {
         }
     }
 }
-

@@ -1,1 +1,326 @@
-fn main() {}
+//! Benchmark programs. Each prints one JSON line with its figures, plus a baseline measured
+//! in the same run and the ratio against it.
+//!
+//! `fleetmesh-bench telemetry --agents N --gpus-per-agent 8 --seconds S`
+//!   N agents in this process, each with its own certificate and its own QUIC connection
+//!   (own UDP socket), stream simulated telemetry to a real `fleetmesh-coordinator`
+//!   process. Reports how many reports were applied by the Fleet actor, the
+//!   sample-to-apply latency, the coordinator's CPU and RSS, and the footprint of one real
+//!   `fleetmesh-agent` process at 1 Hz. Baseline: the same reports cast straight into an
+//!   in-process Fleet actor (no network, no TLS, no codec).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use fleetmesh_agent::gpu::simulated::SimulatedBackend;
+use fleetmesh_agent::sampler::{NodeSampler, Sampler};
+use fleetmesh_agent::session::{run_forever, AgentStats, ConnectOptions};
+use fleetmesh_coordinator::fleet::{Fleet, FleetArgs, FleetConfig, FleetMsg};
+use fleetmesh_coordinator::session::SessionMsg;
+use fleetmesh_coordinator::store::Store;
+use fleetmesh_coordinator::views::IngestStats;
+use fleetmesh_integration::{AgentProc, CoordinatorProc, Pki};
+use fleetmesh_protocol::pki::IssueRequest;
+use fleetmesh_protocol::tls::TlsIdentity;
+use fleetmesh_protocol::{Attributes, HostInfo, HostSample, PeerKind};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use serde_json::json;
+use tokio::sync::watch;
+
+#[derive(Parser)]
+#[command(name = "fleetmesh-bench", about = "Fleetmesh benchmark programs")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Telemetry ingest: N agents over real QUIC against a real coordinator.
+    Telemetry {
+        #[arg(long, default_value_t = 100)]
+        agents: usize,
+        #[arg(long, default_value_t = 8)]
+        gpus_per_agent: u32,
+        /// Measurement window (after all agents connected and a warm-up).
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// New connections per second while ramping up.
+        #[arg(long, default_value_t = 400)]
+        connect_rate: u32,
+        /// Skip the in-memory baseline.
+        #[arg(long)]
+        no_baseline: bool,
+    },
+}
+
+/// USER_HZ is 100 on every Linux ABI we run on.
+const CLK_TCK: f64 = 100.0;
+
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = s.rsplit_once(')')?.1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields after ")" start at field 3 (state); utime=14, stime=15 → indexes 11, 12.
+    let ut: f64 = f.get(11)?.parse().ok()?;
+    let st: f64 = f.get(12)?.parse().ok()?;
+    Some((ut + st) / CLK_TCK)
+}
+
+fn rss_mb(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 =
+        s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn host() -> (HostInfo, HostSample) {
+    (
+        HostInfo {
+            hostname: "bench".into(),
+            os: "bench".into(),
+            kernel: "bench".into(),
+            agent_version: fleetmesh_protocol::SOFTWARE_VERSION.into(),
+            cpu_count: 64,
+            memory_total_bytes: 512 << 30,
+        },
+        HostSample {
+            cpu_utilization_percent: 12.5,
+            load_1: 1.0,
+            load_5: 1.0,
+            load_15: 1.0,
+            memory_total_bytes: 512 << 30,
+            memory_used_bytes: 100 << 30,
+            data_disk_total_bytes: Some(2 << 40),
+            data_disk_available_bytes: Some(1 << 40),
+            net_rx_bytes_per_s: 1 << 20,
+            net_tx_bytes_per_s: 1 << 20,
+            uptime_s: 1000,
+        },
+    )
+}
+
+fn sampler(name: &str, gpus: u32) -> Result<NodeSampler> {
+    let (info, sample) = host();
+    let gpu = SimulatedBackend::new(&format!("{gpus}xH100-80GB"), name)?;
+    Ok(NodeSampler::with_fixed_host(Box::new(gpu), info, sample))
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+async fn telemetry(
+    agents: usize,
+    gpus: u32,
+    seconds: u64,
+    connect_rate: u32,
+    no_baseline: bool,
+) -> Result<()> {
+    let pki = Pki::new("bench.local")?;
+    let work = tempfile::tempdir()?;
+    let coord =
+        CoordinatorProc::start(&pki, &work.path().join("coord"), &["--history", "30"]).await?;
+    let cpid = coord.pid().context("coordinator pid")?;
+    let client = coord.client(&pki)?;
+    eprintln!("coordinator up (pid {cpid}); issuing {agents} certificates");
+
+    let ca_pem = std::fs::read(pki.ca_pem())?;
+    let stats = Arc::new(AgentStats::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let ramp = Instant::now();
+    let mut tasks = Vec::with_capacity(agents);
+    for i in 0..agents {
+        let name = format!("bench-{i:05}");
+        let issued =
+            pki.ca.issue(&IssueRequest::new(PeerKind::Agent, &name, Duration::from_secs(3600)))?;
+        let p = std::path::Path::new("memory");
+        let tls = TlsIdentity::from_pem(
+            p,
+            &ca_pem,
+            p,
+            issued.cert_pem.as_bytes(),
+            p,
+            issued.key_pem.as_bytes(),
+        )?;
+        let opts = ConnectOptions::new(coord.control.to_string(), tls);
+        let mut s = sampler(&name, gpus)?;
+        let stats = stats.clone();
+        let rx = stop_rx.clone();
+        tasks.push(tokio::spawn(async move { run_forever(opts, &mut s, stats, rx).await }));
+        if connect_rate > 0 {
+            tokio::time::sleep(Duration::from_secs_f64(1.0 / f64::from(connect_rate))).await;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while stats.sessions_established.load(Ordering::Relaxed) < agents as u64 {
+        if Instant::now() > deadline {
+            bail!(
+                "only {} of {agents} agents connected; coordinator log tail:\n{}",
+                stats.sessions_established.load(Ordering::Relaxed),
+                coord.log_text().lines().rev().take(20).collect::<Vec<_>>().join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let connect_s = ramp.elapsed().as_secs_f64();
+    eprintln!("{agents} agents connected in {connect_s:.1} s; starting a real agent process for its footprint");
+
+    pki.issue(PeerKind::Agent, "footprint", Attributes::default())?;
+    let probe_agent = AgentProc::start(
+        &pki,
+        coord.control,
+        "footprint",
+        Attributes::default(),
+        Some(&format!("{gpus}xH100-80GB")),
+        work.path(),
+    )?;
+    let apid = probe_agent.pid().context("agent pid")?;
+    tokio::time::sleep(Duration::from_secs(3)).await; // warm-up
+
+    let t0 = unix_ms();
+    let w0 = Instant::now();
+    let sent0 = stats.reports_sent.load(Ordering::Relaxed);
+    let failures0 = stats.connect_failures.load(Ordering::Relaxed);
+    let applied0 = client.get_json::<IngestStats>("/api/v1/stats/ingest").await?.reports_applied;
+    let ccpu0 = cpu_seconds(cpid).unwrap_or(0.0);
+    let acpu0 = cpu_seconds(apid).unwrap_or(0.0);
+    let bcpu0 = cpu_seconds(std::process::id()).unwrap_or(0.0);
+    eprintln!("measuring for {seconds} s");
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let sent1 = stats.reports_sent.load(Ordering::Relaxed);
+    let wall = w0.elapsed().as_secs_f64();
+    let ccpu1 = cpu_seconds(cpid).unwrap_or(0.0);
+    let acpu1 = cpu_seconds(apid).unwrap_or(0.0);
+    let bcpu1 = cpu_seconds(std::process::id()).unwrap_or(0.0);
+    let crss = rss_mb(cpid).unwrap_or(0.0);
+    let arss = rss_mb(apid).unwrap_or(0.0);
+    let failures = stats.connect_failures.load(Ordering::Relaxed) - failures0;
+    // Stop sending, let in-flight reports land, then read what was applied. The footprint
+    // agent's own reports (1/s) are included in `applied` but not in `sent`: subtract them.
+    let _ = stop_tx.send(true);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let ingest =
+        client.get_json::<IngestStats>(&format!("/api/v1/stats/ingest?since_unix_ms={t0}")).await?;
+    let footprint_reports = (wall.floor() as u64).saturating_add(1);
+    let applied = ingest.reports_applied.saturating_sub(applied0).saturating_sub(footprint_reports);
+    let sent = sent1 - sent0;
+    for t in tasks {
+        t.abort();
+    }
+    drop(probe_agent);
+    drop(coord);
+
+    let mut out = json!({
+        "bench": "telemetry",
+        "agents": agents,
+        "gpus_per_agent": gpus,
+        "seconds": seconds,
+        "connect_all_s": (connect_s * 10.0).round() / 10.0,
+        "reports_sent": sent,
+        "reports_applied": applied,
+        "applied_ratio": if sent > 0 { ((applied as f64 / sent as f64).min(1.0) * 10000.0).round() / 10000.0 } else { 0.0 },
+        "session_failures": failures,
+        "ingest_p50_ms": ingest.ingest_p50_ms,
+        "ingest_p99_ms": ingest.ingest_p99_ms,
+        "ingest_max_ms": ingest.ingest_max_ms,
+        "coordinator_cpu_cores": ((ccpu1 - ccpu0) / wall * 100.0).round() / 100.0,
+        "coordinator_rss_mb": crss.round(),
+        "bench_process_cpu_cores": ((bcpu1 - bcpu0) / wall * 100.0).round() / 100.0,
+        "agent_process_cpu_percent": ((acpu1 - acpu0) / wall * 1000.0).round() / 10.0,
+        "agent_process_rss_mb": (arss * 10.0).round() / 10.0,
+    });
+    if !no_baseline {
+        let base = inmemory_baseline(agents, gpus, seconds.min(10)).await?;
+        out["baseline_inmemory_p50_ms"] = json!(base.ingest_p50_ms);
+        out["baseline_inmemory_p99_ms"] = json!(base.ingest_p99_ms);
+        out["p99_ratio_vs_inmemory"] = json!(if base.ingest_p99_ms > 0.0 {
+            (ingest.ingest_p99_ms / base.ingest_p99_ms * 100.0).round() / 100.0
+        } else {
+            f64::NAN
+        });
+    }
+    println!("{out}");
+    Ok(())
+}
+
+/// A session stand-in for the in-memory baseline (the Fleet only ever casts `Close`).
+struct NullSession;
+
+impl Actor for NullSession {
+    type Msg = SessionMsg;
+    type State = ();
+    type Arguments = ();
+    async fn pre_start(&self, _m: ActorRef<SessionMsg>, _a: ()) -> Result<(), ActorProcessingErr> {
+        Ok(())
+    }
+}
+
+/// The same reports, same rate, cast straight into an in-process Fleet actor.
+async fn inmemory_baseline(agents: usize, gpus: u32, seconds: u64) -> Result<IngestStats> {
+    eprintln!("baseline: {agents} agents' reports cast into an in-process Fleet for {seconds} s");
+    let dir = tempfile::tempdir()?;
+    let store = Arc::new(Store::open(dir.path())?);
+    let cfg = FleetConfig { history_len: 30, ..FleetConfig::default() };
+    let (fleet, _h) = Actor::spawn(None, Fleet, FleetArgs { cfg, store }).await?;
+    let (null, _nh) = Actor::spawn(None, NullSession, ()).await?;
+    let mut samplers = Vec::with_capacity(agents);
+    for i in 0..agents {
+        let name = format!("base-{i:05}");
+        let identity = fleetmesh_protocol::PeerIdentity {
+            trust_domain: "bench.local".into(),
+            kind: PeerKind::Agent,
+            name: name.clone(),
+            attributes: Attributes::default(),
+            serial: "00".into(),
+            not_after_unix: i64::MAX,
+        };
+        ractor::call_t!(
+            fleet,
+            |reply| FleetMsg::Register { identity, session_id: 1, session: null.clone(), reply },
+            5000
+        )?;
+        samplers.push((name, sampler(&format!("base-{i:05}"), gpus)?));
+    }
+    let t0 = unix_ms();
+    let start = Instant::now();
+    let mut seq = 0;
+    // Same pacing as the agents: every agent reports once per second, spread over it.
+    let per_tick = agents.div_ceil(10).max(1);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut idx = 0usize;
+    while start.elapsed() < Duration::from_secs(seconds) {
+        tick.tick().await;
+        seq += 1;
+        for _ in 0..per_tick {
+            let (name, s) = &mut samplers[idx % agents];
+            idx += 1;
+            let report = Box::new(s.sample(seq));
+            fleet.cast(FleetMsg::Telemetry { name: name.clone(), session_id: 1, report })?;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stats = ractor::call_t!(fleet, FleetMsg::Ingest, 5000, t0)?;
+    fleet.stop(None);
+    null.stop(None);
+    Ok(stats)
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    fleetmesh_protocol::tls::install_default_provider();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        match cli.cmd {
+            Cmd::Telemetry { agents, gpus_per_agent, seconds, connect_rate, no_baseline } => {
+                telemetry(agents, gpus_per_agent, seconds, connect_rate, no_baseline).await
+            }
+        }
+    })
+}

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Install the Fleetmesh agent as a systemd service on this node (run as root).
+#
+#   scripts/install-agent.sh --binary target/release/fleetmesh-agent \
+#       --coordinator coord.example.com:7400 --ca ca.pem --cert agent-NAME.pem --key agent-NAME.key
+#
+# Copies the binary to /usr/local/bin, the credentials to /etc/fleetmesh (key 0600),
+# writes /etc/fleetmesh/agent.toml, installs and starts fleetmesh-agent.service.
+set -euo pipefail
+BINARY=target/release/fleetmesh-agent
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --binary) BINARY=$2; shift 2 ;;
+    --coordinator) COORD=$2; shift 2 ;;
+    --ca) CA=$2; shift 2 ;;
+    --cert) CERT=$2; shift 2 ;;
+    --key) KEY=$2; shift 2 ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+: "${COORD:?--coordinator HOST:PORT is required}" "${CA:?--ca is required}" "${CERT:?--cert is required}" "${KEY:?--key is required}"
+[ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
+here=$(cd "$(dirname "$0")" && pwd)
+install -m 0755 "$BINARY" /usr/local/bin/fleetmesh-agent
+install -d -m 0755 /etc/fleetmesh
+install -m 0644 "$CA" /etc/fleetmesh/ca.pem
+install -m 0644 "$CERT" /etc/fleetmesh/agent.pem
+install -m 0600 "$KEY" /etc/fleetmesh/agent.key
+cat >/etc/fleetmesh/agent.toml <<CONF
+coordinator = "$COORD"
+data-dir = "/var/lib/fleetmesh-agent"
+ca = "/etc/fleetmesh/ca.pem"
+cert = "/etc/fleetmesh/agent.pem"
+key = "/etc/fleetmesh/agent.key"
+telemetry-interval = "1s"
+CONF
+install -m 0644 "$here/fleetmesh-agent.service" /etc/systemd/system/fleetmesh-agent.service
+systemctl daemon-reload
+systemctl enable --now fleetmesh-agent.service
+systemctl --no-pager status fleetmesh-agent.service || true
