@@ -17,7 +17,7 @@ enum HostSource {
     Live(Box<HostCollector>),
     /// Fixed host figures: used by the in-process benchmark, where thousands of agents
     /// share one host and reading /proc for each would measure the wrong thing.
-    Fixed(HostInfo, HostSample),
+    Fixed(Box<(HostInfo, HostSample)>),
 }
 
 /// The node sampler: one GPU backend plus host figures.
@@ -40,7 +40,7 @@ impl NodeSampler {
 
     /// Fixed host figures (benchmarks).
     pub fn with_fixed_host(gpu: Box<dyn GpuBackend>, info: HostInfo, sample: HostSample) -> Self {
-        Self { gpu, host: HostSource::Fixed(info, sample) }
+        Self { gpu, host: HostSource::Fixed(Box::new((info, sample))) }
     }
 }
 
@@ -48,7 +48,7 @@ impl Sampler for NodeSampler {
     fn inventory(&mut self) -> Inventory {
         let host = match &self.host {
             HostSource::Live(h) => h.info(),
-            HostSource::Fixed(i, _) => i.clone(),
+            HostSource::Fixed(f) => f.0.clone(),
         };
         Inventory { host, gpu_source: self.gpu.source(), gpus: self.gpu.inventory() }
     }
@@ -56,7 +56,7 @@ impl Sampler for NodeSampler {
     fn sample(&mut self, seq: u64) -> TelemetryReport {
         let host = match &mut self.host {
             HostSource::Live(h) => h.sample(),
-            HostSource::Fixed(_, s) => s.clone(),
+            HostSource::Fixed(f) => f.1.clone(),
         };
         TelemetryReport {
             seq,

@@ -326,6 +326,7 @@ impl FleetState {
                     sm_clock_mhz: s.and_then(|s| s.sm_clock_mhz),
                     memory_clock_mhz: s.and_then(|s| s.memory_clock_mhz),
                     throttle_reasons: s.and_then(|s| s.throttle_reasons.clone()),
+                    throttle_reasons_mask: s.and_then(|s| s.throttle_reasons_mask),
                     ecc_corrected_volatile: s.and_then(|s| s.ecc_corrected_volatile),
                     ecc_uncorrected_volatile: s.and_then(|s| s.ecc_uncorrected_volatile),
                     pcie_rx_kib_per_s: s.and_then(|s| s.pcie_rx_kib_per_s),

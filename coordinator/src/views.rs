@@ -28,6 +28,7 @@ pub struct GpuView {
     pub sm_clock_mhz: Option<u32>,
     pub memory_clock_mhz: Option<u32>,
     pub throttle_reasons: Option<Vec<String>>,
+    pub throttle_reasons_mask: Option<u64>,
     pub ecc_corrected_volatile: Option<u64>,
     pub ecc_uncorrected_volatile: Option<u64>,
     pub pcie_rx_kib_per_s: Option<u32>,

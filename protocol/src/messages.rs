@@ -158,6 +158,9 @@ pub struct GpuSample {
     pub memory_clock_mhz: Option<u32>,
     /// Names of active clock throttle reasons (empty = none active).
     pub throttle_reasons: Option<Vec<String>>,
+    /// The same as NVML's bitmask (what `nvidia-smi` shows as
+    /// `clocks_event_reasons.active`), limited to the bits this build knows.
+    pub throttle_reasons_mask: Option<u64>,
     pub ecc_corrected_volatile: Option<u64>,
     pub ecc_uncorrected_volatile: Option<u64>,
     pub pcie_rx_kib_per_s: Option<u32>,

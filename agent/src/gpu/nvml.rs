@@ -177,6 +177,7 @@ impl GpuBackend for NvmlBackend {
             .map(|(i, d)| {
                 let mem = opt(d.memory_info());
                 let util = opt(d.utilization_rates());
+                let throttle = opt(d.current_throttle_reasons());
                 GpuSample {
                     index: d.index().unwrap_or(i),
                     uuid: d.uuid().unwrap_or_else(|_| format!("unknown-{i}")),
@@ -191,8 +192,9 @@ impl GpuBackend for NvmlBackend {
                     energy_mj: opt(d.total_energy_consumption()),
                     sm_clock_mhz: opt(d.clock_info(Clock::SM)),
                     memory_clock_mhz: opt(d.clock_info(Clock::Memory)),
-                    throttle_reasons: opt(d.current_throttle_reasons())
+                    throttle_reasons: throttle
                         .map(|r| r.iter_names().map(|(n, _)| n.to_string()).collect()),
+                    throttle_reasons_mask: throttle.map(|r| r.bits()),
                     ecc_corrected_volatile: opt(
                         d.total_ecc_errors(MemoryError::Corrected, EccCounter::Volatile)
                     ),

@@ -162,6 +162,7 @@ impl GpuBackend for SimulatedBackend {
                     sm_clock_mhz: Some(1100 + util * 8),
                     memory_clock_mhz: Some(2619),
                     throttle_reasons: Some(if util < 5 { vec!["GPU_IDLE".into()] } else { vec![] }),
+                    throttle_reasons_mask: Some(u64::from(util < 5)),
                     ecc_corrected_volatile: Some(0),
                     ecc_uncorrected_volatile: Some(0),
                     pcie_rx_kib_per_s: Some(util * 1000),
