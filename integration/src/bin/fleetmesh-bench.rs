@@ -236,6 +236,7 @@ async fn telemetry(
         "agent_process_cpu_percent": ((acpu1 - acpu0) / wall * 1000.0).round() / 10.0,
         "agent_process_rss_mb": (arss * 10.0).round() / 10.0,
     });
+    eprintln!("{out}");
     if !no_baseline {
         let base = inmemory_baseline(agents, gpus, seconds.min(10)).await?;
         out["baseline_inmemory_p50_ms"] = json!(base.ingest_p50_ms);
@@ -291,13 +292,17 @@ async fn inmemory_baseline(agents: usize, gpus: u32, seconds: u64) -> Result<Ing
     let t0 = unix_ms();
     let start = Instant::now();
     let mut seq = 0;
-    // Same pacing as the agents: every agent reports once per second, spread over it.
-    let per_tick = agents.div_ceil(10).max(1);
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    // Same pacing as the agents: every agent reports once per second, spread evenly over
+    // the second in 1 ms steps (real agents' phases are spread by their connect times).
+    let per_tick = agents.div_ceil(1000).max(1);
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut idx = 0usize;
     while start.elapsed() < Duration::from_secs(seconds) {
         tick.tick().await;
-        seq += 1;
+        if idx % agents < per_tick {
+            seq += 1;
+        }
         for _ in 0..per_tick {
             let (name, s) = &mut samplers[idx % agents];
             idx += 1;
@@ -306,7 +311,7 @@ async fn inmemory_baseline(agents: usize, gpus: u32, seconds: u64) -> Result<Ing
         }
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let stats = ractor::call_t!(fleet, FleetMsg::Ingest, 5000, t0)?;
+    let stats = ractor::call_t!(fleet, FleetMsg::Ingest, 60_000, t0)?;
     fleet.stop(None);
     null.stop(None);
     Ok(stats)
