@@ -74,7 +74,8 @@ pub fn next_state(
             } else if silent >= cfg.suspect_after {
                 AgentState::Suspect
             } else {
-                AgentState::Connected
+                // Time alone never promotes: only a frame (`on_heard`) heals a suspect.
+                current
             }
         }
     }
@@ -122,6 +123,22 @@ mod tests {
         assert_eq!(
             next_state(AgentState::Left, t0, t0 + Duration::from_secs(60), &cfg),
             AgentState::Left
+        );
+    }
+
+    #[test]
+    fn time_alone_never_promotes_a_suspect() {
+        // After a coordinator restart agents are restored as suspect with a fresh clock.
+        let cfg = LivenessConfig::default();
+        let t0 = Instant::now();
+        assert_eq!(next_state(AgentState::Suspect, t0, t0, &cfg), AgentState::Suspect);
+        assert_eq!(
+            next_state(AgentState::Suspect, t0, t0 + Duration::from_millis(100), &cfg),
+            AgentState::Suspect
+        );
+        assert_eq!(
+            next_state(AgentState::Suspect, t0, t0 + cfg.lost_after, &cfg),
+            AgentState::Lost
         );
     }
 

@@ -237,15 +237,18 @@ async fn coordinator_restart_keeps_registry_and_agents_reconnect() -> anyhow::Re
     .await
     .expect("agents up");
 
-    // kill -9: nothing acknowledged may be lost.
+    // kill -9 after the registrations had a Fleet tick (100 ms) to be committed.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     coord.kill9();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     coord.restart(&pki).await?;
-    let right_after = by_name(agents(&client).await);
+    let right_after = by_name(client.get_json("/api/v1/agents").await?);
     let names: Vec<&str> = right_after.keys().map(String::as_str).collect();
     assert_eq!(names, ["a", "b", "c"], "registry lost agents across restart");
     for a in right_after.values() {
         assert_eq!(a.region.as_deref(), Some("r"));
+        // Nobody has reconnected yet: known, but not claimed to be connected.
+        assert_ne!(a.state, AgentState::Connected, "{} connected before reconnecting", a.name);
     }
 
     let reconnected = wait_for(Duration::from_secs(10), || async {
