@@ -99,3 +99,48 @@ pub struct ProbeConfig {
     pub data_dir: PathBuf,
     pub simulate_gpus: Option<String>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_keys_are_kebab_case_and_flags_win() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            coordinator = "coord.example.com"
+            data-dir = "/var/lib/x"
+            ca = "/etc/fm/ca.pem"
+            cert = "/etc/fm/agent.pem"
+            key = "/etc/fm/agent.key"
+            telemetry-interval = "2s"
+            "#,
+        )
+        .unwrap();
+        let flags = FileConfig { telemetry_interval: Some("250ms".into()), ..Default::default() };
+        let c = AgentConfig::resolve(file, flags).unwrap();
+        assert_eq!(c.coordinator, "coord.example.com:7400", "default port appended");
+        assert_eq!(c.telemetry_interval, Duration::from_millis(250), "flag overrides file");
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/x"));
+        assert_eq!(c.reconnect_max, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn bad_config_is_a_clear_error() {
+        let unknown = toml::from_str::<FileConfig>("coordinater = \"x\"").unwrap_err().to_string();
+        assert!(unknown.contains("coordinater"), "{unknown}");
+        let missing =
+            AgentConfig::resolve(FileConfig::default(), FileConfig::default()).unwrap_err();
+        assert!(missing.to_string().contains("--coordinator is required"), "{missing}");
+        let flags = FileConfig {
+            coordinator: Some("c:1".into()),
+            ca: Some("a".into()),
+            cert: Some("b".into()),
+            key: Some("c".into()),
+            telemetry_interval: Some("soon".into()),
+            ..Default::default()
+        };
+        let bad = AgentConfig::resolve(FileConfig::default(), flags).unwrap_err().to_string();
+        assert!(bad.contains("telemetry-interval") && bad.contains("soon"), "{bad}");
+    }
+}

@@ -108,3 +108,45 @@ impl CoordinatorConfig {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn creds() -> FileConfig {
+        FileConfig {
+            ca: Some("ca.pem".into()),
+            cert: Some("c.pem".into()),
+            key: Some("c.key".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults_match_the_documented_ports_and_timeouts() {
+        let c = CoordinatorConfig::resolve(FileConfig::default(), creds()).unwrap();
+        assert_eq!(c.listen.port(), 7400);
+        assert_eq!(c.api_listen, "127.0.0.1:7401".parse().unwrap());
+        assert_eq!(c.liveness, LivenessConfig::default());
+        assert_eq!(c.heartbeat_interval, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn toml_file_is_read_and_inconsistent_timeouts_rejected() {
+        let file: FileConfig = toml::from_str(
+            "listen = \"127.0.0.1:9000\"\napi-listen = \"127.0.0.1:9001\"\nlost-after = \"5s\"\n",
+        )
+        .unwrap();
+        let c = CoordinatorConfig::resolve(file, creds()).unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.liveness.lost_after, Duration::from_secs(5));
+        let flags = FileConfig {
+            suspect_after: Some("3s".into()),
+            lost_after: Some("2s".into()),
+            ..creds()
+        };
+        let e = CoordinatorConfig::resolve(FileConfig::default(), flags).unwrap_err().to_string();
+        assert!(e.contains("suspect-after must be shorter than lost-after"), "{e}");
+        assert!(toml::from_str::<FileConfig>("listen = \"nonsense\"").is_err());
+    }
+}
