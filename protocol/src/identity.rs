@@ -116,6 +116,8 @@ pub struct PeerIdentity {
     pub attributes: Attributes,
     /// Certificate serial number, lower-case hex.
     pub serial: String,
+    /// Certificate start of validity, seconds since the Unix epoch.
+    pub not_before_unix: i64,
     /// Certificate expiry, seconds since the Unix epoch.
     pub not_after_unix: i64,
 }
@@ -198,6 +200,7 @@ pub fn identity_from_der(der: &[u8]) -> Result<PeerIdentity, IdentityError> {
         name,
         attributes,
         serial: hex::encode(cert.raw_serial()),
+        not_before_unix: cert.validity().not_before.timestamp(),
         not_after_unix: cert.validity().not_after.timestamp(),
     })
 }

@@ -9,6 +9,7 @@
 //! it from their own transports.
 
 pub mod codec;
+pub mod enroll;
 pub mod identity;
 pub mod messages;
 pub mod pki;

@@ -22,6 +22,8 @@ pub enum AgentMessage {
     Heartbeat { seq: u64 },
     /// Graceful shutdown: the agent is leaving the mesh on purpose.
     Leaving { reason: String },
+    /// Certificate renewal: a CSR for the agent's (unchanged) key.
+    Renew { csr_pem: String },
 }
 
 /// Messages the coordinator sends to an agent.
@@ -32,6 +34,10 @@ pub enum CoordinatorMessage {
     Welcome(Welcome),
     /// The hello (or the session) was refused; the connection is closed after this.
     Reject { reason: String },
+    /// A renewed certificate (same name and attributes, new validity and serial).
+    Renewed { cert_pem: String },
+    /// Renewal refused; the current certificate stays valid until it expires.
+    RenewRefused { reason: String },
 }
 
 /// Agent hello.

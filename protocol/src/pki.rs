@@ -222,6 +222,24 @@ impl Ca {
         Ok(Ca { trust_domain, cert_pem, issuer })
     }
 
+    /// Load a CA from explicit certificate and key paths (the coordinator's `--ca-key`).
+    pub fn load(cert_path: &Path, key_path: &Path) -> Result<Ca, PkiError> {
+        let cert_pem = fs::read_to_string(cert_path).map_err(io_err(cert_path))?;
+        let key_pem = fs::read_to_string(key_path).map_err(io_err(key_path))?;
+        let key = KeyPair::from_pem(&key_pem)?;
+        let trust_domain = ca_trust_domain(&cert_pem)
+            .ok_or_else(|| PkiError::NoTrustDomain(cert_path.to_path_buf()))?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)?;
+        Ok(Ca { trust_domain, cert_pem, issuer })
+    }
+
+    /// Issue a certificate for the key in a PEM CSR. The CSR's signature is verified; its
+    /// subject and SANs are ignored: name and attributes come from `req` only.
+    pub fn issue_from_csr(&self, req: &IssueRequest, csr_pem: &str) -> Result<String, PkiError> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
+        self.issue_for_key(req, &csr.public_key)
+    }
+
     /// SHA-256 fingerprint of the CA certificate (hex).
     pub fn fingerprint(&self) -> String {
         fingerprint_pem(&self.cert_pem).unwrap_or_default()
@@ -367,6 +385,26 @@ mod tests {
                 assert_eq!(fs::metadata(&k).unwrap().permissions().mode() & 0o777, 0o600);
             }
         }
+    }
+
+    #[test]
+    fn csr_claims_are_ignored() {
+        let ca = Ca::generate("mesh.test").unwrap();
+        let key = crate::enroll::generate_key_pem().unwrap();
+        let wanted = Attributes { region: Some("us-evil".into()), ..Default::default() };
+        let csr = crate::enroll::make_csr(&key, "someone-else", &wanted).unwrap();
+        let mut req = IssueRequest::new(PeerKind::Agent, "granted", Duration::from_secs(60));
+        req.attributes.region = Some("eu-west-1".into());
+        let pem = ca.issue_from_csr(&req, &csr).unwrap();
+        let id = identity_from_der(&first_cert_der(&pem).unwrap()).unwrap();
+        assert_eq!(id.name, "granted");
+        assert_eq!(id.attributes.region.as_deref(), Some("eu-west-1"));
+        assert!(ca
+            .issue_from_csr(
+                &req,
+                "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"
+            )
+            .is_err());
     }
 
     #[test]

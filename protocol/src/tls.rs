@@ -134,18 +134,43 @@ impl TlsIdentity {
         alpn: &[&[u8]],
         tls13_only: bool,
     ) -> Result<ServerConfig, TlsError> {
-        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
-            .build()
-            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        self.server_config_inner(alpn, tls13_only, false)
+    }
+
+    /// Server config where a client certificate is optional, but verified against the
+    /// mesh CA when presented (the control port also serves unauthenticated enrollment;
+    /// the listener requires a certificate on every other ALPN).
+    pub fn server_config_optional_client(&self, alpn: &[&[u8]]) -> Result<ServerConfig, TlsError> {
+        self.server_config_inner(alpn, true, true)
+    }
+
+    fn server_config_inner(
+        &self,
+        alpn: &[&[u8]],
+        tls13_only: bool,
+        optional_client: bool,
+    ) -> Result<ServerConfig, TlsError> {
+        let builder = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider());
+        let builder = if optional_client { builder.allow_unauthenticated() } else { builder };
+        let verifier = builder.build().map_err(|e| TlsError::Verifier(e.to_string()))?;
         let builder = ServerConfig::builder_with_provider(provider());
         let builder = if tls13_only {
             builder.with_protocol_versions(&[&rustls::version::TLS13])?
         } else {
             builder.with_safe_default_protocol_versions()?
         };
+        // Serve the CA certificate with our leaf: enrolling agents pin it by fingerprint.
+        let mut chain = self.chain.clone();
+        if let Ok(ca) = certs_from_pem(Path::new("ca"), self.ca_pem.as_bytes()) {
+            for c in ca {
+                if !chain.contains(&c) {
+                    chain.push(c);
+                }
+            }
+        }
         let mut cfg = builder
             .with_client_cert_verifier(verifier)
-            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+            .with_single_cert(chain, self.key.clone_key())?;
         cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
         Ok(cfg)
     }

@@ -280,6 +280,7 @@ async fn inmemory_baseline(agents: usize, gpus: u32, seconds: u64) -> Result<Ing
             name: name.clone(),
             attributes: Attributes::default(),
             serial: "00".into(),
+            not_before_unix: 0,
             not_after_unix: i64::MAX,
         };
         ractor::call_t!(
