@@ -12,6 +12,11 @@
 //! | GET    | `/api/v1/gpus`         | `[GpuView]`                    |
 //! | GET    | `/api/v1/stats/ingest?since_unix_ms=T` | `IngestStats` |
 //! | GET    | `/metrics`             | OpenMetrics text               |
+//! | POST   | `/api/v1/tokens`       | create a join token (`TokenSpec`) |
+//! | GET    | `/api/v1/tokens`       | `[TokenView]`                  |
+//! | POST   | `/api/v1/tokens/{id}/revoke` | revoke a token           |
+//! | POST   | `/api/v1/agents/{name}/revoke` | cut an agent off       |
+//! | GET    | `/api/v1/audit`        | `[AuditRecord]`                |
 //! | GET    | `/healthz`             | `ok`                           |
 
 use std::net::SocketAddr;
@@ -34,6 +39,7 @@ use tokio::sync::oneshot;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
+use crate::authority::{AuthorityMsg, TokenSpec};
 use crate::fleet::FleetMsg;
 use crate::views::ApiErrorBody;
 
@@ -48,6 +54,57 @@ struct Peer(Option<PeerIdentity>);
 #[derive(Clone)]
 struct AppState {
     fleet: ActorRef<FleetMsg>,
+    authority: ActorRef<AuthorityMsg>,
+}
+
+/// Answer an Authority call: `Ok` as JSON, `Err` as 400 with the reason.
+macro_rules! authority_call {
+    ($st:expr, $msg:expr $(, $arg:expr)*) => {
+        match ractor::call_t!($st.authority, $msg, FLEET_CALL_MS $(, $arg)*) {
+            Ok(Ok(v)) => Json(v).into_response(),
+            Ok(Err(why)) => error(StatusCode::BAD_REQUEST, why),
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("authority unavailable: {e}")),
+        }
+    };
+}
+
+async fn create_token(State(st): State<AppState>, Json(spec): Json<TokenSpec>) -> Response {
+    authority_call!(st, AuthorityMsg::CreateToken, spec)
+}
+
+async fn list_tokens(State(st): State<AppState>) -> Response {
+    authority_call!(st, AuthorityMsg::ListTokens)
+}
+
+async fn revoke_token(State(st): State<AppState>, Path(id): Path<String>) -> Response {
+    authority_call!(st, AuthorityMsg::RevokeToken, id)
+}
+
+#[derive(serde::Deserialize, Default)]
+struct RevokeBody {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn revoke_agent(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    body: Option<Json<RevokeBody>>,
+) -> Response {
+    let reason = body.and_then(|b| b.0.reason).unwrap_or_else(|| "revoked by an operator".into());
+    match ractor::call_t!(
+        st.authority,
+        |reply| AuthorityMsg::RevokeAgent { name: name.clone(), reason, reply },
+        FLEET_CALL_MS
+    ) {
+        Ok(Ok(())) => Json(serde_json::json!({ "revoked": name })).into_response(),
+        Ok(Err(why)) => error(StatusCode::BAD_REQUEST, why),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("authority unavailable: {e}")),
+    }
+}
+
+async fn audit_log(State(st): State<AppState>) -> Response {
+    authority_call!(st, AuthorityMsg::Audit)
 }
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
@@ -119,8 +176,12 @@ async fn metrics(State(st): State<AppState>) -> Response {
     }
 }
 
-fn router(fleet: ActorRef<FleetMsg>) -> Router {
+fn router(fleet: ActorRef<FleetMsg>, authority: ActorRef<AuthorityMsg>) -> Router {
     Router::new()
+        .route("/api/v1/tokens", get(list_tokens).post(create_token))
+        .route("/api/v1/tokens/{id}/revoke", axum::routing::post(revoke_token))
+        .route("/api/v1/agents/{name}/revoke", axum::routing::post(revoke_agent))
+        .route("/api/v1/audit", get(audit_log))
         .route("/api/v1/agents", get(list_agents))
         .route("/api/v1/agents/{name}", get(show_agent))
         .route("/api/v1/gpus", get(list_gpus))
@@ -128,7 +189,7 @@ fn router(fleet: ActorRef<FleetMsg>) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .layer(middleware::from_fn(require_operator))
-        .with_state(AppState { fleet })
+        .with_state(AppState { fleet, authority })
 }
 
 /// Api start-up arguments.
@@ -136,6 +197,7 @@ pub struct ApiArgs {
     pub listen: SocketAddr,
     pub tls: Arc<TlsIdentity>,
     pub fleet: ActorRef<FleetMsg>,
+    pub authority: ActorRef<AuthorityMsg>,
     pub bound: Option<oneshot::Sender<SocketAddr>>,
 }
 
@@ -167,7 +229,7 @@ impl Actor for Api {
         if let Some(tx) = args.bound {
             let _ = tx.send(local);
         }
-        let app = router(args.fleet);
+        let app = router(args.fleet, args.authority);
         let task = tokio::spawn(async move {
             loop {
                 let (tcp, remote) = match listener.accept().await {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleetmesh_protocol::tls::TlsIdentity;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
@@ -93,13 +93,39 @@ impl ApiClient {
 
     /// GET `path`; returns status and body.
     pub async fn get(&self, path: &str) -> Result<(u16, Bytes), ClientError> {
+        self.request("GET", path, None).await
+    }
+
+    /// Send a request; returns status and body.
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(u16, Bytes), ClientError> {
         let addr = self.addr();
-        tokio::time::timeout(REQUEST_TIMEOUT, self.get_inner(path))
+        tokio::time::timeout(REQUEST_TIMEOUT, self.request_inner(method, path, body))
             .await
             .map_err(|_| ClientError::Timeout { addr })?
     }
 
-    async fn get_inner(&self, path: &str) -> Result<(u16, Bytes), ClientError> {
+    /// POST a JSON body to `path` and decode the JSON answer.
+    pub async fn post_json<B: serde::Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let bytes = serde_json::to_vec(body).map_err(|e| ClientError::Decode(e.to_string()))?;
+        let (status, body) = self.request("POST", path, Some(bytes)).await?;
+        decode(status, &body)
+    }
+
+    async fn request_inner(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(u16, Bytes), ClientError> {
         let addr = self.addr();
         let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
             .await
@@ -114,9 +140,13 @@ impl ApiClient {
             .await
             .map_err(|e| ClientError::Http(e.to_string()))?;
         let driver = tokio::spawn(conn);
-        let req = Request::get(path)
-            .header(hyper::header::HOST, addr.as_str())
-            .body(Empty::<Bytes>::new())
+        let mut req =
+            Request::builder().method(method).uri(path).header(hyper::header::HOST, addr.as_str());
+        if body.is_some() {
+            req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| ClientError::Http(e.to_string()))?;
         let resp = sender.send_request(req).await.map_err(|e| ClientError::Http(e.to_string()))?;
         let status = resp.status().as_u16();
@@ -133,13 +163,7 @@ impl ApiClient {
     /// GET `path` and decode JSON; non-2xx answers become [`ClientError::Api`].
     pub async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         let (status, body) = self.get(path).await?;
-        if !(200..300).contains(&status) {
-            let message = serde_json::from_slice::<ApiErrorBody>(&body)
-                .map(|b| b.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
-            return Err(ClientError::Api { status, message });
-        }
-        serde_json::from_slice(&body).map_err(|e| ClientError::Decode(e.to_string()))
+        decode(status, &body)
     }
 
     /// GET `path` as text (e.g. `/metrics`).
@@ -151,6 +175,16 @@ impl ApiClient {
         }
         Ok(text)
     }
+}
+
+fn decode<T: DeserializeOwned>(status: u16, body: &[u8]) -> Result<T, ClientError> {
+    if !(200..300).contains(&status) {
+        let message = serde_json::from_slice::<ApiErrorBody>(body)
+            .map(|b| b.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned());
+        return Err(ClientError::Api { status, message });
+    }
+    serde_json::from_slice(body).map_err(|e| ClientError::Decode(e.to_string()))
 }
 
 #[cfg(test)]

@@ -22,6 +22,12 @@ pub struct FileConfig {
     pub lost_after: Option<String>,
     pub heartbeat_interval: Option<String>,
     pub history: Option<usize>,
+    /// CA private key: enables join tokens, enrollment and renewal.
+    pub ca_key: Option<PathBuf>,
+    /// Lifetime of certificates issued by enrollment/renewal [default 24h].
+    pub cert_ttl: Option<String>,
+    /// Addresses agents should dial, put into join strings (HOST:PORT, comma-separated).
+    pub advertise: Option<String>,
 }
 
 /// Configuration errors.
@@ -49,6 +55,9 @@ pub struct CoordinatorConfig {
     pub liveness: LivenessConfig,
     pub heartbeat_interval: Duration,
     pub history: usize,
+    pub ca_key: Option<PathBuf>,
+    pub cert_ttl: Duration,
+    pub advertise: Vec<String>,
 }
 
 fn dur(what: &str, s: Option<String>, default: Duration) -> Result<Duration, ConfigError> {
@@ -89,6 +98,19 @@ impl CoordinatorConfig {
                 "heartbeat-interval must be at most half of suspect-after".into(),
             ));
         }
+        let cert_ttl =
+            dur("cert-ttl", flags.cert_ttl.or(file.cert_ttl), Duration::from_secs(24 * 3600))?;
+        if cert_ttl < Duration::from_secs(2) {
+            return Err(ConfigError("cert-ttl must be at least 2s".into()));
+        }
+        let listen = flags.listen.or(file.listen).unwrap_or_else(|| ([0, 0, 0, 0], 7400).into());
+        let advertise: Vec<String> = match flags.advertise.or(file.advertise) {
+            Some(a) => {
+                a.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
+            }
+            None if !listen.ip().is_unspecified() => vec![listen.to_string()],
+            None => Vec::new(),
+        };
         Ok(Self {
             listen: flags.listen.or(file.listen).unwrap_or_else(|| ([0, 0, 0, 0], 7400).into()),
             api_listen: flags
@@ -105,6 +127,9 @@ impl CoordinatorConfig {
             liveness,
             heartbeat_interval,
             history: flags.history.or(file.history).unwrap_or(120),
+            ca_key: flags.ca_key.or(file.ca_key),
+            cert_ttl,
+            advertise,
         })
     }
 }

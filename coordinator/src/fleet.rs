@@ -78,6 +78,11 @@ pub enum FleetMsg {
         session_id: u64,
         reason: String,
     },
+    /// The Authority revoked this agent: close its session now.
+    Revoked {
+        name: String,
+        reason: String,
+    },
     Tick,
     ListAgents(RpcReplyPort<Vec<AgentView>>),
     GetAgent(String, RpcReplyPort<Option<AgentDetail>>),
@@ -524,6 +529,17 @@ impl Actor for Fleet {
                         // Liveness (not the transport) decides when it is lost.
                     }
                 }
+            }
+            FleetMsg::Revoked { name, reason } => {
+                if let Some(e) = st.agents.get_mut(&name) {
+                    if let Some((_, session)) = e.session.take() {
+                        let _ = session.cast(SessionMsg::Close {
+                            reason: format!("certificate revoked: {reason}"),
+                        });
+                    }
+                }
+                st.set_state(&name, AgentState::Revoked, &reason);
+                st.flush_changed();
             }
             FleetMsg::Tick => st.tick(now),
             FleetMsg::ListAgents(reply) => {

@@ -5,7 +5,8 @@
 //! ```text
 //! Coordinator (root supervisor; a child that dies stops the coordinator)
 //! ├── Fleet          registry, telemetry cache + history, liveness (fleet.rs)
-//! ├── Listener       QUIC control endpoint; authenticates, reads hello (listener.rs)
+//! ├── Authority      CA key, join tokens, enrollment, renewal, revocation (authority.rs)
+//! ├── Listener       QUIC endpoint: enrollment, or authenticate + hello (listener.rs)
 //! │   └── AgentSession*  one per connected agent (session.rs)
 //! └── Api            HTTPS JSON API + /metrics (api.rs)
 //! ```
@@ -15,6 +16,7 @@
 //! embedded redb [`store`].
 
 pub mod api;
+pub mod authority;
 pub mod client;
 pub mod config;
 pub mod fleet;
@@ -63,6 +65,7 @@ struct RootArgs {
 
 struct RootState {
     fleet: ActorCell,
+    authority: ActorCell,
     listener: ActorCell,
     api: ActorCell,
     stopping: bool,
@@ -92,7 +95,28 @@ impl Actor for Coordinator {
         let (fleet, _) = Actor::spawn_linked(
             None,
             fleet::Fleet,
-            fleet::FleetArgs { cfg: fleet_cfg, store: a.store },
+            fleet::FleetArgs { cfg: fleet_cfg, store: a.store.clone() },
+            myself.get_cell(),
+        )
+        .await?;
+        let ca = match &a.config.ca_key {
+            Some(key) => Some(
+                fleetmesh_protocol::pki::Ca::load(&a.config.ca, key)
+                    .map_err(|e| format!("loading the CA for enrollment: {e}"))?,
+            ),
+            None => None,
+        };
+        let (authority, _) = Actor::spawn_linked(
+            None,
+            authority::Authority,
+            authority::AuthorityArgs {
+                ca,
+                ca_pem: a.tls.ca_pem.clone(),
+                store: a.store.clone(),
+                cert_ttl: a.config.cert_ttl,
+                advertise: a.config.advertise.clone(),
+                fleet: fleet.clone(),
+            },
             myself.get_cell(),
         )
         .await?;
@@ -103,6 +127,7 @@ impl Actor for Coordinator {
                 listen: a.config.listen,
                 tls: a.tls.clone(),
                 fleet: fleet.clone(),
+                authority: authority.clone(),
                 heartbeat_interval: a.config.heartbeat_interval,
                 bound: Some(a.control_bound),
             },
@@ -113,6 +138,7 @@ impl Actor for Coordinator {
             None,
             api::Api,
             api::ApiArgs {
+                authority: authority.clone(),
                 listen: a.config.api_listen,
                 tls: a.tls,
                 fleet: fleet.clone(),
@@ -123,6 +149,7 @@ impl Actor for Coordinator {
         .await?;
         Ok(RootState {
             fleet: fleet.get_cell(),
+            authority: authority.get_cell(),
             listener: listener.get_cell(),
             api: api.get_cell(),
             stopping: false,
@@ -143,6 +170,7 @@ impl Actor for Coordinator {
                 let wait = Some(Duration::from_secs(5));
                 let _ = st.listener.stop_and_wait(Some("shutdown".into()), wait).await;
                 let _ = st.api.stop_and_wait(Some("shutdown".into()), wait).await;
+                let _ = st.authority.stop_and_wait(Some("shutdown".into()), wait).await;
                 let _ = st.fleet.stop_and_wait(Some("shutdown".into()), wait).await;
                 myself.stop(None);
             }
@@ -175,6 +203,7 @@ impl Actor for Coordinator {
         st.stopping = true;
         st.listener.stop(None);
         st.api.stop(None);
+        st.authority.stop(None);
         st.fleet.stop(None);
         myself.stop(None);
         Ok(())

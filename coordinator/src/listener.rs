@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use fleetmesh_protocol::enroll::{EnrollMessage, EnrollReply, ALPN_ENROLL};
 use fleetmesh_protocol::tls::{peer_identity, TlsIdentity};
 use fleetmesh_protocol::{
     AgentMessage, CoordinatorMessage, PeerIdentity, PeerKind, ALPN_CTL, PROTOCOL_VERSION,
@@ -19,6 +20,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
+use crate::authority::AuthorityMsg;
 use crate::fleet::FleetMsg;
 use crate::session::{close_code, read_frame, write_frame, AgentSession, ReadError, SessionArgs};
 
@@ -32,6 +34,7 @@ pub struct ListenerArgs {
     pub listen: SocketAddr,
     pub tls: Arc<TlsIdentity>,
     pub fleet: ActorRef<FleetMsg>,
+    pub authority: ActorRef<AuthorityMsg>,
     pub heartbeat_interval: Duration,
     /// Receives the bound address once listening.
     pub bound: Option<oneshot::Sender<SocketAddr>>,
@@ -54,6 +57,7 @@ pub enum ListenerMsg {
 pub struct ListenerState {
     endpoint: quinn::Endpoint,
     fleet: ActorRef<FleetMsg>,
+    authority: ActorRef<AuthorityMsg>,
     heartbeat_interval: Duration,
     next_session: u64,
     accept_task: tokio::task::JoinHandle<()>,
@@ -63,7 +67,10 @@ pub struct ListenerState {
 pub struct Listener;
 
 fn server_config(tls: &TlsIdentity) -> Result<quinn::ServerConfig, ActorProcessingErr> {
-    let rustls_cfg = tls.server_config(&[ALPN_CTL], true)?;
+    // Client certificates are optional at the TLS layer only so that enrollment (ALPN
+    // fleetmesh/enroll/1) can run without one; `authenticate` requires a valid agent
+    // certificate on the control ALPN. A presented certificate is always verified.
+    let rustls_cfg = tls.server_config_optional_client(&[ALPN_CTL, ALPN_ENROLL])?;
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(rustls_cfg)?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
     let mut transport = quinn::TransportConfig::default();
@@ -78,8 +85,72 @@ async fn refuse(conn: &quinn::Connection, code: u32, reason: &str) {
     conn.close(code.into(), reason.as_bytes());
 }
 
-async fn authenticate(incoming: quinn::Incoming, trust_domain: &str) -> Result<Accepted, String> {
+/// Serve one enrollment: read the request, ask the Authority, answer, close.
+async fn serve_enrollment(
+    conn: quinn::Connection,
+    authority: &ActorRef<AuthorityMsg>,
+    ca_pem: &str,
+) -> Result<String, String> {
+    let (mut send, mut recv) = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(format!("enrollment connection ended early: {e}")),
+        Err(_) => {
+            refuse(&conn, close_code::PROTOCOL_ERROR, "no enrollment request in time").await;
+            return Err("no enrollment request in time".into());
+        }
+    };
+    let req =
+        match tokio::time::timeout(HELLO_TIMEOUT, read_frame::<EnrollMessage>(&mut recv)).await {
+            Ok(Ok(Some(EnrollMessage::Enroll(req)))) => req,
+            Ok(Ok(_)) | Err(_) => {
+                refuse(&conn, close_code::PROTOCOL_ERROR, "expected an enrollment request").await;
+                return Err("expected an enrollment request".into());
+            }
+            Ok(Err(e)) => {
+                let why = format!("protocol error: {e}");
+                refuse(&conn, close_code::PROTOCOL_ERROR, &why).await;
+                return Err(why);
+            }
+        };
+    let result = match ractor::call_t!(authority, AuthorityMsg::Enroll, 10_000, Box::new(req)) {
+        Ok(r) => r,
+        Err(e) => Err(format!("authority unavailable: {e}")),
+    };
+    let reply = match &result {
+        Ok(e) => EnrollReply::Issued {
+            name: e.name.clone(),
+            cert_pem: e.cert_pem.clone(),
+            ca_pem: ca_pem.to_string(),
+        },
+        Err(why) => EnrollReply::Refused { reason: why.clone() },
+    };
+    let _ = write_frame(&mut send, &reply).await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+    conn.close(0u32.into(), b"enrollment done");
+    result.map(|e| e.name).map_err(|why| format!("enrollment refused: {why}"))
+}
+
+/// What an accepted connection turned out to be.
+enum Outcome {
+    Session(Accepted),
+    Enrolled(String),
+}
+
+async fn authenticate(
+    incoming: quinn::Incoming,
+    trust_domain: &str,
+    authority: &ActorRef<AuthorityMsg>,
+    ca_pem: &str,
+) -> Result<Outcome, String> {
     let conn = incoming.await.map_err(|e| format!("handshake failed: {e}"))?;
+    let alpn = conn
+        .handshake_data()
+        .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|h| h.protocol);
+    if alpn.as_deref() == Some(ALPN_ENROLL) {
+        return serve_enrollment(conn, authority, ca_pem).await.map(Outcome::Enrolled);
+    }
     let chain = conn
         .peer_identity()
         .and_then(|any| any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok());
@@ -108,6 +179,12 @@ async fn authenticate(incoming: quinn::Incoming, trust_domain: &str) -> Result<A
         refuse(&conn, close_code::REFUSED, &why).await;
         return Err(why);
     }
+    let revoked = ractor::call_t!(authority, AuthorityMsg::CheckRevoked, 5000, identity.clone())
+        .unwrap_or_else(|e| Some(format!("revocation status unavailable: {e}")));
+    if let Some(why) = revoked {
+        refuse(&conn, close_code::REFUSED, &why).await;
+        return Err(why);
+    }
     let (mut send, mut recv) = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -119,7 +196,9 @@ async fn authenticate(incoming: quinn::Incoming, trust_domain: &str) -> Result<A
             return Err(format!("{}: {why}", identity.spiffe_id()));
         }
     };
-    let first = match tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut recv)).await {
+    let first = match tokio::time::timeout(HELLO_TIMEOUT, read_frame::<AgentMessage>(&mut recv))
+        .await
+    {
         Ok(Ok(Some(m))) => m,
         Ok(Ok(None)) => {
             return Err(format!("{}: stream closed before hello", identity.spiffe_id()))
@@ -170,7 +249,7 @@ async fn authenticate(incoming: quinn::Incoming, trust_domain: &str) -> Result<A
         refuse(&conn, code, &why).await;
         return Err(format!("{}: {why}", identity.spiffe_id()));
     }
-    Ok(Accepted { conn, send, recv, identity })
+    Ok(Outcome::Session(Accepted { conn, send, recv, identity }))
 }
 
 impl Actor for Listener {
@@ -193,15 +272,22 @@ impl Actor for Listener {
         }
         let ep = endpoint.clone();
         let domain = args.tls.identity.trust_domain.clone();
+        let authority = args.authority.clone();
+        let ca_pem = args.tls.ca_pem.clone();
         let accept_task = tokio::spawn(async move {
             while let Some(incoming) = ep.accept().await {
                 let remote = incoming.remote_address();
                 let domain = domain.clone();
                 let me = myself.clone();
+                let authority = authority.clone();
+                let ca_pem = ca_pem.clone();
                 tokio::spawn(async move {
-                    match authenticate(incoming, &domain).await {
-                        Ok(acc) => {
+                    match authenticate(incoming, &domain, &authority, &ca_pem).await {
+                        Ok(Outcome::Session(acc)) => {
                             let _ = me.cast(ListenerMsg::Accepted(Box::new(acc)));
+                        }
+                        Ok(Outcome::Enrolled(name)) => {
+                            info!(%remote, agent_id = %name, "enrollment served")
                         }
                         Err(why) => warn!(%remote, reason = %why, "connection refused"),
                     }
@@ -215,6 +301,7 @@ impl Actor for Listener {
         Ok(ListenerState {
             endpoint,
             fleet: args.fleet,
+            authority: args.authority,
             heartbeat_interval: args.heartbeat_interval,
             next_session,
             accept_task,
@@ -241,6 +328,7 @@ impl Actor for Listener {
                     identity,
                     session_id,
                     fleet: st.fleet.clone(),
+                    authority: st.authority.clone(),
                     heartbeat_interval: st.heartbeat_interval,
                 };
                 match Actor::spawn_linked(None, AgentSession, args, myself.get_cell()).await {

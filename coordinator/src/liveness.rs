@@ -20,6 +20,8 @@ pub enum AgentState {
     Lost,
     /// Said goodbye (graceful shutdown).
     Left,
+    /// Cut off by an operator; cannot reconnect with its certificates.
+    Revoked,
 }
 
 impl AgentState {
@@ -29,11 +31,17 @@ impl AgentState {
             AgentState::Suspect => "suspect",
             AgentState::Lost => "lost",
             AgentState::Left => "left",
+            AgentState::Revoked => "revoked",
         }
     }
 
-    pub const ALL: [AgentState; 4] =
-        [AgentState::Connected, AgentState::Suspect, AgentState::Lost, AgentState::Left];
+    pub const ALL: [AgentState; 5] = [
+        AgentState::Connected,
+        AgentState::Suspect,
+        AgentState::Lost,
+        AgentState::Left,
+        AgentState::Revoked,
+    ];
 }
 
 /// Liveness thresholds.
@@ -66,7 +74,7 @@ pub fn next_state(
     cfg: &LivenessConfig,
 ) -> AgentState {
     match current {
-        AgentState::Lost | AgentState::Left => current,
+        AgentState::Lost | AgentState::Left | AgentState::Revoked => current,
         AgentState::Connected | AgentState::Suspect => {
             let silent = now.saturating_duration_since(last_heard);
             if silent >= cfg.lost_after {
@@ -86,8 +94,10 @@ pub fn on_heard(current: AgentState) -> AgentState {
     match current {
         // A frame from the live session proves the agent is up.
         AgentState::Connected | AgentState::Suspect | AgentState::Lost => AgentState::Connected,
-        // A left agent only comes back through a new session (register).
+        // A left agent only comes back through a new session (register); a revoked one
+        // never does.
         AgentState::Left => AgentState::Left,
+        AgentState::Revoked => AgentState::Revoked,
     }
 }
 

@@ -13,6 +13,7 @@ use fleetmesh_protocol::{
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tracing::{debug, info, warn};
 
+use crate::authority::AuthorityMsg;
 use crate::fleet::FleetMsg;
 
 /// QUIC application close codes used by the coordinator.
@@ -37,6 +38,8 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 pub enum SessionMsg {
     /// Close this session, telling the agent why.
     Close { reason: String },
+    /// The agent asked for a renewed certificate.
+    Renew { csr_pem: String },
     /// The reader saw the stream end or fail.
     StreamEnded { reason: String },
 }
@@ -49,6 +52,7 @@ pub struct SessionArgs {
     pub identity: PeerIdentity,
     pub session_id: u64,
     pub fleet: ActorRef<FleetMsg>,
+    pub authority: ActorRef<AuthorityMsg>,
     pub heartbeat_interval: Duration,
 }
 
@@ -59,6 +63,8 @@ pub struct SessionState {
     name: String,
     session_id: u64,
     fleet: ActorRef<FleetMsg>,
+    authority: ActorRef<AuthorityMsg>,
+    identity: PeerIdentity,
     reader: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -66,9 +72,9 @@ pub struct SessionState {
 pub struct AgentSession;
 
 /// Read one frame. `Ok(None)` on a clean end of stream.
-pub(crate) async fn read_frame(
+pub(crate) async fn read_frame<T: serde::de::DeserializeOwned>(
     recv: &mut quinn::RecvStream,
-) -> Result<Option<AgentMessage>, ReadError> {
+) -> Result<Option<T>, ReadError> {
     let mut header = [0u8; HEADER_LEN];
     match recv.read_exact(&mut header).await {
         Ok(()) => {}
@@ -91,9 +97,9 @@ pub(crate) enum ReadError {
     Codec(#[from] CodecError),
 }
 
-pub(crate) async fn write_frame(
+pub(crate) async fn write_frame<T: serde::Serialize>(
     send: &mut quinn::SendStream,
-    msg: &CoordinatorMessage,
+    msg: &T,
 ) -> Result<(), String> {
     let frame = encode_frame(msg).map_err(|e| e.to_string())?;
     match tokio::time::timeout(WRITE_TIMEOUT, send.write_all(&frame)).await {
@@ -112,7 +118,7 @@ async fn reader_loop(
     myself: ActorRef<SessionMsg>,
 ) {
     let reason = loop {
-        match read_frame(&mut recv).await {
+        match read_frame::<AgentMessage>(&mut recv).await {
             Ok(Some(msg)) => {
                 let sent = match msg {
                     AgentMessage::Telemetry(report) => fleet.cast(FleetMsg::Telemetry {
@@ -128,6 +134,12 @@ async fn reader_loop(
                         session_id,
                         inventory,
                     }),
+                    AgentMessage::Renew { csr_pem } => {
+                        if myself.cast(SessionMsg::Renew { csr_pem }).is_err() {
+                            break "session stopped".to_string();
+                        }
+                        Ok(())
+                    }
                     AgentMessage::Leaving { reason } => {
                         info!(agent_id = %name, %reason, "agent is leaving");
                         fleet.cast(FleetMsg::Leaving { name: name.clone(), session_id, reason })
@@ -170,12 +182,26 @@ impl Actor for AgentSession {
         myself: ActorRef<SessionMsg>,
         args: SessionArgs,
     ) -> Result<SessionState, ActorProcessingErr> {
-        let SessionArgs { conn, mut send, recv, identity, session_id, fleet, heartbeat_interval } =
-            args;
+        let SessionArgs {
+            conn,
+            mut send,
+            recv,
+            identity,
+            session_id,
+            fleet,
+            authority,
+            heartbeat_interval,
+        } = args;
         let name = identity.name.clone();
+        let id_for_register = identity.clone();
         ractor::call_t!(
             fleet,
-            |reply| FleetMsg::Register { identity, session_id, session: myself.clone(), reply },
+            |reply| FleetMsg::Register {
+                identity: id_for_register,
+                session_id,
+                session: myself.clone(),
+                reply
+            },
             5000
         )?;
         let welcome = CoordinatorMessage::Welcome(Welcome {
@@ -199,7 +225,16 @@ impl Actor for AgentSession {
             fleet.clone(),
             myself,
         ));
-        Ok(SessionState { conn, send, name, session_id, fleet, reader: Some(reader) })
+        Ok(SessionState {
+            conn,
+            send,
+            name,
+            session_id,
+            fleet,
+            authority,
+            identity,
+            reader: Some(reader),
+        })
     }
 
     async fn handle(
@@ -224,6 +259,23 @@ impl Actor for AgentSession {
                     conn.close(close_code::CLOSED.into(), reason.as_bytes());
                 });
                 myself.stop(None);
+            }
+            SessionMsg::Renew { csr_pem } => {
+                let identity = st.identity.clone();
+                let answer = match ractor::call_t!(
+                    st.authority,
+                    |reply| AuthorityMsg::Renew { identity, csr_pem, reply },
+                    10_000
+                ) {
+                    Ok(Ok(cert_pem)) => CoordinatorMessage::Renewed { cert_pem },
+                    Ok(Err(reason)) => CoordinatorMessage::RenewRefused { reason },
+                    Err(e) => CoordinatorMessage::RenewRefused {
+                        reason: format!("authority unavailable: {e}"),
+                    },
+                };
+                if let Err(e) = write_frame(&mut st.send, &answer).await {
+                    warn!(agent_id = %st.name, error = %e, "could not deliver renewal answer");
+                }
             }
             SessionMsg::StreamEnded { reason } => {
                 let _ = st.fleet.cast(FleetMsg::SessionClosed {

@@ -14,6 +14,12 @@ use serde::{Deserialize, Serialize};
 use crate::liveness::AgentState;
 
 const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
+const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
+/// Audit trail, keyed by a strictly increasing sequence (µs since the epoch, bumped on
+/// collision).
+const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+const REVOKED_SERIALS: TableDefinition<&str, &[u8]> = TableDefinition::new("revoked_serials");
+const REVOKED_AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("revoked_agents");
 
 /// Store errors.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +72,10 @@ impl Store {
             .map_err(|e| StoreError::Open { path: path.clone(), msg: e.to_string() })?;
         let tx = db.begin_write().map_err(db_err(&path))?;
         tx.open_table(AGENTS).map_err(db_err(&path))?;
+        tx.open_table(TOKENS).map_err(db_err(&path))?;
+        tx.open_table(AUDIT).map_err(db_err(&path))?;
+        tx.open_table(REVOKED_SERIALS).map_err(db_err(&path))?;
+        tx.open_table(REVOKED_AGENTS).map_err(db_err(&path))?;
         tx.commit().map_err(db_err(&path))?;
         Ok(Self { db })
     }
@@ -102,6 +112,214 @@ impl Store {
     }
 }
 
+/// A join token as stored (the secret only as its SHA-256).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub id: String,
+    pub secret_sha256: String,
+    pub created_unix_ms: u64,
+    pub expires_unix_ms: u64,
+    pub max_uses: u32,
+    pub uses: u32,
+    pub revoked: bool,
+    /// Name the enrolled agent gets; `None` = the name the node asks for.
+    pub name: Option<String>,
+    pub attributes: Attributes,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+/// One audit-trail entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub at_unix_ms: u64,
+    /// `token-created`, `token-revoked`, `enrolled`, `enroll-refused`, `renewed`, `agent-revoked`.
+    pub event: String,
+    pub agent: Option<String>,
+    pub token_id: Option<String>,
+    pub serial: Option<String>,
+    pub not_after_unix: Option<i64>,
+    pub detail: String,
+}
+
+/// Why a token could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenRefusal {
+    #[error("unknown join token {0}")]
+    Unknown(String),
+    #[error("join token {0} has expired")]
+    Expired(String),
+    #[error("join token {0} has no uses left")]
+    UsedUp(String),
+    #[error("join token {0} has been revoked")]
+    Revoked(String),
+    #[error("wrong secret for join token {0}")]
+    WrongSecret(String),
+}
+
+/// Errors of [`Store::consume_token`].
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumeError {
+    #[error(transparent)]
+    Refused(#[from] TokenRefusal),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn json<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(v).map_err(db)
+}
+
+fn parse<T: serde::de::DeserializeOwned>(key: &str, v: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(v)
+        .map_err(|e| StoreError::Corrupt { key: key.to_string(), msg: e.to_string() })
+}
+
+impl Store {
+    pub fn put_token(&self, t: &TokenRecord, audit: &AuditRecord) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        {
+            let mut tt = tx.open_table(TOKENS).map_err(db)?;
+            tt.insert(t.id.as_str(), json(t)?.as_slice()).map_err(db)?;
+            append_audit(&tx, audit)?;
+        }
+        tx.commit().map_err(db)
+    }
+
+    pub fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let t = tx.open_table(TOKENS).map_err(db)?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(db)? {
+            let (k, v) = item.map_err(db)?;
+            out.push(parse(k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Check a token and use it once, atomically, recording `audit` in the same
+    /// transaction. Nothing is written when the token is refused.
+    pub fn consume_token(
+        &self,
+        id: &str,
+        secret_sha256: &str,
+        now_unix_ms: u64,
+        audit: &AuditRecord,
+    ) -> Result<TokenRecord, ConsumeError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        let token = {
+            let mut tt = tx.open_table(TOKENS).map_err(db)?;
+            let mut token: TokenRecord = match tt.get(id).map_err(db)? {
+                Some(v) => parse(id, v.value())?,
+                None => return Err(TokenRefusal::Unknown(id.to_string()).into()),
+            };
+            if !ct_eq(token.secret_sha256.as_bytes(), secret_sha256.as_bytes()) {
+                return Err(TokenRefusal::WrongSecret(id.to_string()).into());
+            }
+            if token.revoked {
+                return Err(TokenRefusal::Revoked(id.to_string()).into());
+            }
+            if now_unix_ms >= token.expires_unix_ms {
+                return Err(TokenRefusal::Expired(id.to_string()).into());
+            }
+            if token.uses >= token.max_uses {
+                return Err(TokenRefusal::UsedUp(id.to_string()).into());
+            }
+            token.uses += 1;
+            tt.insert(id, json(&token)?.as_slice()).map_err(db)?;
+            token
+        };
+        append_audit(&tx, audit)?;
+        tx.commit().map_err(db)?;
+        Ok(token)
+    }
+
+    /// Mark a token revoked. `Ok(false)` if there is no such token.
+    pub fn revoke_token(&self, id: &str, audit: &AuditRecord) -> Result<bool, StoreError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        {
+            let mut tt = tx.open_table(TOKENS).map_err(db)?;
+            let mut token: TokenRecord = match tt.get(id).map_err(db)? {
+                Some(v) => parse(id, v.value())?,
+                None => return Ok(false),
+            };
+            token.revoked = true;
+            tt.insert(id, json(&token)?.as_slice()).map_err(db)?;
+            append_audit(&tx, audit)?;
+        }
+        tx.commit().map_err(db)?;
+        Ok(true)
+    }
+
+    pub fn append_audit(&self, audit: &AuditRecord) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        append_audit(&tx, audit)?;
+        tx.commit().map_err(db)
+    }
+
+    pub fn audit(&self) -> Result<Vec<AuditRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let t = tx.open_table(AUDIT).map_err(db)?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(db)? {
+            let (k, v) = item.map_err(db)?;
+            out.push(parse(&k.value().to_string(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Deny an agent name and certificate serials, with an audit record, atomically.
+    pub fn revoke_agent(
+        &self,
+        name: &str,
+        serials: &[String],
+        audit: &AuditRecord,
+    ) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        {
+            let mut ra = tx.open_table(REVOKED_AGENTS).map_err(db)?;
+            ra.insert(name, json(audit)?.as_slice()).map_err(db)?;
+            let mut rs = tx.open_table(REVOKED_SERIALS).map_err(db)?;
+            for s in serials {
+                rs.insert(s.as_str(), json(audit)?.as_slice()).map_err(db)?;
+            }
+            append_audit(&tx, audit)?;
+        }
+        tx.commit().map_err(db)
+    }
+
+    /// Revoked agent names and serials.
+    pub fn revoked(&self) -> Result<(Vec<String>, Vec<String>), StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let mut names = Vec::new();
+        for item in tx.open_table(REVOKED_AGENTS).map_err(db)?.iter().map_err(db)? {
+            names.push(item.map_err(db)?.0.value().to_string());
+        }
+        let mut serials = Vec::new();
+        for item in tx.open_table(REVOKED_SERIALS).map_err(db)?.iter().map_err(db)? {
+            serials.push(item.map_err(db)?.0.value().to_string());
+        }
+        Ok((names, serials))
+    }
+}
+
+fn append_audit(tx: &redb::WriteTransaction, audit: &AuditRecord) -> Result<(), StoreError> {
+    let mut t = tx.open_table(AUDIT).map_err(db)?;
+    let mut key = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0);
+    if let Some(last) = t.last().map_err(db)? {
+        key = key.max(last.0.value() + 1);
+    }
+    t.insert(key, json(audit)?.as_slice()).map_err(db)?;
+    Ok(())
+}
+
 fn db_err<E: std::fmt::Display>(path: &Path) -> impl Fn(E) -> StoreError + '_ {
     move |e| StoreError::Open { path: path.to_path_buf(), msg: e.to_string() }
 }
@@ -109,6 +327,69 @@ fn db_err<E: std::fmt::Display>(path: &Path) -> impl Fn(E) -> StoreError + '_ {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn token(id: &str, max_uses: u32, expires: u64) -> TokenRecord {
+        TokenRecord {
+            id: id.into(),
+            secret_sha256: "s".repeat(64),
+            created_unix_ms: 0,
+            expires_unix_ms: expires,
+            max_uses,
+            uses: 0,
+            revoked: false,
+            name: None,
+            attributes: Attributes::default(),
+            labels: Default::default(),
+        }
+    }
+
+    fn audit(event: &str) -> AuditRecord {
+        AuditRecord {
+            at_unix_ms: 1,
+            event: event.into(),
+            agent: None,
+            token_id: None,
+            serial: None,
+            not_after_unix: None,
+            detail: String::new(),
+        }
+    }
+
+    #[test]
+    fn tokens_are_consumed_atomically_and_refusals_write_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.put_token(&token("t1", 1, 1000), &audit("token-created")).unwrap();
+        let ok = "s".repeat(64);
+        let e = s.consume_token("t1", &"x".repeat(64), 10, &audit("enrolled")).unwrap_err();
+        assert!(matches!(e, ConsumeError::Refused(TokenRefusal::WrongSecret(_))));
+        let e = s.consume_token("t1", &ok, 1000, &audit("enrolled")).unwrap_err();
+        assert!(matches!(e, ConsumeError::Refused(TokenRefusal::Expired(_))));
+        assert_eq!(s.consume_token("t1", &ok, 10, &audit("enrolled")).unwrap().uses, 1);
+        let e = s.consume_token("t1", &ok, 10, &audit("enrolled")).unwrap_err();
+        assert!(matches!(e, ConsumeError::Refused(TokenRefusal::UsedUp(_))));
+        s.put_token(&token("t2", 5, 1000), &audit("token-created")).unwrap();
+        assert!(s.revoke_token("t2", &audit("token-revoked")).unwrap());
+        let e = s.consume_token("t2", &ok, 10, &audit("enrolled")).unwrap_err();
+        assert!(matches!(e, ConsumeError::Refused(TokenRefusal::Revoked(_))));
+        assert!(matches!(
+            s.consume_token("nope", &ok, 10, &audit("enrolled")),
+            Err(ConsumeError::Refused(TokenRefusal::Unknown(_)))
+        ));
+        let events: Vec<String> = s.audit().unwrap().into_iter().map(|a| a.event).collect();
+        assert_eq!(events, ["token-created", "enrolled", "token-created", "token-revoked"]);
+    }
+
+    #[test]
+    fn revocations_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            s.revoke_agent("a1", &["0abc".into()], &audit("agent-revoked")).unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.revoked().unwrap(), (vec!["a1".to_string()], vec!["0abc".to_string()]));
+    }
 
     #[test]
     fn records_survive_reopen() {

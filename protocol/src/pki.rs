@@ -290,7 +290,9 @@ impl Ca {
         params.serial_number = Some(random_serial());
         let (nb, na) = req.validity.unwrap_or_else(|| {
             let now = OffsetDateTime::now_utc();
-            (now - NOT_BEFORE_SKEW, now + req.ttl)
+            // Back-date for clock skew, but never by more than a tenth of the lifetime, so
+            // "two thirds of the lifetime" stays close to two thirds after issuance.
+            (now - NOT_BEFORE_SKEW.min(req.ttl / 10), now + req.ttl)
         });
         params.not_before = nb;
         params.not_after = na;

@@ -43,6 +43,15 @@ struct Cli {
     /// Telemetry history points kept per agent [default: 120].
     #[arg(long)]
     history: Option<usize>,
+    /// CA private key: enables join tokens, enrollment and certificate renewal.
+    #[arg(long)]
+    ca_key: Option<PathBuf>,
+    /// Lifetime of certificates issued at enrollment/renewal [default: 24h].
+    #[arg(long)]
+    cert_ttl: Option<String>,
+    /// Address(es) agents dial, written into join strings (HOST:PORT[,HOST:PORT]).
+    #[arg(long)]
+    advertise: Option<String>,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -83,6 +92,9 @@ fn main() -> ExitCode {
         lost_after: cli.lost_after,
         heartbeat_interval: cli.heartbeat_interval,
         history: cli.history,
+        ca_key: cli.ca_key,
+        cert_ttl: cli.cert_ttl,
+        advertise: cli.advertise,
     };
     let config = match CoordinatorConfig::resolve(file, flags) {
         Ok(c) => c,

@@ -81,12 +81,57 @@ enum Command {
     Gpus,
     /// Print the coordinator's Prometheus metrics.
     Metrics,
+    /// Join tokens for zero-touch enrollment.
+    Tokens {
+        #[command(subcommand)]
+        cmd: TokensCmd,
+    },
+    /// The enrollment / renewal / revocation audit trail.
+    Audit,
+}
+
+#[derive(Subcommand, Debug)]
+enum TokensCmd {
+    /// Create a join token and print its join string (shown once).
+    Create {
+        #[arg(long)]
+        region: Option<String>,
+        #[arg(long)]
+        jurisdiction: Option<String>,
+        #[arg(long)]
+        provider: Option<String>,
+        /// Labels, e.g. rack=a7,tier=spot.
+        #[arg(long, value_delimiter = ',')]
+        labels: Vec<String>,
+        /// Fix the enrolled agent's name (default: the node's own name).
+        #[arg(long)]
+        name: Option<String>,
+        /// How many enrollments the token allows.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// Token lifetime.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// Coordinator address(es) for the join string [default: the coordinator's --advertise].
+        #[arg(long = "coordinator")]
+        coordinators: Vec<String>,
+    },
+    /// List join tokens (never their secrets).
+    Ls,
+    /// Revoke a join token.
+    Revoke { id: String },
 }
 
 #[derive(Subcommand, Debug)]
 enum AgentsCmd {
     /// One agent with its GPUs and recent history.
     Show { name: String },
+    /// Cut an agent off: its session ends now, it cannot renew or reconnect.
+    Revoke {
+        name: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -334,11 +379,115 @@ async fn run(cli: Cli) -> Result<()> {
             table(&GPU_HEADERS, gpu_rows(&gpus));
             Ok(())
         }
+        Command::Agents { cmd: Some(AgentsCmd::Revoke { name, reason }) } => {
+            let body = serde_json::json!({ "reason": reason });
+            let _: serde_json::Value = client(&cli.conn)?
+                .post_json(&format!("/api/v1/agents/{name}/revoke"), &body)
+                .await?;
+            outln!("revoked agent {name}: its session is closed and its certificates are denied");
+            Ok(())
+        }
+        Command::Tokens { cmd } => tokens(&cli.conn, cli.output, cmd).await,
+        Command::Audit => {
+            let log: Vec<serde_json::Value> = client(&cli.conn)?.get_json("/api/v1/audit").await?;
+            if cli.output == Output::Json {
+                return print_json(&log);
+            }
+            let s = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap_or("-").to_string();
+            table(
+                &["TIME", "EVENT", "AGENT", "TOKEN", "SERIAL", "DETAIL"],
+                log.iter()
+                    .map(|a| {
+                        vec![
+                            fleetmesh_coordinator::views::rfc3339_ms(
+                                a["at_unix_ms"].as_u64().unwrap_or(0),
+                            ),
+                            s(a, "event"),
+                            s(a, "agent"),
+                            s(a, "token_id"),
+                            s(a, "serial"),
+                            s(a, "detail"),
+                        ]
+                    })
+                    .collect(),
+            );
+            Ok(())
+        }
         Command::Metrics => {
             let text = client(&cli.conn)?.get_text("/metrics").await?;
             if std::io::stdout().write_all(text.as_bytes()).is_err() {
                 std::process::exit(0);
             }
+            Ok(())
+        }
+    }
+}
+
+async fn tokens(conn: &ConnArgs, output: Output, cmd: TokensCmd) -> Result<()> {
+    let c = client(conn)?;
+    match cmd {
+        TokensCmd::Create {
+            region,
+            jurisdiction,
+            provider,
+            labels,
+            name,
+            uses,
+            ttl,
+            coordinators,
+        } => {
+            let mut map = serde_json::Map::new();
+            for l in labels {
+                let (k, v) =
+                    l.split_once('=').ok_or_else(|| anyhow!("label {l:?} is not key=value"))?;
+                map.insert(k.to_string(), serde_json::Value::String(v.to_string()));
+            }
+            let spec = serde_json::json!({
+                "region": region, "jurisdiction": jurisdiction, "provider": provider,
+                "labels": map, "name": name, "uses": uses, "ttl": ttl, "coordinators": coordinators,
+            });
+            let created: serde_json::Value = c.post_json("/api/v1/tokens", &spec).await?;
+            if output == Output::Json {
+                return print_json(&created);
+            }
+            outln!("{}", created["join"].as_str().unwrap_or_default());
+            eprintln!(
+                "token {} allows {} enrollment(s) until {}; on a node: fleetmesh-agent --join '<the line above>'",
+                created["id"].as_str().unwrap_or("?"),
+                created["uses"],
+                created["expires"].as_str().unwrap_or("?")
+            );
+            Ok(())
+        }
+        TokensCmd::Ls => {
+            let list: Vec<serde_json::Value> = c.get_json("/api/v1/tokens").await?;
+            if output == Output::Json {
+                return print_json(&list);
+            }
+            let s = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap_or("-").to_string();
+            table(
+                &["ID", "STATUS", "USES", "NAME", "REGION", "JURISDICTION", "PROVIDER", "EXPIRES"],
+                list.iter()
+                    .map(|t| {
+                        vec![
+                            s(t, "id"),
+                            s(t, "status"),
+                            format!("{}/{}", t["uses"], t["max_uses"]),
+                            s(t, "name"),
+                            s(t, "region"),
+                            s(t, "jurisdiction"),
+                            s(t, "provider"),
+                            s(t, "expires"),
+                        ]
+                    })
+                    .collect(),
+            );
+            Ok(())
+        }
+        TokensCmd::Revoke { id } => {
+            let _: serde_json::Value =
+                c.post_json(&format!("/api/v1/tokens/{id}/revoke"), &serde_json::json!({})).await?;
+            outln!("revoked token {id}");
             Ok(())
         }
     }

@@ -1,0 +1,458 @@
+//! `Authority` actor: the coordinator's certificate authority. Owns the CA key (when the
+//! coordinator is given `--ca-key`), join tokens, enrollment, renewal, revocation and the
+//! audit trail, all persisted in the store.
+//!
+//! Tokens are stored hashed (SHA-256 of the secret) and consumed in the same transaction
+//! that records the enrollment. Issued certificates take their name and attributes from
+//! the token (enrollment) or from the current certificate (renewal), never from the CSR.
+//! Revocation denies the agent's name and every serial issued to it; the Listener asks
+//! [`AuthorityMsg::CheckRevoked`] on every connection.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetmesh_protocol::enroll::{sha256_hex, EnrollRequest, JoinString};
+use fleetmesh_protocol::identity::validate_label;
+use fleetmesh_protocol::pki::{Ca, IssueRequest};
+use fleetmesh_protocol::{Attributes, PeerIdentity, PeerKind};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::fleet::FleetMsg;
+use crate::store::{AuditRecord, ConsumeError, Store, TokenRecord};
+
+/// What an operator asks for when creating a token.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenSpec {
+    pub region: Option<String>,
+    pub jurisdiction: Option<String>,
+    pub provider: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Fixed agent name; absent = the name the node asks for.
+    pub name: Option<String>,
+    /// Enrollments allowed [default 1].
+    pub uses: Option<u32>,
+    /// Lifetime, e.g. `1h` [default 1h].
+    pub ttl: Option<String>,
+    /// Coordinator addresses to put in the join string [default: the coordinator's
+    /// advertised addresses].
+    #[serde(default)]
+    pub coordinators: Vec<String>,
+}
+
+/// A created token; `join` is shown once and never stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenCreated {
+    pub id: String,
+    pub join: String,
+    pub expires: String,
+    pub uses: u32,
+}
+
+/// A token as listed (never the secret).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenView {
+    pub id: String,
+    pub name: Option<String>,
+    pub region: Option<String>,
+    pub jurisdiction: Option<String>,
+    pub provider: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub uses: u32,
+    pub max_uses: u32,
+    pub expires: String,
+    /// `active`, `expired`, `used` or `revoked`.
+    pub status: String,
+}
+
+/// Result of an enrollment.
+#[derive(Debug, Clone)]
+pub struct Enrolled {
+    pub name: String,
+    pub cert_pem: String,
+}
+
+/// Authority messages.
+pub enum AuthorityMsg {
+    CreateToken(TokenSpec, RpcReplyPort<Result<TokenCreated, String>>),
+    ListTokens(RpcReplyPort<Result<Vec<TokenView>, String>>),
+    RevokeToken(String, RpcReplyPort<Result<(), String>>),
+    Enroll(Box<EnrollRequest>, RpcReplyPort<Result<Enrolled, String>>),
+    Renew {
+        identity: PeerIdentity,
+        csr_pem: String,
+        reply: RpcReplyPort<Result<String, String>>,
+    },
+    RevokeAgent {
+        name: String,
+        reason: String,
+        reply: RpcReplyPort<Result<(), String>>,
+    },
+    /// `Some(reason)` when this identity must not connect.
+    CheckRevoked(PeerIdentity, RpcReplyPort<Option<String>>),
+    Audit(RpcReplyPort<Result<Vec<AuditRecord>, String>>),
+}
+
+/// Authority start-up arguments.
+pub struct AuthorityArgs {
+    pub ca: Option<Ca>,
+    pub ca_pem: String,
+    pub store: Arc<Store>,
+    pub cert_ttl: Duration,
+    pub advertise: Vec<String>,
+    pub fleet: ActorRef<FleetMsg>,
+}
+
+/// Authority state.
+pub struct AuthorityState {
+    ca: Option<Ca>,
+    ca_fingerprint: String,
+    store: Arc<Store>,
+    cert_ttl: Duration,
+    advertise: Vec<String>,
+    fleet: ActorRef<FleetMsg>,
+    revoked_names: HashSet<String>,
+    revoked_serials: HashSet<String>,
+}
+
+/// The Authority actor.
+pub struct Authority;
+
+/// Default token lifetime.
+const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    rand::rng().fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+fn audit(
+    event: &str,
+    agent: Option<&str>,
+    token: Option<&str>,
+    detail: impl Into<String>,
+) -> AuditRecord {
+    AuditRecord {
+        at_unix_ms: now_ms(),
+        event: event.into(),
+        agent: agent.map(str::to_string),
+        token_id: token.map(str::to_string),
+        serial: None,
+        not_after_unix: None,
+        detail: detail.into(),
+    }
+}
+
+fn serial_of(cert_pem: &str) -> (Option<String>, Option<i64>) {
+    use rustls::pki_types::pem::PemObject;
+    let id = rustls::pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .ok()
+        .and_then(|d| fleetmesh_protocol::identity::identity_from_der(&d).ok());
+    (id.as_ref().map(|i| i.serial.clone()), id.map(|i| i.not_after_unix))
+}
+
+impl AuthorityState {
+    fn ca(&self) -> Result<&Ca, String> {
+        self.ca.as_ref().ok_or_else(|| {
+            "this coordinator has no CA key (start it with --ca-key): enrollment and renewal are disabled".into()
+        })
+    }
+
+    fn create_token(&self, spec: TokenSpec) -> Result<TokenCreated, String> {
+        self.ca()?;
+        let attributes = Attributes {
+            region: spec.region,
+            jurisdiction: spec.jurisdiction,
+            provider: spec.provider,
+        };
+        attributes.validate().map_err(|e| e.to_string())?;
+        if let Some(n) = &spec.name {
+            validate_label("name", n).map_err(|e| e.to_string())?;
+        }
+        for (k, v) in &spec.labels {
+            validate_label("label key", k).map_err(|e| e.to_string())?;
+            validate_label("label value", v).map_err(|e| e.to_string())?;
+        }
+        let ttl = match &spec.ttl {
+            Some(t) => humantime::parse_duration(t).map_err(|e| format!("ttl {t:?}: {e}"))?,
+            None => DEFAULT_TOKEN_TTL,
+        };
+        let uses = spec.uses.unwrap_or(1);
+        if uses == 0 {
+            return Err("uses must be at least 1".into());
+        }
+        let coordinators =
+            if spec.coordinators.is_empty() { self.advertise.clone() } else { spec.coordinators };
+        if coordinators.is_empty() {
+            return Err("no coordinator address to put in the join string: pass one, or start the coordinator with --advertise".into());
+        }
+        let id = random_hex(8);
+        let secret = random_hex(16);
+        let now = now_ms();
+        let rec = TokenRecord {
+            id: id.clone(),
+            secret_sha256: sha256_hex(secret.as_bytes()),
+            created_unix_ms: now,
+            expires_unix_ms: now + ttl.as_millis() as u64,
+            max_uses: uses,
+            uses: 0,
+            revoked: false,
+            name: spec.name,
+            attributes,
+            labels: spec.labels,
+        };
+        self.store
+            .put_token(
+                &rec,
+                &audit(
+                    "token-created",
+                    None,
+                    Some(&id),
+                    format!("uses={uses} ttl={}", humantime::format_duration(ttl)),
+                ),
+            )
+            .map_err(|e| e.to_string())?;
+        let join = JoinString {
+            coordinators,
+            token_id: id.clone(),
+            secret,
+            ca_fingerprint: self.ca_fingerprint.clone(),
+        };
+        info!(token = %id, uses, "join token created");
+        Ok(TokenCreated {
+            id,
+            join: join.to_string(),
+            expires: crate::views::rfc3339_ms(rec.expires_unix_ms),
+            uses,
+        })
+    }
+
+    fn enroll(&mut self, req: &EnrollRequest) -> Result<Enrolled, String> {
+        let ca = self.ca()?;
+        if req.protocol_version != fleetmesh_protocol::PROTOCOL_VERSION {
+            return Err(format!(
+                "protocol version mismatch: agent speaks {}, coordinator speaks {}",
+                req.protocol_version,
+                fleetmesh_protocol::PROTOCOL_VERSION
+            ));
+        }
+        // Validate what we can before using the token up.
+        let tokens = self.store.tokens().map_err(|e| e.to_string())?;
+        let fixed = tokens.iter().find(|t| t.id == req.token_id).and_then(|t| t.name.clone());
+        let name = fixed.unwrap_or_else(|| req.requested_name.clone());
+        validate_label("name", &name).map_err(|e| e.to_string())?;
+        if self.revoked_names.contains(&name) {
+            return Err(format!("agent {name} is revoked"));
+        }
+        rcgen_check(&req.csr_pem)?;
+        let token = self
+            .store
+            .consume_token(
+                &req.token_id,
+                &sha256_hex(req.token_secret.as_bytes()),
+                now_ms(),
+                &audit("enrolled", Some(&name), Some(&req.token_id), "join token used"),
+            )
+            .map_err(|e| match e {
+                ConsumeError::Refused(r) => r.to_string(),
+                ConsumeError::Store(s) => s.to_string(),
+            })?;
+        let mut ireq = IssueRequest::new(PeerKind::Agent, name.clone(), self.cert_ttl);
+        ireq.attributes = token.attributes.clone();
+        let cert_pem = ca.issue_from_csr(&ireq, &req.csr_pem).map_err(|e| e.to_string())?;
+        let (serial, not_after) = serial_of(&cert_pem);
+        let mut rec =
+            audit("issued", Some(&name), Some(&token.id), "certificate issued at enrollment");
+        rec.serial = serial.clone();
+        rec.not_after_unix = not_after;
+        if let Err(e) = self.store.append_audit(&rec) {
+            warn!(error = %e, "could not record issued certificate");
+        }
+        info!(agent_id = %name, token = %token.id, serial = ?serial, "agent enrolled");
+        Ok(Enrolled { name, cert_pem })
+    }
+
+    fn renew(&mut self, id: &PeerIdentity, csr_pem: &str) -> Result<String, String> {
+        let ca = self.ca()?;
+        if let Some(why) = self.check_revoked(id) {
+            return Err(why);
+        }
+        let mut ireq = IssueRequest::new(PeerKind::Agent, id.name.clone(), self.cert_ttl);
+        ireq.attributes = id.attributes.clone();
+        let cert_pem = ca.issue_from_csr(&ireq, csr_pem).map_err(|e| e.to_string())?;
+        let (serial, not_after) = serial_of(&cert_pem);
+        let mut rec =
+            audit("renewed", Some(&id.name), None, format!("replaces serial {}", id.serial));
+        rec.serial = serial;
+        rec.not_after_unix = not_after;
+        self.store.append_audit(&rec).map_err(|e| e.to_string())?;
+        info!(agent_id = %id.name, "certificate renewed");
+        Ok(cert_pem)
+    }
+
+    fn check_revoked(&self, id: &PeerIdentity) -> Option<String> {
+        if self.revoked_serials.contains(&id.serial)
+            || (id.kind == PeerKind::Agent && self.revoked_names.contains(&id.name))
+        {
+            Some(format!("certificate of {} is revoked", id.spiffe_id()))
+        } else {
+            None
+        }
+    }
+
+    fn revoke_agent(&mut self, name: &str, reason: &str) -> Result<(), String> {
+        validate_label("name", name).map_err(|e| e.to_string())?;
+        let audit_log = self.store.audit().map_err(|e| e.to_string())?;
+        let serials: Vec<String> = audit_log
+            .iter()
+            .filter(|a| a.agent.as_deref() == Some(name))
+            .filter_map(|a| a.serial.clone())
+            .collect();
+        self.store
+            .revoke_agent(name, &serials, &audit("agent-revoked", Some(name), None, reason))
+            .map_err(|e| e.to_string())?;
+        self.revoked_names.insert(name.to_string());
+        self.revoked_serials.extend(serials);
+        let _ = self
+            .fleet
+            .cast(FleetMsg::Revoked { name: name.to_string(), reason: reason.to_string() });
+        warn!(agent_id = %name, %reason, "agent revoked");
+        Ok(())
+    }
+}
+
+fn rcgen_check(csr_pem: &str) -> Result<(), String> {
+    if csr_pem.len() > 16 * 1024 || !csr_pem.contains("BEGIN CERTIFICATE REQUEST") {
+        return Err("malformed certificate request".into());
+    }
+    Ok(())
+}
+
+impl Actor for Authority {
+    type Msg = AuthorityMsg;
+    type State = AuthorityState;
+    type Arguments = AuthorityArgs;
+
+    async fn pre_start(
+        &self,
+        _m: ActorRef<AuthorityMsg>,
+        a: AuthorityArgs,
+    ) -> Result<AuthorityState, ActorProcessingErr> {
+        let (names, serials) = a.store.revoked()?;
+        let ca_fingerprint =
+            fleetmesh_protocol::pki::fingerprint_pem(&a.ca_pem).unwrap_or_default();
+        if a.ca.is_none() {
+            info!("no CA key configured: join tokens, enrollment and renewal are disabled");
+        }
+        Ok(AuthorityState {
+            ca: a.ca,
+            ca_fingerprint,
+            store: a.store,
+            cert_ttl: a.cert_ttl,
+            advertise: a.advertise,
+            fleet: a.fleet,
+            revoked_names: names.into_iter().collect(),
+            revoked_serials: serials.into_iter().collect(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        _m: ActorRef<AuthorityMsg>,
+        msg: AuthorityMsg,
+        st: &mut AuthorityState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            AuthorityMsg::CreateToken(spec, reply) => {
+                let _ = reply.send(st.create_token(spec));
+            }
+            AuthorityMsg::ListTokens(reply) => {
+                let now = now_ms();
+                let r = st.store.tokens().map_err(|e| e.to_string()).map(|ts| {
+                    ts.into_iter()
+                        .map(|t| TokenView {
+                            status: if t.revoked {
+                                "revoked"
+                            } else if now >= t.expires_unix_ms {
+                                "expired"
+                            } else if t.uses >= t.max_uses {
+                                "used"
+                            } else {
+                                "active"
+                            }
+                            .into(),
+                            id: t.id,
+                            name: t.name,
+                            region: t.attributes.region,
+                            jurisdiction: t.attributes.jurisdiction,
+                            provider: t.attributes.provider,
+                            labels: t.labels,
+                            uses: t.uses,
+                            max_uses: t.max_uses,
+                            expires: crate::views::rfc3339_ms(t.expires_unix_ms),
+                        })
+                        .collect()
+                });
+                let _ = reply.send(r);
+            }
+            AuthorityMsg::RevokeToken(id, reply) => {
+                let r = match st
+                    .store
+                    .revoke_token(&id, &audit("token-revoked", None, Some(&id), ""))
+                {
+                    Ok(true) => {
+                        info!(token = %id, "join token revoked");
+                        Ok(())
+                    }
+                    Ok(false) => Err(format!("no join token {id}")),
+                    Err(e) => Err(e.to_string()),
+                };
+                let _ = reply.send(r);
+            }
+            AuthorityMsg::Enroll(req, reply) => {
+                let r = st.enroll(&req);
+                if let Err(why) = &r {
+                    warn!(token = %req.token_id, requested_name = %req.requested_name, reason = %why, "enrollment refused");
+                    let rec = audit(
+                        "enroll-refused",
+                        Some(&req.requested_name),
+                        Some(&req.token_id),
+                        why.clone(),
+                    );
+                    let _ = st.store.append_audit(&rec);
+                }
+                let _ = reply.send(r);
+            }
+            AuthorityMsg::Renew { identity, csr_pem, reply } => {
+                let r = st.renew(&identity, &csr_pem);
+                if let Err(why) = &r {
+                    warn!(agent_id = %identity.name, reason = %why, "renewal refused");
+                }
+                let _ = reply.send(r);
+            }
+            AuthorityMsg::RevokeAgent { name, reason, reply } => {
+                let _ = reply.send(st.revoke_agent(&name, &reason));
+            }
+            AuthorityMsg::CheckRevoked(id, reply) => {
+                let _ = reply.send(st.check_revoked(&id));
+            }
+            AuthorityMsg::Audit(reply) => {
+                let _ = reply.send(st.store.audit().map_err(|e| e.to_string()));
+            }
+        }
+        Ok(())
+    }
+}
