@@ -13,6 +13,8 @@ use crate::AgentError;
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct FileConfig {
     pub coordinator: Option<String>,
+    /// Join string from `fleetmesh tokens create` (enroll instead of pre-issued certs).
+    pub join: Option<String>,
     pub data_dir: Option<PathBuf>,
     pub ca: Option<PathBuf>,
     pub cert: Option<PathBuf>,
@@ -34,11 +36,14 @@ impl FileConfig {
 /// Fully resolved agent configuration.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    pub coordinator: String,
+    /// `HOST:PORT`; from the join string when not given.
+    pub coordinator: Option<String>,
+    pub join: Option<fleetmesh_protocol::enroll::JoinString>,
     pub data_dir: PathBuf,
-    pub ca: PathBuf,
-    pub cert: PathBuf,
-    pub key: PathBuf,
+    /// Pre-issued identity (all three, or none when enrolling).
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
     pub name: Option<String>,
     pub simulate_gpus: Option<String>,
     pub telemetry_interval: Duration,
@@ -63,10 +68,33 @@ impl AgentConfig {
     pub fn resolve(file: FileConfig, flags: FileConfig) -> Result<Self, AgentError> {
         let missing =
             |k: &str| AgentError::Config(format!("--{k} is required (flag or config file)"));
-        let mut coordinator =
-            flags.coordinator.or(file.coordinator).ok_or_else(|| missing("coordinator"))?;
-        if !coordinator.contains(':') {
-            coordinator = format!("{coordinator}:{DEFAULT_PORT}");
+        let join = match flags.join.or(file.join) {
+            Some(j) => Some(
+                j.parse::<fleetmesh_protocol::enroll::JoinString>()
+                    .map_err(|e| AgentError::Config(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let coordinator = flags.coordinator.or(file.coordinator).map(|c| {
+            if c.contains(':') {
+                c
+            } else {
+                format!("{c}:{DEFAULT_PORT}")
+            }
+        });
+        if coordinator.is_none() && join.is_none() {
+            return Err(missing("coordinator"));
+        }
+        let (ca, cert, key) =
+            (flags.ca.or(file.ca), flags.cert.or(file.cert), flags.key.or(file.key));
+        let given = [ca.is_some(), cert.is_some(), key.is_some()];
+        if join.is_none() && given.contains(&false) {
+            return Err(AgentError::Config(
+                "pass --join JOIN_STRING, or all of --ca, --cert and --key (pre-issued certificates)".into(),
+            ));
+        }
+        if given.contains(&true) && given.contains(&false) {
+            return Err(AgentError::Config("--ca, --cert and --key go together".into()));
         }
         let telemetry_interval = match flags.telemetry_interval.or(file.telemetry_interval) {
             Some(s) => parse_duration("telemetry-interval", &s)?,
@@ -82,9 +110,10 @@ impl AgentConfig {
                 .data_dir
                 .or(file.data_dir)
                 .unwrap_or_else(|| PathBuf::from("/var/lib/fleetmesh-agent")),
-            ca: flags.ca.or(file.ca).ok_or_else(|| missing("ca"))?,
-            cert: flags.cert.or(file.cert).ok_or_else(|| missing("cert"))?,
-            key: flags.key.or(file.key).ok_or_else(|| missing("key"))?,
+            join,
+            ca,
+            cert,
+            key,
             name: flags.name.or(file.name),
             simulate_gpus: flags.simulate_gpus.or(file.simulate_gpus),
             telemetry_interval,
@@ -119,7 +148,11 @@ mod tests {
         .unwrap();
         let flags = FileConfig { telemetry_interval: Some("250ms".into()), ..Default::default() };
         let c = AgentConfig::resolve(file, flags).unwrap();
-        assert_eq!(c.coordinator, "coord.example.com:7400", "default port appended");
+        assert_eq!(
+            c.coordinator.as_deref(),
+            Some("coord.example.com:7400"),
+            "default port appended"
+        );
         assert_eq!(c.telemetry_interval, Duration::from_millis(250), "flag overrides file");
         assert_eq!(c.data_dir, PathBuf::from("/var/lib/x"));
         assert_eq!(c.reconnect_max, Duration::from_secs(5));

@@ -7,11 +7,13 @@
 
 pub mod backoff;
 pub mod config;
+pub mod enroll;
 pub mod gpu;
 pub mod host;
 pub mod sampler;
 pub mod session;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use fleetmesh_protocol::tls::TlsIdentity;
@@ -32,38 +34,181 @@ pub enum AgentError {
     Tls(#[from] fleetmesh_protocol::tls::TlsError),
     #[error(transparent)]
     Spec(#[from] gpu::simulated::SpecError),
+    #[error(transparent)]
+    Enroll(#[from] enroll::EnrollFailure),
     #[error("data dir {path}: {source}")]
     DataDir { path: std::path::PathBuf, source: std::io::Error },
 }
 
+/// Where the agent's identity comes from.
+enum IdentitySource {
+    /// Pre-issued certificate files (offline installs); no renewal.
+    PreIssued { ca: PathBuf, cert: PathBuf, key: PathBuf },
+    /// Enrolled identity in the data dir, renewed over the session.
+    Enrolled(enroll::IdentityFiles),
+}
+
+fn default_node_name() -> String {
+    let host = sysinfo::System::host_name().unwrap_or_else(|_| "node".into());
+    let clean: String = host
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '-' })
+        .take(63)
+        .collect();
+    if clean.chars().next().is_some_and(|c| c.is_ascii_alphanumeric()) {
+        clean
+    } else {
+        format!("node-{}", clean.trim_start_matches(|c: char| !c.is_ascii_alphanumeric()))
+    }
+}
+
+/// Enroll with the join string, retrying while no coordinator answers. Refusals are final.
+async fn enroll_with_retry(
+    files: &enroll::IdentityFiles,
+    join: &fleetmesh_protocol::enroll::JoinString,
+    name: &str,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<Option<TlsIdentity>, AgentError> {
+    let key_pem = files.key_pem()?;
+    let backoff = backoff::Backoff::default();
+    let mut attempt = 0;
+    loop {
+        tracing::info!(token = %join.token_id, coordinators = ?join.coordinators, "enrolling with the join token");
+        match enroll::enroll(join, &key_pem, name, &fleetmesh_protocol::Attributes::default()).await
+        {
+            Ok(e) => {
+                files.save(&e)?;
+                let tls = files.load()?;
+                tracing::info!(
+                    agent_id = %e.name,
+                    spiffe_id = %tls.identity.spiffe_id(),
+                    region = ?tls.identity.attributes.region,
+                    "enrolled"
+                );
+                return Ok(Some(tls));
+            }
+            Err(e) if e.is_transient() => {
+                let delay = backoff.delay(attempt, rand::random::<f64>());
+                attempt += 1;
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "enrollment failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.changed() => {}
+                }
+                if *shutdown.borrow() {
+                    return Ok(None);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "enrollment failed");
+                return Err(e.into());
+            }
+        }
+    }
+}
+
 /// Run the agent until `shutdown` becomes true.
-pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
+pub async fn run(
+    config: AgentConfig,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), AgentError> {
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|source| AgentError::DataDir { path: config.data_dir.clone(), source })?;
-    let tls = TlsIdentity::load(&config.ca, &config.cert, &config.key)?;
-    if tls.identity.kind != fleetmesh_protocol::PeerKind::Agent {
-        return Err(AgentError::Config(format!(
-            "{} is a {} certificate; the agent needs an agent certificate",
-            config.cert.display(),
-            tls.identity.kind
-        )));
+    let source = match (&config.ca, &config.cert, &config.key) {
+        (Some(ca), Some(cert), Some(key)) => {
+            IdentitySource::PreIssued { ca: ca.clone(), cert: cert.clone(), key: key.clone() }
+        }
+        _ => IdentitySource::Enrolled(enroll::IdentityFiles::new(&config.data_dir)),
+    };
+    let requested_name = config.name.clone().unwrap_or_else(default_node_name);
+    let mut gpu_and_sampler: Option<sampler::NodeSampler> = None;
+    let stats = Arc::new(AgentStats::default());
+    loop {
+        // Load (or obtain) an identity that is currently valid.
+        let tls = match &source {
+            IdentitySource::PreIssued { ca, cert, key } => TlsIdentity::load(ca, cert, key)?,
+            IdentitySource::Enrolled(files) => {
+                let stored = if files.complete() { Some(files.load()?) } else { None };
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs() as i64)
+                    .unwrap_or(0);
+                match stored {
+                    Some(tls) if tls.identity.not_after_unix > now => {
+                        tracing::info!(spiffe_id = %tls.identity.spiffe_id(), "using the stored certificate");
+                        tls
+                    }
+                    stored => {
+                        let Some(join) = &config.join else {
+                            return Err(AgentError::Config(match stored {
+                                Some(_) => "the stored certificate has expired and no --join string is configured to re-enroll".into(),
+                                None => "no identity yet: pass --join JOIN_STRING (from `fleetmesh tokens create`)".into(),
+                            }));
+                        };
+                        if stored.is_some() {
+                            tracing::warn!("the stored certificate has expired: re-enrolling");
+                        }
+                        match enroll_with_retry(files, join, &requested_name, &mut shutdown).await?
+                        {
+                            Some(tls) => tls,
+                            None => return Ok(()),
+                        }
+                    }
+                }
+            }
+        };
+        if tls.identity.kind != fleetmesh_protocol::PeerKind::Agent {
+            return Err(AgentError::Config(format!(
+                "the certificate is for a {}; the agent needs an agent certificate",
+                tls.identity.kind
+            )));
+        }
+        let coordinator = match (&config.coordinator, &config.join) {
+            (Some(c), _) => c.clone(),
+            (None, Some(j)) => j.coordinators.first().cloned().unwrap_or_default(),
+            (None, None) => return Err(AgentError::Config("--coordinator is required".into())),
+        };
+        let mut opts = ConnectOptions::new(coordinator.clone(), tls);
+        if let Some(name) = &config.name {
+            if matches!(source, IdentitySource::PreIssued { .. }) {
+                opts.claimed_name = name.clone();
+            }
+        }
+        opts.telemetry_interval = config.telemetry_interval;
+        opts.backoff.max = config.reconnect_max;
+        if let IdentitySource::Enrolled(files) = &source {
+            opts.renewal = Some(session::Renewal {
+                key_pem: files.key_pem()?,
+                files: files.clone(),
+                updated: Default::default(),
+            });
+        }
+        let sampler = match gpu_and_sampler.as_mut() {
+            Some(s) => s,
+            None => {
+                let gpu = gpu::select_backend(config.simulate_gpus.as_deref(), &opts.claimed_name)?;
+                gpu_and_sampler.insert(sampler::NodeSampler::new(gpu, &config.data_dir))
+            }
+        };
+        tracing::info!(
+            agent_id = %opts.claimed_name,
+            coordinator = %coordinator,
+            spiffe_id = %opts.tls.identity.spiffe_id(),
+            "agent starting"
+        );
+        match session::run_forever(opts, sampler, stats.clone(), shutdown.clone()).await {
+            session::RunEnd::Shutdown => return Ok(()),
+            session::RunEnd::CertificateExpired => {
+                if matches!(source, IdentitySource::PreIssued { .. }) {
+                    tracing::error!("the pre-issued certificate has expired; replace it (checking again in 30 s)");
+                    tokio::select! {
+                        _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
+                        _ = shutdown.changed() => return Ok(()),
+                    }
+                }
+            }
+        }
     }
-    let mut opts = ConnectOptions::new(config.coordinator.clone(), tls);
-    if let Some(name) = &config.name {
-        opts.claimed_name = name.clone();
-    }
-    opts.telemetry_interval = config.telemetry_interval;
-    opts.backoff.max = config.reconnect_max;
-    let gpu = gpu::select_backend(config.simulate_gpus.as_deref(), &opts.claimed_name)?;
-    let mut sampler = sampler::NodeSampler::new(gpu, &config.data_dir);
-    tracing::info!(
-        agent_id = %opts.claimed_name,
-        coordinator = %config.coordinator,
-        spiffe_id = %opts.tls.identity.spiffe_id(),
-        "agent starting"
-    );
-    session::run_forever(opts, &mut sampler, Arc::new(AgentStats::default()), shutdown).await;
-    Ok(())
 }
 
 /// What `fleetmesh-agent probe` prints.

@@ -13,9 +13,14 @@ struct Cli {
     /// TOML config file (same keys as the flags; flags override it).
     #[arg(long, env = "FLEETMESH_AGENT_CONFIG")]
     config: Option<PathBuf>,
-    /// Coordinator control endpoint HOST:PORT (default port 7400).
+    /// Coordinator control endpoint HOST:PORT (default port 7400; from the join string
+    /// when enrolling).
     #[arg(long)]
     coordinator: Option<String>,
+    /// Join string from `fleetmesh tokens create`: enroll, then keep the certificate in
+    /// the data dir and renew it automatically.
+    #[arg(long, env = "FLEETMESH_JOIN")]
+    join: Option<String>,
     /// Agent data directory.
     #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
@@ -113,6 +118,7 @@ fn main() -> ExitCode {
     }
     let flags = FileConfig {
         coordinator: cli.coordinator,
+        join: cli.join,
         data_dir: cli.data_dir,
         ca: cli.ca,
         cert: cli.cert,

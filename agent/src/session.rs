@@ -66,6 +66,73 @@ pub struct ConnectOptions {
     pub protocol_version: u32,
     pub telemetry_interval: Duration,
     pub backoff: Backoff,
+    /// Renew the certificate over the session (enrolled agents).
+    pub renewal: Option<Renewal>,
+}
+
+/// Certificate renewal over the control session: at two thirds of the certificate's
+/// lifetime the agent sends a CSR for its (unchanged) key; the renewed certificate is
+/// written to disk atomically and used for the next connection. The running session is
+/// not interrupted.
+#[derive(Clone)]
+pub struct Renewal {
+    pub key_pem: String,
+    pub files: crate::enroll::IdentityFiles,
+    /// A renewed identity waiting to be used by the next connection.
+    pub updated: Arc<std::sync::Mutex<Option<TlsIdentity>>>,
+}
+
+impl std::fmt::Debug for Renewal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Renewal").field("files", &self.files).finish_non_exhaustive()
+    }
+}
+
+fn unix_now_f64() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Time until two thirds of the certificate's lifetime have passed (zero if already).
+pub fn renew_delay(id: &fleetmesh_protocol::PeerIdentity) -> Duration {
+    let (nb, na) = (id.not_before_unix as f64, id.not_after_unix as f64);
+    let at = nb + (na - nb) * 2.0 / 3.0;
+    Duration::from_secs_f64((at - unix_now_f64()).max(0.0))
+}
+
+/// Wait before asking again after a refused renewal.
+fn renew_retry(id: &fleetmesh_protocol::PeerIdentity) -> Duration {
+    let lifetime = (id.not_after_unix - id.not_before_unix).max(1) as f64;
+    Duration::from_secs_f64((lifetime / 10.0).clamp(1.0, 30.0))
+}
+
+fn apply_renewal(
+    r: &Renewal,
+    ca_pem: &str,
+    current: &str,
+    cert_pem: &str,
+) -> Result<TlsIdentity, String> {
+    let p = std::path::Path::new("renewed");
+    let id = TlsIdentity::from_pem(
+        p,
+        ca_pem.as_bytes(),
+        p,
+        cert_pem.as_bytes(),
+        p,
+        r.key_pem.as_bytes(),
+    )
+    .map_err(|e| e.to_string())?;
+    if id.identity.name != current || id.identity.kind != PeerKind::Agent {
+        return Err(format!(
+            "renewed certificate is for {}, not agent {current}",
+            id.identity.spiffe_id()
+        ));
+    }
+    crate::enroll::IdentityFiles::write_atomic(&r.files.cert(), cert_pem)
+        .map_err(|e| e.to_string())?;
+    Ok(id)
 }
 
 impl ConnectOptions {
@@ -78,6 +145,7 @@ impl ConnectOptions {
             protocol_version: PROTOCOL_VERSION,
             telemetry_interval: Duration::from_secs(1),
             backoff: Backoff::default(),
+            renewal: None,
         }
     }
 }
@@ -267,8 +335,27 @@ pub async fn run_session(
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seq = 0u64;
     let mut hb_seq = 0u64;
+    let mut current = opts.tls.identity.clone();
+    let renew_sleep = tokio::time::sleep(renew_delay(&current));
+    tokio::pin!(renew_sleep);
+    let mut renew_pending = false;
     loop {
         tokio::select! {
+            _ = &mut renew_sleep, if opts.renewal.is_some() && !renew_pending => {
+                if let Some(r) = &opts.renewal {
+                    match fleetmesh_protocol::enroll::make_csr(&r.key_pem, &current.name, &Default::default()) {
+                        Ok(csr_pem) => {
+                            info!(agent_id = %current.name, "requesting certificate renewal");
+                            write_msg(&mut send, &AgentMessage::Renew { csr_pem }).await?;
+                            renew_pending = true;
+                        }
+                        Err(e) => {
+                            warn!(agent_id = %current.name, error = %e, "cannot build a renewal request");
+                            renew_sleep.as_mut().reset(tokio::time::Instant::now() + renew_retry(&current));
+                        }
+                    }
+                }
+            }
             _ = telemetry.tick() => {
                 seq += 1;
                 let report = sampler.sample(seq);
@@ -282,6 +369,30 @@ pub async fn run_session(
             msg = rx.recv() => match msg {
                 Some(Ok(CoordinatorMessage::Reject { reason })) => {
                     return Err(SessionError::Rejected(reason));
+                }
+                Some(Ok(CoordinatorMessage::Renewed { cert_pem })) => {
+                    renew_pending = false;
+                    if let Some(r) = &opts.renewal {
+                        match apply_renewal(r, &opts.tls.ca_pem, &current.name, &cert_pem) {
+                            Ok(id) => {
+                                current = id.identity.clone();
+                                info!(agent_id = %current.name, serial = %current.serial, not_after = current.not_after_unix, "certificate renewed");
+                                if let Ok(mut slot) = r.updated.lock() {
+                                    *slot = Some(id);
+                                }
+                                renew_sleep.as_mut().reset(tokio::time::Instant::now() + renew_delay(&current));
+                            }
+                            Err(e) => {
+                                warn!(agent_id = %current.name, error = %e, "renewed certificate unusable");
+                                renew_sleep.as_mut().reset(tokio::time::Instant::now() + renew_retry(&current));
+                            }
+                        }
+                    }
+                }
+                Some(Ok(CoordinatorMessage::RenewRefused { reason })) => {
+                    renew_pending = false;
+                    warn!(agent_id = %current.name, %reason, "certificate renewal refused");
+                    renew_sleep.as_mut().reset(tokio::time::Instant::now() + renew_retry(&current));
                 }
                 Some(Ok(other)) => debug!(?other, "ignoring coordinator message"),
                 Some(Err(e)) => {
@@ -309,20 +420,39 @@ pub async fn run_session(
     }
 }
 
+/// Why [`run_forever`] returned.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RunEnd {
+    Shutdown,
+    /// Our certificate has expired: nothing can connect with it any more.
+    CertificateExpired,
+}
+
 /// Connect, run sessions, and reconnect forever (with backoff and jitter) until shutdown.
-/// Never returns because the coordinator is unreachable.
+/// Never returns because the coordinator is unreachable; returns when the certificate has
+/// expired so the caller can re-enroll.
 pub async fn run_forever(
-    opts: ConnectOptions,
+    mut opts: ConnectOptions,
     sampler: &mut dyn Sampler,
     stats: Arc<AgentStats>,
     mut shutdown: watch::Receiver<bool>,
-) {
+) -> RunEnd {
     let agent = opts.claimed_name.clone();
     let mut attempt: u32 = 0;
     let mut endpoint: Option<(SocketAddr, quinn::Endpoint)> = None;
-    loop {
+    let end = loop {
         if *shutdown.borrow() {
-            break;
+            break RunEnd::Shutdown;
+        }
+        if let Some(r) = &opts.renewal {
+            if let Some(new) = r.updated.lock().ok().and_then(|mut g| g.take()) {
+                opts.tls = new;
+                endpoint = None; // rebuild the client config with the renewed certificate
+            }
+        }
+        if opts.tls.identity.not_after_unix as f64 <= unix_now_f64() {
+            warn!(agent_id = %agent, "our certificate has expired");
+            break RunEnd::CertificateExpired;
         }
         let result = async {
             let (remote, server_name) = resolve(&opts.coordinator).await?;
@@ -338,7 +468,7 @@ pub async fn run_forever(
         }
         .await;
         match result {
-            Ok(SessionEnd::Shutdown) => break,
+            Ok(SessionEnd::Shutdown) => break RunEnd::Shutdown,
             Err(e) => {
                 stats.connect_failures.fetch_add(1, Ordering::Relaxed);
                 match &e {
@@ -362,9 +492,12 @@ pub async fn run_forever(
                 }
             }
         }
-    }
+    };
     if let Some((_, ep)) = endpoint {
         let _ = tokio::time::timeout(Duration::from_secs(1), ep.wait_idle()).await;
     }
-    info!(agent_id = %agent, "agent stopped");
+    if end == RunEnd::Shutdown {
+        info!(agent_id = %agent, "agent stopped");
+    }
+    end
 }
