@@ -133,7 +133,7 @@ async fn serve_enrollment(
 
 /// What an accepted connection turned out to be.
 enum Outcome {
-    Session(Accepted),
+    Session(Box<Accepted>),
     Enrolled(String),
 }
 
@@ -249,7 +249,7 @@ async fn authenticate(
         refuse(&conn, code, &why).await;
         return Err(format!("{}: {why}", identity.spiffe_id()));
     }
-    Ok(Outcome::Session(Accepted { conn, send, recv, identity }))
+    Ok(Outcome::Session(Box::new(Accepted { conn, send, recv, identity })))
 }
 
 impl Actor for Listener {
@@ -284,7 +284,7 @@ impl Actor for Listener {
                 tokio::spawn(async move {
                     match authenticate(incoming, &domain, &authority, &ca_pem).await {
                         Ok(Outcome::Session(acc)) => {
-                            let _ = me.cast(ListenerMsg::Accepted(Box::new(acc)));
+                            let _ = me.cast(ListenerMsg::Accepted(acc));
                         }
                         Ok(Outcome::Enrolled(name)) => {
                             info!(%remote, agent_id = %name, "enrollment served")

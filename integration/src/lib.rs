@@ -290,6 +290,24 @@ impl AgentProc {
         )
     }
 
+    /// Start with explicit arguments (e.g. `--join`); `--reconnect-max 1s` is added.
+    pub fn start_args(name: &str, mut args: Vec<String>, work: &Path) -> Result<Self> {
+        args.extend(["--reconnect-max".to_string(), "1s".to_string()]);
+        let mut me = Self {
+            child: None,
+            name: name.into(),
+            log: work.join(format!("agent-{name}.log")),
+            args,
+        };
+        me.spawn()?;
+        Ok(me)
+    }
+
+    /// Exit status if the process has ended.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
     pub fn spawn(&mut self) -> Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
         let child = Command::new(bin("fleetmesh-agent"))

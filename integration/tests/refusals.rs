@@ -120,13 +120,23 @@ async fn expired_agent_certificate_is_refused() -> anyhow::Result<()> {
     let mut req = IssueRequest::new(PeerKind::Agent, "stale", Duration::from_secs(1));
     req.validity = Some((now - time::Duration::days(2), now - time::Duration::days(1)));
     let (cert, key) = pki.issue_req(&req)?;
-    let _a = AgentProc::start_with(&pki, coord.control, "stale", &cert, &key, None, work.path())?;
+    // The coordinator refuses an expired certificate that is presented anyway.
+    let tls = TlsIdentity::load(&pki.ca_pem(), &cert, &key)?;
+    let err = attempt(coord.control, tls, |_| {}).await.expect_err("expired cert must be refused");
+    eprintln!("agent side: {err}");
     assert!(log_contains(&coord, "connection refused").await);
     let log = coord.log_text();
     assert!(
         log.contains("invalid peer certificate: certificate expired"),
         "refusal reason should say the certificate expired:\n{log}"
     );
+    // The agent binary notices by itself and says so instead of dialing in vain.
+    let a = AgentProc::start_with(&pki, coord.control, "stale", &cert, &key, None, work.path())?;
+    let said = wait_for(Duration::from_secs(5), || async {
+        a.log_text().contains("pre-issued certificate has expired").then_some(())
+    })
+    .await;
+    assert!(said.is_some(), "agent log:\n{}", a.log_text());
     assert!(agents(&client).await.is_empty());
     Ok(())
 }
