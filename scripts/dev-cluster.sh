@@ -50,6 +50,7 @@ up() {
   "$BIN/fleetmesh-coordinator" --listen "127.0.0.1:$CTL" --api-listen "127.0.0.1:$API" \
     --data-dir "$DIR/coordinator" --ca "$PKI/ca.pem" \
     --cert "$PKI/coordinator-dev.pem" --key "$PKI/coordinator-dev.key" \
+    --ca-key "$PKI/ca.key" \
     >"$DIR/logs/coordinator.log" 2>&1 &
   echo $! >"$DIR/run/coordinator.pid"
   for _ in $(seq 1 100); do
@@ -79,6 +80,8 @@ up() {
   echo "The mesh keeps running. Try:"
   echo "  eval \"\$(scripts/dev-cluster.sh env)\"; target/debug/fleetmesh agents show gpu-eu-1"
   echo "  target/debug/fleetmesh metrics | grep fleet_"
+  echo "  J=\$(target/debug/fleetmesh tokens create --region eu-west-3 --jurisdiction EU --provider ovh)"
+  echo "  target/debug/fleetmesh-agent --join \"\$J\" --data-dir /tmp/fm-joined --simulate-gpus 2xH100-80GB"
   echo "Logs: $DIR/logs/   Stop: scripts/dev-cluster.sh down"
 }
 

@@ -306,3 +306,30 @@ async fn revoked_agent_is_cut_off_within_1s_and_cannot_reconnect() -> anyhow::Re
     assert!(audit_events(&client, "agent-revoked").await == 1);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_certificate_is_replaced_by_re_enrolling_with_the_join_string() -> anyhow::Result<()> {
+    let pki = Pki::new("mesh.test")?;
+    let work = tempfile::tempdir()?;
+    let coord = coordinator(&pki, work.path(), "2s").await?;
+    let client = coord.client(&pki)?;
+    let join = token(&client, json!({"uses": 2})).await?;
+    let mut a = join_agent("phoenix", &join, work.path())?;
+    wait_for(Duration::from_secs(10), || async {
+        (state_of(&client, "phoenix").await? == AgentState::Connected).then_some(())
+    })
+    .await
+    .expect("enrolled");
+    // Down for longer than the certificate lives: no renewal possible meanwhile.
+    a.kill9();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    a.spawn()?;
+    let again = wait_for(Duration::from_secs(10), || async {
+        (a.log_text().contains("re-enrolling") && state_of(&client, "phoenix").await? == AgentState::Connected)
+            .then_some(())
+    })
+    .await;
+    assert!(again.is_some(), "agent did not re-enroll:\n{}", a.log_text());
+    assert_eq!(audit_events(&client, "enrolled").await, 2);
+    Ok(())
+}
