@@ -308,7 +308,8 @@ async fn revoked_agent_is_cut_off_within_1s_and_cannot_reconnect() -> anyhow::Re
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn expired_certificate_is_replaced_by_re_enrolling_with_the_join_string() -> anyhow::Result<()> {
+async fn expired_certificate_is_replaced_by_re_enrolling_with_the_join_string() -> anyhow::Result<()>
+{
     let pki = Pki::new("mesh.test")?;
     let work = tempfile::tempdir()?;
     let coord = coordinator(&pki, work.path(), "2s").await?;
@@ -325,7 +326,8 @@ async fn expired_certificate_is_replaced_by_re_enrolling_with_the_join_string() 
     tokio::time::sleep(Duration::from_secs(4)).await;
     a.spawn()?;
     let again = wait_for(Duration::from_secs(10), || async {
-        (a.log_text().contains("re-enrolling") && state_of(&client, "phoenix").await? == AgentState::Connected)
+        (a.log_text().contains("re-enrolling")
+            && state_of(&client, "phoenix").await? == AgentState::Connected)
             .then_some(())
     })
     .await;
