@@ -14,6 +14,7 @@ pub mod identity;
 pub mod messages;
 pub mod pki;
 pub mod tls;
+pub mod workflow;
 
 pub use codec::{decode_message, encode_frame, CodecError, FrameDecoder, MAX_FRAME_LEN};
 pub use identity::{Attributes, IdentityError, PeerIdentity, PeerKind};

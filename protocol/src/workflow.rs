@@ -1,0 +1,693 @@
+//! Workflow files: the YAML a researcher writes, and its validation.
+//!
+//! Parsing is two-step: the YAML is deserialised into `Raw*` types that reject unknown
+//! fields, then [`validate`] checks everything else (references, cycles, sizes,
+//! durations, impossible resources) and produces a [`Workflow`] in canonical units.
+//! Every problem found is reported, each naming the job and the field.
+//!
+//! ```yaml
+//! name: train-eval
+//! objective: balanced            # cheapest | fastest | balanced
+//! jobs:
+//!   prepare:
+//!     command: ["sh", "-c", "echo preparing"]
+//!   train:
+//!     needs: [prepare]
+//!     script: |
+//!       python train.py --epochs 3
+//!     image: pytorch/pytorch:2.5  # optional; docker or podman on the node
+//!     env: { EPOCHS: "3" }
+//!     resources: { cpus: 4, memory: 16GiB, gpus: 2, gpu_memory: 40GiB, gpu_model: "H100*" }
+//!     constraints:
+//!       regions: [eu-west-1]
+//!       jurisdictions: [EU]
+//!       providers: [aws, onprem]
+//!       labels: { tier: gold }
+//!       spot: allowed             # allowed | forbidden | only
+//!       max_price_per_hour: 12.5
+//!     retries: { limit: 2, backoff: 10s }
+//!     timeout: 2h
+//!     nodes: 1                    # > 1 = gang: all placed together or none
+//!     priority: 10
+//! ```
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::validate_label;
+
+/// Upper bounds above which a request is impossible on any node we know of.
+const MAX_GPUS_PER_NODE: u32 = 64;
+const MAX_CPUS_PER_NODE: f64 = 1024.0;
+const MAX_MEMORY: u64 = 64 << 40; // 64 TiB
+const MAX_GPU_MEMORY: u64 = 1 << 40; // 1 TiB per GPU
+const MAX_NODES: u32 = 1024;
+const MAX_RETRIES: u32 = 100;
+
+/// How bids are scored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Objective {
+    Cheapest,
+    Fastest,
+    #[default]
+    Balanced,
+}
+
+/// Spot capacity policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpotPolicy {
+    #[default]
+    Allowed,
+    Forbidden,
+    Only,
+}
+
+// ---------- raw YAML shapes ----------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorkflow {
+    name: String,
+    #[serde(default)]
+    objective: Option<Objective>,
+    jobs: BTreeMap<String, RawJob>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJob {
+    command: Option<Vec<String>>,
+    script: Option<String>,
+    image: Option<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    resources: RawResources,
+    #[serde(default)]
+    constraints: RawConstraints,
+    #[serde(default)]
+    needs: Vec<String>,
+    retries: Option<RawRetries>,
+    timeout: Option<String>,
+    nodes: Option<u32>,
+    priority: Option<i32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawResources {
+    cpus: Option<f64>,
+    memory: Option<String>,
+    gpus: Option<u32>,
+    gpu_memory: Option<String>,
+    gpu_model: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConstraints {
+    #[serde(default)]
+    regions: Vec<String>,
+    #[serde(default)]
+    jurisdictions: Vec<String>,
+    #[serde(default)]
+    providers: Vec<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    spot: Option<SpotPolicy>,
+    max_price_per_hour: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetries {
+    limit: u32,
+    backoff: Option<String>,
+}
+
+// ---------- validated shapes ----------
+
+/// What a job runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Run {
+    Command(Vec<String>),
+    Script(String),
+}
+
+/// Resources one node must provide for the job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Resources {
+    pub cpus: f64,
+    pub memory_bytes: u64,
+    pub gpus: u32,
+    /// Free memory needed on each GPU.
+    pub gpu_memory_bytes: Option<u64>,
+    /// Case-insensitive glob on the GPU name, e.g. `*H100*`.
+    pub gpu_model: Option<String>,
+}
+
+/// Hard placement constraints.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Constraints {
+    pub regions: Vec<String>,
+    pub jurisdictions: Vec<String>,
+    pub providers: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    pub spot: SpotPolicy,
+    pub max_price_per_hour: Option<f64>,
+}
+
+/// Retry policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Retries {
+    pub limit: u32,
+    pub backoff_ms: u64,
+}
+
+/// A validated job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub name: String,
+    pub run: Run,
+    pub image: Option<String>,
+    pub env: BTreeMap<String, String>,
+    pub resources: Resources,
+    pub constraints: Constraints,
+    pub needs: Vec<String>,
+    pub retries: Retries,
+    pub timeout_ms: Option<u64>,
+    pub nodes: u32,
+    pub priority: i32,
+}
+
+/// A validated workflow.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Workflow {
+    pub name: String,
+    pub objective: Objective,
+    pub jobs: BTreeMap<String, JobSpec>,
+}
+
+/// One problem in a workflow file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub job: Option<String>,
+    pub field: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.job {
+            Some(j) => write!(f, "job `{j}`, field `{}`: {}", self.field, self.message),
+            None => write!(f, "field `{}`: {}", self.field, self.message),
+        }
+    }
+}
+
+/// Why a workflow file was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WorkflowError {
+    #[error("invalid workflow file{}: {message}", job.as_ref().map(|j| format!(" (in job `{j}`)")).unwrap_or_default())]
+    Syntax { job: Option<String>, message: String },
+    #[error("invalid workflow: {}", .0.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; "))]
+    Invalid(Vec<Problem>),
+}
+
+/// Parse a size such as `16GiB`, `512MiB`, `1.5GB`, `100M`, or a plain byte count.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("invalid size {s:?} (e.g. 16GiB, 512MiB)"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "ki" | "kib" => 1024.0,
+        "mi" | "mib" => 1024f64.powi(2),
+        "gi" | "gib" => 1024f64.powi(3),
+        "ti" | "tib" => 1024f64.powi(4),
+        _ => {
+            return Err(format!(
+                "invalid size unit in {s:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
+            ))
+        }
+    };
+    let v = n * mult;
+    if !v.is_finite() || v < 0.0 || v > u64::MAX as f64 {
+        return Err(format!("size {s:?} is out of range"));
+    }
+    Ok(v as u64)
+}
+
+fn parse_duration_ms(s: &str) -> Result<u64, String> {
+    humantime_like(s).ok_or_else(|| format!("invalid duration {s:?} (e.g. 30s, 10m, 2h)"))
+}
+
+/// Durations: `<number><unit>` pairs, units ms, s, m, h, d (e.g. `1h30m`).
+fn humantime_like(s: &str) -> Option<u64> {
+    let mut total: u64 = 0;
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit())?;
+        if digits == 0 {
+            return None;
+        }
+        let n: u64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let ms = match &rest[..unit_len] {
+            "ms" => 1,
+            "s" => 1000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return None,
+        };
+        total = total.checked_add(n.checked_mul(ms)?)?;
+        rest = &rest[unit_len..];
+    }
+    Some(total)
+}
+
+/// Case-insensitive glob with `*` and `?`.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let p: Vec<char> = pattern.to_lowercase().chars().collect();
+    let t: Vec<char> = text.to_lowercase().chars().collect();
+    let (mut pi, mut ti, mut star, mut mark) = (0usize, 0usize, None::<usize>, 0usize);
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    while pi < p.len() && p[pi] == '*' {
+        pi += 1;
+    }
+    pi == p.len()
+}
+
+/// Find which job a YAML line belongs to (for syntax errors), assuming the usual layout
+/// `jobs:` followed by one indented key per job.
+fn job_at_line(yaml: &str, line: u64) -> Option<String> {
+    let mut in_jobs = false;
+    let mut job_indent = None;
+    let mut current = None;
+    for (i, l) in yaml.lines().enumerate() {
+        if i as u64 + 1 > line {
+            break;
+        }
+        let indent = l.len() - l.trim_start().len();
+        let trimmed = l.trim();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        if indent == 0 {
+            in_jobs = trimmed.starts_with("jobs:");
+            current = None;
+            job_indent = None;
+            continue;
+        }
+        if in_jobs {
+            let ji = *job_indent.get_or_insert(indent);
+            if indent == ji {
+                current = trimmed.split(':').next().map(|k| k.trim().trim_matches('"').to_string());
+            }
+        }
+    }
+    current
+}
+
+/// Parse and validate a workflow file.
+pub fn parse(yaml: &str) -> Result<Workflow, WorkflowError> {
+    let raw: RawWorkflow = serde_saphyr::from_str(yaml).map_err(|e| {
+        let job = e.location().and_then(|l| job_at_line(yaml, l.line()));
+        WorkflowError::Syntax { job, message: e.to_string() }
+    })?;
+    validate(raw)
+}
+
+fn validate(raw: RawWorkflow) -> Result<Workflow, WorkflowError> {
+    let mut problems = Vec::new();
+    let mut push = |job: Option<&str>, field: &str, message: String| {
+        problems.push(Problem { job: job.map(str::to_string), field: field.to_string(), message })
+    };
+    if let Err(e) = validate_label("workflow name", &raw.name) {
+        push(None, "name", e.to_string());
+    }
+    if raw.jobs.is_empty() {
+        push(None, "jobs", "a workflow needs at least one job".into());
+    }
+    let mut jobs = BTreeMap::new();
+    for (name, j) in &raw.jobs {
+        let jn = Some(name.as_str());
+        if let Err(e) = validate_label("job name", name) {
+            push(jn, "name", e.to_string());
+        }
+        let run = match (&j.command, &j.script) {
+            (Some(c), None) if !c.is_empty() && !c[0].is_empty() => Some(Run::Command(c.clone())),
+            (Some(_), None) => {
+                push(jn, "command", "must be a non-empty list (argv)".into());
+                None
+            }
+            (None, Some(s)) if !s.trim().is_empty() => Some(Run::Script(s.clone())),
+            (None, Some(_)) => {
+                push(jn, "script", "must not be empty".into());
+                None
+            }
+            (Some(_), Some(_)) => {
+                push(jn, "command", "give either `command` or `script`, not both".into());
+                None
+            }
+            (None, None) => {
+                push(jn, "command", "every job needs a `command` (argv list) or a `script`".into());
+                None
+            }
+        };
+        for n in &j.needs {
+            if n == name {
+                push(jn, "needs", "a job cannot need itself".into());
+            } else if !raw.jobs.contains_key(n) {
+                push(jn, "needs", format!("no job named `{n}` in this workflow"));
+            }
+        }
+        let r = &j.resources;
+        let cpus = r.cpus.unwrap_or(1.0);
+        if !(cpus > 0.0 && cpus <= MAX_CPUS_PER_NODE) {
+            push(jn, "resources.cpus", format!("must be > 0 and <= {MAX_CPUS_PER_NODE}"));
+        }
+        let memory_bytes = match r.memory.as_deref().map(parse_size).transpose() {
+            Ok(m) => m.unwrap_or(0),
+            Err(e) => {
+                push(jn, "resources.memory", e);
+                0
+            }
+        };
+        if memory_bytes > MAX_MEMORY {
+            push(jn, "resources.memory", "more memory than any node can have (64 TiB)".into());
+        }
+        let gpus = r.gpus.unwrap_or(0);
+        if gpus > MAX_GPUS_PER_NODE {
+            push(jn, "resources.gpus", format!("at most {MAX_GPUS_PER_NODE} GPUs per node"));
+        }
+        let gpu_memory_bytes = match r.gpu_memory.as_deref().map(parse_size).transpose() {
+            Ok(m) => m,
+            Err(e) => {
+                push(jn, "resources.gpu_memory", e);
+                None
+            }
+        };
+        if gpu_memory_bytes.is_some_and(|m| m > MAX_GPU_MEMORY) {
+            push(jn, "resources.gpu_memory", "more than any GPU has (1 TiB)".into());
+        }
+        if gpus == 0 && (gpu_memory_bytes.is_some() || r.gpu_model.is_some()) {
+            push(jn, "resources.gpus", "gpu_memory/gpu_model need gpus > 0".into());
+        }
+        if r.gpu_model.as_deref().is_some_and(|m| m.trim().is_empty()) {
+            push(jn, "resources.gpu_model", "must not be empty".into());
+        }
+        let c = &j.constraints;
+        if c.max_price_per_hour.is_some_and(|p| !(p >= 0.0 && p.is_finite())) {
+            push(jn, "constraints.max_price_per_hour", "must be a non-negative number".into());
+        }
+        let retries = match &j.retries {
+            None => Retries { limit: 0, backoff_ms: 5000 },
+            Some(rr) => {
+                if rr.limit > MAX_RETRIES {
+                    push(jn, "retries.limit", format!("at most {MAX_RETRIES}"));
+                }
+                let backoff_ms = match rr.backoff.as_deref().map(parse_duration_ms).transpose() {
+                    Ok(b) => b.unwrap_or(5000),
+                    Err(e) => {
+                        push(jn, "retries.backoff", e);
+                        0
+                    }
+                };
+                Retries { limit: rr.limit, backoff_ms }
+            }
+        };
+        let timeout_ms = match j.timeout.as_deref().map(parse_duration_ms).transpose() {
+            Ok(Some(0)) => {
+                push(jn, "timeout", "must be greater than zero".into());
+                None
+            }
+            Ok(t) => t,
+            Err(e) => {
+                push(jn, "timeout", e);
+                None
+            }
+        };
+        let nodes = j.nodes.unwrap_or(1);
+        if nodes == 0 || nodes > MAX_NODES {
+            push(jn, "nodes", format!("must be between 1 and {MAX_NODES}"));
+        }
+        for (k, _) in &j.env {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                push(jn, "env", format!("invalid variable name {k:?}"));
+            }
+        }
+        if let Some(run) = run {
+            jobs.insert(
+                name.clone(),
+                JobSpec {
+                    name: name.clone(),
+                    run,
+                    image: j.image.clone(),
+                    env: j.env.clone(),
+                    resources: Resources {
+                        cpus,
+                        memory_bytes,
+                        gpus,
+                        gpu_memory_bytes,
+                        gpu_model: r.gpu_model.clone(),
+                    },
+                    constraints: Constraints {
+                        regions: c.regions.clone(),
+                        jurisdictions: c.jurisdictions.clone(),
+                        providers: c.providers.clone(),
+                        labels: c.labels.clone(),
+                        spot: c.spot.unwrap_or_default(),
+                        max_price_per_hour: c.max_price_per_hour,
+                    },
+                    needs: j.needs.clone(),
+                    retries,
+                    timeout_ms,
+                    nodes,
+                    priority: j.priority.unwrap_or(0),
+                },
+            );
+        }
+    }
+    if let Some(cycle) = find_cycle(&raw.jobs) {
+        push(Some(&cycle[0]), "needs", format!("dependency cycle: {}", cycle.join(" -> ")));
+    }
+    if !problems.is_empty() {
+        return Err(WorkflowError::Invalid(problems));
+    }
+    Ok(Workflow { name: raw.name, objective: raw.objective.unwrap_or_default(), jobs })
+}
+
+fn find_cycle(jobs: &BTreeMap<String, RawJob>) -> Option<Vec<String>> {
+    // 0 = unvisited, 1 = on stack, 2 = done.
+    fn visit(
+        n: &str,
+        jobs: &BTreeMap<String, RawJob>,
+        state: &mut BTreeMap<String, u8>,
+        stack: &mut Vec<String>,
+    ) -> Option<Vec<String>> {
+        match state.get(n).copied().unwrap_or(0) {
+            1 => {
+                let start = stack.iter().position(|s| s == n).unwrap_or(0);
+                let mut cycle = stack[start..].to_vec();
+                cycle.push(n.to_string());
+                return Some(cycle);
+            }
+            2 => return None,
+            _ => {}
+        }
+        state.insert(n.to_string(), 1);
+        stack.push(n.to_string());
+        if let Some(j) = jobs.get(n) {
+            for d in &j.needs {
+                if d != n && jobs.contains_key(d) {
+                    if let Some(c) = visit(d, jobs, state, stack) {
+                        return Some(c);
+                    }
+                }
+            }
+        }
+        stack.pop();
+        state.insert(n.to_string(), 2);
+        None
+    }
+    let mut state = BTreeMap::new();
+    for n in jobs.keys() {
+        if let Some(c) = visit(n, jobs, &mut state, &mut Vec::new()) {
+            return Some(c);
+        }
+    }
+    None
+}
+
+impl Workflow {
+    /// Jobs in an order where every job comes after the jobs it needs.
+    pub fn topological_order(&self) -> Vec<&str> {
+        let mut done: Vec<&str> = Vec::new();
+        while done.len() < self.jobs.len() {
+            let before = done.len();
+            for (n, j) in &self.jobs {
+                if !done.contains(&n.as_str()) && j.needs.iter().all(|d| done.contains(&d.as_str()))
+                {
+                    done.push(n);
+                }
+            }
+            if done.len() == before {
+                break; // cycles are rejected by validation; never loop forever
+            }
+        }
+        done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name: train-eval
+objective: cheapest
+jobs:
+  prepare:
+    command: ["sh", "-c", "echo prep"]
+    resources: { cpus: 0.5, memory: 512MiB }
+  train:
+    needs: [prepare]
+    script: |
+      echo training
+    env: { EPOCHS: "3" }
+    resources: { gpus: 2, gpu_memory: 40GiB, gpu_model: "*H100*" }
+    constraints:
+      regions: [eu-west-1]
+      jurisdictions: [EU]
+      spot: forbidden
+      max_price_per_hour: 12.5
+    retries: { limit: 2, backoff: 10s }
+    timeout: 1h30m
+    nodes: 2
+    priority: 5
+  eval:
+    needs: [train]
+    command: [python3, eval.py]
+"#;
+
+    #[test]
+    fn parses_a_full_workflow() {
+        let w = parse(GOOD).unwrap();
+        assert_eq!(w.objective, Objective::Cheapest);
+        let t = &w.jobs["train"];
+        assert_eq!(t.resources.gpus, 2);
+        assert_eq!(t.resources.gpu_memory_bytes, Some(40 << 30));
+        assert_eq!(t.constraints.spot, SpotPolicy::Forbidden);
+        assert_eq!(t.retries, Retries { limit: 2, backoff_ms: 10_000 });
+        assert_eq!(t.timeout_ms, Some(5_400_000));
+        assert_eq!(t.nodes, 2);
+        assert_eq!(w.jobs["prepare"].resources.memory_bytes, 512 << 20);
+        assert_eq!(w.topological_order(), ["prepare", "train", "eval"]);
+    }
+
+    fn problems(yaml: &str) -> String {
+        parse(yaml).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn unknown_fields_name_the_field_and_the_job() {
+        let e = problems("name: w\njobs:\n  a:\n    command: [x]\n  b:\n    comand: [y]\n");
+        assert!(e.contains("comand") && e.contains("job `b`"), "{e}");
+        let e = problems("name: w\njobs:\n  a:\n    command: [x]\n    resources: { gpu: 1 }\n");
+        assert!(e.contains("gpu") && e.contains("job `a`"), "{e}");
+    }
+
+    #[test]
+    fn references_and_cycles() {
+        let e = problems("name: w\njobs:\n  a:\n    command: [x]\n    needs: [ghost]\n");
+        assert!(e.contains("job `a`, field `needs`: no job named `ghost`"), "{e}");
+        let e = problems(
+            "name: w\njobs:\n  a:\n    command: [x]\n    needs: [c]\n  b:\n    command: [x]\n    needs: [a]\n  c:\n    command: [x]\n    needs: [b]\n",
+        );
+        assert!(e.contains("dependency cycle: a -> c -> b -> a"), "{e}");
+        let e = problems("name: w\njobs:\n  a:\n    command: [x]\n    needs: [a]\n");
+        assert!(e.contains("cannot need itself"), "{e}");
+    }
+
+    #[test]
+    fn impossible_resources_bad_sizes_and_durations() {
+        let e = problems(
+            "name: w\njobs:\n  a:\n    command: [x]\n    resources: { gpus: 65, memory: 10XB }\n    timeout: soon\n    retries: { limit: 1, backoff: 5 parsecs }\n",
+        );
+        for want in [
+            "job `a`, field `resources.gpus`",
+            "job `a`, field `resources.memory`: invalid size unit",
+            "job `a`, field `timeout`: invalid duration \"soon\"",
+            "job `a`, field `retries.backoff`",
+        ] {
+            assert!(e.contains(want), "missing {want:?} in {e}");
+        }
+        let e = problems(
+            "name: w\njobs:\n  a:\n    command: [x]\n    resources: { gpu_model: H100 }\n",
+        );
+        assert!(e.contains("need gpus > 0"), "{e}");
+        let e = problems("name: w\njobs:\n  a:\n    command: [x]\n    nodes: 0\n");
+        assert!(e.contains("field `nodes`"), "{e}");
+    }
+
+    #[test]
+    fn command_or_script_exactly_one() {
+        assert!(problems("name: w\njobs:\n  a:\n    image: x\n").contains("needs a `command`"));
+        assert!(problems("name: w\njobs:\n  a:\n    command: [x]\n    script: y\n")
+            .contains("not both"));
+        assert!(problems("name: w\njobs:\n  a:\n    command: []\n").contains("non-empty"));
+        assert!(problems("name: w\njobs: {}\n").contains("at least one job"));
+        assert!(problems("name: \"bad name\"\njobs:\n  a:\n    command: [x]\n")
+            .contains("field `name`"));
+    }
+
+    #[test]
+    fn malformed_yaml_is_an_error_not_a_panic() {
+        for bad in
+            ["", "[", "name: [\n", "jobs: 3", "\u{0}\u{1}", "name: w\njobs:\n  a: {command: [x]\n"]
+        {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn sizes_and_globs() {
+        assert_eq!(parse_size("1.5GB").unwrap(), 1_500_000_000);
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_size("100").unwrap(), 100);
+        assert!(parse_size("-1G").is_err());
+        assert!(glob_match("*H100*", "NVIDIA H100 80GB HBM3"));
+        assert!(glob_match("a100", "A100"));
+        assert!(!glob_match("*A100*", "NVIDIA H100"));
+        assert!(glob_match("NVIDIA ?100*", "nvidia h100 80gb"));
+    }
+}
