@@ -6,6 +6,7 @@
 //! backoff. `main.rs` is a thin shell around [`run`] and [`probe`].
 
 pub mod backoff;
+pub mod bidding;
 pub mod config;
 pub mod enroll;
 pub mod gpu;

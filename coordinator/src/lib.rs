@@ -16,6 +16,7 @@
 //! embedded redb [`store`].
 
 pub mod api;
+pub mod auction;
 pub mod authority;
 pub mod client;
 pub mod config;

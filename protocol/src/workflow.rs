@@ -460,7 +460,7 @@ fn validate(raw: RawWorkflow) -> Result<Workflow, WorkflowError> {
         if nodes == 0 || nodes > MAX_NODES {
             push(jn, "nodes", format!("must be between 1 and {MAX_NODES}"));
         }
-        for (k, _) in &j.env {
+        for k in j.env.keys() {
             if k.is_empty() || k.contains('=') || k.contains('\0') {
                 push(jn, "env", format!("invalid variable name {k:?}"));
             }
@@ -689,5 +689,25 @@ jobs:
         assert!(glob_match("a100", "A100"));
         assert!(!glob_match("*A100*", "NVIDIA H100"));
         assert!(glob_match("NVIDIA ?100*", "nvidia h100 80gb"));
+    }
+}
+
+#[cfg(test)]
+mod examples {
+    /// Every workflow shipped in `examples/` must validate.
+    #[test]
+    fn shipped_examples_validate() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                let w = super::parse(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                assert!(!w.jobs.is_empty());
+                n += 1;
+            }
+        }
+        assert!(n >= 3, "expected the example workflows in {}", dir.display());
     }
 }

@@ -1,0 +1,274 @@
+//! Pure bidding logic: given a call for bids and the agent's *real* local state (NVML
+//! readings, health events, reservations, running jobs), offer specific GPUs at a price
+//! with a tentative reservation, or decline with a reason. No I/O; `now` is passed in.
+//!
+//! Invariant: a GPU is offered to at most one auction at a time. An offer reserves its
+//! GPUs until the lease expires or the auction is settled ([`LocalState::release`]).
+
+use serde::{Deserialize, Serialize};
+
+/// A GPU with a fatal event (XID, double-bit ECC) this recently is not offered.
+pub const HEALTH_WINDOW_MS: u64 = 10 * 60 * 1000;
+/// A GPU this hot is not offered.
+pub const MAX_TEMPERATURE_C: u32 = 90;
+/// Without an explicit `gpu_memory` need, a GPU counts as free only if this share of its
+/// memory is actually free per NVML (someone else's process may be using it).
+pub const FREE_SHARE_WITHOUT_REQUIREMENT: f64 = 0.9;
+
+/// One GPU as the agent sees it now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpuState {
+    pub uuid: String,
+    pub name: String,
+    pub memory_total_bytes: u64,
+    pub memory_free_bytes: Option<u64>,
+    pub temperature_c: Option<u32>,
+    pub ecc_uncorrected_volatile: Option<u64>,
+    /// Time of the last XID / double-bit ECC event, ms since the epoch.
+    pub last_fatal_event_ms: Option<u64>,
+}
+
+/// A tentative hold on GPUs for one auction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reservation {
+    pub auction: String,
+    pub gpus: Vec<String>,
+    pub expires_at_ms: u64,
+}
+
+/// Everything the agent bids from.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LocalState {
+    pub gpus: Vec<GpuState>,
+    pub reservations: Vec<Reservation>,
+    /// GPUs held by running attempts.
+    pub running: Vec<(String, Vec<String>)>,
+    pub price_per_hour: f64,
+    pub spot: bool,
+    pub has_container_runtime: bool,
+}
+
+/// What is asked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallForBids {
+    pub auction: String,
+    pub gpus: u32,
+    pub gpu_model: Option<String>,
+    pub gpu_memory_bytes: Option<u64>,
+    pub needs_container: bool,
+    pub expected_duration_ms: u64,
+    pub lease_ms: u64,
+}
+
+/// An offer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Offer {
+    pub gpus: Vec<String>,
+    pub price: f64,
+    pub eta_ms: u64,
+    pub reserved_until_ms: u64,
+}
+
+/// Why the agent declines.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+pub enum Decline {
+    NotEnoughFreeGpus { wanted: u32, free: u32, unhealthy: u32 },
+    NoContainerRuntime,
+    AlreadyBidding,
+}
+
+impl std::fmt::Display for Decline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Decline::NotEnoughFreeGpus { wanted, free, unhealthy } => write!(
+                f,
+                "{free} free healthy matching GPU(s), {wanted} wanted ({unhealthy} excluded as unhealthy)"
+            ),
+            Decline::NoContainerRuntime => write!(f, "job needs a container image; no docker or podman here"),
+            Decline::AlreadyBidding => write!(f, "already holding a reservation for this auction"),
+        }
+    }
+}
+
+fn healthy(g: &GpuState, now_ms: u64) -> bool {
+    let recent_fatal =
+        g.last_fatal_event_ms.is_some_and(|t| now_ms.saturating_sub(t) < HEALTH_WINDOW_MS);
+    let hot = g.temperature_c.is_some_and(|t| t >= MAX_TEMPERATURE_C);
+    let ecc = g.ecc_uncorrected_volatile.is_some_and(|n| n > 0);
+    !(recent_fatal || hot || ecc)
+}
+
+impl LocalState {
+    /// Drop reservations whose lease has passed.
+    pub fn expire(&mut self, now_ms: u64) {
+        self.reservations.retain(|r| r.expires_at_ms > now_ms);
+    }
+
+    /// Release an auction's reservation (lost, or turned into a running attempt).
+    pub fn release(&mut self, auction: &str) -> Option<Reservation> {
+        let i = self.reservations.iter().position(|r| r.auction == auction)?;
+        Some(self.reservations.remove(i))
+    }
+
+    fn held(&self, uuid: &str) -> bool {
+        self.reservations.iter().any(|r| r.gpus.iter().any(|g| g == uuid))
+            || self.running.iter().any(|(_, gs)| gs.iter().any(|g| g == uuid))
+    }
+
+    /// Bid for `call`: on success the offered GPUs are reserved until the lease ends.
+    pub fn bid(&mut self, call: &CallForBids, now_ms: u64) -> Result<Offer, Decline> {
+        self.expire(now_ms);
+        if self.reservations.iter().any(|r| r.auction == call.auction) {
+            return Err(Decline::AlreadyBidding);
+        }
+        if call.needs_container && !self.has_container_runtime {
+            return Err(Decline::NoContainerRuntime);
+        }
+        let mut unhealthy = 0u32;
+        let mut free: Vec<&GpuState> = Vec::new();
+        for g in &self.gpus {
+            if self.held(&g.uuid) {
+                continue;
+            }
+            if call
+                .gpu_model
+                .as_deref()
+                .is_some_and(|p| !fleetmesh_protocol::workflow::glob_match(p, &g.name))
+            {
+                continue;
+            }
+            let Some(mem_free) = g.memory_free_bytes else { continue };
+            let enough = match call.gpu_memory_bytes {
+                Some(need) => mem_free >= need,
+                None => {
+                    mem_free as f64 >= g.memory_total_bytes as f64 * FREE_SHARE_WITHOUT_REQUIREMENT
+                }
+            };
+            if !enough {
+                continue;
+            }
+            if !healthy(g, now_ms) {
+                unhealthy += 1;
+                continue;
+            }
+            free.push(g);
+        }
+        if (free.len() as u32) < call.gpus {
+            return Err(Decline::NotEnoughFreeGpus {
+                wanted: call.gpus,
+                free: free.len() as u32,
+                unhealthy,
+            });
+        }
+        let gpus: Vec<String> =
+            free.iter().take(call.gpus as usize).map(|g| g.uuid.clone()).collect();
+        let hours = call.expected_duration_ms as f64 / 3_600_000.0;
+        let price = self.price_per_hour * hours * f64::from(call.gpus.max(1));
+        let reserved_until_ms = now_ms + call.lease_ms;
+        self.reservations.push(Reservation {
+            auction: call.auction.clone(),
+            gpus: gpus.clone(),
+            expires_at_ms: reserved_until_ms,
+        });
+        Ok(Offer { gpus, price, eta_ms: 0, reserved_until_ms })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gpu(i: u32) -> GpuState {
+        GpuState {
+            uuid: format!("GPU-{i}"),
+            name: "NVIDIA H100 80GB HBM3".into(),
+            memory_total_bytes: 80 << 30,
+            memory_free_bytes: Some(79 << 30),
+            temperature_c: Some(40),
+            ecc_uncorrected_volatile: Some(0),
+            last_fatal_event_ms: None,
+        }
+    }
+
+    fn state(n: u32) -> LocalState {
+        LocalState { gpus: (0..n).map(gpu).collect(), price_per_hour: 2.0, ..Default::default() }
+    }
+
+    fn call(auction: &str, gpus: u32) -> CallForBids {
+        CallForBids {
+            auction: auction.into(),
+            gpus,
+            gpu_model: None,
+            gpu_memory_bytes: None,
+            needs_container: false,
+            expected_duration_ms: 1_800_000,
+            lease_ms: 2000,
+        }
+    }
+
+    #[test]
+    fn a_gpu_is_never_offered_to_two_auctions() {
+        let mut s = state(3);
+        let a = s.bid(&call("a", 2), 0).unwrap();
+        let b = s.bid(&call("b", 2), 0).unwrap_err();
+        assert_eq!(b, Decline::NotEnoughFreeGpus { wanted: 2, free: 1, unhealthy: 0 });
+        let c = s.bid(&call("c", 1), 0).unwrap();
+        assert!(c.gpus.iter().all(|g| !a.gpus.contains(g)));
+        assert_eq!(s.bid(&call("a", 1), 0).unwrap_err(), Decline::AlreadyBidding);
+        // The lease runs out: the GPUs are free again.
+        assert_eq!(s.bid(&call("d", 3), 2001).unwrap().gpus.len(), 3);
+    }
+
+    #[test]
+    fn release_and_running_jobs() {
+        let mut s = state(2);
+        let a = s.bid(&call("a", 2), 0).unwrap();
+        let r = s.release("a").unwrap();
+        s.running.push(("job-1/1".into(), r.gpus.clone()));
+        assert_eq!(a.gpus, r.gpus);
+        assert!(matches!(s.bid(&call("b", 1), 0), Err(Decline::NotEnoughFreeGpus { free: 0, .. })));
+    }
+
+    #[test]
+    fn memory_actually_free_matters() {
+        let mut s = state(2);
+        s.gpus[0].memory_free_bytes = Some(20 << 30); // a foreign process holds 60 GiB
+        assert!(matches!(s.bid(&call("a", 2), 0), Err(Decline::NotEnoughFreeGpus { free: 1, .. })));
+        let mut c = call("b", 2);
+        c.gpu_memory_bytes = Some(16 << 30);
+        assert_eq!(s.bid(&c, 0).unwrap().gpus.len(), 2, "16 GiB asked, 20 GiB free");
+        s.gpus[1].memory_free_bytes = None; // unknown: not offered
+        let mut s2 = s.clone();
+        s2.reservations.clear();
+        assert!(s2.bid(&c, 0).is_err());
+    }
+
+    #[test]
+    fn unhealthy_gpus_are_excluded() {
+        let mut s = state(4);
+        s.gpus[0].last_fatal_event_ms = Some(1_000);
+        s.gpus[1].temperature_c = Some(95);
+        s.gpus[2].ecc_uncorrected_volatile = Some(3);
+        let e = s.bid(&call("a", 2), 5_000).unwrap_err();
+        assert_eq!(e, Decline::NotEnoughFreeGpus { wanted: 2, free: 1, unhealthy: 3 });
+        // The XID is old enough to be forgiven after the health window.
+        s.reservations.clear();
+        let ok = s.bid(&call("b", 2), 1_000 + HEALTH_WINDOW_MS).unwrap();
+        assert!(ok.gpus.contains(&"GPU-0".to_string()));
+    }
+
+    #[test]
+    fn model_pattern_container_and_price() {
+        let mut s = state(2);
+        s.gpus[1].name = "NVIDIA L4".into();
+        let mut c = call("a", 1);
+        c.gpu_model = Some("*L4*".into());
+        let o = s.bid(&c, 0).unwrap();
+        assert_eq!(o.gpus, ["GPU-1"]);
+        assert!((o.price - 1.0).abs() < 1e-9, "2.0/h x 0.5 h x 1 GPU");
+        let mut c = call("b", 1);
+        c.needs_container = true;
+        assert_eq!(s.bid(&c, 0).unwrap_err(), Decline::NoContainerRuntime);
+    }
+}

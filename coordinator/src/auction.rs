@@ -1,0 +1,296 @@
+//! Pure auction logic (no I/O, time passed in): prefilter candidates on hard constraints,
+//! score bids by the workflow's objective, and pick winners (N for a gang, all or none).
+//!
+//! The `Auctioneer` actor (to come) is a thin shell around these functions: it builds a
+//! [`Candidate`] per agent from the Fleet cache, calls [`prefilter`], sends calls for bids
+//! to the top K, collects [`BidView`]s until the deadline, and calls [`select`].
+
+use fleetmesh_protocol::workflow::{glob_match, JobSpec, Objective, SpotPolicy};
+use serde::{Deserialize, Serialize};
+
+/// What the Fleet knows about an agent, as far as placement is concerned.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    pub agent: String,
+    pub connected: bool,
+    pub draining: bool,
+    pub region: Option<String>,
+    pub jurisdiction: Option<String>,
+    pub provider: Option<String>,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub spot: bool,
+    pub price_per_hour: f64,
+    /// GPUs not reserved or running anything, with their name and free memory.
+    pub free_gpus: Vec<(String, u64)>,
+}
+
+/// Why an agent cannot take a job. Shown to users (`jobs show`), so the text matters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+pub enum Ineligible {
+    NotConnected,
+    Draining,
+    Region { wanted: Vec<String>, has: Option<String> },
+    Jurisdiction { wanted: Vec<String>, has: Option<String> },
+    Provider { wanted: Vec<String>, has: Option<String> },
+    Label { key: String, wanted: String, has: Option<String> },
+    SpotForbidden,
+    SpotOnly,
+    TooExpensive { max: String, price: String },
+    NotEnoughGpus { wanted: u32, matching: u32 },
+}
+
+impl std::fmt::Display for Ineligible {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let or_none = |h: &Option<String>| h.clone().unwrap_or_else(|| "none".into());
+        match self {
+            Ineligible::NotConnected => write!(f, "not connected"),
+            Ineligible::Draining => write!(f, "draining"),
+            Ineligible::Region { wanted, has } => {
+                write!(f, "region {} not in {wanted:?}", or_none(has))
+            }
+            Ineligible::Jurisdiction { wanted, has } => {
+                write!(f, "jurisdiction {} not in {wanted:?}", or_none(has))
+            }
+            Ineligible::Provider { wanted, has } => {
+                write!(f, "provider {} not in {wanted:?}", or_none(has))
+            }
+            Ineligible::Label { key, wanted, has } => {
+                write!(f, "label {key}={} (wanted {wanted})", or_none(has))
+            }
+            Ineligible::SpotForbidden => write!(f, "spot capacity, job forbids spot"),
+            Ineligible::SpotOnly => write!(f, "on-demand capacity, job wants spot only"),
+            Ineligible::TooExpensive { max, price } => {
+                write!(f, "price {price}/h above the job's max {max}/h")
+            }
+            Ineligible::NotEnoughGpus { wanted, matching } => {
+                write!(f, "{matching} free matching GPU(s), job needs {wanted}")
+            }
+        }
+    }
+}
+
+fn one_of(wanted: &[String], has: &Option<String>) -> bool {
+    wanted.is_empty() || has.as_ref().is_some_and(|h| wanted.iter().any(|w| w == h))
+}
+
+/// Check the job's hard constraints against one agent.
+pub fn eligible(job: &JobSpec, c: &Candidate) -> Result<(), Ineligible> {
+    let k = &job.constraints;
+    if !c.connected {
+        return Err(Ineligible::NotConnected);
+    }
+    if c.draining {
+        return Err(Ineligible::Draining);
+    }
+    if !one_of(&k.regions, &c.region) {
+        return Err(Ineligible::Region { wanted: k.regions.clone(), has: c.region.clone() });
+    }
+    if !one_of(&k.jurisdictions, &c.jurisdiction) {
+        return Err(Ineligible::Jurisdiction {
+            wanted: k.jurisdictions.clone(),
+            has: c.jurisdiction.clone(),
+        });
+    }
+    if !one_of(&k.providers, &c.provider) {
+        return Err(Ineligible::Provider { wanted: k.providers.clone(), has: c.provider.clone() });
+    }
+    for (key, wanted) in &k.labels {
+        if c.labels.get(key) != Some(wanted) {
+            return Err(Ineligible::Label {
+                key: key.clone(),
+                wanted: wanted.clone(),
+                has: c.labels.get(key).cloned(),
+            });
+        }
+    }
+    match (k.spot, c.spot) {
+        (SpotPolicy::Forbidden, true) => return Err(Ineligible::SpotForbidden),
+        (SpotPolicy::Only, false) => return Err(Ineligible::SpotOnly),
+        _ => {}
+    }
+    if let Some(max) = k.max_price_per_hour {
+        if c.price_per_hour > max {
+            return Err(Ineligible::TooExpensive {
+                max: format!("{max:.2}"),
+                price: format!("{:.2}", c.price_per_hour),
+            });
+        }
+    }
+    let r = &job.resources;
+    if r.gpus > 0 {
+        let matching = c
+            .free_gpus
+            .iter()
+            .filter(|(name, free)| {
+                r.gpu_model.as_deref().is_none_or(|p| glob_match(p, name))
+                    && r.gpu_memory_bytes.is_none_or(|m| *free >= m)
+            })
+            .count() as u32;
+        if matching < r.gpus {
+            return Err(Ineligible::NotEnoughGpus { wanted: r.gpus, matching });
+        }
+    }
+    Ok(())
+}
+
+/// Split candidates into the top `k` eligible (cheapest first) and the refusals.
+pub fn prefilter(
+    job: &JobSpec,
+    candidates: &[Candidate],
+    k: usize,
+) -> (Vec<String>, Vec<(String, Ineligible)>) {
+    let mut ok: Vec<&Candidate> = Vec::new();
+    let mut no = Vec::new();
+    for c in candidates {
+        match eligible(job, c) {
+            Ok(()) => ok.push(c),
+            Err(why) => no.push((c.agent.clone(), why)),
+        }
+    }
+    ok.sort_by(|a, b| a.price_per_hour.total_cmp(&b.price_per_hour).then(a.agent.cmp(&b.agent)));
+    (ok.into_iter().take(k).map(|c| c.agent.clone()).collect(), no)
+}
+
+/// A bid as the auctioneer sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BidView {
+    pub agent: String,
+    /// Price for the expected run.
+    pub price: f64,
+    /// Expected time until the job can start, ms.
+    pub eta_ms: u64,
+    pub gpus: Vec<String>,
+}
+
+/// Lower is better. `balanced` weighs one hour of waiting like doubling the price.
+pub fn score(objective: Objective, bid: &BidView, cheapest_price: f64) -> f64 {
+    let eta_h = bid.eta_ms as f64 / 3_600_000.0;
+    match objective {
+        Objective::Cheapest => bid.price + eta_h * 1e-6,
+        Objective::Fastest => eta_h + bid.price * 1e-9,
+        Objective::Balanced => {
+            let base = cheapest_price.max(0.01);
+            bid.price / base + eta_h
+        }
+    }
+}
+
+/// The winners: the `nodes` best bids from distinct agents, or `None` when there are fewer
+/// (a gang is placed all together or not at all).
+pub fn select(objective: Objective, bids: &[BidView], nodes: u32) -> Option<Vec<BidView>> {
+    let cheapest = bids.iter().map(|b| b.price).fold(f64::INFINITY, f64::min);
+    let mut ranked: Vec<&BidView> = bids.iter().collect();
+    ranked.sort_by(|a, b| {
+        score(objective, a, cheapest)
+            .total_cmp(&score(objective, b, cheapest))
+            .then(a.agent.cmp(&b.agent))
+    });
+    let mut chosen: Vec<BidView> = Vec::new();
+    for b in ranked {
+        if !chosen.iter().any(|c| c.agent == b.agent) {
+            chosen.push(b.clone());
+        }
+        if chosen.len() as u32 == nodes {
+            return Some(chosen);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetmesh_protocol::workflow::parse;
+
+    fn job(extra: &str) -> JobSpec {
+        let y = format!("name: w\njobs:\n  j:\n    command: [x]\n{extra}");
+        parse(&y).unwrap().jobs.remove("j").unwrap()
+    }
+
+    fn cand(agent: &str, region: &str, jur: &str, gpus: &[(&str, u64)]) -> Candidate {
+        Candidate {
+            agent: agent.into(),
+            connected: true,
+            draining: false,
+            region: Some(region.into()),
+            jurisdiction: Some(jur.into()),
+            provider: Some("aws".into()),
+            labels: Default::default(),
+            spot: false,
+            price_per_hour: 2.0,
+            free_gpus: gpus.iter().map(|(n, m)| (n.to_string(), *m)).collect(),
+        }
+    }
+
+    const H100: (&str, u64) = ("NVIDIA H100 80GB HBM3", 80 << 30);
+    const L4: (&str, u64) = ("NVIDIA L4", 24 << 30);
+
+    #[test]
+    fn constraints_filter_with_reasons() {
+        let j = job("    resources: { gpus: 2, gpu_model: \"*H100*\", gpu_memory: 40GiB }\n    constraints: { jurisdictions: [EU], spot: forbidden }\n");
+        let mut spot = cand("eu-spot", "eu-west-1", "EU", &[H100, H100]);
+        spot.spot = true;
+        let mut draining = cand("eu-drain", "eu-west-1", "EU", &[H100, H100]);
+        draining.draining = true;
+        let cs = vec![
+            cand("eu-ok", "eu-west-1", "EU", &[H100, H100]),
+            cand("us", "us-east-1", "US", &[H100, H100]),
+            cand("eu-l4", "eu-west-1", "EU", &[L4, L4]),
+            cand("eu-one", "eu-west-1", "EU", &[H100]),
+            spot,
+            draining,
+        ];
+        let (ok, no) = prefilter(&j, &cs, 10);
+        assert_eq!(ok, ["eu-ok"]);
+        let why: std::collections::BTreeMap<_, _> = no.into_iter().collect();
+        assert!(matches!(why["us"], Ineligible::Jurisdiction { .. }));
+        assert_eq!(why["eu-l4"], Ineligible::NotEnoughGpus { wanted: 2, matching: 0 });
+        assert_eq!(why["eu-one"], Ineligible::NotEnoughGpus { wanted: 2, matching: 1 });
+        assert_eq!(why["eu-spot"], Ineligible::SpotForbidden);
+        assert_eq!(why["eu-drain"], Ineligible::Draining);
+        assert_eq!(why["us"].to_string(), "jurisdiction US not in [\"EU\"]");
+    }
+
+    #[test]
+    fn price_cap_labels_and_top_k() {
+        let j = job("    constraints: { max_price_per_hour: 3, labels: { tier: gold } }\n");
+        let mut a = cand("a", "r", "EU", &[]);
+        a.labels.insert("tier".into(), "gold".into());
+        a.price_per_hour = 2.5;
+        let mut b = a.clone();
+        b.agent = "b".into();
+        b.price_per_hour = 1.0;
+        let mut c = a.clone();
+        c.agent = "c".into();
+        c.price_per_hour = 4.0;
+        let mut d = a.clone();
+        d.agent = "d".into();
+        d.labels.clear();
+        let (ok, no) = prefilter(&j, &[a, b, c, d], 1);
+        assert_eq!(ok, ["b"], "cheapest first, top 1");
+        assert_eq!(no.len(), 2);
+    }
+
+    fn bid(agent: &str, price: f64, eta_ms: u64) -> BidView {
+        BidView { agent: agent.into(), price, eta_ms, gpus: vec![] }
+    }
+
+    #[test]
+    fn objectives_pick_different_winners() {
+        let bids = [bid("cheap-slow", 1.0, 3_600_000), bid("dear-fast", 3.0, 0)];
+        assert_eq!(select(Objective::Cheapest, &bids, 1).unwrap()[0].agent, "cheap-slow");
+        assert_eq!(select(Objective::Fastest, &bids, 1).unwrap()[0].agent, "dear-fast");
+        // balanced: 1.0/1.0 + 1h = 2.0 vs 3.0/1.0 + 0 = 3.0
+        assert_eq!(select(Objective::Balanced, &bids, 1).unwrap()[0].agent, "cheap-slow");
+    }
+
+    #[test]
+    fn gangs_are_all_or_nothing_on_distinct_agents() {
+        let bids = [bid("a", 1.0, 0), bid("a", 1.0, 0), bid("b", 2.0, 0)];
+        let two = select(Objective::Cheapest, &bids, 2).unwrap();
+        assert_eq!(two.iter().map(|b| b.agent.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert!(select(Objective::Cheapest, &bids, 3).is_none());
+        assert!(select(Objective::Cheapest, &[], 1).is_none());
+    }
+}
