@@ -23,6 +23,12 @@ pub struct FileConfig {
     pub simulate_gpus: Option<String>,
     pub telemetry_interval: Option<String>,
     pub reconnect_max: Option<String>,
+    /// Price per GPU-hour (per hour for CPU-only jobs) this node asks.
+    pub price_per_hour: Option<f64>,
+    /// This node is spot/preemptible capacity.
+    pub spot: Option<bool>,
+    /// Node labels `k=v` used by placement constraints.
+    pub labels: Option<Vec<String>>,
 }
 
 impl FileConfig {
@@ -48,6 +54,9 @@ pub struct AgentConfig {
     pub simulate_gpus: Option<String>,
     pub telemetry_interval: Duration,
     pub reconnect_max: Duration,
+    pub price_per_hour: f64,
+    pub spot: bool,
+    pub labels: Vec<(String, String)>,
 }
 
 /// Default coordinator control port.
@@ -100,6 +109,17 @@ impl AgentConfig {
             Some(s) => parse_duration("telemetry-interval", &s)?,
             None => Duration::from_secs(1),
         };
+        let price_per_hour = flags.price_per_hour.or(file.price_per_hour).unwrap_or(1.0);
+        if !(price_per_hour >= 0.0 && price_per_hour.is_finite()) {
+            return Err(AgentError::Config("price-per-hour must be a non-negative number".into()));
+        }
+        let mut labels = Vec::new();
+        for l in flags.labels.or(file.labels).unwrap_or_default() {
+            let (k, v) = l
+                .split_once('=')
+                .ok_or_else(|| AgentError::Config(format!("label {l:?} is not key=value")))?;
+            labels.push((k.trim().to_string(), v.trim().to_string()));
+        }
         let reconnect_max = match flags.reconnect_max.or(file.reconnect_max) {
             Some(s) => parse_duration("reconnect-max", &s)?,
             None => Duration::from_secs(5),
@@ -118,6 +138,9 @@ impl AgentConfig {
             simulate_gpus: flags.simulate_gpus.or(file.simulate_gpus),
             telemetry_interval,
             reconnect_max,
+            price_per_hour,
+            spot: flags.spot.or(file.spot).unwrap_or(false),
+            labels,
         })
     }
 }

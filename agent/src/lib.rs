@@ -11,6 +11,7 @@ pub mod config;
 pub mod enroll;
 pub mod gpu;
 pub mod host;
+pub mod jobs;
 pub mod sampler;
 pub mod session;
 
@@ -124,6 +125,8 @@ pub async fn run(
     let requested_name = config.name.clone().unwrap_or_else(default_node_name);
     let mut gpu_and_sampler: Option<sampler::NodeSampler> = None;
     let stats = Arc::new(AgentStats::default());
+    // Running attempts outlive sessions and certificate changes.
+    let jobs = jobs::Jobs::new(&config.data_dir, config.price_per_hour, config.spot);
     loop {
         // Load (or obtain) an identity that is currently valid.
         let tls = match &source {
@@ -177,6 +180,7 @@ pub async fn run(
         }
         opts.telemetry_interval = config.telemetry_interval;
         opts.backoff.max = config.reconnect_max;
+        opts.jobs = Some(jobs.clone());
         if let IdentitySource::Enrolled(files) = &source {
             opts.renewal = Some(session::Renewal {
                 key_pem: files.key_pem()?,
@@ -188,7 +192,14 @@ pub async fn run(
             Some(s) => s,
             None => {
                 let gpu = gpu::select_backend(config.simulate_gpus.as_deref(), &opts.claimed_name)?;
-                gpu_and_sampler.insert(sampler::NodeSampler::new(gpu, &config.data_dir))
+                let mut s = sampler::NodeSampler::new(gpu, &config.data_dir);
+                s.offer = sampler::NodeOffer {
+                    price_per_hour: config.price_per_hour,
+                    spot: config.spot,
+                    labels: config.labels.clone(),
+                    container_runtime: jobs.container_runtime(),
+                };
+                gpu_and_sampler.insert(s)
             }
         };
         tracing::info!(

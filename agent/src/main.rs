@@ -45,6 +45,15 @@ struct Cli {
     /// Longest wait between reconnect attempts, e.g. 5s.
     #[arg(long)]
     reconnect_max: Option<String>,
+    /// Price per GPU-hour (per hour for CPU-only jobs) this node asks [default: 1.0].
+    #[arg(long)]
+    price_per_hour: Option<f64>,
+    /// This node is spot/preemptible capacity.
+    #[arg(long)]
+    spot: bool,
+    /// Node labels for placement constraints, e.g. rack=a7,tier=gold.
+    #[arg(long, value_delimiter = ',')]
+    labels: Vec<String>,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -127,6 +136,9 @@ fn main() -> ExitCode {
         simulate_gpus: cli.simulate_gpus,
         telemetry_interval: cli.telemetry_interval,
         reconnect_max: cli.reconnect_max,
+        price_per_hour: cli.price_per_hour,
+        spot: cli.spot.then_some(true),
+        labels: (!cli.labels.is_empty()).then_some(cli.labels),
     };
     let config = match AgentConfig::resolve(file, flags) {
         Ok(c) => c,

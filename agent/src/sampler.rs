@@ -20,10 +20,26 @@ enum HostSource {
     Fixed(Box<(HostInfo, HostSample)>),
 }
 
+/// What the node owner offers (reported in the inventory, used for placement).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeOffer {
+    pub price_per_hour: f64,
+    pub spot: bool,
+    pub labels: Vec<(String, String)>,
+    pub container_runtime: Option<String>,
+}
+
+impl Default for NodeOffer {
+    fn default() -> Self {
+        Self { price_per_hour: 1.0, spot: false, labels: Vec::new(), container_runtime: None }
+    }
+}
+
 /// The node sampler: one GPU backend plus host figures.
 pub struct NodeSampler {
     gpu: Box<dyn GpuBackend>,
     host: HostSource,
+    pub offer: NodeOffer,
 }
 
 impl std::fmt::Debug for NodeSampler {
@@ -35,12 +51,16 @@ impl std::fmt::Debug for NodeSampler {
 impl NodeSampler {
     /// Live host figures for the disk holding `data_dir`.
     pub fn new(gpu: Box<dyn GpuBackend>, data_dir: &Path) -> Self {
-        Self { gpu, host: HostSource::Live(Box::new(HostCollector::new(data_dir))) }
+        Self {
+            gpu,
+            host: HostSource::Live(Box::new(HostCollector::new(data_dir))),
+            offer: NodeOffer::default(),
+        }
     }
 
     /// Fixed host figures (benchmarks).
     pub fn with_fixed_host(gpu: Box<dyn GpuBackend>, info: HostInfo, sample: HostSample) -> Self {
-        Self { gpu, host: HostSource::Fixed(Box::new((info, sample))) }
+        Self { gpu, host: HostSource::Fixed(Box::new((info, sample))), offer: NodeOffer::default() }
     }
 }
 
@@ -50,7 +70,15 @@ impl Sampler for NodeSampler {
             HostSource::Live(h) => h.info(),
             HostSource::Fixed(f) => f.0.clone(),
         };
-        Inventory { host, gpu_source: self.gpu.source(), gpus: self.gpu.inventory() }
+        Inventory {
+            host,
+            gpu_source: self.gpu.source(),
+            gpus: self.gpu.inventory(),
+            price_per_hour: self.offer.price_per_hour,
+            spot: self.offer.spot,
+            labels: self.offer.labels.clone(),
+            container_runtime: self.offer.container_runtime.clone(),
+        }
     }
 
     fn sample(&mut self, seq: u64) -> TelemetryReport {

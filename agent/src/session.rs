@@ -68,6 +68,8 @@ pub struct ConnectOptions {
     pub backoff: Backoff,
     /// Renew the certificate over the session (enrolled agents).
     pub renewal: Option<Renewal>,
+    /// Job execution (bids, awards, running attempts); `None` = telemetry only.
+    pub jobs: Option<Arc<crate::jobs::Jobs>>,
 }
 
 /// Certificate renewal over the control session: at two thirds of the certificate's
@@ -146,6 +148,7 @@ impl ConnectOptions {
             telemetry_interval: Duration::from_secs(1),
             backoff: Backoff::default(),
             renewal: None,
+            jobs: None,
         }
     }
 }
@@ -300,7 +303,15 @@ pub async fn run_session(
     stats.sessions_established.fetch_add(1, Ordering::Relaxed);
     info!(agent_id = %opts.claimed_name, session = welcome.session_id, coordinator = %addr, "session established");
 
-    write_msg(&mut send, &AgentMessage::Inventory(sampler.inventory())).await?;
+    let inventory = sampler.inventory();
+    let inv_gpus = inventory.gpus.clone();
+    write_msg(&mut send, &AgentMessage::Inventory(inventory)).await?;
+    if let Some(jobs) = &opts.jobs {
+        write_msg(&mut send, &AgentMessage::Running { attempts: jobs.running() }).await?;
+    }
+    let outbox = opts.jobs.as_ref().map(|j| j.outbox.clone()).unwrap_or_default();
+    // Deliver whatever queued up while we were disconnected.
+    outbox.notify.notify_one();
 
     // Reader task: coordinator -> channel.
     let (tx, mut rx) = mpsc::channel::<Result<CoordinatorMessage, SessionError>>(16);
@@ -359,8 +370,20 @@ pub async fn run_session(
             _ = telemetry.tick() => {
                 seq += 1;
                 let report = sampler.sample(seq);
+                if let Some(jobs) = &opts.jobs {
+                    jobs.observe(&inv_gpus, &report);
+                }
                 write_msg(&mut send, &AgentMessage::Telemetry(report)).await?;
                 stats.reports_sent.fetch_add(1, Ordering::Relaxed);
+            }
+            _ = outbox.notify.notified() => {
+                let msgs = outbox.drain();
+                for (i, m) in msgs.iter().enumerate() {
+                    if let Err(e) = write_msg(&mut send, m).await {
+                        outbox.requeue(msgs[i..].to_vec());
+                        return Err(e);
+                    }
+                }
             }
             _ = heartbeat.tick() => {
                 hb_seq += 1;
@@ -387,6 +410,44 @@ pub async fn run_session(
                                 renew_sleep.as_mut().reset(tokio::time::Instant::now() + renew_retry(&current));
                             }
                         }
+                    }
+                }
+                Some(Ok(CoordinatorMessage::CallForBids(c))) => {
+                    let answer = match &opts.jobs {
+                        Some(jobs) => jobs.bid(&c),
+                        None => AgentMessage::Decline { auction: c.auction.clone(), reason: "this agent does not run jobs".into() },
+                    };
+                    write_msg(&mut send, &answer).await?;
+                }
+                Some(Ok(CoordinatorMessage::Award(a))) => {
+                    let r = match &opts.jobs {
+                        Some(jobs) => jobs.start(&a),
+                        None => Err("this agent does not run jobs".into()),
+                    };
+                    if let Err(why) = &r {
+                        warn!(job_id = %a.job, attempt = a.attempt, reason = %why, "award refused");
+                    }
+                    write_msg(&mut send, &AgentMessage::AwardAnswer {
+                        job: a.job.clone(),
+                        attempt: a.attempt,
+                        accepted: r.is_ok(),
+                        reason: r.err().unwrap_or_default(),
+                    }).await?;
+                }
+                Some(Ok(CoordinatorMessage::Release { auction })) => {
+                    if let Some(jobs) = &opts.jobs {
+                        jobs.release(&auction);
+                    }
+                }
+                Some(Ok(CoordinatorMessage::Stop { job, attempt, grace_ms, reason })) => {
+                    info!(job_id = %job, attempt, %reason, "stop requested");
+                    if let Some(jobs) = &opts.jobs {
+                        jobs.stop(&job, attempt, fleetmesh_protocol::JobOutcome::Cancelled, Duration::from_millis(grace_ms));
+                    }
+                }
+                Some(Ok(CoordinatorMessage::Keep { attempts })) => {
+                    if let Some(jobs) = &opts.jobs {
+                        jobs.keep_only(&attempts);
                     }
                 }
                 Some(Ok(CoordinatorMessage::RenewRefused { reason })) => {

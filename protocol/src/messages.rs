@@ -24,6 +24,86 @@ pub enum AgentMessage {
     Leaving { reason: String },
     /// Certificate renewal: a CSR for the agent's (unchanged) key.
     Renew { csr_pem: String },
+    /// Answer to a call for bids: an offer with a tentative reservation.
+    Bid { auction: String, gpus: Vec<String>, price: f64, eta_ms: u64 },
+    /// Answer to a call for bids: no.
+    Decline { auction: String, reason: String },
+    /// An award was accepted (the process is being started) or refused.
+    AwardAnswer { job: String, attempt: u64, accepted: bool, reason: String },
+    /// A job attempt's process started.
+    JobStarted { job: String, attempt: u64, pid: u32 },
+    /// Output of a running attempt (stream 1 = stdout, 2 = stderr).
+    JobOutput { job: String, attempt: u64, stream: u8, data: Vec<u8> },
+    /// A job attempt ended.
+    JobExited { job: String, attempt: u64, outcome: JobOutcome, duration_ms: u64 },
+    /// Attempts this agent is running (sent after every hello, for reconciliation).
+    Running { attempts: Vec<(String, u64)> },
+}
+
+/// How a job attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum JobOutcome {
+    Exited { code: i32 },
+    Signaled { signal: i32 },
+    TimedOut,
+    Cancelled,
+    FailedToStart { reason: String },
+}
+
+impl JobOutcome {
+    pub fn succeeded(&self) -> bool {
+        matches!(self, JobOutcome::Exited { code: 0 })
+    }
+}
+
+impl std::fmt::Display for JobOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JobOutcome::Exited { code } => write!(f, "exited with code {code}"),
+            JobOutcome::Signaled { signal } => write!(f, "killed by signal {signal}"),
+            JobOutcome::TimedOut => write!(f, "timed out"),
+            JobOutcome::Cancelled => write!(f, "cancelled"),
+            JobOutcome::FailedToStart { reason } => write!(f, "failed to start: {reason}"),
+        }
+    }
+}
+
+/// What an agent needs to run one attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExecSpec {
+    /// argv; a workflow `script` arrives as `["sh", "-c", script]`.
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub image: Option<String>,
+    pub timeout_ms: Option<u64>,
+}
+
+/// A job's placement request, sent to candidate agents.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallForBids {
+    pub auction: String,
+    pub job: String,
+    pub gpus: u32,
+    pub gpu_model: Option<String>,
+    pub gpu_memory_bytes: Option<u64>,
+    pub needs_container: bool,
+    pub expected_duration_ms: u64,
+    pub lease_ms: u64,
+}
+
+/// The coordinator awards an attempt (fenced by `attempt`) to an agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Award {
+    pub auction: String,
+    pub job: String,
+    pub attempt: u64,
+    pub gpus: Vec<String>,
+    pub exec: ExecSpec,
+    pub rank: u32,
+    pub world_size: u32,
+    pub master_addr: String,
+    pub master_port: u16,
 }
 
 /// Messages the coordinator sends to an agent.
@@ -33,11 +113,34 @@ pub enum CoordinatorMessage {
     /// The hello was accepted.
     Welcome(Welcome),
     /// The hello (or the session) was refused; the connection is closed after this.
-    Reject { reason: String },
+    Reject {
+        reason: String,
+    },
     /// A renewed certificate (same name and attributes, new validity and serial).
-    Renewed { cert_pem: String },
+    Renewed {
+        cert_pem: String,
+    },
     /// Renewal refused; the current certificate stays valid until it expires.
-    RenewRefused { reason: String },
+    RenewRefused {
+        reason: String,
+    },
+    CallForBids(CallForBids),
+    Award(Box<Award>),
+    /// The auction was decided for someone else: drop the reservation.
+    Release {
+        auction: String,
+    },
+    /// Stop an attempt: SIGTERM, then SIGKILL after `grace_ms`.
+    Stop {
+        job: String,
+        attempt: u64,
+        grace_ms: u64,
+        reason: String,
+    },
+    /// Reconciliation after a (re)connect: these attempts may keep running; stop others.
+    Keep {
+        attempts: Vec<(String, u64)>,
+    },
 }
 
 /// Agent hello.
@@ -90,6 +193,13 @@ pub struct Inventory {
     pub host: HostInfo,
     pub gpu_source: GpuSource,
     pub gpus: Vec<GpuInfo>,
+    /// What the agent charges (configured by the node owner), per GPU-hour (per hour for
+    /// CPU-only jobs).
+    pub price_per_hour: f64,
+    pub spot: bool,
+    pub labels: Vec<(String, String)>,
+    /// `docker` or `podman` when available.
+    pub container_runtime: Option<String>,
 }
 
 /// Static host facts.

@@ -1,0 +1,494 @@
+//! Job execution on the agent: bidding state, running attempts, and an outbox of job
+//! events that survives reconnects (attempts keep running while the coordinator is away;
+//! their events are delivered by the next session).
+//!
+//! Each attempt runs in `<data-dir>/work/<job>/<attempt>/` in its own process group, with
+//! the job's env plus `CUDA_VISIBLE_DEVICES` (awarded GPU UUIDs), `FLEETMESH_JOB`,
+//! `FLEETMESH_ATTEMPT`, and for gangs `FLEETMESH_RANK`, `FLEETMESH_WORLD_SIZE`,
+//! `MASTER_ADDR`, `MASTER_PORT`. stdout/stderr go to `stdout.log`/`stderr.log` (capped) and
+//! are streamed to the coordinator. Stop = SIGTERM to the group, SIGKILL after the grace.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fleetmesh_protocol::{AgentMessage, Award, CallForBids, JobOutcome};
+use tokio::io::AsyncReadExt;
+use tokio::sync::{oneshot, Notify};
+use tracing::{info, warn};
+
+use crate::bidding::{self, LocalState};
+
+/// Bytes of each stream kept on disk per attempt.
+pub const MAX_LOG_BYTES: u64 = 64 << 20;
+/// Queued events kept while disconnected; output chunks are dropped first.
+const MAX_OUTBOX: usize = 10_000;
+
+/// Events waiting for a session to deliver them.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    q: Mutex<VecDeque<AgentMessage>>,
+    pub notify: Notify,
+}
+
+impl Outbox {
+    pub fn push(&self, m: AgentMessage) {
+        if let Ok(mut q) = self.q.lock() {
+            if q.len() >= MAX_OUTBOX && matches!(m, AgentMessage::JobOutput { .. }) {
+                return;
+            }
+            q.push_back(m);
+        }
+        self.notify.notify_one();
+    }
+    pub fn drain(&self) -> Vec<AgentMessage> {
+        self.q.lock().map(|mut q| q.drain(..).collect()).unwrap_or_default()
+    }
+    /// Put messages back at the front (a write failed).
+    pub fn requeue(&self, msgs: Vec<AgentMessage>) {
+        if let Ok(mut q) = self.q.lock() {
+            for m in msgs.into_iter().rev() {
+                q.push_front(m);
+            }
+        }
+    }
+}
+
+struct RunningAttempt {
+    gpus: Vec<String>,
+    stop: Option<oneshot::Sender<(JobOutcome, Duration)>>,
+}
+
+/// All job state of one agent.
+pub struct Jobs {
+    state: Mutex<(LocalState, BTreeMap<(String, u64), RunningAttempt>)>,
+    pub outbox: Arc<Outbox>,
+    work_root: PathBuf,
+    container_runtime: Option<String>,
+}
+
+impl std::fmt::Debug for Jobs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Jobs").field("work_root", &self.work_root).finish_non_exhaustive()
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// `docker` or `podman` if either is on the PATH.
+pub fn find_container_runtime() -> Option<String> {
+    let path = std::env::var_os("PATH")?;
+    for rt in ["docker", "podman"] {
+        if std::env::split_paths(&path).any(|d| d.join(rt).is_file()) {
+            return Some(rt.to_string());
+        }
+    }
+    None
+}
+
+impl Jobs {
+    pub fn new(data_dir: &std::path::Path, price_per_hour: f64, spot: bool) -> Arc<Self> {
+        let container_runtime = find_container_runtime();
+        let local = LocalState {
+            price_per_hour,
+            spot,
+            has_container_runtime: container_runtime.is_some(),
+            ..Default::default()
+        };
+        Arc::new(Self {
+            state: Mutex::new((local, BTreeMap::new())),
+            outbox: Arc::new(Outbox::default()),
+            work_root: data_dir.join("work"),
+            container_runtime,
+        })
+    }
+
+    pub fn container_runtime(&self) -> Option<String> {
+        self.container_runtime.clone()
+    }
+
+    /// Refresh the GPU view used for bidding from the latest telemetry.
+    pub fn update_gpus(&self, gpus: Vec<bidding::GpuState>) {
+        if let Ok(mut s) = self.state.lock() {
+            s.0.gpus = gpus;
+        }
+    }
+
+    /// Refresh the bidding view from an inventory and a telemetry report, remembering
+    /// the last fatal (XID / double-bit ECC) event per GPU.
+    pub fn observe(
+        &self,
+        inv: &[fleetmesh_protocol::GpuInfo],
+        report: &fleetmesh_protocol::TelemetryReport,
+    ) {
+        use fleetmesh_protocol::GpuEventKind;
+        let Ok(mut s) = self.state.lock() else { return };
+        let mut fatal: BTreeMap<String, u64> =
+            s.0.gpus
+                .iter()
+                .filter_map(|g| g.last_fatal_event_ms.map(|t| (g.uuid.clone(), t)))
+                .collect();
+        for e in &report.events {
+            if matches!(e.kind, GpuEventKind::Xid(_) | GpuEventKind::DoubleBitEcc) {
+                fatal.insert(e.uuid.clone(), e.at_unix_ms);
+            }
+        }
+        s.0.gpus = report
+            .gpus
+            .iter()
+            .map(|g| {
+                let info = inv.iter().find(|i| i.uuid == g.uuid);
+                bidding::GpuState {
+                    uuid: g.uuid.clone(),
+                    name: info.map(|i| i.name.clone()).unwrap_or_default(),
+                    memory_total_bytes: g
+                        .memory_total_bytes
+                        .or(info.map(|i| i.memory_total_bytes))
+                        .unwrap_or(0),
+                    memory_free_bytes: g.memory_free_bytes,
+                    temperature_c: g.temperature_c,
+                    ecc_uncorrected_volatile: g.ecc_uncorrected_volatile,
+                    last_fatal_event_ms: fatal.get(&g.uuid).copied(),
+                }
+            })
+            .collect();
+    }
+
+    /// Attempts currently running.
+    pub fn running(&self) -> Vec<(String, u64)> {
+        self.state.lock().map(|s| s.1.keys().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Answer a call for bids.
+    pub fn bid(&self, c: &CallForBids) -> AgentMessage {
+        let call = bidding::CallForBids {
+            auction: c.auction.clone(),
+            gpus: c.gpus,
+            gpu_model: c.gpu_model.clone(),
+            gpu_memory_bytes: c.gpu_memory_bytes,
+            needs_container: c.needs_container,
+            expected_duration_ms: c.expected_duration_ms,
+            lease_ms: c.lease_ms,
+        };
+        let r = match self.state.lock() {
+            Ok(mut s) => s.0.bid(&call, now_ms()),
+            Err(_) => {
+                return AgentMessage::Decline {
+                    auction: c.auction.clone(),
+                    reason: "agent state poisoned".into(),
+                }
+            }
+        };
+        match r {
+            Ok(o) => AgentMessage::Bid {
+                auction: c.auction.clone(),
+                gpus: o.gpus,
+                price: o.price,
+                eta_ms: o.eta_ms,
+            },
+            Err(d) => AgentMessage::Decline { auction: c.auction.clone(), reason: d.to_string() },
+        }
+    }
+
+    pub fn release(&self, auction: &str) {
+        if let Ok(mut s) = self.state.lock() {
+            s.0.release(auction);
+        }
+    }
+
+    /// Start an awarded attempt. Refused if the attempt (or a newer one of the job) is
+    /// already running here, or if the awarded GPUs are not the reserved ones.
+    pub fn start(self: &Arc<Self>, a: &Award) -> Result<(), String> {
+        let key = (a.job.clone(), a.attempt);
+        {
+            let mut s = self.state.lock().map_err(|_| "agent state poisoned".to_string())?;
+            if s.1.keys().any(|(j, n)| *j == a.job && *n >= a.attempt) {
+                return Err(format!(
+                    "attempt {} of {} is stale or already running here",
+                    a.attempt, a.job
+                ));
+            }
+            let reserved = s.0.release(&a.auction).map(|r| r.gpus).unwrap_or_default();
+            if a.gpus.iter().any(|g| !reserved.contains(g)) {
+                return Err(
+                    "award names GPUs that are not reserved for this auction (lease expired?)"
+                        .into(),
+                );
+            }
+            // Older attempts of the same job must not survive a newer award.
+            let stale: Vec<(String, u64)> =
+                s.1.keys().filter(|(j, _)| *j == a.job).cloned().collect();
+            for k in stale {
+                if let Some(mut r) = s.1.remove(&k) {
+                    if let Some(tx) = r.stop.take() {
+                        let _ = tx.send((JobOutcome::Cancelled, Duration::from_millis(0)));
+                    }
+                }
+            }
+            s.0.running.push((format!("{}/{}", a.job, a.attempt), a.gpus.clone()));
+            let (tx, rx) = oneshot::channel();
+            s.1.insert(key, RunningAttempt { gpus: a.gpus.clone(), stop: Some(tx) });
+            let me = self.clone();
+            let award = a.clone();
+            tokio::spawn(async move { me.run_attempt(award, rx).await });
+        }
+        Ok(())
+    }
+
+    /// Stop an attempt (SIGTERM, SIGKILL after `grace`). Unknown attempts are ignored.
+    pub fn stop(&self, job: &str, attempt: u64, outcome: JobOutcome, grace: Duration) {
+        if let Ok(mut s) = self.state.lock() {
+            if let Some(r) = s.1.get_mut(&(job.to_string(), attempt)) {
+                if let Some(tx) = r.stop.take() {
+                    let _ = tx.send((outcome, grace));
+                }
+            }
+        }
+    }
+
+    /// Stop every running attempt not in `keep` (coordinator reconciliation).
+    pub fn keep_only(&self, keep: &[(String, u64)]) {
+        for (job, attempt) in self.running() {
+            if !keep.iter().any(|(j, n)| *j == job && *n == attempt) {
+                warn!(job_id = %job, attempt, "coordinator does not know this attempt: stopping it");
+                self.stop(&job, attempt, JobOutcome::Cancelled, Duration::from_secs(2));
+            }
+        }
+    }
+
+    fn finish(&self, job: &str, attempt: u64) {
+        if let Ok(mut s) = self.state.lock() {
+            if let Some(r) = s.1.remove(&(job.to_string(), attempt)) {
+                let tag = format!("{job}/{attempt}");
+                s.0.running.retain(|(t, g)| !(*t == tag && *g == r.gpus));
+            }
+        }
+    }
+
+    async fn run_attempt(
+        self: Arc<Self>,
+        a: Award,
+        mut stop: oneshot::Receiver<(JobOutcome, Duration)>,
+    ) {
+        let started = Instant::now();
+        let outcome = self.run_inner(&a, &mut stop).await;
+        info!(job_id = %a.job, attempt = a.attempt, %outcome, "attempt ended");
+        self.finish(&a.job, a.attempt);
+        self.outbox.push(AgentMessage::JobExited {
+            job: a.job.clone(),
+            attempt: a.attempt,
+            outcome,
+            duration_ms: started.elapsed().as_millis() as u64,
+        });
+    }
+
+    async fn run_inner(
+        &self,
+        a: &Award,
+        stop: &mut oneshot::Receiver<(JobOutcome, Duration)>,
+    ) -> JobOutcome {
+        let dir = self.work_root.join(sanitize(&a.job)).join(a.attempt.to_string());
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            return JobOutcome::FailedToStart {
+                reason: format!("work dir {}: {e}", dir.display()),
+            };
+        }
+        let mut env: Vec<(String, String)> = a.exec.env.clone();
+        env.push(("CUDA_VISIBLE_DEVICES".into(), a.gpus.join(",")));
+        env.push(("FLEETMESH_JOB".into(), a.job.clone()));
+        env.push(("FLEETMESH_ATTEMPT".into(), a.attempt.to_string()));
+        env.push(("FLEETMESH_WORK_DIR".into(), dir.display().to_string()));
+        if a.world_size > 1 {
+            env.push(("FLEETMESH_RANK".into(), a.rank.to_string()));
+            env.push(("FLEETMESH_WORLD_SIZE".into(), a.world_size.to_string()));
+            env.push(("MASTER_ADDR".into(), a.master_addr.clone()));
+            env.push(("MASTER_PORT".into(), a.master_port.to_string()));
+        }
+        let argv: Vec<String> = match (&a.exec.image, &self.container_runtime) {
+            (None, _) => a.exec.argv.clone(),
+            (Some(_), None) => {
+                return JobOutcome::FailedToStart {
+                    reason: "job needs a container image; no docker or podman here".into(),
+                }
+            }
+            (Some(image), Some(rt)) => {
+                let mut v = vec![
+                    rt.clone(),
+                    "run".into(),
+                    "--rm".into(),
+                    "-v".into(),
+                    format!("{}:/work", dir.display()),
+                    "-w".into(),
+                    "/work".into(),
+                ];
+                for (k, val) in &env {
+                    v.push("-e".into());
+                    v.push(format!("{k}={val}"));
+                }
+                v.push("-e".into());
+                v.push(format!("NVIDIA_VISIBLE_DEVICES={}", a.gpus.join(",")));
+                v.push(image.clone());
+                v.extend(a.exec.argv.iter().cloned());
+                v
+            }
+        };
+        let Some((prog, args)) = argv.split_first() else {
+            return JobOutcome::FailedToStart { reason: "empty command".into() };
+        };
+        let mut cmd = tokio::process::Command::new(prog);
+        cmd.args(args)
+            .current_dir(&dir)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => return JobOutcome::FailedToStart { reason: format!("{prog}: {e}") },
+        };
+        let pid = child.id().unwrap_or(0);
+        info!(job_id = %a.job, attempt = a.attempt, pid, gpus = ?a.gpus, "attempt started");
+        self.outbox.push(AgentMessage::JobStarted { job: a.job.clone(), attempt: a.attempt, pid });
+        let mut pumps = Vec::new();
+        for (stream, reader) in [
+            (
+                1u8,
+                child
+                    .stdout
+                    .take()
+                    .map(|r| Box::new(r) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+            ),
+            (
+                2u8,
+                child
+                    .stderr
+                    .take()
+                    .map(|r| Box::new(r) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+            ),
+        ] {
+            if let Some(r) = reader {
+                let file = dir.join(if stream == 1 { "stdout.log" } else { "stderr.log" });
+                pumps.push(tokio::spawn(pump(
+                    r,
+                    file,
+                    stream,
+                    a.job.clone(),
+                    a.attempt,
+                    self.outbox.clone(),
+                )));
+            }
+        }
+        let timeout = a.exec.timeout_ms.map(Duration::from_millis).unwrap_or(Duration::MAX / 4);
+        let outcome = tokio::select! {
+            st = child.wait() => match st {
+                Ok(s) => status_outcome(s),
+                Err(e) => JobOutcome::FailedToStart { reason: e.to_string() },
+            },
+            _ = tokio::time::sleep(timeout) => {
+                terminate(&mut child, pid, Duration::from_secs(5)).await;
+                JobOutcome::TimedOut
+            }
+            req = stop => {
+                let (outcome, grace) = req.unwrap_or((JobOutcome::Cancelled, Duration::from_secs(5)));
+                terminate(&mut child, pid, grace).await;
+                outcome
+            }
+        };
+        for p in pumps {
+            let _ = tokio::time::timeout(Duration::from_secs(2), p).await;
+        }
+        outcome
+    }
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '_' })
+        .collect()
+}
+
+fn status_outcome(s: std::process::ExitStatus) -> JobOutcome {
+    use std::os::unix::process::ExitStatusExt;
+    match (s.code(), s.signal()) {
+        (Some(code), _) => JobOutcome::Exited { code },
+        (None, Some(signal)) => JobOutcome::Signaled { signal },
+        (None, None) => JobOutcome::Exited { code: -1 },
+    }
+}
+
+fn signal_group(pid: u32, sig: &str) {
+    // The attempt leads its own process group: signal the whole group.
+    let _ = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg("--")
+        .arg(format!("-{pid}"))
+        .status();
+}
+
+async fn terminate(child: &mut tokio::process::Child, pid: u32, grace: Duration) {
+    if pid != 0 {
+        signal_group(pid, "TERM");
+    }
+    if tokio::time::timeout(grace, child.wait()).await.is_err() {
+        if pid != 0 {
+            signal_group(pid, "KILL");
+        }
+        let _ = child.kill().await;
+    }
+}
+
+async fn pump(
+    mut r: Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+    file: PathBuf,
+    stream: u8,
+    job: String,
+    attempt: u64,
+    outbox: Arc<Outbox>,
+) {
+    use tokio::io::AsyncWriteExt;
+    let mut f = tokio::fs::File::create(&file).await.ok();
+    let mut written: u64 = 0;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if written < MAX_LOG_BYTES {
+            let take = (n as u64).min(MAX_LOG_BYTES - written) as usize;
+            if let Some(f) = f.as_mut() {
+                let _ = f.write_all(&buf[..take]).await;
+            }
+            outbox.push(AgentMessage::JobOutput {
+                job: job.clone(),
+                attempt,
+                stream,
+                data: buf[..take].to_vec(),
+            });
+            written += take as u64;
+            if written >= MAX_LOG_BYTES {
+                let note = b"\n[fleetmesh: log truncated at the size cap]\n";
+                if let Some(f) = f.as_mut() {
+                    let _ = f.write_all(note).await;
+                }
+                outbox.push(AgentMessage::JobOutput {
+                    job: job.clone(),
+                    attempt,
+                    stream,
+                    data: note.to_vec(),
+                });
+            }
+        }
+    }
+    if let Some(mut f) = f {
+        let _ = f.flush().await;
+    }
+}
