@@ -60,9 +60,12 @@ struct RunningAttempt {
     stop: Option<oneshot::Sender<(JobOutcome, Duration)>>,
 }
 
+/// Running attempts by (job, attempt).
+type Running = BTreeMap<(String, u64), RunningAttempt>;
+
 /// All job state of one agent.
 pub struct Jobs {
-    state: Mutex<(LocalState, BTreeMap<(String, u64), RunningAttempt>)>,
+    state: Mutex<(LocalState, Running)>,
     pub outbox: Arc<Outbox>,
     work_root: PathBuf,
     container_runtime: Option<String>,

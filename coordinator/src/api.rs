@@ -41,6 +41,7 @@ use tracing::{debug, info, warn};
 
 use crate::authority::{AuthorityMsg, TokenSpec};
 use crate::fleet::FleetMsg;
+use crate::scheduler::SchedulerMsg;
 use crate::views::ApiErrorBody;
 
 /// Longest a client may take for its TLS handshake.
@@ -55,6 +56,111 @@ struct Peer(Option<PeerIdentity>);
 struct AppState {
     fleet: ActorRef<FleetMsg>,
     authority: ActorRef<AuthorityMsg>,
+    scheduler: ActorRef<SchedulerMsg>,
+}
+
+macro_rules! sched_call {
+    ($st:expr, $msg:expr $(, $arg:expr)*) => {
+        match ractor::call_t!($st.scheduler, $msg, FLEET_CALL_MS $(, $arg)*) {
+            Ok(v) => v,
+            Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, format!("scheduler unavailable: {e}")),
+        }
+    };
+}
+
+/// Body: the workflow file (YAML). Validated before anything is stored.
+async fn submit_workflow(State(st): State<AppState>, body: String) -> Response {
+    let wf = match fleetmesh_protocol::workflow::parse(&body) {
+        Ok(w) => w,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    match sched_call!(st, SchedulerMsg::Submit, Box::new(wf)) {
+        Ok(id) => (StatusCode::CREATED, Json(serde_json::json!({ "id": id }))).into_response(),
+        Err(e) => error(StatusCode::BAD_REQUEST, e),
+    }
+}
+
+async fn list_workflows(State(st): State<AppState>) -> Response {
+    Json(sched_call!(st, SchedulerMsg::ListWorkflows)).into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct JobsQuery {
+    workflow: Option<String>,
+}
+
+async fn list_jobs(State(st): State<AppState>, Query(q): Query<JobsQuery>) -> Response {
+    Json(sched_call!(st, SchedulerMsg::ListJobs, q.workflow)).into_response()
+}
+
+async fn show_job(State(st): State<AppState>, Path(id): Path<String>) -> Response {
+    match sched_call!(st, SchedulerMsg::ShowJob, id.clone()) {
+        Some(j) => Json(j).into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("no job {id:?}")),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct LogsQuery {
+    #[serde(default)]
+    offset: usize,
+}
+
+async fn job_logs(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> Response {
+    let r = match ractor::call_t!(
+        st.scheduler,
+        |reply| SchedulerMsg::Logs { job: id.clone(), offset: q.offset, reply },
+        FLEET_CALL_MS
+    ) {
+        Ok(v) => v,
+        Err(e) => {
+            return error(StatusCode::SERVICE_UNAVAILABLE, format!("scheduler unavailable: {e}"))
+        }
+    };
+    match r {
+        Some(c) => Json(c).into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("no job {id:?}")),
+    }
+}
+
+async fn cancel(State(st): State<AppState>, Path(id): Path<String>) -> Response {
+    match sched_call!(st, SchedulerMsg::Cancel, id) {
+        Ok(n) => Json(serde_json::json!({ "cancelled_jobs": n })).into_response(),
+        Err(e) => error(StatusCode::NOT_FOUND, e),
+    }
+}
+
+#[derive(serde::Deserialize, Default)]
+struct DrainBody {
+    #[serde(default = "yes")]
+    draining: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+async fn drain(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    body: Option<Json<DrainBody>>,
+) -> Response {
+    let draining = body.map(|b| b.0.draining).unwrap_or(true);
+    match ractor::call_t!(
+        st.fleet,
+        |reply| FleetMsg::Drain { name: name.clone(), draining, reply },
+        FLEET_CALL_MS
+    ) {
+        Ok(true) => {
+            Json(serde_json::json!({ "agent": name, "draining": draining })).into_response()
+        }
+        Ok(false) => error(StatusCode::NOT_FOUND, format!("no agent named {name:?}")),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("fleet unavailable: {e}")),
+    }
 }
 
 /// Answer an Authority call: `Ok` as JSON, `Err` as 400 with the reason.
@@ -176,8 +282,19 @@ async fn metrics(State(st): State<AppState>) -> Response {
     }
 }
 
-fn router(fleet: ActorRef<FleetMsg>, authority: ActorRef<AuthorityMsg>) -> Router {
+fn router(
+    fleet: ActorRef<FleetMsg>,
+    authority: ActorRef<AuthorityMsg>,
+    scheduler: ActorRef<SchedulerMsg>,
+) -> Router {
     Router::new()
+        .route("/api/v1/workflows", get(list_workflows).post(submit_workflow))
+        .route("/api/v1/workflows/{id}/cancel", axum::routing::post(cancel))
+        .route("/api/v1/jobs", get(list_jobs))
+        .route("/api/v1/jobs/{id}", get(show_job))
+        .route("/api/v1/jobs/{id}/logs", get(job_logs))
+        .route("/api/v1/jobs/{id}/cancel", axum::routing::post(cancel))
+        .route("/api/v1/agents/{name}/drain", axum::routing::post(drain))
         .route("/api/v1/tokens", get(list_tokens).post(create_token))
         .route("/api/v1/tokens/{id}/revoke", axum::routing::post(revoke_token))
         .route("/api/v1/agents/{name}/revoke", axum::routing::post(revoke_agent))
@@ -189,7 +306,7 @@ fn router(fleet: ActorRef<FleetMsg>, authority: ActorRef<AuthorityMsg>) -> Route
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .layer(middleware::from_fn(require_operator))
-        .with_state(AppState { fleet, authority })
+        .with_state(AppState { fleet, authority, scheduler })
 }
 
 /// Api start-up arguments.
@@ -198,6 +315,7 @@ pub struct ApiArgs {
     pub tls: Arc<TlsIdentity>,
     pub fleet: ActorRef<FleetMsg>,
     pub authority: ActorRef<AuthorityMsg>,
+    pub scheduler: ActorRef<SchedulerMsg>,
     pub bound: Option<oneshot::Sender<SocketAddr>>,
 }
 
@@ -229,7 +347,7 @@ impl Actor for Api {
         if let Some(tx) = args.bound {
             let _ = tx.send(local);
         }
-        let app = router(args.fleet, args.authority);
+        let app = router(args.fleet, args.authority, args.scheduler);
         let task = tokio::spawn(async move {
             loop {
                 let (tcp, remote) = match listener.accept().await {

@@ -20,8 +20,11 @@ pub struct Candidate {
     pub labels: std::collections::BTreeMap<String, String>,
     pub spot: bool,
     pub price_per_hour: f64,
-    /// GPUs not reserved or running anything, with their name and free memory.
+    /// GPUs with their name and free memory (per NVML), minus any the scheduler knows
+    /// to be busy with its own attempts.
     pub free_gpus: Vec<(String, u64)>,
+    /// UUIDs in the same order as `free_gpus` (used to subtract busy GPUs).
+    pub gpu_uuids: Vec<String>,
 }
 
 /// Why an agent cannot take a job. Shown to users (`jobs show`), so the text matters.
@@ -220,6 +223,7 @@ mod tests {
             spot: false,
             price_per_hour: 2.0,
             free_gpus: gpus.iter().map(|(n, m)| (n.to_string(), *m)).collect(),
+            gpu_uuids: Vec::new(),
         }
     }
 

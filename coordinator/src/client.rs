@@ -109,6 +109,16 @@ impl ApiClient {
             .map_err(|_| ClientError::Timeout { addr })?
     }
 
+    /// POST a raw body (e.g. a workflow file) and decode the JSON answer.
+    pub async fn post_raw<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<T, ClientError> {
+        let (status, body) = self.request("POST", path, Some(body)).await?;
+        decode(status, &body)
+    }
+
     /// POST a JSON body to `path` and decode the JSON answer.
     pub async fn post_json<B: serde::Serialize, T: DeserializeOwned>(
         &self,

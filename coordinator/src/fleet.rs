@@ -83,6 +83,21 @@ pub enum FleetMsg {
         name: String,
         reason: String,
     },
+    /// Who gets told when agents go away (the Scheduler).
+    SetScheduler(ActorRef<crate::scheduler::SchedulerMsg>),
+    /// Placement view of every agent.
+    Candidates(RpcReplyPort<Vec<crate::auction::Candidate>>),
+    /// Send a message to an agent's current session (dropped if it has none).
+    Send {
+        agent: String,
+        msg: fleetmesh_protocol::CoordinatorMessage,
+    },
+    /// Stop (or resume) new awards to an agent.
+    Drain {
+        name: String,
+        draining: bool,
+        reply: RpcReplyPort<bool>,
+    },
     Tick,
     ListAgents(RpcReplyPort<Vec<AgentView>>),
     GetAgent(String, RpcReplyPort<Option<AgentDetail>>),
@@ -115,6 +130,7 @@ pub struct FleetState {
     /// (applied at, ms since epoch; sample-to-apply latency, µs).
     latencies_us: VecDeque<(u64, u32)>,
     _ticker: Option<ractor::concurrency::JoinHandle<()>>,
+    scheduler: Option<ActorRef<crate::scheduler::SchedulerMsg>>,
 }
 
 fn unix_us() -> u64 {
@@ -164,6 +180,12 @@ impl FleetState {
             }
         }
         self.changed.insert(name.to_string());
+        if matches!(state, AgentState::Lost | AgentState::Left | AgentState::Revoked) {
+            if let Some(s) = &self.scheduler {
+                let _ =
+                    s.cast(crate::scheduler::SchedulerMsg::AgentGone { agent: name.to_string() });
+            }
+        }
     }
 
     /// The entry if `session_id` is the agent's current session; marks it heard.
@@ -212,6 +234,7 @@ impl FleetState {
                 last_seen_unix_ms: ms,
                 cert_serial: identity.serial.clone(),
                 hostname: None,
+                draining: false,
             },
             last_heard: now,
             session: None,
@@ -359,6 +382,43 @@ impl FleetState {
             .collect()
     }
 
+    fn candidate(name: &str, e: &AgentEntry) -> crate::auction::Candidate {
+        let inv = e.inventory.as_ref();
+        let free_gpus = match (inv, &e.latest) {
+            (Some(inv), Some(r)) => r
+                .gpus
+                .iter()
+                .map(|g| {
+                    let name = inv
+                        .gpus
+                        .iter()
+                        .find(|i| i.uuid == g.uuid)
+                        .map(|i| i.name.clone())
+                        .unwrap_or_default();
+                    (g.uuid.clone(), name, g.memory_free_bytes.unwrap_or(0))
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        crate::auction::Candidate {
+            agent: name.to_string(),
+            connected: e.record.state == AgentState::Connected
+                && e.session.is_some()
+                && inv.is_some(),
+            draining: e.record.draining,
+            region: e.record.attributes.region.clone(),
+            jurisdiction: e.record.attributes.jurisdiction.clone(),
+            provider: e.record.attributes.provider.clone(),
+            labels: inv.map(|i| i.labels.iter().cloned().collect()).unwrap_or_default(),
+            spot: inv.is_some_and(|i| i.spot),
+            price_per_hour: inv.map(|i| i.price_per_hour).unwrap_or(0.0),
+            free_gpus: free_gpus.into_iter().map(|(_, n, m)| (n, m)).collect(),
+            gpu_uuids: inv
+                .map(|i| i.gpus.iter().map(|g| g.uuid.clone()).collect())
+                .unwrap_or_default(),
+        }
+    }
+
     fn agent_view(name: &str, e: &AgentEntry) -> AgentView {
         let r = &e.record;
         let inv = e.inventory.as_ref();
@@ -464,6 +524,7 @@ impl Actor for Fleet {
             stale: 0,
             latencies_us: VecDeque::new(),
             _ticker: Some(ticker),
+            scheduler: None,
         })
     }
 
@@ -540,6 +601,31 @@ impl Actor for Fleet {
                 }
                 st.set_state(&name, AgentState::Revoked, &reason);
                 st.flush_changed();
+            }
+            FleetMsg::SetScheduler(s) => st.scheduler = Some(s),
+            FleetMsg::Candidates(reply) => {
+                let v = st.agents.iter().map(|(n, e)| FleetState::candidate(n, e)).collect();
+                let _ = reply.send(v);
+            }
+            FleetMsg::Send { agent, msg } => {
+                if let Some((_, s)) = st.agents.get(&agent).and_then(|e| e.session.as_ref()) {
+                    let _ = s.cast(SessionMsg::Send(Box::new(msg)));
+                }
+            }
+            FleetMsg::Drain { name, draining, reply } => {
+                let found = match st.agents.get_mut(&name) {
+                    Some(e) => {
+                        e.record.draining = draining;
+                        true
+                    }
+                    None => false,
+                };
+                if found {
+                    info!(agent_id = %name, draining, "drain changed");
+                    st.changed.insert(name);
+                    st.flush_changed();
+                }
+                let _ = reply.send(found);
             }
             FleetMsg::Tick => st.tick(now),
             FleetMsg::ListAgents(reply) => {

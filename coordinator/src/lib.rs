@@ -6,6 +6,7 @@
 //! Coordinator (root supervisor; a child that dies stops the coordinator)
 //! ├── Fleet          registry, telemetry cache + history, liveness (fleet.rs)
 //! ├── Authority      CA key, join tokens, enrollment, renewal, revocation (authority.rs)
+//! ├── Scheduler      workflows, jobs, auctions, fences, retries (scheduler.rs)
 //! ├── Listener       QUIC endpoint: enrollment, or authenticate + hello (listener.rs)
 //! │   └── AgentSession*  one per connected agent (session.rs)
 //! └── Api            HTTPS JSON API + /metrics (api.rs)
@@ -24,6 +25,7 @@ pub mod fleet;
 pub mod listener;
 pub mod liveness;
 pub mod metrics;
+pub mod scheduler;
 pub mod session;
 pub mod store;
 pub mod views;
@@ -67,6 +69,7 @@ struct RootArgs {
 struct RootState {
     fleet: ActorCell,
     authority: ActorCell,
+    scheduler: ActorCell,
     listener: ActorCell,
     api: ActorCell,
     stopping: bool,
@@ -121,6 +124,13 @@ impl Actor for Coordinator {
             myself.get_cell(),
         )
         .await?;
+        let (scheduler, _) = Actor::spawn_linked(
+            None,
+            scheduler::Scheduler,
+            scheduler::SchedulerArgs { store: a.store.clone(), fleet: fleet.clone() },
+            myself.get_cell(),
+        )
+        .await?;
         let (listener, _) = Actor::spawn_linked(
             None,
             listener::Listener,
@@ -129,6 +139,7 @@ impl Actor for Coordinator {
                 tls: a.tls.clone(),
                 fleet: fleet.clone(),
                 authority: authority.clone(),
+                scheduler: scheduler.clone(),
                 heartbeat_interval: a.config.heartbeat_interval,
                 bound: Some(a.control_bound),
             },
@@ -140,6 +151,7 @@ impl Actor for Coordinator {
             api::Api,
             api::ApiArgs {
                 authority: authority.clone(),
+                scheduler: scheduler.clone(),
                 listen: a.config.api_listen,
                 tls: a.tls,
                 fleet: fleet.clone(),
@@ -151,6 +163,7 @@ impl Actor for Coordinator {
         Ok(RootState {
             fleet: fleet.get_cell(),
             authority: authority.get_cell(),
+            scheduler: scheduler.get_cell(),
             listener: listener.get_cell(),
             api: api.get_cell(),
             stopping: false,
@@ -171,6 +184,7 @@ impl Actor for Coordinator {
                 let wait = Some(Duration::from_secs(5));
                 let _ = st.listener.stop_and_wait(Some("shutdown".into()), wait).await;
                 let _ = st.api.stop_and_wait(Some("shutdown".into()), wait).await;
+                let _ = st.scheduler.stop_and_wait(Some("shutdown".into()), wait).await;
                 let _ = st.authority.stop_and_wait(Some("shutdown".into()), wait).await;
                 let _ = st.fleet.stop_and_wait(Some("shutdown".into()), wait).await;
                 myself.stop(None);
@@ -204,6 +218,7 @@ impl Actor for Coordinator {
         st.stopping = true;
         st.listener.stop(None);
         st.api.stop(None);
+        st.scheduler.stop(None);
         st.authority.stop(None);
         st.fleet.stop(None);
         myself.stop(None);

@@ -35,6 +35,7 @@ pub struct ListenerArgs {
     pub tls: Arc<TlsIdentity>,
     pub fleet: ActorRef<FleetMsg>,
     pub authority: ActorRef<AuthorityMsg>,
+    pub scheduler: ActorRef<crate::scheduler::SchedulerMsg>,
     pub heartbeat_interval: Duration,
     /// Receives the bound address once listening.
     pub bound: Option<oneshot::Sender<SocketAddr>>,
@@ -58,6 +59,7 @@ pub struct ListenerState {
     endpoint: quinn::Endpoint,
     fleet: ActorRef<FleetMsg>,
     authority: ActorRef<AuthorityMsg>,
+    scheduler: ActorRef<crate::scheduler::SchedulerMsg>,
     heartbeat_interval: Duration,
     next_session: u64,
     accept_task: tokio::task::JoinHandle<()>,
@@ -302,6 +304,7 @@ impl Actor for Listener {
             endpoint,
             fleet: args.fleet,
             authority: args.authority,
+            scheduler: args.scheduler,
             heartbeat_interval: args.heartbeat_interval,
             next_session,
             accept_task,
@@ -329,6 +332,7 @@ impl Actor for Listener {
                     session_id,
                     fleet: st.fleet.clone(),
                     authority: st.authority.clone(),
+                    scheduler: st.scheduler.clone(),
                     heartbeat_interval: st.heartbeat_interval,
                 };
                 match Actor::spawn_linked(None, AgentSession, args, myself.get_cell()).await {

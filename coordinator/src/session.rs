@@ -15,6 +15,7 @@ use tracing::{debug, info, warn};
 
 use crate::authority::AuthorityMsg;
 use crate::fleet::FleetMsg;
+use crate::scheduler::SchedulerMsg;
 
 /// QUIC application close codes used by the coordinator.
 pub mod close_code {
@@ -38,6 +39,8 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 pub enum SessionMsg {
     /// Close this session, telling the agent why.
     Close { reason: String },
+    /// Write a message to the agent.
+    Send(Box<CoordinatorMessage>),
     /// The agent asked for a renewed certificate.
     Renew { csr_pem: String },
     /// The reader saw the stream end or fail.
@@ -53,6 +56,7 @@ pub struct SessionArgs {
     pub session_id: u64,
     pub fleet: ActorRef<FleetMsg>,
     pub authority: ActorRef<AuthorityMsg>,
+    pub scheduler: ActorRef<SchedulerMsg>,
     pub heartbeat_interval: Duration,
 }
 
@@ -109,14 +113,17 @@ pub(crate) async fn write_frame<T: serde::Serialize>(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn reader_loop(
     mut recv: quinn::RecvStream,
     conn: quinn::Connection,
     name: String,
     session_id: u64,
     fleet: ActorRef<FleetMsg>,
+    scheduler: ActorRef<SchedulerMsg>,
     myself: ActorRef<SessionMsg>,
 ) {
+    let to_scheduler = |m: SchedulerMsg| scheduler.cast(m).map_err(|_| ());
     let reason = loop {
         match read_frame::<AgentMessage>(&mut recv).await {
             Ok(Some(msg)) => {
@@ -134,6 +141,66 @@ async fn reader_loop(
                         session_id,
                         inventory,
                     }),
+                    AgentMessage::Bid { auction, gpus, price, eta_ms } => {
+                        let _ = to_scheduler(SchedulerMsg::Bid {
+                            agent: name.clone(),
+                            auction,
+                            gpus,
+                            price,
+                            eta_ms,
+                        });
+                        Ok(())
+                    }
+                    AgentMessage::Decline { auction, reason } => {
+                        let _ = to_scheduler(SchedulerMsg::Decline {
+                            agent: name.clone(),
+                            auction,
+                            reason,
+                        });
+                        Ok(())
+                    }
+                    AgentMessage::AwardAnswer { job, attempt, accepted, reason } => {
+                        let _ = to_scheduler(SchedulerMsg::AwardAnswer {
+                            agent: name.clone(),
+                            job,
+                            attempt,
+                            accepted,
+                            reason,
+                        });
+                        Ok(())
+                    }
+                    AgentMessage::JobStarted { job, attempt, .. } => {
+                        let _ = to_scheduler(SchedulerMsg::JobStarted {
+                            agent: name.clone(),
+                            job,
+                            attempt,
+                        });
+                        Ok(())
+                    }
+                    AgentMessage::JobOutput { job, attempt, data, .. } => {
+                        let _ = to_scheduler(SchedulerMsg::JobOutput {
+                            agent: name.clone(),
+                            job,
+                            attempt,
+                            data,
+                        });
+                        Ok(())
+                    }
+                    AgentMessage::JobExited { job, attempt, outcome, duration_ms } => {
+                        let _ = to_scheduler(SchedulerMsg::JobExited {
+                            agent: name.clone(),
+                            job,
+                            attempt,
+                            outcome,
+                            duration_ms,
+                        });
+                        Ok(())
+                    }
+                    AgentMessage::Running { attempts } => {
+                        let _ =
+                            to_scheduler(SchedulerMsg::Running { agent: name.clone(), attempts });
+                        Ok(())
+                    }
                     AgentMessage::Renew { csr_pem } => {
                         if myself.cast(SessionMsg::Renew { csr_pem }).is_err() {
                             break "session stopped".to_string();
@@ -190,6 +257,7 @@ impl Actor for AgentSession {
             session_id,
             fleet,
             authority,
+            scheduler,
             heartbeat_interval,
         } = args;
         let name = identity.name.clone();
@@ -223,6 +291,7 @@ impl Actor for AgentSession {
             name.clone(),
             session_id,
             fleet.clone(),
+            scheduler,
             myself,
         ));
         Ok(SessionState {
@@ -259,6 +328,11 @@ impl Actor for AgentSession {
                     conn.close(close_code::CLOSED.into(), reason.as_bytes());
                 });
                 myself.stop(None);
+            }
+            SessionMsg::Send(msg) => {
+                if let Err(e) = write_frame(&mut st.send, &*msg).await {
+                    warn!(agent_id = %st.name, error = %e, "could not send to agent");
+                }
             }
             SessionMsg::Renew { csr_pem } => {
                 let identity = st.identity.clone();

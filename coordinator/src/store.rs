@@ -20,6 +20,9 @@ const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 const REVOKED_SERIALS: TableDefinition<&str, &[u8]> = TableDefinition::new("revoked_serials");
 const REVOKED_AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("revoked_agents");
+/// Workflows and jobs (JSON; the scheduler owns their shape).
+const WORKFLOWS: TableDefinition<&str, &[u8]> = TableDefinition::new("workflows");
+const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 
 /// Store errors.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +52,9 @@ pub struct AgentRecord {
     pub cert_serial: String,
     #[serde(default)]
     pub hostname: Option<String>,
+    /// No new awards; running jobs finish.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// The coordinator's store.
@@ -76,6 +82,8 @@ impl Store {
         tx.open_table(AUDIT).map_err(db_err(&path))?;
         tx.open_table(REVOKED_SERIALS).map_err(db_err(&path))?;
         tx.open_table(REVOKED_AGENTS).map_err(db_err(&path))?;
+        tx.open_table(WORKFLOWS).map_err(db_err(&path))?;
+        tx.open_table(JOBS).map_err(db_err(&path))?;
         tx.commit().map_err(db_err(&path))?;
         Ok(Self { db })
     }
@@ -307,6 +315,48 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Write workflow and job records (already serialised) in one transaction.
+    pub fn put_work(
+        &self,
+        workflows: &[(String, Vec<u8>)],
+        jobs: &[(String, Vec<u8>)],
+    ) -> Result<(), StoreError> {
+        if workflows.is_empty() && jobs.is_empty() {
+            return Ok(());
+        }
+        let tx = self.db.begin_write().map_err(db)?;
+        {
+            let mut w = tx.open_table(WORKFLOWS).map_err(db)?;
+            for (k, v) in workflows {
+                w.insert(k.as_str(), v.as_slice()).map_err(db)?;
+            }
+            let mut j = tx.open_table(JOBS).map_err(db)?;
+            for (k, v) in jobs {
+                j.insert(k.as_str(), v.as_slice()).map_err(db)?;
+            }
+        }
+        tx.commit().map_err(db)
+    }
+
+    /// All workflow and job records.
+    #[allow(clippy::type_complexity)]
+    pub fn work(&self) -> Result<(Vec<(String, Vec<u8>)>, Vec<(String, Vec<u8>)>), StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let mut ws = Vec::new();
+        for item in tx.open_table(WORKFLOWS).map_err(db)?.iter().map_err(db)? {
+            let (k, v) = item.map_err(db)?;
+            ws.push((k.value().to_string(), v.value().to_vec()));
+        }
+        let mut js = Vec::new();
+        for item in tx.open_table(JOBS).map_err(db)?.iter().map_err(db)? {
+            let (k, v) = item.map_err(db)?;
+            js.push((k.value().to_string(), v.value().to_vec()));
+        }
+        Ok((ws, js))
+    }
+}
+
 fn append_audit(tx: &redb::WriteTransaction, audit: &AuditRecord) -> Result<(), StoreError> {
     let mut t = tx.open_table(AUDIT).map_err(db)?;
     let mut key = std::time::SystemTime::now()
@@ -403,6 +453,7 @@ mod tests {
             last_seen_unix_ms: 2,
             cert_serial: "ab".into(),
             hostname: None,
+            draining: false,
         };
         {
             let s = Store::open(dir.path()).unwrap();

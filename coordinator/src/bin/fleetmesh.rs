@@ -88,6 +88,38 @@ enum Command {
     },
     /// The enrollment / renewal / revocation audit trail.
     Audit,
+    /// Submit a workflow file (validated before anything is stored).
+    Submit { file: PathBuf },
+    /// Submit a one-job workflow: `fleetmesh run [--gpus N] -- CMD ARGS...`.
+    Run {
+        #[arg(long, default_value_t = 0)]
+        gpus: u32,
+        #[arg(required = true, last = true)]
+        command: Vec<String>,
+    },
+    /// List workflows.
+    Workflows,
+    /// List jobs, or show one.
+    Jobs {
+        #[arg(long)]
+        workflow: Option<String>,
+        #[command(subcommand)]
+        cmd: Option<JobsCmd>,
+    },
+    /// A job's output (`-f` follows it live).
+    Logs {
+        job: String,
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Cancel a job or a whole workflow (SIGTERM, then SIGKILL after a grace period).
+    Cancel { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum JobsCmd {
+    /// State history, attempts, agents, bids and cost of one job.
+    Show { id: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -126,6 +158,13 @@ enum TokensCmd {
 enum AgentsCmd {
     /// One agent with its GPUs and recent history.
     Show { name: String },
+    /// Stop new awards to an agent; running jobs finish.
+    Drain {
+        name: String,
+        /// Undo a drain.
+        #[arg(long)]
+        undo: bool,
+    },
     /// Cut an agent off: its session ends now, it cannot renew or reconnect.
     Revoke {
         name: String,
@@ -385,6 +424,177 @@ async fn run(cli: Cli) -> Result<()> {
                 .post_json(&format!("/api/v1/agents/{name}/revoke"), &body)
                 .await?;
             outln!("revoked agent {name}: its session is closed and its certificates are denied");
+            Ok(())
+        }
+        Command::Agents { cmd: Some(AgentsCmd::Drain { name, undo }) } => {
+            let _: serde_json::Value = client(&cli.conn)?
+                .post_json(
+                    &format!("/api/v1/agents/{name}/drain"),
+                    &serde_json::json!({ "draining": !undo }),
+                )
+                .await?;
+            outln!(
+                "{name}: {}",
+                if undo {
+                    "accepting new jobs again"
+                } else {
+                    "draining (no new jobs; running jobs finish)"
+                }
+            );
+            Ok(())
+        }
+        Command::Submit { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            // Validate locally first for a fast, precise error; the coordinator validates again.
+            fleetmesh_protocol::workflow::parse(&text)
+                .map_err(|e| anyhow!("{}: {e}", file.display()))?;
+            let r: serde_json::Value =
+                client(&cli.conn)?.post_raw("/api/v1/workflows", text.into_bytes()).await?;
+            if cli.output == Output::Json {
+                return print_json(&r);
+            }
+            outln!("{}", r["id"].as_str().unwrap_or_default());
+            Ok(())
+        }
+        Command::Run { gpus, command } => {
+            let argv: Vec<String> =
+                command.iter().map(|a| serde_json::Value::String(a.clone()).to_string()).collect();
+            let yaml = format!(
+                "name: run\njobs:\n  main:\n    command: [{}]\n    resources: {{ gpus: {gpus} }}\n",
+                argv.join(", ")
+            );
+            let r: serde_json::Value =
+                client(&cli.conn)?.post_raw("/api/v1/workflows", yaml.into_bytes()).await?;
+            let id = r["id"].as_str().unwrap_or_default();
+            if cli.output == Output::Json {
+                return print_json(
+                    &serde_json::json!({ "workflow": id, "job": format!("{id}.main") }),
+                );
+            }
+            outln!("{id}.main");
+            Ok(())
+        }
+        Command::Workflows => {
+            let list: Vec<serde_json::Value> =
+                client(&cli.conn)?.get_json("/api/v1/workflows").await?;
+            if cli.output == Output::Json {
+                return print_json(&list);
+            }
+            let s = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap_or("-").to_string();
+            table(
+                &["ID", "STATE", "JOBS", "SUBMITTED"],
+                list.iter()
+                    .map(|w| {
+                        vec![
+                            s(w, "id"),
+                            s(w, "state"),
+                            w["jobs"].as_array().map(|a| a.len()).unwrap_or(0).to_string(),
+                            fleetmesh_coordinator::views::rfc3339_ms(
+                                w["submitted_unix_ms"].as_u64().unwrap_or(0),
+                            ),
+                        ]
+                    })
+                    .collect(),
+            );
+            Ok(())
+        }
+        Command::Jobs { workflow, cmd: None } => {
+            let path = match &workflow {
+                Some(w) => format!("/api/v1/jobs?workflow={w}"),
+                None => "/api/v1/jobs".into(),
+            };
+            let list: Vec<serde_json::Value> = client(&cli.conn)?.get_json(&path).await?;
+            if cli.output == Output::Json {
+                return print_json(&list);
+            }
+            let s = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap_or("-").to_string();
+            table(
+                &["JOB", "STATE", "ATTEMPTS", "AGENTS", "COST", "LAST EVENT"],
+                list.iter()
+                    .map(|j| {
+                        let agents: Vec<&str> = j["agents"]
+                            .as_array()
+                            .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+                            .unwrap_or_default();
+                        vec![
+                            s(j, "id"),
+                            s(j, "state"),
+                            j["attempts"].to_string(),
+                            if agents.is_empty() { "-".into() } else { agents.join(",") },
+                            format!("{:.4}", j["cost"].as_f64().unwrap_or(0.0)),
+                            s(j, "reason"),
+                        ]
+                    })
+                    .collect(),
+            );
+            Ok(())
+        }
+        Command::Jobs { cmd: Some(JobsCmd::Show { id }), .. } => {
+            let j: serde_json::Value =
+                client(&cli.conn)?.get_json(&format!("/api/v1/jobs/{id}")).await?;
+            if cli.output == Output::Json {
+                return print_json(&j);
+            }
+            outln!("job:      {}", j["id"].as_str().unwrap_or_default());
+            outln!("state:    {}", j["state"].as_str().unwrap_or_default());
+            outln!("cost:     {:.6}", j["cost"].as_f64().unwrap_or(0.0));
+            if let Some(rs) = j["queued_reasons"].as_array().filter(|r| !r.is_empty()) {
+                outln!("not placed because:");
+                for r in rs {
+                    outln!("  {}", r.as_str().unwrap_or_default());
+                }
+            }
+            outln!("history:");
+            for h in j["history"].as_array().cloned().unwrap_or_default() {
+                outln!(
+                    "  {}  {:<10} {}",
+                    fleetmesh_coordinator::views::rfc3339_ms(h[0].as_u64().unwrap_or(0)),
+                    h[1].as_str().unwrap_or_default(),
+                    h[2].as_str().unwrap_or_default()
+                );
+            }
+            outln!("attempts:");
+            for a in j["attempts"].as_array().cloned().unwrap_or_default() {
+                outln!(
+                    "  #{} {} on {} gpus={} cost={:.6} outcome={} bids={}",
+                    a["n"],
+                    a["state"].as_str().unwrap_or_default(),
+                    a["agents"],
+                    a["gpus"],
+                    a["cost"].as_f64().unwrap_or(0.0),
+                    a["outcomes"],
+                    a["bids"].as_array().map(|b| b.len()).unwrap_or(0)
+                );
+            }
+            Ok(())
+        }
+        Command::Logs { job, follow } => {
+            let c = client(&cli.conn)?;
+            let mut offset = 0usize;
+            loop {
+                let chunk: serde_json::Value =
+                    c.get_json(&format!("/api/v1/jobs/{job}/logs?offset={offset}")).await?;
+                let data = chunk["data"].as_str().unwrap_or_default();
+                if !data.is_empty() && std::io::stdout().write_all(data.as_bytes()).is_err() {
+                    std::process::exit(0);
+                }
+                offset = chunk["next_offset"].as_u64().unwrap_or(offset as u64) as usize;
+                if !follow || chunk["finished"].as_bool().unwrap_or(true) {
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+        Command::Cancel { id } => {
+            let path = if id.contains('.') {
+                format!("/api/v1/jobs/{id}/cancel")
+            } else {
+                format!("/api/v1/workflows/{id}/cancel")
+            };
+            let r: serde_json::Value =
+                client(&cli.conn)?.post_json(&path, &serde_json::json!({})).await?;
+            outln!("cancelled {} job(s)", r["cancelled_jobs"]);
             Ok(())
         }
         Command::Tokens { cmd } => tokens(&cli.conn, cli.output, cmd).await,

@@ -1,0 +1,1024 @@
+//! `Scheduler` actor: workflows and jobs. It plays the brief's `Workflow` (DAG progress),
+//! `JobSupervisor` (lifecycle, retries, re-placement on loss) and `Auctioneer` (calls for
+//! bids, award) roles in one actor for now; the decisions themselves are in the pure
+//! [`crate::auction`] module. Every state change is written to the store before it is
+//! acted on, so a restarted coordinator continues where it stopped and re-adopts attempts
+//! that agents report as running.
+//!
+//! Fencing: every award carries the job's attempt number. Events from any other attempt
+//! are ignored; an agent that reports running a non-current attempt is told to stop it.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetmesh_protocol::workflow::{Run, Workflow};
+use fleetmesh_protocol::{Award, CallForBids, CoordinatorMessage, ExecSpec, JobOutcome};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::auction::{self, BidView, Candidate};
+use crate::fleet::FleetMsg;
+use crate::store::Store;
+
+/// Agents asked per auction.
+const TOP_K: usize = 8;
+/// Longest an auction waits for bids (it closes earlier when everyone answered).
+const AUCTION_WINDOW_MS: u64 = 500;
+/// Reservation lease asked of bidders (longer than the window plus the award trip).
+const LEASE_MS: u64 = 3000;
+/// An award must be started within this time, or the job is placed again.
+const START_TIMEOUT_MS: u64 = 5000;
+/// Queued jobs with no feasible bid are re-auctioned this often (and on fleet changes).
+const REQUEUE_MS: u64 = 1000;
+/// Output kept per job attempt in the coordinator for `fleetmesh logs`.
+const MAX_LOG_BUFFER: usize = 1 << 20;
+/// Expected duration used for pricing when a job has no timeout.
+const DEFAULT_EXPECTED_MS: u64 = 3_600_000;
+/// SIGTERM-to-SIGKILL grace for cancellations.
+const CANCEL_GRACE_MS: u64 = 5000;
+
+/// Job states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    /// Waiting for the jobs it needs.
+    Waiting,
+    /// Ready; being (or waiting to be) placed.
+    Queued,
+    /// Awarded; waiting for the process to start.
+    Starting,
+    Running,
+    Succeeded,
+    Failed,
+    Skipped,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Skipped | JobState::Cancelled
+        )
+    }
+}
+
+/// One attempt (for a gang: all its ranks).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attempt {
+    pub n: u64,
+    /// rank -> agent
+    pub agents: Vec<String>,
+    pub gpus: Vec<Vec<String>>,
+    pub price_per_hour: Vec<f64>,
+    pub bids: Vec<BidView>,
+    pub awarded_unix_ms: u64,
+    pub started_unix_ms: Option<u64>,
+    pub ended_unix_ms: Option<u64>,
+    /// Per rank: `None` while running.
+    pub outcomes: Vec<Option<String>>,
+    pub succeeded: Vec<bool>,
+    pub cost: f64,
+    /// `awarded`, `running`, `succeeded`, `failed`, `lost`, `cancelled`, `superseded`.
+    pub state: String,
+}
+
+/// A job and its history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: String,
+    pub workflow: String,
+    pub name: String,
+    pub spec: fleetmesh_protocol::workflow::JobSpec,
+    pub objective: fleetmesh_protocol::workflow::Objective,
+    pub state: JobState,
+    pub attempts: Vec<Attempt>,
+    /// Failed attempts that used up a retry.
+    pub failures: u32,
+    pub history: Vec<(u64, String, String)>,
+    /// Why the job is not placed yet (per agent), while queued.
+    pub queued_reasons: Vec<String>,
+    pub next_try_unix_ms: u64,
+    pub cost: f64,
+    pub submitted_unix_ms: u64,
+}
+
+/// A workflow.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkflowRecord {
+    pub id: String,
+    pub name: String,
+    pub spec: Workflow,
+    pub jobs: Vec<String>,
+    pub state: String,
+    pub submitted_unix_ms: u64,
+}
+
+/// A compact job line for listings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobSummary {
+    pub id: String,
+    pub workflow: String,
+    pub name: String,
+    pub state: JobState,
+    pub attempts: usize,
+    pub agents: Vec<String>,
+    pub cost: f64,
+    pub reason: Option<String>,
+}
+
+/// Output of an attempt, for `fleetmesh logs`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LogChunk {
+    pub job: String,
+    pub attempt: u64,
+    pub data: String,
+    pub next_offset: usize,
+    pub finished: bool,
+}
+
+/// Scheduler messages.
+pub enum SchedulerMsg {
+    Submit(Box<Workflow>, RpcReplyPort<Result<String, String>>),
+    Tick,
+    Bid {
+        agent: String,
+        auction: String,
+        gpus: Vec<String>,
+        price: f64,
+        eta_ms: u64,
+    },
+    Decline {
+        agent: String,
+        auction: String,
+        reason: String,
+    },
+    AwardAnswer {
+        agent: String,
+        job: String,
+        attempt: u64,
+        accepted: bool,
+        reason: String,
+    },
+    JobStarted {
+        agent: String,
+        job: String,
+        attempt: u64,
+    },
+    JobOutput {
+        agent: String,
+        job: String,
+        attempt: u64,
+        data: Vec<u8>,
+    },
+    JobExited {
+        agent: String,
+        job: String,
+        attempt: u64,
+        outcome: JobOutcome,
+        duration_ms: u64,
+    },
+    /// An agent (re)connected and says what it runs.
+    Running {
+        agent: String,
+        attempts: Vec<(String, u64)>,
+    },
+    AgentGone {
+        agent: String,
+    },
+    Cancel(String, RpcReplyPort<Result<usize, String>>),
+    ListWorkflows(RpcReplyPort<Vec<WorkflowRecord>>),
+    ListJobs(Option<String>, RpcReplyPort<Vec<JobSummary>>),
+    ShowJob(String, RpcReplyPort<Option<JobRecord>>),
+    Logs {
+        job: String,
+        offset: usize,
+        reply: RpcReplyPort<Option<LogChunk>>,
+    },
+}
+
+struct AuctionRun {
+    job: String,
+    attempt: u64,
+    invited: Vec<String>,
+    bids: Vec<BidView>,
+    declines: Vec<String>,
+    deadline_ms: u64,
+}
+
+/// Scheduler state.
+pub struct SchedulerState {
+    store: Arc<Store>,
+    fleet: ActorRef<FleetMsg>,
+    workflows: BTreeMap<String, WorkflowRecord>,
+    jobs: BTreeMap<String, JobRecord>,
+    auctions: BTreeMap<String, AuctionRun>,
+    /// job -> (attempt, output)
+    logs: BTreeMap<String, (u64, VecDeque<u8>, usize)>,
+    /// Attempts an agent did not report after reconnecting: treat as lost after this time.
+    verify: BTreeMap<(String, u64), u64>,
+    dirty_w: Vec<String>,
+    dirty_j: Vec<String>,
+    _ticker: Option<ractor::concurrency::JoinHandle<()>>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn rand_suffix() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 3];
+    rand::rng().fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+impl JobRecord {
+    fn set(&mut self, state: JobState, detail: impl Into<String>) {
+        let detail = detail.into();
+        info!(job_id = %self.id, from = ?self.state, to = ?state, %detail, "job state");
+        self.state = state;
+        self.history.push((now_ms(), format!("{state:?}").to_lowercase(), detail));
+        if self.history.len() > 200 {
+            self.history.remove(0);
+        }
+    }
+    fn current(&self) -> Option<&Attempt> {
+        self.attempts.last()
+    }
+    fn current_mut(&mut self) -> Option<&mut Attempt> {
+        self.attempts.last_mut()
+    }
+}
+
+impl SchedulerState {
+    fn touch_job(&mut self, id: &str) {
+        if !self.dirty_j.iter().any(|j| j == id) {
+            self.dirty_j.push(id.to_string());
+        }
+    }
+
+    fn persist(&mut self) {
+        let ws: Vec<(String, Vec<u8>)> = std::mem::take(&mut self.dirty_w)
+            .into_iter()
+            .filter_map(|id| {
+                self.workflows.get(&id).and_then(|w| serde_json::to_vec(w).ok()).map(|v| (id, v))
+            })
+            .collect();
+        let js: Vec<(String, Vec<u8>)> = std::mem::take(&mut self.dirty_j)
+            .into_iter()
+            .filter_map(|id| {
+                self.jobs.get(&id).and_then(|j| serde_json::to_vec(j).ok()).map(|v| (id, v))
+            })
+            .collect();
+        if let Err(e) = self.store.put_work(&ws, &js) {
+            warn!(error = %e, "could not persist workflow state");
+        }
+    }
+
+    fn send(&self, agent: &str, msg: CoordinatorMessage) {
+        let _ = self.fleet.cast(FleetMsg::Send { agent: agent.to_string(), msg });
+    }
+
+    fn submit(&mut self, wf: Workflow) -> String {
+        let id = format!("{}-{}", wf.name, rand_suffix());
+        let now = now_ms();
+        let mut job_ids = Vec::new();
+        for (name, spec) in &wf.jobs {
+            let jid = format!("{id}.{name}");
+            job_ids.push(jid.clone());
+            let mut rec = JobRecord {
+                id: jid.clone(),
+                workflow: id.clone(),
+                name: name.clone(),
+                spec: spec.clone(),
+                objective: wf.objective,
+                state: JobState::Waiting,
+                attempts: Vec::new(),
+                failures: 0,
+                history: Vec::new(),
+                queued_reasons: Vec::new(),
+                next_try_unix_ms: 0,
+                cost: 0.0,
+                submitted_unix_ms: now,
+            };
+            rec.history.push((now, "waiting".into(), "submitted".into()));
+            self.jobs.insert(jid.clone(), rec);
+            self.dirty_j.push(jid);
+        }
+        self.workflows.insert(
+            id.clone(),
+            WorkflowRecord {
+                id: id.clone(),
+                name: wf.name.clone(),
+                spec: wf,
+                jobs: job_ids,
+                state: "running".into(),
+                submitted_unix_ms: now,
+            },
+        );
+        self.dirty_w.push(id.clone());
+        // Acknowledge only what is durable.
+        self.persist();
+        info!(workflow = %id, "workflow submitted");
+        id
+    }
+
+    fn busy_gpus(&self) -> Vec<String> {
+        self.jobs
+            .values()
+            .filter(|j| matches!(j.state, JobState::Starting | JobState::Running))
+            .filter_map(|j| j.current())
+            .flat_map(|a| a.gpus.iter().flatten().cloned())
+            .collect()
+    }
+
+    async fn tick(&mut self) {
+        let now = now_ms();
+        // 1. Dependencies.
+        let states: BTreeMap<String, JobState> =
+            self.jobs.iter().map(|(k, j)| (k.clone(), j.state)).collect();
+        let ids: Vec<String> = self.jobs.keys().cloned().collect();
+        for id in &ids {
+            let Some(j) = self.jobs.get(id) else { continue };
+            if j.state != JobState::Waiting {
+                continue;
+            }
+            let deps: Vec<(String, JobState)> = j
+                .spec
+                .needs
+                .iter()
+                .map(|d| {
+                    let did = format!("{}.{d}", j.workflow);
+                    let st = states.get(&did).copied().unwrap_or(JobState::Failed);
+                    (d.clone(), st)
+                })
+                .collect();
+            let bad = deps.iter().find(|(_, s)| {
+                matches!(s, JobState::Failed | JobState::Skipped | JobState::Cancelled)
+            });
+            let ready = deps.iter().all(|(_, s)| *s == JobState::Succeeded);
+            if let Some((d, s)) = bad {
+                let msg = format!("dependency {d} {}", format!("{s:?}").to_lowercase());
+                if let Some(j) = self.jobs.get_mut(id) {
+                    j.set(JobState::Skipped, msg);
+                }
+                self.touch_job(id);
+            } else if ready {
+                if let Some(j) = self.jobs.get_mut(id) {
+                    j.set(JobState::Queued, "dependencies succeeded");
+                }
+                self.touch_job(id);
+            }
+        }
+        // 2. Attempts an agent did not confirm after reconnecting.
+        let expired: Vec<(String, u64)> =
+            self.verify.iter().filter(|(_, t)| **t <= now).map(|(k, _)| k.clone()).collect();
+        for (job, attempt) in expired {
+            self.verify.remove(&(job.clone(), attempt));
+            self.attempt_lost(&job, attempt, "not running on its agent after reconnect");
+        }
+        // 3. Start attempts that were awarded but never started.
+        let stuck: Vec<(String, u64)> = self
+            .jobs
+            .values()
+            .filter(|j| j.state == JobState::Starting)
+            .filter_map(|j| {
+                j.current()
+                    .filter(|a| now > a.awarded_unix_ms + START_TIMEOUT_MS)
+                    .map(|a| (j.id.clone(), a.n))
+            })
+            .collect();
+        for (job, n) in stuck {
+            self.stop_attempt(&job, n, "did not start in time");
+            self.attempt_lost(&job, n, "did not start in time");
+        }
+        // 4. Auctions for queued jobs.
+        let mut queued: Vec<&JobRecord> = self
+            .jobs
+            .values()
+            .filter(|j| j.state == JobState::Queued && j.next_try_unix_ms <= now)
+            .filter(|j| !self.auctions.values().any(|a| a.job == j.id))
+            .collect();
+        queued.sort_by(|a, b| {
+            b.spec
+                .priority
+                .cmp(&a.spec.priority)
+                .then(a.submitted_unix_ms.cmp(&b.submitted_unix_ms))
+        });
+        let queued: Vec<String> = queued.into_iter().map(|j| j.id.clone()).collect();
+        if !queued.is_empty() {
+            let mut candidates: Vec<Candidate> =
+                ractor::call_t!(self.fleet, FleetMsg::Candidates, 2000).unwrap_or_default();
+            let busy = self.busy_gpus();
+            for c in &mut candidates {
+                let keep: Vec<(String, u64)> = c
+                    .gpu_uuids
+                    .iter()
+                    .zip(c.free_gpus.iter())
+                    .filter(|(u, _)| !busy.contains(u))
+                    .map(|(_, g)| g.clone())
+                    .collect();
+                c.free_gpus = keep;
+            }
+            for id in queued {
+                self.start_auction(&id, &candidates, now);
+            }
+        }
+        // 5. Close auctions.
+        let closing: Vec<String> = self
+            .auctions
+            .iter()
+            .filter(|(_, a)| {
+                a.deadline_ms <= now || a.bids.len() + a.declines.len() >= a.invited.len()
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for a in closing {
+            self.close_auction(&a, now);
+        }
+        // 6. Workflow completion.
+        let wids: Vec<String> = self.workflows.keys().cloned().collect();
+        for wid in wids {
+            let Some(w) = self.workflows.get(&wid) else { continue };
+            if w.state != "running" {
+                continue;
+            }
+            let js: Vec<JobState> =
+                w.jobs.iter().filter_map(|j| self.jobs.get(j)).map(|j| j.state).collect();
+            if js.iter().all(|s| s.terminal()) {
+                let state = if js.iter().all(|s| *s == JobState::Succeeded) {
+                    "succeeded"
+                } else {
+                    "failed"
+                };
+                if let Some(w) = self.workflows.get_mut(&wid) {
+                    w.state = state.into();
+                    info!(workflow = %wid, state, "workflow finished");
+                }
+                self.dirty_w.push(wid);
+            }
+        }
+        self.persist();
+    }
+
+    fn start_auction(&mut self, id: &str, candidates: &[Candidate], now: u64) {
+        let Some(j) = self.jobs.get_mut(id) else { return };
+        let (invite, refused) =
+            auction::prefilter(&j.spec, candidates, TOP_K.max(j.spec.nodes as usize * 2));
+        if (invite.len() as u32) < j.spec.nodes {
+            let mut reasons: Vec<String> =
+                refused.iter().map(|(a, why)| format!("{a}: {why}")).collect();
+            if candidates.is_empty() {
+                reasons.push("no agents in the fleet".into());
+            }
+            if j.spec.nodes > 1 {
+                reasons.push(format!(
+                    "gang of {} needs {} eligible agents, {} found",
+                    j.spec.nodes,
+                    j.spec.nodes,
+                    invite.len()
+                ));
+            }
+            if j.queued_reasons != reasons {
+                info!(job_id = %id, reasons = ?reasons, "no feasible agent; job stays queued");
+                j.queued_reasons = reasons;
+                self.dirty_j.push(id.to_string());
+            }
+            j.next_try_unix_ms = now + REQUEUE_MS;
+            return;
+        }
+        let attempt = j.attempts.len() as u64 + 1;
+        let auction_id = format!("{id}#{attempt}-{}", rand_suffix());
+        let call = CallForBids {
+            auction: auction_id.clone(),
+            job: id.to_string(),
+            gpus: j.spec.resources.gpus,
+            gpu_model: j.spec.resources.gpu_model.clone(),
+            gpu_memory_bytes: j.spec.resources.gpu_memory_bytes,
+            needs_container: j.spec.image.is_some(),
+            expected_duration_ms: j.spec.timeout_ms.unwrap_or(DEFAULT_EXPECTED_MS),
+            lease_ms: LEASE_MS,
+        };
+        for a in &invite {
+            self.send(a, CoordinatorMessage::CallForBids(call.clone()));
+        }
+        self.auctions.insert(
+            auction_id,
+            AuctionRun {
+                job: id.to_string(),
+                attempt,
+                invited: invite,
+                bids: Vec::new(),
+                declines: Vec::new(),
+                deadline_ms: now + AUCTION_WINDOW_MS,
+            },
+        );
+    }
+
+    fn close_auction(&mut self, auction_id: &str, now: u64) {
+        let Some(run) = self.auctions.remove(auction_id) else { return };
+        let Some(j) = self.jobs.get_mut(&run.job) else { return };
+        if j.state != JobState::Queued {
+            for b in &run.bids {
+                self.send(
+                    &b.agent,
+                    CoordinatorMessage::Release { auction: auction_id.to_string() },
+                );
+            }
+            return;
+        }
+        let winners = auction::select(j.objective, &run.bids, j.spec.nodes);
+        let Some(winners) = winners else {
+            let mut reasons = run.declines.clone();
+            let silent: Vec<&String> = run
+                .invited
+                .iter()
+                .filter(|a| {
+                    !run.bids.iter().any(|b| &b.agent == *a)
+                        && !run.declines.iter().any(|d| d.starts_with(&format!("{a}:")))
+                })
+                .collect();
+            for a in silent {
+                reasons.push(format!("{a}: no answer in time"));
+            }
+            info!(job_id = %run.job, reasons = ?reasons, "no feasible bid; job stays queued");
+            j.queued_reasons = reasons;
+            j.next_try_unix_ms = now + REQUEUE_MS;
+            let bids = run.bids.clone();
+            self.dirty_j.push(run.job.clone());
+            for b in bids {
+                self.send(
+                    &b.agent,
+                    CoordinatorMessage::Release { auction: auction_id.to_string() },
+                );
+            }
+            return;
+        };
+        let exec = ExecSpec {
+            argv: match &j.spec.run {
+                Run::Command(c) => c.clone(),
+                Run::Script(s) => vec!["sh".into(), "-c".into(), s.clone()],
+            },
+            env: j.spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            image: j.spec.image.clone(),
+            timeout_ms: j.spec.timeout_ms,
+        };
+        let world = winners.len() as u32;
+        let master = winners.first().map(|w| w.agent.clone()).unwrap_or_default();
+        let attempt = Attempt {
+            n: run.attempt,
+            agents: winners.iter().map(|w| w.agent.clone()).collect(),
+            gpus: winners.iter().map(|w| w.gpus.clone()).collect(),
+            price_per_hour: winners
+                .iter()
+                .map(|w| {
+                    let hours =
+                        j.spec.timeout_ms.unwrap_or(DEFAULT_EXPECTED_MS) as f64 / 3_600_000.0;
+                    let units = f64::from(j.spec.resources.gpus.max(1));
+                    w.price / (hours * units).max(1e-9)
+                })
+                .collect(),
+            bids: run.bids.clone(),
+            awarded_unix_ms: now,
+            started_unix_ms: None,
+            ended_unix_ms: None,
+            outcomes: vec![None; winners.len()],
+            succeeded: vec![false; winners.len()],
+            cost: 0.0,
+            state: "awarded".into(),
+        };
+        let detail = format!("attempt {} awarded to {}", run.attempt, attempt.agents.join(", "));
+        j.attempts.push(attempt);
+        j.queued_reasons.clear();
+        j.set(JobState::Starting, detail);
+        let job_id = run.job.clone();
+        self.touch_job(&job_id);
+        // Persist the award (and its fence) before telling anyone.
+        self.persist();
+        for (rank, w) in winners.iter().enumerate() {
+            let award = Award {
+                auction: auction_id.to_string(),
+                job: job_id.clone(),
+                attempt: run.attempt,
+                gpus: w.gpus.clone(),
+                exec: exec.clone(),
+                rank: rank as u32,
+                world_size: world,
+                master_addr: master.clone(),
+                master_port: 29500,
+            };
+            self.send(&w.agent, CoordinatorMessage::Award(Box::new(award)));
+        }
+        for b in run.bids.iter().filter(|b| !winners.iter().any(|w| w.agent == b.agent)) {
+            self.send(&b.agent, CoordinatorMessage::Release { auction: auction_id.to_string() });
+        }
+    }
+
+    fn stop_attempt(&self, job: &str, attempt: u64, reason: &str) {
+        let Some(j) = self.jobs.get(job) else { return };
+        if let Some(a) = j.attempts.iter().find(|a| a.n == attempt) {
+            for agent in &a.agents {
+                self.send(
+                    agent,
+                    CoordinatorMessage::Stop {
+                        job: job.to_string(),
+                        attempt,
+                        grace_ms: CANCEL_GRACE_MS,
+                        reason: reason.to_string(),
+                    },
+                );
+            }
+        }
+    }
+
+    /// The current attempt is gone without a verdict: place the job again (no retry used).
+    fn attempt_lost(&mut self, job: &str, attempt: u64, why: &str) {
+        let Some(j) = self.jobs.get_mut(job) else { return };
+        if j.current().map(|a| a.n) != Some(attempt)
+            || !matches!(j.state, JobState::Starting | JobState::Running)
+        {
+            return;
+        }
+        if let Some(a) = j.current_mut() {
+            a.state = "lost".into();
+            a.ended_unix_ms = Some(now_ms());
+        }
+        j.next_try_unix_ms = 0;
+        j.set(JobState::Queued, format!("attempt {attempt} lost: {why}; placing again"));
+        self.touch_job(job);
+    }
+
+    fn exited(
+        &mut self,
+        agent: &str,
+        job: &str,
+        attempt: u64,
+        outcome: JobOutcome,
+        duration_ms: u64,
+    ) {
+        let Some(j) = self.jobs.get_mut(job) else { return };
+        let units = f64::from(j.spec.resources.gpus.max(1));
+        let mut added = 0.0;
+        let Some(a) = j.attempts.last_mut().filter(|a| a.n == attempt) else {
+            warn!(job_id = %job, attempt, agent_id = %agent, "exit of a stale attempt ignored");
+            return;
+        };
+        let Some(rank) = a.agents.iter().position(|x| x == agent) else { return };
+        if a.outcomes[rank].is_some() {
+            return;
+        }
+        a.outcomes[rank] = Some(outcome.to_string());
+        a.succeeded[rank] = outcome.succeeded();
+        let hours = duration_ms as f64 / 3_600_000.0;
+        let c = a.price_per_hour.get(rank).copied().unwrap_or(0.0) * hours * units;
+        a.cost += c;
+        added += c;
+        let all_done = a.outcomes.iter().all(|o| o.is_some());
+        let any_failed = a.outcomes.iter().zip(&a.succeeded).any(|(o, s)| o.is_some() && !s);
+        if any_failed && !all_done {
+            // A failed rank fails the gang: stop the others.
+            let others: Vec<String> = a
+                .agents
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| a.outcomes[*i].is_none())
+                .map(|(_, x)| x.clone())
+                .collect();
+            for o in others {
+                self.send(
+                    &o,
+                    CoordinatorMessage::Stop {
+                        job: job.to_string(),
+                        attempt,
+                        grace_ms: CANCEL_GRACE_MS,
+                        reason: "another rank failed".into(),
+                    },
+                );
+            }
+        }
+        let Some(j) = self.jobs.get_mut(job) else { return };
+        j.cost += added;
+        let Some(a) = j.attempts.last_mut() else { return };
+        if !all_done {
+            self.touch_job(job);
+            return;
+        }
+        a.ended_unix_ms = Some(now_ms());
+        let ok = a.succeeded.iter().all(|s| *s);
+        a.state = if ok { "succeeded".into() } else { "failed".into() };
+        let summary = a.outcomes.iter().flatten().cloned().collect::<Vec<_>>().join("; ");
+        let cancelled = j.state == JobState::Cancelled;
+        if cancelled {
+            // Stays cancelled.
+        } else if ok {
+            j.set(JobState::Succeeded, format!("attempt {attempt}: {summary}"));
+        } else if j.failures < j.spec.retries.limit {
+            j.failures += 1;
+            let backoff = j.spec.retries.backoff_ms * u64::from(1u32 << (j.failures - 1).min(10));
+            j.next_try_unix_ms = now_ms() + backoff;
+            j.set(
+                JobState::Queued,
+                format!(
+                    "attempt {attempt}: {summary}; retry {} of {} in {backoff} ms",
+                    j.failures, j.spec.retries.limit
+                ),
+            );
+        } else {
+            j.set(JobState::Failed, format!("attempt {attempt}: {summary}; no retries left"));
+        }
+        self.touch_job(job);
+    }
+}
+
+/// The Scheduler actor.
+pub struct Scheduler;
+
+/// Start-up arguments.
+pub struct SchedulerArgs {
+    pub store: Arc<Store>,
+    pub fleet: ActorRef<FleetMsg>,
+}
+
+impl Actor for Scheduler {
+    type Msg = SchedulerMsg;
+    type State = SchedulerState;
+    type Arguments = SchedulerArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<SchedulerMsg>,
+        a: SchedulerArgs,
+    ) -> Result<SchedulerState, ActorProcessingErr> {
+        let (ws, js) = a.store.work()?;
+        let mut workflows = BTreeMap::new();
+        for (k, v) in ws {
+            match serde_json::from_slice::<WorkflowRecord>(&v) {
+                Ok(w) => {
+                    workflows.insert(k, w);
+                }
+                Err(e) => warn!(workflow = %k, error = %e, "unreadable workflow record skipped"),
+            }
+        }
+        let mut jobs = BTreeMap::new();
+        let mut verify = BTreeMap::new();
+        let grace = now_ms() + 10_000;
+        for (k, v) in js {
+            match serde_json::from_slice::<JobRecord>(&v) {
+                Ok(j) => {
+                    // Attempts that were placed before the restart: re-adopted when their
+                    // agent reports them; treated as lost if nobody does in time.
+                    if matches!(j.state, JobState::Starting | JobState::Running) {
+                        if let Some(a) = j.current() {
+                            verify.insert((k.clone(), a.n), grace);
+                        }
+                    }
+                    jobs.insert(k, j);
+                }
+                Err(e) => warn!(job = %k, error = %e, "unreadable job record skipped"),
+            }
+        }
+        info!(workflows = workflows.len(), jobs = jobs.len(), "scheduler state loaded");
+        let _ = a.fleet.cast(FleetMsg::SetScheduler(myself.clone()));
+        let ticker = myself.send_interval(Duration::from_millis(100), || SchedulerMsg::Tick);
+        Ok(SchedulerState {
+            store: a.store,
+            fleet: a.fleet,
+            workflows,
+            jobs,
+            auctions: BTreeMap::new(),
+            logs: BTreeMap::new(),
+            verify,
+            dirty_w: Vec::new(),
+            dirty_j: Vec::new(),
+            _ticker: Some(ticker),
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _m: ActorRef<SchedulerMsg>,
+        st: &mut SchedulerState,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(t) = st._ticker.take() {
+            t.abort();
+        }
+        st.persist();
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        _m: ActorRef<SchedulerMsg>,
+        msg: SchedulerMsg,
+        st: &mut SchedulerState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SchedulerMsg::Submit(wf, reply) => {
+                let id = st.submit(*wf);
+                let _ = reply.send(Ok(id));
+            }
+            SchedulerMsg::Tick => st.tick().await,
+            SchedulerMsg::Bid { agent, auction, gpus, price, eta_ms } => {
+                match st.auctions.get_mut(&auction) {
+                    Some(a) if a.invited.contains(&agent) => {
+                        a.bids.push(BidView { agent, price, eta_ms, gpus })
+                    }
+                    _ => st.send(&agent, CoordinatorMessage::Release { auction }),
+                }
+            }
+            SchedulerMsg::Decline { agent, auction, reason } => {
+                if let Some(a) = st.auctions.get_mut(&auction) {
+                    a.declines.push(format!("{agent}: {reason}"));
+                }
+            }
+            SchedulerMsg::AwardAnswer { agent, job, attempt, accepted, reason } => {
+                if !accepted {
+                    warn!(job_id = %job, attempt, agent_id = %agent, %reason, "award refused");
+                    st.stop_attempt(&job, attempt, "another rank refused the award");
+                    st.attempt_lost(&job, attempt, &format!("{agent} refused the award: {reason}"));
+                }
+            }
+            SchedulerMsg::JobStarted { agent, job, attempt } => {
+                let current = st.jobs.get(&job).and_then(|j| j.current()).map(|a| a.n);
+                if current != Some(attempt) {
+                    warn!(job_id = %job, attempt, agent_id = %agent, "stale attempt started: stopping it");
+                    st.send(
+                        &agent,
+                        CoordinatorMessage::Stop {
+                            job,
+                            attempt,
+                            grace_ms: 0,
+                            reason: "stale attempt".into(),
+                        },
+                    );
+                    return Ok(());
+                }
+                if let Some(j) = st.jobs.get_mut(&job) {
+                    if let Some(a) = j.current_mut() {
+                        a.started_unix_ms.get_or_insert(now_ms());
+                        a.state = "running".into();
+                    }
+                    if j.state == JobState::Starting {
+                        j.set(JobState::Running, format!("attempt {attempt} running on {agent}"));
+                    }
+                }
+                st.touch_job(&job);
+                st.persist();
+            }
+            SchedulerMsg::JobOutput { job, attempt, data, .. } => {
+                let current = st.jobs.get(&job).and_then(|j| j.current()).map(|a| a.n);
+                if current == Some(attempt) {
+                    let e = st.logs.entry(job).or_insert((attempt, VecDeque::new(), 0));
+                    if e.0 != attempt {
+                        *e = (attempt, VecDeque::new(), 0);
+                    }
+                    e.1.extend(data);
+                    while e.1.len() > MAX_LOG_BUFFER {
+                        e.1.pop_front();
+                        e.2 += 1;
+                    }
+                }
+            }
+            SchedulerMsg::JobExited { agent, job, attempt, outcome, duration_ms } => {
+                st.verify.remove(&(job.clone(), attempt));
+                st.exited(&agent, &job, attempt, outcome, duration_ms);
+                st.persist();
+            }
+            SchedulerMsg::Running { agent, attempts } => {
+                let mut keep = Vec::new();
+                for (job, n) in &attempts {
+                    let ok = st.jobs.get(job).is_some_and(|j| {
+                        !j.state.terminal()
+                            && j.current().is_some_and(|a| a.n == *n && a.agents.contains(&agent))
+                    });
+                    if ok {
+                        st.verify.remove(&(job.clone(), *n));
+                        keep.push((job.clone(), *n));
+                        info!(job_id = %job, attempt = n, agent_id = %agent, "attempt re-adopted");
+                    }
+                }
+                // Attempts we placed there that the agent did not report: give their exit
+                // events a moment to arrive, then place them again.
+                let now = now_ms();
+                for j in st.jobs.values() {
+                    if matches!(j.state, JobState::Starting | JobState::Running) {
+                        if let Some(a) = j.current() {
+                            if a.agents.contains(&agent)
+                                && !attempts.iter().any(|(x, n)| *x == j.id && *n == a.n)
+                            {
+                                st.verify.insert((j.id.clone(), a.n), now + 3000);
+                            }
+                        }
+                    }
+                }
+                st.send(&agent, CoordinatorMessage::Keep { attempts: keep });
+            }
+            SchedulerMsg::AgentGone { agent } => {
+                let hit: Vec<(String, u64)> = st
+                    .jobs
+                    .values()
+                    .filter(|j| matches!(j.state, JobState::Starting | JobState::Running))
+                    .filter_map(|j| {
+                        j.current()
+                            .filter(|a| a.agents.contains(&agent))
+                            .map(|a| (j.id.clone(), a.n))
+                    })
+                    .collect();
+                for (job, n) in hit {
+                    st.stop_attempt(&job, n, "agent lost; the job is placed elsewhere");
+                    st.attempt_lost(&job, n, &format!("agent {agent} lost"));
+                }
+                st.persist();
+            }
+            SchedulerMsg::Cancel(id, reply) => {
+                let targets: Vec<String> = match st.workflows.get(&id) {
+                    Some(w) => w.jobs.clone(),
+                    None if st.jobs.contains_key(&id) => vec![id.clone()],
+                    None => {
+                        let _ = reply.send(Err(format!("no job or workflow {id}")));
+                        return Ok(());
+                    }
+                };
+                let mut n = 0;
+                for jid in targets {
+                    let Some(j) = st.jobs.get_mut(&jid) else { continue };
+                    if j.state.terminal() {
+                        continue;
+                    }
+                    let running = matches!(j.state, JobState::Starting | JobState::Running);
+                    let attempt = j.current().map(|a| a.n);
+                    j.set(JobState::Cancelled, "cancelled by a user");
+                    n += 1;
+                    if let (true, Some(a)) = (running, attempt) {
+                        st.stop_attempt(&jid, a, "cancelled");
+                    }
+                    st.touch_job(&jid);
+                }
+                st.persist();
+                let _ = reply.send(Ok(n));
+            }
+            SchedulerMsg::ListWorkflows(reply) => {
+                let _ = reply.send(st.workflows.values().cloned().collect());
+            }
+            SchedulerMsg::ListJobs(wf, reply) => {
+                let v = st
+                    .jobs
+                    .values()
+                    .filter(|j| wf.as_ref().is_none_or(|w| &j.workflow == w))
+                    .map(|j| JobSummary {
+                        id: j.id.clone(),
+                        workflow: j.workflow.clone(),
+                        name: j.name.clone(),
+                        state: j.state,
+                        attempts: j.attempts.len(),
+                        agents: j.current().map(|a| a.agents.clone()).unwrap_or_default(),
+                        cost: j.cost,
+                        reason: j
+                            .queued_reasons
+                            .first()
+                            .cloned()
+                            .or_else(|| j.history.last().map(|h| h.2.clone())),
+                    })
+                    .collect();
+                let _ = reply.send(v);
+            }
+            SchedulerMsg::ShowJob(id, reply) => {
+                let _ = reply.send(st.jobs.get(&id).cloned());
+            }
+            SchedulerMsg::Logs { job, offset, reply } => {
+                let r = st.jobs.get(&job).map(|j| {
+                    let finished = j.state.terminal() || j.state == JobState::Queued;
+                    let attempt = j.current().map(|a| a.n).unwrap_or(0);
+                    match st.logs.get(&job) {
+                        Some((n, buf, dropped)) => {
+                            let start = offset.saturating_sub(*dropped).min(buf.len());
+                            let data: Vec<u8> = buf.iter().skip(start).copied().collect();
+                            LogChunk {
+                                job: job.clone(),
+                                attempt: *n,
+                                data: String::from_utf8_lossy(&data).into_owned(),
+                                next_offset: dropped + buf.len(),
+                                finished,
+                            }
+                        }
+                        None => LogChunk {
+                            job: job.clone(),
+                            attempt,
+                            data: String::new(),
+                            next_offset: offset,
+                            finished,
+                        },
+                    }
+                });
+                let _ = reply.send(r);
+            }
+        }
+        Ok(())
+    }
+}
