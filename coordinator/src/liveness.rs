@@ -54,13 +54,14 @@ pub struct LivenessConfig {
 }
 
 impl Default for LivenessConfig {
-    /// Agents beat every 500 ms. Suspect after 3 missed beats; lost after 5. With a 100 ms
-    /// tick a node that dies is marked lost at most ~2.6 s after its last frame, inside
-    /// the 3 s promise, while one late beat never flaps a healthy node.
+    /// Agents beat every 500 ms. Suspect after 2 missed beats; lost after 4. With a 100 ms
+    /// tick a node that dies is marked lost at most ~2.1 s after its last frame. That
+    /// leaves ~0.9 s of the 3 s failover promise for re-auctioning and starting the job
+    /// elsewhere, while one or two late beats never flap a healthy node.
     fn default() -> Self {
         Self {
-            suspect_after: Duration::from_millis(1500),
-            lost_after: Duration::from_millis(2500),
+            suspect_after: Duration::from_millis(1200),
+            lost_after: Duration::from_millis(2000),
             tick: Duration::from_millis(100),
         }
     }
@@ -113,11 +114,11 @@ mod tests {
         let mut s = AgentState::Connected;
         s = next_state(s, t0, at(1000), &cfg);
         assert_eq!(s, AgentState::Connected);
-        s = next_state(s, t0, at(1500), &cfg);
+        s = next_state(s, t0, at(1200), &cfg);
         assert_eq!(s, AgentState::Suspect);
-        s = next_state(s, t0, at(2499), &cfg);
+        s = next_state(s, t0, at(1999), &cfg);
         assert_eq!(s, AgentState::Suspect);
-        s = next_state(s, t0, at(2500), &cfg);
+        s = next_state(s, t0, at(2000), &cfg);
         assert_eq!(s, AgentState::Lost);
         // Lost stays lost without a frame, however much time passes.
         assert_eq!(next_state(s, at(10_000), at(10_001), &cfg), AgentState::Lost);

@@ -426,8 +426,26 @@ impl SchedulerState {
                     .collect();
                 c.free_gpus = keep;
             }
+            // GPUs invited for in this tick are claimed, so concurrent auctions go to
+            // agents that still have room instead of all competing for the same GPUs.
+            let mut claims: BTreeMap<String, usize> = BTreeMap::new();
             for id in queued {
-                self.start_auction(&id, &candidates, now);
+                let claimed: Vec<Candidate> = candidates
+                    .iter()
+                    .map(|c| {
+                        let mut c = c.clone();
+                        let n = claims.get(&c.agent).copied().unwrap_or(0).min(c.free_gpus.len());
+                        c.free_gpus.drain(..n);
+                        c
+                    })
+                    .collect();
+                if let Some(invited) = self.start_auction(&id, &claimed, &candidates, now) {
+                    let gpus =
+                        self.jobs.get(&id).map(|j| j.spec.resources.gpus as usize).unwrap_or(0);
+                    for a in invited {
+                        *claims.entry(a).or_default() += gpus;
+                    }
+                }
             }
         }
         // 5. Close auctions.
@@ -467,11 +485,26 @@ impl SchedulerState {
         self.persist();
     }
 
-    fn start_auction(&mut self, id: &str, candidates: &[Candidate], now: u64) {
-        let Some(j) = self.jobs.get_mut(id) else { return };
+    /// Start an auction; returns the invited agents. `candidates` has this tick's claims
+    /// applied, `unclaimed` does not (to tell "busy right now" from "impossible").
+    fn start_auction(
+        &mut self,
+        id: &str,
+        candidates: &[Candidate],
+        unclaimed: &[Candidate],
+        now: u64,
+    ) -> Option<Vec<String>> {
+        let j = self.jobs.get_mut(id)?;
         let (invite, refused) =
             auction::prefilter(&j.spec, candidates, TOP_K.max(j.spec.nodes as usize * 2));
         if (invite.len() as u32) < j.spec.nodes {
+            let (without_claims, _) = auction::prefilter(&j.spec, unclaimed, usize::MAX);
+            if (without_claims.len() as u32) >= j.spec.nodes && without_claims.len() > invite.len()
+            {
+                // Only this tick's other auctions are in the way: try again next tick.
+                j.next_try_unix_ms = now;
+                return None;
+            }
             let mut reasons: Vec<String> =
                 refused.iter().map(|(a, why)| format!("{a}: {why}")).collect();
             if candidates.is_empty() {
@@ -491,7 +524,7 @@ impl SchedulerState {
                 self.dirty_j.push(id.to_string());
             }
             j.next_try_unix_ms = now + REQUEUE_MS;
-            return;
+            return None;
         }
         let attempt = j.attempts.len() as u64 + 1;
         let auction_id = format!("{id}#{attempt}-{}", rand_suffix());
@@ -513,12 +546,13 @@ impl SchedulerState {
             AuctionRun {
                 job: id.to_string(),
                 attempt,
-                invited: invite,
+                invited: invite.clone(),
                 bids: Vec::new(),
                 declines: Vec::new(),
                 deadline_ms: now + AUCTION_WINDOW_MS,
             },
         );
+        Some(invite)
     }
 
     fn close_auction(&mut self, auction_id: &str, now: u64) {

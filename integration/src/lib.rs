@@ -266,6 +266,37 @@ impl AgentProc {
         Ok(me)
     }
 
+    /// Issue an agent cert (if missing) and start it with extra flags (price, spot, labels).
+    pub fn start_extra(
+        pki: &Pki,
+        coordinator: SocketAddr,
+        name: &str,
+        attrs: Attributes,
+        simulate: Option<&str>,
+        extra: &[&str],
+        work: &Path,
+    ) -> Result<Self> {
+        let base = pki.path().join(format!("agent-{name}"));
+        if !base.with_extension("pem").exists() {
+            pki.issue(PeerKind::Agent, name, attrs)?;
+        }
+        let mut me = Self::start_with(
+            pki,
+            coordinator,
+            name,
+            &base.with_extension("pem"),
+            &base.with_extension("key"),
+            simulate,
+            work,
+        )?;
+        if !extra.is_empty() {
+            me.kill9();
+            me.args.extend(extra.iter().map(|s| s.to_string()));
+            me.spawn()?;
+        }
+        Ok(me)
+    }
+
     /// Issue an agent cert (if missing) and start it.
     pub fn start(
         pki: &Pki,

@@ -1,8 +1,9 @@
 //! Simulated GPUs for development and tests (never selected implicitly).
 //!
 //! Spec syntax: `[COUNT x]MODEL[-MEMGB]`, e.g. `4xH100-80GB`, `A100-40GB`, `2xL4-24GB`.
-//! Utilisation follows a slow wave with a per-GPU phase, memory and power follow
-//! utilisation, so figures visibly change over time. UUIDs are stable per agent name and
+//! Utilisation follows a slow wave with a per-GPU phase; power follows utilisation and
+//! memory use wanders between 1 and 5 % (so the GPU stays free for placement), so
+//! figures visibly change over time. UUIDs are stable per agent name and
 //! index and carry the marker `sim` so they can never be mistaken for real ones.
 
 use std::time::Instant;
@@ -143,7 +144,9 @@ impl GpuBackend for SimulatedBackend {
                 // Two waves (periods ~20 s and ~7 s) so consecutive samples differ.
                 let w = 0.5 + 0.35 * (t / 3.2 + p).sin() + 0.15 * (t / 1.1 + 2.0 * p).sin();
                 let util = (w.clamp(0.0, 1.0) * 100.0).round() as u32;
-                let used = (total as f64 * (0.05 + 0.9 * w.clamp(0.0, 1.0))) as u64;
+                // Background memory use of an idle GPU (driver, monitoring): 1-5 %. It
+                // changes over time but leaves the GPU free for jobs to be placed on.
+                let used = (total as f64 * (0.01 + 0.04 * w.clamp(0.0, 1.0))) as u64;
                 let power_w = 70.0 + 6.3 * f64::from(util);
                 let e = &mut self.energy_mj[i as usize];
                 *e += (power_w * dt_ms as f64) as u64;

@@ -31,10 +31,10 @@ struct Cli {
     /// Coordinator private key (PEM).
     #[arg(long)]
     key: Option<PathBuf>,
-    /// Silence after which an agent is suspect [default: 1500ms].
+    /// Silence after which an agent is suspect [default: 1200ms].
     #[arg(long)]
     suspect_after: Option<String>,
-    /// Silence after which an agent is lost [default: 2500ms].
+    /// Silence after which an agent is lost [default: 2000ms].
     #[arg(long)]
     lost_after: Option<String>,
     /// Heartbeat interval asked of agents [default: 500ms].

@@ -1,0 +1,382 @@
+//! Work placement and execution on a real local mesh: dependencies, logs and costs,
+//! constraints and queued reasons, no double-booked GPU under concurrent auctions,
+//! failover after `kill -9` of the agent running a job, gang placement.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use fleetmesh_coordinator::client::ApiClient;
+use fleetmesh_integration::{agents, attrs, wait_for, AgentProc, CoordinatorProc, Pki};
+use serde_json::Value;
+
+async fn submit(client: &ApiClient, yaml: &str) -> anyhow::Result<String> {
+    let r: Value = client.post_raw("/api/v1/workflows", yaml.as_bytes().to_vec()).await?;
+    Ok(r["id"].as_str().expect("id").to_string())
+}
+
+async fn job(client: &ApiClient, id: &str) -> Value {
+    client.get_json(&format!("/api/v1/jobs/{id}")).await.unwrap_or(Value::Null)
+}
+
+async fn wait_state(client: &ApiClient, id: &str, state: &str, secs: u64) -> Value {
+    let j = wait_for(Duration::from_secs(secs), || async {
+        let j = job(client, id).await;
+        (j["state"] == state).then_some(j)
+    })
+    .await;
+    match j {
+        Some(j) => j,
+        None => panic!("job {id} never reached {state}: {}", job(client, id).await),
+    }
+}
+
+async fn logs(client: &ApiClient, id: &str) -> String {
+    let c: Value = client.get_json(&format!("/api/v1/jobs/{id}/logs")).await.unwrap_or(Value::Null);
+    c["data"].as_str().unwrap_or_default().to_string()
+}
+
+async fn mesh_up(client: &ApiClient, n: usize) {
+    wait_for(Duration::from_secs(10), || async {
+        let a = agents(client).await;
+        (a.len() >= n && a.iter().all(|a| a.host.is_some())).then_some(())
+    })
+    .await
+    .expect("agents up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_job_workflow_runs_in_order_with_logs_and_costs() -> anyhow::Result<()> {
+    let pki = Pki::new("mesh.test")?;
+    let work = tempfile::tempdir()?;
+    let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
+    let client = coord.client(&pki)?;
+    let _a = AgentProc::start_extra(
+        &pki,
+        coord.control,
+        "a",
+        attrs("r", "EU", "p"),
+        Some("1xH100-80GB"),
+        &["--price-per-hour", "2"],
+        work.path(),
+    )?;
+    let _b = AgentProc::start_extra(
+        &pki,
+        coord.control,
+        "b",
+        attrs("r", "EU", "p"),
+        Some("1xH100-80GB"),
+        &["--price-per-hour", "3"],
+        work.path(),
+    )?;
+    mesh_up(&client, 2).await;
+    let wf = submit(
+        &client,
+        r#"
+name: three
+objective: cheapest
+jobs:
+  fetch:
+    command: ["sh", "-c", "echo fetched-$FLEETMESH_JOB; sleep 0.3"]
+  train:
+    needs: [fetch]
+    script: |
+      echo "training attempt $FLEETMESH_ATTEMPT on [$CUDA_VISIBLE_DEVICES]"
+      echo "to stderr" >&2
+      sleep 0.3
+    resources: { gpus: 1 }
+  report:
+    needs: [train]
+    command: ["sh", "-c", "echo report-done"]
+"#,
+    )
+    .await?;
+    let report = wait_state(&client, &format!("{wf}.report"), "succeeded", 20).await;
+    let fetch = job(&client, &format!("{wf}.fetch")).await;
+    let train = job(&client, &format!("{wf}.train")).await;
+    // Order: each job started after the one it needs ended.
+    let ended = |j: &Value| j["attempts"][0]["ended_unix_ms"].as_u64().expect("ended");
+    let started = |j: &Value| j["attempts"][0]["started_unix_ms"].as_u64().expect("started");
+    assert!(ended(&fetch) <= started(&train), "train started before fetch ended");
+    assert!(ended(&train) <= started(&report), "report started before train ended");
+    // Logs through the coordinator.
+    assert_eq!(logs(&client, &format!("{wf}.fetch")).await.trim(), format!("fetched-{wf}.fetch"));
+    let tl = logs(&client, &format!("{wf}.train")).await;
+    assert!(tl.contains("training attempt 1 on [GPU-"), "{tl}");
+    assert!(tl.contains("to stderr"), "{tl}");
+    assert_eq!(logs(&client, &format!("{wf}.report")).await.trim(), "report-done");
+    // Costs: price x duration on the cheapest agent.
+    for j in [&fetch, &train, &report] {
+        assert_eq!(j["attempts"][0]["agents"][0], "a", "objective cheapest should pick a: {j}");
+        assert!(j["cost"].as_f64().unwrap_or(0.0) > 0.0, "no cost recorded: {j}");
+    }
+    let fetch_cost = fetch["cost"].as_f64().unwrap_or(0.0);
+    let fetch_ms = (ended(&fetch) - started(&fetch)) as f64;
+    assert!(
+        fetch_cost > 2.0 * (fetch_ms - 200.0) / 3.6e6
+            && fetch_cost < 2.0 * (fetch_ms + 200.0) / 3.6e6,
+        "cost {fetch_cost} for {fetch_ms} ms at 2/h"
+    );
+    let finished = wait_for(Duration::from_secs(5), || async {
+        let wfs: Vec<Value> = client.get_json("/api/v1/workflows").await.unwrap_or_default();
+        wfs.first().filter(|w| w["state"] != "running").map(|w| w["state"].clone())
+    })
+    .await;
+    assert_eq!(finished, Some(Value::from("succeeded")));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn constraints_place_jobs_only_where_allowed_and_impossible_jobs_wait_with_reasons(
+) -> anyhow::Result<()> {
+    let pki = Pki::new("mesh.test")?;
+    let work = tempfile::tempdir()?;
+    let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
+    let client = coord.client(&pki)?;
+    let _eu = AgentProc::start_extra(
+        &pki,
+        coord.control,
+        "eu-h100",
+        attrs("eu-west-1", "EU", "aws"),
+        Some("2xH100-80GB"),
+        &[],
+        work.path(),
+    )?;
+    let _us = AgentProc::start_extra(
+        &pki,
+        coord.control,
+        "us-l4",
+        attrs("us-east-1", "US", "gcp"),
+        Some("2xL4-24GB"),
+        &["--spot"],
+        work.path(),
+    )?;
+    mesh_up(&client, 2).await;
+    let wf = submit(
+        &client,
+        r#"
+name: constrained
+jobs:
+  eu-only:
+    command: [true]
+    constraints: { jurisdictions: [EU] }
+  l4:
+    command: [true]
+    resources: { gpus: 1, gpu_model: "*L4*" }
+  spot-only:
+    command: [true]
+    constraints: { spot: only }
+  no-spot:
+    command: [true]
+    resources: { gpus: 1 }
+    constraints: { spot: forbidden }
+  big-memory:
+    command: [true]
+    resources: { gpus: 1, gpu_memory: 60GiB }
+  india:
+    command: ["sh", "-c", "echo finally"]
+    constraints: { regions: [ap-south-1] }
+"#,
+    )
+    .await?;
+    for (j, agent) in [
+        ("eu-only", "eu-h100"),
+        ("l4", "us-l4"),
+        ("spot-only", "us-l4"),
+        ("no-spot", "eu-h100"),
+        ("big-memory", "eu-h100"),
+    ] {
+        let done = wait_state(&client, &format!("{wf}.{j}"), "succeeded", 15).await;
+        assert_eq!(done["attempts"][0]["agents"][0], agent, "{j} ran on the wrong agent: {done}");
+    }
+    let india = job(&client, &format!("{wf}.india")).await;
+    assert_eq!(india["state"], "queued");
+    let reasons = india["queued_reasons"].to_string();
+    assert!(
+        reasons.contains("region eu-west-1 not in") && reasons.contains("region us-east-1 not in"),
+        "{reasons}"
+    );
+    // A matching agent joins: the job runs.
+    let _ap = AgentProc::start_extra(
+        &pki,
+        coord.control,
+        "ap-1",
+        attrs("ap-south-1", "IN", "local"),
+        None,
+        &[],
+        work.path(),
+    )?;
+    let done = wait_state(&client, &format!("{wf}.india"), "succeeded", 15).await;
+    assert_eq!(done["attempts"][0]["agents"][0], "ap-1");
+    assert_eq!(logs(&client, &format!("{wf}.india")).await.trim(), "finally");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_auctions_never_double_book_a_gpu() -> anyhow::Result<()> {
+    let pki = Pki::new("mesh.test")?;
+    let work = tempfile::tempdir()?;
+    let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
+    let client = coord.client(&pki)?;
+    let _a = AgentProc::start_extra(
+        &pki,
+        coord.control,
+        "a",
+        attrs("r", "EU", "p"),
+        Some("2xH100-80GB"),
+        &[],
+        work.path(),
+    )?;
+    let _b = AgentProc::start_extra(
+        &pki,
+        coord.control,
+        "b",
+        attrs("r", "EU", "p"),
+        Some("2xH100-80GB"),
+        &[],
+        work.path(),
+    )?;
+    mesh_up(&client, 2).await;
+    let record = work.path().join("gpu-usage.log");
+    let mut yaml = String::from("name: crowd\njobs:\n");
+    for i in 0..16 {
+        yaml.push_str(&format!(
+            "  j{i}:\n    script: |\n      echo \"$CUDA_VISIBLE_DEVICES start $(date +%s%N)\" >> {rec}\n      sleep 0.4\n      echo \"$CUDA_VISIBLE_DEVICES end $(date +%s%N)\" >> {rec}\n    resources: {{ gpus: 1 }}\n",
+            rec = record.display()
+        ));
+    }
+    let wf = submit(&client, &yaml).await?;
+    let done = wait_for(Duration::from_secs(40), || async {
+        let wfs: Vec<Value> = client.get_json("/api/v1/workflows").await.unwrap_or_default();
+        wfs.iter().find(|w| w["id"] == wf.as_str()).filter(|w| w["state"] != "running").cloned()
+    })
+    .await
+    .expect("workflow finished");
+    assert_eq!(done["state"], "succeeded");
+    // Agent-side records: per GPU, intervals never overlap.
+    let text = std::fs::read_to_string(&record)?;
+    let mut spans: BTreeMap<String, Vec<(u128, char)>> = BTreeMap::new();
+    for line in text.lines() {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        let [gpu, what, t] = parts.as_slice() else { panic!("bad record {line:?}") };
+        spans
+            .entry(gpu.to_string())
+            .or_default()
+            .push((t.parse()?, if *what == "start" { 's' } else { 'e' }));
+    }
+    assert_eq!(text.lines().count(), 32, "16 jobs x start/end");
+    assert_eq!(spans.len(), 4, "all four GPUs were used: {spans:?}");
+    for (gpu, mut evs) in spans {
+        evs.sort();
+        let mut open = 0;
+        for (_, k) in evs {
+            open += if k == 's' { 1 } else { -1 };
+            assert!(open <= 1, "GPU {gpu} ran two jobs at once");
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_agent_job_runs_elsewhere_within_3s() -> anyhow::Result<()> {
+    let pki = Pki::new("mesh.test")?;
+    let work = tempfile::tempdir()?;
+    let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
+    let client = coord.client(&pki)?;
+    let mut procs: BTreeMap<String, AgentProc> = BTreeMap::new();
+    for n in ["x", "y"] {
+        procs.insert(
+            n.into(),
+            AgentProc::start_extra(
+                &pki,
+                coord.control,
+                n,
+                attrs("r", "EU", "p"),
+                Some("1xH100-80GB"),
+                &[],
+                work.path(),
+            )?,
+        );
+    }
+    mesh_up(&client, 2).await;
+    let wf = submit(
+        &client,
+        "name: long\njobs:\n  sleeper:\n    command: [sleep, \"60\"]\n    resources: { gpus: 1 }\n",
+    )
+    .await?;
+    let id = format!("{wf}.sleeper");
+    let running = wait_state(&client, &id, "running", 10).await;
+    let victim = running["attempts"][0]["agents"][0].as_str().expect("agent").to_string();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let killed = Instant::now();
+    if let Some(p) = procs.get_mut(&victim) {
+        p.kill9();
+    }
+    let moved = wait_for(Duration::from_secs(6), || async {
+        let j = job(&client, &id).await;
+        (j["state"] == "running" && j["attempts"].as_array().map(|a| a.len()) == Some(2))
+            .then(|| (killed.elapsed(), j))
+    })
+    .await;
+    let (after, j) = moved.unwrap_or_else(|| panic!("job not re-placed"));
+    eprintln!("job running elsewhere {after:?} after kill -9 of {victim}");
+    assert!(after < Duration::from_secs(3), "failover took {after:?}");
+    assert_ne!(j["attempts"][1]["agents"][0], victim.as_str());
+    assert_eq!(j["attempts"][0]["state"], "lost");
+    // The killed agent comes back: the coordinator tells it its attempt is stale (the
+    // process died with it here, but a partitioned agent would be told to stop it).
+    if let Some(p) = procs.get_mut(&victim) {
+        p.spawn()?;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let j = job(&client, &id).await;
+    assert_eq!(j["state"], "running");
+    assert_eq!(j["attempts"].as_array().map(|a| a.len()), Some(2), "no third attempt");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gang_job_starts_on_two_agents_with_rank_env_or_waits() -> anyhow::Result<()> {
+    let pki = Pki::new("mesh.test")?;
+    let work = tempfile::tempdir()?;
+    let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
+    let client = coord.client(&pki)?;
+    let _a = AgentProc::start_extra(
+        &pki,
+        coord.control,
+        "g1",
+        attrs("r", "EU", "p"),
+        Some("1xH100-80GB"),
+        &[],
+        work.path(),
+    )?;
+    mesh_up(&client, 1).await;
+    let wf = submit(
+        &client,
+        "name: gang\njobs:\n  ddp:\n    nodes: 2\n    script: |\n      echo \"rank=$FLEETMESH_RANK world=$FLEETMESH_WORLD_SIZE master=$MASTER_ADDR:$MASTER_PORT\"\n    resources: { gpus: 1 }\n",
+    )
+    .await?;
+    let id = format!("{wf}.ddp");
+    // One agent: not all nodes can be placed, so none is.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let j = job(&client, &id).await;
+    assert_eq!(j["state"], "queued", "{j}");
+    assert!(j["attempts"].as_array().is_none_or(|a| a.is_empty()));
+    assert!(j["queued_reasons"].to_string().contains("gang of 2 needs 2 eligible agents"), "{j}");
+    let _b = AgentProc::start_extra(
+        &pki,
+        coord.control,
+        "g2",
+        attrs("r", "EU", "p"),
+        Some("1xH100-80GB"),
+        &[],
+        work.path(),
+    )?;
+    let done = wait_state(&client, &id, "succeeded", 15).await;
+    let ranks = done["attempts"][0]["agents"].as_array().map(|a| a.len());
+    assert_eq!(ranks, Some(2));
+    let out = logs(&client, &id).await;
+    assert!(out.contains("rank=0 world=2 master="), "{out}");
+    assert!(out.contains("rank=1 world=2 master="), "{out}");
+    assert!(out.contains(":29500"), "{out}");
+    Ok(())
+}
