@@ -66,6 +66,9 @@ type Running = BTreeMap<(String, u64), RunningAttempt>;
 /// All job state of one agent.
 pub struct Jobs {
     state: Mutex<(LocalState, Running)>,
+    /// Exits not yet acknowledged by the coordinator: re-sent on every new session, so an
+    /// exit written into a connection that died is never lost.
+    unacked_exits: Mutex<Vec<AgentMessage>>,
     pub outbox: Arc<Outbox>,
     work_root: PathBuf,
     container_runtime: Option<String>,
@@ -106,6 +109,7 @@ impl Jobs {
         };
         Arc::new(Self {
             state: Mutex::new((local, BTreeMap::new())),
+            unacked_exits: Mutex::new(Vec::new()),
             outbox: Arc::new(Outbox::default()),
             work_root: data_dir.join("work"),
             container_runtime,
@@ -255,6 +259,21 @@ impl Jobs {
         }
     }
 
+    /// Queue every unacknowledged exit again (a new session starts).
+    pub fn resend_unacked(&self) {
+        let exits = self.unacked_exits.lock().map(|u| u.clone()).unwrap_or_default();
+        for e in exits {
+            self.outbox.push(e);
+        }
+    }
+
+    /// The coordinator recorded this exit.
+    pub fn exit_recorded(&self, job: &str, attempt: u64) {
+        if let Ok(mut u) = self.unacked_exits.lock() {
+            u.retain(|m| !matches!(m, AgentMessage::JobExited { job: j, attempt: n, .. } if j == job && *n == attempt));
+        }
+    }
+
     /// Stop every running attempt not in `keep` (coordinator reconciliation).
     pub fn keep_only(&self, keep: &[(String, u64)]) {
         for (job, attempt) in self.running() {
@@ -283,12 +302,19 @@ impl Jobs {
         let outcome = self.run_inner(&a, &mut stop).await;
         info!(job_id = %a.job, attempt = a.attempt, %outcome, "attempt ended");
         self.finish(&a.job, a.attempt);
-        self.outbox.push(AgentMessage::JobExited {
+        let exit = AgentMessage::JobExited {
             job: a.job.clone(),
             attempt: a.attempt,
             outcome,
             duration_ms: started.elapsed().as_millis() as u64,
-        });
+        };
+        if let Ok(mut u) = self.unacked_exits.lock() {
+            u.push(exit.clone());
+            // Bound what a long-disconnected agent remembers.
+            let excess = u.len().saturating_sub(10_000);
+            u.drain(..excess);
+        }
+        self.outbox.push(exit);
     }
 
     async fn run_inner(

@@ -24,8 +24,12 @@ use crate::sampler::Sampler;
 
 /// QUIC keep-alive: well under the idle timeout so a quiet but healthy path stays open.
 const KEEP_ALIVE: Duration = Duration::from_secs(1);
-/// QUIC idle timeout: a dead path is noticed by the transport within this time.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// QUIC idle timeout: a dead path (or a coordinator killed without closing) is noticed by
+/// the transport within this time; keep-alives every second keep a healthy one open.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+/// How long one connection attempt may take. Without it a connect to a coordinator that
+/// is down waits for the QUIC idle timeout, delaying the reconnect after it comes back.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long to wait for the coordinator's answer to a hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -238,10 +242,12 @@ pub async fn run_session(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<SessionEnd, SessionError> {
     let addr = remote.to_string();
-    let conn = endpoint
+    let connecting = endpoint
         .connect(remote, server_name)
-        .map_err(|e| SessionError::Connect { addr: addr.clone(), msg: e.to_string() })?
+        .map_err(|e| SessionError::Connect { addr: addr.clone(), msg: e.to_string() })?;
+    let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
         .await
+        .map_err(|_| SessionError::Connect { addr: addr.clone(), msg: "timed out".into() })?
         .map_err(|e| SessionError::Connect { addr: addr.clone(), msg: e.to_string() })?;
     // The coordinator must be the mesh coordinator of our trust domain.
     let chain = conn
@@ -308,6 +314,7 @@ pub async fn run_session(
     write_msg(&mut send, &AgentMessage::Inventory(inventory)).await?;
     if let Some(jobs) = &opts.jobs {
         write_msg(&mut send, &AgentMessage::Running { attempts: jobs.running() }).await?;
+        jobs.resend_unacked();
     }
     let outbox = opts.jobs.as_ref().map(|j| j.outbox.clone()).unwrap_or_default();
     // Deliver whatever queued up while we were disconnected.
@@ -443,6 +450,11 @@ pub async fn run_session(
                     info!(job_id = %job, attempt, %reason, "stop requested");
                     if let Some(jobs) = &opts.jobs {
                         jobs.stop(&job, attempt, fleetmesh_protocol::JobOutcome::Cancelled, Duration::from_millis(grace_ms));
+                    }
+                }
+                Some(Ok(CoordinatorMessage::ExitRecorded { job, attempt })) => {
+                    if let Some(jobs) = &opts.jobs {
+                        jobs.exit_recorded(&job, attempt);
                     }
                 }
                 Some(Ok(CoordinatorMessage::Keep { attempts })) => {

@@ -22,6 +22,10 @@ use crate::session::SessionMsg;
 use crate::store::{AgentRecord, Store};
 use crate::views::{self, AgentDetail, AgentView, GpuPoint, GpuView, HistoryPoint, IngestStats};
 
+/// After a coordinator restart, agents that were connected get this long to reconnect
+/// before the normal liveness clock starts: more than the agents' reconnect backoff cap
+/// (5 s) plus a connect timeout, so a restart alone never re-places running jobs.
+const RESTART_GRACE: Duration = Duration::from_secs(8);
 /// How often dirty `last_seen` values are written to the store.
 const PERSIST_EVERY: Duration = Duration::from_secs(5);
 /// Recent GPU events kept per agent.
@@ -180,6 +184,16 @@ impl FleetState {
             }
         }
         self.changed.insert(name.to_string());
+        if state == AgentState::Lost {
+            // A lost agent's jobs are placed elsewhere: if it was only cut off, it must
+            // come back through a new session (hello, then reconciliation of what it runs)
+            // rather than resume the old one.
+            if let Some((_, s)) = self.agents.get_mut(name).and_then(|e| e.session.take()) {
+                let _ = s.cast(SessionMsg::Close {
+                    reason: "declared lost after missing heartbeats".into(),
+                });
+            }
+        }
         if matches!(state, AgentState::Lost | AgentState::Left | AgentState::Revoked) {
             if let Some(s) = &self.scheduler {
                 let _ =
@@ -502,7 +516,7 @@ impl Actor for Fleet {
                 record.name.clone(),
                 AgentEntry {
                     record,
-                    last_heard: now,
+                    last_heard: now + RESTART_GRACE,
                     session: None,
                     inventory: None,
                     latest: None,

@@ -221,6 +221,8 @@ pub struct SchedulerState {
     verify: BTreeMap<(String, u64), u64>,
     dirty_w: Vec<String>,
     dirty_j: Vec<String>,
+    /// Awards decided this tick: sent only after the tick's state is persisted.
+    outgoing: Vec<(String, CoordinatorMessage)>,
     _ticker: Option<ractor::concurrency::JoinHandle<()>>,
 }
 
@@ -460,6 +462,13 @@ impl SchedulerState {
         for a in closing {
             self.close_auction(&a, now);
         }
+        // Persist the awards (and their fences) in one transaction, then tell the winners.
+        if !self.outgoing.is_empty() {
+            self.persist();
+            for (agent, msg) in std::mem::take(&mut self.outgoing) {
+                self.send(&agent, msg);
+            }
+        }
         // 6. Workflow completion.
         let wids: Vec<String> = self.workflows.keys().cloned().collect();
         for wid in wids {
@@ -633,8 +642,6 @@ impl SchedulerState {
         j.set(JobState::Starting, detail);
         let job_id = run.job.clone();
         self.touch_job(&job_id);
-        // Persist the award (and its fence) before telling anyone.
-        self.persist();
         for (rank, w) in winners.iter().enumerate() {
             let award = Award {
                 auction: auction_id.to_string(),
@@ -647,7 +654,8 @@ impl SchedulerState {
                 master_addr: master.clone(),
                 master_port: 29500,
             };
-            self.send(&w.agent, CoordinatorMessage::Award(Box::new(award)));
+            // Sent after the tick's state (with this fence) is persisted.
+            self.outgoing.push((w.agent.clone(), CoordinatorMessage::Award(Box::new(award))));
         }
         for b in run.bids.iter().filter(|b| !winners.iter().any(|w| w.agent == b.agent)) {
             self.send(&b.agent, CoordinatorMessage::Release { auction: auction_id.to_string() });
@@ -801,7 +809,8 @@ impl Actor for Scheduler {
         }
         let mut jobs = BTreeMap::new();
         let mut verify = BTreeMap::new();
-        let grace = now_ms() + 10_000;
+        // Longer than the Fleet's restart grace plus its lost timeout.
+        let grace = now_ms() + 12_000;
         for (k, v) in js {
             match serde_json::from_slice::<JobRecord>(&v) {
                 Ok(j) => {
@@ -830,6 +839,7 @@ impl Actor for Scheduler {
             verify,
             dirty_w: Vec::new(),
             dirty_j: Vec::new(),
+            outgoing: Vec::new(),
             _ticker: Some(ticker),
         })
     }
@@ -922,7 +932,9 @@ impl Actor for Scheduler {
             SchedulerMsg::JobExited { agent, job, attempt, outcome, duration_ms } => {
                 st.verify.remove(&(job.clone(), attempt));
                 st.exited(&agent, &job, attempt, outcome, duration_ms);
+                // Durable before acknowledged: the agent forgets the exit only now.
                 st.persist();
+                st.send(&agent, CoordinatorMessage::ExitRecorded { job, attempt });
             }
             SchedulerMsg::Running { agent, attempts } => {
                 let mut keep = Vec::new();

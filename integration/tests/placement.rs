@@ -380,3 +380,146 @@ async fn gang_job_starts_on_two_agents_with_rank_env_or_waits() -> anyhow::Resul
     assert!(out.contains(":29500"), "{out}");
     Ok(())
 }
+
+/// Parse `<tag> <ns>` lines written by jobs into per-tag sorted timestamps.
+fn beats(path: &std::path::Path) -> BTreeMap<String, Vec<u128>> {
+    let mut m: BTreeMap<String, Vec<u128>> = BTreeMap::new();
+    for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
+        if let Some((tag, t)) = line.split_once(' ') {
+            if let Ok(t) = t.trim().parse() {
+                m.entry(tag.to_string()).or_default().push(t);
+            }
+        }
+    }
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_kill9_mid_workflow_loses_nothing_and_runs_nothing_twice() -> anyhow::Result<()>
+{
+    let pki = Pki::new("mesh.test")?;
+    let work = tempfile::tempdir()?;
+    let mut coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
+    let client = coord.client(&pki)?;
+    let _a = AgentProc::start_extra(
+        &pki,
+        coord.control,
+        "a",
+        attrs("r", "EU", "p"),
+        Some("1xH100-80GB"),
+        &[],
+        work.path(),
+    )?;
+    let _b = AgentProc::start_extra(
+        &pki,
+        coord.control,
+        "b",
+        attrs("r", "EU", "p"),
+        Some("1xH100-80GB"),
+        &[],
+        work.path(),
+    )?;
+    mesh_up(&client, 2).await;
+    let rec = work.path().join("runs.log");
+    // step1 is running when the coordinator dies; step2 must still follow it exactly once.
+    let yaml = format!(
+        "name: durable\njobs:\n  step1:\n    script: |\n      echo \"step1-$FLEETMESH_ATTEMPT start\" >> {r}\n      sleep 8\n      echo \"step1-$FLEETMESH_ATTEMPT end\" >> {r}\n  step2:\n    needs: [step1]\n    script: |\n      echo \"step2-$FLEETMESH_ATTEMPT start\" >> {r}\n",
+        r = rec.display()
+    );
+    let wf = submit(&client, &yaml).await?;
+    wait_state(&client, &format!("{wf}.step1"), "running", 10).await;
+    coord.kill9();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    coord.restart(&pki).await?;
+    let done = wait_for(Duration::from_secs(20), || async {
+        let wfs: Vec<Value> = client.get_json("/api/v1/workflows").await.unwrap_or_default();
+        wfs.iter().find(|w| w["id"] == wf.as_str()).filter(|w| w["state"] != "running").cloned()
+    })
+    .await
+    .unwrap_or_else(|| panic!("workflow did not finish after the restart"));
+    assert_eq!(done["state"], "succeeded");
+    let log = std::fs::read_to_string(&rec)?;
+    assert_eq!(
+        log.matches("step1-").count(),
+        2,
+        "step1 ran more than once:\n{log}\n{}",
+        coord.log_text()
+    );
+    assert_eq!(log.matches("step2-1 start").count(), 1, "step2 not exactly once:\n{log}");
+    let step1 = job(&client, &format!("{wf}.step1")).await;
+    assert_eq!(
+        step1["attempts"].as_array().map(|a| a.len()),
+        Some(1),
+        "step1 was re-placed: {step1}"
+    );
+    assert!(coord.log_text().contains("attempt re-adopted"), "{}", coord.log_text());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_agent_that_comes_back_does_not_leave_two_copies_running() -> anyhow::Result<()>
+{
+    let pki = Pki::new("mesh.test")?;
+    let work = tempfile::tempdir()?;
+    let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
+    let client = coord.client(&pki)?;
+    let mut procs: BTreeMap<String, AgentProc> = BTreeMap::new();
+    for n in ["p", "q"] {
+        procs.insert(
+            n.into(),
+            AgentProc::start_extra(
+                &pki,
+                coord.control,
+                n,
+                attrs("r", "EU", "p"),
+                Some("1xH100-80GB"),
+                &[],
+                work.path(),
+            )?,
+        );
+    }
+    mesh_up(&client, 2).await;
+    let rec = work.path().join("beats.log");
+    // Every copy writes a heartbeat tagged with its attempt ten times a second.
+    let yaml = format!(
+        "name: part\njobs:\n  svc:\n    script: |\n      while true; do echo \"a$FLEETMESH_ATTEMPT $(date +%s%N)\" >> {r}; sleep 0.1; done\n    resources: {{ gpus: 1 }}\n",
+        r = rec.display()
+    );
+    let wf = submit(&client, &yaml).await?;
+    let id = format!("{wf}.svc");
+    let first = wait_state(&client, &id, "running", 10).await;
+    let cut = first["attempts"][0]["agents"][0].as_str().expect("agent").to_string();
+    let pid = procs.get(&cut).and_then(|p| p.pid()).expect("pid");
+    // Cut the agent off (its job keeps running: it is in its own process group).
+    std::process::Command::new("kill").args(["-STOP", &pid.to_string()]).status()?;
+    wait_for(Duration::from_secs(8), || async {
+        let j = job(&client, &id).await;
+        (j["state"] == "running" && j["attempts"].as_array().map(|a| a.len()) == Some(2))
+            .then_some(())
+    })
+    .await
+    .expect("job re-placed while its agent was cut off");
+    // Heal the partition.
+    std::process::Command::new("kill").args(["-CONT", &pid.to_string()]).status()?;
+    let healed_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let b = beats(&rec);
+    let old_after: Vec<&u128> = b
+        .get("a1")
+        .map(|v| v.iter().filter(|t| **t > healed_ns + 3_000_000_000).collect())
+        .unwrap_or_default();
+    assert!(old_after.is_empty(), "the stale copy still runs {}s after the partition healed", 3);
+    let new_recent = b
+        .get("a2")
+        .map(|v| v.iter().filter(|t| **t > healed_ns + 3_000_000_000).count())
+        .unwrap_or(0);
+    assert!(new_recent > 10, "the current copy should still be running");
+    let j = job(&client, &id).await;
+    assert_eq!(j["state"], "running");
+    assert_eq!(j["attempts"].as_array().map(|a| a.len()), Some(2));
+    // Clean up the long-running job.
+    let _: Value =
+        client.post_json(&format!("/api/v1/jobs/{id}/cancel"), &serde_json::json!({})).await?;
+    wait_state(&client, &id, "cancelled", 5).await;
+    Ok(())
+}

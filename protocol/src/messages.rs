@@ -141,6 +141,11 @@ pub enum CoordinatorMessage {
     Keep {
         attempts: Vec<(String, u64)>,
     },
+    /// A `JobExited` was recorded durably; the agent may forget it.
+    ExitRecorded {
+        job: String,
+        attempt: u64,
+    },
 }
 
 /// Agent hello.
