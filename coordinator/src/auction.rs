@@ -25,6 +25,8 @@ pub struct Candidate {
     pub free_gpus: Vec<(String, u64)>,
     /// UUIDs in the same order as `free_gpus` (used to subtract busy GPUs).
     pub gpu_uuids: Vec<String>,
+    /// The agent's address as seen by the coordinator (gang rendezvous).
+    pub addr: Option<String>,
 }
 
 /// Why an agent cannot take a job. Shown to users (`jobs show`), so the text matters.
@@ -224,6 +226,7 @@ mod tests {
             price_per_hour: 2.0,
             free_gpus: gpus.iter().map(|(n, m)| (n.to_string(), *m)).collect(),
             gpu_uuids: Vec::new(),
+            addr: None,
         }
     }
 

@@ -56,6 +56,8 @@ pub enum FleetMsg {
         identity: PeerIdentity,
         session_id: u64,
         session: ActorRef<SessionMsg>,
+        /// Where the agent's connection comes from (its address for gang rendezvous).
+        remote_ip: std::net::IpAddr,
         reply: RpcReplyPort<()>,
     },
     Inventory {
@@ -119,6 +121,7 @@ struct AgentEntry {
     history: VecDeque<HistoryPoint>,
     events: VecDeque<GpuEvent>,
     dirty: bool,
+    remote_ip: Option<std::net::IpAddr>,
 }
 
 /// Actor state.
@@ -257,6 +260,7 @@ impl FleetState {
             history: VecDeque::new(),
             events: VecDeque::new(),
             dirty: false,
+            remote_ip: None,
         });
         if let Some((old_id, old)) = entry.session.take() {
             if old_id != session_id {
@@ -430,6 +434,7 @@ impl FleetState {
             gpu_uuids: inv
                 .map(|i| i.gpus.iter().map(|g| g.uuid.clone()).collect())
                 .unwrap_or_default(),
+            addr: e.remote_ip.map(|ip| ip.to_string()),
         }
     }
 
@@ -523,6 +528,7 @@ impl Actor for Fleet {
                     history: VecDeque::new(),
                     events: VecDeque::new(),
                     dirty: false,
+                    remote_ip: None,
                 },
             );
         }
@@ -564,8 +570,12 @@ impl Actor for Fleet {
     ) -> Result<(), ActorProcessingErr> {
         let now = Instant::now();
         match msg {
-            FleetMsg::Register { identity, session_id, session, reply } => {
+            FleetMsg::Register { identity, session_id, session, remote_ip, reply } => {
+                let name = identity.name.clone();
                 st.register(identity, session_id, session, now);
+                if let Some(e) = st.agents.get_mut(&name) {
+                    e.remote_ip = Some(remote_ip);
+                }
                 let _ = reply.send(());
             }
             FleetMsg::Inventory { name, session_id, inventory } => {

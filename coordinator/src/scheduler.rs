@@ -223,6 +223,8 @@ pub struct SchedulerState {
     dirty_j: Vec<String>,
     /// Awards decided this tick: sent only after the tick's state is persisted.
     outgoing: Vec<(String, CoordinatorMessage)>,
+    /// Agent addresses from the last candidate list (gang rendezvous `MASTER_ADDR`).
+    addrs: BTreeMap<String, String>,
     _ticker: Option<ractor::concurrency::JoinHandle<()>>,
 }
 
@@ -417,6 +419,11 @@ impl SchedulerState {
         if !queued.is_empty() {
             let mut candidates: Vec<Candidate> =
                 ractor::call_t!(self.fleet, FleetMsg::Candidates, 2000).unwrap_or_default();
+            for c in &candidates {
+                if let Some(a) = &c.addr {
+                    self.addrs.insert(c.agent.clone(), a.clone());
+                }
+            }
             let busy = self.busy_gpus();
             for c in &mut candidates {
                 let keep: Vec<(String, u64)> = c
@@ -613,7 +620,11 @@ impl SchedulerState {
             timeout_ms: j.spec.timeout_ms,
         };
         let world = winners.len() as u32;
-        let master = winners.first().map(|w| w.agent.clone()).unwrap_or_default();
+        // Rank 0's address as the coordinator sees it (its name if unknown).
+        let master = winners
+            .first()
+            .map(|w| self.addrs.get(&w.agent).cloned().unwrap_or_else(|| w.agent.clone()))
+            .unwrap_or_default();
         let attempt = Attempt {
             n: run.attempt,
             agents: winners.iter().map(|w| w.agent.clone()).collect(),
@@ -840,6 +851,7 @@ impl Actor for Scheduler {
             dirty_w: Vec::new(),
             dirty_j: Vec::new(),
             outgoing: Vec::new(),
+            addrs: BTreeMap::new(),
             _ticker: Some(ticker),
         })
     }

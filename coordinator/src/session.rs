@@ -268,6 +268,7 @@ impl Actor for AgentSession {
                 identity: id_for_register,
                 session_id,
                 session: myself.clone(),
+                remote_ip: conn.remote_address().ip(),
                 reply
             },
             5000

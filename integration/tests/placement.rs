@@ -377,7 +377,7 @@ async fn gang_job_starts_on_two_agents_with_rank_env_or_waits() -> anyhow::Resul
     let out = logs(&client, &id).await;
     assert!(out.contains("rank=0 world=2 master="), "{out}");
     assert!(out.contains("rank=1 world=2 master="), "{out}");
-    assert!(out.contains(":29500"), "{out}");
+    assert!(out.contains("master=127.0.0.1:29500"), "{out}");
     Ok(())
 }
 
@@ -521,5 +521,85 @@ async fn partitioned_agent_that_comes_back_does_not_leave_two_copies_running() -
     let _: Value =
         client.post_json(&format!("/api/v1/jobs/{id}/cancel"), &serde_json::json!({})).await?;
     wait_state(&client, &id, "cancelled", 5).await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_skips_timeouts_and_cancellation() -> anyhow::Result<()> {
+    let pki = Pki::new("mesh.test")?;
+    let work = tempfile::tempdir()?;
+    let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
+    let client = coord.client(&pki)?;
+    let _a = AgentProc::start_extra(
+        &pki,
+        coord.control,
+        "a",
+        attrs("r", "EU", "p"),
+        None,
+        &[],
+        work.path(),
+    )?;
+    mesh_up(&client, 1).await;
+    let marker = work.path().join("flaky.marker");
+    let pidfile = work.path().join("victim.pid");
+    let yaml = format!(
+        r#"
+name: lifecycle
+jobs:
+  flaky:
+    script: |
+      if [ -f {m} ]; then echo second-try; exit 0; fi
+      touch {m}; echo first-try-fails; exit 3
+    retries: {{ limit: 2, backoff: 200ms }}
+  broken:
+    command: ["sh", "-c", "exit 7"]
+    retries: {{ limit: 1, backoff: 100ms }}
+  after-broken:
+    needs: [broken]
+    command: ["true"]
+  slow:
+    command: ["sleep", "30"]
+    timeout: 1s
+  victim:
+    script: |
+      echo $$ > {p}
+      exec sleep 60
+"#,
+        m = marker.display(),
+        p = pidfile.display()
+    );
+    let wf = submit(&client, &yaml).await?;
+    let flaky = wait_state(&client, &format!("{wf}.flaky"), "succeeded", 15).await;
+    assert_eq!(flaky["attempts"].as_array().map(|a| a.len()), Some(2), "{flaky}");
+    assert_eq!(flaky["failures"], 1);
+    assert_eq!(flaky["attempts"][0]["outcomes"][0], "exited with code 3");
+    let broken = wait_state(&client, &format!("{wf}.broken"), "failed", 15).await;
+    assert_eq!(
+        broken["attempts"].as_array().map(|a| a.len()),
+        Some(2),
+        "one retry, then failed: {broken}"
+    );
+    let skipped = wait_state(&client, &format!("{wf}.after-broken"), "skipped", 5).await;
+    assert!(skipped["history"].to_string().contains("dependency broken failed"), "{skipped}");
+    let slow = wait_state(&client, &format!("{wf}.slow"), "failed", 15).await;
+    assert_eq!(slow["attempts"][0]["outcomes"][0], "timed out");
+    // Cancel: SIGTERM reaches the process, which is gone afterwards.
+    wait_state(&client, &format!("{wf}.victim"), "running", 10).await;
+    let pid = wait_for(Duration::from_secs(5), || async {
+        std::fs::read_to_string(&pidfile).ok().and_then(|s| s.trim().parse::<u32>().ok())
+    })
+    .await
+    .expect("victim pid");
+    let r: Value = client
+        .post_json(&format!("/api/v1/jobs/{wf}.victim/cancel"), &serde_json::json!({}))
+        .await?;
+    assert_eq!(r["cancelled_jobs"], 1);
+    let gone = wait_for(Duration::from_secs(10), || async {
+        (!std::path::Path::new(&format!("/proc/{pid}")).exists()).then_some(())
+    })
+    .await;
+    assert!(gone.is_some(), "cancelled process {pid} still running");
+    let v = job(&client, &format!("{wf}.victim")).await;
+    assert_eq!(v["state"], "cancelled");
     Ok(())
 }

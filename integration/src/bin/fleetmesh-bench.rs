@@ -285,7 +285,13 @@ async fn inmemory_baseline(agents: usize, gpus: u32, seconds: u64) -> Result<Ing
         };
         ractor::call_t!(
             fleet,
-            |reply| FleetMsg::Register { identity, session_id: 1, session: null.clone(), reply },
+            |reply| FleetMsg::Register {
+                identity,
+                session_id: 1,
+                session: null.clone(),
+                remote_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+                reply
+            },
             5000
         )?;
         samplers.push((name, sampler(&format!("base-{i:05}"), gpus)?));
