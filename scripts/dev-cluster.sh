@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Local development mesh: a CA and certificates, one coordinator and 3 agents with
-# SIMULATED GPUs, all on loopback. State lives in .dev-cluster/ (git-ignored).
+# SIMULATED GPUs, all on loopback; `up` also runs the example workflow to the end.
+# State lives in .dev-cluster/ (git-ignored).
 #
 #   scripts/dev-cluster.sh up       build, (re)start the mesh, show the fleet
 #   scripts/dev-cluster.sh status   show agents and GPUs
@@ -77,9 +78,30 @@ up() {
   echo
   cli gpus
   echo
+  echo "==> submitting examples/hello-pipeline.yaml"
+  local wf
+  wf=$(cli submit examples/hello-pipeline.yaml)
+  echo "workflow $wf"
+  for _ in $(seq 1 300); do
+    pending=$(cli jobs --workflow "$wf" -o json | grep -cE '"state": "(waiting|queued|starting|running)"' || true)
+    [ "$pending" = 0 ] && break
+    sleep 0.1
+  done
+  sleep 0.2 # the workflow's own state follows its jobs on the next scheduler tick
+  local state
+  state=$(cli workflows | awk -v id="$wf" '$1 == id { print $2 }')
+  echo
+  cli jobs --workflow "$wf"
+  echo
+  echo "output of $wf.train:"
+  cli logs "$wf.train"
+  echo "workflow $wf: $state"
+  echo
   echo "The mesh keeps running. Try:"
   echo "  eval \"\$(scripts/dev-cluster.sh env)\"; target/debug/fleetmesh agents show gpu-eu-1"
   echo "  target/debug/fleetmesh metrics | grep fleet_"
+  echo "  target/debug/fleetmesh submit examples/gpu-train-eval.yaml; target/debug/fleetmesh jobs"
+  echo "  target/debug/fleetmesh run --gpus 1 -- sh -c 'echo \$CUDA_VISIBLE_DEVICES'"
   echo "  J=\$(target/debug/fleetmesh tokens create --region eu-west-3 --jurisdiction EU --provider ovh)"
   echo "  target/debug/fleetmesh-agent --join \"\$J\" --data-dir /tmp/fm-joined --simulate-gpus 2xH100-80GB"
   echo "Logs: $DIR/logs/   Stop: scripts/dev-cluster.sh down"
