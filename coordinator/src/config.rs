@@ -28,6 +28,8 @@ pub struct FileConfig {
     pub cert_ttl: Option<String>,
     /// Addresses agents should dial, put into join strings (HOST:PORT, comma-separated).
     pub advertise: Option<String>,
+    /// Agents asked for a bid per auction.
+    pub auction_top_k: Option<usize>,
 }
 
 /// Configuration errors.
@@ -58,6 +60,7 @@ pub struct CoordinatorConfig {
     pub ca_key: Option<PathBuf>,
     pub cert_ttl: Duration,
     pub advertise: Vec<String>,
+    pub auction_top_k: usize,
 }
 
 fn dur(what: &str, s: Option<String>, default: Duration) -> Result<Duration, ConfigError> {
@@ -130,6 +133,7 @@ impl CoordinatorConfig {
             ca_key: flags.ca_key.or(file.ca_key),
             cert_ttl,
             advertise,
+            auction_top_k: flags.auction_top_k.or(file.auction_top_k).unwrap_or(crate::scheduler::DEFAULT_TOP_K),
         })
     }
 }

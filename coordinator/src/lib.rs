@@ -127,7 +127,11 @@ impl Actor for Coordinator {
         let (scheduler, _) = Actor::spawn_linked(
             None,
             scheduler::Scheduler,
-            scheduler::SchedulerArgs { store: a.store.clone(), fleet: fleet.clone() },
+            scheduler::SchedulerArgs {
+                store: a.store.clone(),
+                fleet: fleet.clone(),
+                top_k: a.config.auction_top_k,
+            },
             myself.get_cell(),
         )
         .await?;

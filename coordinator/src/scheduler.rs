@@ -22,8 +22,9 @@ use crate::auction::{self, BidView, Candidate};
 use crate::fleet::FleetMsg;
 use crate::store::Store;
 
-/// Agents asked per auction.
-const TOP_K: usize = 8;
+/// Agents asked per auction by default: enough competition to pick a good offer, few
+/// enough that concurrent auctions do not all hold reservations on the same agents.
+pub const DEFAULT_TOP_K: usize = 3;
 /// Longest an auction waits for bids (it closes earlier when everyone answered).
 const AUCTION_WINDOW_MS: u64 = 500;
 /// Reservation lease asked of bidders (longer than the window plus the award trip).
@@ -127,6 +128,10 @@ pub struct JobSummary {
     pub agents: Vec<String>,
     pub cost: f64,
     pub reason: Option<String>,
+    pub submitted_unix_ms: u64,
+    /// Award and start of the current attempt.
+    pub awarded_unix_ms: Option<u64>,
+    pub started_unix_ms: Option<u64>,
 }
 
 /// Output of an attempt, for `fleetmesh logs`.
@@ -225,6 +230,7 @@ pub struct SchedulerState {
     outgoing: Vec<(String, CoordinatorMessage)>,
     /// Agent addresses from the last candidate list (gang rendezvous `MASTER_ADDR`).
     addrs: BTreeMap<String, String>,
+    top_k: usize,
     _ticker: Option<ractor::concurrency::JoinHandle<()>>,
 }
 
@@ -510,9 +516,10 @@ impl SchedulerState {
         unclaimed: &[Candidate],
         now: u64,
     ) -> Option<Vec<String>> {
+        let top_k = self.top_k;
         let j = self.jobs.get_mut(id)?;
         let (invite, refused) =
-            auction::prefilter(&j.spec, candidates, TOP_K.max(j.spec.nodes as usize * 2));
+            auction::prefilter(&j.spec, candidates, top_k.max(j.spec.nodes as usize * 2));
         if (invite.len() as u32) < j.spec.nodes {
             let (without_claims, _) = auction::prefilter(&j.spec, unclaimed, usize::MAX);
             if (without_claims.len() as u32) >= j.spec.nodes && without_claims.len() > invite.len()
@@ -796,6 +803,7 @@ pub struct Scheduler;
 pub struct SchedulerArgs {
     pub store: Arc<Store>,
     pub fleet: ActorRef<FleetMsg>,
+    pub top_k: usize,
 }
 
 impl Actor for Scheduler {
@@ -852,6 +860,7 @@ impl Actor for Scheduler {
             dirty_j: Vec::new(),
             outgoing: Vec::new(),
             addrs: BTreeMap::new(),
+            top_k: a.top_k.max(1),
             _ticker: Some(ticker),
         })
     }
@@ -1042,6 +1051,9 @@ impl Actor for Scheduler {
                             .first()
                             .cloned()
                             .or_else(|| j.history.last().map(|h| h.2.clone())),
+                        submitted_unix_ms: j.submitted_unix_ms,
+                        awarded_unix_ms: j.current().map(|a| a.awarded_unix_ms),
+                        started_unix_ms: j.current().and_then(|a| a.started_unix_ms),
                     })
                     .collect();
                 let _ = reply.send(v);

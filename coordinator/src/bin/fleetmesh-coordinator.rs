@@ -52,6 +52,9 @@ struct Cli {
     /// Address(es) agents dial, written into join strings (HOST:PORT[,HOST:PORT]).
     #[arg(long)]
     advertise: Option<String>,
+    /// Agents asked for a bid per auction [default: 3].
+    #[arg(long)]
+    auction_top_k: Option<usize>,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -95,6 +98,7 @@ fn main() -> ExitCode {
         ca_key: cli.ca_key,
         cert_ttl: cli.cert_ttl,
         advertise: cli.advertise,
+        auction_top_k: cli.auction_top_k,
     };
     let config = match CoordinatorConfig::resolve(file, flags) {
         Ok(c) => c,

@@ -39,6 +39,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Placement: N bidding agents over real QUIC, M one-GPU jobs, and failover.
+    Placement {
+        #[arg(long, default_value_t = 100)]
+        agents: usize,
+        #[arg(long, default_value_t = 1000)]
+        jobs: usize,
+        #[arg(long, default_value_t = 8)]
+        gpus_per_agent: u32,
+        /// Failover measurements (real agent processes killed with SIGKILL).
+        #[arg(long, default_value_t = 5)]
+        failovers: usize,
+    },
     /// Telemetry ingest: N agents over real QUIC against a real coordinator.
     Telemetry {
         #[arg(long, default_value_t = 100)]
@@ -251,6 +263,151 @@ async fn telemetry(
     Ok(())
 }
 
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+async fn placement(agents: usize, jobs: usize, gpus: u32, failovers: usize) -> Result<()> {
+    let pki = Pki::new("bench.local")?;
+    let work = tempfile::tempdir()?;
+    let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &["--history", "5"]).await?;
+    let client = coord.client(&pki)?;
+    let ca_pem = std::fs::read(pki.ca_pem())?;
+    let stats = Arc::new(AgentStats::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    eprintln!("starting {agents} bidding agents with {gpus} simulated GPUs each");
+    for i in 0..agents {
+        let name = format!("bidder-{i:05}");
+        let issued = pki.ca.issue(&IssueRequest::new(PeerKind::Agent, &name, Duration::from_secs(3600)))?;
+        let p = std::path::Path::new("memory");
+        let tls = TlsIdentity::from_pem(p, &ca_pem, p, issued.cert_pem.as_bytes(), p, issued.key_pem.as_bytes())?;
+        let mut opts = ConnectOptions::new(coord.control.to_string(), tls);
+        // Prices spread so the auction has something to choose.
+        opts.jobs = Some(fleetmesh_agent::jobs::Jobs::new(&work.path().join(&name), 1.0 + (i % 7) as f64 * 0.25, false));
+        let mut s = sampler(&name, gpus)?;
+        s.offer.price_per_hour = 1.0 + (i % 7) as f64 * 0.25;
+        let stats = stats.clone();
+        let rx = stop_rx.clone();
+        tasks.push(tokio::spawn(async move { run_forever(opts, &mut s, stats, rx).await }));
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while stats.sessions_established.load(Ordering::Relaxed) < agents as u64 {
+        if Instant::now() > deadline {
+            bail!("only {} of {agents} agents connected", stats.sessions_established.load(Ordering::Relaxed));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Let every agent send inventory and a first telemetry sample (GPU view for bidding).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut yaml = String::from("name: bench\nobjective: cheapest\njobs:\n");
+    for i in 0..jobs {
+        yaml.push_str(&format!("  j{i}:\n    command: [\"true\"]\n    resources: {{ gpus: 1 }}\n"));
+    }
+    eprintln!("submitting {jobs} jobs");
+    let t0 = Instant::now();
+    let r: serde_json::Value = client.post_raw("/api/v1/workflows", yaml.into_bytes()).await?;
+    let wf = r["id"].as_str().context("workflow id")?.to_string();
+    let done_by = Instant::now() + Duration::from_secs(600);
+    let list: Vec<serde_json::Value> = loop {
+        let list: Vec<serde_json::Value> = client.get_json(&format!("/api/v1/jobs?workflow={wf}")).await?;
+        let finished = list.iter().filter(|j| j["state"] == "succeeded" || j["state"] == "failed").count();
+        if finished == jobs || Instant::now() > done_by {
+            break list;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let total_s = t0.elapsed().as_secs_f64();
+    let mut award_ms = Vec::new();
+    let mut start_ms = Vec::new();
+    let mut first_award = u64::MAX;
+    let mut last_award = 0u64;
+    let mut succeeded = 0;
+    for j in &list {
+        let sub = j["submitted_unix_ms"].as_u64().unwrap_or(0);
+        if let Some(a) = j["awarded_unix_ms"].as_u64() {
+            award_ms.push(a.saturating_sub(sub) as f64);
+            first_award = first_award.min(a);
+            last_award = last_award.max(a);
+        }
+        if let Some(s) = j["started_unix_ms"].as_u64() {
+            start_ms.push(s.saturating_sub(sub) as f64);
+        }
+        if j["state"] == "succeeded" {
+            succeeded += 1;
+        }
+    }
+    let first_submit = list.iter().filter_map(|j| j["submitted_unix_ms"].as_u64()).min().unwrap_or(0);
+    let span_s = (last_award.saturating_sub(first_submit)) as f64 / 1000.0;
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        t.abort();
+    }
+
+    // Failover with real agent processes: kill -9 the one running a long job.
+    eprintln!("measuring failover {failovers} times");
+    let mut failover_ms = Vec::new();
+    let mut procs = Vec::new();
+    for n in ["fo-a", "fo-b", "fo-c"] {
+        procs.push(AgentProc::start(&pki, coord.control, n, Attributes::default(), Some("1xH100-80GB"), work.path())?);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for round in 0..failovers {
+        let r: serde_json::Value = client
+            .post_raw("/api/v1/workflows", format!("name: fo{round}\njobs:\n  long:\n    command: [sleep, \"120\"]\n    resources: {{ gpus: 1 }}\n").into_bytes())
+            .await?;
+        let id = format!("{}.long", r["id"].as_str().context("id")?);
+        let running = loop {
+            let j: serde_json::Value = client.get_json(&format!("/api/v1/jobs/{id}")).await?;
+            if j["state"] == "running" {
+                break j;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let victim = running["attempts"][0]["agents"][0].as_str().unwrap_or_default().to_string();
+        let Some(p) = procs.iter_mut().find(|p| p.name == victim) else { bail!("unknown victim {victim}") };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let killed = Instant::now();
+        p.kill9();
+        loop {
+            let j: serde_json::Value = client.get_json(&format!("/api/v1/jobs/{id}")).await?;
+            if j["state"] == "running" && j["attempts"].as_array().map(|a| a.len()) == Some(2) {
+                break;
+            }
+            if killed.elapsed() > Duration::from_secs(20) {
+                bail!("job {id} not re-placed");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        failover_ms.push(killed.elapsed().as_secs_f64() * 1000.0);
+        let _: serde_json::Value = client.post_json(&format!("/api/v1/jobs/{id}/cancel"), &json!({})).await?;
+        p.spawn()?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    let out = json!({
+        "bench": "placement",
+        "agents": agents,
+        "jobs": jobs,
+        "gpus_per_agent": gpus,
+        "succeeded": succeeded,
+        "placements_per_s": if span_s > 0.0 { (award_ms.len() as f64 / span_s * 10.0).round() / 10.0 } else { 0.0 },
+        "all_done_s": (total_s * 10.0).round() / 10.0,
+        "award_p50_ms": pct(&mut award_ms.clone(), 0.5),
+        "award_p99_ms": pct(&mut award_ms, 0.99),
+        "start_p50_ms": pct(&mut start_ms.clone(), 0.5),
+        "start_p99_ms": pct(&mut start_ms, 0.99),
+        "failover_ms": (pct(&mut failover_ms.clone(), 0.5)).round(),
+        "failover_all_ms": failover_ms.iter().map(|f| f.round()).collect::<Vec<_>>(),
+    });
+    println!("{out}");
+    Ok(())
+}
+
 /// A session stand-in for the in-memory baseline (the Fleet only ever casts `Close`).
 struct NullSession;
 
@@ -332,6 +489,9 @@ fn main() -> Result<()> {
         match cli.cmd {
             Cmd::Telemetry { agents, gpus_per_agent, seconds, connect_rate, no_baseline } => {
                 telemetry(agents, gpus_per_agent, seconds, connect_rate, no_baseline).await
+            }
+            Cmd::Placement { agents, jobs, gpus_per_agent, failovers } => {
+                placement(agents, jobs, gpus_per_agent, failovers).await
             }
         }
     })
