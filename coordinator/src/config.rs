@@ -133,7 +133,10 @@ impl CoordinatorConfig {
             ca_key: flags.ca_key.or(file.ca_key),
             cert_ttl,
             advertise,
-            auction_top_k: flags.auction_top_k.or(file.auction_top_k).unwrap_or(crate::scheduler::DEFAULT_TOP_K),
+            auction_top_k: flags
+                .auction_top_k
+                .or(file.auction_top_k)
+                .unwrap_or(crate::scheduler::DEFAULT_TOP_K),
         })
     }
 }

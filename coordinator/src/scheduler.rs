@@ -22,6 +22,9 @@ use crate::auction::{self, BidView, Candidate};
 use crate::fleet::FleetMsg;
 use crate::store::Store;
 
+/// Auctions started per 100 ms tick: bounds the tick's work (prefilter is O(agents)
+/// per job) so a burst of thousands of jobs never stalls the actor.
+const MAX_AUCTIONS_PER_TICK: usize = 500;
 /// Agents asked per auction by default: enough competition to pick a good offer, few
 /// enough that concurrent auctions do not all hold reservations on the same agents.
 pub const DEFAULT_TOP_K: usize = 3;
@@ -226,7 +229,8 @@ pub struct SchedulerState {
     verify: BTreeMap<(String, u64), u64>,
     dirty_w: Vec<String>,
     dirty_j: Vec<String>,
-    /// Awards decided this tick: sent only after the tick's state is persisted.
+    /// Awards decided and exits recorded this tick: sent only after the tick's state is
+    /// persisted (one commit per tick, however many jobs changed).
     outgoing: Vec<(String, CoordinatorMessage)>,
     /// Agent addresses from the last candidate list (gang rendezvous `MASTER_ADDR`).
     addrs: BTreeMap<String, String>,
@@ -398,6 +402,8 @@ impl SchedulerState {
             .jobs
             .values()
             .filter(|j| j.state == JobState::Starting)
+            // Attempts waiting to be re-adopted after a restart have their own deadline.
+            .filter(|j| !self.verify.keys().any(|(id, _)| *id == j.id))
             .filter_map(|j| {
                 j.current()
                     .filter(|a| now > a.awarded_unix_ms + START_TIMEOUT_MS)
@@ -441,24 +447,24 @@ impl SchedulerState {
                     .collect();
                 c.free_gpus = keep;
             }
-            // GPUs invited for in this tick are claimed, so concurrent auctions go to
-            // agents that still have room instead of all competing for the same GPUs.
-            let mut claims: BTreeMap<String, usize> = BTreeMap::new();
-            for id in queued {
-                let claimed: Vec<Candidate> = candidates
-                    .iter()
-                    .map(|c| {
-                        let mut c = c.clone();
-                        let n = claims.get(&c.agent).copied().unwrap_or(0).min(c.free_gpus.len());
-                        c.free_gpus.drain(..n);
-                        c
-                    })
-                    .collect();
-                if let Some(invited) = self.start_auction(&id, &claimed, &candidates, now) {
+            // GPUs invited for in this tick are claimed (taken out of a working copy), so
+            // concurrent auctions go to agents that still have room instead of all
+            // competing for the same GPUs. At most MAX_AUCTIONS_PER_TICK start per tick.
+            let unclaimed = candidates.clone();
+            let mut started = 0;
+            for id in queued.into_iter().take(4 * MAX_AUCTIONS_PER_TICK) {
+                if started >= MAX_AUCTIONS_PER_TICK {
+                    break;
+                }
+                if let Some(invited) = self.start_auction(&id, &candidates, &unclaimed, now) {
+                    started += 1;
                     let gpus =
                         self.jobs.get(&id).map(|j| j.spec.resources.gpus as usize).unwrap_or(0);
                     for a in invited {
-                        *claims.entry(a).or_default() += gpus;
+                        if let Some(c) = candidates.iter_mut().find(|c| c.agent == a) {
+                            let n = gpus.min(c.free_gpus.len());
+                            c.free_gpus.drain(..n);
+                        }
                     }
                 }
             }
@@ -475,7 +481,8 @@ impl SchedulerState {
         for a in closing {
             self.close_auction(&a, now);
         }
-        // Persist the awards (and their fences) in one transaction, then tell the winners.
+        // Persist the awards (and their fences) and recorded exits in one transaction,
+        // then tell the agents.
         if !self.outgoing.is_empty() {
             self.persist();
             for (agent, msg) in std::mem::take(&mut self.outgoing) {
@@ -733,6 +740,12 @@ impl SchedulerState {
         if a.outcomes[rank].is_some() {
             return;
         }
+        if a.state == "lost" {
+            // Already given up on (and placed again): record how it ended, nothing more.
+            a.outcomes[rank] = Some(outcome.to_string());
+            self.touch_job(job);
+            return;
+        }
         a.outcomes[rank] = Some(outcome.to_string());
         a.succeeded[rank] = outcome.succeeded();
         let hours = duration_ms as f64 / 3_600_000.0;
@@ -933,8 +946,9 @@ impl Actor for Scheduler {
                         j.set(JobState::Running, format!("attempt {attempt} running on {agent}"));
                     }
                 }
+                // Committed with the tick; after a restart a job still recorded as starting
+                // is re-adopted when its agent reports the attempt.
                 st.touch_job(&job);
-                st.persist();
             }
             SchedulerMsg::JobOutput { job, attempt, data, .. } => {
                 let current = st.jobs.get(&job).and_then(|j| j.current()).map(|a| a.n);
@@ -953,9 +967,8 @@ impl Actor for Scheduler {
             SchedulerMsg::JobExited { agent, job, attempt, outcome, duration_ms } => {
                 st.verify.remove(&(job.clone(), attempt));
                 st.exited(&agent, &job, attempt, outcome, duration_ms);
-                // Durable before acknowledged: the agent forgets the exit only now.
-                st.persist();
-                st.send(&agent, CoordinatorMessage::ExitRecorded { job, attempt });
+                // Durable before acknowledged: the ack goes out after this tick's commit.
+                st.outgoing.push((agent, CoordinatorMessage::ExitRecorded { job, attempt }));
             }
             SchedulerMsg::Running { agent, attempts } => {
                 let mut keep = Vec::new();
@@ -968,6 +981,19 @@ impl Actor for Scheduler {
                         st.verify.remove(&(job.clone(), *n));
                         keep.push((job.clone(), *n));
                         info!(job_id = %job, attempt = n, agent_id = %agent, "attempt re-adopted");
+                        if let Some(jr) = st.jobs.get_mut(job) {
+                            if jr.state == JobState::Starting {
+                                if let Some(a) = jr.current_mut() {
+                                    a.started_unix_ms.get_or_insert(now_ms());
+                                    a.state = "running".into();
+                                }
+                                jr.set(
+                                    JobState::Running,
+                                    format!("attempt {n} re-adopted on {agent}"),
+                                );
+                            }
+                        }
+                        st.touch_job(job);
                     }
                 }
                 // Attempts we placed there that the agent did not report: give their exit

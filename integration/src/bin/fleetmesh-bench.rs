@@ -274,7 +274,8 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 async fn placement(agents: usize, jobs: usize, gpus: u32, failovers: usize) -> Result<()> {
     let pki = Pki::new("bench.local")?;
     let work = tempfile::tempdir()?;
-    let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &["--history", "5"]).await?;
+    let coord =
+        CoordinatorProc::start(&pki, &work.path().join("coord"), &["--history", "5"]).await?;
     let client = coord.client(&pki)?;
     let ca_pem = std::fs::read(pki.ca_pem())?;
     let stats = Arc::new(AgentStats::default());
@@ -283,12 +284,24 @@ async fn placement(agents: usize, jobs: usize, gpus: u32, failovers: usize) -> R
     eprintln!("starting {agents} bidding agents with {gpus} simulated GPUs each");
     for i in 0..agents {
         let name = format!("bidder-{i:05}");
-        let issued = pki.ca.issue(&IssueRequest::new(PeerKind::Agent, &name, Duration::from_secs(3600)))?;
+        let issued =
+            pki.ca.issue(&IssueRequest::new(PeerKind::Agent, &name, Duration::from_secs(3600)))?;
         let p = std::path::Path::new("memory");
-        let tls = TlsIdentity::from_pem(p, &ca_pem, p, issued.cert_pem.as_bytes(), p, issued.key_pem.as_bytes())?;
+        let tls = TlsIdentity::from_pem(
+            p,
+            &ca_pem,
+            p,
+            issued.cert_pem.as_bytes(),
+            p,
+            issued.key_pem.as_bytes(),
+        )?;
         let mut opts = ConnectOptions::new(coord.control.to_string(), tls);
         // Prices spread so the auction has something to choose.
-        opts.jobs = Some(fleetmesh_agent::jobs::Jobs::new(&work.path().join(&name), 1.0 + (i % 7) as f64 * 0.25, false));
+        opts.jobs = Some(fleetmesh_agent::jobs::Jobs::new(
+            &work.path().join(&name),
+            1.0 + (i % 7) as f64 * 0.25,
+            false,
+        ));
         let mut s = sampler(&name, gpus)?;
         s.offer.price_per_hour = 1.0 + (i % 7) as f64 * 0.25;
         let stats = stats.clone();
@@ -299,7 +312,10 @@ async fn placement(agents: usize, jobs: usize, gpus: u32, failovers: usize) -> R
     let deadline = Instant::now() + Duration::from_secs(120);
     while stats.sessions_established.load(Ordering::Relaxed) < agents as u64 {
         if Instant::now() > deadline {
-            bail!("only {} of {agents} agents connected", stats.sessions_established.load(Ordering::Relaxed));
+            bail!(
+                "only {} of {agents} agents connected",
+                stats.sessions_established.load(Ordering::Relaxed)
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -315,8 +331,10 @@ async fn placement(agents: usize, jobs: usize, gpus: u32, failovers: usize) -> R
     let wf = r["id"].as_str().context("workflow id")?.to_string();
     let done_by = Instant::now() + Duration::from_secs(600);
     let list: Vec<serde_json::Value> = loop {
-        let list: Vec<serde_json::Value> = client.get_json(&format!("/api/v1/jobs?workflow={wf}")).await?;
-        let finished = list.iter().filter(|j| j["state"] == "succeeded" || j["state"] == "failed").count();
+        let list: Vec<serde_json::Value> =
+            client.get_json(&format!("/api/v1/jobs?workflow={wf}")).await?;
+        let finished =
+            list.iter().filter(|j| j["state"] == "succeeded" || j["state"] == "failed").count();
         if finished == jobs || Instant::now() > done_by {
             break list;
         }
@@ -342,7 +360,8 @@ async fn placement(agents: usize, jobs: usize, gpus: u32, failovers: usize) -> R
             succeeded += 1;
         }
     }
-    let first_submit = list.iter().filter_map(|j| j["submitted_unix_ms"].as_u64()).min().unwrap_or(0);
+    let first_submit =
+        list.iter().filter_map(|j| j["submitted_unix_ms"].as_u64()).min().unwrap_or(0);
     let span_s = (last_award.saturating_sub(first_submit)) as f64 / 1000.0;
     let _ = stop_tx.send(true);
     for t in tasks {
@@ -354,7 +373,14 @@ async fn placement(agents: usize, jobs: usize, gpus: u32, failovers: usize) -> R
     let mut failover_ms = Vec::new();
     let mut procs = Vec::new();
     for n in ["fo-a", "fo-b", "fo-c"] {
-        procs.push(AgentProc::start(&pki, coord.control, n, Attributes::default(), Some("1xH100-80GB"), work.path())?);
+        procs.push(AgentProc::start(
+            &pki,
+            coord.control,
+            n,
+            Attributes::default(),
+            Some("1xH100-80GB"),
+            work.path(),
+        )?);
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     for round in 0..failovers {
@@ -370,7 +396,9 @@ async fn placement(agents: usize, jobs: usize, gpus: u32, failovers: usize) -> R
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         let victim = running["attempts"][0]["agents"][0].as_str().unwrap_or_default().to_string();
-        let Some(p) = procs.iter_mut().find(|p| p.name == victim) else { bail!("unknown victim {victim}") };
+        let Some(p) = procs.iter_mut().find(|p| p.name == victim) else {
+            bail!("unknown victim {victim}")
+        };
         tokio::time::sleep(Duration::from_millis(300)).await;
         let killed = Instant::now();
         p.kill9();
@@ -385,7 +413,8 @@ async fn placement(agents: usize, jobs: usize, gpus: u32, failovers: usize) -> R
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         failover_ms.push(killed.elapsed().as_secs_f64() * 1000.0);
-        let _: serde_json::Value = client.post_json(&format!("/api/v1/jobs/{id}/cancel"), &json!({})).await?;
+        let _: serde_json::Value =
+            client.post_json(&format!("/api/v1/jobs/{id}/cancel"), &json!({})).await?;
         p.spawn()?;
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
