@@ -228,7 +228,7 @@ pub struct SchedulerState {
     /// Attempts an agent did not report after reconnecting: treat as lost after this time.
     verify: BTreeMap<(String, u64), u64>,
     dirty_w: Vec<String>,
-    dirty_j: Vec<String>,
+    dirty_j: std::collections::BTreeSet<String>,
     /// Awards decided and exits recorded this tick: sent only after the tick's state is
     /// persisted (one commit per tick, however many jobs changed).
     outgoing: Vec<(String, CoordinatorMessage)>,
@@ -272,9 +272,7 @@ impl JobRecord {
 
 impl SchedulerState {
     fn touch_job(&mut self, id: &str) {
-        if !self.dirty_j.iter().any(|j| j == id) {
-            self.dirty_j.push(id.to_string());
-        }
+        self.dirty_j.insert(id.to_string());
     }
 
     fn persist(&mut self) {
@@ -323,7 +321,7 @@ impl SchedulerState {
             };
             rec.history.push((now, "waiting".into(), "submitted".into()));
             self.jobs.insert(jid.clone(), rec);
-            self.dirty_j.push(jid);
+            self.dirty_j.insert(jid);
         }
         self.workflows.insert(
             id.clone(),
@@ -415,11 +413,13 @@ impl SchedulerState {
             self.attempt_lost(&job, n, "did not start in time");
         }
         // 4. Auctions for queued jobs.
+        let in_auction: std::collections::HashSet<String> =
+            self.auctions.values().map(|a| a.job.clone()).collect();
         let mut queued: Vec<&JobRecord> = self
             .jobs
             .values()
             .filter(|j| j.state == JobState::Queued && j.next_try_unix_ms <= now)
-            .filter(|j| !self.auctions.values().any(|a| a.job == j.id))
+            .filter(|j| !in_auction.contains(j.id.as_str()))
             .collect();
         queued.sort_by(|a, b| {
             b.spec
@@ -452,9 +452,15 @@ impl SchedulerState {
             // competing for the same GPUs. At most MAX_AUCTIONS_PER_TICK start per tick.
             let unclaimed = candidates.clone();
             let mut started = 0;
-            for id in queued.into_iter().take(4 * MAX_AUCTIONS_PER_TICK) {
+            let mut free_total: usize = candidates.iter().map(|c| c.free_gpus.len()).sum();
+            for id in queued.into_iter().take(MAX_AUCTIONS_PER_TICK) {
                 if started >= MAX_AUCTIONS_PER_TICK {
                     break;
+                }
+                let needs_gpus = self.jobs.get(&id).is_some_and(|j| j.spec.resources.gpus > 0);
+                if needs_gpus && free_total == 0 {
+                    // This tick's capacity is spoken for; try again next tick.
+                    continue;
                 }
                 if let Some(invited) = self.start_auction(&id, &candidates, &unclaimed, now) {
                     started += 1;
@@ -464,6 +470,7 @@ impl SchedulerState {
                         if let Some(c) = candidates.iter_mut().find(|c| c.agent == a) {
                             let n = gpus.min(c.free_gpus.len());
                             c.free_gpus.drain(..n);
+                            free_total = free_total.saturating_sub(n);
                         }
                     }
                 }
@@ -551,7 +558,7 @@ impl SchedulerState {
             if j.queued_reasons != reasons {
                 info!(job_id = %id, reasons = ?reasons, "no feasible agent; job stays queued");
                 j.queued_reasons = reasons;
-                self.dirty_j.push(id.to_string());
+                self.dirty_j.insert(id.to_string());
             }
             j.next_try_unix_ms = now + REQUEUE_MS;
             return None;
@@ -615,7 +622,7 @@ impl SchedulerState {
             j.queued_reasons = reasons;
             j.next_try_unix_ms = now + REQUEUE_MS;
             let bids = run.bids.clone();
-            self.dirty_j.push(run.job.clone());
+            self.dirty_j.insert(run.job.clone());
             for b in bids {
                 self.send(
                     &b.agent,
@@ -870,7 +877,7 @@ impl Actor for Scheduler {
             logs: BTreeMap::new(),
             verify,
             dirty_w: Vec::new(),
-            dirty_j: Vec::new(),
+            dirty_j: Default::default(),
             outgoing: Vec::new(),
             addrs: BTreeMap::new(),
             top_k: a.top_k.max(1),

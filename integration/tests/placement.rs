@@ -606,3 +606,35 @@ jobs:
     assert_eq!(v["state"], "cancelled");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drained_agent_gets_no_new_jobs_but_finishes_running_ones() -> anyhow::Result<()> {
+    let pki = Pki::new("mesh.test")?;
+    let work = tempfile::tempdir()?;
+    let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
+    let client = coord.client(&pki)?;
+    let _a = AgentProc::start_extra(
+        &pki,
+        coord.control,
+        "only",
+        attrs("r", "EU", "p"),
+        None,
+        &[],
+        work.path(),
+    )?;
+    mesh_up(&client, 1).await;
+    let wf = submit(&client, "name: d1\njobs:\n  running:\n    command: [sleep, \"2\"]\n").await?;
+    wait_state(&client, &format!("{wf}.running"), "running", 10).await;
+    let _: Value = client.post_json("/api/v1/agents/only/drain", &serde_json::json!({})).await?;
+    let wf2 = submit(&client, "name: d2\njobs:\n  later:\n    command: [\"true\"]\n").await?;
+    // The running job finishes on the drained agent; the new one waits with the reason.
+    wait_state(&client, &format!("{wf}.running"), "succeeded", 10).await;
+    let later = job(&client, &format!("{wf2}.later")).await;
+    assert_eq!(later["state"], "queued");
+    assert!(later["queued_reasons"].to_string().contains("only: draining"), "{later}");
+    let _: Value = client
+        .post_json("/api/v1/agents/only/drain", &serde_json::json!({ "draining": false }))
+        .await?;
+    wait_state(&client, &format!("{wf2}.later"), "succeeded", 10).await;
+    Ok(())
+}

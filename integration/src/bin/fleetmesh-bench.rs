@@ -330,9 +330,19 @@ async fn placement(agents: usize, jobs: usize, gpus: u32, failovers: usize) -> R
     let r: serde_json::Value = client.post_raw("/api/v1/workflows", yaml.into_bytes()).await?;
     let wf = r["id"].as_str().context("workflow id")?.to_string();
     let done_by = Instant::now() + Duration::from_secs(600);
+    let mut busy_answers = 0u32;
     let list: Vec<serde_json::Value> = loop {
         let list: Vec<serde_json::Value> =
-            client.get_json(&format!("/api/v1/jobs?workflow={wf}")).await?;
+            match client.get_json(&format!("/api/v1/jobs?workflow={wf}")).await {
+                Ok(l) => l,
+                Err(e) => {
+                    // The scheduler answers late while saturated: count it, poll again.
+                    busy_answers += 1;
+                    eprintln!("status poll failed ({e}); retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
         let finished =
             list.iter().filter(|j| j["state"] == "succeeded" || j["state"] == "failed").count();
         if finished == jobs || Instant::now() > done_by {
@@ -431,6 +441,7 @@ async fn placement(agents: usize, jobs: usize, gpus: u32, failovers: usize) -> R
         "start_p50_ms": pct(&mut start_ms.clone(), 0.5),
         "start_p99_ms": pct(&mut start_ms, 0.99),
         "failover_ms": (pct(&mut failover_ms.clone(), 0.5)).round(),
+        "api_busy_answers": busy_answers,
         "failover_all_ms": failover_ms.iter().map(|f| f.round()).collect::<Vec<_>>(),
     });
     println!("{out}");
