@@ -572,6 +572,12 @@ impl Actor for Fleet {
         match msg {
             FleetMsg::Register { identity, session_id, session, remote_ip, reply } => {
                 let name = identity.name.clone();
+                if let Some(s) = &st.scheduler {
+                    let _ = s.cast(crate::scheduler::SchedulerMsg::SessionUp {
+                        agent: name.clone(),
+                        session: session.clone(),
+                    });
+                }
                 st.register(identity, session_id, session, now);
                 if let Some(e) = st.agents.get_mut(&name) {
                     e.remote_ip = Some(remote_ip);

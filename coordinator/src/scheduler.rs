@@ -40,6 +40,8 @@ const REQUEUE_MS: u64 = 1000;
 const MAX_LOG_BUFFER: usize = 1 << 20;
 /// Expected duration used for pricing when a job has no timeout.
 const DEFAULT_EXPECTED_MS: u64 = 3_600_000;
+/// How long awards and exit acks wait to be committed together (batching fsyncs).
+const FLUSH_DELAY: Duration = Duration::from_millis(5);
 /// SIGTERM-to-SIGKILL grace for cancellations.
 const CANCEL_GRACE_MS: u64 = 5000;
 
@@ -196,6 +198,13 @@ pub enum SchedulerMsg {
     AgentGone {
         agent: String,
     },
+    /// The Fleet registered a session for an agent (direct delivery, bypassing the Fleet).
+    SessionUp {
+        agent: String,
+        session: ActorRef<crate::session::SessionMsg>,
+    },
+    /// Commit pending state and send pending awards/acks.
+    Flush,
     Cancel(String, RpcReplyPort<Result<usize, String>>),
     ListWorkflows(RpcReplyPort<Vec<WorkflowRecord>>),
     ListJobs(Option<String>, RpcReplyPort<Vec<JobSummary>>),
@@ -235,6 +244,9 @@ pub struct SchedulerState {
     /// Agent addresses from the last candidate list (gang rendezvous `MASTER_ADDR`).
     addrs: BTreeMap<String, String>,
     top_k: usize,
+    /// Current session of each agent, for direct sends.
+    sessions: BTreeMap<String, ActorRef<crate::session::SessionMsg>>,
+    flush_scheduled: bool,
     _ticker: Option<ractor::concurrency::JoinHandle<()>>,
 }
 
@@ -294,7 +306,40 @@ impl SchedulerState {
     }
 
     fn send(&self, agent: &str, msg: CoordinatorMessage) {
-        let _ = self.fleet.cast(FleetMsg::Send { agent: agent.to_string(), msg });
+        match self.sessions.get(agent) {
+            Some(s) => {
+                let _ = s.cast(crate::session::SessionMsg::Send(Box::new(msg)));
+            }
+            None => {
+                let _ = self.fleet.cast(FleetMsg::Send { agent: agent.to_string(), msg });
+            }
+        }
+    }
+
+    /// Commit pending state, then send what waited for it (awards, exit acks).
+    fn flush(&mut self) {
+        self.flush_scheduled = false;
+        if self.outgoing.is_empty() {
+            return;
+        }
+        self.persist();
+        for (agent, msg) in std::mem::take(&mut self.outgoing) {
+            self.send(&agent, msg);
+        }
+    }
+
+    /// Every invitee answered: decide now instead of at the next tick.
+    fn close_now(&mut self, myself: &ActorRef<SchedulerMsg>, auction: &str) {
+        self.close_auction(auction, now_ms());
+        self.schedule_flush(myself);
+    }
+
+    /// Batch commits: flush shortly, once, whatever else arrives meanwhile.
+    fn schedule_flush(&mut self, myself: &ActorRef<SchedulerMsg>) {
+        if !self.flush_scheduled && !self.outgoing.is_empty() {
+            self.flush_scheduled = true;
+            myself.send_after(FLUSH_DELAY, || SchedulerMsg::Flush);
+        }
     }
 
     fn submit(&mut self, wf: Workflow) -> String {
@@ -490,12 +535,7 @@ impl SchedulerState {
         }
         // Persist the awards (and their fences) and recorded exits in one transaction,
         // then tell the agents.
-        if !self.outgoing.is_empty() {
-            self.persist();
-            for (agent, msg) in std::mem::take(&mut self.outgoing) {
-                self.send(&agent, msg);
-            }
-        }
+        self.flush();
         // 6. Workflow completion.
         let wids: Vec<String> = self.workflows.keys().cloned().collect();
         for wid in wids {
@@ -881,6 +921,8 @@ impl Actor for Scheduler {
             outgoing: Vec::new(),
             addrs: BTreeMap::new(),
             top_k: a.top_k.max(1),
+            sessions: BTreeMap::new(),
+            flush_scheduled: false,
             _ticker: Some(ticker),
         })
     }
@@ -899,7 +941,7 @@ impl Actor for Scheduler {
 
     async fn handle(
         &self,
-        _m: ActorRef<SchedulerMsg>,
+        myself: ActorRef<SchedulerMsg>,
         msg: SchedulerMsg,
         st: &mut SchedulerState,
     ) -> Result<(), ActorProcessingErr> {
@@ -909,17 +951,35 @@ impl Actor for Scheduler {
                 let _ = reply.send(Ok(id));
             }
             SchedulerMsg::Tick => st.tick().await,
+            SchedulerMsg::Flush => st.flush(),
+            SchedulerMsg::SessionUp { agent, session } => {
+                st.sessions.insert(agent, session);
+            }
             SchedulerMsg::Bid { agent, auction, gpus, price, eta_ms } => {
-                match st.auctions.get_mut(&auction) {
+                let complete = match st.auctions.get_mut(&auction) {
                     Some(a) if a.invited.contains(&agent) => {
-                        a.bids.push(BidView { agent, price, eta_ms, gpus })
+                        a.bids.push(BidView { agent, price, eta_ms, gpus });
+                        a.bids.len() + a.declines.len() >= a.invited.len()
                     }
-                    _ => st.send(&agent, CoordinatorMessage::Release { auction }),
+                    _ => {
+                        st.send(&agent, CoordinatorMessage::Release { auction: auction.clone() });
+                        false
+                    }
+                };
+                if complete {
+                    st.close_now(&myself, &auction);
                 }
             }
             SchedulerMsg::Decline { agent, auction, reason } => {
-                if let Some(a) = st.auctions.get_mut(&auction) {
-                    a.declines.push(format!("{agent}: {reason}"));
+                let complete = match st.auctions.get_mut(&auction) {
+                    Some(a) => {
+                        a.declines.push(format!("{agent}: {reason}"));
+                        a.bids.len() + a.declines.len() >= a.invited.len()
+                    }
+                    None => false,
+                };
+                if complete {
+                    st.close_now(&myself, &auction);
                 }
             }
             SchedulerMsg::AwardAnswer { agent, job, attempt, accepted, reason } => {
@@ -976,6 +1036,7 @@ impl Actor for Scheduler {
                 st.exited(&agent, &job, attempt, outcome, duration_ms);
                 // Durable before acknowledged: the ack goes out after this tick's commit.
                 st.outgoing.push((agent, CoordinatorMessage::ExitRecorded { job, attempt }));
+                st.schedule_flush(&myself);
             }
             SchedulerMsg::Running { agent, attempts } => {
                 let mut keep = Vec::new();
