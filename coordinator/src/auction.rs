@@ -139,22 +139,27 @@ pub fn eligible(job: &JobSpec, c: &Candidate) -> Result<(), Ineligible> {
     Ok(())
 }
 
-/// Split candidates into the top `k` eligible (cheapest first) and the refusals.
-pub fn prefilter(
-    job: &JobSpec,
-    candidates: &[Candidate],
-    k: usize,
-) -> (Vec<String>, Vec<(String, Ineligible)>) {
-    let mut ok: Vec<&Candidate> = Vec::new();
+/// Order candidates cheapest first (ties by name): do this once, then [`prefilter`].
+pub fn sort_candidates(candidates: &mut [Candidate]) {
+    candidates.sort_by(|a, b| a.price_per_hour.total_cmp(&b.price_per_hour).then_with(|| a.agent.cmp(&b.agent)));
+}
+
+/// The first `k` eligible candidates in the given order (sort with [`sort_candidates`]
+/// for cheapest first), and the refusals. Stops as soon as `k` are found; the refusals
+/// are complete only when fewer than `k` are eligible (which is when they are shown).
+pub fn prefilter(job: &JobSpec, candidates: &[Candidate], k: usize) -> (Vec<String>, Vec<(String, Ineligible)>) {
+    let mut ok: Vec<String> = Vec::new();
     let mut no = Vec::new();
     for c in candidates {
+        if ok.len() >= k {
+            break;
+        }
         match eligible(job, c) {
-            Ok(()) => ok.push(c),
+            Ok(()) => ok.push(c.agent.clone()),
             Err(why) => no.push((c.agent.clone(), why)),
         }
     }
-    ok.sort_by(|a, b| a.price_per_hour.total_cmp(&b.price_per_hour).then(a.agent.cmp(&b.agent)));
-    (ok.into_iter().take(k).map(|c| c.agent.clone()).collect(), no)
+    (ok, no)
 }
 
 /// A bid as the auctioneer sees it.
@@ -274,9 +279,14 @@ mod tests {
         let mut d = a.clone();
         d.agent = "d".into();
         d.labels.clear();
-        let (ok, no) = prefilter(&j, &[a, b, c, d], 1);
+        let mut cs = vec![a, b, c, d];
+        sort_candidates(&mut cs);
+        let (ok, no) = prefilter(&j, &cs, 1);
         assert_eq!(ok, ["b"], "cheapest first, top 1");
-        assert_eq!(no.len(), 2);
+        assert_eq!(no.len(), 0, "stops at the first eligible (cheapest) agent");
+        let (all, no) = prefilter(&j, &cs, 10);
+        assert_eq!(all, ["b", "a"]);
+        assert_eq!(no.len(), 2, "c too expensive, d lacks the label");
     }
 
     fn bid(agent: &str, price: f64, eta_ms: u64) -> BidView {

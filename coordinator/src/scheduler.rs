@@ -495,6 +495,9 @@ impl SchedulerState {
             // GPUs invited for in this tick are claimed (taken out of a working copy), so
             // concurrent auctions go to agents that still have room instead of all
             // competing for the same GPUs. At most MAX_AUCTIONS_PER_TICK start per tick.
+            auction::sort_candidates(&mut candidates);
+            let index: std::collections::HashMap<String, usize> =
+                candidates.iter().enumerate().map(|(i, c)| (c.agent.clone(), i)).collect();
             let unclaimed = candidates.clone();
             let mut started = 0;
             let mut free_total: usize = candidates.iter().map(|c| c.free_gpus.len()).sum();
@@ -512,7 +515,7 @@ impl SchedulerState {
                     let gpus =
                         self.jobs.get(&id).map(|j| j.spec.resources.gpus as usize).unwrap_or(0);
                     for a in invited {
-                        if let Some(c) = candidates.iter_mut().find(|c| c.agent == a) {
+                        if let Some(c) = index.get(&a).and_then(|i| candidates.get_mut(*i)) {
                             let n = gpus.min(c.free_gpus.len());
                             c.free_gpus.drain(..n);
                             free_total = free_total.saturating_sub(n);
