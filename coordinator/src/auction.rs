@@ -141,13 +141,19 @@ pub fn eligible(job: &JobSpec, c: &Candidate) -> Result<(), Ineligible> {
 
 /// Order candidates cheapest first (ties by name): do this once, then [`prefilter`].
 pub fn sort_candidates(candidates: &mut [Candidate]) {
-    candidates.sort_by(|a, b| a.price_per_hour.total_cmp(&b.price_per_hour).then_with(|| a.agent.cmp(&b.agent)));
+    candidates.sort_by(|a, b| {
+        a.price_per_hour.total_cmp(&b.price_per_hour).then_with(|| a.agent.cmp(&b.agent))
+    });
 }
 
 /// The first `k` eligible candidates in the given order (sort with [`sort_candidates`]
 /// for cheapest first), and the refusals. Stops as soon as `k` are found; the refusals
 /// are complete only when fewer than `k` are eligible (which is when they are shown).
-pub fn prefilter(job: &JobSpec, candidates: &[Candidate], k: usize) -> (Vec<String>, Vec<(String, Ineligible)>) {
+pub fn prefilter(
+    job: &JobSpec,
+    candidates: &[Candidate],
+    k: usize,
+) -> (Vec<String>, Vec<(String, Ineligible)>) {
     let mut ok: Vec<String> = Vec::new();
     let mut no = Vec::new();
     for c in candidates {

@@ -473,9 +473,20 @@ impl SchedulerState {
                 .then(a.submitted_unix_ms.cmp(&b.submitted_unix_ms))
         });
         let queued: Vec<String> = queued.into_iter().map(|j| j.id.clone()).collect();
-        if !queued.is_empty() {
-            let mut candidates: Vec<Candidate> =
-                ractor::call_t!(self.fleet, FleetMsg::Candidates, 2000).unwrap_or_default();
+        // A Fleet too busy to answer is not an empty fleet: skip this tick's auctions
+        // rather than mark every queued job "no agents" (and rewrite it).
+        let fleet_view = if queued.is_empty() {
+            None
+        } else {
+            match ractor::call_t!(self.fleet, FleetMsg::Candidates, 2000) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    warn!(error = %e, "fleet view unavailable; auctions wait for the next tick");
+                    None
+                }
+            }
+        };
+        if let Some(mut candidates) = fleet_view {
             for c in &candidates {
                 if let Some(a) = &c.addr {
                     self.addrs.insert(c.agent.clone(), a.clone());
