@@ -177,6 +177,7 @@ impl AuthorityState {
             region: spec.region,
             jurisdiction: spec.jurisdiction,
             provider: spec.provider,
+            labels: spec.labels.clone(),
         };
         attributes.validate().map_err(|e| e.to_string())?;
         if let Some(n) = &spec.name {
@@ -272,6 +273,8 @@ impl AuthorityState {
             })?;
         let mut ireq = IssueRequest::new(PeerKind::Agent, name.clone(), self.cert_ttl);
         ireq.attributes = token.attributes.clone();
+        // Tokens stored before labels were attributes keep them in `labels` only.
+        ireq.attributes.labels.extend(token.labels.clone());
         let cert_pem = ca.issue_from_csr(&ireq, &req.csr_pem).map_err(|e| e.to_string())?;
         let (serial, not_after) = serial_of(&cert_pem);
         let mut rec =

@@ -427,7 +427,13 @@ impl FleetState {
             region: e.record.attributes.region.clone(),
             jurisdiction: e.record.attributes.jurisdiction.clone(),
             provider: e.record.attributes.provider.clone(),
-            labels: inv.map(|i| i.labels.iter().cloned().collect()).unwrap_or_default(),
+            // Labels the node reports, overridden by labels granted in its certificate.
+            labels: inv
+                .map(|i| i.labels.iter().cloned().collect::<std::collections::BTreeMap<_, _>>())
+                .unwrap_or_default()
+                .into_iter()
+                .chain(e.record.attributes.labels.clone())
+                .collect(),
             spot: inv.is_some_and(|i| i.spot),
             price_per_hour: inv.map(|i| i.price_per_hour).unwrap_or(0.0),
             free_gpus: free_gpus.into_iter().map(|(_, n, m)| (n, m)).collect(),

@@ -420,5 +420,6 @@ pub fn attrs(region: &str, jurisdiction: &str, provider: &str) -> Attributes {
         region: Some(region.into()),
         jurisdiction: Some(jurisdiction.into()),
         provider: Some(provider.into()),
+        ..Default::default()
     }
 }

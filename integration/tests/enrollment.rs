@@ -201,13 +201,14 @@ async fn csr_claims_of_name_and_region_are_replaced_by_the_tokens() -> anyhow::R
     let coord = coordinator(&pki, work.path(), "1h").await?;
     let client = coord.client(&pki)?;
     let join =
-        token(&client, json!({"name": "granted-7", "region": "eu-west-1", "jurisdiction": "EU"}))
+        token(&client, json!({"name": "granted-7", "region": "eu-west-1", "jurisdiction": "EU", "labels": {"tier": "gold"}}))
             .await?;
     let key = generate_key_pem()?;
     let wish = Attributes {
         region: Some("us-east-1".into()),
         jurisdiction: Some("US".into()),
         provider: Some("evil".into()),
+        labels: [("tier".to_string(), "free".to_string())].into(),
     };
     let got = enroll(&join, &key, "someone-else", &wish).await?;
     assert_eq!(got.name, "granted-7");
@@ -225,6 +226,8 @@ async fn csr_claims_of_name_and_region_are_replaced_by_the_tokens() -> anyhow::R
     assert_eq!(id.identity.attributes.region.as_deref(), Some("eu-west-1"));
     assert_eq!(id.identity.attributes.jurisdiction.as_deref(), Some("EU"));
     assert_eq!(id.identity.attributes.provider, None);
+    // Labels are granted by the token too, not claimed.
+    assert_eq!(id.identity.attributes.labels.get("tier").map(String::as_str), Some("gold"));
     // Short-lived by default (24 h), not years.
     assert!(id.identity.not_after_unix - id.identity.not_before_unix <= 24 * 3600);
     Ok(())

@@ -4,7 +4,8 @@
 //! `spiffe://<trust-domain>/<kind>/<name>` with kind `agent`, `coordinator` or
 //! `operator`. Attributes that placement and residency policy depend on are written by
 //! the issuer as additional URI SANs of the form `urn:fleetmesh:<key>:<value>`
-//! (keys `region`, `jurisdiction`, `provider`). The coordinator reads identity and
+//! (keys `region`, `jurisdiction`, `provider`), and placement labels as
+//! `urn:fleetmesh:label:<key>=<value>`. The coordinator reads identity and
 //! attributes from the verified peer certificate only; nothing a peer says in a message
 //! can change them.
 
@@ -74,6 +75,9 @@ pub struct Attributes {
     pub region: Option<String>,
     pub jurisdiction: Option<String>,
     pub provider: Option<String>,
+    /// Placement labels granted by the issuer (`urn:fleetmesh:label:<key>=<value>`).
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 impl Attributes {
@@ -89,6 +93,9 @@ impl Attributes {
                 out.push(format!("{ATTR_URI_PREFIX}{k}:{v}"));
             }
         }
+        for (k, v) in &self.labels {
+            out.push(format!("{ATTR_URI_PREFIX}label:{k}={v}"));
+        }
         out
     }
 
@@ -102,6 +109,10 @@ impl Attributes {
             if let Some(v) = v {
                 validate_label(what, v)?;
             }
+        }
+        for (k, v) in &self.labels {
+            validate_label("label key", k)?;
+            validate_label("label value", v)?;
         }
         Ok(())
     }
@@ -181,6 +192,12 @@ pub fn identity_from_der(der: &[u8]) -> Result<PeerIdentity, IdentityError> {
                     spiffe = Some(parse_spiffe_id(uri)?);
                 } else if let Some(attr) = uri.strip_prefix(ATTR_URI_PREFIX) {
                     if let Some((k, v)) = attr.split_once(':') {
+                        if k == "label" {
+                            if let Some((lk, lv)) = v.split_once('=') {
+                                attributes.labels.insert(lk.to_string(), lv.to_string());
+                            }
+                            continue;
+                        }
                         let slot = match k {
                             "region" => &mut attributes.region,
                             "jurisdiction" => &mut attributes.jurisdiction,

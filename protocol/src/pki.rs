@@ -356,6 +356,7 @@ mod tests {
         req.attributes.region = Some("eu-west-1".into());
         req.attributes.jurisdiction = Some("EU".into());
         req.attributes.provider = Some("aws".into());
+        req.attributes.labels.insert("tier".into(), "gold".into());
         let issued = ca.issue(&req).unwrap();
         let der = first_cert_der(&issued.cert_pem).unwrap();
         let id = identity_from_der(&der).unwrap();
@@ -365,6 +366,7 @@ mod tests {
         assert_eq!(id.attributes.region.as_deref(), Some("eu-west-1"));
         assert_eq!(id.attributes.jurisdiction.as_deref(), Some("EU"));
         assert_eq!(id.attributes.provider.as_deref(), Some("aws"));
+        assert_eq!(id.attributes.labels.get("tier").map(String::as_str), Some("gold"));
         let now = OffsetDateTime::now_utc().unix_timestamp();
         assert!(id.not_after_unix > now + 3500 && id.not_after_unix <= now + 3601);
     }

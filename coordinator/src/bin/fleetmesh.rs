@@ -733,7 +733,7 @@ fn certs(cmd: CertsCmd) -> Result<()> {
                 ip.push("::1".parse()?);
             }
             let mut req = IssueRequest::new(kind, name, ttl);
-            req.attributes = Attributes { region, jurisdiction, provider };
+            req.attributes = Attributes { region, jurisdiction, provider, ..Default::default() };
             req.dns_names = dns;
             req.ips = ip;
             let (cert, key) = ca.issue_to_dir(&dir, &req)?;
