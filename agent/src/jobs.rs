@@ -120,13 +120,6 @@ impl Jobs {
         self.container_runtime.clone()
     }
 
-    /// Refresh the GPU view used for bidding from the latest telemetry.
-    pub fn update_gpus(&self, gpus: Vec<bidding::GpuState>) {
-        if let Ok(mut s) = self.state.lock() {
-            s.0.gpus = gpus;
-        }
-    }
-
     /// Refresh the bidding view from an inventory and a telemetry report, remembering
     /// the last fatal (XID / double-bit ECC) event per GPU.
     pub fn observe(

@@ -124,6 +124,23 @@ struct AgentEntry {
     remote_ip: Option<std::net::IpAddr>,
 }
 
+impl AgentEntry {
+    /// An entry with no session, inventory or telemetry yet.
+    fn new(record: AgentRecord, last_heard: Instant) -> Self {
+        Self {
+            record,
+            last_heard,
+            session: None,
+            inventory: None,
+            latest: None,
+            history: VecDeque::new(),
+            events: VecDeque::new(),
+            dirty: false,
+            remote_ip: None,
+        }
+    }
+}
+
 /// Actor state.
 pub struct FleetState {
     cfg: FleetConfig,
@@ -241,26 +258,21 @@ impl FleetState {
         let name = identity.name.clone();
         let ms = unix_ms();
         let previous = self.agents.get(&name).map(|e| e.record.state.as_str()).unwrap_or("new");
-        let entry = self.agents.entry(name.clone()).or_insert_with(|| AgentEntry {
-            record: AgentRecord {
-                name: name.clone(),
-                spiffe_id: identity.spiffe_id(),
-                attributes: identity.attributes.clone(),
-                state: AgentState::Connected,
-                first_seen_unix_ms: ms,
-                last_seen_unix_ms: ms,
-                cert_serial: identity.serial.clone(),
-                hostname: None,
-                draining: false,
-            },
-            last_heard: now,
-            session: None,
-            inventory: None,
-            latest: None,
-            history: VecDeque::new(),
-            events: VecDeque::new(),
-            dirty: false,
-            remote_ip: None,
+        let entry = self.agents.entry(name.clone()).or_insert_with(|| {
+            AgentEntry::new(
+                AgentRecord {
+                    name: name.clone(),
+                    spiffe_id: identity.spiffe_id(),
+                    attributes: identity.attributes.clone(),
+                    state: AgentState::Connected,
+                    first_seen_unix_ms: ms,
+                    last_seen_unix_ms: ms,
+                    cert_serial: identity.serial.clone(),
+                    hostname: None,
+                    draining: false,
+                },
+                now,
+            )
         });
         if let Some((old_id, old)) = entry.session.take() {
             if old_id != session_id {
@@ -523,20 +535,7 @@ impl Actor for Fleet {
             if matches!(record.state, AgentState::Connected) {
                 record.state = AgentState::Suspect;
             }
-            agents.insert(
-                record.name.clone(),
-                AgentEntry {
-                    record,
-                    last_heard: now + RESTART_GRACE,
-                    session: None,
-                    inventory: None,
-                    latest: None,
-                    history: VecDeque::new(),
-                    events: VecDeque::new(),
-                    dirty: false,
-                    remote_ip: None,
-                },
-            );
+            agents.insert(record.name.clone(), AgentEntry::new(record, now + RESTART_GRACE));
         }
         info!(agents = agents.len(), "agent registry loaded");
         let ticker = myself.send_interval(args.cfg.liveness.tick, || FleetMsg::Tick);

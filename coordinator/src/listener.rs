@@ -83,7 +83,7 @@ fn server_config(tls: &TlsIdentity) -> Result<quinn::ServerConfig, ActorProcessi
     Ok(cfg)
 }
 
-async fn refuse(conn: &quinn::Connection, code: u32, reason: &str) {
+fn refuse(conn: &quinn::Connection, code: u32, reason: &str) {
     conn.close(code.into(), reason.as_bytes());
 }
 
@@ -97,7 +97,7 @@ async fn serve_enrollment(
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(format!("enrollment connection ended early: {e}")),
         Err(_) => {
-            refuse(&conn, close_code::PROTOCOL_ERROR, "no enrollment request in time").await;
+            refuse(&conn, close_code::PROTOCOL_ERROR, "no enrollment request in time");
             return Err("no enrollment request in time".into());
         }
     };
@@ -105,12 +105,12 @@ async fn serve_enrollment(
         match tokio::time::timeout(HELLO_TIMEOUT, read_frame::<EnrollMessage>(&mut recv)).await {
             Ok(Ok(Some(EnrollMessage::Enroll(req)))) => req,
             Ok(Ok(_)) | Err(_) => {
-                refuse(&conn, close_code::PROTOCOL_ERROR, "expected an enrollment request").await;
+                refuse(&conn, close_code::PROTOCOL_ERROR, "expected an enrollment request");
                 return Err("expected an enrollment request".into());
             }
             Ok(Err(e)) => {
                 let why = format!("protocol error: {e}");
-                refuse(&conn, close_code::PROTOCOL_ERROR, &why).await;
+                refuse(&conn, close_code::PROTOCOL_ERROR, &why);
                 return Err(why);
             }
         };
@@ -160,7 +160,7 @@ async fn authenticate(
         Ok(id) => id,
         Err(e) => {
             let why = format!("certificate identity unusable: {e}");
-            refuse(&conn, close_code::REFUSED, &why).await;
+            refuse(&conn, close_code::REFUSED, &why);
             return Err(why);
         }
     };
@@ -169,7 +169,7 @@ async fn authenticate(
             "certificate is for trust domain {}, this mesh is {trust_domain}",
             identity.trust_domain
         );
-        refuse(&conn, close_code::REFUSED, &why).await;
+        refuse(&conn, close_code::REFUSED, &why);
         return Err(why);
     }
     if identity.kind != PeerKind::Agent {
@@ -178,13 +178,13 @@ async fn authenticate(
             identity.spiffe_id(),
             identity.kind
         );
-        refuse(&conn, close_code::REFUSED, &why).await;
+        refuse(&conn, close_code::REFUSED, &why);
         return Err(why);
     }
     let revoked = ractor::call_t!(authority, AuthorityMsg::CheckRevoked, 5000, identity.clone())
         .unwrap_or_else(|e| Some(format!("revocation status unavailable: {e}")));
     if let Some(why) = revoked {
-        refuse(&conn, close_code::REFUSED, &why).await;
+        refuse(&conn, close_code::REFUSED, &why);
         return Err(why);
     }
     let (mut send, mut recv) = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
@@ -194,7 +194,7 @@ async fn authenticate(
         }
         Err(_) => {
             let why = "no control stream within the hello timeout";
-            refuse(&conn, close_code::PROTOCOL_ERROR, why).await;
+            refuse(&conn, close_code::PROTOCOL_ERROR, why);
             return Err(format!("{}: {why}", identity.spiffe_id()));
         }
     };
@@ -207,13 +207,13 @@ async fn authenticate(
         }
         Ok(Err(ReadError::Codec(e))) => {
             let why = format!("protocol error: {e}");
-            refuse(&conn, close_code::PROTOCOL_ERROR, &why).await;
+            refuse(&conn, close_code::PROTOCOL_ERROR, &why);
             return Err(format!("{}: {why}", identity.spiffe_id()));
         }
         Ok(Err(ReadError::Transport(e))) => return Err(format!("{}: {e}", identity.spiffe_id())),
         Err(_) => {
             let why = "no hello within the hello timeout";
-            refuse(&conn, close_code::PROTOCOL_ERROR, why).await;
+            refuse(&conn, close_code::PROTOCOL_ERROR, why);
             return Err(format!("{}: {why}", identity.spiffe_id()));
         }
     };
@@ -221,7 +221,7 @@ async fn authenticate(
         AgentMessage::Hello(h) => h,
         _ => {
             let why = "first frame was not a hello";
-            refuse(&conn, close_code::PROTOCOL_ERROR, why).await;
+            refuse(&conn, close_code::PROTOCOL_ERROR, why);
             return Err(format!("{}: {why}", identity.spiffe_id()));
         }
     };
@@ -248,7 +248,7 @@ async fn authenticate(
         let _ = write_frame(&mut send, &CoordinatorMessage::Reject { reason: why.clone() }).await;
         let _ = send.finish();
         let _ = tokio::time::timeout(Duration::from_millis(500), conn.closed()).await;
-        refuse(&conn, code, &why).await;
+        refuse(&conn, code, &why);
         return Err(format!("{}: {why}", identity.spiffe_id()));
     }
     Ok(Outcome::Session(Box::new(Accepted { conn, send, recv, identity })))

@@ -99,6 +99,18 @@ impl Pki {
 /// Log level for child processes.
 const CHILD_LOG: &str = "info,quinn=warn,rustls=warn";
 
+/// Start a workspace binary with `args`, appending its stderr (logs) to `log`.
+fn spawn_logged(name: &str, args: &[String], log: &Path) -> Result<Child> {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    Command::new(bin(name))
+        .args(args)
+        .env("RUST_LOG", CHILD_LOG)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("spawning {name}"))
+}
+
 /// A coordinator process.
 pub struct CoordinatorProc {
     child: Option<Child>,
@@ -149,15 +161,7 @@ impl CoordinatorProc {
     }
 
     fn spawn(&mut self) -> Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
-        let child = Command::new(bin("fleetmesh-coordinator"))
-            .args(&self.args)
-            .env("RUST_LOG", CHILD_LOG)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("spawning fleetmesh-coordinator")?;
-        self.child = Some(child);
+        self.child = Some(spawn_logged("fleetmesh-coordinator", &self.args, &self.log)?);
         Ok(())
     }
 
@@ -340,15 +344,7 @@ impl AgentProc {
     }
 
     pub fn spawn(&mut self) -> Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
-        let child = Command::new(bin("fleetmesh-agent"))
-            .args(&self.args)
-            .env("RUST_LOG", CHILD_LOG)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("spawning fleetmesh-agent")?;
-        self.child = Some(child);
+        self.child = Some(spawn_logged("fleetmesh-agent", &self.args, &self.log)?);
         Ok(())
     }
 

@@ -121,6 +121,27 @@ fn sampler(name: &str, gpus: u32) -> Result<NodeSampler> {
     Ok(NodeSampler::with_fixed_host(Box::new(gpu), info, sample))
 }
 
+/// Connect options for an in-process agent with a fresh certificate of its own.
+fn agent_options(
+    pki: &Pki,
+    ca_pem: &[u8],
+    name: &str,
+    coordinator: std::net::SocketAddr,
+) -> Result<ConnectOptions> {
+    let issued =
+        pki.ca.issue(&IssueRequest::new(PeerKind::Agent, name, Duration::from_secs(3600)))?;
+    let p = std::path::Path::new("memory");
+    let tls = TlsIdentity::from_pem(
+        p,
+        ca_pem,
+        p,
+        issued.cert_pem.as_bytes(),
+        p,
+        issued.key_pem.as_bytes(),
+    )?;
+    Ok(ConnectOptions::new(coordinator.to_string(), tls))
+}
+
 fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -150,18 +171,7 @@ async fn telemetry(
     let mut tasks = Vec::with_capacity(agents);
     for i in 0..agents {
         let name = format!("bench-{i:05}");
-        let issued =
-            pki.ca.issue(&IssueRequest::new(PeerKind::Agent, &name, Duration::from_secs(3600)))?;
-        let p = std::path::Path::new("memory");
-        let tls = TlsIdentity::from_pem(
-            p,
-            &ca_pem,
-            p,
-            issued.cert_pem.as_bytes(),
-            p,
-            issued.key_pem.as_bytes(),
-        )?;
-        let opts = ConnectOptions::new(coord.control.to_string(), tls);
+        let opts = agent_options(&pki, &ca_pem, &name, coord.control)?;
         let mut s = sampler(&name, gpus)?;
         let stats = stats.clone();
         let rx = stop_rx.clone();
@@ -284,18 +294,7 @@ async fn placement(agents: usize, jobs: usize, gpus: u32, failovers: usize) -> R
     eprintln!("starting {agents} bidding agents with {gpus} simulated GPUs each");
     for i in 0..agents {
         let name = format!("bidder-{i:05}");
-        let issued =
-            pki.ca.issue(&IssueRequest::new(PeerKind::Agent, &name, Duration::from_secs(3600)))?;
-        let p = std::path::Path::new("memory");
-        let tls = TlsIdentity::from_pem(
-            p,
-            &ca_pem,
-            p,
-            issued.cert_pem.as_bytes(),
-            p,
-            issued.key_pem.as_bytes(),
-        )?;
-        let mut opts = ConnectOptions::new(coord.control.to_string(), tls);
+        let mut opts = agent_options(&pki, &ca_pem, &name, coord.control)?;
         // Prices spread so the auction has something to choose.
         opts.jobs = Some(fleetmesh_agent::jobs::Jobs::new(
             &work.path().join(&name),
