@@ -29,7 +29,7 @@ pub enum CodecError {
     TrailingBytes(usize),
 }
 
-fn config() -> impl bincode::config::Config {
+pub(crate) fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_big_endian().with_limit::<MAX_FRAME_LEN>()
 }
 

@@ -25,7 +25,7 @@ pub enum AgentMessage {
     /// Certificate renewal: a CSR for the agent's (unchanged) key.
     Renew { csr_pem: String },
     /// Answer to a call for bids: an offer with a tentative reservation.
-    Bid { auction: String, gpus: Vec<String>, price: f64, eta_ms: u64 },
+    Bid { auction: String, gpus: Vec<String>, price: f64, eta_ms: u64, local_bytes: u64 },
     /// Answer to a call for bids: no.
     Decline { auction: String, reason: String },
     /// An award was accepted (the process is being started) or refused.
@@ -35,9 +35,51 @@ pub enum AgentMessage {
     /// Output of a running attempt (stream 1 = stdout, 2 = stderr).
     JobOutput { job: String, attempt: u64, stream: u8, data: Vec<u8> },
     /// A job attempt ended.
-    JobExited { job: String, attempt: u64, outcome: JobOutcome, duration_ms: u64 },
+    JobExited {
+        job: String,
+        attempt: u64,
+        outcome: JobOutcome,
+        duration_ms: u64,
+        /// Output datasets of a successful attempt (stored on this agent).
+        outputs: Vec<OutputDataset>,
+    },
     /// Attempts this agent is running (sent after every hello, for reconciliation).
     Running { attempts: Vec<(String, u64)> },
+    /// Datasets in this agent's store (sent after every hello and when it changes).
+    Holdings { datasets: Vec<Holding> },
+    /// A fetch the coordinator asked for (`Fetch`) ended.
+    FetchDone(FetchReport),
+}
+
+/// A dataset an agent holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holding {
+    pub dataset: String,
+    /// Every chunk is present and verified.
+    pub complete: bool,
+    pub bytes_present: u64,
+}
+
+/// An output a job attempt produced, chunked into this agent's store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputDataset {
+    /// The output's name in the workflow (`outputs:` entry).
+    pub output: String,
+    pub manifest: crate::data::Manifest,
+}
+
+/// How a fetch ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchReport {
+    pub dataset: String,
+    pub ok: bool,
+    pub detail: String,
+    /// Chunks received over the network in this run.
+    pub fetched_chunks: u64,
+    /// Chunks already present and verified (earlier runs, other datasets).
+    pub reused_chunks: u64,
+    /// Chunks received per holder.
+    pub per_holder: Vec<(String, u64)>,
 }
 
 /// How a job attempt ended.
@@ -90,6 +132,36 @@ pub struct CallForBids {
     pub needs_container: bool,
     pub expected_duration_ms: u64,
     pub lease_ms: u64,
+    /// Input datasets, for bids that account for data already held.
+    pub inputs: Vec<InputSummary>,
+}
+
+/// An input of a job being auctioned.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InputSummary {
+    pub dataset: String,
+    pub bytes: u64,
+    /// (provider, region) of the peers holding it.
+    pub holder_sites: Vec<(Option<String>, Option<String>)>,
+}
+
+/// An input to stage before the process starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AwardInput {
+    /// Directory name under `$FLEETMESH_INPUTS`.
+    pub mount: String,
+    pub plan: crate::data::FetchPlan,
+}
+
+/// An output to collect after the process succeeds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AwardOutput {
+    /// Directory name under `$FLEETMESH_OUTPUTS`.
+    pub output: String,
+    /// Registered dataset name (`WORKFLOW.JOB.OUTPUT`).
+    pub dataset_name: String,
+    /// Residency the output inherits.
+    pub jurisdictions: Vec<String>,
 }
 
 /// The coordinator awards an attempt (fenced by `attempt`) to an agent.
@@ -104,6 +176,8 @@ pub struct Award {
     pub world_size: u32,
     pub master_addr: String,
     pub master_port: u16,
+    pub inputs: Vec<AwardInput>,
+    pub outputs: Vec<AwardOutput>,
 }
 
 /// Messages the coordinator sends to an agent.
@@ -145,6 +219,16 @@ pub enum CoordinatorMessage {
     ExitRecorded {
         job: String,
         attempt: u64,
+    },
+    /// Sent after `Welcome`: the key tickets are signed with.
+    DataPlane {
+        ticket_key: Vec<u8>,
+    },
+    /// Fetch a dataset into the local store (replication, `data put --on`).
+    Fetch(Box<crate::data::FetchPlan>),
+    /// Remove a dataset from the local store.
+    DropDataset {
+        dataset: String,
     },
 }
 
@@ -205,6 +289,8 @@ pub struct Inventory {
     pub labels: Vec<(String, String)>,
     /// `docker` or `podman` when available.
     pub container_runtime: Option<String>,
+    /// UDP port of the agent's data-plane (xfer) endpoint; `None` = not serving data.
+    pub data_port: Option<u16>,
 }
 
 /// Static host facts.

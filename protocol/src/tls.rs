@@ -200,3 +200,110 @@ pub fn peer_identity(chain: Option<&[CertificateDer<'_>]>) -> Result<PeerIdentit
     let leaf = chain.and_then(|c| c.first()).ok_or(IdentityError::NoCertificate)?;
     identity_from_der(leaf)
 }
+
+/// Server verifier for peer-to-peer connections (the data plane): the chain must verify
+/// against the mesh CA as usual, but the peer is recognised by the SPIFFE identity in its
+/// certificate rather than by a host name (peers are dialled by address, and an agent's
+/// certificate does not name its addresses).
+#[derive(Debug)]
+pub struct PeerServerVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    kind: crate::identity::PeerKind,
+    name: String,
+    provider: Arc<CryptoProvider>,
+}
+
+impl PeerServerVerifier {
+    pub fn new(
+        roots: Arc<RootCertStore>,
+        kind: crate::identity::PeerKind,
+        name: &str,
+    ) -> Result<Self, TlsError> {
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        Ok(Self { inner, kind, name: name.to_string(), provider: provider() })
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for PeerServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        use rustls::CertificateError as C;
+        match self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            Ok(_) => {}
+            // The chain verified; only the host name did not match, which is expected.
+            Err(rustls::Error::InvalidCertificate(
+                C::NotValidForName | C::NotValidForNameContext { .. },
+            )) => {}
+            Err(e) => return Err(e),
+        }
+        let id = identity_from_der(end_entity)
+            .map_err(|e| rustls::Error::General(format!("peer certificate: {e}")))?;
+        if id.kind != self.kind || id.name != self.name {
+            return Err(rustls::Error::General(format!(
+                "peer is {} {}, expected {} {}",
+                id.kind, id.name, self.kind, self.name
+            )));
+        }
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+impl TlsIdentity {
+    /// Client config for dialling a mesh peer known by identity (data plane).
+    pub fn peer_client_config(
+        &self,
+        alpn: &[&[u8]],
+        kind: crate::identity::PeerKind,
+        name: &str,
+    ) -> Result<ClientConfig, TlsError> {
+        let verifier = PeerServerVerifier::new(self.roots.clone(), kind, name)?;
+        let mut cfg = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
+        cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+        Ok(cfg)
+    }
+}

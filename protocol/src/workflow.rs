@@ -29,6 +29,9 @@
 //!     timeout: 2h
 //!     nodes: 1                    # > 1 = gang: all placed together or none
 //!     priority: 10
+//!     inputs: [imagenet-subset, prepare.shards]   # datasets, or JOB.OUTPUT of a needed job
+//!     outputs: [checkpoints]                       # $FLEETMESH_OUTPUTS/checkpoints
+//!     output_jurisdictions: [EU]                   # default: most restrictive of the inputs
 //! ```
 
 use std::collections::BTreeMap;
@@ -94,6 +97,11 @@ struct RawJob {
     timeout: Option<String>,
     nodes: Option<u32>,
     priority: Option<i32>,
+    #[serde(default)]
+    inputs: Vec<String>,
+    #[serde(default)]
+    outputs: Vec<String>,
+    output_jurisdictions: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -181,6 +189,45 @@ pub struct JobSpec {
     pub timeout_ms: Option<u64>,
     pub nodes: u32,
     pub priority: i32,
+    /// Datasets (names or ids) and outputs of needed jobs (`JOB.OUTPUT`), staged
+    /// read-only under `$FLEETMESH_INPUTS/<NAME or OUTPUT>`.
+    #[serde(default)]
+    pub inputs: Vec<String>,
+    /// Directories under `$FLEETMESH_OUTPUTS` registered as datasets
+    /// `WORKFLOW.JOB.OUTPUT` after success.
+    #[serde(default)]
+    pub outputs: Vec<String>,
+    /// Residency of the outputs; by default the most restrictive of the inputs'.
+    #[serde(default)]
+    pub output_jurisdictions: Option<Vec<String>>,
+}
+
+/// How a job input is named.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InputRef {
+    /// A dataset by name or id.
+    Dataset(String),
+    /// Output `output` of job `job` (which the job `needs`).
+    JobOutput { job: String, output: String },
+}
+
+impl JobSpec {
+    /// Each input with its mount name under `$FLEETMESH_INPUTS`.
+    pub fn input_refs(&self, jobs: &BTreeMap<String, JobSpec>) -> Vec<(String, InputRef)> {
+        self.inputs.iter().map(|i| input_ref(i, |j| jobs.contains_key(j))).collect()
+    }
+}
+
+fn input_ref(i: &str, is_job: impl Fn(&str) -> bool) -> (String, InputRef) {
+    if let Some((job, output)) = i.split_once('.') {
+        if !output.contains('.') && is_job(job) {
+            return (
+                output.to_string(),
+                InputRef::JobOutput { job: job.to_string(), output: output.to_string() },
+            );
+        }
+    }
+    (i.to_string(), InputRef::Dataset(i.to_string()))
 }
 
 /// A validated workflow.
@@ -460,6 +507,40 @@ fn validate(raw: RawWorkflow) -> Result<Workflow, WorkflowError> {
         if nodes == 0 || nodes > MAX_NODES {
             push(jn, "nodes", format!("must be between 1 and {MAX_NODES}"));
         }
+        let mut mounts = std::collections::BTreeSet::new();
+        for i in &j.inputs {
+            let (mount, r) = input_ref(i, |n| raw.jobs.contains_key(n));
+            if let InputRef::JobOutput { job, output } = &r {
+                if !j.needs.contains(job) {
+                    push(jn, "inputs", format!("`{i}` reads job `{job}`, which is not in `needs`"));
+                } else if !raw.jobs.get(job).is_some_and(|d| d.outputs.contains(output)) {
+                    push(jn, "inputs", format!("job `{job}` has no output `{output}`"));
+                }
+            }
+            if mount.is_empty() || mount.contains('/') || mount.starts_with('.') {
+                push(jn, "inputs", format!("`{i}` is not a dataset name, id or JOB.OUTPUT"));
+            } else if !mounts.insert(mount.clone()) {
+                push(jn, "inputs", format!("two inputs would both appear as `{mount}`"));
+            }
+        }
+        let mut outs = std::collections::BTreeSet::new();
+        for o in &j.outputs {
+            if let Err(e) = validate_label("output name", o) {
+                push(jn, "outputs", e.to_string());
+            } else if o.contains('.') {
+                push(jn, "outputs", format!("output name `{o}` must not contain `.`"));
+            } else if !outs.insert(o) {
+                push(jn, "outputs", format!("output `{o}` listed twice"));
+            }
+        }
+        if j.output_jurisdictions.is_some() && j.outputs.is_empty() {
+            push(jn, "output_jurisdictions", "set without any `outputs`".into());
+        }
+        for x in j.output_jurisdictions.iter().flatten() {
+            if let Err(e) = validate_label("jurisdiction", x) {
+                push(jn, "output_jurisdictions", e.to_string());
+            }
+        }
         for k in j.env.keys() {
             if k.is_empty() || k.contains('=') || k.contains('\0') {
                 push(jn, "env", format!("invalid variable name {k:?}"));
@@ -493,6 +574,9 @@ fn validate(raw: RawWorkflow) -> Result<Workflow, WorkflowError> {
                     timeout_ms,
                     nodes,
                     priority: j.priority.unwrap_or(0),
+                    inputs: j.inputs.clone(),
+                    outputs: j.outputs.clone(),
+                    output_jurisdictions: j.output_jurisdictions.clone(),
                 },
             );
         }
@@ -616,6 +700,25 @@ jobs:
 
     fn problems(yaml: &str) -> String {
         parse(yaml).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn inputs_and_outputs_are_checked() {
+        let ok = parse(
+            "name: w\njobs:\n  a:\n    command: [x]\n    inputs: [raw, 0123abcd]\n    outputs: [out]\n  b:\n    command: [x]\n    needs: [a]\n    inputs: [a.out, other.wf.x]\n",
+        )
+        .unwrap();
+        let refs = ok.jobs["b"].input_refs(&ok.jobs);
+        assert_eq!(refs[0], ("out".into(), InputRef::JobOutput { job: "a".into(), output: "out".into() }));
+        assert_eq!(refs[1], ("other.wf.x".into(), InputRef::Dataset("other.wf.x".into())));
+        let e = problems("name: w\njobs:\n  a:\n    command: [x]\n    outputs: [out]\n  b:\n    command: [x]\n    inputs: [a.out]\n");
+        assert!(e.contains("job `b`, field `inputs`: `a.out` reads job `a`, which is not in `needs`"), "{e}");
+        let e = problems("name: w\njobs:\n  a:\n    command: [x]\n  b:\n    command: [x]\n    needs: [a]\n    inputs: [a.nope]\n");
+        assert!(e.contains("job `a` has no output `nope`"), "{e}");
+        let e = problems("name: w\njobs:\n  a:\n    command: [x]\n    inputs: [d, d]\n    outputs: [o, o, 'x/y']\n");
+        assert!(e.contains("both appear as `d`"), "{e}");
+        assert!(e.contains("output `o` listed twice"), "{e}");
+        assert!(e.contains("field `outputs`: invalid output name"), "{e}");
     }
 
     #[test]

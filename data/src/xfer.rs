@@ -1,0 +1,702 @@
+//! Peer-to-peer transfers over mutual-TLS QUIC (ALPN `fleetmesh/xfer/1`).
+//!
+//! One request per bidirectional stream: `Manifest { ticket }` is answered with the
+//! manifest; `Chunks { ticket, hashes }` with one `Chunk { hash, len }` frame followed by
+//! `len` raw bytes per hash (or `Missing`). Before anything is sent, the server checks,
+//! with no call to the coordinator: the ticket's signature (coordinator key), that it
+//! names this holder, the requester in the verified client certificate and the dataset,
+//! that it has not expired, that the requester's certificate jurisdiction is allowed by
+//! the ticket *and* by the residency recorded with the local copy, and that each chunk
+//! asked for belongs to the dataset.
+//!
+//! The fetcher pulls from every holder in the plan at once (a few streams per holder,
+//! a few chunks per request), verifies each chunk's hash before storing it, gives a chunk
+//! that failed (bad hash, missing, holder gone) to another holder, and skips chunks
+//! already in the local store, which is what makes a restarted fetch resume.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fleetmesh_protocol::codec::{parse_header, HEADER_LEN};
+use fleetmesh_protocol::data::{
+    hash_hex, residency_allows, short, verify_ticket, FetchPlan, Hash, Holder, Manifest,
+    SignedTicket, XferReply, XferRequest, ALPN_XFER,
+};
+use fleetmesh_protocol::tls::{peer_identity, TlsIdentity};
+use fleetmesh_protocol::{decode_message, encode_frame, FetchReport, PeerIdentity, PeerKind};
+use tracing::{debug, info, warn};
+
+use crate::store::{LocalDataset, Store, StoreError};
+
+/// Concurrent requests per holder: enough to keep a path busy while the other side
+/// reads/hashes/writes a chunk.
+const STREAMS_PER_HOLDER: usize = 4;
+/// Chunks asked for per request.
+const CHUNKS_PER_REQUEST: usize = 4;
+/// Time a peer has to send its request, and a holder to answer.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// UDP socket buffers for data endpoints: quinn drops packets with the ~208 KiB default
+/// even on loopback (STACK-NOTES); the kernel caps this at `net.core.rmem_max`.
+const UDP_BUFFER: usize = 4 << 20;
+
+/// Fetch errors.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("no holder could provide the manifest of {dataset}: {reasons}")]
+    NoManifest { dataset: String, reasons: String },
+    #[error("fetch of {dataset} incomplete: {missing} chunk(s) missing ({reasons})")]
+    Incomplete { dataset: String, missing: usize, reasons: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("setup: {0}")]
+    Setup(String),
+}
+
+/// A QUIC endpoint for the data plane: serves `server` (when given) and dials peers.
+pub fn endpoint(
+    listen: SocketAddr,
+    tls: &TlsIdentity,
+    serve: bool,
+) -> Result<quinn::Endpoint, FetchError> {
+    let setup = |e: &dyn std::fmt::Display| FetchError::Setup(e.to_string());
+    let domain = if listen.is_ipv6() { socket2::Domain::IPV6 } else { socket2::Domain::IPV4 };
+    let sock = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))
+        .map_err(|e| setup(&e))?;
+    let _ = sock.set_recv_buffer_size(UDP_BUFFER);
+    let _ = sock.set_send_buffer_size(UDP_BUFFER);
+    sock.bind(&listen.into()).map_err(|e| setup(&format!("bind {listen}: {e}")))?;
+    let server = if serve {
+        let rustls_cfg = tls.server_config(&[ALPN_XFER], true).map_err(|e| setup(&e))?;
+        let quic =
+            quinn::crypto::rustls::QuicServerConfig::try_from(rustls_cfg).map_err(|e| setup(&e))?;
+        let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
+        let mut transport = quinn::TransportConfig::default();
+        transport.max_concurrent_uni_streams(0u32.into());
+        transport.max_concurrent_bidi_streams(64u32.into());
+        cfg.transport_config(Arc::new(transport));
+        Some(cfg)
+    } else {
+        None
+    };
+    let runtime = quinn::default_runtime().ok_or_else(|| setup(&"no async runtime"))?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, sock.into(), runtime)
+        .map_err(|e| setup(&e))
+}
+
+async fn read_frame<T: serde::de::DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+) -> Result<Option<T>, String> {
+    let mut header = [0u8; HEADER_LEN];
+    match recv.read_exact(&mut header).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    }
+    let len = parse_header(header, fleetmesh_protocol::MAX_FRAME_LEN).map_err(|e| e.to_string())?;
+    let mut payload = vec![0u8; len];
+    recv.read_exact(&mut payload).await.map_err(|e| e.to_string())?;
+    decode_message(&payload).map(Some).map_err(|e| e.to_string())
+}
+
+async fn write_frame<T: serde::Serialize>(
+    send: &mut quinn::SendStream,
+    msg: &T,
+) -> Result<(), String> {
+    let frame = encode_frame(msg).map_err(|e| e.to_string())?;
+    send.write_all(&frame).await.map_err(|e| e.to_string())
+}
+
+/// Paces outgoing bytes to a configured rate (an operator's cap on serving bandwidth).
+#[derive(Debug)]
+struct Pacer {
+    bytes_per_s: u64,
+    next: tokio::sync::Mutex<Instant>,
+}
+
+impl Pacer {
+    async fn take(&self, n: u64) {
+        let at = {
+            let mut next = self.next.lock().await;
+            let now = Instant::now();
+            let at = (*next).max(now);
+            *next = at + Duration::from_secs_f64(n as f64 / self.bytes_per_s as f64);
+            at
+        };
+        tokio::time::sleep_until(at.into()).await;
+    }
+}
+
+/// The serving side of the data plane.
+#[derive(Debug)]
+pub struct XferServer {
+    store: Arc<Store>,
+    name: String,
+    trust_domain: String,
+    ticket_key: std::sync::RwLock<Option<Vec<u8>>>,
+    pacer: Option<Pacer>,
+    pub chunks_served: AtomicU64,
+    pub bytes_served: AtomicU64,
+    pub refusals: AtomicU64,
+}
+
+impl XferServer {
+    /// `name` is this holder's certificate name; `rate` caps bytes served per second.
+    pub fn new(
+        store: Arc<Store>,
+        name: &str,
+        trust_domain: &str,
+        ticket_key: Option<Vec<u8>>,
+        rate: Option<u64>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            name: name.to_string(),
+            trust_domain: trust_domain.to_string(),
+            ticket_key: std::sync::RwLock::new(ticket_key),
+            pacer: rate
+                .filter(|r| *r > 0)
+                .map(|bytes_per_s| Pacer { bytes_per_s, next: Instant::now().into() }),
+            chunks_served: AtomicU64::new(0),
+            bytes_served: AtomicU64::new(0),
+            refusals: AtomicU64::new(0),
+        })
+    }
+
+    /// The coordinator's ticket-signing public key (sent after every hello).
+    pub fn set_ticket_key(&self, key: Vec<u8>) {
+        if let Ok(mut k) = self.ticket_key.write() {
+            *k = Some(key);
+        }
+    }
+
+    /// Accept connections on `endpoint` until it is closed.
+    pub fn spawn_accept_loop(self: &Arc<Self>, endpoint: quinn::Endpoint) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = endpoint.accept().await {
+                let me = me.clone();
+                tokio::spawn(async move {
+                    match incoming.await {
+                        Ok(conn) => me.serve(conn).await,
+                        Err(e) => warn!(error = %e, "xfer: handshake refused"),
+                    }
+                });
+            }
+        })
+    }
+
+    /// Serve one authenticated connection.
+    pub async fn serve(self: Arc<Self>, conn: quinn::Connection) {
+        let chain = conn
+            .peer_identity()
+            .and_then(|any| any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok());
+        let peer = match peer_identity(chain.as_deref().map(|v| v.as_slice())) {
+            Ok(p) if p.trust_domain == self.trust_domain => p,
+            Ok(p) => {
+                conn.close(1u32.into(), format!("foreign trust domain {}", p.trust_domain).as_bytes());
+                return;
+            }
+            Err(e) => {
+                conn.close(1u32.into(), format!("no usable certificate: {e}").as_bytes());
+                return;
+            }
+        };
+        while let Ok((send, recv)) = conn.accept_bi().await {
+            let me = self.clone();
+            let peer = peer.clone();
+            tokio::spawn(async move {
+                if let Err(e) = me.handle(&peer, send, recv).await {
+                    debug!(requester = %peer.name, error = %e, "xfer stream ended");
+                }
+            });
+        }
+    }
+
+    /// Check a request's ticket against the verified requester and the local copy.
+    fn authorize(&self, peer: &PeerIdentity, t: &SignedTicket) -> Result<LocalDataset, String> {
+        let key = self.ticket_key.read().ok().and_then(|k| k.clone());
+        let Some(key) = key else {
+            return Err("this holder has no ticket key yet (not connected to the coordinator)".into());
+        };
+        let juris = peer.attributes.jurisdiction.as_deref();
+        verify_ticket(
+            &key,
+            t,
+            &t.ticket.dataset,
+            &self.name,
+            peer.kind,
+            &peer.name,
+            juris,
+            crate::now_unix_ms(),
+        )
+        .map_err(|e| e.to_string())?;
+        let local = self
+            .store
+            .dataset(&t.ticket.dataset)
+            .ok_or_else(|| format!("dataset {} is not held here", short(&t.ticket.dataset)))?;
+        // The residency recorded with our copy is checked as well as the ticket's.
+        if peer.kind == PeerKind::Agent && !residency_allows(&local.jurisdictions, juris) {
+            return Err(format!(
+                "residency: dataset {} may only live in {:?}; requester certificate's jurisdiction is {}",
+                short(&local.id),
+                local.jurisdictions,
+                juris.unwrap_or("none")
+            ));
+        }
+        Ok(local)
+    }
+
+    async fn handle(
+        &self,
+        peer: &PeerIdentity,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) -> Result<(), String> {
+        let req = match tokio::time::timeout(REQUEST_TIMEOUT, read_frame::<XferRequest>(&mut recv)).await {
+            Ok(Ok(Some(r))) => r,
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Err(e)) => {
+                let _ = write_frame(&mut send, &XferReply::Refused { reason: format!("bad request: {e}") }).await;
+                return Err(e);
+            }
+            Err(_) => return Err("no request in time".into()),
+        };
+        let (ticket, hashes) = match &req {
+            XferRequest::Manifest { ticket } => (ticket, None),
+            XferRequest::Chunks { ticket, hashes } => (ticket, Some(hashes)),
+            _ => return Err("unknown request".into()),
+        };
+        let local = match self.authorize(peer, ticket) {
+            Ok(l) => l,
+            Err(reason) => {
+                self.refusals.fetch_add(1, Ordering::Relaxed);
+                warn!(
+                    requester = %peer.spiffe_id(),
+                    dataset = %short(&ticket.ticket.dataset),
+                    %reason,
+                    "xfer request refused"
+                );
+                let _ = write_frame(&mut send, &XferReply::Refused { reason: reason.clone() }).await;
+                let _ = send.finish();
+                return Err(reason);
+            }
+        };
+        match hashes {
+            None => {
+                write_frame(&mut send, &XferReply::Manifest(local.manifest)).await?;
+            }
+            Some(hashes) => {
+                for h in hashes {
+                    if !self.store.contains(&local.id, h) {
+                        let reason = format!("chunk {} is not part of dataset {}", short(&hash_hex(h)), short(&local.id));
+                        warn!(requester = %peer.spiffe_id(), %reason, "xfer request refused");
+                        self.refusals.fetch_add(1, Ordering::Relaxed);
+                        write_frame(&mut send, &XferReply::Refused { reason }).await?;
+                        break;
+                    }
+                    let store = self.store.clone();
+                    let hh = *h;
+                    let bytes = tokio::task::spawn_blocking(move || store.read(&hh))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let Ok(bytes) = bytes else {
+                        write_frame(&mut send, &XferReply::Missing { hash: *h }).await?;
+                        continue;
+                    };
+                    if let Some(p) = &self.pacer {
+                        p.take(bytes.len() as u64).await;
+                    }
+                    write_frame(&mut send, &XferReply::Chunk { hash: *h, len: bytes.len() as u32 })
+                        .await?;
+                    send.write_all(&bytes).await.map_err(|e| e.to_string())?;
+                    self.chunks_served.fetch_add(1, Ordering::Relaxed);
+                    self.bytes_served.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                }
+            }
+        }
+        let _ = send.finish();
+        // Let the peer read everything before the stream is dropped.
+        let _ = tokio::time::timeout(REQUEST_TIMEOUT, send.stopped()).await;
+        Ok(())
+    }
+}
+
+/// One chunk still to fetch.
+#[derive(Debug, Clone)]
+struct Item {
+    hash: Hash,
+    len: u32,
+    /// Holders (by index) that already failed to deliver it.
+    tried: Vec<usize>,
+}
+
+#[derive(Debug, Default)]
+struct Work {
+    queue: VecDeque<Item>,
+    in_flight: usize,
+    alive: Vec<bool>,
+    why_dead: Vec<String>,
+    failed: Option<String>,
+    fetched: u64,
+    per_holder: Vec<u64>,
+}
+
+/// A connection to one holder, opened on first use.
+async fn connect(
+    endpoint: &quinn::Endpoint,
+    tls: &TlsIdentity,
+    h: &Holder,
+) -> Result<quinn::Connection, String> {
+    let addr: SocketAddr = match h.addr.parse() {
+        Ok(a) => a,
+        Err(_) => tokio::net::lookup_host(&h.addr)
+            .await
+            .map_err(|e| format!("{}: {e}", h.addr))?
+            .next()
+            .ok_or_else(|| format!("{}: no address", h.addr))?,
+    };
+    let rustls_cfg = tls
+        .peer_client_config(&[ALPN_XFER], h.kind, &h.name)
+        .map_err(|e| e.to_string())?;
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(rustls_cfg).map_err(|e| e.to_string())?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_secs(1)));
+    transport.max_idle_timeout(quinn::IdleTimeout::try_from(Duration::from_secs(5)).ok());
+    cfg.transport_config(Arc::new(transport));
+    let connecting = endpoint
+        .connect_with(cfg, addr, "fleetmesh-peer")
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        .await
+        .map_err(|_| format!("connect {addr}: timed out"))?
+        .map_err(|e| format!("connect {addr}: {e}"))
+}
+
+async fn get_manifest(conn: &quinn::Connection, ticket: &SignedTicket) -> Result<Manifest, String> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    write_frame(&mut send, &XferRequest::Manifest { ticket: ticket.clone() }).await?;
+    let _ = send.finish();
+    match tokio::time::timeout(REQUEST_TIMEOUT, read_frame::<XferReply>(&mut recv)).await {
+        Ok(Ok(Some(XferReply::Manifest(m)))) => Ok(m),
+        Ok(Ok(Some(XferReply::Refused { reason }))) => Err(format!("refused: {reason}")),
+        Ok(Ok(_)) => Err("unexpected reply".into()),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err("no answer in time".into()),
+    }
+}
+
+/// Per-chunk result of one request.
+enum Got {
+    Bytes(Vec<u8>),
+    Missing,
+}
+
+/// Ask one holder for a batch. `Err` = the holder is unusable (refused or gone).
+async fn get_chunks(
+    conn: &quinn::Connection,
+    ticket: &SignedTicket,
+    batch: &[Item],
+) -> Result<Vec<Got>, String> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let hashes = batch.iter().map(|i| i.hash).collect();
+    write_frame(&mut send, &XferRequest::Chunks { ticket: ticket.clone(), hashes }).await?;
+    let _ = send.finish();
+    let mut out = Vec::with_capacity(batch.len());
+    for it in batch {
+        let reply = tokio::time::timeout(REQUEST_TIMEOUT, read_frame::<XferReply>(&mut recv))
+            .await
+            .map_err(|_| "no answer in time".to_string())??;
+        match reply {
+            Some(XferReply::Chunk { hash, len }) if hash == it.hash && len == it.len => {
+                let mut buf = vec![0u8; len as usize];
+                tokio::time::timeout(REQUEST_TIMEOUT, recv.read_exact(&mut buf))
+                    .await
+                    .map_err(|_| "chunk body timed out".to_string())?
+                    .map_err(|e| e.to_string())?;
+                out.push(Got::Bytes(buf));
+            }
+            Some(XferReply::Chunk { hash, len }) => {
+                return Err(format!(
+                    "sent chunk {} ({len} bytes) instead of {} ({} bytes)",
+                    short(&hash_hex(&hash)),
+                    short(&hash_hex(&it.hash)),
+                    it.len
+                ))
+            }
+            Some(XferReply::Missing { .. }) => out.push(Got::Missing),
+            Some(XferReply::Refused { reason }) => return Err(format!("refused: {reason}")),
+            Some(_) | None => return Err("stream ended early".into()),
+        }
+    }
+    Ok(out)
+}
+
+/// Fetch `plan`'s dataset into `store` from its holders. Chunks already in the store are
+/// not fetched again. `progress(bytes)` is called as verified chunks land.
+pub async fn fetch(
+    endpoint: &quinn::Endpoint,
+    tls: &TlsIdentity,
+    store: Arc<Store>,
+    plan: &FetchPlan,
+    progress: Arc<dyn Fn(u64) + Send + Sync>,
+) -> Result<FetchReport, FetchError> {
+    let id = plan.dataset.clone();
+    // Connections are opened concurrently, once per holder.
+    let conns: Vec<_> = plan
+        .holders
+        .iter()
+        .map(|h| {
+            let endpoint = endpoint.clone();
+            let tls = tls.clone();
+            let h = h.clone();
+            tokio::spawn(async move { connect(&endpoint, &tls, &h).await })
+        })
+        .collect();
+    let mut connections: Vec<Result<quinn::Connection, String>> = Vec::new();
+    for c in conns {
+        connections.push(c.await.unwrap_or_else(|e| Err(e.to_string())));
+    }
+    // The manifest: known locally (a resumed fetch), or from the first holder that has it.
+    let manifest = match store.dataset(&id) {
+        Some(d) => d.manifest,
+        None => {
+            let mut reasons = Vec::new();
+            let mut found = None;
+            for (h, c) in plan.holders.iter().zip(&connections) {
+                let m = match c {
+                    Ok(c) => get_manifest(c, &h.ticket).await,
+                    Err(e) => Err(e.clone()),
+                };
+                match m {
+                    Ok(m) if m.id() == id && m.validate().is_ok() => {
+                        found = Some(m);
+                        break;
+                    }
+                    Ok(_) => reasons.push(format!("{}: manifest does not match the dataset id", h.name)),
+                    Err(e) => reasons.push(format!("{}: {e}", h.name)),
+                }
+            }
+            let Some(m) = found else {
+                return Err(FetchError::NoManifest { dataset: id, reasons: reasons.join("; ") });
+            };
+            store.add_dataset(LocalDataset {
+                id: id.clone(),
+                name: plan.name.clone(),
+                jurisdictions: plan.jurisdictions.clone(),
+                manifest: m.clone(),
+            })?;
+            m
+        }
+    };
+    let all = manifest.unique_chunks();
+    let missing: VecDeque<Item> = all
+        .iter()
+        .filter(|(h, _)| !store.has(h))
+        .map(|(hash, len)| Item { hash: *hash, len: *len, tried: Vec::new() })
+        .collect();
+    let reused = (all.len() - missing.len()) as u64;
+    info!(
+        dataset = %short(&id),
+        chunks = all.len(),
+        already_present = reused,
+        to_fetch = missing.len(),
+        holders = plan.holders.len(),
+        "fetch started"
+    );
+    let n = plan.holders.len();
+    let work = Arc::new(Mutex::new(Work {
+        queue: missing,
+        alive: connections.iter().map(|c| c.is_ok()).collect(),
+        why_dead: connections
+            .iter()
+            .zip(&plan.holders)
+            .map(|(c, h)| c.as_ref().err().map(|e| format!("{}: {e}", h.name)).unwrap_or_default())
+            .collect(),
+        per_holder: vec![0; n],
+        ..Default::default()
+    }));
+    let notify = Arc::new(tokio::sync::Notify::new());
+    let mut tasks = Vec::new();
+    for (i, c) in connections.iter().enumerate() {
+        let Ok(conn) = c else { continue };
+        for _ in 0..STREAMS_PER_HOLDER {
+            tasks.push(tokio::spawn(worker(
+                i,
+                plan.holders[i].clone(),
+                conn.clone(),
+                work.clone(),
+                store.clone(),
+                notify.clone(),
+                progress.clone(),
+            )));
+        }
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    for c in connections.into_iter().flatten() {
+        c.close(0u32.into(), b"done");
+    }
+    let w = work.lock().map_err(|_| FetchError::Setup("poisoned".into()))?;
+    let reasons: Vec<String> = w.why_dead.iter().filter(|r| !r.is_empty()).cloned().collect();
+    if !w.queue.is_empty() || w.failed.is_some() {
+        let mut why = reasons.clone();
+        if let Some(f) = &w.failed {
+            why.push(f.clone());
+        }
+        return Err(FetchError::Incomplete {
+            dataset: id,
+            missing: w.queue.len(),
+            reasons: if why.is_empty() { "no holder reachable".into() } else { why.join("; ") },
+        });
+    }
+    let per_holder: Vec<(String, u64)> =
+        plan.holders.iter().map(|h| h.name.clone()).zip(w.per_holder.iter().copied()).collect();
+    info!(
+        dataset = %short(&id),
+        fetched = w.fetched,
+        reused,
+        per_holder = ?per_holder,
+        "fetch complete"
+    );
+    Ok(FetchReport {
+        dataset: id,
+        ok: true,
+        detail: reasons.join("; "),
+        fetched_chunks: w.fetched,
+        reused_chunks: reused,
+        per_holder,
+    })
+}
+
+async fn worker(
+    me: usize,
+    holder: Holder,
+    conn: quinn::Connection,
+    work: Arc<Mutex<Work>>,
+    store: Arc<Store>,
+    notify: Arc<tokio::sync::Notify>,
+    progress: Arc<dyn Fn(u64) + Send + Sync>,
+) {
+    loop {
+        let batch: Vec<Item> = {
+            let Ok(mut w) = work.lock() else { return };
+            if w.failed.is_some() || !w.alive[me] {
+                return;
+            }
+            let mut batch = Vec::new();
+            let mut rest = VecDeque::new();
+            while let Some(it) = w.queue.pop_front() {
+                if batch.len() < CHUNKS_PER_REQUEST && !it.tried.contains(&me) {
+                    batch.push(it);
+                } else {
+                    rest.push_back(it);
+                }
+            }
+            w.queue = rest;
+            if batch.is_empty() {
+                if w.queue.is_empty() && w.in_flight == 0 {
+                    notify.notify_waiters();
+                    return;
+                }
+                // A chunk every live holder failed to deliver cannot be fetched.
+                let alive: Vec<usize> = (0..w.alive.len()).filter(|i| w.alive[*i]).collect();
+                if w.in_flight == 0 {
+                    if let Some(dead) =
+                        w.queue.iter().find(|it| alive.iter().all(|a| it.tried.contains(a)))
+                    {
+                        w.failed = Some(format!(
+                            "chunk {} could not be fetched from any holder",
+                            short(&hash_hex(&dead.hash))
+                        ));
+                        notify.notify_waiters();
+                        return;
+                    }
+                }
+                Vec::new()
+            } else {
+                w.in_flight += batch.len();
+                batch
+            }
+        };
+        if batch.is_empty() {
+            let _ = tokio::time::timeout(Duration::from_millis(20), notify.notified()).await;
+            continue;
+        }
+        let result = get_chunks(&conn, &holder.ticket, &batch).await;
+        let mut requeue = Vec::new();
+        let mut landed = 0u64;
+        let mut dead = None;
+        match result {
+            Ok(got) => {
+                for (mut it, g) in batch.into_iter().zip(got) {
+                    match g {
+                        Got::Bytes(b) => {
+                            let st = store.clone();
+                            let h = it.hash;
+                            let len = b.len() as u64;
+                            let r = tokio::task::spawn_blocking(move || st.write(&h, &b)).await;
+                            match r {
+                                Ok(Ok(())) => {
+                                    landed += 1;
+                                    progress(len);
+                                }
+                                Ok(Err(StoreError::Corrupt { .. })) => {
+                                    warn!(
+                                        holder = %holder.name,
+                                        chunk = %short(&hash_hex(&it.hash)),
+                                        "chunk failed hash verification; fetching it from another holder"
+                                    );
+                                    it.tried.push(me);
+                                    requeue.push(it);
+                                }
+                                Ok(Err(e)) => {
+                                    // A local store problem (disk full...) fails the fetch.
+                                    if let Ok(mut w) = work.lock() {
+                                        w.failed = Some(format!("local store: {e}"));
+                                    }
+                                    requeue.push(it);
+                                }
+                                Err(e) => {
+                                    if let Ok(mut w) = work.lock() {
+                                        w.failed = Some(format!("local store: {e}"));
+                                    }
+                                    requeue.push(it);
+                                }
+                            }
+                        }
+                        Got::Missing => {
+                            it.tried.push(me);
+                            requeue.push(it);
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(holder = %holder.name, error = %e, "holder failed; its chunks go to the others");
+                dead = Some(e);
+                for mut it in batch {
+                    it.tried.push(me);
+                    requeue.push(it);
+                }
+            }
+        }
+        let Ok(mut w) = work.lock() else { return };
+        w.in_flight -= requeue.len() + landed as usize;
+        w.fetched += landed;
+        w.per_holder[me] += landed;
+        for it in requeue {
+            w.queue.push_back(it);
+        }
+        if let Some(e) = dead {
+            w.alive[me] = false;
+            w.why_dead[me] = format!("{}: {e}", holder.name);
+        }
+        notify.notify_waiters();
+    }
+}
