@@ -29,6 +29,16 @@ pub struct FileConfig {
     pub spot: Option<bool>,
     /// Node labels `k=v` used by placement constraints.
     pub labels: Option<Vec<String>>,
+    /// UDP address of the data-plane (xfer) endpoint.
+    pub data_listen: Option<String>,
+    /// Size limit of the chunk store, e.g. `100GiB`.
+    pub store_limit: Option<String>,
+    /// Cap on bytes served to peers per second, e.g. `200MiB`.
+    pub serve_rate: Option<String>,
+    /// Price added per GB of input fetched across providers/regions.
+    pub transfer_cost_per_gb: Option<f64>,
+    /// Bandwidth assumed for fetching inputs when estimating a bid's ETA, e.g. `100MiB`.
+    pub fetch_bandwidth: Option<String>,
 }
 
 impl FileConfig {
@@ -57,6 +67,41 @@ pub struct AgentConfig {
     pub price_per_hour: f64,
     pub spot: bool,
     pub labels: Vec<(String, String)>,
+    pub data: DataConfig,
+}
+
+/// Data-plane settings.
+#[derive(Debug, Clone)]
+pub struct DataConfig {
+    pub listen: std::net::SocketAddr,
+    pub store_limit: u64,
+    pub serve_rate: Option<u64>,
+    pub transfer_cost_per_gb: f64,
+    pub fetch_bandwidth: u64,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            listen: (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+            store_limit: DEFAULT_STORE_LIMIT,
+            serve_rate: None,
+            transfer_cost_per_gb: DEFAULT_TRANSFER_COST_PER_GB,
+            fetch_bandwidth: DEFAULT_FETCH_BANDWIDTH,
+        }
+    }
+}
+
+/// Default chunk store size limit.
+pub const DEFAULT_STORE_LIMIT: u64 = 100 << 30;
+/// Default cross-site transfer price per GB (typical cloud egress).
+pub const DEFAULT_TRANSFER_COST_PER_GB: f64 = 0.09;
+/// Bandwidth assumed for input fetches when estimating ETAs (bytes/s).
+pub const DEFAULT_FETCH_BANDWIDTH: u64 = 100 << 20;
+
+fn size(what: &str, s: &str) -> Result<u64, AgentError> {
+    fleetmesh_protocol::workflow::parse_size(s)
+        .map_err(|e| AgentError::Config(format!("{what}: {e}")))
 }
 
 /// Default coordinator control port.
@@ -124,7 +169,29 @@ impl AgentConfig {
             Some(s) => parse_duration("reconnect-max", &s)?,
             None => Duration::from_secs(5),
         };
+        let mut data = DataConfig::default();
+        if let Some(l) = flags.data_listen.or(file.data_listen) {
+            data.listen = l
+                .parse()
+                .map_err(|_| AgentError::Config(format!("data-listen: {l:?} is not IP:PORT")))?;
+        }
+        if let Some(l) = flags.store_limit.or(file.store_limit) {
+            data.store_limit = size("store-limit", &l)?;
+        }
+        if let Some(r) = flags.serve_rate.or(file.serve_rate) {
+            data.serve_rate = Some(size("serve-rate", r.trim_end_matches("/s"))?);
+        }
+        if let Some(c) = flags.transfer_cost_per_gb.or(file.transfer_cost_per_gb) {
+            if !(c >= 0.0 && c.is_finite()) {
+                return Err(AgentError::Config("transfer-cost-per-gb must be >= 0".into()));
+            }
+            data.transfer_cost_per_gb = c;
+        }
+        if let Some(b) = flags.fetch_bandwidth.or(file.fetch_bandwidth) {
+            data.fetch_bandwidth = size("fetch-bandwidth", b.trim_end_matches("/s"))?.max(1);
+        }
         Ok(Self {
+            data,
             coordinator,
             data_dir: flags
                 .data_dir

@@ -72,6 +72,9 @@ pub struct Jobs {
     pub outbox: Arc<Outbox>,
     work_root: PathBuf,
     container_runtime: Option<String>,
+    data: std::sync::OnceLock<Arc<crate::data::DataPlane>>,
+    /// (provider, region) of this node, for transfer pricing.
+    site: std::sync::OnceLock<(Option<String>, Option<String>)>,
 }
 
 impl std::fmt::Debug for Jobs {
@@ -113,7 +116,19 @@ impl Jobs {
             outbox: Arc::new(Outbox::default()),
             work_root: data_dir.join("work"),
             container_runtime,
+            data: Default::default(),
+            site: Default::default(),
         })
+    }
+
+    /// Attach the data plane (once, when the first identity is known).
+    pub fn set_data(&self, d: Arc<crate::data::DataPlane>, site: (Option<String>, Option<String>)) {
+        let _ = self.data.set(d);
+        let _ = self.site.set(site);
+    }
+
+    pub fn data(&self) -> Option<&Arc<crate::data::DataPlane>> {
+        self.data.get()
     }
 
     pub fn container_runtime(&self) -> Option<String> {
@@ -186,12 +201,26 @@ impl Jobs {
             }
         };
         match r {
-            Ok(o) => AgentMessage::Bid {
-                auction: c.auction.clone(),
-                gpus: o.gpus,
-                price: o.price,
-                eta_ms: o.eta_ms,
-            },
+            Ok(o) => {
+                // Data already here is cheaper and sooner than data to fetch.
+                let (local_bytes, (eta, price)) = match self.data() {
+                    Some(d) if !c.inputs.is_empty() => {
+                        let site = self.site.get().cloned().unwrap_or_default();
+                        (
+                            d.local_bytes(&c.inputs),
+                            d.fetch_cost(&c.inputs, (site.0.as_deref(), site.1.as_deref())),
+                        )
+                    }
+                    _ => (0, (0, 0.0)),
+                };
+                AgentMessage::Bid {
+                    auction: c.auction.clone(),
+                    gpus: o.gpus,
+                    price: o.price + price,
+                    eta_ms: o.eta_ms + eta,
+                    local_bytes,
+                }
+            }
             Err(d) => AgentMessage::Decline { auction: c.auction.clone(), reason: d.to_string() },
         }
     }
@@ -292,7 +321,18 @@ impl Jobs {
         mut stop: oneshot::Receiver<(JobOutcome, Duration)>,
     ) {
         let started = Instant::now();
-        let outcome = self.run_inner(&a, &mut stop).await;
+        let dir = self.work_root.join(sanitize(&a.job)).join(a.attempt.to_string());
+        let mut outcome = self.run_inner(&a, &mut stop).await;
+        let mut outputs = Vec::new();
+        if let Some(d) = self.data() {
+            d.release_inputs(&a.inputs);
+            if outcome.succeeded() && !a.outputs.is_empty() {
+                match d.collect(&a.outputs, &dir).await {
+                    Ok(o) => outputs = o,
+                    Err(reason) => outcome = JobOutcome::OutputFailed { reason },
+                }
+            }
+        }
         info!(job_id = %a.job, attempt = a.attempt, %outcome, "attempt ended");
         self.finish(&a.job, a.attempt);
         let exit = AgentMessage::JobExited {
@@ -300,6 +340,7 @@ impl Jobs {
             attempt: a.attempt,
             outcome,
             duration_ms: started.elapsed().as_millis() as u64,
+            outputs,
         };
         if let Ok(mut u) = self.unacked_exits.lock() {
             u.push(exit.clone());
@@ -326,6 +367,29 @@ impl Jobs {
         env.push(("FLEETMESH_JOB".into(), a.job.clone()));
         env.push(("FLEETMESH_ATTEMPT".into(), a.attempt.to_string()));
         env.push(("FLEETMESH_WORK_DIR".into(), dir.display().to_string()));
+        if !a.inputs.is_empty() || !a.outputs.is_empty() {
+            let Some(d) = self.data() else {
+                return JobOutcome::FailedToStart { reason: "this agent has no data plane".into() };
+            };
+            let staging = tokio::select! {
+                r = d.stage(&a.inputs, &dir, &a.job) => r,
+                req = &mut *stop => {
+                    let (outcome, _) = req.unwrap_or((JobOutcome::Cancelled, Duration::ZERO));
+                    return outcome;
+                }
+            };
+            if let Err(e) = staging {
+                return JobOutcome::FailedToStart { reason: format!("staging inputs: {e}") };
+            }
+            for o in &a.outputs {
+                let p = dir.join("outputs").join(o.output.as_str());
+                if let Err(e) = std::fs::create_dir_all(&p) {
+                    return JobOutcome::FailedToStart { reason: format!("{}: {e}", p.display()) };
+                }
+            }
+            env.push(("FLEETMESH_INPUTS".into(), dir.join("inputs").display().to_string()));
+            env.push(("FLEETMESH_OUTPUTS".into(), dir.join("outputs").display().to_string()));
+        }
         if a.world_size > 1 {
             env.push(("FLEETMESH_RANK".into(), a.rank.to_string()));
             env.push(("FLEETMESH_WORLD_SIZE".into(), a.world_size.to_string()));

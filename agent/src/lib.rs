@@ -8,6 +8,7 @@
 pub mod backoff;
 pub mod bidding;
 pub mod config;
+pub mod data;
 pub mod enroll;
 pub mod gpu;
 pub mod host;
@@ -188,6 +189,22 @@ pub async fn run(
                 updated: Default::default(),
             });
         }
+        match jobs.data() {
+            Some(d) => d.update_tls(&opts.tls),
+            None => match data::DataPlane::start(
+                &config.data_dir,
+                &config.data,
+                &opts.tls,
+                jobs.outbox.clone(),
+            ) {
+                Ok(d) => {
+                    let a = &opts.tls.identity.attributes;
+                    jobs.set_data(d, (a.provider.clone(), a.region.clone()));
+                }
+                Err(e) => return Err(AgentError::Config(format!("data plane: {e}"))),
+            },
+        }
+        let data_port = jobs.data().and_then(|d| d.port());
         let sampler = match gpu_and_sampler.as_mut() {
             Some(s) => s,
             None => {
@@ -198,6 +215,7 @@ pub async fn run(
                     spot: config.spot,
                     labels: config.labels.clone(),
                     container_runtime: jobs.container_runtime(),
+                    data_port,
                 };
                 gpu_and_sampler.insert(s)
             }

@@ -54,6 +54,21 @@ struct Cli {
     /// Node labels for placement constraints, e.g. rack=a7,tier=gold.
     #[arg(long, value_delimiter = ',')]
     labels: Vec<String>,
+    /// UDP address of the data-plane endpoint (peers fetch datasets here) [default: 0.0.0.0:0].
+    #[arg(long)]
+    data_listen: Option<String>,
+    /// Size limit of the chunk store; least recently used unpinned chunks are evicted [default: 100GiB].
+    #[arg(long)]
+    store_limit: Option<String>,
+    /// Cap on bytes served to peers per second, e.g. 200MiB [default: none].
+    #[arg(long)]
+    serve_rate: Option<String>,
+    /// Price added to a bid per GB of input fetched from another provider/region [default: 0.09].
+    #[arg(long)]
+    transfer_cost_per_gb: Option<f64>,
+    /// Bandwidth assumed for input fetches in a bid's ETA [default: 100MiB].
+    #[arg(long)]
+    fetch_bandwidth: Option<String>,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -139,6 +154,11 @@ fn main() -> ExitCode {
         price_per_hour: cli.price_per_hour,
         spot: cli.spot.then_some(true),
         labels: (!cli.labels.is_empty()).then_some(cli.labels),
+        data_listen: cli.data_listen,
+        store_limit: cli.store_limit,
+        serve_rate: cli.serve_rate,
+        transfer_cost_per_gb: cli.transfer_cost_per_gb,
+        fetch_bandwidth: cli.fetch_bandwidth,
     };
     let config = match AgentConfig::resolve(file, flags) {
         Ok(c) => c,

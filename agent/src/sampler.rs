@@ -27,11 +27,12 @@ pub struct NodeOffer {
     pub spot: bool,
     pub labels: Vec<(String, String)>,
     pub container_runtime: Option<String>,
+    pub data_port: Option<u16>,
 }
 
 impl Default for NodeOffer {
     fn default() -> Self {
-        Self { price_per_hour: 1.0, spot: false, labels: Vec::new(), container_runtime: None }
+        Self { price_per_hour: 1.0, spot: false, labels: Vec::new(), container_runtime: None, data_port: None }
     }
 }
 
@@ -78,6 +79,7 @@ impl Sampler for NodeSampler {
             spot: self.offer.spot,
             labels: self.offer.labels.clone(),
             container_runtime: self.offer.container_runtime.clone(),
+            data_port: self.offer.data_port,
         }
     }
 

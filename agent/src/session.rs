@@ -315,6 +315,9 @@ pub async fn run_session(
     if let Some(jobs) = &opts.jobs {
         write_msg(&mut send, &AgentMessage::Running { attempts: jobs.running() }).await?;
         jobs.resend_unacked();
+        if let Some(d) = jobs.data() {
+            write_msg(&mut send, &d.holdings()).await?;
+        }
     }
     let outbox = opts.jobs.as_ref().map(|j| j.outbox.clone()).unwrap_or_default();
     // Deliver whatever queued up while we were disconnected.
@@ -407,6 +410,9 @@ pub async fn run_session(
                             Ok(id) => {
                                 current = id.identity.clone();
                                 info!(agent_id = %current.name, serial = %current.serial, not_after = current.not_after_unix, "certificate renewed");
+                                if let Some(d) = opts.jobs.as_ref().and_then(|j| j.data()) {
+                                    d.update_tls(&id);
+                                }
                                 if let Ok(mut slot) = r.updated.lock() {
                                     *slot = Some(id);
                                 }
@@ -460,6 +466,25 @@ pub async fn run_session(
                 Some(Ok(CoordinatorMessage::Keep { attempts })) => {
                     if let Some(jobs) = &opts.jobs {
                         jobs.keep_only(&attempts);
+                    }
+                }
+                Some(Ok(CoordinatorMessage::DataPlane { ticket_key })) => {
+                    if let Some(d) = opts.jobs.as_ref().and_then(|j| j.data()) {
+                        d.server.set_ticket_key(ticket_key);
+                    }
+                }
+                Some(Ok(CoordinatorMessage::Fetch(plan))) => {
+                    match opts.jobs.as_ref().and_then(|j| j.data()) {
+                        Some(d) => {
+                            info!(dataset = %fleetmesh_protocol::data::short(&plan.dataset), holders = plan.holders.len(), "fetch requested");
+                            d.fetch_for_coordinator(*plan);
+                        }
+                        None => warn!("fetch requested, but this agent has no data plane"),
+                    }
+                }
+                Some(Ok(CoordinatorMessage::DropDataset { dataset })) => {
+                    if let Some(d) = opts.jobs.as_ref().and_then(|j| j.data()) {
+                        d.drop_dataset(&dataset);
                     }
                 }
                 Some(Ok(CoordinatorMessage::RenewRefused { reason })) => {

@@ -18,6 +18,14 @@
 //! | POST   | `/api/v1/agents/{name}/revoke` | cut an agent off       |
 //! | GET    | `/api/v1/audit`        | `[AuditRecord]`                |
 //! | GET    | `/healthz`             | `ok`                           |
+//! | GET    | `/api/v1/data`         | `[DatasetSummary]`             |
+//! | POST   | `/api/v1/data`         | register an uploaded dataset (`PutBody`), optionally place it |
+//! | GET    | `/api/v1/data/{ref}`   | `DatasetRecord` (by id, id prefix or name) |
+//! | POST   | `/api/v1/data/{ref}/place` | have an agent fetch it (`{"agent": ..}`) |
+//! | POST   | `/api/v1/data/{ref}/stage` | bring it into the coordinator's store (for download) |
+//! | POST   | `/api/v1/data/{ref}/rm` | forget it everywhere          |
+//! | POST   | `/api/v1/data/missing` | which of these chunk hashes the coordinator lacks |
+//! | PUT/GET | `/api/v1/data/chunks/{hash}` | upload / download one chunk (verified) |
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -40,6 +48,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::authority::{AuthorityMsg, TokenSpec};
+use crate::broker::{DataBroker, Requester};
 use crate::fleet::FleetMsg;
 use crate::scheduler::SchedulerMsg;
 use crate::views::ApiErrorBody;
@@ -57,6 +66,8 @@ struct AppState {
     fleet: ActorRef<FleetMsg>,
     authority: ActorRef<AuthorityMsg>,
     scheduler: ActorRef<SchedulerMsg>,
+    broker: Arc<DataBroker>,
+    tls: Arc<TlsIdentity>,
 }
 
 macro_rules! sched_call {
@@ -282,12 +293,189 @@ async fn metrics(State(st): State<AppState>) -> Response {
     }
 }
 
+/// Largest chunk upload accepted (the largest chunk size plus slack).
+const MAX_CHUNK_BODY: usize = fleetmesh_protocol::data::MAX_CHUNK_SIZE as usize + 1024;
+
+/// `POST /api/v1/data`: a dataset whose chunks were uploaded.
+#[derive(serde::Deserialize)]
+struct PutBody {
+    name: String,
+    #[serde(default)]
+    jurisdictions: Vec<String>,
+    manifest: fleetmesh_protocol::data::Manifest,
+    /// Also place it on this agent.
+    on: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct PlaceBody {
+    agent: String,
+}
+
+async fn candidates(st: &AppState) -> Result<Vec<crate::auction::Candidate>, Response> {
+    ractor::call_t!(st.fleet, FleetMsg::Candidates, FLEET_CALL_MS).map_err(|e| {
+        error(StatusCode::SERVICE_UNAVAILABLE, format!("fleet unavailable: {e}"))
+    })
+}
+
+/// Ask `agent` to fetch dataset `id` (residency and holders checked by the broker).
+async fn place_on(st: &AppState, id: &str, agent: &str) -> Result<(), Response> {
+    let cands = candidates(st).await?;
+    let Some(c) = cands.iter().find(|c| c.agent == agent) else {
+        return Err(error(StatusCode::NOT_FOUND, format!("no agent {agent:?}")));
+    };
+    if !c.connected {
+        return Err(error(StatusCode::CONFLICT, format!("agent {agent} is not connected")));
+    }
+    let me =
+        Requester { kind: PeerKind::Agent, name: agent.to_string(), jurisdiction: c.jurisdiction.clone() };
+    let plan = st.broker.plan(id, &me, &cands).map_err(|why| error(StatusCode::CONFLICT, why))?;
+    let _ = st.fleet.cast(FleetMsg::Send {
+        agent: agent.to_string(),
+        msg: fleetmesh_protocol::CoordinatorMessage::Fetch(Box::new(plan)),
+    });
+    Ok(())
+}
+
+async fn data_list(State(st): State<AppState>) -> Response {
+    Json(st.broker.list()).into_response()
+}
+
+async fn data_show(State(st): State<AppState>, Path(r): Path<String>) -> Response {
+    match st.broker.resolve(&r) {
+        Some(d) => Json(d).into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("no dataset {r:?}")),
+    }
+}
+
+async fn data_put(State(st): State<AppState>, Json(b): Json<PutBody>) -> Response {
+    if let Err(e) = fleetmesh_protocol::identity::validate_label("dataset name", &b.name) {
+        return error(StatusCode::BAD_REQUEST, e.to_string());
+    }
+    for j in &b.jurisdictions {
+        if let Err(e) = fleetmesh_protocol::identity::validate_label("jurisdiction", j) {
+            return error(StatusCode::BAD_REQUEST, e.to_string());
+        }
+    }
+    let broker = st.broker.clone();
+    let (m, name, js) = (b.manifest, b.name.clone(), b.jurisdictions.clone());
+    let rec = match tokio::task::spawn_blocking(move || broker.put_local(m, &name, js)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, e),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    if let Some(agent) = &b.on {
+        if let Err(r) = place_on(&st, &rec.id, agent).await {
+            return r;
+        }
+    }
+    (StatusCode::CREATED, Json(rec.summary())).into_response()
+}
+
+async fn data_place(
+    State(st): State<AppState>,
+    Path(r): Path<String>,
+    Json(b): Json<PlaceBody>,
+) -> Response {
+    let Some(d) = st.broker.resolve(&r) else {
+        return error(StatusCode::NOT_FOUND, format!("no dataset {r:?}"));
+    };
+    match place_on(&st, &d.id, &b.agent).await {
+        Ok(()) => Json(serde_json::json!({ "dataset": d.id, "agent": b.agent })).into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn data_stage(State(st): State<AppState>, Path(r): Path<String>) -> Response {
+    let Some(d) = st.broker.resolve(&r) else {
+        return error(StatusCode::NOT_FOUND, format!("no dataset {r:?}"));
+    };
+    let cands = match candidates(&st).await {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    match st.broker.stage_local(&d.id, &cands, &st.tls).await {
+        Ok(()) => Json(d).into_response(),
+        Err(e) => error(StatusCode::CONFLICT, e),
+    }
+}
+
+async fn data_rm(State(st): State<AppState>, Path(r): Path<String>) -> Response {
+    let Some(d) = st.broker.resolve(&r) else {
+        return error(StatusCode::NOT_FOUND, format!("no dataset {r:?}"));
+    };
+    let holders = st.broker.remove(&d.id);
+    for agent in &holders {
+        let _ = st.fleet.cast(FleetMsg::Send {
+            agent: agent.clone(),
+            msg: fleetmesh_protocol::CoordinatorMessage::DropDataset { dataset: d.id.clone() },
+        });
+    }
+    Json(serde_json::json!({ "removed": d.id, "holders_told": holders })).into_response()
+}
+
+async fn data_missing(State(st): State<AppState>, Json(hashes): Json<Vec<String>>) -> Response {
+    let missing: Vec<String> = hashes
+        .into_iter()
+        .filter(|h| {
+            fleetmesh_protocol::data::parse_hash(h).is_none_or(|x| !st.broker.local.has(&x))
+        })
+        .collect();
+    Json(missing).into_response()
+}
+
+async fn chunk_put(
+    State(st): State<AppState>,
+    Path(h): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let Some(hash) = fleetmesh_protocol::data::parse_hash(&h) else {
+        return error(StatusCode::BAD_REQUEST, format!("{h:?} is not a BLAKE3 hash"));
+    };
+    let store = st.broker.local.clone();
+    match tokio::task::spawn_blocking(move || store.write(&hash, &body)).await {
+        Ok(Ok(())) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Err(e @ fleetmesh_data::StoreError::Corrupt { .. })) => {
+            error(StatusCode::BAD_REQUEST, e.to_string())
+        }
+        Ok(Err(e)) => error(StatusCode::INSUFFICIENT_STORAGE, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn chunk_get(State(st): State<AppState>, Path(h): Path<String>) -> Response {
+    let Some(hash) = fleetmesh_protocol::data::parse_hash(&h) else {
+        return error(StatusCode::BAD_REQUEST, format!("{h:?} is not a BLAKE3 hash"));
+    };
+    let store = st.broker.local.clone();
+    match tokio::task::spawn_blocking(move || store.read(&hash)).await {
+        Ok(Ok(b)) => ([(header::CONTENT_TYPE, "application/octet-stream")], b).into_response(),
+        Ok(Err(e)) => error(StatusCode::NOT_FOUND, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
 fn router(
     fleet: ActorRef<FleetMsg>,
     authority: ActorRef<AuthorityMsg>,
     scheduler: ActorRef<SchedulerMsg>,
+    broker: Arc<DataBroker>,
+    tls: Arc<TlsIdentity>,
 ) -> Router {
+    use axum::routing::post;
     Router::new()
+        .route("/api/v1/data", get(data_list).post(data_put))
+        .route("/api/v1/data/missing", post(data_missing))
+        .route(
+            "/api/v1/data/chunks/{hash}",
+            get(chunk_get)
+                .put(chunk_put)
+                .layer(axum::extract::DefaultBodyLimit::max(MAX_CHUNK_BODY)),
+        )
+        .route("/api/v1/data/{r}", get(data_show))
+        .route("/api/v1/data/{r}/place", post(data_place))
+        .route("/api/v1/data/{r}/stage", post(data_stage))
+        .route("/api/v1/data/{r}/rm", post(data_rm))
         .route("/api/v1/workflows", get(list_workflows).post(submit_workflow))
         .route("/api/v1/workflows/{id}/cancel", axum::routing::post(cancel))
         .route("/api/v1/jobs", get(list_jobs))
@@ -306,7 +494,7 @@ fn router(
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .layer(middleware::from_fn(require_operator))
-        .with_state(AppState { fleet, authority, scheduler })
+        .with_state(AppState { fleet, authority, scheduler, broker, tls })
 }
 
 /// Api start-up arguments.
@@ -316,6 +504,7 @@ pub struct ApiArgs {
     pub fleet: ActorRef<FleetMsg>,
     pub authority: ActorRef<AuthorityMsg>,
     pub scheduler: ActorRef<SchedulerMsg>,
+    pub broker: Arc<DataBroker>,
     pub bound: Option<oneshot::Sender<SocketAddr>>,
 }
 
@@ -347,7 +536,7 @@ impl Actor for Api {
         if let Some(tx) = args.bound {
             let _ = tx.send(local);
         }
-        let app = router(args.fleet, args.authority, args.scheduler);
+        let app = router(args.fleet, args.authority, args.scheduler, args.broker, args.tls.clone());
         let task = tokio::spawn(async move {
             loop {
                 let (tcp, remote) = match listener.accept().await {

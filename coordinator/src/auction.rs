@@ -27,6 +27,8 @@ pub struct Candidate {
     pub gpu_uuids: Vec<String>,
     /// The agent's address as seen by the coordinator (gang rendezvous).
     pub addr: Option<String>,
+    /// `IP:PORT` of its data-plane endpoint.
+    pub data_addr: Option<String>,
 }
 
 /// Why an agent cannot take a job. Shown to users (`jobs show`), so the text matters.
@@ -177,6 +179,9 @@ pub struct BidView {
     /// Expected time until the job can start, ms.
     pub eta_ms: u64,
     pub gpus: Vec<String>,
+    /// Input bytes the bidder already holds.
+    #[serde(default)]
+    pub local_bytes: u64,
 }
 
 /// Lower is better. `balanced` weighs one hour of waiting like doubling the price.
@@ -238,6 +243,7 @@ mod tests {
             free_gpus: gpus.iter().map(|(n, m)| (n.to_string(), *m)).collect(),
             gpu_uuids: Vec::new(),
             addr: None,
+            data_addr: None,
         }
     }
 

@@ -30,6 +30,8 @@ pub struct FileConfig {
     pub advertise: Option<String>,
     /// Agents asked for a bid per auction.
     pub auction_top_k: Option<usize>,
+    /// Size limit of the coordinator's own chunk store (`data put`), e.g. `100GiB`.
+    pub store_limit: Option<String>,
 }
 
 /// Configuration errors.
@@ -61,6 +63,7 @@ pub struct CoordinatorConfig {
     pub cert_ttl: Duration,
     pub advertise: Vec<String>,
     pub auction_top_k: usize,
+    pub store_limit: u64,
 }
 
 fn dur(what: &str, s: Option<String>, default: Duration) -> Result<Duration, ConfigError> {
@@ -137,6 +140,11 @@ impl CoordinatorConfig {
                 .auction_top_k
                 .or(file.auction_top_k)
                 .unwrap_or(crate::scheduler::DEFAULT_TOP_K),
+            store_limit: match flags.store_limit.or(file.store_limit) {
+                Some(s) => fleetmesh_protocol::workflow::parse_size(&s)
+                    .map_err(|e| ConfigError(format!("store-limit: {e}")))?,
+                None => 100 << 30,
+            },
         })
     }
 }

@@ -453,6 +453,10 @@ impl FleetState {
                 .map(|i| i.gpus.iter().map(|g| g.uuid.clone()).collect())
                 .unwrap_or_default(),
             addr: e.remote_ip.map(|ip| ip.to_string()),
+            data_addr: match (e.remote_ip, inv.and_then(|i| i.data_port)) {
+                (Some(ip), Some(port)) => Some(std::net::SocketAddr::new(ip, port).to_string()),
+                _ => None,
+            },
         }
     }
 

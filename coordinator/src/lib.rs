@@ -19,6 +19,7 @@
 pub mod api;
 pub mod auction;
 pub mod authority;
+pub mod broker;
 pub mod client;
 pub mod config;
 pub mod fleet;
@@ -61,6 +62,7 @@ struct RootArgs {
     config: CoordinatorConfig,
     tls: Arc<TlsIdentity>,
     store: Arc<store::Store>,
+    broker: Arc<broker::DataBroker>,
     control_bound: oneshot::Sender<SocketAddr>,
     api_bound: oneshot::Sender<SocketAddr>,
     failure: Arc<Mutex<Option<String>>>,
@@ -131,6 +133,7 @@ impl Actor for Coordinator {
                 store: a.store.clone(),
                 fleet: fleet.clone(),
                 top_k: a.config.auction_top_k,
+                broker: a.broker.clone(),
             },
             myself.get_cell(),
         )
@@ -145,6 +148,7 @@ impl Actor for Coordinator {
                 authority: authority.clone(),
                 scheduler: scheduler.clone(),
                 heartbeat_interval: a.config.heartbeat_interval,
+                broker: a.broker.clone(),
                 bound: Some(a.control_bound),
             },
             myself.get_cell(),
@@ -159,6 +163,7 @@ impl Actor for Coordinator {
                 listen: a.config.api_listen,
                 tls: a.tls,
                 fleet: fleet.clone(),
+                broker: a.broker.clone(),
                 bound: Some(a.api_bound),
             },
             myself.get_cell(),
@@ -276,6 +281,15 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, CoordinatorErro
         )));
     }
     let store = Arc::new(store::Store::open(&config.data_dir)?);
+    let broker = broker::DataBroker::open(
+        &config.data_dir,
+        store.clone(),
+        &tls.identity.name,
+        &tls.identity.trust_domain,
+        config.store_limit,
+    )
+    .map_err(CoordinatorError::Startup)?;
+    let advertise = config.advertise.first().cloned();
     let (ctl_tx, ctl_rx) = oneshot::channel();
     let (api_tx, api_rx) = oneshot::channel();
     let failure = Arc::new(Mutex::new(None));
@@ -291,6 +305,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, CoordinatorErro
             config,
             tls: Arc::new(tls),
             store,
+            broker: broker.clone(),
             control_bound: ctl_tx,
             api_bound: api_tx,
             failure: failure.clone(),
@@ -301,6 +316,15 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, CoordinatorErro
     let control_addr = ctl_rx
         .await
         .map_err(|_| CoordinatorError::Startup("control listener did not start".into()))?;
+    // Where agents reach the coordinator's own store: the advertised control address, or
+    // the bound one (loopback when bound to all addresses).
+    broker.set_addr(advertise.unwrap_or_else(|| {
+        let mut a = control_addr;
+        if a.ip().is_unspecified() {
+            a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        a.to_string()
+    }));
     let api_addr =
         api_rx.await.map_err(|_| CoordinatorError::Startup("API did not start".into()))?;
     Ok(Running { control_addr, api_addr, root, handle, failure })

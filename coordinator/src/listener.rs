@@ -37,6 +37,7 @@ pub struct ListenerArgs {
     pub authority: ActorRef<AuthorityMsg>,
     pub scheduler: ActorRef<crate::scheduler::SchedulerMsg>,
     pub heartbeat_interval: Duration,
+    pub broker: Arc<crate::broker::DataBroker>,
     /// Receives the bound address once listening.
     pub bound: Option<oneshot::Sender<SocketAddr>>,
 }
@@ -61,6 +62,7 @@ pub struct ListenerState {
     authority: ActorRef<AuthorityMsg>,
     scheduler: ActorRef<crate::scheduler::SchedulerMsg>,
     heartbeat_interval: Duration,
+    broker: Arc<crate::broker::DataBroker>,
     next_session: u64,
     accept_task: tokio::task::JoinHandle<()>,
 }
@@ -72,13 +74,19 @@ fn server_config(tls: &TlsIdentity) -> Result<quinn::ServerConfig, ActorProcessi
     // Client certificates are optional at the TLS layer only so that enrollment (ALPN
     // fleetmesh/enroll/1) can run without one; `authenticate` requires a valid agent
     // certificate on the control ALPN. A presented certificate is always verified.
-    let rustls_cfg = tls.server_config_optional_client(&[ALPN_CTL, ALPN_ENROLL])?;
+    let rustls_cfg = tls.server_config_optional_client(&[
+        ALPN_CTL,
+        ALPN_ENROLL,
+        fleetmesh_protocol::data::ALPN_XFER,
+    ])?;
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(rustls_cfg)?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
     let mut transport = quinn::TransportConfig::default();
     transport.max_idle_timeout(quinn::IdleTimeout::try_from(IDLE_TIMEOUT).ok());
     transport.max_concurrent_uni_streams(0u32.into());
-    transport.max_concurrent_bidi_streams(4u32.into());
+    // Control and enrollment use one stream; xfer (the coordinator's store serving
+    // chunks) uses a few per fetching peer.
+    transport.max_concurrent_bidi_streams(32u32.into());
     cfg.transport_config(Arc::new(transport));
     Ok(cfg)
 }
@@ -137,6 +145,7 @@ async fn serve_enrollment(
 enum Outcome {
     Session(Box<Accepted>),
     Enrolled(String),
+    Xfer,
 }
 
 async fn authenticate(
@@ -144,6 +153,7 @@ async fn authenticate(
     trust_domain: &str,
     authority: &ActorRef<AuthorityMsg>,
     ca_pem: &str,
+    broker: &Arc<crate::broker::DataBroker>,
 ) -> Result<Outcome, String> {
     let conn = incoming.await.map_err(|e| format!("handshake failed: {e}"))?;
     let alpn = conn
@@ -152,6 +162,11 @@ async fn authenticate(
         .and_then(|h| h.protocol);
     if alpn.as_deref() == Some(ALPN_ENROLL) {
         return serve_enrollment(conn, authority, ca_pem).await.map(Outcome::Enrolled);
+    }
+    if alpn.as_deref() == Some(fleetmesh_protocol::data::ALPN_XFER) {
+        // The coordinator's own store as a data-plane peer (tickets checked per request).
+        broker.server.clone().serve(conn).await;
+        return Ok(Outcome::Xfer);
     }
     let chain = conn
         .peer_identity()
@@ -276,6 +291,7 @@ impl Actor for Listener {
         let domain = args.tls.identity.trust_domain.clone();
         let authority = args.authority.clone();
         let ca_pem = args.tls.ca_pem.clone();
+        let broker = args.broker.clone();
         let accept_task = tokio::spawn(async move {
             while let Some(incoming) = ep.accept().await {
                 let remote = incoming.remote_address();
@@ -283,14 +299,16 @@ impl Actor for Listener {
                 let me = myself.clone();
                 let authority = authority.clone();
                 let ca_pem = ca_pem.clone();
+                let broker = broker.clone();
                 tokio::spawn(async move {
-                    match authenticate(incoming, &domain, &authority, &ca_pem).await {
+                    match authenticate(incoming, &domain, &authority, &ca_pem, &broker).await {
                         Ok(Outcome::Session(acc)) => {
                             let _ = me.cast(ListenerMsg::Accepted(acc));
                         }
                         Ok(Outcome::Enrolled(name)) => {
                             info!(%remote, agent_id = %name, "enrollment served")
                         }
+                        Ok(Outcome::Xfer) => debug!(%remote, "xfer connection ended"),
                         Err(why) => warn!(%remote, reason = %why, "connection refused"),
                     }
                 });
@@ -306,6 +324,7 @@ impl Actor for Listener {
             authority: args.authority,
             scheduler: args.scheduler,
             heartbeat_interval: args.heartbeat_interval,
+            broker: args.broker,
             next_session,
             accept_task,
         })
@@ -334,6 +353,7 @@ impl Actor for Listener {
                     authority: st.authority.clone(),
                     scheduler: st.scheduler.clone(),
                     heartbeat_interval: st.heartbeat_interval,
+                    broker: st.broker.clone(),
                 };
                 match Actor::spawn_linked(None, AgentSession, args, myself.get_cell()).await {
                     Ok(_) => {

@@ -12,13 +12,18 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleetmesh_protocol::workflow::{Run, Workflow};
-use fleetmesh_protocol::{Award, CallForBids, CoordinatorMessage, ExecSpec, JobOutcome};
+use fleetmesh_protocol::data::{intersect_residency, residency_allows};
+use fleetmesh_protocol::workflow::{InputRef, Run, Workflow};
+use fleetmesh_protocol::{
+    Award, AwardInput, AwardOutput, CallForBids, CoordinatorMessage, ExecSpec, InputSummary,
+    JobOutcome, OutputDataset, PeerKind,
+};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::auction::{self, BidView, Candidate};
+use crate::broker::{DataBroker, DatasetRecord, Requester};
 use crate::fleet::FleetMsg;
 use crate::store::Store;
 
@@ -109,6 +114,12 @@ pub struct JobRecord {
     pub next_try_unix_ms: u64,
     pub cost: f64,
     pub submitted_unix_ms: u64,
+    /// Output name -> dataset id, once the job succeeded.
+    #[serde(default)]
+    pub outputs: BTreeMap<String, String>,
+    /// Residency given to the outputs (declared, or the most restrictive of the inputs').
+    #[serde(default)]
+    pub output_residency: Vec<String>,
 }
 
 /// A workflow.
@@ -159,6 +170,7 @@ pub enum SchedulerMsg {
         gpus: Vec<String>,
         price: f64,
         eta_ms: u64,
+        local_bytes: u64,
     },
     Decline {
         agent: String,
@@ -189,6 +201,7 @@ pub enum SchedulerMsg {
         attempt: u64,
         outcome: JobOutcome,
         duration_ms: u64,
+        outputs: Vec<OutputDataset>,
     },
     /// An agent (re)connected and says what it runs.
     Running {
@@ -223,6 +236,9 @@ struct AuctionRun {
     bids: Vec<BidView>,
     declines: Vec<String>,
     deadline_ms: u64,
+    /// (mount, dataset id) of the job's inputs, and the residency they impose.
+    inputs: Vec<(String, String)>,
+    residency: Vec<String>,
 }
 
 /// Scheduler state.
@@ -247,6 +263,9 @@ pub struct SchedulerState {
     /// Current session of each agent, for direct sends.
     sessions: BTreeMap<String, ActorRef<crate::session::SessionMsg>>,
     flush_scheduled: bool,
+    broker: Arc<DataBroker>,
+    /// The last fleet view (holders' data addresses and jurisdictions for fetch plans).
+    last_candidates: Arc<Vec<Candidate>>,
     _ticker: Option<ractor::concurrency::JoinHandle<()>>,
 }
 
@@ -363,6 +382,8 @@ impl SchedulerState {
                 next_try_unix_ms: 0,
                 cost: 0.0,
                 submitted_unix_ms: now,
+                outputs: BTreeMap::new(),
+                output_residency: Vec::new(),
             };
             rec.history.push((now, "waiting".into(), "submitted".into()));
             self.jobs.insert(jid.clone(), rec);
@@ -384,6 +405,42 @@ impl SchedulerState {
         self.persist();
         info!(workflow = %id, "workflow submitted");
         id
+    }
+
+    /// A job's inputs as (mount, dataset), and the residency they impose together.
+    #[allow(clippy::type_complexity)]
+    fn resolve_inputs(
+        &self,
+        j: &JobRecord,
+    ) -> Result<(Vec<(String, DatasetRecord)>, Vec<String>), String> {
+        let empty = BTreeMap::new();
+        let jobs = self.workflows.get(&j.workflow).map(|w| &w.spec.jobs).unwrap_or(&empty);
+        let mut out = Vec::new();
+        for (mount, r) in j.spec.input_refs(jobs) {
+            let rec = match r {
+                InputRef::Dataset(n) => self
+                    .broker
+                    .resolve(&n)
+                    .ok_or_else(|| format!("input {n}: no dataset with that name or id"))?,
+                InputRef::JobOutput { job, output } => {
+                    let producer = format!("{}.{job}", j.workflow);
+                    let id = self
+                        .jobs
+                        .get(&producer)
+                        .and_then(|p| p.outputs.get(&output))
+                        .ok_or_else(|| format!("input {job}.{output}: not registered by {job}"))?;
+                    self.broker
+                        .resolve(id)
+                        .ok_or_else(|| format!("input {job}.{output}: dataset {id} is gone"))?
+                }
+            };
+            out.push((mount, rec));
+        }
+        let residency = intersect_residency(out.iter().map(|(_, d)| &d.jurisdictions[..]))
+            .ok_or_else(|| {
+                "inputs have no jurisdiction in common: no agent may hold all of them".to_string()
+            })?;
+        Ok((out, residency))
     }
 
     fn busy_gpus(&self) -> Vec<String> {
@@ -449,7 +506,9 @@ impl SchedulerState {
             .filter(|j| !self.verify.keys().any(|(id, _)| *id == j.id))
             .filter_map(|j| {
                 j.current()
-                    .filter(|a| now > a.awarded_unix_ms + START_TIMEOUT_MS)
+                    // Accepted attempts may be staging inputs: the agent's loss, not a
+                    // timer, ends those.
+                    .filter(|a| a.state == "awarded" && now > a.awarded_unix_ms + START_TIMEOUT_MS)
                     .map(|a| (j.id.clone(), a.n))
             })
             .collect();
@@ -534,6 +593,7 @@ impl SchedulerState {
                     }
                 }
             }
+            self.last_candidates = Arc::new(unclaimed);
         }
         // 5. Close auctions.
         let closing: Vec<String> = self
@@ -585,9 +645,61 @@ impl SchedulerState {
         now: u64,
     ) -> Option<Vec<String>> {
         let top_k = self.top_k;
+        // Inputs: resolved to datasets, whose residency narrows where the job may run.
+        let data = match self.jobs.get(id) {
+            Some(j) if !j.spec.inputs.is_empty() => Some(self.resolve_inputs(j)),
+            _ => None,
+        };
+        let mut data_refusals = Vec::new();
+        let (mut inputs, mut residency) = (Vec::new(), Vec::new());
+        let (owned, owned_unclaimed);
+        let (candidates, unclaimed) = match data {
+            None => (candidates, unclaimed),
+            Some(Err(why)) => {
+                let j = self.jobs.get_mut(id)?;
+                let reasons = vec![why];
+                if j.queued_reasons != reasons {
+                    info!(job_id = %id, reasons = ?reasons, "inputs not available; job stays queued");
+                    j.queued_reasons = reasons;
+                    self.dirty_j.insert(id.to_string());
+                }
+                j.next_try_unix_ms = now + REQUEUE_MS;
+                return None;
+            }
+            Some(Ok((ins, res))) => {
+                let allowed = |c: &Candidate| residency_allows(&res, c.jurisdiction.as_deref());
+                for c in candidates.iter().filter(|c| !allowed(c)) {
+                    data_refusals.push(format!(
+                        "{}: residency: inputs may only live in {res:?}, agent is in {}",
+                        c.agent,
+                        c.jurisdiction.as_deref().unwrap_or("no jurisdiction")
+                    ));
+                }
+                owned = candidates.iter().filter(|c| allowed(c)).cloned().collect::<Vec<_>>();
+                owned_unclaimed =
+                    unclaimed.iter().filter(|c| allowed(c)).cloned().collect::<Vec<_>>();
+                inputs = ins;
+                residency = res;
+                (&owned[..], &owned_unclaimed[..])
+            }
+        };
         let j = self.jobs.get_mut(id)?;
-        let (invite, refused) =
-            auction::prefilter(&j.spec, candidates, top_k.max(j.spec.nodes as usize * 2));
+        let want = top_k.max(j.spec.nodes as usize * 2);
+        let (invite, refused) = if inputs.is_empty() {
+            auction::prefilter(&j.spec, candidates, want)
+        } else {
+            // Invite the agents that already hold the most input bytes first.
+            let (mut all, refused) = auction::prefilter(&j.spec, candidates, usize::MAX);
+            let held = |a: &str| -> u64 {
+                inputs
+                    .iter()
+                    .filter_map(|(_, d)| d.holders.get(a).map(|h| h.bytes_present))
+                    .sum()
+            };
+            all.sort_by_key(|a| std::cmp::Reverse(held(a)));
+            all.truncate(want);
+            (all, refused)
+        };
         if (invite.len() as u32) < j.spec.nodes {
             let (without_claims, _) = auction::prefilter(&j.spec, unclaimed, usize::MAX);
             if (without_claims.len() as u32) >= j.spec.nodes && without_claims.len() > invite.len()
@@ -596,9 +708,9 @@ impl SchedulerState {
                 j.next_try_unix_ms = now;
                 return None;
             }
-            let mut reasons: Vec<String> =
-                refused.iter().map(|(a, why)| format!("{a}: {why}")).collect();
-            if candidates.is_empty() {
+            let mut reasons: Vec<String> = data_refusals;
+            reasons.extend(refused.iter().map(|(a, why)| format!("{a}: {why}")));
+            if candidates.is_empty() && reasons.is_empty() {
                 reasons.push("no agents in the fleet".into());
             }
             if j.spec.nodes > 1 {
@@ -628,6 +740,21 @@ impl SchedulerState {
             needs_container: j.spec.image.is_some(),
             expected_duration_ms: j.spec.timeout_ms.unwrap_or(DEFAULT_EXPECTED_MS),
             lease_ms: LEASE_MS,
+            inputs: inputs
+                .iter()
+                .map(|(_, d)| InputSummary {
+                    dataset: d.id.clone(),
+                    bytes: d.bytes,
+                    holder_sites: d
+                        .holders
+                        .keys()
+                        .map(|h| {
+                            let c = self.last_candidates.iter().find(|c| &c.agent == h);
+                            (c.and_then(|c| c.provider.clone()), c.and_then(|c| c.region.clone()))
+                        })
+                        .collect(),
+                })
+                .collect(),
         };
         for a in &invite {
             self.send(a, CoordinatorMessage::CallForBids(call.clone()));
@@ -641,6 +768,8 @@ impl SchedulerState {
                 bids: Vec::new(),
                 declines: Vec::new(),
                 deadline_ms: now + AUCTION_WINDOW_MS,
+                inputs: inputs.iter().map(|(m, d)| (m.clone(), d.id.clone())).collect(),
+                residency,
             },
         );
         Some(invite)
@@ -685,6 +814,49 @@ impl SchedulerState {
             }
             return;
         };
+        // Fetch plans (with tickets) for each winner's inputs, and where outputs go.
+        let mut plans: Vec<Vec<AwardInput>> = Vec::new();
+        for w in &winners {
+            let cand = self.last_candidates.iter().find(|c| c.agent == w.agent);
+            let me = Requester {
+                kind: PeerKind::Agent,
+                name: w.agent.clone(),
+                jurisdiction: cand.and_then(|c| c.jurisdiction.clone()),
+            };
+            let mut ins = Vec::new();
+            for (mount, ds) in &run.inputs {
+                match self.broker.plan(ds, &me, &self.last_candidates) {
+                    Ok(plan) => ins.push(AwardInput { mount: mount.clone(), plan }),
+                    Err(why) => {
+                        j.queued_reasons = vec![format!("{}: input {mount}: {why}", w.agent)];
+                        j.next_try_unix_ms = now + REQUEUE_MS;
+                        self.dirty_j.insert(run.job.clone());
+                        for b in &run.bids {
+                            self.send(
+                                &b.agent,
+                                CoordinatorMessage::Release { auction: auction_id.to_string() },
+                            );
+                        }
+                        return;
+                    }
+                }
+            }
+            plans.push(ins);
+        }
+        let wf_name =
+            self.workflows.get(&j.workflow).map(|w| w.name.clone()).unwrap_or_default();
+        j.output_residency =
+            j.spec.output_jurisdictions.clone().unwrap_or_else(|| run.residency.clone());
+        let outputs: Vec<AwardOutput> = j
+            .spec
+            .outputs
+            .iter()
+            .map(|o| AwardOutput {
+                output: o.clone(),
+                dataset_name: format!("{wf_name}.{}.{o}", j.name),
+                jurisdictions: j.output_residency.clone(),
+            })
+            .collect();
         let exec = ExecSpec {
             argv: match &j.spec.run {
                 Run::Command(c) => c.clone(),
@@ -739,6 +911,8 @@ impl SchedulerState {
                 world_size: world,
                 master_addr: master.clone(),
                 master_port: 29500,
+                inputs: plans.get(rank).cloned().unwrap_or_default(),
+                outputs: outputs.clone(),
             };
             // Sent after the tick's state (with this fence) is persisted.
             self.outgoing.push((w.agent.clone(), CoordinatorMessage::Award(Box::new(award))));
@@ -789,7 +963,14 @@ impl SchedulerState {
         attempt: u64,
         outcome: JobOutcome,
         duration_ms: u64,
+        outputs: Vec<OutputDataset>,
     ) {
+        let wf_name = self
+            .jobs
+            .get(job)
+            .and_then(|j| self.workflows.get(&j.workflow))
+            .map(|w| w.name.clone())
+            .unwrap_or_default();
         let Some(j) = self.jobs.get_mut(job) else { return };
         let units = f64::from(j.spec.resources.gpus.max(1));
         let mut added = 0.0;
@@ -809,6 +990,16 @@ impl SchedulerState {
         }
         a.outcomes[rank] = Some(outcome.to_string());
         a.succeeded[rank] = outcome.succeeded();
+        if outcome.succeeded() {
+            // Outputs become datasets held by this agent, named WORKFLOW.JOB.OUTPUT, with
+            // the residency the award gave them.
+            for o in outputs {
+                let name = format!("{wf_name}.{}.{}", j.name, o.output);
+                let juris = j.output_residency.clone();
+                let rec = self.broker.register(o.manifest, &name, juris, agent, Some(job.to_string()));
+                j.outputs.insert(o.output, rec.id);
+            }
+        }
         let hours = duration_ms as f64 / 3_600_000.0;
         let c = a.price_per_hour.get(rank).copied().unwrap_or(0.0) * hours * units;
         a.cost += c;
@@ -878,6 +1069,7 @@ pub struct SchedulerArgs {
     pub store: Arc<Store>,
     pub fleet: ActorRef<FleetMsg>,
     pub top_k: usize,
+    pub broker: Arc<DataBroker>,
 }
 
 impl Actor for Scheduler {
@@ -937,6 +1129,8 @@ impl Actor for Scheduler {
             top_k: a.top_k.max(1),
             sessions: BTreeMap::new(),
             flush_scheduled: false,
+            broker: a.broker,
+            last_candidates: Arc::new(Vec::new()),
             _ticker: Some(ticker),
         })
     }
@@ -969,10 +1163,10 @@ impl Actor for Scheduler {
             SchedulerMsg::SessionUp { agent, session } => {
                 st.sessions.insert(agent, session);
             }
-            SchedulerMsg::Bid { agent, auction, gpus, price, eta_ms } => {
+            SchedulerMsg::Bid { agent, auction, gpus, price, eta_ms, local_bytes } => {
                 let complete = match st.auctions.get_mut(&auction) {
                     Some(a) if a.invited.contains(&agent) => {
-                        a.bids.push(BidView { agent, price, eta_ms, gpus });
+                        a.bids.push(BidView { agent, price, eta_ms, gpus, local_bytes });
                         a.bids.len() + a.declines.len() >= a.invited.len()
                     }
                     _ => {
@@ -1045,9 +1239,9 @@ impl Actor for Scheduler {
                     }
                 }
             }
-            SchedulerMsg::JobExited { agent, job, attempt, outcome, duration_ms } => {
+            SchedulerMsg::JobExited { agent, job, attempt, outcome, duration_ms, outputs } => {
                 st.verify.remove(&(job.clone(), attempt));
-                st.exited(&agent, &job, attempt, outcome, duration_ms);
+                st.exited(&agent, &job, attempt, outcome, duration_ms, outputs);
                 // Durable before acknowledged: the ack goes out after this tick's commit.
                 st.outgoing.push((agent, CoordinatorMessage::ExitRecorded { job, attempt }));
                 st.schedule_flush(&myself);

@@ -58,6 +58,7 @@ pub struct SessionArgs {
     pub authority: ActorRef<AuthorityMsg>,
     pub scheduler: ActorRef<SchedulerMsg>,
     pub heartbeat_interval: Duration,
+    pub broker: std::sync::Arc<crate::broker::DataBroker>,
 }
 
 /// Session state.
@@ -122,6 +123,7 @@ async fn reader_loop(
     fleet: ActorRef<FleetMsg>,
     scheduler: ActorRef<SchedulerMsg>,
     myself: ActorRef<SessionMsg>,
+    broker: std::sync::Arc<crate::broker::DataBroker>,
 ) {
     let to_scheduler = |m: SchedulerMsg| scheduler.cast(m).map_err(|_| ());
     let reason = loop {
@@ -141,13 +143,14 @@ async fn reader_loop(
                         session_id,
                         inventory,
                     }),
-                    AgentMessage::Bid { auction, gpus, price, eta_ms } => {
+                    AgentMessage::Bid { auction, gpus, price, eta_ms, local_bytes } => {
                         let _ = to_scheduler(SchedulerMsg::Bid {
                             agent: name.clone(),
                             auction,
                             gpus,
                             price,
                             eta_ms,
+                            local_bytes,
                         });
                         Ok(())
                     }
@@ -186,14 +189,28 @@ async fn reader_loop(
                         });
                         Ok(())
                     }
-                    AgentMessage::JobExited { job, attempt, outcome, duration_ms } => {
+                    AgentMessage::JobExited { job, attempt, outcome, duration_ms, outputs } => {
                         let _ = to_scheduler(SchedulerMsg::JobExited {
                             agent: name.clone(),
                             job,
                             attempt,
                             outcome,
                             duration_ms,
+                            outputs,
                         });
+                        Ok(())
+                    }
+                    AgentMessage::Holdings { datasets } => {
+                        broker.holdings(&name, &datasets);
+                        Ok(())
+                    }
+                    AgentMessage::FetchDone(report) => {
+                        if report.ok {
+                            info!(agent_id = %name, dataset = %fleetmesh_protocol::data::short(&report.dataset), fetched = report.fetched_chunks, reused = report.reused_chunks, "fetch done");
+                        } else {
+                            warn!(agent_id = %name, dataset = %fleetmesh_protocol::data::short(&report.dataset), detail = %report.detail, "fetch failed");
+                        }
+                        broker.fetch_done(&name, report);
                         Ok(())
                     }
                     AgentMessage::Running { attempts } => {
@@ -259,6 +276,7 @@ impl Actor for AgentSession {
             authority,
             scheduler,
             heartbeat_interval,
+            broker,
         } = args;
         let name = identity.name.clone();
         let id_for_register = identity.clone();
@@ -286,6 +304,10 @@ impl Actor for AgentSession {
             });
             return Err(format!("could not send welcome to {name}: {e}").into());
         }
+        let key = CoordinatorMessage::DataPlane { ticket_key: broker.ticket_key() };
+        if let Err(e) = write_frame(&mut send, &key).await {
+            return Err(format!("could not send the ticket key to {name}: {e}").into());
+        }
         let reader = tokio::spawn(reader_loop(
             recv,
             conn.clone(),
@@ -294,6 +316,7 @@ impl Actor for AgentSession {
             fleet.clone(),
             scheduler,
             myself,
+            broker,
         ));
         Ok(SessionState {
             conn,

@@ -23,6 +23,8 @@ const REVOKED_AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("revok
 /// Workflows and jobs (JSON; the scheduler owns their shape).
 const WORKFLOWS: TableDefinition<&str, &[u8]> = TableDefinition::new("workflows");
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
+/// Dataset index (DataBroker): id -> JSON record.
+const DATASETS: TableDefinition<&str, &[u8]> = TableDefinition::new("datasets");
 
 /// Store errors.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +86,7 @@ impl Store {
         tx.open_table(REVOKED_AGENTS).map_err(db_err(&path))?;
         tx.open_table(WORKFLOWS).map_err(db_err(&path))?;
         tx.open_table(JOBS).map_err(db_err(&path))?;
+        tx.open_table(DATASETS).map_err(db_err(&path))?;
         tx.commit().map_err(db_err(&path))?;
         Ok(Self { db })
     }
@@ -354,6 +357,37 @@ impl Store {
             js.push((k.value().to_string(), v.value().to_vec()));
         }
         Ok((ws, js))
+    }
+}
+
+impl Store {
+    /// Insert or replace dataset records, and delete others, in one transaction.
+    pub fn put_datasets(
+        &self,
+        put: &[(String, Vec<u8>)],
+        delete: &[String],
+    ) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        {
+            let mut t = tx.open_table(DATASETS).map_err(db)?;
+            for (k, v) in put {
+                t.insert(k.as_str(), v.as_slice()).map_err(db)?;
+            }
+            for k in delete {
+                t.remove(k.as_str()).map_err(db)?;
+            }
+        }
+        tx.commit().map_err(db)
+    }
+
+    /// Every dataset record.
+    pub fn datasets(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let mut out = Vec::new();
+        for item in tx.open_table(DATASETS).map_err(db)?.iter().map_err(db)? {
+            out.push(item.map_err(db)?.1.value().to_vec());
+        }
+        Ok(out)
     }
 }
 

@@ -77,6 +77,58 @@ pub fn import(
     Ok(Manifest { chunk_size, files })
 }
 
+/// Hash a file or directory into a manifest without storing anything (a client that
+/// uploads only the chunks the other side lacks).
+pub fn scan(root: &Path, chunk_size: u32, mut progress: impl FnMut(u64)) -> Result<Manifest, StoreError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut files = Vec::new();
+    let mut buf = vec![0u8; chunk_size as usize];
+    for (rel, path) in list_files(root)? {
+        let mut f = std::fs::File::open(&path).map_err(io(&path))?;
+        let mode = f.metadata().map_err(io(&path))?.permissions().mode() & 0o777;
+        let (mut size, mut chunks) = (0u64, Vec::new());
+        loop {
+            let n = read_full(&mut f, &mut buf).map_err(io(&path))?;
+            if n == 0 {
+                break;
+            }
+            chunks.push(hash_bytes(&buf[..n]));
+            size += n as u64;
+            progress(n as u64);
+            if n < buf.len() {
+                break;
+            }
+        }
+        files.push(FileEntry { path: rel, size, mode, chunks });
+    }
+    Ok(Manifest { chunk_size, files })
+}
+
+/// Call `f(hash, bytes)` for every chunk of the files under `root` in manifest order
+/// (re-reading them; a file changed since [`scan`] shows up as a hash mismatch).
+pub fn for_each_chunk(
+    root: &Path,
+    m: &Manifest,
+    mut f: impl FnMut(&Hash, &[u8]) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let files = list_files(root)?;
+    let mut buf = vec![0u8; m.chunk_size as usize];
+    for entry in &m.files {
+        let Some((_, path)) = files.iter().find(|(r, _)| *r == entry.path) else {
+            return Err(StoreError::Other(format!("{} disappeared", entry.path)));
+        };
+        let mut file = std::fs::File::open(path).map_err(io(path))?;
+        for h in &entry.chunks {
+            let n = read_full(&mut file, &mut buf).map_err(io(path))?;
+            if &hash_bytes(&buf[..n]) != h {
+                return Err(StoreError::Other(format!("{} changed while being read", entry.path)));
+            }
+            f(h, &buf[..n])?;
+        }
+    }
+    Ok(())
+}
+
 fn read_full(f: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {

@@ -91,6 +91,8 @@ pub enum JobOutcome {
     TimedOut,
     Cancelled,
     FailedToStart { reason: String },
+    /// The process succeeded but its outputs could not be stored.
+    OutputFailed { reason: String },
 }
 
 impl JobOutcome {
@@ -107,6 +109,7 @@ impl std::fmt::Display for JobOutcome {
             JobOutcome::TimedOut => write!(f, "timed out"),
             JobOutcome::Cancelled => write!(f, "cancelled"),
             JobOutcome::FailedToStart { reason } => write!(f, "failed to start: {reason}"),
+            JobOutcome::OutputFailed { reason } => write!(f, "outputs not stored: {reason}"),
         }
     }
 }

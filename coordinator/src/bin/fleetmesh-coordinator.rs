@@ -55,6 +55,9 @@ struct Cli {
     /// Agents asked for a bid per auction [default: 3].
     #[arg(long)]
     auction_top_k: Option<usize>,
+    /// Size limit of the coordinator's own chunk store (`fleetmesh data put`) [default: 100GiB].
+    #[arg(long)]
+    store_limit: Option<String>,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -99,6 +102,7 @@ fn main() -> ExitCode {
         cert_ttl: cli.cert_ttl,
         advertise: cli.advertise,
         auction_top_k: cli.auction_top_k,
+        store_limit: cli.store_limit,
     };
     let config = match CoordinatorConfig::resolve(file, flags) {
         Ok(c) => c,

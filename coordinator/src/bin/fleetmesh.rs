@@ -114,6 +114,42 @@ enum Command {
     },
     /// Cancel a job or a whole workflow (SIGTERM, then SIGKILL after a grace period).
     Cancel { id: String },
+    /// Datasets: content-addressed, held by agents, moved peer to peer.
+    Data {
+        #[command(subcommand)]
+        cmd: DataCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DataCmd {
+    /// Chunk a file or directory and store it (in the coordinator's store, and on an
+    /// agent with --on).
+    Put {
+        path: PathBuf,
+        /// Dataset name [default: the file or directory name].
+        #[arg(long)]
+        name: Option<String>,
+        /// Jurisdictions the data may live in (repeat for several) [default: anywhere].
+        #[arg(long = "jurisdiction")]
+        jurisdictions: Vec<String>,
+        /// Also have this agent fetch it.
+        #[arg(long)]
+        on: Option<String>,
+        /// Chunk size, e.g. 4MiB.
+        #[arg(long, default_value = "4MiB")]
+        chunk_size: String,
+    },
+    /// List datasets.
+    Ls,
+    /// Size, holders, residency and recent fetches of a dataset (id, id prefix or name).
+    Show { dataset: String },
+    /// Download a dataset into DEST (a directory), verifying every chunk.
+    Get { dataset: String, dest: PathBuf },
+    /// Have an agent fetch a dataset from its holders.
+    Place { dataset: String, agent: String },
+    /// Remove a dataset from the index and from every holder.
+    Rm { dataset: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -598,6 +634,7 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Tokens { cmd } => tokens(&cli.conn, cli.output, cmd).await,
+        Command::Data { cmd } => data(&cli.conn, cli.output, cmd).await,
         Command::Audit => {
             let log: Vec<serde_json::Value> = client(&cli.conn)?.get_json("/api/v1/audit").await?;
             if cli.output == Output::Json {
@@ -746,6 +783,277 @@ fn certs(cmd: CertsCmd) -> Result<()> {
             );
             outln!("  {}", cert.display());
             outln!("  {} (private, 0600)", key.display());
+            Ok(())
+        }
+    }
+}
+
+fn bar(total: u64, what: &str) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new(total);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg:>10} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+    ) {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb.set_message(what.to_string());
+    pb
+}
+
+fn human_bytes(n: u64) -> String {
+    indicatif::BinaryBytes(n).to_string()
+}
+
+/// Wait until `agent` reports how its fetch of `id` ended.
+async fn wait_fetch(c: &ApiClient, id: &str, agent: &str) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(600);
+    loop {
+        let d: serde_json::Value = c.get_json(&format!("/api/v1/data/{id}")).await?;
+        if let Some(f) = d["fetches"].get(agent) {
+            if f["ok"].as_bool() == Some(true) {
+                outln!(
+                    "{agent} holds {} ({} chunk(s) fetched, {} already there)",
+                    &id[..12.min(id.len())],
+                    f["fetched_chunks"],
+                    f["reused_chunks"]
+                );
+                return Ok(());
+            }
+            bail!("{agent} could not fetch it: {}", f["detail"].as_str().unwrap_or("?"));
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("{agent} has not reported its fetch after 10 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn data(conn: &ConnArgs, output: Output, cmd: DataCmd) -> Result<()> {
+    let c = client(conn)?;
+    match cmd {
+        DataCmd::Put { path, name, jurisdictions, on, chunk_size } => {
+            let chunk_size = fleetmesh_protocol::workflow::parse_size(&chunk_size)
+                .map_err(|e| anyhow!("--chunk-size: {e}"))?;
+            if chunk_size == 0 || chunk_size > u64::from(fleetmesh_protocol::data::MAX_CHUNK_SIZE) {
+                bail!("--chunk-size must be between 1 byte and 64MiB");
+            }
+            let name = match name {
+                Some(n) => n,
+                None => path
+                    .canonicalize()
+                    .ok()
+                    .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                    .ok_or_else(|| anyhow!("give the dataset a --name"))?,
+            };
+            let total: u64 = fleetmesh_data::dataset::list_files(&path)?
+                .iter()
+                .filter_map(|(_, p)| std::fs::metadata(p).ok().map(|m| m.len()))
+                .sum();
+            let pb = bar(total, "hashing");
+            let p2 = path.clone();
+            let pbc = pb.clone();
+            let manifest = tokio::task::spawn_blocking(move || {
+                fleetmesh_data::dataset::scan(&p2, chunk_size as u32, |n| pbc.inc(n))
+            })
+            .await??;
+            pb.finish_and_clear();
+            let all: Vec<String> = manifest
+                .unique_chunks()
+                .iter()
+                .map(|(h, _)| fleetmesh_protocol::data::hash_hex(h))
+                .collect();
+            let missing: Vec<String> = c.post_json("/api/v1/data/missing", &all).await?;
+            let missing: std::collections::HashSet<String> = missing.into_iter().collect();
+            let pb = bar(total, "uploading");
+            // Read chunks on a blocking thread, upload them from here.
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<(String, Vec<u8>)>(4);
+            let (p2, m2) = (path.clone(), manifest.clone());
+            let reader = tokio::task::spawn_blocking(move || {
+                fleetmesh_data::dataset::for_each_chunk(&p2, &m2, |h, b| {
+                    tx.blocking_send((fleetmesh_protocol::data::hash_hex(h), b.to_vec()))
+                        .map_err(|_| fleetmesh_data::StoreError::Other("upload stopped".into()))
+                })
+            });
+            let mut sent = std::collections::HashSet::new();
+            while let Some((h, bytes)) = rx.recv().await {
+                let n = bytes.len() as u64;
+                if missing.contains(&h) && sent.insert(h.clone()) {
+                    let (status, body) =
+                        c.request("PUT", &format!("/api/v1/data/chunks/{h}"), Some(bytes)).await?;
+                    if !(200..300).contains(&status) {
+                        bail!("upload of chunk {h} refused ({status}): {}", String::from_utf8_lossy(&body));
+                    }
+                }
+                pb.inc(n);
+            }
+            reader.await??;
+            pb.finish_and_clear();
+            let rec: serde_json::Value = c
+                .post_json(
+                    "/api/v1/data",
+                    &serde_json::json!({
+                        "name": name, "jurisdictions": jurisdictions,
+                        "manifest": manifest, "on": on,
+                    }),
+                )
+                .await?;
+            let id = rec["id"].as_str().unwrap_or_default().to_string();
+            if output == Output::Json {
+                print_json(&rec)?;
+            } else {
+                outln!(
+                    "dataset {name} {id}: {} in {} file(s), {} chunk(s) uploaded, {} already stored",
+                    human_bytes(total),
+                    manifest.files.len(),
+                    sent.len(),
+                    all.len() - sent.len()
+                );
+            }
+            if let Some(agent) = on {
+                wait_fetch(&c, &id, &agent).await?;
+            }
+            Ok(())
+        }
+        DataCmd::Ls => {
+            let list: Vec<serde_json::Value> = c.get_json("/api/v1/data").await?;
+            if output == Output::Json {
+                return print_json(&list);
+            }
+            let s = |v: &serde_json::Value| {
+                v.as_array()
+                    .map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(","))
+                    .filter(|x| !x.is_empty())
+                    .unwrap_or_else(|| "-".into())
+            };
+            table(
+                &["NAME", "ID", "SIZE", "FILES", "RESIDENCY", "HOLDERS", "PARTIAL"],
+                list.iter()
+                    .map(|d| {
+                        let id = d["id"].as_str().unwrap_or_default();
+                        vec![
+                            d["name"].as_str().unwrap_or_default().to_string(),
+                            id[..12.min(id.len())].to_string(),
+                            human_bytes(d["bytes"].as_u64().unwrap_or(0)),
+                            d["files"].to_string(),
+                            s(&d["jurisdictions"]),
+                            s(&d["complete_holders"]),
+                            s(&d["partial_holders"]),
+                        ]
+                    })
+                    .collect(),
+            );
+            Ok(())
+        }
+        DataCmd::Show { dataset } => {
+            let mut d: serde_json::Value = c.get_json(&format!("/api/v1/data/{dataset}")).await?;
+            if output == Output::Json {
+                return print_json(&d);
+            }
+            if let Some(o) = d.as_object_mut() {
+                o.remove("manifest");
+            }
+            outln!("name:        {}", d["name"].as_str().unwrap_or_default());
+            outln!("id:          {}", d["id"].as_str().unwrap_or_default());
+            outln!(
+                "size:        {} in {} file(s), {} chunk(s)",
+                human_bytes(d["bytes"].as_u64().unwrap_or(0)),
+                d["files"],
+                d["chunks"]
+            );
+            let res = d["jurisdictions"].as_array().map(|a| a.len()).unwrap_or(0);
+            outln!(
+                "residency:   {}",
+                if res == 0 { "anywhere".to_string() } else { d["jurisdictions"].to_string() }
+            );
+            if let Some(p) = d["producer"].as_str() {
+                outln!("produced by: {p}");
+            }
+            outln!("holders:");
+            if let Some(h) = d["holders"].as_object() {
+                for (name, st) in h {
+                    outln!(
+                        "  {name:<24} {} {}",
+                        if st["complete"].as_bool() == Some(true) { "complete" } else { "partial " },
+                        human_bytes(st["bytes_present"].as_u64().unwrap_or(0))
+                    );
+                }
+            }
+            if let Some(f) = d["fetches"].as_object().filter(|f| !f.is_empty()) {
+                outln!("fetches:");
+                for (agent, r) in f {
+                    outln!(
+                        "  {agent:<24} {} fetched={} reused={} {}",
+                        if r["ok"].as_bool() == Some(true) { "ok" } else { "FAILED" },
+                        r["fetched_chunks"],
+                        r["reused_chunks"],
+                        r["detail"].as_str().unwrap_or_default()
+                    );
+                }
+            }
+            Ok(())
+        }
+        DataCmd::Get { dataset, dest } => {
+            // The coordinator brings the dataset into its own store first (from agents).
+            let d: serde_json::Value = c
+                .post_json(&format!("/api/v1/data/{dataset}/stage"), &serde_json::json!({}))
+                .await?;
+            let manifest: fleetmesh_protocol::data::Manifest =
+                serde_json::from_value(d["manifest"].clone())
+                    .context("coordinator sent an unreadable manifest")?;
+            let id = d["id"].as_str().unwrap_or_default();
+            if manifest.id() != id {
+                bail!("manifest does not match dataset id {id}");
+            }
+            manifest.validate()?;
+            let pb = bar(manifest.total_bytes(), "downloading");
+            for f in &manifest.files {
+                let p = dest.join(&f.path);
+                if let Some(parent) = p.parent() {
+                    std::fs::create_dir_all(parent)
+                        .with_context(|| format!("creating {}", parent.display()))?;
+                }
+                let mut out = std::fs::File::create(&p)
+                    .with_context(|| format!("creating {}", p.display()))?;
+                for h in &f.chunks {
+                    let hex = fleetmesh_protocol::data::hash_hex(h);
+                    let (status, body) = c.get(&format!("/api/v1/data/chunks/{hex}")).await?;
+                    if status != 200 {
+                        bail!("chunk {hex}: {}", String::from_utf8_lossy(&body));
+                    }
+                    if &fleetmesh_protocol::data::hash_bytes(&body) != h {
+                        bail!("chunk {hex} failed verification");
+                    }
+                    out.write_all(&body).with_context(|| format!("writing {}", p.display()))?;
+                    pb.inc(body.len() as u64);
+                }
+                use std::os::unix::fs::PermissionsExt;
+                let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(f.mode));
+            }
+            pb.finish_and_clear();
+            outln!(
+                "{} ({}) -> {}: {} in {} file(s), every chunk verified",
+                d["name"].as_str().unwrap_or_default(),
+                &id[..12.min(id.len())],
+                dest.display(),
+                human_bytes(manifest.total_bytes()),
+                manifest.files.len()
+            );
+            Ok(())
+        }
+        DataCmd::Place { dataset, agent } => {
+            let r: serde_json::Value = c
+                .post_json(
+                    &format!("/api/v1/data/{dataset}/place"),
+                    &serde_json::json!({ "agent": agent }),
+                )
+                .await?;
+            let id = r["dataset"].as_str().unwrap_or_default().to_string();
+            wait_fetch(&c, &id, &agent).await
+        }
+        DataCmd::Rm { dataset } => {
+            let r: serde_json::Value = c
+                .post_json(&format!("/api/v1/data/{dataset}/rm"), &serde_json::json!({}))
+                .await?;
+            outln!("removed {} (holders told: {})", r["removed"], r["holders_told"]);
             Ok(())
         }
     }

@@ -1,0 +1,248 @@
+//! The agent's side of the data plane: its chunk store, the xfer endpoint peers fetch
+//! from, fetches the coordinator asks for, staging job inputs and collecting outputs.
+
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use fleetmesh_data::{dataset, xfer, LocalDataset, Store, XferServer};
+use fleetmesh_protocol::data::{short, FetchPlan, DEFAULT_CHUNK_SIZE};
+use fleetmesh_protocol::tls::TlsIdentity;
+use fleetmesh_protocol::{
+    AgentMessage, AwardInput, AwardOutput, FetchReport, Holding, InputSummary, OutputDataset,
+};
+use tracing::{info, warn};
+
+use crate::config::DataConfig;
+use crate::jobs::Outbox;
+
+/// Data-plane state of one agent.
+pub struct DataPlane {
+    pub store: Arc<Store>,
+    pub server: Arc<XferServer>,
+    endpoint: quinn::Endpoint,
+    tls: RwLock<TlsIdentity>,
+    outbox: Arc<Outbox>,
+    cfg: DataConfig,
+    /// Datasets being fetched (a second request for one waits for nothing: it is skipped).
+    fetching: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl std::fmt::Debug for DataPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataPlane").field("store", &self.store.root()).finish_non_exhaustive()
+    }
+}
+
+impl DataPlane {
+    /// Open the store under `<data_dir>/store` and start serving on `cfg.listen`.
+    pub fn start(
+        data_dir: &Path,
+        cfg: &DataConfig,
+        tls: &TlsIdentity,
+        outbox: Arc<Outbox>,
+    ) -> Result<Arc<Self>, String> {
+        let store = Arc::new(
+            Store::open(&data_dir.join("store"), cfg.store_limit).map_err(|e| e.to_string())?,
+        );
+        let endpoint = xfer::endpoint(cfg.listen, tls, true).map_err(|e| e.to_string())?;
+        let server = XferServer::new(
+            store.clone(),
+            &tls.identity.name,
+            &tls.identity.trust_domain,
+            None,
+            cfg.serve_rate,
+        );
+        server.spawn_accept_loop(endpoint.clone());
+        info!(
+            agent_id = %tls.identity.name,
+            addr = ?endpoint.local_addr().ok(),
+            "data plane listening"
+        );
+        Ok(Arc::new(Self {
+            store,
+            server,
+            endpoint,
+            tls: RwLock::new(tls.clone()),
+            outbox,
+            cfg: cfg.clone(),
+            fetching: Default::default(),
+        }))
+    }
+
+    pub fn port(&self) -> Option<u16> {
+        self.endpoint.local_addr().ok().map(|a| a.port())
+    }
+
+    /// A renewed certificate: serve and dial with it from now on.
+    pub fn update_tls(&self, tls: &TlsIdentity) {
+        if let Ok(cfg) = tls.server_config(&[fleetmesh_protocol::data::ALPN_XFER], true) {
+            if let Ok(quic) = quinn::crypto::rustls::QuicServerConfig::try_from(cfg) {
+                self.endpoint.set_server_config(Some(quinn::ServerConfig::with_crypto(Arc::new(quic))));
+            }
+        }
+        if let Ok(mut t) = self.tls.write() {
+            *t = tls.clone();
+        }
+    }
+
+    fn tls(&self) -> Option<TlsIdentity> {
+        self.tls.read().ok().map(|t| t.clone())
+    }
+
+    /// What this store holds, for the coordinator's index.
+    pub fn holdings(&self) -> AgentMessage {
+        AgentMessage::Holdings {
+            datasets: self
+                .store
+                .holdings()
+                .into_iter()
+                .map(|(d, complete, bytes_present)| Holding {
+                    dataset: d.id,
+                    complete,
+                    bytes_present,
+                })
+                .collect(),
+        }
+    }
+
+    async fn fetch(&self, plan: &FetchPlan) -> Result<FetchReport, String> {
+        let tls = self.tls().ok_or("identity unavailable")?;
+        xfer::fetch(&self.endpoint, &tls, self.store.clone(), plan, Arc::new(|_| {}))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// A fetch the coordinator asked for: report the result and the new holdings.
+    pub fn fetch_for_coordinator(self: &Arc<Self>, plan: FetchPlan) {
+        if self.store.complete(&plan.dataset) {
+            self.outbox.push(AgentMessage::FetchDone(FetchReport {
+                dataset: plan.dataset.clone(),
+                ok: true,
+                detail: "already held".into(),
+                fetched_chunks: 0,
+                reused_chunks: 0,
+                per_holder: vec![],
+            }));
+            self.outbox.push(self.holdings());
+            return;
+        }
+        if let Ok(mut f) = self.fetching.lock() {
+            if !f.insert(plan.dataset.clone()) {
+                return;
+            }
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let report = match me.fetch(&plan).await {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(dataset = %short(&plan.dataset), error = %e, "fetch failed");
+                    FetchReport {
+                        dataset: plan.dataset.clone(),
+                        ok: false,
+                        detail: e,
+                        fetched_chunks: 0,
+                        reused_chunks: 0,
+                        per_holder: vec![],
+                    }
+                }
+            };
+            if let Ok(mut f) = me.fetching.lock() {
+                f.remove(&plan.dataset);
+            }
+            me.outbox.push(AgentMessage::FetchDone(report));
+            me.outbox.push(me.holdings());
+        });
+    }
+
+    /// Forget a dataset (its chunks go unless another dataset uses them).
+    pub fn drop_dataset(&self, id: &str) {
+        if self.store.remove_dataset(id) {
+            info!(dataset = %short(id), "dataset removed from the local store");
+        }
+        self.outbox.push(self.holdings());
+    }
+
+    /// Bytes of these inputs already held here.
+    pub fn local_bytes(&self, inputs: &[InputSummary]) -> u64 {
+        inputs.iter().map(|i| self.store.present_bytes(&i.dataset).min(i.bytes)).sum()
+    }
+
+    /// (extra ETA ms, extra price) for fetching what is missing of `inputs`.
+    pub fn fetch_cost(&self, inputs: &[InputSummary], own_site: (Option<&str>, Option<&str>)) -> (u64, f64) {
+        let mut eta_ms = 0u64;
+        let mut price = 0.0;
+        for i in inputs {
+            let missing = i.bytes.saturating_sub(self.store.present_bytes(&i.dataset).min(i.bytes));
+            eta_ms += missing.saturating_mul(1000) / self.cfg.fetch_bandwidth.max(1);
+            let same_site = i.holder_sites.iter().any(|(p, r)| {
+                p.as_deref() == own_site.0 && r.as_deref() == own_site.1
+            });
+            if !same_site {
+                price += missing as f64 / 1e9 * self.cfg.transfer_cost_per_gb;
+            }
+        }
+        (eta_ms, price)
+    }
+
+    /// Fetch (as needed) and materialise every input under `<dir>/inputs/<mount>`,
+    /// pinning their chunks until [`DataPlane::release_inputs`].
+    pub async fn stage(&self, inputs: &[AwardInput], dir: &Path, job: &str) -> Result<(), String> {
+        for i in inputs {
+            if !self.store.complete(&i.plan.dataset) {
+                info!(job_id = %job, dataset = %short(&i.plan.dataset), input = %i.mount, "fetching input");
+                let r = self.fetch(&i.plan).await?;
+                self.outbox.push(self.holdings());
+                info!(job_id = %job, input = %i.mount, fetched = r.fetched_chunks, reused = r.reused_chunks, "input fetched");
+            }
+            self.store.pin(&i.plan.dataset);
+            let d = self
+                .store
+                .dataset(&i.plan.dataset)
+                .ok_or_else(|| format!("input {} vanished from the store", i.mount))?;
+            let dest = dir.join("inputs").join(&i.mount);
+            let store = self.store.clone();
+            tokio::task::spawn_blocking(move || dataset::materialize(&store, &d.manifest, &dest))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("input {}: {e}", i.mount))?;
+        }
+        Ok(())
+    }
+
+    pub fn release_inputs(&self, inputs: &[AwardInput]) {
+        for i in inputs {
+            self.store.unpin(&i.plan.dataset);
+        }
+    }
+
+    /// Chunk each `<dir>/outputs/<name>` into the store as a dataset.
+    pub async fn collect(&self, outputs: &[AwardOutput], dir: &Path) -> Result<Vec<OutputDataset>, String> {
+        let mut out = Vec::new();
+        for o in outputs {
+            let src = dir.join("outputs").join(&o.output);
+            let store = self.store.clone();
+            let m = tokio::task::spawn_blocking(move || {
+                dataset::import(&store, &src, DEFAULT_CHUNK_SIZE, |_| {})
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("output {}: {e}", o.output))?;
+            let id = m.id();
+            self.store
+                .add_dataset(LocalDataset {
+                    id: id.clone(),
+                    name: o.dataset_name.clone(),
+                    jurisdictions: o.jurisdictions.clone(),
+                    manifest: m.clone(),
+                })
+                .map_err(|e| e.to_string())?;
+            info!(dataset = %short(&id), name = %o.dataset_name, bytes = m.total_bytes(), "output stored");
+            out.push(OutputDataset { output: o.output.clone(), manifest: m });
+        }
+        if !outputs.is_empty() {
+            self.outbox.push(self.holdings());
+        }
+        Ok(out)
+    }
+}

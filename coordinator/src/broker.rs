@@ -1,0 +1,554 @@
+//! `DataBroker`: the dataset index (who holds what, complete or partial), residency,
+//! fetch plans and the tickets that authorise them.
+//!
+//! It is a shared service object rather than an actor: the Scheduler asks it for plans
+//! while deciding an award and the Api for listings, both synchronously and cheaply (an
+//! in-memory index behind a mutex, written through to the redb `datasets` table).
+//! The decisions ([`plan_for`]) are pure functions of the index, the candidates and `now`.
+//!
+//! The coordinator's own chunk store (filled by `fleetmesh data put`) is a holder like an
+//! agent, served on the control port under ALPN `fleetmesh/xfer/1`. Plans prefer agent
+//! holders: the coordinator serves data only when no connected agent holds a complete copy.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use fleetmesh_data::{LocalDataset, XferServer};
+use fleetmesh_protocol::data::{
+    residency_allows, short, FetchPlan, Holder, Manifest, Ticket, TicketSigner,
+};
+use fleetmesh_protocol::{FetchReport, Holding, PeerKind};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::auction::Candidate;
+use crate::store::Store;
+
+/// How long a ticket stays valid: long enough for a large fetch to start from every
+/// holder, short enough that a leaked ticket is soon useless.
+pub const TICKET_TTL_MS: u64 = 10 * 60 * 1000;
+
+/// One holder of a dataset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HolderState {
+    pub complete: bool,
+    pub bytes_present: u64,
+    pub updated_unix_ms: u64,
+}
+
+/// A dataset in the index.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetRecord {
+    pub id: String,
+    pub name: String,
+    /// Allowed jurisdictions (empty = anywhere).
+    pub jurisdictions: Vec<String>,
+    pub bytes: u64,
+    pub files: usize,
+    pub chunks: usize,
+    /// Holder name -> state. The coordinator's own store appears under its name.
+    pub holders: BTreeMap<String, HolderState>,
+    /// The job that produced it, for outputs.
+    pub producer: Option<String>,
+    pub created_unix_ms: u64,
+    pub manifest: Manifest,
+    /// Last fetch result per agent (`data put --on`, replication).
+    #[serde(default)]
+    pub fetches: BTreeMap<String, FetchReport>,
+}
+
+/// Compact listing line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DatasetSummary {
+    pub id: String,
+    pub name: String,
+    pub jurisdictions: Vec<String>,
+    pub bytes: u64,
+    pub files: usize,
+    pub complete_holders: Vec<String>,
+    pub partial_holders: Vec<String>,
+    pub created_unix_ms: u64,
+}
+
+impl DatasetRecord {
+    pub fn summary(&self) -> DatasetSummary {
+        DatasetSummary {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            jurisdictions: self.jurisdictions.clone(),
+            bytes: self.bytes,
+            files: self.files,
+            complete_holders: self
+                .holders
+                .iter()
+                .filter(|(_, h)| h.complete)
+                .map(|(n, _)| n.clone())
+                .collect(),
+            partial_holders: self
+                .holders
+                .iter()
+                .filter(|(_, h)| !h.complete)
+                .map(|(n, _)| n.clone())
+                .collect(),
+            created_unix_ms: self.created_unix_ms,
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    fleetmesh_data::now_unix_ms()
+}
+
+/// Who asks for a plan.
+#[derive(Debug, Clone)]
+pub struct Requester {
+    pub kind: PeerKind,
+    pub name: String,
+    pub jurisdiction: Option<String>,
+}
+
+/// Choose holders for `requester` and sign a ticket for each (pure; `now` injected).
+/// Refuses with the reason when residency forbids the requester.
+pub fn plan_for(
+    d: &DatasetRecord,
+    requester: &Requester,
+    candidates: &[Candidate],
+    coordinator: Option<(&str, &str)>,
+    signer: &TicketSigner,
+    now: u64,
+) -> Result<FetchPlan, String> {
+    if requester.kind == PeerKind::Agent
+        && !residency_allows(&d.jurisdictions, requester.jurisdiction.as_deref())
+    {
+        return Err(format!(
+            "residency: dataset {} ({}) may only live in {:?}; agent {} is in {}",
+            d.name,
+            short(&d.id),
+            d.jurisdictions,
+            requester.name,
+            requester.jurisdiction.as_deref().unwrap_or("no jurisdiction")
+        ));
+    }
+    let ticket = |holder: &str| {
+        signer.sign(Ticket {
+            dataset: d.id.clone(),
+            requester: requester.name.clone(),
+            requester_kind: requester.kind,
+            holder: holder.to_string(),
+            jurisdictions: d.jurisdictions.clone(),
+            expires_unix_ms: now + TICKET_TTL_MS,
+        })
+    };
+    let mut holders: Vec<Holder> = candidates
+        .iter()
+        .filter(|c| c.connected && c.agent != requester.name)
+        .filter(|c| d.holders.get(&c.agent).is_some_and(|h| h.complete))
+        .filter_map(|c| {
+            c.data_addr.as_ref().map(|addr| Holder {
+                name: c.agent.clone(),
+                kind: PeerKind::Agent,
+                addr: addr.clone(),
+                ticket: ticket(&c.agent),
+            })
+        })
+        .collect();
+    if holders.is_empty() {
+        if let Some((name, addr)) = coordinator {
+            if d.holders.get(name).is_some_and(|h| h.complete) && requester.name != name {
+                holders.push(Holder {
+                    name: name.to_string(),
+                    kind: PeerKind::Coordinator,
+                    addr: addr.to_string(),
+                    ticket: ticket(name),
+                });
+            }
+        }
+    }
+    if holders.is_empty() {
+        return Err(format!(
+            "no connected holder has a complete copy of {} ({})",
+            d.name,
+            short(&d.id)
+        ));
+    }
+    Ok(FetchPlan {
+        dataset: d.id.clone(),
+        name: d.name.clone(),
+        jurisdictions: d.jurisdictions.clone(),
+        bytes: d.bytes,
+        holders,
+    })
+}
+
+/// The dataset index and ticket authority.
+pub struct DataBroker {
+    store: Arc<Store>,
+    signer: TicketSigner,
+    /// The coordinator's own chunk store and its xfer server.
+    pub local: Arc<fleetmesh_data::Store>,
+    pub server: Arc<XferServer>,
+    /// Our certificate name (as a holder) and the address agents reach us at.
+    name: String,
+    addr: Mutex<Option<String>>,
+    index: Mutex<BTreeMap<String, DatasetRecord>>,
+}
+
+impl std::fmt::Debug for DataBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataBroker").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+impl DataBroker {
+    /// Load (or create) the signing key `<data>/ticket-signing.key` and the index.
+    pub fn open(
+        data_dir: &std::path::Path,
+        store: Arc<Store>,
+        name: &str,
+        trust_domain: &str,
+        store_limit: u64,
+    ) -> Result<Arc<Self>, String> {
+        let key_path = data_dir.join("ticket-signing.key");
+        let der = match std::fs::read(&key_path) {
+            Ok(d) => d,
+            Err(_) => {
+                let d = TicketSigner::generate_pkcs8().map_err(|e| e.to_string())?;
+                fleetmesh_protocol::pki::write_private(&key_path, &d, false)
+                    .map_err(|e| format!("{}: {e}", key_path.display()))?;
+                d
+            }
+        };
+        let signer = TicketSigner::from_pkcs8(&der).map_err(|e| e.to_string())?;
+        let local = Arc::new(
+            fleetmesh_data::Store::open(&data_dir.join("datastore"), store_limit)
+                .map_err(|e| e.to_string())?,
+        );
+        let server =
+            XferServer::new(local.clone(), name, trust_domain, Some(signer.public_key()), None);
+        let mut index = BTreeMap::new();
+        for raw in store.datasets().map_err(|e| e.to_string())? {
+            match serde_json::from_slice::<DatasetRecord>(&raw) {
+                Ok(r) => {
+                    index.insert(r.id.clone(), r);
+                }
+                Err(e) => warn!(error = %e, "unreadable dataset record skipped"),
+            }
+        }
+        Ok(Arc::new(Self {
+            store,
+            signer,
+            local,
+            server,
+            name: name.to_string(),
+            addr: Mutex::new(None),
+            index: Mutex::new(index),
+        }))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn ticket_key(&self) -> Vec<u8> {
+        self.signer.public_key()
+    }
+
+    /// Where agents reach the coordinator's store.
+    pub fn set_addr(&self, addr: String) {
+        if let Ok(mut a) = self.addr.lock() {
+            *a = Some(addr);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, DatasetRecord>> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn persist(&self, recs: &[&DatasetRecord], delete: &[String]) {
+        let put: Vec<(String, Vec<u8>)> = recs
+            .iter()
+            .filter_map(|r| serde_json::to_vec(r).ok().map(|v| (r.id.clone(), v)))
+            .collect();
+        if let Err(e) = self.store.put_datasets(&put, delete) {
+            warn!(error = %e, "dataset index not persisted");
+        }
+    }
+
+    /// A dataset by id, unique id prefix (8+ hex digits) or name (the newest of that name).
+    pub fn resolve(&self, r: &str) -> Option<DatasetRecord> {
+        let idx = self.lock();
+        if let Some(d) = idx.get(r) {
+            return Some(d.clone());
+        }
+        let by_name = idx.values().filter(|d| d.name == r).max_by_key(|d| d.created_unix_ms);
+        if let Some(d) = by_name {
+            return Some(d.clone());
+        }
+        if r.len() >= 8 && r.chars().all(|c| c.is_ascii_hexdigit()) {
+            let mut m = idx.range(r.to_string()..).take_while(|(k, _)| k.starts_with(r));
+            if let (Some((_, d)), None) = (m.next(), m.next()) {
+                return Some(d.clone());
+            }
+        }
+        None
+    }
+
+    pub fn list(&self) -> Vec<DatasetSummary> {
+        let mut v: Vec<DatasetSummary> = self.lock().values().map(|d| d.summary()).collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name).then(a.created_unix_ms.cmp(&b.created_unix_ms)));
+        v
+    }
+
+    /// Record a dataset (or a new holder of a known one).
+    pub fn register(
+        &self,
+        manifest: Manifest,
+        name: &str,
+        jurisdictions: Vec<String>,
+        holder: &str,
+        producer: Option<String>,
+    ) -> DatasetRecord {
+        let id = manifest.id();
+        let now = now_ms();
+        let mut idx = self.lock();
+        let rec = idx.entry(id.clone()).or_insert_with(|| DatasetRecord {
+            id: id.clone(),
+            name: name.to_string(),
+            jurisdictions: jurisdictions.clone(),
+            bytes: manifest.total_bytes(),
+            files: manifest.files.len(),
+            chunks: manifest.unique_chunks().len(),
+            holders: BTreeMap::new(),
+            producer: producer.clone(),
+            created_unix_ms: now,
+            manifest,
+            fetches: BTreeMap::new(),
+        });
+        // A new name (same content put again under another name) renames; residency can
+        // only become stricter.
+        rec.name = name.to_string();
+        if let Some(j) = fleetmesh_protocol::data::intersect_residency([
+            &rec.jurisdictions[..],
+            &jurisdictions[..],
+        ]) {
+            rec.jurisdictions = j;
+        }
+        if producer.is_some() {
+            rec.producer = producer;
+        }
+        rec.holders.insert(
+            holder.to_string(),
+            HolderState { complete: true, bytes_present: rec.bytes, updated_unix_ms: now },
+        );
+        let out = rec.clone();
+        drop(idx);
+        self.persist(&[&out], &[]);
+        info!(dataset = %short(&out.id), name = %out.name, holder, bytes = out.bytes, "dataset registered");
+        out
+    }
+
+    /// An agent's full list of holdings (after every hello, and on changes).
+    pub fn holdings(&self, agent: &str, list: &[Holding]) {
+        let now = now_ms();
+        let mut changed = Vec::new();
+        let mut idx = self.lock();
+        for (id, d) in idx.iter_mut() {
+            let h = list.iter().find(|h| &h.dataset == id);
+            let before = d.holders.get(agent).cloned();
+            match h {
+                Some(h) => {
+                    let new = HolderState {
+                        complete: h.complete,
+                        bytes_present: h.bytes_present,
+                        updated_unix_ms: now,
+                    };
+                    if before.as_ref().map(|b| (b.complete, b.bytes_present))
+                        != Some((new.complete, new.bytes_present))
+                    {
+                        d.holders.insert(agent.to_string(), new);
+                        changed.push(id.clone());
+                    }
+                }
+                None => {
+                    if before.is_some() {
+                        d.holders.remove(agent);
+                        changed.push(id.clone());
+                    }
+                }
+            }
+        }
+        let recs: Vec<DatasetRecord> =
+            changed.iter().filter_map(|id| idx.get(id).cloned()).collect();
+        drop(idx);
+        if !recs.is_empty() {
+            self.persist(&recs.iter().collect::<Vec<_>>(), &[]);
+        }
+    }
+
+    /// Remember how an agent's fetch ended (shown by `data show`).
+    pub fn fetch_done(&self, agent: &str, r: FetchReport) {
+        let mut idx = self.lock();
+        let Some(d) = idx.get_mut(&r.dataset) else { return };
+        d.fetches.insert(agent.to_string(), r);
+        let rec = d.clone();
+        drop(idx);
+        self.persist(&[&rec], &[]);
+    }
+
+    /// Remove a dataset from the index (and the coordinator's store); returns the agents
+    /// that hold it, to be told to drop it.
+    pub fn remove(&self, id: &str) -> Vec<String> {
+        let rec = self.lock().remove(id);
+        self.persist(&[], &[id.to_string()]);
+        self.local.remove_dataset(id);
+        rec.map(|r| r.holders.into_keys().filter(|h| *h != self.name).collect()).unwrap_or_default()
+    }
+
+    /// A plan (with tickets) for `requester` to fetch `id`.
+    pub fn plan(
+        &self,
+        id: &str,
+        requester: &Requester,
+        candidates: &[Candidate],
+    ) -> Result<FetchPlan, String> {
+        let d = self.lock().get(id).cloned().ok_or_else(|| format!("no dataset {}", short(id)))?;
+        let addr = self.addr.lock().ok().and_then(|a| a.clone());
+        let r = plan_for(
+            &d,
+            requester,
+            candidates,
+            addr.as_deref().map(|a| (self.name.as_str(), a)),
+            &self.signer,
+            now_ms(),
+        );
+        if let Err(why) = &r {
+            warn!(dataset = %short(id), requester = %requester.name, reason = %why, "no fetch plan");
+        }
+        r
+    }
+
+    /// Store an uploaded dataset in the coordinator's own store and index it.
+    pub fn put_local(
+        &self,
+        manifest: Manifest,
+        name: &str,
+        jurisdictions: Vec<String>,
+    ) -> Result<DatasetRecord, String> {
+        manifest.validate().map_err(|e| e.to_string())?;
+        let missing = manifest.unique_chunks().iter().filter(|(h, _)| !self.local.has(h)).count();
+        if missing > 0 {
+            return Err(format!("{missing} chunk(s) of the manifest were not uploaded"));
+        }
+        let id = manifest.id();
+        self.local
+            .add_dataset(LocalDataset {
+                id,
+                name: name.to_string(),
+                jurisdictions: jurisdictions.clone(),
+                manifest: manifest.clone(),
+            })
+            .map_err(|e| e.to_string())?;
+        let name_owned = self.name.clone();
+        Ok(self.register(manifest, name, jurisdictions, &name_owned, None))
+    }
+
+    /// Make sure the coordinator's store holds `id` completely (for `data get`), fetching
+    /// it from agent holders when needed.
+    pub async fn stage_local(
+        &self,
+        id: &str,
+        candidates: &[Candidate],
+        tls: &fleetmesh_protocol::tls::TlsIdentity,
+    ) -> Result<(), String> {
+        if self.local.complete(id) {
+            return Ok(());
+        }
+        let me = Requester { kind: PeerKind::Coordinator, name: self.name.clone(), jurisdiction: None };
+        let plan = self.plan(id, &me, candidates)?;
+        let ep = fleetmesh_data::xfer::endpoint(
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+            tls,
+            false,
+        )
+        .map_err(|e| e.to_string())?;
+        let r = fleetmesh_data::fetch(&ep, tls, self.local.clone(), &plan, Arc::new(|_| {})).await;
+        ep.close(0u32.into(), b"done");
+        let r = r.map_err(|e| e.to_string())?;
+        info!(dataset = %short(id), fetched = r.fetched_chunks, "staged in the coordinator store for download");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetmesh_protocol::data::{verify_ticket, FileEntry};
+
+    fn cand(name: &str, j: &str, connected: bool) -> Candidate {
+        Candidate {
+            agent: name.into(),
+            connected,
+            draining: false,
+            region: None,
+            jurisdiction: Some(j.into()),
+            provider: None,
+            labels: Default::default(),
+            spot: false,
+            price_per_hour: 1.0,
+            free_gpus: vec![],
+            gpu_uuids: vec![],
+            addr: Some("127.0.0.1".into()),
+            data_addr: Some(format!("127.0.0.1:{}", name.len())),
+        }
+    }
+
+    fn record(holders: &[(&str, bool)]) -> DatasetRecord {
+        let manifest = Manifest {
+            chunk_size: 4,
+            files: vec![FileEntry { path: "f".into(), size: 1, mode: 0o644, chunks: vec![[7; 32]] }],
+        };
+        DatasetRecord {
+            id: manifest.id(),
+            name: "ds".into(),
+            jurisdictions: vec!["EU".into()],
+            bytes: 1,
+            files: 1,
+            chunks: 1,
+            holders: holders
+                .iter()
+                .map(|(n, c)| (n.to_string(), HolderState { complete: *c, bytes_present: 1, updated_unix_ms: 0 }))
+                .collect(),
+            producer: None,
+            created_unix_ms: 0,
+            manifest,
+            fetches: Default::default(),
+        }
+    }
+
+    #[test]
+    fn plans_respect_residency_and_prefer_agents() {
+        let signer = TicketSigner::from_pkcs8(&TicketSigner::generate_pkcs8().unwrap()).unwrap();
+        let d = record(&[("eu-1", true), ("eu-2", false), ("coord", true), ("eu-3", true)]);
+        let cands = [cand("eu-1", "EU", true), cand("eu-2", "EU", true), cand("eu-3", "EU", false)];
+        let eu = Requester { kind: PeerKind::Agent, name: "eu-9".into(), jurisdiction: Some("EU".into()) };
+        let p = plan_for(&d, &eu, &cands, Some(("coord", "127.0.0.1:7400")), &signer, 1000).unwrap();
+        // Only complete, connected agent holders; the coordinator is not on the path.
+        let names: Vec<&str> = p.holders.iter().map(|h| h.name.as_str()).collect();
+        assert_eq!(names, ["eu-1"]);
+        let t = &p.holders[0].ticket;
+        assert!(verify_ticket(&signer.public_key(), t, &d.id, "eu-1", PeerKind::Agent, "eu-9", Some("EU"), 2000).is_ok());
+        assert_eq!(t.ticket.expires_unix_ms, 1000 + TICKET_TTL_MS);
+        // No agent holder connected: the coordinator's copy serves.
+        let p = plan_for(&d, &eu, &cands[1..], Some(("coord", "127.0.0.1:7400")), &signer, 1000).unwrap();
+        assert_eq!(p.holders[0].kind, PeerKind::Coordinator);
+        // Residency: a US agent gets no plan and no ticket.
+        let us = Requester { kind: PeerKind::Agent, name: "us-1".into(), jurisdiction: Some("US".into()) };
+        let e = plan_for(&d, &us, &cands, Some(("coord", "x")), &signer, 1000).unwrap_err();
+        assert!(e.starts_with("residency:") && e.contains("us-1 is in US"), "{e}");
+        let none = Requester { kind: PeerKind::Agent, name: "x".into(), jurisdiction: None };
+        assert!(plan_for(&d, &none, &cands, None, &signer, 1000).is_err());
+        // Nobody holds it completely.
+        let d2 = record(&[("eu-2", false)]);
+        assert!(plan_for(&d2, &eu, &cands, None, &signer, 1000).unwrap_err().contains("no connected holder"));
+    }
+}
