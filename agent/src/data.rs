@@ -77,7 +77,8 @@ impl DataPlane {
     pub fn update_tls(&self, tls: &TlsIdentity) {
         if let Ok(cfg) = tls.server_config(&[fleetmesh_protocol::data::ALPN_XFER], true) {
             if let Ok(quic) = quinn::crypto::rustls::QuicServerConfig::try_from(cfg) {
-                self.endpoint.set_server_config(Some(quinn::ServerConfig::with_crypto(Arc::new(quic))));
+                self.endpoint
+                    .set_server_config(Some(quinn::ServerConfig::with_crypto(Arc::new(quic))));
             }
         }
         if let Ok(mut t) = self.tls.write() {
@@ -169,15 +170,20 @@ impl DataPlane {
     }
 
     /// (extra ETA ms, extra price) for fetching what is missing of `inputs`.
-    pub fn fetch_cost(&self, inputs: &[InputSummary], own_site: (Option<&str>, Option<&str>)) -> (u64, f64) {
+    pub fn fetch_cost(
+        &self,
+        inputs: &[InputSummary],
+        own_site: (Option<&str>, Option<&str>),
+    ) -> (u64, f64) {
         let mut eta_ms = 0u64;
         let mut price = 0.0;
         for i in inputs {
             let missing = i.bytes.saturating_sub(self.store.present_bytes(&i.dataset).min(i.bytes));
             eta_ms += missing.saturating_mul(1000) / self.cfg.fetch_bandwidth.max(1);
-            let same_site = i.holder_sites.iter().any(|(p, r)| {
-                p.as_deref() == own_site.0 && r.as_deref() == own_site.1
-            });
+            let same_site = i
+                .holder_sites
+                .iter()
+                .any(|(p, r)| p.as_deref() == own_site.0 && r.as_deref() == own_site.1);
             if !same_site {
                 price += missing as f64 / 1e9 * self.cfg.transfer_cost_per_gb;
             }
@@ -217,7 +223,11 @@ impl DataPlane {
     }
 
     /// Chunk each `<dir>/outputs/<name>` into the store as a dataset.
-    pub async fn collect(&self, outputs: &[AwardOutput], dir: &Path) -> Result<Vec<OutputDataset>, String> {
+    pub async fn collect(
+        &self,
+        outputs: &[AwardOutput],
+        dir: &Path,
+    ) -> Result<Vec<OutputDataset>, String> {
         let mut out = Vec::new();
         for o in outputs {
             let src = dir.join("outputs").join(&o.output);

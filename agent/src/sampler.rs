@@ -32,7 +32,13 @@ pub struct NodeOffer {
 
 impl Default for NodeOffer {
     fn default() -> Self {
-        Self { price_per_hour: 1.0, spot: false, labels: Vec::new(), container_runtime: None, data_port: None }
+        Self {
+            price_per_hour: 1.0,
+            spot: false,
+            labels: Vec::new(),
+            container_runtime: None,
+            data_port: None,
+        }
     }
 }
 

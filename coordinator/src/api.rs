@@ -313,9 +313,8 @@ struct PlaceBody {
 }
 
 async fn candidates(st: &AppState) -> Result<Vec<crate::auction::Candidate>, Response> {
-    ractor::call_t!(st.fleet, FleetMsg::Candidates, FLEET_CALL_MS).map_err(|e| {
-        error(StatusCode::SERVICE_UNAVAILABLE, format!("fleet unavailable: {e}"))
-    })
+    ractor::call_t!(st.fleet, FleetMsg::Candidates, FLEET_CALL_MS)
+        .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, format!("fleet unavailable: {e}")))
 }
 
 /// Ask `agent` to fetch dataset `id` (residency and holders checked by the broker).
@@ -327,9 +326,13 @@ async fn place_on(st: &AppState, id: &str, agent: &str) -> Result<(), Response> 
     if !c.connected {
         return Err(error(StatusCode::CONFLICT, format!("agent {agent} is not connected")));
     }
-    let me =
-        Requester { kind: PeerKind::Agent, name: agent.to_string(), jurisdiction: c.jurisdiction.clone() };
+    let me = Requester {
+        kind: PeerKind::Agent,
+        name: agent.to_string(),
+        jurisdiction: c.jurisdiction.clone(),
+    };
     let plan = st.broker.plan(id, &me, &cands).map_err(|why| error(StatusCode::CONFLICT, why))?;
+    st.broker.fetch_started(id, agent);
     let _ = st.fleet.cast(FleetMsg::Send {
         agent: agent.to_string(),
         msg: fleetmesh_protocol::CoordinatorMessage::Fetch(Box::new(plan)),

@@ -395,6 +395,18 @@ impl DataBroker {
         self.persist(&[&rec], &[]);
     }
 
+    /// A new fetch by `agent` is starting: forget how the last one ended.
+    pub fn fetch_started(&self, id: &str, agent: &str) {
+        let mut idx = self.lock();
+        if let Some(d) = idx.get_mut(id) {
+            if d.fetches.remove(agent).is_some() {
+                let rec = d.clone();
+                drop(idx);
+                self.persist(&[&rec], &[]);
+            }
+        }
+    }
+
     /// Remove a dataset from the index (and the coordinator's store); returns the agents
     /// that hold it, to be told to drop it.
     pub fn remove(&self, id: &str) -> Vec<String> {
@@ -463,14 +475,12 @@ impl DataBroker {
         if self.local.complete(id) {
             return Ok(());
         }
-        let me = Requester { kind: PeerKind::Coordinator, name: self.name.clone(), jurisdiction: None };
+        let me =
+            Requester { kind: PeerKind::Coordinator, name: self.name.clone(), jurisdiction: None };
         let plan = self.plan(id, &me, candidates)?;
-        let ep = fleetmesh_data::xfer::endpoint(
-            (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
-            tls,
-            false,
-        )
-        .map_err(|e| e.to_string())?;
+        let ep =
+            fleetmesh_data::xfer::endpoint((std::net::Ipv4Addr::UNSPECIFIED, 0).into(), tls, false)
+                .map_err(|e| e.to_string())?;
         let r = fleetmesh_data::fetch(&ep, tls, self.local.clone(), &plan, Arc::new(|_| {})).await;
         ep.close(0u32.into(), b"done");
         let r = r.map_err(|e| e.to_string())?;
@@ -505,7 +515,12 @@ mod tests {
     fn record(holders: &[(&str, bool)]) -> DatasetRecord {
         let manifest = Manifest {
             chunk_size: 4,
-            files: vec![FileEntry { path: "f".into(), size: 1, mode: 0o644, chunks: vec![[7; 32]] }],
+            files: vec![FileEntry {
+                path: "f".into(),
+                size: 1,
+                mode: 0o644,
+                chunks: vec![[7; 32]],
+            }],
         };
         DatasetRecord {
             id: manifest.id(),
@@ -516,7 +531,12 @@ mod tests {
             chunks: 1,
             holders: holders
                 .iter()
-                .map(|(n, c)| (n.to_string(), HolderState { complete: *c, bytes_present: 1, updated_unix_ms: 0 }))
+                .map(|(n, c)| {
+                    (
+                        n.to_string(),
+                        HolderState { complete: *c, bytes_present: 1, updated_unix_ms: 0 },
+                    )
+                })
                 .collect(),
             producer: None,
             created_unix_ms: 0,
@@ -530,25 +550,47 @@ mod tests {
         let signer = TicketSigner::from_pkcs8(&TicketSigner::generate_pkcs8().unwrap()).unwrap();
         let d = record(&[("eu-1", true), ("eu-2", false), ("coord", true), ("eu-3", true)]);
         let cands = [cand("eu-1", "EU", true), cand("eu-2", "EU", true), cand("eu-3", "EU", false)];
-        let eu = Requester { kind: PeerKind::Agent, name: "eu-9".into(), jurisdiction: Some("EU".into()) };
-        let p = plan_for(&d, &eu, &cands, Some(("coord", "127.0.0.1:7400")), &signer, 1000).unwrap();
+        let eu = Requester {
+            kind: PeerKind::Agent,
+            name: "eu-9".into(),
+            jurisdiction: Some("EU".into()),
+        };
+        let p =
+            plan_for(&d, &eu, &cands, Some(("coord", "127.0.0.1:7400")), &signer, 1000).unwrap();
         // Only complete, connected agent holders; the coordinator is not on the path.
         let names: Vec<&str> = p.holders.iter().map(|h| h.name.as_str()).collect();
         assert_eq!(names, ["eu-1"]);
         let t = &p.holders[0].ticket;
-        assert!(verify_ticket(&signer.public_key(), t, &d.id, "eu-1", PeerKind::Agent, "eu-9", Some("EU"), 2000).is_ok());
+        assert!(verify_ticket(
+            &signer.public_key(),
+            t,
+            &d.id,
+            "eu-1",
+            PeerKind::Agent,
+            "eu-9",
+            Some("EU"),
+            2000
+        )
+        .is_ok());
         assert_eq!(t.ticket.expires_unix_ms, 1000 + TICKET_TTL_MS);
         // No agent holder connected: the coordinator's copy serves.
-        let p = plan_for(&d, &eu, &cands[1..], Some(("coord", "127.0.0.1:7400")), &signer, 1000).unwrap();
+        let p = plan_for(&d, &eu, &cands[1..], Some(("coord", "127.0.0.1:7400")), &signer, 1000)
+            .unwrap();
         assert_eq!(p.holders[0].kind, PeerKind::Coordinator);
         // Residency: a US agent gets no plan and no ticket.
-        let us = Requester { kind: PeerKind::Agent, name: "us-1".into(), jurisdiction: Some("US".into()) };
+        let us = Requester {
+            kind: PeerKind::Agent,
+            name: "us-1".into(),
+            jurisdiction: Some("US".into()),
+        };
         let e = plan_for(&d, &us, &cands, Some(("coord", "x")), &signer, 1000).unwrap_err();
         assert!(e.starts_with("residency:") && e.contains("us-1 is in US"), "{e}");
         let none = Requester { kind: PeerKind::Agent, name: "x".into(), jurisdiction: None };
         assert!(plan_for(&d, &none, &cands, None, &signer, 1000).is_err());
         // Nobody holds it completely.
         let d2 = record(&[("eu-2", false)]);
-        assert!(plan_for(&d2, &eu, &cands, None, &signer, 1000).unwrap_err().contains("no connected holder"));
+        assert!(plan_for(&d2, &eu, &cands, None, &signer, 1000)
+            .unwrap_err()
+            .contains("no connected holder"));
     }
 }

@@ -424,11 +424,10 @@ impl SchedulerState {
                     .ok_or_else(|| format!("input {n}: no dataset with that name or id"))?,
                 InputRef::JobOutput { job, output } => {
                     let producer = format!("{}.{job}", j.workflow);
-                    let id = self
-                        .jobs
-                        .get(&producer)
-                        .and_then(|p| p.outputs.get(&output))
-                        .ok_or_else(|| format!("input {job}.{output}: not registered by {job}"))?;
+                    let id =
+                        self.jobs.get(&producer).and_then(|p| p.outputs.get(&output)).ok_or_else(
+                            || format!("input {job}.{output}: not registered by {job}"),
+                        )?;
                     self.broker
                         .resolve(id)
                         .ok_or_else(|| format!("input {job}.{output}: dataset {id} is gone"))?
@@ -691,10 +690,7 @@ impl SchedulerState {
             // Invite the agents that already hold the most input bytes first.
             let (mut all, refused) = auction::prefilter(&j.spec, candidates, usize::MAX);
             let held = |a: &str| -> u64 {
-                inputs
-                    .iter()
-                    .filter_map(|(_, d)| d.holders.get(a).map(|h| h.bytes_present))
-                    .sum()
+                inputs.iter().filter_map(|(_, d)| d.holders.get(a).map(|h| h.bytes_present)).sum()
             };
             all.sort_by_key(|a| std::cmp::Reverse(held(a)));
             all.truncate(want);
@@ -843,8 +839,7 @@ impl SchedulerState {
             }
             plans.push(ins);
         }
-        let wf_name =
-            self.workflows.get(&j.workflow).map(|w| w.name.clone()).unwrap_or_default();
+        let wf_name = self.workflows.get(&j.workflow).map(|w| w.name.clone()).unwrap_or_default();
         j.output_residency =
             j.spec.output_jurisdictions.clone().unwrap_or_else(|| run.residency.clone());
         let outputs: Vec<AwardOutput> = j
@@ -996,7 +991,8 @@ impl SchedulerState {
             for o in outputs {
                 let name = format!("{wf_name}.{}.{}", j.name, o.output);
                 let juris = j.output_residency.clone();
-                let rec = self.broker.register(o.manifest, &name, juris, agent, Some(job.to_string()));
+                let rec =
+                    self.broker.register(o.manifest, &name, juris, agent, Some(job.to_string()));
                 j.outputs.insert(o.output, rec.id);
             }
         }

@@ -79,7 +79,11 @@ pub fn import(
 
 /// Hash a file or directory into a manifest without storing anything (a client that
 /// uploads only the chunks the other side lacks).
-pub fn scan(root: &Path, chunk_size: u32, mut progress: impl FnMut(u64)) -> Result<Manifest, StoreError> {
+pub fn scan(
+    root: &Path,
+    chunk_size: u32,
+    mut progress: impl FnMut(u64),
+) -> Result<Manifest, StoreError> {
     use std::os::unix::fs::PermissionsExt;
     let mut files = Vec::new();
     let mut buf = vec![0u8; chunk_size as usize];
@@ -199,11 +203,8 @@ mod tests {
         std::fs::write(src.path().join("sub/deeper/big.bin"), &big).unwrap();
         std::fs::write(src.path().join("a.txt"), b"hello").unwrap();
         std::fs::write(src.path().join("empty"), b"").unwrap();
-        std::fs::set_permissions(
-            src.path().join("a.txt"),
-            std::fs::Permissions::from_mode(0o755),
-        )
-        .unwrap();
+        std::fs::set_permissions(src.path().join("a.txt"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
         let st = tempfile::tempdir().unwrap();
         let store = Store::open(st.path(), u64::MAX).unwrap();
         let mut seen = 0;

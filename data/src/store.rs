@@ -206,7 +206,8 @@ impl Store {
             return Ok(());
         }
         let seq = self.tmp_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tmp = self.root.join("tmp").join(format!("{}.{}.{seq}", hash_hex(h), std::process::id()));
+        let tmp =
+            self.root.join("tmp").join(format!("{}.{}.{seq}", hash_hex(h), std::process::id()));
         let dest = self.chunk_path(h);
         let res = (|| {
             let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
@@ -274,7 +275,8 @@ impl Store {
     /// Pin every chunk of a dataset (a running job uses it): never evicted while pinned.
     pub fn pin(&self, id: &str) {
         let mut g = self.lock();
-        let hs: Vec<Hash> = g.members.get(id).map(|m| m.iter().copied().collect()).unwrap_or_default();
+        let hs: Vec<Hash> =
+            g.members.get(id).map(|m| m.iter().copied().collect()).unwrap_or_default();
         for h in hs {
             *g.pins.entry(h).or_default() += 1;
         }
@@ -282,7 +284,8 @@ impl Store {
 
     pub fn unpin(&self, id: &str) {
         let mut g = self.lock();
-        let hs: Vec<Hash> = g.members.get(id).map(|m| m.iter().copied().collect()).unwrap_or_default();
+        let hs: Vec<Hash> =
+            g.members.get(id).map(|m| m.iter().copied().collect()).unwrap_or_default();
         for h in hs {
             if let Some(n) = g.pins.get_mut(&h) {
                 *n -= 1;
@@ -296,7 +299,10 @@ impl Store {
     /// Record a dataset (its manifest must hash to its id).
     pub fn add_dataset(&self, d: LocalDataset) -> Result<(), StoreError> {
         if d.manifest.id() != d.id {
-            return Err(StoreError::Other(format!("manifest does not hash to dataset id {}", d.id)));
+            return Err(StoreError::Other(format!(
+                "manifest does not hash to dataset id {}",
+                d.id
+            )));
         }
         let p = self.root.join("datasets").join(format!("{}.json", d.id));
         let tmp = self.root.join("tmp").join(format!("{}.json", d.id));

@@ -174,7 +174,10 @@ impl XferServer {
     }
 
     /// Accept connections on `endpoint` until it is closed.
-    pub fn spawn_accept_loop(self: &Arc<Self>, endpoint: quinn::Endpoint) -> tokio::task::JoinHandle<()> {
+    pub fn spawn_accept_loop(
+        self: &Arc<Self>,
+        endpoint: quinn::Endpoint,
+    ) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
         tokio::spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
@@ -197,7 +200,10 @@ impl XferServer {
         let peer = match peer_identity(chain.as_deref().map(|v| v.as_slice())) {
             Ok(p) if p.trust_domain == self.trust_domain => p,
             Ok(p) => {
-                conn.close(1u32.into(), format!("foreign trust domain {}", p.trust_domain).as_bytes());
+                conn.close(
+                    1u32.into(),
+                    format!("foreign trust domain {}", p.trust_domain).as_bytes(),
+                );
                 return;
             }
             Err(e) => {
@@ -220,7 +226,9 @@ impl XferServer {
     fn authorize(&self, peer: &PeerIdentity, t: &SignedTicket) -> Result<LocalDataset, String> {
         let key = self.ticket_key.read().ok().and_then(|k| k.clone());
         let Some(key) = key else {
-            return Err("this holder has no ticket key yet (not connected to the coordinator)".into());
+            return Err(
+                "this holder has no ticket key yet (not connected to the coordinator)".into()
+            );
         };
         let juris = peer.attributes.jurisdiction.as_deref();
         verify_ticket(
@@ -256,11 +264,17 @@ impl XferServer {
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) -> Result<(), String> {
-        let req = match tokio::time::timeout(REQUEST_TIMEOUT, read_frame::<XferRequest>(&mut recv)).await {
+        let req = match tokio::time::timeout(REQUEST_TIMEOUT, read_frame::<XferRequest>(&mut recv))
+            .await
+        {
             Ok(Ok(Some(r))) => r,
             Ok(Ok(None)) => return Ok(()),
             Ok(Err(e)) => {
-                let _ = write_frame(&mut send, &XferReply::Refused { reason: format!("bad request: {e}") }).await;
+                let _ = write_frame(
+                    &mut send,
+                    &XferReply::Refused { reason: format!("bad request: {e}") },
+                )
+                .await;
                 return Err(e);
             }
             Err(_) => return Err("no request in time".into()),
@@ -280,7 +294,8 @@ impl XferServer {
                     %reason,
                     "xfer request refused"
                 );
-                let _ = write_frame(&mut send, &XferReply::Refused { reason: reason.clone() }).await;
+                let _ =
+                    write_frame(&mut send, &XferReply::Refused { reason: reason.clone() }).await;
                 let _ = send.finish();
                 return Err(reason);
             }
@@ -292,7 +307,11 @@ impl XferServer {
             Some(hashes) => {
                 for h in hashes {
                     if !self.store.contains(&local.id, h) {
-                        let reason = format!("chunk {} is not part of dataset {}", short(&hash_hex(h)), short(&local.id));
+                        let reason = format!(
+                            "chunk {} is not part of dataset {}",
+                            short(&hash_hex(h)),
+                            short(&local.id)
+                        );
                         warn!(requester = %peer.spiffe_id(), %reason, "xfer request refused");
                         self.refusals.fetch_add(1, Ordering::Relaxed);
                         write_frame(&mut send, &XferReply::Refused { reason }).await?;
@@ -359,10 +378,10 @@ async fn connect(
             .next()
             .ok_or_else(|| format!("{}: no address", h.addr))?,
     };
-    let rustls_cfg = tls
-        .peer_client_config(&[ALPN_XFER], h.kind, &h.name)
-        .map_err(|e| e.to_string())?;
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(rustls_cfg).map_err(|e| e.to_string())?;
+    let rustls_cfg =
+        tls.peer_client_config(&[ALPN_XFER], h.kind, &h.name).map_err(|e| e.to_string())?;
+    let quic =
+        quinn::crypto::rustls::QuicClientConfig::try_from(rustls_cfg).map_err(|e| e.to_string())?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(Duration::from_secs(1)));
@@ -477,7 +496,9 @@ pub async fn fetch(
                         found = Some(m);
                         break;
                     }
-                    Ok(_) => reasons.push(format!("{}: manifest does not match the dataset id", h.name)),
+                    Ok(_) => {
+                        reasons.push(format!("{}: manifest does not match the dataset id", h.name))
+                    }
                     Err(e) => reasons.push(format!("{}: {e}", h.name)),
                 }
             }

@@ -190,6 +190,22 @@ impl CoordinatorProc {
         Ok(ApiClient::new(&format!("https://127.0.0.1:{}", self.api.port()), &tls)?)
     }
 
+    /// Run the `fleetmesh` CLI against this coordinator as the harness operator.
+    pub async fn cli(&self, pki: &Pki, args: &[&str]) -> Result<std::process::Output> {
+        Ok(tokio::process::Command::new(bin("fleetmesh"))
+            .args(args)
+            .arg("--api")
+            .arg(format!("https://127.0.0.1:{}", self.api.port()))
+            .arg("--ca")
+            .arg(pki.ca_pem())
+            .arg("--cert")
+            .arg(pki.path().join("operator-harness.pem"))
+            .arg("--key")
+            .arg(pki.path().join("operator-harness.key"))
+            .output()
+            .await?)
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
     }

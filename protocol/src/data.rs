@@ -279,7 +279,8 @@ pub fn verify_ticket(
             now_unix_ms - k.expires_unix_ms
         )));
     }
-    if requester_kind == PeerKind::Agent && !residency_allows(&k.jurisdictions, requester_jurisdiction)
+    if requester_kind == PeerKind::Agent
+        && !residency_allows(&k.jurisdictions, requester_jurisdiction)
     {
         return Err(DataError::Residency(format!(
             "dataset may only live in {:?}; requester certificate's jurisdiction is {}",
@@ -319,9 +320,14 @@ pub struct FetchPlan {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum XferRequest {
-    Manifest { ticket: SignedTicket },
+    Manifest {
+        ticket: SignedTicket,
+    },
     /// Chunks of the ticket's dataset, answered in order on the same stream.
-    Chunks { ticket: SignedTicket, hashes: Vec<Hash> },
+    Chunks {
+        ticket: SignedTicket,
+        hashes: Vec<Hash>,
+    },
 }
 
 /// A reply frame; `Chunk` is followed by `len` raw bytes.
@@ -342,7 +348,12 @@ mod tests {
         Manifest {
             chunk_size: 4,
             files: vec![
-                FileEntry { path: "a".into(), size: 5, mode: 0o644, chunks: vec![[1; 32], [2; 32]] },
+                FileEntry {
+                    path: "a".into(),
+                    size: 5,
+                    mode: 0o644,
+                    chunks: vec![[1; 32], [2; 32]],
+                },
                 FileEntry { path: "d/b".into(), size: 4, mode: 0o600, chunks: vec![[1; 32]] },
             ],
         }
@@ -421,7 +432,10 @@ mod tests {
         // Tampering with any field breaks the signature.
         let mut forged = ok.clone();
         forged.ticket.expires_unix_ms = u64::MAX;
-        assert!(v(&forged, "d1", "eu-1", "us-1", 1000).unwrap_err().to_string().contains("signature"));
+        assert!(v(&forged, "d1", "eu-1", "us-1", 1000)
+            .unwrap_err()
+            .to_string()
+            .contains("signature"));
         // A ticket signed by another key.
         let other = TicketSigner::from_pkcs8(&TicketSigner::generate_pkcs8().unwrap()).unwrap();
         let foreign = other.sign(ok.ticket.clone());

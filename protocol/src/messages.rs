@@ -86,13 +86,21 @@ pub struct FetchReport {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum JobOutcome {
-    Exited { code: i32 },
-    Signaled { signal: i32 },
+    Exited {
+        code: i32,
+    },
+    Signaled {
+        signal: i32,
+    },
     TimedOut,
     Cancelled,
-    FailedToStart { reason: String },
+    FailedToStart {
+        reason: String,
+    },
     /// The process succeeded but its outputs could not be stored.
-    OutputFailed { reason: String },
+    OutputFailed {
+        reason: String,
+    },
 }
 
 impl JobOutcome {

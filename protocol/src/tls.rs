@@ -236,8 +236,13 @@ impl rustls::client::danger::ServerCertVerifier for PeerServerVerifier {
         now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
         use rustls::CertificateError as C;
-        match self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
+        match self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
             Ok(_) => {}
             // The chain verified; only the host name did not match, which is expected.
             Err(rustls::Error::InvalidCertificate(

@@ -709,10 +709,16 @@ jobs:
         )
         .unwrap();
         let refs = ok.jobs["b"].input_refs(&ok.jobs);
-        assert_eq!(refs[0], ("out".into(), InputRef::JobOutput { job: "a".into(), output: "out".into() }));
+        assert_eq!(
+            refs[0],
+            ("out".into(), InputRef::JobOutput { job: "a".into(), output: "out".into() })
+        );
         assert_eq!(refs[1], ("other.wf.x".into(), InputRef::Dataset("other.wf.x".into())));
         let e = problems("name: w\njobs:\n  a:\n    command: [x]\n    outputs: [out]\n  b:\n    command: [x]\n    inputs: [a.out]\n");
-        assert!(e.contains("job `b`, field `inputs`: `a.out` reads job `a`, which is not in `needs`"), "{e}");
+        assert!(
+            e.contains("job `b`, field `inputs`: `a.out` reads job `a`, which is not in `needs`"),
+            "{e}"
+        );
         let e = problems("name: w\njobs:\n  a:\n    command: [x]\n  b:\n    command: [x]\n    needs: [a]\n    inputs: [a.nope]\n");
         assert!(e.contains("job `a` has no output `nope`"), "{e}");
         let e = problems("name: w\njobs:\n  a:\n    command: [x]\n    inputs: [d, d]\n    outputs: [o, o, 'x/y']\n");

@@ -880,7 +880,10 @@ async fn data(conn: &ConnArgs, output: Output, cmd: DataCmd) -> Result<()> {
                     let (status, body) =
                         c.request("PUT", &format!("/api/v1/data/chunks/{h}"), Some(bytes)).await?;
                     if !(200..300).contains(&status) {
-                        bail!("upload of chunk {h} refused ({status}): {}", String::from_utf8_lossy(&body));
+                        bail!(
+                            "upload of chunk {h} refused ({status}): {}",
+                            String::from_utf8_lossy(&body)
+                        );
                     }
                 }
                 pb.inc(n);
@@ -972,7 +975,11 @@ async fn data(conn: &ConnArgs, output: Output, cmd: DataCmd) -> Result<()> {
                 for (name, st) in h {
                     outln!(
                         "  {name:<24} {} {}",
-                        if st["complete"].as_bool() == Some(true) { "complete" } else { "partial " },
+                        if st["complete"].as_bool() == Some(true) {
+                            "complete"
+                        } else {
+                            "partial "
+                        },
                         human_bytes(st["bytes_present"].as_u64().unwrap_or(0))
                     );
                 }
@@ -1050,9 +1057,8 @@ async fn data(conn: &ConnArgs, output: Output, cmd: DataCmd) -> Result<()> {
             wait_fetch(&c, &id, &agent).await
         }
         DataCmd::Rm { dataset } => {
-            let r: serde_json::Value = c
-                .post_json(&format!("/api/v1/data/{dataset}/rm"), &serde_json::json!({}))
-                .await?;
+            let r: serde_json::Value =
+                c.post_json(&format!("/api/v1/data/{dataset}/rm"), &serde_json::json!({})).await?;
             outln!("removed {} (holders told: {})", r["removed"], r["holders_told"]);
             Ok(())
         }

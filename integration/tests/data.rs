@@ -1,0 +1,521 @@
+//! The data plane on a real local mesh: datasets put through the CLI, staged into jobs,
+//! outputs registered and fetched agent to agent, multi-source fetches surviving a dead
+//! holder and a corrupt chunk, residency enforced on every path, resumed fetches.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fleetmesh_coordinator::client::ApiClient;
+use fleetmesh_integration::{
+    agents, attrs, free_udp_port, wait_for, AgentProc, CoordinatorProc, Pki,
+};
+use fleetmesh_protocol::data::{hash_bytes, hash_hex, FetchPlan, Holder, Ticket, TicketSigner};
+use fleetmesh_protocol::PeerKind;
+use serde_json::Value;
+
+fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    // xorshift: incompressible enough, reproducible.
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Relative path -> BLAKE3 of every file under `root`.
+fn tree_hashes(root: &Path) -> BTreeMap<String, String> {
+    fleetmesh_data::dataset::list_files(root)
+        .expect("list")
+        .into_iter()
+        .map(|(rel, p)| (rel, hash_hex(&hash_bytes(&std::fs::read(p).expect("read")))))
+        .collect()
+}
+
+async fn mesh_up(client: &ApiClient, n: usize) {
+    wait_for(Duration::from_secs(15), || async {
+        let a = agents(client).await;
+        (a.len() >= n
+            && a.iter()
+                .filter(|a| {
+                    a.host.is_some()
+                        && a.state == fleetmesh_coordinator::liveness::AgentState::Connected
+                })
+                .count()
+                >= n)
+            .then_some(())
+    })
+    .await
+    .expect("agents up");
+}
+
+async fn cli_ok(coord: &CoordinatorProc, pki: &Pki, args: &[&str]) -> String {
+    let out = coord.cli(pki, args).await.expect("cli runs");
+    assert!(
+        out.status.success(),
+        "fleetmesh {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+async fn dataset(client: &ApiClient, r: &str) -> Value {
+    client.get_json(&format!("/api/v1/data/{r}")).await.unwrap_or(Value::Null)
+}
+
+async fn job(client: &ApiClient, id: &str) -> Value {
+    client.get_json(&format!("/api/v1/jobs/{id}")).await.unwrap_or(Value::Null)
+}
+
+async fn wait_job(client: &ApiClient, id: &str, state: &str, secs: u64) -> Value {
+    match wait_for(Duration::from_secs(secs), || async {
+        let j = job(client, id).await;
+        (j["state"] == state).then_some(j)
+    })
+    .await
+    {
+        Some(j) => j,
+        None => panic!("job {id} never reached {state}: {:#}", job(client, id).await),
+    }
+}
+
+fn chunk_files(store: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(store.join("chunks")) {
+        for sub in rd.flatten() {
+            if let Ok(rd2) = std::fs::read_dir(sub.path()) {
+                out.extend(rd2.flatten().map(|e| e.path()));
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_two_job_workflow_with_outputs_then_get_is_byte_identical() -> anyhow::Result<()> {
+    let pki = Pki::new("mesh.test")?;
+    let work = tempfile::tempdir()?;
+    let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
+    let client = coord.client(&pki)?;
+    let _a = AgentProc::start_extra(
+        &pki,
+        coord.control,
+        "a",
+        attrs("eu-west", "EU", "aws"),
+        None,
+        &["--labels", "role=a"],
+        work.path(),
+    )?;
+    let _b = AgentProc::start_extra(
+        &pki,
+        coord.control,
+        "b",
+        attrs("eu-west", "EU", "aws"),
+        None,
+        &["--labels", "role=b"],
+        work.path(),
+    )?;
+    mesh_up(&client, 2).await;
+    // A directory with a multi-chunk file, a small file and a nested one.
+    let src = work.path().join("raw");
+    std::fs::create_dir_all(src.join("nested/deeper"))?;
+    std::fs::write(src.join("big.bin"), random_bytes(9 << 20, 7))?;
+    std::fs::write(src.join("readme.txt"), b"fleetmesh data plane\n")?;
+    std::fs::write(src.join("nested/deeper/x.bin"), random_bytes(1000, 3))?;
+    let out = cli_ok(
+        &coord,
+        &pki,
+        &["data", "put", src.to_str().unwrap_or_default(), "--name", "raw", "--jurisdiction", "EU"],
+    )
+    .await;
+    assert!(out.contains("dataset raw"), "{out}");
+
+    let yaml = r#"
+name: roundtrip
+jobs:
+  first:
+    inputs: [raw]
+    outputs: [out]
+    constraints: { labels: { role: a } }
+    script: |
+      cp -r "$FLEETMESH_INPUTS/raw/." "$FLEETMESH_OUTPUTS/out/"
+      chmod -R u+w "$FLEETMESH_OUTPUTS/out"
+      echo "added by first" > "$FLEETMESH_OUTPUTS/out/added.txt"
+  second:
+    needs: [first]
+    inputs: [first.out]
+    outputs: [final]
+    constraints: { labels: { role: b } }
+    script: |
+      cp -r "$FLEETMESH_INPUTS/out/." "$FLEETMESH_OUTPUTS/final/"
+"#;
+    let r: Value = client.post_raw("/api/v1/workflows", yaml.as_bytes().to_vec()).await?;
+    let wf = r["id"].as_str().unwrap_or_default().to_string();
+    let second = wait_job(&client, &format!("{wf}.second"), "succeeded", 60).await;
+    assert_eq!(second["attempts"][0]["agents"][0], "b");
+    let first = job(&client, &format!("{wf}.first")).await;
+    assert_eq!(first["attempts"][0]["agents"][0], "a");
+
+    // first's output: held by a (and now b), named WORKFLOW.JOB.OUTPUT, EU residency inherited.
+    let out_ds = dataset(&client, "roundtrip.first.out").await;
+    assert_eq!(out_ds["jurisdictions"], serde_json::json!(["EU"]), "{out_ds:#}");
+    assert_eq!(out_ds["producer"], format!("{wf}.first"));
+    assert_eq!(out_ds["holders"]["a"]["complete"], true, "{out_ds:#}");
+    // b fetched it straight from a: the coordinator was not on the path.
+    let b_log = std::fs::read_to_string(work.path().join("agent-b.log"))?;
+    let fetch_line = b_log
+        .lines()
+        .find(|l| {
+            l.contains("fetch complete") && l.contains(&out_ds["id"].as_str().unwrap_or("?")[..12])
+        })
+        .unwrap_or_else(|| panic!("no fetch by b in its log:\n{b_log}"));
+    assert!(fetch_line.contains("(\"a\","), "{fetch_line}");
+    assert!(!fetch_line.contains("\"main\""), "{fetch_line}");
+
+    // get: the final output, downloaded through the coordinator, equals the input plus
+    // the file the first job added, byte for byte.
+    let dest = work.path().join("got");
+    let out = cli_ok(
+        &coord,
+        &pki,
+        &["data", "get", "roundtrip.second.final", dest.to_str().unwrap_or_default()],
+    )
+    .await;
+    assert!(out.contains("every chunk verified"), "{out}");
+    let mut want = tree_hashes(&src);
+    want.insert("added.txt".into(), hash_hex(&hash_bytes(b"added by first\n")));
+    assert_eq!(tree_hashes(&dest), want);
+    // Listing shows all three datasets with their holders.
+    let ls = cli_ok(&coord, &pki, &["data", "ls"]).await;
+    for n in ["raw", "roundtrip.first.out", "roundtrip.second.final"] {
+        assert!(ls.contains(n), "{ls}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_source_fetch_survives_a_dead_holder_and_a_corrupt_chunk() -> anyhow::Result<()> {
+    let pki = Pki::new("mesh.test")?;
+    let work = tempfile::tempdir()?;
+    let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
+    let client = coord.client(&pki)?;
+    // Holders serve at a capped rate so a transfer lasts long enough to interfere with.
+    let slow = ["--serve-rate", "24MiB"];
+    let _h1 = AgentProc::start_extra(
+        &pki,
+        coord.control,
+        "h1",
+        attrs("r", "EU", "p"),
+        None,
+        &slow,
+        work.path(),
+    )?;
+    let _h2 = AgentProc::start_extra(
+        &pki,
+        coord.control,
+        "h2",
+        attrs("r", "EU", "p"),
+        None,
+        &slow,
+        work.path(),
+    )?;
+    let mut h3 = AgentProc::start_extra(
+        &pki,
+        coord.control,
+        "h3",
+        attrs("r", "EU", "p"),
+        None,
+        &slow,
+        work.path(),
+    )?;
+    let _f1 =
+        AgentProc::start(&pki, coord.control, "f1", attrs("r", "EU", "p"), None, work.path())?;
+    let _f2 =
+        AgentProc::start(&pki, coord.control, "f2", attrs("r", "EU", "p"), None, work.path())?;
+    mesh_up(&client, 5).await;
+    let src = work.path().join("blob.bin");
+    let content = random_bytes(48 << 20, 11);
+    std::fs::write(&src, &content)?;
+    cli_ok(
+        &coord,
+        &pki,
+        &[
+            "data",
+            "put",
+            src.to_str().unwrap_or_default(),
+            "--name",
+            "blob",
+            "--chunk-size",
+            "1MiB",
+            "--on",
+            "h1",
+        ],
+    )
+    .await;
+    cli_ok(&coord, &pki, &["data", "place", "blob", "h2"]).await;
+    cli_ok(&coord, &pki, &["data", "place", "blob", "h3"]).await;
+
+    // 1. f1 fetches with chunks served by all three holders.
+    cli_ok(&coord, &pki, &["data", "place", "blob", "f1"]).await;
+    let d = dataset(&client, "blob").await;
+    let rep = &d["fetches"]["f1"];
+    assert_eq!(rep["ok"], true, "{d:#}");
+    assert_eq!(rep["fetched_chunks"], 48, "{rep}");
+    let per: BTreeMap<String, u64> = rep["per_holder"]
+        .as_array()
+        .expect("per_holder")
+        .iter()
+        .map(|p| (p[0].as_str().unwrap_or_default().to_string(), p[1].as_u64().unwrap_or(0)))
+        .collect();
+    assert_eq!(per.keys().collect::<Vec<_>>(), ["h1", "h2", "h3"], "{rep}");
+    assert!(per.values().all(|n| *n > 0), "every holder served chunks: {per:?}");
+
+    // 2. Every chunk file at h1 is corrupted on disk, and h3 is killed mid-transfer: f2
+    //    still gets every chunk, each verified, from the holders that remain.
+    let h1_chunks = chunk_files(&work.path().join("agent-h1/store"));
+    assert_eq!(h1_chunks.len(), 48);
+    for c in &h1_chunks {
+        let mut b = std::fs::read(c)?;
+        b[0] ^= 0xff;
+        std::fs::write(c, b)?;
+    }
+    let place = coord.cli(&pki, &["data", "place", "blob", "f2"]);
+    let killer = async {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        h3.kill9();
+    };
+    let (out, ()) = tokio::join!(place, killer);
+    let out = out?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let d = dataset(&client, "blob").await;
+    let rep = &d["fetches"]["f2"];
+    assert_eq!(rep["ok"], true, "{rep}");
+    assert_eq!(rep["fetched_chunks"], 48, "{rep}");
+    let f2_log = std::fs::read_to_string(work.path().join("agent-f2.log"))?;
+    assert!(
+        f2_log.contains("chunk failed hash verification") && f2_log.contains("holder=h1"),
+        "corruption at h1 detected:\n{f2_log}"
+    );
+    assert!(
+        f2_log.contains("holder failed") && f2_log.contains("holder=h3"),
+        "h3's death noticed:\n{f2_log}"
+    );
+    // What f2 stored is exactly the content: every chunk file hashes to its name.
+    let f2_chunks = chunk_files(&work.path().join("agent-f2/store"));
+    assert_eq!(f2_chunks.len(), 48);
+    for c in &f2_chunks {
+        let name = c.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        assert_eq!(hash_hex(&hash_bytes(&std::fs::read(c)?)), name);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eu_dataset_never_reaches_a_us_agent() -> anyhow::Result<()> {
+    let pki = Pki::new("mesh.test")?;
+    let work = tempfile::tempdir()?;
+    let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
+    let client = coord.client(&pki)?;
+    let eu_port = free_udp_port();
+    let listen = format!("127.0.0.1:{eu_port}");
+    let _eu = AgentProc::start_extra(
+        &pki,
+        coord.control,
+        "eu",
+        attrs("eu-west", "EU", "p"),
+        None,
+        &["--labels", "site=eu", "--data-listen", &listen],
+        work.path(),
+    )?;
+    let _us = AgentProc::start_extra(
+        &pki,
+        coord.control,
+        "us",
+        attrs("us-east", "US", "p"),
+        None,
+        &["--labels", "site=us"],
+        work.path(),
+    )?;
+    mesh_up(&client, 2).await;
+    let src = work.path().join("patients.csv");
+    std::fs::write(&src, random_bytes(3 << 20, 5))?;
+    cli_ok(
+        &coord,
+        &pki,
+        &[
+            "data",
+            "put",
+            src.to_str().unwrap_or_default(),
+            "--name",
+            "patients",
+            "--jurisdiction",
+            "EU",
+            "--on",
+            "eu",
+        ],
+    )
+    .await;
+    let d = dataset(&client, "patients").await;
+    let id = d["id"].as_str().unwrap_or_default().to_string();
+
+    // (b) DataBroker: no plan, no ticket for the US agent.
+    let out = coord.cli(&pki, &["data", "place", "patients", "us"]).await?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("residency") && err.contains("us is in US"), "{err}");
+
+    // (a) Auction: a job reading it that may only run on the US agent stays queued with
+    //     the reason; one that may run anywhere runs in the EU.
+    let yaml = r#"
+name: residency
+jobs:
+  pinned-us:
+    inputs: [patients]
+    constraints: { labels: { site: us } }
+    command: ["true"]
+  anywhere:
+    inputs: [patients]
+    command: ["sh", "-c", "test -s $FLEETMESH_INPUTS/patients/patients.csv"]
+"#;
+    let r: Value = client.post_raw("/api/v1/workflows", yaml.as_bytes().to_vec()).await?;
+    let wf = r["id"].as_str().unwrap_or_default().to_string();
+    let ok = wait_job(&client, &format!("{wf}.anywhere"), "succeeded", 30).await;
+    assert_eq!(ok["attempts"][0]["agents"][0], "eu");
+    let pinned = wait_for(Duration::from_secs(10), || async {
+        let j = job(&client, &format!("{wf}.pinned-us")).await;
+        let reasons = j["queued_reasons"].to_string();
+        (reasons.contains("residency")).then_some(j)
+    })
+    .await
+    .expect("residency reason shown");
+    assert_eq!(pinned["state"], "queued");
+    assert!(pinned["attempts"].as_array().is_some_and(|a| a.is_empty()));
+
+    // (c) The serving agent, asked directly by the US agent's certificate.
+    let us_tls = pki.identity(PeerKind::Agent, "us")?;
+    let key = std::fs::read(work.path().join("coord/ticket-signing.key"))?;
+    let coord_signer = TicketSigner::from_pkcs8(&key)?;
+    let forger = TicketSigner::from_pkcs8(&TicketSigner::generate_pkcs8()?)?;
+    let now = fleetmesh_data::now_unix_ms();
+    let ticket = |requester: &str, expires: u64| Ticket {
+        dataset: id.clone(),
+        requester: requester.into(),
+        requester_kind: PeerKind::Agent,
+        holder: "eu".into(),
+        jurisdictions: vec![],
+        expires_unix_ms: expires,
+    };
+    let cases = [
+        ("forged", forger.sign(ticket("us", now + 60_000)), "signature"),
+        ("expired", coord_signer.sign(ticket("us", now - 1000)), "expired"),
+        ("someone else's", coord_signer.sign(ticket("eu", now + 60_000)), "issued to"),
+        ("valid but US", coord_signer.sign(ticket("us", now + 60_000)), "residency"),
+    ];
+    let store_dir = tempfile::tempdir()?;
+    let store = std::sync::Arc::new(fleetmesh_data::Store::open(store_dir.path(), u64::MAX)?);
+    let ep = fleetmesh_data::xfer::endpoint("127.0.0.1:0".parse()?, &us_tls, false)?;
+    for (what, t, expect) in cases {
+        let plan = FetchPlan {
+            dataset: id.clone(),
+            name: "patients".into(),
+            jurisdictions: vec![],
+            bytes: 0,
+            holders: vec![Holder {
+                name: "eu".into(),
+                kind: PeerKind::Agent,
+                addr: listen.clone(),
+                ticket: t,
+            }],
+        };
+        let e =
+            fleetmesh_data::fetch(&ep, &us_tls, store.clone(), &plan, std::sync::Arc::new(|_| {}))
+                .await
+                .expect_err(what);
+        assert!(e.to_string().contains(expect), "{what}: {e}");
+    }
+    assert!(chunk_files(store_dir.path()).is_empty(), "not a byte reached the US store");
+    assert!(chunk_files(&work.path().join("agent-us/store")).is_empty());
+    let eu_log = std::fs::read_to_string(work.path().join("agent-eu.log"))?;
+    assert_eq!(eu_log.matches("xfer request refused").count(), 4, "{eu_log}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_fetcher_resumes_without_refetching_verified_chunks() -> anyhow::Result<()> {
+    let pki = Pki::new("mesh.test")?;
+    let work = tempfile::tempdir()?;
+    let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
+    let client = coord.client(&pki)?;
+    let slow = ["--serve-rate", "8MiB"];
+    let _h1 = AgentProc::start_extra(
+        &pki,
+        coord.control,
+        "h1",
+        attrs("r", "EU", "p"),
+        None,
+        &slow,
+        work.path(),
+    )?;
+    let _h2 = AgentProc::start_extra(
+        &pki,
+        coord.control,
+        "h2",
+        attrs("r", "EU", "p"),
+        None,
+        &slow,
+        work.path(),
+    )?;
+    let mut f =
+        AgentProc::start(&pki, coord.control, "f", attrs("r", "EU", "p"), None, work.path())?;
+    mesh_up(&client, 3).await;
+    let src = work.path().join("ckpt.bin");
+    std::fs::write(&src, random_bytes(40 << 20, 13))?;
+    cli_ok(
+        &coord,
+        &pki,
+        &[
+            "data",
+            "put",
+            src.to_str().unwrap_or_default(),
+            "--name",
+            "ckpt",
+            "--chunk-size",
+            "1MiB",
+            "--on",
+            "h1",
+        ],
+    )
+    .await;
+    cli_ok(&coord, &pki, &["data", "place", "ckpt", "h2"]).await;
+
+    // Start the fetch, kill the fetcher once some chunks are in.
+    let r: Value =
+        client.post_json("/api/v1/data/ckpt/place", &serde_json::json!({ "agent": "f" })).await?;
+    assert_eq!(r["agent"], "f");
+    let f_store = work.path().join("agent-f/store");
+    wait_for(Duration::from_secs(20), || async {
+        (chunk_files(&f_store).len() >= 8).then_some(())
+    })
+    .await
+    .expect("fetch under way");
+    f.kill9();
+    let had = chunk_files(&f_store).len();
+    assert!(had < 40, "killed mid-fetch ({had} of 40)");
+    f.spawn()?;
+    mesh_up(&client, 3).await;
+    // The retry (here by hand; a job would be re-placed) resumes.
+    cli_ok(&coord, &pki, &["data", "place", "ckpt", "f"]).await;
+    let rep = dataset(&client, "ckpt").await["fetches"]["f"].clone();
+    assert_eq!(rep["ok"], true, "{rep}");
+    let fetched = rep["fetched_chunks"].as_u64().unwrap_or(0);
+    let reused = rep["reused_chunks"].as_u64().unwrap_or(0);
+    assert_eq!(fetched + reused, 40, "{rep}");
+    assert!(reused >= had as u64, "every verified chunk kept: had {had}, reused {reused}");
+    assert_eq!(chunk_files(&f_store).len(), 40);
+    Ok(())
+}
