@@ -302,7 +302,7 @@ mod tests {
     }
 
     fn bid(agent: &str, price: f64, eta_ms: u64) -> BidView {
-        BidView { agent: agent.into(), price, eta_ms, gpus: vec![] }
+        BidView { agent: agent.into(), price, eta_ms, gpus: vec![], local_bytes: 0 }
     }
 
     #[test]

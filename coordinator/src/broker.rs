@@ -55,6 +55,10 @@ pub struct DatasetRecord {
     /// Last fetch result per agent (`data put --on`, replication).
     #[serde(default)]
     pub fetches: BTreeMap<String, FetchReport>,
+    /// Agents asked to fetch it that have not reported yet: asked again when they
+    /// reconnect (a fetch interrupted by a restart resumes).
+    #[serde(default)]
+    pub pending: std::collections::BTreeSet<String>,
 }
 
 /// Compact listing line.
@@ -323,6 +327,7 @@ impl DataBroker {
             created_unix_ms: now,
             manifest,
             fetches: BTreeMap::new(),
+            pending: Default::default(),
         });
         // A new name (same content put again under another name) renames; residency can
         // only become stricter.
@@ -347,8 +352,9 @@ impl DataBroker {
         out
     }
 
-    /// An agent's full list of holdings (after every hello, and on changes).
-    pub fn holdings(&self, agent: &str, list: &[Holding]) {
+    /// An agent's full list of holdings (after every hello, and on changes). Returns the
+    /// datasets it was asked to fetch and does not hold completely yet.
+    pub fn holdings(&self, agent: &str, list: &[Holding]) -> Vec<String> {
         let now = now_ms();
         let mut changed = Vec::new();
         let mut idx = self.lock();
@@ -377,18 +383,26 @@ impl DataBroker {
                 }
             }
         }
+        let redo: Vec<String> = idx
+            .values()
+            .filter(|d| d.pending.contains(agent))
+            .filter(|d| !list.iter().any(|h| h.dataset == d.id && h.complete))
+            .map(|d| d.id.clone())
+            .collect();
         let recs: Vec<DatasetRecord> =
             changed.iter().filter_map(|id| idx.get(id).cloned()).collect();
         drop(idx);
         if !recs.is_empty() {
             self.persist(&recs.iter().collect::<Vec<_>>(), &[]);
         }
+        redo
     }
 
     /// Remember how an agent's fetch ended (shown by `data show`).
     pub fn fetch_done(&self, agent: &str, r: FetchReport) {
         let mut idx = self.lock();
         let Some(d) = idx.get_mut(&r.dataset) else { return };
+        d.pending.remove(agent);
         d.fetches.insert(agent.to_string(), r);
         let rec = d.clone();
         drop(idx);
@@ -399,11 +413,11 @@ impl DataBroker {
     pub fn fetch_started(&self, id: &str, agent: &str) {
         let mut idx = self.lock();
         if let Some(d) = idx.get_mut(id) {
-            if d.fetches.remove(agent).is_some() {
-                let rec = d.clone();
-                drop(idx);
-                self.persist(&[&rec], &[]);
-            }
+            d.fetches.remove(agent);
+            d.pending.insert(agent.to_string());
+            let rec = d.clone();
+            drop(idx);
+            self.persist(&[&rec], &[]);
         }
     }
 
@@ -542,6 +556,7 @@ mod tests {
             created_unix_ms: 0,
             manifest,
             fetches: Default::default(),
+            pending: Default::default(),
         }
     }
 

@@ -114,6 +114,42 @@ pub(crate) async fn write_frame<T: serde::Serialize>(
     }
 }
 
+/// Ask a (re)connected agent again for fetches it never reported on, with fresh plans.
+async fn resume_fetches(
+    broker: &crate::broker::DataBroker,
+    fleet: &ActorRef<FleetMsg>,
+    myself: &ActorRef<SessionMsg>,
+    name: &str,
+    datasets: Vec<String>,
+) {
+    let Ok(cands) = ractor::call_t!(fleet, FleetMsg::Candidates, 5000) else { return };
+    let me = crate::broker::Requester {
+        kind: fleetmesh_protocol::PeerKind::Agent,
+        name: name.to_string(),
+        jurisdiction: cands.iter().find(|c| c.agent == name).and_then(|c| c.jurisdiction.clone()),
+    };
+    for id in datasets {
+        match broker.plan(&id, &me, &cands) {
+            Ok(plan) => {
+                info!(agent_id = %name, dataset = %fleetmesh_protocol::data::short(&id), "resuming an interrupted fetch");
+                let _ = myself
+                    .cast(SessionMsg::Send(Box::new(CoordinatorMessage::Fetch(Box::new(plan)))));
+            }
+            Err(why) => broker.fetch_done(
+                name,
+                fleetmesh_protocol::FetchReport {
+                    dataset: id,
+                    ok: false,
+                    detail: why,
+                    fetched_chunks: 0,
+                    reused_chunks: 0,
+                    per_holder: vec![],
+                },
+            ),
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn reader_loop(
     mut recv: quinn::RecvStream,
@@ -201,7 +237,10 @@ async fn reader_loop(
                         Ok(())
                     }
                     AgentMessage::Holdings { datasets } => {
-                        broker.holdings(&name, &datasets);
+                        let redo = broker.holdings(&name, &datasets);
+                        if !redo.is_empty() {
+                            resume_fetches(&broker, &fleet, &myself, &name, redo).await;
+                        }
                         Ok(())
                     }
                     AgentMessage::FetchDone(report) => {

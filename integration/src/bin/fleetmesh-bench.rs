@@ -8,6 +8,13 @@
 //!   sample-to-apply latency, the coordinator's CPU and RSS, and the footprint of one real
 //!   `fleetmesh-agent` process at 1 Hz. Baseline: the same reports cast straight into an
 //!   in-process Fleet actor (no network, no TLS, no codec).
+//!
+//! `fleetmesh-bench transfer --size 1GiB --sources K`
+//!   A dataset of SIZE random bytes held by K holders (each its own certificate, chunk
+//!   store and xfer endpoint on loopback) is fetched by another peer with the real
+//!   multi-source fetcher: tickets checked, every chunk hashed and stored durably.
+//!   Baselines in the same run: one plain quinn stream with the same mutual TLS moving
+//!   the same number of bytes from memory to nowhere, and a plain TCP socket.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -50,6 +57,21 @@ enum Cmd {
         /// Failover measurements (real agent processes killed with SIGKILL).
         #[arg(long, default_value_t = 5)]
         failovers: usize,
+    },
+    /// Data plane: an agent-to-agent fetch against raw QUIC and TCP baselines.
+    Transfer {
+        /// Dataset size, e.g. 1GiB.
+        #[arg(long, default_value = "1GiB")]
+        size: String,
+        /// Holders the fetch pulls from at once.
+        #[arg(long, default_value_t = 1)]
+        sources: usize,
+        /// Chunk size, e.g. 4MiB.
+        #[arg(long, default_value = "4MiB")]
+        chunk_size: String,
+        /// Directory for the chunk stores [default: a temp dir].
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
     },
     /// Telemetry ingest: N agents over real QUIC against a real coordinator.
     Telemetry {
@@ -520,6 +542,211 @@ async fn inmemory_baseline(agents: usize, gpus: u32, seconds: u64) -> Result<Ing
     Ok(stats)
 }
 
+/// Plain quinn: one stream, same mutual TLS and socket settings, `size` bytes from memory.
+async fn quic_raw(pki: &Pki, size: u64) -> Result<f64> {
+    use fleetmesh_protocol::data::ALPN_XFER;
+    let server_tls = pki.identity(PeerKind::Agent, "h0")?;
+    let client_tls = pki.identity(PeerKind::Agent, "fetcher")?;
+    let server = fleetmesh_data::xfer::endpoint("127.0.0.1:0".parse()?, &server_tls, true)?;
+    let addr = server.local_addr()?;
+    let client = fleetmesh_data::xfer::endpoint("127.0.0.1:0".parse()?, &client_tls, false)?;
+    let srv = tokio::spawn(async move {
+        let conn = server.accept().await.context("no connection")?.await?;
+        let (mut send, _recv) = conn.accept_bi().await?;
+        let buf = vec![0x5au8; 1 << 20];
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            send.write_all(&buf[..n]).await?;
+            left -= n as u64;
+        }
+        send.finish()?;
+        let _ = send.stopped().await;
+        anyhow::Ok(())
+    });
+    let cfg = client_tls.peer_client_config(&[ALPN_XFER], PeerKind::Agent, "h0")?;
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(cfg)?;
+    let conn = client.connect_with(quinn::ClientConfig::new(Arc::new(quic)), addr, "peer")?.await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let start = Instant::now();
+    send.write_all(b"go").await?;
+    let mut got = 0u64;
+    while let Some(chunk) = recv.read_chunk(1 << 20, true).await? {
+        got += chunk.bytes.len() as u64;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    srv.await??;
+    if got != size {
+        bail!("quic baseline moved {got} of {size} bytes");
+    }
+    Ok(size as f64 / (1 << 20) as f64 / secs)
+}
+
+async fn tcp_raw(size: u64) -> Result<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    let srv = tokio::spawn(async move {
+        let (mut s, _) = l.accept().await?;
+        let buf = vec![0x5au8; 1 << 20];
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            s.write_all(&buf[..n]).await?;
+            left -= n as u64;
+        }
+        anyhow::Ok(())
+    });
+    let mut c = tokio::net::TcpStream::connect(addr).await?;
+    let start = Instant::now();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0u64;
+    loop {
+        let n = c.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        got += n as u64;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    srv.await??;
+    if got != size {
+        bail!("tcp baseline moved {got} of {size} bytes");
+    }
+    Ok(size as f64 / (1 << 20) as f64 / secs)
+}
+
+async fn transfer(
+    size: &str,
+    sources: usize,
+    chunk_size: &str,
+    dir: Option<std::path::PathBuf>,
+) -> Result<()> {
+    use fleetmesh_data::{dataset, LocalDataset, Store, XferServer};
+    use fleetmesh_protocol::data::{FetchPlan, Holder, Ticket, TicketSigner};
+    let size = fleetmesh_protocol::workflow::parse_size(size).map_err(anyhow::Error::msg)?;
+    let chunk = fleetmesh_protocol::workflow::parse_size(chunk_size).map_err(anyhow::Error::msg)?;
+    if sources == 0 {
+        bail!("--sources must be at least 1");
+    }
+    let pki = Pki::new("bench.test")?;
+    let tmp = tempfile::tempdir_in(dir.unwrap_or_else(std::env::temp_dir))?;
+    for i in 0..sources {
+        pki.issue(PeerKind::Agent, &format!("h{i}"), Attributes::default())?;
+    }
+    pki.issue(PeerKind::Agent, "fetcher", Attributes::default())?;
+    // The dataset, written once into h0's store; the other holders get hard links.
+    let src = tmp.path().join("src.bin");
+    {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&src)?);
+        let mut x: u64 = 0x9e3779b97f4a7c15;
+        let mut block = vec![0u8; 1 << 20];
+        let mut left = size;
+        while left > 0 {
+            for b in block.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                b.copy_from_slice(&x.to_le_bytes()[..b.len()]);
+            }
+            let n = left.min(block.len() as u64) as usize;
+            f.write_all(&block[..n])?;
+            left -= n as u64;
+        }
+        f.flush()?;
+    }
+    let key = TicketSigner::generate_pkcs8()?;
+    let signer = TicketSigner::from_pkcs8(&key)?;
+    let h0 = Store::open(&tmp.path().join("h0"), u64::MAX)?;
+    let manifest = dataset::import(&h0, &src, chunk as u32, |_| {})?;
+    let id = manifest.id();
+    let rec = LocalDataset {
+        id: id.clone(),
+        name: "bench".into(),
+        jurisdictions: vec![],
+        manifest: manifest.clone(),
+    };
+    h0.add_dataset(rec.clone())?;
+    drop(h0);
+    let mut holders = Vec::new();
+    let mut servers = Vec::new();
+    for i in 0..sources {
+        let name = format!("h{i}");
+        let root = tmp.path().join(&name);
+        if i > 0 {
+            let h0_chunks = tmp.path().join("h0/chunks");
+            for sub in std::fs::read_dir(&h0_chunks)? {
+                let sub = sub?;
+                let dest = root.join("chunks").join(sub.file_name());
+                std::fs::create_dir_all(&dest)?;
+                for f in std::fs::read_dir(sub.path())? {
+                    let f = f?;
+                    std::fs::hard_link(f.path(), dest.join(f.file_name()))?;
+                }
+            }
+        }
+        let store = Arc::new(Store::open(&root, u64::MAX)?);
+        store.add_dataset(rec.clone())?;
+        let tls = pki.identity(PeerKind::Agent, &name)?;
+        let ep = fleetmesh_data::xfer::endpoint("127.0.0.1:0".parse()?, &tls, true)?;
+        let server = XferServer::new(store, &name, "bench.test", Some(signer.public_key()), None);
+        server.spawn_accept_loop(ep.clone());
+        holders.push(Holder {
+            name: name.clone(),
+            kind: PeerKind::Agent,
+            addr: ep.local_addr()?.to_string(),
+            ticket: signer.sign(Ticket {
+                dataset: id.clone(),
+                requester: "fetcher".into(),
+                requester_kind: PeerKind::Agent,
+                holder: name,
+                jurisdictions: vec![],
+                expires_unix_ms: fleetmesh_data::now_unix_ms() + 3_600_000,
+            }),
+        });
+        servers.push((server, ep));
+    }
+    let plan = FetchPlan {
+        dataset: id.clone(),
+        name: "bench".into(),
+        jurisdictions: vec![],
+        bytes: size,
+        holders,
+    };
+    let tls = pki.identity(PeerKind::Agent, "fetcher")?;
+    let fetch_store = Arc::new(Store::open(&tmp.path().join("fetcher"), u64::MAX)?);
+    let ep = fleetmesh_data::xfer::endpoint("127.0.0.1:0".parse()?, &tls, false)?;
+    let start = Instant::now();
+    let report =
+        fleetmesh_data::fetch(&ep, &tls, fetch_store.clone(), &plan, Arc::new(|_| {})).await?;
+    let secs = start.elapsed().as_secs_f64();
+    if !fetch_store.complete(&id) {
+        bail!("fetch reported success but the dataset is incomplete");
+    }
+    let mib_per_s = size as f64 / (1 << 20) as f64 / secs;
+    let quic = quic_raw(&pki, size).await?;
+    let tcp = tcp_raw(size).await?;
+    println!(
+        "{}",
+        json!({
+            "bench": "transfer",
+            "size_bytes": size,
+            "chunk_bytes": chunk,
+            "sources": sources,
+            "seconds": secs,
+            "mib_per_s": mib_per_s,
+            "chunks": report.fetched_chunks,
+            "per_holder": report.per_holder,
+            "quic_raw_mib_per_s": quic,
+            "tcp_raw_mib_per_s": tcp,
+            "ratio_vs_quic_raw": mib_per_s / quic,
+            "udp_rmem_max": std::fs::read_to_string("/proc/sys/net/core/rmem_max").ok().map(|s| s.trim().to_string()),
+        })
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     fleetmesh_protocol::tls::install_default_provider();
@@ -531,6 +758,9 @@ fn main() -> Result<()> {
             }
             Cmd::Placement { agents, jobs, gpus_per_agent, failovers } => {
                 placement(agents, jobs, gpus_per_agent, failovers).await
+            }
+            Cmd::Transfer { size, sources, chunk_size, dir } => {
+                transfer(&size, sources, &chunk_size, dir).await
             }
         }
     })
