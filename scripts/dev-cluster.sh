@@ -97,11 +97,30 @@ up() {
   cli logs "$wf.train"
   echo "workflow $wf: $state"
   echo
+  echo "==> data: putting examples/corpus (EU only) and running examples/data-pipeline.yaml"
+  cli data put examples/corpus --name corpus --jurisdiction EU
+  wf=$(cli submit examples/data-pipeline.yaml)
+  for _ in $(seq 1 300); do
+    pending=$(cli jobs --workflow "$wf" -o json | grep -cE '"state": "(waiting|queued|starting|running)"' || true)
+    [ "$pending" = 0 ] && break
+    sleep 0.1
+  done
+  sleep 0.2
+  state=$(cli workflows | awk -v id="$wf" '$1 == id { print $2 }')
+  cli jobs --workflow "$wf"
+  echo
+  cli data ls
+  echo
+  echo "top words (output of $wf.count):"
+  cli logs "$wf.count"
+  echo "workflow $wf: $state"
+  echo
   echo "The mesh keeps running. Try:"
   echo "  eval \"\$(scripts/dev-cluster.sh env)\"; target/debug/fleetmesh agents show gpu-eu-1"
   echo "  target/debug/fleetmesh metrics | grep fleet_"
   echo "  target/debug/fleetmesh submit examples/gpu-train-eval.yaml; target/debug/fleetmesh jobs"
   echo "  target/debug/fleetmesh run --gpus 1 -- sh -c 'echo \$CUDA_VISIBLE_DEVICES'"
+  echo "  target/debug/fleetmesh data show corpus; target/debug/fleetmesh data get data-pipeline.count.counts /tmp/counts"
   echo "  J=\$(target/debug/fleetmesh tokens create --region eu-west-3 --jurisdiction EU --provider ovh)"
   echo "  target/debug/fleetmesh-agent --join \"\$J\" --data-dir /tmp/fm-joined --simulate-gpus 2xH100-80GB"
   echo "Logs: $DIR/logs/   Stop: scripts/dev-cluster.sh down"

@@ -168,7 +168,9 @@ pub fn plan_for(
             }
         }
     }
-    if holders.is_empty() {
+    // A requester that already holds a complete copy needs nobody (an empty plan).
+    let has_it = d.holders.get(&requester.name).is_some_and(|h| h.complete);
+    if holders.is_empty() && !has_it {
         return Err(format!(
             "no connected holder has a complete copy of {} ({})",
             d.name,
@@ -602,6 +604,14 @@ mod tests {
         assert!(e.starts_with("residency:") && e.contains("us-1 is in US"), "{e}");
         let none = Requester { kind: PeerKind::Agent, name: "x".into(), jurisdiction: None };
         assert!(plan_for(&d, &none, &cands, None, &signer, 1000).is_err());
+        // The requester itself is the only holder: nothing to fetch, an empty plan.
+        let only = Requester {
+            kind: PeerKind::Agent,
+            name: "eu-1".into(),
+            jurisdiction: Some("EU".into()),
+        };
+        let p = plan_for(&d, &only, &cands[..1], None, &signer, 1000).unwrap();
+        assert!(p.holders.is_empty());
         // Nobody holds it completely.
         let d2 = record(&[("eu-2", false)]);
         assert!(plan_for(&d2, &eu, &cands, None, &signer, 1000)
