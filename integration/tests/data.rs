@@ -523,3 +523,52 @@ async fn killed_fetcher_resumes_without_refetching_verified_chunks() -> anyhow::
     assert_eq!(chunk_files(&f_store).len(), 40);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn balanced_job_goes_to_the_free_agent_that_holds_its_input() -> anyhow::Result<()> {
+    let pki = Pki::new("mesh.test")?;
+    let work = tempfile::tempdir()?;
+    let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
+    let client = coord.client(&pki)?;
+    // Same price, same site: only the data differs.
+    let _p =
+        AgentProc::start(&pki, coord.control, "p", attrs("r", "EU", "aws"), None, work.path())?;
+    let _q =
+        AgentProc::start(&pki, coord.control, "q", attrs("r", "EU", "aws"), None, work.path())?;
+    let _s =
+        AgentProc::start(&pki, coord.control, "s", attrs("r", "EU", "aws"), None, work.path())?;
+    mesh_up(&client, 3).await;
+    let src = work.path().join("features.bin");
+    std::fs::write(&src, random_bytes(16 << 20, 17))?;
+    cli_ok(
+        &coord,
+        &pki,
+        &["data", "put", src.to_str().unwrap_or_default(), "--name", "features", "--on", "q"],
+    )
+    .await;
+    for round in 0..3 {
+        let yaml = format!(
+            "name: local-{round}\nobjective: balanced\njobs:\n  use:\n    inputs: [features]\n    command: [\"true\"]\n"
+        );
+        let r: Value = client.post_raw("/api/v1/workflows", yaml.into_bytes()).await?;
+        let wf = r["id"].as_str().unwrap_or_default().to_string();
+        let j = wait_job(&client, &format!("{wf}.use"), "succeeded", 30).await;
+        let a = &j["attempts"][0];
+        assert_eq!(a["agents"][0], "q", "round {round}: {a:#}");
+        // Every agent bid; only q said it holds the 16 MiB already, and its ETA is shorter.
+        let bids = a["bids"].as_array().expect("bids");
+        assert_eq!(bids.len(), 3, "{a:#}");
+        for b in bids {
+            let local = b["local_bytes"].as_u64().unwrap_or(0);
+            if b["agent"] == "q" {
+                assert_eq!(local, 16 << 20, "{b}");
+            } else {
+                assert_eq!(local, 0, "{b}");
+            }
+        }
+    }
+    // Nobody else fetched it.
+    let d = dataset(&client, "features").await;
+    assert!(d["holders"].get("p").is_none() && d["holders"].get("s").is_none(), "{d:#}");
+    Ok(())
+}

@@ -1,9 +1,11 @@
 //! Feed arbitrary bytes, split at arbitrary points, into the frame decoder for both
-//! message directions. It must never panic, never allocate past the frame limit, and
+//! control-plane directions and both data-plane (xfer) directions; a decoded manifest is
+//! also validated (its paths and sizes come from a peer). It must never panic, never allocate past the frame limit, and
 //! every message it yields must survive encode -> decode -> encode byte for byte
 //! (compared as bytes: a decoded NaN is a valid f64 but never equal to itself).
 #![no_main]
 
+use fleetmesh_protocol::data::{XferReply, XferRequest};
 use fleetmesh_protocol::{encode_frame, AgentMessage, CoordinatorMessage, FrameDecoder};
 use libfuzzer_sys::fuzz_target;
 
@@ -34,4 +36,13 @@ fuzz_target!(|data: &[u8]| {
     let split = data.first().copied().unwrap_or(0) as usize;
     drive::<AgentMessage>(data, split);
     drive::<CoordinatorMessage>(data, split);
+    drive::<XferRequest>(data, split);
+    drive::<XferReply>(data, split);
+    let mut dec = FrameDecoder::new();
+    dec.push(data);
+    if let Ok(Some(XferReply::Manifest(m))) = dec.next_message::<XferReply>() {
+        let _ = m.validate();
+        let _ = m.id();
+        let _ = m.unique_chunks();
+    }
 });
