@@ -578,17 +578,19 @@ mod tests {
         let names: Vec<&str> = p.holders.iter().map(|h| h.name.as_str()).collect();
         assert_eq!(names, ["eu-1"]);
         let t = &p.holders[0].ticket;
-        assert!(verify_ticket(
-            &signer.public_key(),
-            t,
-            &d.id,
-            "eu-1",
-            PeerKind::Agent,
-            "eu-9",
-            Some("EU"),
-            2000
-        )
-        .is_ok());
+        let eu9 = fleetmesh_protocol::PeerIdentity {
+            trust_domain: "t".into(),
+            kind: PeerKind::Agent,
+            name: "eu-9".into(),
+            attributes: fleetmesh_protocol::Attributes {
+                jurisdiction: Some("EU".into()),
+                ..Default::default()
+            },
+            serial: "01".into(),
+            not_before_unix: 0,
+            not_after_unix: i64::MAX,
+        };
+        assert!(verify_ticket(&signer.public_key(), t, &d.id, "eu-1", &eu9, 2000).is_ok());
         assert_eq!(t.ticket.expires_unix_ms, 1000 + TICKET_TTL_MS);
         // No agent holder connected: the coordinator's copy serves.
         let p = plan_for(&d, &eu, &cands[1..], Some(("coord", "127.0.0.1:7400")), &signer, 1000)

@@ -231,17 +231,8 @@ impl XferServer {
             );
         };
         let juris = peer.attributes.jurisdiction.as_deref();
-        verify_ticket(
-            &key,
-            t,
-            &t.ticket.dataset,
-            &self.name,
-            peer.kind,
-            &peer.name,
-            juris,
-            crate::now_unix_ms(),
-        )
-        .map_err(|e| e.to_string())?;
+        verify_ticket(&key, t, &t.ticket.dataset, &self.name, peer, crate::now_unix_ms())
+            .map_err(|e| e.to_string())?;
         let local = self
             .store
             .dataset(&t.ticket.dataset)

@@ -245,18 +245,18 @@ impl TicketSigner {
     }
 }
 
-/// Check a ticket presented to `holder` by the peer with the verified certificate
-/// identity `(requester_kind, requester, requester_jurisdiction)`, for `dataset`.
+/// Check a ticket presented to `holder` for `dataset` by the peer whose verified
+/// certificate identity is `requester`.
 pub fn verify_ticket(
     public_key: &[u8],
     t: &SignedTicket,
     dataset: &str,
     holder: &str,
-    requester_kind: PeerKind,
-    requester: &str,
-    requester_jurisdiction: Option<&str>,
+    requester: &crate::identity::PeerIdentity,
     now_unix_ms: u64,
 ) -> Result<(), DataError> {
+    let (requester_kind, requester_name) = (requester.kind, requester.name.as_str());
+    let requester_jurisdiction = requester.attributes.jurisdiction.as_deref();
     let key = ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, public_key);
     key.verify(&ticket_message(&t.ticket), &t.signature)
         .map_err(|_| DataError::Ticket("signature is not the coordinator's".into()))?;
@@ -267,9 +267,9 @@ pub fn verify_ticket(
     if k.holder != holder {
         return Err(DataError::Ticket(format!("ticket is for holder {}, not {holder}", k.holder)));
     }
-    if k.requester != requester || k.requester_kind != requester_kind {
+    if k.requester != requester_name || k.requester_kind != requester_kind {
         return Err(DataError::Ticket(format!(
-            "ticket was issued to {} {}, presented by {requester_kind} {requester}",
+            "ticket was issued to {} {}, presented by {requester_kind} {requester_name}",
             k.requester_kind, k.requester
         )));
     }
@@ -397,10 +397,26 @@ mod tests {
         assert!(residency_allows(&eu, Some("EU")));
         assert!(!residency_allows(&eu, Some("US")));
         assert!(!residency_allows(&eu, None));
-        let eu_ch = vec!["EU".to_string(), "CH".to_string()];
+        let eu_ch = ["EU".to_string(), "CH".to_string()];
         assert_eq!(intersect_residency([&eu_ch[..], &[][..], &eu[..]]), Some(eu.clone()));
         assert_eq!(intersect_residency([&[][..]]), Some(vec![]));
         assert_eq!(intersect_residency([&eu[..], &["US".to_string()][..]]), None);
+    }
+
+    /// A verified US agent identity named `name`.
+    pub(crate) fn us_peer(name: &str) -> crate::identity::PeerIdentity {
+        crate::identity::PeerIdentity {
+            trust_domain: "t".into(),
+            kind: PeerKind::Agent,
+            name: name.into(),
+            attributes: crate::identity::Attributes {
+                jurisdiction: Some("US".into()),
+                ..Default::default()
+            },
+            serial: "01".into(),
+            not_before_unix: 0,
+            not_after_unix: i64::MAX,
+        }
     }
 
     fn ticket(exp: u64) -> Ticket {
@@ -421,8 +437,8 @@ mod tests {
         let mut t = ticket(2000);
         t.jurisdictions.clear();
         let ok = signer.sign(t);
-        let v = |t: &SignedTicket, ds, holder, name, now| {
-            verify_ticket(&pk, t, ds, holder, PeerKind::Agent, name, Some("US"), now)
+        let v = |t: &SignedTicket, ds, holder, name: &str, now| {
+            verify_ticket(&pk, t, ds, holder, &us_peer(name), now)
         };
         assert!(v(&ok, "d1", "eu-1", "us-1", 1000).is_ok());
         assert!(v(&ok, "d2", "eu-1", "us-1", 1000).unwrap_err().to_string().contains("dataset"));
