@@ -175,20 +175,7 @@ impl DataPlane {
         inputs: &[InputSummary],
         own_site: (Option<&str>, Option<&str>),
     ) -> (u64, f64) {
-        let mut eta_ms = 0u64;
-        let mut price = 0.0;
-        for i in inputs {
-            let missing = i.bytes.saturating_sub(self.store.present_bytes(&i.dataset).min(i.bytes));
-            eta_ms += missing.saturating_mul(1000) / self.cfg.fetch_bandwidth.max(1);
-            let same_site = i
-                .holder_sites
-                .iter()
-                .any(|(p, r)| p.as_deref() == own_site.0 && r.as_deref() == own_site.1);
-            if !same_site {
-                price += missing as f64 / 1e9 * self.cfg.transfer_cost_per_gb;
-            }
-        }
-        (eta_ms, price)
+        fetch_cost(inputs, |id| self.store.present_bytes(id), own_site, &self.cfg)
     }
 
     /// Fetch (as needed) and materialise every input under `<dir>/inputs/<mount>`,
@@ -254,5 +241,72 @@ impl DataPlane {
             self.outbox.push(self.holdings());
         }
         Ok(out)
+    }
+}
+
+/// What fetching the missing part of `inputs` adds to a bid: the time at the configured
+/// fetch bandwidth, and the transfer price per GB when no holder of an input is on this
+/// node's provider and region (pure; `present(id)` says how many bytes are here).
+pub fn fetch_cost(
+    inputs: &[InputSummary],
+    present: impl Fn(&str) -> u64,
+    own_site: (Option<&str>, Option<&str>),
+    cfg: &DataConfig,
+) -> (u64, f64) {
+    let mut eta_ms = 0u64;
+    let mut price = 0.0;
+    for i in inputs {
+        let missing = i.bytes.saturating_sub(present(&i.dataset).min(i.bytes));
+        eta_ms += missing.saturating_mul(1000) / cfg.fetch_bandwidth.max(1);
+        let same_site = i
+            .holder_sites
+            .iter()
+            .any(|(p, r)| p.as_deref() == own_site.0 && r.as_deref() == own_site.1);
+        if !same_site {
+            price += missing as f64 / 1e9 * cfg.transfer_cost_per_gb;
+        }
+    }
+    (eta_ms, price)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input(id: &str, gb: u64, sites: &[(&str, &str)]) -> InputSummary {
+        InputSummary {
+            dataset: id.into(),
+            bytes: gb * 1_000_000_000,
+            holder_sites: sites
+                .iter()
+                .map(|(p, r)| (Some(p.to_string()), Some(r.to_string())))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn data_already_here_is_free_and_immediate_data_elsewhere_costs_time_and_egress() {
+        let cfg = DataConfig {
+            fetch_bandwidth: 1_000_000_000, // 1 GB/s
+            transfer_cost_per_gb: 0.1,
+            ..Default::default()
+        };
+        let here = (Some("aws"), Some("eu-west-1"));
+        let ins = [input("a", 10, &[("aws", "eu-west-1")]), input("b", 4, &[("gcp", "us-east1")])];
+        // Nothing held: 14 s to fetch; only b crosses sites (4 GB x 0.1).
+        let (eta, price) = fetch_cost(&ins, |_| 0, here, &cfg);
+        assert_eq!(eta, 14_000);
+        assert!((price - 0.4).abs() < 1e-9, "{price}");
+        // Everything held: nothing to add.
+        let all = |id: &str| if id == "a" { 10_000_000_000 } else { 4_000_000_000 };
+        assert_eq!(fetch_cost(&ins, all, here, &cfg), (0, 0.0));
+        // Half of b held: half the time and half the egress for b.
+        let half_b = |id: &str| if id == "b" { 2_000_000_000 } else { 0 };
+        let (eta, price) = fetch_cost(&ins, half_b, here, &cfg);
+        assert_eq!(eta, 12_000);
+        assert!((price - 0.2).abs() < 1e-9, "{price}");
+        // In another region of the same provider, a crosses sites too.
+        let (_, price) = fetch_cost(&ins, |_| 0, (Some("aws"), Some("us-east-1")), &cfg);
+        assert!((price - 1.4).abs() < 1e-9, "{price}");
     }
 }

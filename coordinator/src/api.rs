@@ -296,6 +296,9 @@ async fn metrics(State(st): State<AppState>) -> Response {
 /// Largest chunk upload accepted (the largest chunk size plus slack).
 const MAX_CHUNK_BODY: usize = fleetmesh_protocol::data::MAX_CHUNK_SIZE as usize + 1024;
 
+/// Largest `POST /api/v1/data` body (a manifest in JSON).
+const MAX_MANIFEST_BODY: usize = 64 << 20;
+
 /// `POST /api/v1/data`: a dataset whose chunks were uploaded.
 #[derive(serde::Deserialize)]
 struct PutBody {
@@ -467,7 +470,13 @@ fn router(
 ) -> Router {
     use axum::routing::post;
     Router::new()
-        .route("/api/v1/data", get(data_list).post(data_put))
+        // Manifests of large datasets are large (one hash per chunk).
+        .route(
+            "/api/v1/data",
+            get(data_list)
+                .post(data_put)
+                .layer(axum::extract::DefaultBodyLimit::max(MAX_MANIFEST_BODY)),
+        )
         .route("/api/v1/data/missing", post(data_missing))
         .route(
             "/api/v1/data/chunks/{hash}",
