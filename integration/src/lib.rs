@@ -125,6 +125,18 @@ pub struct CoordinatorProc {
 impl CoordinatorProc {
     /// Issue a coordinator cert (if missing), start on fresh ports, wait until the API answers.
     pub async fn start(pki: &Pki, data_dir: &Path, extra: &[&str]) -> Result<Self> {
+        Self::start_listening(pki, data_dir, [127, 0, 0, 1].into(), extra).await
+    }
+
+    /// Like [`CoordinatorProc::start`], with the control endpoint bound to `listen_ip`
+    /// (e.g. 0.0.0.0 so agents in a test network namespace reach it too); `control`
+    /// stays the loopback address.
+    pub async fn start_listening(
+        pki: &Pki,
+        data_dir: &Path,
+        listen_ip: std::net::IpAddr,
+        extra: &[&str],
+    ) -> Result<Self> {
         if !pki.path().join("coordinator-main.pem").exists() {
             pki.issue(PeerKind::Coordinator, "main", Attributes::default())?;
             pki.issue(PeerKind::Operator, "harness", Attributes::default())?;
@@ -133,7 +145,7 @@ impl CoordinatorProc {
         let api: SocketAddr = ([127, 0, 0, 1], free_tcp_port()).into();
         let mut args: Vec<String> = vec![
             "--listen".into(),
-            control.to_string(),
+            SocketAddr::new(listen_ip, control.port()).to_string(),
             "--api-listen".into(),
             api.to_string(),
             "--data-dir".into(),
@@ -243,6 +255,8 @@ pub struct AgentProc {
     pub name: String,
     pub log: PathBuf,
     args: Vec<String>,
+    /// Started through `ip netns exec` (`args` are then `ip`'s).
+    in_netns: bool,
 }
 
 impl AgentProc {
@@ -281,6 +295,7 @@ impl AgentProc {
             name: name.into(),
             log: work.join(format!("agent-{name}.log")),
             args,
+            in_netns: false,
         };
         me.spawn()?;
         Ok(me)
@@ -341,6 +356,49 @@ impl AgentProc {
         )
     }
 
+    /// Start inside network namespace `netns` (`ip netns exec`), dialling `coordinator`.
+    pub fn start_in_netns(
+        pki: &Pki,
+        netns: &str,
+        coordinator: SocketAddr,
+        name: &str,
+        attrs: Attributes,
+        simulate: Option<&str>,
+        work: &Path,
+    ) -> Result<Self> {
+        let base = pki.path().join(format!("agent-{name}"));
+        if !base.with_extension("pem").exists() {
+            pki.issue(PeerKind::Agent, name, attrs)?;
+        }
+        let data_dir = work.join(format!("agent-{name}"));
+        std::fs::create_dir_all(&data_dir)?;
+        let mut args: Vec<String> = vec![
+            "netns".into(),
+            "exec".into(),
+            netns.into(),
+            bin("fleetmesh-agent").display().to_string(),
+            "--coordinator".into(),
+            coordinator.to_string(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--ca".into(),
+            pki.ca_pem().display().to_string(),
+            "--cert".into(),
+            base.with_extension("pem").display().to_string(),
+            "--key".into(),
+            base.with_extension("key").display().to_string(),
+            "--reconnect-max".into(),
+            "1s".into(),
+        ];
+        if let Some(s) = simulate {
+            args.extend(["--simulate-gpus".to_string(), s.to_string()]);
+        }
+        let log = work.join(format!("agent-{name}.log"));
+        let mut me = Self { child: None, name: name.into(), log, args, in_netns: true };
+        me.spawn()?;
+        Ok(me)
+    }
+
     /// Start with explicit arguments (e.g. `--join`); `--reconnect-max 1s` is added.
     pub fn start_args(name: &str, mut args: Vec<String>, work: &Path) -> Result<Self> {
         args.extend(["--reconnect-max".to_string(), "1s".to_string()]);
@@ -349,6 +407,7 @@ impl AgentProc {
             name: name.into(),
             log: work.join(format!("agent-{name}.log")),
             args,
+            in_netns: false,
         };
         me.spawn()?;
         Ok(me)
@@ -360,7 +419,19 @@ impl AgentProc {
     }
 
     pub fn spawn(&mut self) -> Result<()> {
-        self.child = Some(spawn_logged("fleetmesh-agent", &self.args, &self.log)?);
+        self.child = Some(if self.in_netns {
+            // `ip netns exec` execs the agent, so the child's pid is the agent's.
+            let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+            Command::new("ip")
+                .args(&self.args)
+                .env("RUST_LOG", CHILD_LOG)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .context("spawning ip netns exec")?
+        } else {
+            spawn_logged("fleetmesh-agent", &self.args, &self.log)?
+        });
         Ok(())
     }
 
@@ -433,5 +504,57 @@ pub fn attrs(region: &str, jurisdiction: &str, provider: &str) -> Attributes {
         jurisdiction: Some(jurisdiction.into()),
         provider: Some(provider.into()),
         ..Default::default()
+    }
+}
+
+/// A network namespace joined to the root namespace by a veth pair, for partition
+/// tests: root side `10.213.<n>.1/30`, namespace side `10.213.<n>.2/30`. Removed (with
+/// its veth pair) on drop, whatever the test's outcome.
+pub struct Netns {
+    pub name: String,
+    /// The root-namespace end of the veth pair (set it down to partition).
+    pub veth: String,
+    pub root_ip: std::net::Ipv4Addr,
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip").args(args).output().context("running ip")?;
+    if !out.status.success() {
+        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+impl Netns {
+    /// Create it; `Err` when namespaces cannot be made here (not root): callers skip.
+    pub fn create() -> Result<Self> {
+        let n = (std::process::id() % 250) as u8 + 1;
+        let name = format!("fmtest{}", std::process::id());
+        let veth = format!("fmv{}", std::process::id());
+        let peer = format!("{veth}p");
+        let root_ip = std::net::Ipv4Addr::new(10, 213, n, 1);
+        ip(&["netns", "add", &name])?;
+        let me = Self { name: name.clone(), veth: veth.clone(), root_ip };
+        ip(&["link", "add", &veth, "type", "veth", "peer", "name", &peer])?;
+        ip(&["link", "set", &peer, "netns", &name])?;
+        ip(&["addr", "add", &format!("{root_ip}/30"), "dev", &veth])?;
+        ip(&["link", "set", &veth, "up"])?;
+        let ns_ip = format!("10.213.{n}.2/30");
+        ip(&["netns", "exec", &name, "ip", "addr", "add", &ns_ip, "dev", &peer])?;
+        ip(&["netns", "exec", &name, "ip", "link", "set", &peer, "up"])?;
+        ip(&["netns", "exec", &name, "ip", "link", "set", "lo", "up"])?;
+        Ok(me)
+    }
+
+    /// Cut (`false`) or restore (`true`) the link.
+    pub fn set_link(&self, up: bool) -> Result<()> {
+        ip(&["link", "set", &self.veth, if up { "up" } else { "down" }])
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = ip(&["link", "del", &self.veth]);
+        let _ = ip(&["netns", "del", &self.name]);
     }
 }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use fleetmesh_coordinator::client::ApiClient;
-use fleetmesh_integration::{agents, attrs, wait_for, AgentProc, CoordinatorProc, Pki};
+use fleetmesh_integration::{agents, attrs, wait_for, AgentProc, CoordinatorProc, Netns, Pki};
 use serde_json::Value;
 
 async fn submit(client: &ApiClient, yaml: &str) -> anyhow::Result<String> {
@@ -521,6 +521,109 @@ async fn partitioned_agent_that_comes_back_does_not_leave_two_copies_running() -
     assert_eq!(j["state"], "running");
     assert_eq!(j["attempts"].as_array().map(|a| a.len()), Some(2));
     // Clean up the long-running job.
+    let _: Value =
+        client.post_json(&format!("/api/v1/jobs/{id}/cancel"), &serde_json::json!({})).await?;
+    wait_state(&client, &id, "cancelled", 5).await;
+    Ok(())
+}
+
+/// A real network partition: the agent runs in its own network namespace, joined to the
+/// coordinator by a veth pair that the test takes down and brings back up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_partition_re_places_the_job_and_the_healed_agent_stops_its_copy(
+) -> anyhow::Result<()> {
+    let net = match Netns::create() {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("SKIPPED: cannot create a network namespace here ({e}); run as root");
+            return Ok(());
+        }
+    };
+    let pki = Pki::new("mesh.test")?;
+    // The coordinator's certificate names the address the namespaced agent dials.
+    let mut req = fleetmesh_protocol::pki::IssueRequest::new(
+        fleetmesh_protocol::PeerKind::Coordinator,
+        "main",
+        Duration::from_secs(3600),
+    );
+    req.dns_names = vec!["localhost".into()];
+    req.ips = vec![[127, 0, 0, 1].into(), net.root_ip.into()];
+    pki.issue_req(&req)?;
+    pki.issue(fleetmesh_protocol::PeerKind::Operator, "harness", Default::default())?;
+    let work = tempfile::tempdir()?;
+    let coord = CoordinatorProc::start_listening(
+        &pki,
+        &work.path().join("coord"),
+        [0, 0, 0, 0].into(),
+        &[],
+    )
+    .await?;
+    let client = coord.client(&pki)?;
+    let remote = std::net::SocketAddr::new(net.root_ip.into(), coord.control.port());
+    let _p = AgentProc::start_in_netns(
+        &pki,
+        &net.name,
+        remote,
+        "p",
+        attrs("r", "EU", "p"),
+        Some("1xH100-80GB"),
+        work.path(),
+    )?;
+    mesh_up(&client, 1).await;
+    let rec = work.path().join("beats.log");
+    let yaml = format!(
+        "name: netpart\njobs:\n  svc:\n    script: |\n      while true; do echo \"a$FLEETMESH_ATTEMPT $(date +%s%N)\" >> {r}; sleep 0.1; done\n    resources: {{ gpus: 1 }}\n",
+        r = rec.display()
+    );
+    let wf = submit(&client, &yaml).await?;
+    let id = format!("{wf}.svc");
+    let first = wait_state(&client, &id, "running", 10).await;
+    assert_eq!(first["attempts"][0]["agents"][0], "p");
+    let _q = AgentProc::start_extra(
+        &pki,
+        coord.control,
+        "q",
+        attrs("r", "EU", "p"),
+        Some("1xH100-80GB"),
+        &[],
+        work.path(),
+    )?;
+    mesh_up(&client, 2).await;
+    // Partition.
+    net.set_link(false)?;
+    let cut = Instant::now();
+    wait_for(Duration::from_secs(8), || async {
+        let j = job(&client, &id).await;
+        (j["state"] == "running"
+            && j["attempts"].as_array().map(|a| a.len()) == Some(2)
+            && j["attempts"][1]["agents"][0] == "q")
+            .then_some(())
+    })
+    .await
+    .expect("job re-placed on q while p was cut off");
+    let replaced_after = cut.elapsed();
+    assert!(replaced_after < Duration::from_secs(4), "re-placed after {replaced_after:?}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Heal: p reconnects, reports its attempt, and is told to stop it.
+    net.set_link(true)?;
+    let healed_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let b = beats(&rec);
+    let late: Vec<&u128> = b
+        .get("a1")
+        .map(|v| v.iter().filter(|t| **t > healed_ns + 8_000_000_000).collect())
+        .unwrap_or_default();
+    assert!(late.is_empty(), "the stale copy still ran 8 s after the partition healed");
+    let new_recent = b
+        .get("a2")
+        .map(|v| v.iter().filter(|t| **t > healed_ns + 8_000_000_000).count())
+        .unwrap_or(0);
+    assert!(new_recent > 5, "the current copy keeps running");
+    let j = job(&client, &id).await;
+    assert_eq!(j["state"], "running");
+    assert_eq!(j["attempts"].as_array().map(|a| a.len()), Some(2), "no third attempt");
+    let plog = std::fs::read_to_string(work.path().join("agent-p.log"))?;
+    assert!(plog.matches("session established").count() >= 2, "p reconnected:\n{plog}");
     let _: Value =
         client.post_json(&format!("/api/v1/jobs/{id}/cancel"), &serde_json::json!({})).await?;
     wait_state(&client, &id, "cancelled", 5).await;
