@@ -527,6 +527,50 @@ async fn partitioned_agent_that_comes_back_does_not_leave_two_copies_running() -
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_follow_streams_output_live_and_ends_with_the_job() -> anyhow::Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    let pki = Pki::new("mesh.test")?;
+    let work = tempfile::tempdir()?;
+    let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
+    let client = coord.client(&pki)?;
+    let _a = AgentProc::start(&pki, coord.control, "a", attrs("r", "EU", "p"), None, work.path())?;
+    mesh_up(&client, 1).await;
+    let wf = submit(
+        &client,
+        "name: follow\njobs:\n  talk:\n    script: |\n      for i in 1 2 3 4; do echo line$i; sleep 1; done\n",
+    )
+    .await?;
+    let id = format!("{wf}.talk");
+    wait_state(&client, &id, "running", 10).await;
+    let mut child = tokio::process::Command::new(fleetmesh_integration::bin("fleetmesh"))
+        .args(["logs", "-f", &id, "--api", &format!("https://127.0.0.1:{}", coord.api.port())])
+        .arg("--ca")
+        .arg(pki.ca_pem())
+        .arg("--cert")
+        .arg(pki.path().join("operator-harness.pem"))
+        .arg("--key")
+        .arg(pki.path().join("operator-harness.key"))
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    // The first line arrives while the job is still running.
+    let first = tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await??;
+    assert_eq!(first.as_deref(), Some("line1"));
+    assert_eq!(job(&client, &id).await["state"], "running", "streamed live, not after the end");
+    let mut rest = Vec::new();
+    while let Some(l) = tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await?? {
+        rest.push(l);
+    }
+    assert_eq!(rest, ["line2", "line3", "line4"]);
+    // It ends by itself once the job has ended.
+    let status = tokio::time::timeout(Duration::from_secs(5), child.wait()).await??;
+    assert!(status.success());
+    assert_eq!(job(&client, &id).await["state"], "succeeded");
+    Ok(())
+}
+
 /// A real network partition: the agent runs in its own network namespace, joined to the
 /// coordinator by a veth pair that the test takes down and brings back up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
