@@ -812,7 +812,7 @@ impl SchedulerState {
         };
         // Fetch plans (with tickets) for each winner's inputs, and where outputs go.
         let mut plans: Vec<Vec<AwardInput>> = Vec::new();
-        for w in &winners {
+        for w in winners.iter().filter(|_| !run.inputs.is_empty()) {
             let cand = self.last_candidates.iter().find(|c| c.agent == w.agent);
             let me = Requester {
                 kind: PeerKind::Agent,
