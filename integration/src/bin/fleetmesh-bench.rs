@@ -717,15 +717,21 @@ async fn transfer(
     let tls = pki.identity(PeerKind::Agent, "fetcher")?;
     let fetch_store = Arc::new(Store::open(&tmp.path().join("fetcher"), u64::MAX)?);
     let ep = fleetmesh_data::xfer::endpoint("127.0.0.1:0".parse()?, &tls, false)?;
+    let me = std::process::id();
+    let cpu0 = cpu_seconds(me).unwrap_or(0.0);
     let start = Instant::now();
     let report =
         fleetmesh_data::fetch(&ep, &tls, fetch_store.clone(), &plan, Arc::new(|_| {})).await?;
     let secs = start.elapsed().as_secs_f64();
+    let fetch_cores = (cpu_seconds(me).unwrap_or(0.0) - cpu0) / secs;
     if !fetch_store.complete(&id) {
         bail!("fetch reported success but the dataset is incomplete");
     }
     let mib_per_s = size as f64 / (1 << 20) as f64 / secs;
+    let cpu1 = cpu_seconds(me).unwrap_or(0.0);
+    let t1 = Instant::now();
     let quic = quic_raw(&pki, size).await?;
+    let quic_cores = (cpu_seconds(me).unwrap_or(0.0) - cpu1) / t1.elapsed().as_secs_f64();
     let tcp = tcp_raw(size).await?;
     println!(
         "{}",
@@ -741,6 +747,9 @@ async fn transfer(
             "quic_raw_mib_per_s": quic,
             "tcp_raw_mib_per_s": tcp,
             "ratio_vs_quic_raw": mib_per_s / quic,
+            "cpu_cores_busy_fetch": (fetch_cores * 100.0).round() / 100.0,
+            "cpu_cores_busy_quic_raw": (quic_cores * 100.0).round() / 100.0,
+            "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             "udp_rmem_max": std::fs::read_to_string("/proc/sys/net/core/rmem_max").ok().map(|s| s.trim().to_string()),
         })
     );
