@@ -442,7 +442,7 @@ impl SchedulerState {
         Ok((out, residency))
     }
 
-    fn busy_gpus(&self) -> Vec<String> {
+    fn busy_gpus(&self) -> std::collections::HashSet<String> {
         self.jobs
             .values()
             .filter(|j| matches!(j.state, JobState::Starting | JobState::Running))
@@ -453,10 +453,13 @@ impl SchedulerState {
 
     async fn tick(&mut self) {
         let now = now_ms();
-        // 1. Dependencies.
-        let states: BTreeMap<String, JobState> =
-            self.jobs.iter().map(|(k, j)| (k.clone(), j.state)).collect();
-        let ids: Vec<String> = self.jobs.keys().cloned().collect();
+        // 1. Dependencies (only waiting jobs are looked at: no per-tick copy of all jobs).
+        let ids: Vec<String> = self
+            .jobs
+            .values()
+            .filter(|j| j.state == JobState::Waiting)
+            .map(|j| j.id.clone())
+            .collect();
         for id in &ids {
             let Some(j) = self.jobs.get(id) else { continue };
             if j.state != JobState::Waiting {
@@ -468,7 +471,7 @@ impl SchedulerState {
                 .iter()
                 .map(|d| {
                     let did = format!("{}.{d}", j.workflow);
-                    let st = states.get(&did).copied().unwrap_or(JobState::Failed);
+                    let st = self.jobs.get(&did).map(|d| d.state).unwrap_or(JobState::Failed);
                     (d.clone(), st)
                 })
                 .collect();
@@ -556,7 +559,7 @@ impl SchedulerState {
                     .gpu_uuids
                     .iter()
                     .zip(c.free_gpus.iter())
-                    .filter(|(u, _)| !busy.contains(u))
+                    .filter(|(u, _)| !busy.contains(u.as_str()))
                     .map(|(_, g)| g.clone())
                     .collect();
                 c.free_gpus = keep;

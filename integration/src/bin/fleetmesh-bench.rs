@@ -718,6 +718,7 @@ async fn transfer(
     let fetch_store = Arc::new(Store::open(&tmp.path().join("fetcher"), u64::MAX)?);
     let ep = fleetmesh_data::xfer::endpoint("127.0.0.1:0".parse()?, &tls, false)?;
     let me = std::process::id();
+    eprintln!("fetching {size} bytes from {sources} holder(s)");
     let cpu0 = cpu_seconds(me).unwrap_or(0.0);
     let start = Instant::now();
     let report =
@@ -728,6 +729,7 @@ async fn transfer(
         bail!("fetch reported success but the dataset is incomplete");
     }
     let mib_per_s = size as f64 / (1 << 20) as f64 / secs;
+    eprintln!("baselines: one quinn stream, one TCP socket");
     let cpu1 = cpu_seconds(me).unwrap_or(0.0);
     let t1 = Instant::now();
     let quic = quic_raw(&pki, size).await?;
