@@ -48,33 +48,9 @@ pub fn import(
     store: &Store,
     root: &Path,
     chunk_size: u32,
-    mut progress: impl FnMut(u64),
+    progress: impl FnMut(u64),
 ) -> Result<Manifest, StoreError> {
-    use std::os::unix::fs::PermissionsExt;
-    let mut files = Vec::new();
-    let mut buf = vec![0u8; chunk_size as usize];
-    for (rel, path) in list_files(root)? {
-        let mut f = std::fs::File::open(&path).map_err(io(&path))?;
-        let mode = f.metadata().map_err(io(&path))?.permissions().mode() & 0o777;
-        let mut size = 0u64;
-        let mut chunks: Vec<Hash> = Vec::new();
-        loop {
-            let n = read_full(&mut f, &mut buf).map_err(io(&path))?;
-            if n == 0 {
-                break;
-            }
-            let h = hash_bytes(&buf[..n]);
-            store.write(&h, &buf[..n])?;
-            chunks.push(h);
-            size += n as u64;
-            progress(n as u64);
-            if n < buf.len() {
-                break;
-            }
-        }
-        files.push(FileEntry { path: rel, size, mode, chunks });
-    }
-    Ok(Manifest { chunk_size, files })
+    chunk_tree(root, chunk_size, progress, |h, b| store.write(h, b))
 }
 
 /// Hash a file or directory into a manifest without storing anything (a client that
@@ -82,7 +58,18 @@ pub fn import(
 pub fn scan(
     root: &Path,
     chunk_size: u32,
+    progress: impl FnMut(u64),
+) -> Result<Manifest, StoreError> {
+    chunk_tree(root, chunk_size, progress, |_, _| Ok(()))
+}
+
+/// Split every file under `root` into chunks, hand each (hash, bytes) to `sink`, and
+/// build the manifest.
+fn chunk_tree(
+    root: &Path,
+    chunk_size: u32,
     mut progress: impl FnMut(u64),
+    mut sink: impl FnMut(&Hash, &[u8]) -> Result<(), StoreError>,
 ) -> Result<Manifest, StoreError> {
     use std::os::unix::fs::PermissionsExt;
     let mut files = Vec::new();
@@ -96,7 +83,9 @@ pub fn scan(
             if n == 0 {
                 break;
             }
-            chunks.push(hash_bytes(&buf[..n]));
+            let h = hash_bytes(&buf[..n]);
+            sink(&h, &buf[..n])?;
+            chunks.push(h);
             size += n as u64;
             progress(n as u64);
             if n < buf.len() {

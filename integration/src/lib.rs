@@ -202,10 +202,10 @@ impl CoordinatorProc {
         Ok(ApiClient::new(&format!("https://127.0.0.1:{}", self.api.port()), &tls)?)
     }
 
-    /// Run the `fleetmesh` CLI against this coordinator as the harness operator.
-    pub async fn cli(&self, pki: &Pki, args: &[&str]) -> Result<std::process::Output> {
-        Ok(tokio::process::Command::new(bin("fleetmesh"))
-            .args(args)
+    /// The `fleetmesh` CLI with `args`, pointed at this coordinator as the harness operator.
+    pub fn cli_command(&self, pki: &Pki, args: &[&str]) -> tokio::process::Command {
+        let mut c = tokio::process::Command::new(bin("fleetmesh"));
+        c.args(args)
             .arg("--api")
             .arg(format!("https://127.0.0.1:{}", self.api.port()))
             .arg("--ca")
@@ -213,9 +213,13 @@ impl CoordinatorProc {
             .arg("--cert")
             .arg(pki.path().join("operator-harness.pem"))
             .arg("--key")
-            .arg(pki.path().join("operator-harness.key"))
-            .output()
-            .await?)
+            .arg(pki.path().join("operator-harness.key"));
+        c
+    }
+
+    /// Run the `fleetmesh` CLI to completion.
+    pub async fn cli(&self, pki: &Pki, args: &[&str]) -> Result<std::process::Output> {
+        Ok(self.cli_command(pki, args).output().await?)
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -270,26 +274,7 @@ impl AgentProc {
         simulate: Option<&str>,
         work: &Path,
     ) -> Result<Self> {
-        let data_dir = work.join(format!("agent-{name}"));
-        std::fs::create_dir_all(&data_dir)?;
-        let mut args: Vec<String> = vec![
-            "--coordinator".into(),
-            coordinator.to_string(),
-            "--data-dir".into(),
-            data_dir.display().to_string(),
-            "--ca".into(),
-            pki.ca_pem().display().to_string(),
-            "--cert".into(),
-            cert.display().to_string(),
-            "--key".into(),
-            key.display().to_string(),
-            "--reconnect-max".into(),
-            "1s".into(),
-        ];
-        if let Some(s) = simulate {
-            args.push("--simulate-gpus".into());
-            args.push(s.into());
-        }
+        let args = agent_args(pki, coordinator, name, cert, key, simulate, work)?;
         let mut me = Self {
             child: None,
             name: name.into(),
@@ -311,10 +296,7 @@ impl AgentProc {
         extra: &[&str],
         work: &Path,
     ) -> Result<Self> {
-        let base = pki.path().join(format!("agent-{name}"));
-        if !base.with_extension("pem").exists() {
-            pki.issue(PeerKind::Agent, name, attrs)?;
-        }
+        let base = agent_cert(pki, name, attrs)?;
         let mut me = Self::start_with(
             pki,
             coordinator,
@@ -341,10 +323,7 @@ impl AgentProc {
         simulate: Option<&str>,
         work: &Path,
     ) -> Result<Self> {
-        let base = pki.path().join(format!("agent-{name}"));
-        if !base.with_extension("pem").exists() {
-            pki.issue(PeerKind::Agent, name, attrs)?;
-        }
+        let base = agent_cert(pki, name, attrs)?;
         Self::start_with(
             pki,
             coordinator,
@@ -366,33 +345,15 @@ impl AgentProc {
         simulate: Option<&str>,
         work: &Path,
     ) -> Result<Self> {
-        let base = pki.path().join(format!("agent-{name}"));
-        if !base.with_extension("pem").exists() {
-            pki.issue(PeerKind::Agent, name, attrs)?;
-        }
-        let data_dir = work.join(format!("agent-{name}"));
-        std::fs::create_dir_all(&data_dir)?;
+        let base = agent_cert(pki, name, attrs)?;
         let mut args: Vec<String> = vec![
             "netns".into(),
             "exec".into(),
             netns.into(),
             bin("fleetmesh-agent").display().to_string(),
-            "--coordinator".into(),
-            coordinator.to_string(),
-            "--data-dir".into(),
-            data_dir.display().to_string(),
-            "--ca".into(),
-            pki.ca_pem().display().to_string(),
-            "--cert".into(),
-            base.with_extension("pem").display().to_string(),
-            "--key".into(),
-            base.with_extension("key").display().to_string(),
-            "--reconnect-max".into(),
-            "1s".into(),
         ];
-        if let Some(s) = simulate {
-            args.extend(["--simulate-gpus".to_string(), s.to_string()]);
-        }
+        let (cert, key) = (base.with_extension("pem"), base.with_extension("key"));
+        args.extend(agent_args(pki, coordinator, name, &cert, &key, simulate, work)?);
         let log = work.join(format!("agent-{name}.log"));
         let mut me = Self { child: None, name: name.into(), log, args, in_netns: true };
         me.spawn()?;
@@ -505,6 +466,47 @@ pub fn attrs(region: &str, jurisdiction: &str, provider: &str) -> Attributes {
         provider: Some(provider.into()),
         ..Default::default()
     }
+}
+
+/// Issue `agent-<name>.pem/.key` unless present; returns the path without extension.
+fn agent_cert(pki: &Pki, name: &str, attrs: Attributes) -> Result<PathBuf> {
+    let base = pki.path().join(format!("agent-{name}"));
+    if !base.with_extension("pem").exists() {
+        pki.issue(PeerKind::Agent, name, attrs)?;
+    }
+    Ok(base)
+}
+
+/// `fleetmesh-agent` flags for a test agent with its data dir under `work`.
+fn agent_args(
+    pki: &Pki,
+    coordinator: SocketAddr,
+    name: &str,
+    cert: &Path,
+    key: &Path,
+    simulate: Option<&str>,
+    work: &Path,
+) -> Result<Vec<String>> {
+    let data_dir = work.join(format!("agent-{name}"));
+    std::fs::create_dir_all(&data_dir)?;
+    let mut args: Vec<String> = vec![
+        "--coordinator".into(),
+        coordinator.to_string(),
+        "--data-dir".into(),
+        data_dir.display().to_string(),
+        "--ca".into(),
+        pki.ca_pem().display().to_string(),
+        "--cert".into(),
+        cert.display().to_string(),
+        "--key".into(),
+        key.display().to_string(),
+        "--reconnect-max".into(),
+        "1s".into(),
+    ];
+    if let Some(s) = simulate {
+        args.extend(["--simulate-gpus".to_string(), s.to_string()]);
+    }
+    Ok(args)
 }
 
 /// A network namespace joined to the root namespace by a veth pair, for partition

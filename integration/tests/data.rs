@@ -84,6 +84,17 @@ async fn wait_job(client: &ApiClient, id: &str, state: &str, secs: u64) -> Value
     }
 }
 
+/// An agent certified for jurisdiction EU (region `r`, provider `p`), no GPUs.
+fn eu_agent(
+    pki: &Pki,
+    coord: &CoordinatorProc,
+    name: &str,
+    extra: &[&str],
+    work: &Path,
+) -> anyhow::Result<AgentProc> {
+    AgentProc::start_extra(pki, coord.control, name, attrs("r", "EU", "p"), None, extra, work)
+}
+
 fn chunk_files(store: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     if let Ok(rd) = std::fs::read_dir(store.join("chunks")) {
@@ -206,37 +217,11 @@ async fn multi_source_fetch_survives_a_dead_holder_and_a_corrupt_chunk() -> anyh
     let client = coord.client(&pki)?;
     // Holders serve at a capped rate so a transfer lasts long enough to interfere with.
     let slow = ["--serve-rate", "24MiB"];
-    let _h1 = AgentProc::start_extra(
-        &pki,
-        coord.control,
-        "h1",
-        attrs("r", "EU", "p"),
-        None,
-        &slow,
-        work.path(),
-    )?;
-    let _h2 = AgentProc::start_extra(
-        &pki,
-        coord.control,
-        "h2",
-        attrs("r", "EU", "p"),
-        None,
-        &slow,
-        work.path(),
-    )?;
-    let mut h3 = AgentProc::start_extra(
-        &pki,
-        coord.control,
-        "h3",
-        attrs("r", "EU", "p"),
-        None,
-        &slow,
-        work.path(),
-    )?;
-    let _f1 =
-        AgentProc::start(&pki, coord.control, "f1", attrs("r", "EU", "p"), None, work.path())?;
-    let _f2 =
-        AgentProc::start(&pki, coord.control, "f2", attrs("r", "EU", "p"), None, work.path())?;
+    let _h1 = eu_agent(&pki, &coord, "h1", &slow, work.path())?;
+    let _h2 = eu_agent(&pki, &coord, "h2", &slow, work.path())?;
+    let mut h3 = eu_agent(&pki, &coord, "h3", &slow, work.path())?;
+    let _f1 = eu_agent(&pki, &coord, "f1", &[], work.path())?;
+    let _f2 = eu_agent(&pki, &coord, "f2", &[], work.path())?;
     mesh_up(&client, 5).await;
     let src = work.path().join("blob.bin");
     let content = random_bytes(48 << 20, 11);
@@ -452,26 +437,9 @@ async fn killed_fetcher_resumes_without_refetching_verified_chunks() -> anyhow::
     let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
     let client = coord.client(&pki)?;
     let slow = ["--serve-rate", "8MiB"];
-    let _h1 = AgentProc::start_extra(
-        &pki,
-        coord.control,
-        "h1",
-        attrs("r", "EU", "p"),
-        None,
-        &slow,
-        work.path(),
-    )?;
-    let _h2 = AgentProc::start_extra(
-        &pki,
-        coord.control,
-        "h2",
-        attrs("r", "EU", "p"),
-        None,
-        &slow,
-        work.path(),
-    )?;
-    let mut f =
-        AgentProc::start(&pki, coord.control, "f", attrs("r", "EU", "p"), None, work.path())?;
+    let _h1 = eu_agent(&pki, &coord, "h1", &slow, work.path())?;
+    let _h2 = eu_agent(&pki, &coord, "h2", &slow, work.path())?;
+    let mut f = eu_agent(&pki, &coord, "f", &[], work.path())?;
     mesh_up(&client, 3).await;
     let src = work.path().join("ckpt.bin");
     std::fs::write(&src, random_bytes(40 << 20, 13))?;

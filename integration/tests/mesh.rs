@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use fleetmesh_coordinator::liveness::AgentState;
 use fleetmesh_coordinator::views::AgentView;
-use fleetmesh_integration::{agents, attrs, bin, wait_for, AgentProc, CoordinatorProc, Pki};
+use fleetmesh_integration::{agents, attrs, wait_for, AgentProc, CoordinatorProc, Pki};
 
 fn by_name(v: Vec<AgentView>) -> BTreeMap<String, AgentView> {
     v.into_iter().map(|a| (a.name.clone(), a)).collect()
@@ -83,15 +83,7 @@ async fn three_agents_report_live_telemetry_visible_in_cli_api_and_metrics() -> 
     assert!(changed.is_some(), "telemetry did not change over 5 s");
 
     // The CLI's JSON has the documented shape.
-    let out = std::process::Command::new(bin("fleetmesh"))
-        .args(["agents", "-o", "json", "--api", &format!("https://127.0.0.1:{}", coord.api.port())])
-        .arg("--ca")
-        .arg(pki.ca_pem())
-        .arg("--cert")
-        .arg(pki.path().join("operator-harness.pem"))
-        .arg("--key")
-        .arg(pki.path().join("operator-harness.key"))
-        .output()?;
+    let out = coord.cli(&pki, &["agents", "-o", "json"]).await?;
     assert!(out.status.success(), "cli failed: {}", String::from_utf8_lossy(&out.stderr));
     let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     let arr = json.as_array().expect("array");

@@ -383,6 +383,16 @@ async fn gang_job_starts_on_two_agents_with_rank_env_or_waits() -> anyhow::Resul
 }
 
 /// Parse `<tag> <ns>` lines written by jobs into per-tag sorted timestamps.
+/// `secs` after the partition healed, attempt 1 (the stale copy) has stopped writing
+/// heartbeats and attempt 2 (the current one) still writes them.
+fn assert_only_current_copy_runs(rec: &std::path::Path, healed_ns: u128, secs: u128) {
+    let b = beats(rec);
+    let after = healed_ns + secs * 1_000_000_000;
+    let count = |a: &str| b.get(a).map(|v| v.iter().filter(|t| **t > after).count()).unwrap_or(0);
+    assert_eq!(count("a1"), 0, "the stale copy still ran {secs} s after the partition healed");
+    assert!(count("a2") > 5, "the current copy should still be running");
+}
+
 fn beats(path: &std::path::Path) -> BTreeMap<String, Vec<u128>> {
     let mut m: BTreeMap<String, Vec<u128>> = BTreeMap::new();
     for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
@@ -506,17 +516,7 @@ async fn partitioned_agent_that_comes_back_does_not_leave_two_copies_running() -
     std::process::Command::new("kill").args(["-CONT", &pid.to_string()]).status()?;
     let healed_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
     tokio::time::sleep(Duration::from_secs(6)).await;
-    let b = beats(&rec);
-    let old_after: Vec<&u128> = b
-        .get("a1")
-        .map(|v| v.iter().filter(|t| **t > healed_ns + 3_000_000_000).collect())
-        .unwrap_or_default();
-    assert!(old_after.is_empty(), "the stale copy still runs {}s after the partition healed", 3);
-    let new_recent = b
-        .get("a2")
-        .map(|v| v.iter().filter(|t| **t > healed_ns + 3_000_000_000).count())
-        .unwrap_or(0);
-    assert!(new_recent > 10, "the current copy should still be running");
+    assert_only_current_copy_runs(&rec, healed_ns, 3);
     let j = job(&client, &id).await;
     assert_eq!(j["state"], "running");
     assert_eq!(j["attempts"].as_array().map(|a| a.len()), Some(2));
@@ -543,14 +543,8 @@ async fn logs_follow_streams_output_live_and_ends_with_the_job() -> anyhow::Resu
     .await?;
     let id = format!("{wf}.talk");
     wait_state(&client, &id, "running", 10).await;
-    let mut child = tokio::process::Command::new(fleetmesh_integration::bin("fleetmesh"))
-        .args(["logs", "-f", &id, "--api", &format!("https://127.0.0.1:{}", coord.api.port())])
-        .arg("--ca")
-        .arg(pki.ca_pem())
-        .arg("--cert")
-        .arg(pki.path().join("operator-harness.pem"))
-        .arg("--key")
-        .arg(pki.path().join("operator-harness.key"))
+    let mut child = coord
+        .cli_command(&pki, &["logs", "-f", &id])
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()?;
@@ -652,17 +646,7 @@ async fn network_partition_re_places_the_job_and_the_healed_agent_stops_its_copy
     net.set_link(true)?;
     let healed_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
     tokio::time::sleep(Duration::from_secs(10)).await;
-    let b = beats(&rec);
-    let late: Vec<&u128> = b
-        .get("a1")
-        .map(|v| v.iter().filter(|t| **t > healed_ns + 8_000_000_000).collect())
-        .unwrap_or_default();
-    assert!(late.is_empty(), "the stale copy still ran 8 s after the partition healed");
-    let new_recent = b
-        .get("a2")
-        .map(|v| v.iter().filter(|t| **t > healed_ns + 8_000_000_000).count())
-        .unwrap_or(0);
-    assert!(new_recent > 5, "the current copy keeps running");
+    assert_only_current_copy_runs(&rec, healed_ns, 8);
     let j = job(&client, &id).await;
     assert_eq!(j["state"], "running");
     assert_eq!(j["attempts"].as_array().map(|a| a.len()), Some(2), "no third attempt");
