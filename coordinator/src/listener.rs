@@ -163,11 +163,6 @@ async fn authenticate(
     if alpn.as_deref() == Some(ALPN_ENROLL) {
         return serve_enrollment(conn, authority, ca_pem).await.map(Outcome::Enrolled);
     }
-    if alpn.as_deref() == Some(fleetmesh_protocol::data::ALPN_XFER) {
-        // The coordinator's own store as a data-plane peer (tickets checked per request).
-        broker.server.clone().serve(conn).await;
-        return Ok(Outcome::Xfer);
-    }
     let chain = conn
         .peer_identity()
         .and_then(|any| any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok());
@@ -201,6 +196,12 @@ async fn authenticate(
     if let Some(why) = revoked {
         refuse(&conn, close_code::REFUSED, &why);
         return Err(why);
+    }
+    if alpn.as_deref() == Some(fleetmesh_protocol::data::ALPN_XFER) {
+        // The coordinator's own store as a data-plane peer, for agents that are not
+        // revoked; tickets and residency are checked per request.
+        broker.server.clone().serve(conn).await;
+        return Ok(Outcome::Xfer);
     }
     let (mut send, mut recv) = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
         Ok(Ok(s)) => s,
