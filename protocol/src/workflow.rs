@@ -511,7 +511,9 @@ fn validate(raw: RawWorkflow) -> Result<Workflow, WorkflowError> {
         for i in &j.inputs {
             let (mount, r) = input_ref(i, |n| raw.jobs.contains_key(n));
             if let InputRef::JobOutput { job, output } = &r {
-                if !j.needs.contains(job) {
+                if job == name {
+                    push(jn, "inputs", format!("`{i}`: a job cannot read its own output"));
+                } else if !j.needs.contains(job) {
                     push(jn, "inputs", format!("`{i}` reads job `{job}`, which is not in `needs`"));
                 } else if !raw.jobs.get(job).is_some_and(|d| d.outputs.contains(output)) {
                     push(jn, "inputs", format!("job `{job}` has no output `{output}`"));

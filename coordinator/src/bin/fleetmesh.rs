@@ -836,6 +836,8 @@ async fn data(conn: &ConnArgs, output: Output, cmd: DataCmd) -> Result<()> {
             if chunk_size == 0 || chunk_size > u64::from(fleetmesh_protocol::data::MAX_CHUNK_SIZE) {
                 bail!("--chunk-size must be between 1 byte and 64MiB");
             }
+            std::fs::symlink_metadata(&path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
             let name = match name {
                 Some(n) => n,
                 None => path
