@@ -263,6 +263,8 @@ pub struct SchedulerState {
     /// Current session of each agent, for direct sends.
     sessions: BTreeMap<String, ActorRef<crate::session::SessionMsg>>,
     flush_scheduled: bool,
+    /// Workflows whose completion must be re-checked (a job of theirs changed).
+    wf_check: std::collections::BTreeSet<String>,
     broker: Arc<DataBroker>,
     /// The last fleet view (holders' data addresses and jurisdictions for fetch plans).
     last_candidates: Arc<Vec<Candidate>>,
@@ -304,6 +306,9 @@ impl JobRecord {
 impl SchedulerState {
     fn touch_job(&mut self, id: &str) {
         self.dirty_j.insert(id.to_string());
+        if let Some(w) = self.jobs.get(id).map(|j| j.workflow.clone()) {
+            self.wf_check.insert(w);
+        }
     }
 
     fn persist(&mut self) {
@@ -442,12 +447,12 @@ impl SchedulerState {
         Ok((out, residency))
     }
 
-    fn busy_gpus(&self) -> std::collections::HashSet<String> {
+    fn busy_gpus(&self) -> std::collections::HashSet<&str> {
         self.jobs
             .values()
             .filter(|j| matches!(j.state, JobState::Starting | JobState::Running))
             .filter_map(|j| j.current())
-            .flat_map(|a| a.gpus.iter().flatten().cloned())
+            .flat_map(|a| a.gpus.iter().flatten().map(String::as_str))
             .collect()
     }
 
@@ -519,21 +524,30 @@ impl SchedulerState {
             self.attempt_lost(&job, n, "did not start in time");
         }
         // 4. Auctions for queued jobs.
-        let in_auction: std::collections::HashSet<String> =
-            self.auctions.values().map(|a| a.job.clone()).collect();
-        let mut queued: Vec<&JobRecord> = self
-            .jobs
-            .values()
-            .filter(|j| j.state == JobState::Queued && j.next_try_unix_ms <= now)
-            .filter(|j| !in_auction.contains(j.id.as_str()))
-            .collect();
-        queued.sort_by(|a, b| {
-            b.spec
-                .priority
-                .cmp(&a.spec.priority)
-                .then(a.submitted_unix_ms.cmp(&b.submitted_unix_ms))
-        });
-        let queued: Vec<String> = queued.into_iter().map(|j| j.id.clone()).collect();
+        // Only the first MAX_AUCTIONS_PER_TICK in priority order are considered this tick:
+        // selected without sorting (or copying) the whole queue.
+        let queued: Vec<String> = {
+            let in_auction: std::collections::HashSet<&str> =
+                self.auctions.values().map(|a| a.job.as_str()).collect();
+            let mut queued: Vec<&JobRecord> = self
+                .jobs
+                .values()
+                .filter(|j| j.state == JobState::Queued && j.next_try_unix_ms <= now)
+                .filter(|j| !in_auction.contains(j.id.as_str()))
+                .collect();
+            let order = |a: &&JobRecord, b: &&JobRecord| {
+                b.spec
+                    .priority
+                    .cmp(&a.spec.priority)
+                    .then(a.submitted_unix_ms.cmp(&b.submitted_unix_ms))
+            };
+            if queued.len() > MAX_AUCTIONS_PER_TICK {
+                queued.select_nth_unstable_by(MAX_AUCTIONS_PER_TICK, order);
+                queued.truncate(MAX_AUCTIONS_PER_TICK);
+            }
+            queued.sort_by(order);
+            queued.into_iter().map(|j| j.id.clone()).collect()
+        };
         // A Fleet too busy to answer is not an empty fleet: skip this tick's auctions
         // rather than mark every queued job "no agents" (and rewrite it).
         let fleet_view = if queued.is_empty() {
@@ -553,16 +567,18 @@ impl SchedulerState {
                     self.addrs.insert(c.agent.clone(), a.clone());
                 }
             }
-            let busy = self.busy_gpus();
-            for c in &mut candidates {
-                let keep: Vec<(String, u64)> = c
-                    .gpu_uuids
-                    .iter()
-                    .zip(c.free_gpus.iter())
-                    .filter(|(u, _)| !busy.contains(u.as_str()))
-                    .map(|(_, g)| g.clone())
-                    .collect();
-                c.free_gpus = keep;
+            {
+                let busy = self.busy_gpus();
+                for c in &mut candidates {
+                    let keep: Vec<(String, u64)> = c
+                        .gpu_uuids
+                        .iter()
+                        .zip(c.free_gpus.iter())
+                        .filter(|(u, _)| !busy.contains(u.as_str()))
+                        .map(|(_, g)| g.clone())
+                        .collect();
+                    c.free_gpus = keep;
+                }
             }
             // GPUs invited for in this tick are claimed (taken out of a working copy), so
             // concurrent auctions go to agents that still have room instead of all
@@ -612,8 +628,8 @@ impl SchedulerState {
         // Persist the awards (and their fences) and recorded exits in one transaction,
         // then tell the agents.
         self.flush();
-        // 6. Workflow completion.
-        let wids: Vec<String> = self.workflows.keys().cloned().collect();
+        // 6. Workflow completion: only workflows with a job that changed since last time.
+        let wids: Vec<String> = std::mem::take(&mut self.wf_check).into_iter().collect();
         for wid in wids {
             let Some(w) = self.workflows.get(&wid) else { continue };
             if w.state != "running" {
@@ -1113,6 +1129,7 @@ impl Actor for Scheduler {
         info!(workflows = workflows.len(), jobs = jobs.len(), "scheduler state loaded");
         let _ = a.fleet.cast(FleetMsg::SetScheduler(myself.clone()));
         let ticker = myself.send_interval(Duration::from_millis(100), || SchedulerMsg::Tick);
+        let wf_check = workflows.keys().cloned().collect();
         Ok(SchedulerState {
             store: a.store,
             fleet: a.fleet,
@@ -1128,6 +1145,7 @@ impl Actor for Scheduler {
             top_k: a.top_k.max(1),
             sessions: BTreeMap::new(),
             flush_scheduled: false,
+            wf_check,
             broker: a.broker,
             last_candidates: Arc::new(Vec::new()),
             _ticker: Some(ticker),
