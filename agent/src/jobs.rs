@@ -379,7 +379,7 @@ impl Jobs {
                 }
             };
             if let Err(e) = staging {
-                return JobOutcome::FailedToStart { reason: format!("staging inputs: {e}") };
+                return JobOutcome::StagingFailed { reason: e };
             }
             for o in &a.outputs {
                 let p = dir.join("outputs").join(o.output.as_str());

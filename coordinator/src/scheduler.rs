@@ -47,6 +47,8 @@ const MAX_LOG_BUFFER: usize = 1 << 20;
 const DEFAULT_EXPECTED_MS: u64 = 3_600_000;
 /// How long awards and exit acks wait to be committed together (batching fsyncs).
 const FLUSH_DELAY: Duration = Duration::from_millis(5);
+/// Longest wait before placing again a job whose inputs could not be staged.
+const STAGING_BACKOFF_MAX_MS: u64 = 60_000;
 /// SIGTERM-to-SIGKILL grace for cancellations.
 const CANCEL_GRACE_MS: u64 = 5000;
 
@@ -994,9 +996,45 @@ impl SchedulerState {
         if a.outcomes[rank].is_some() {
             return;
         }
-        if a.state == "lost" {
+        if a.state == "lost" || a.state == "staging-failed" {
             // Already given up on (and placed again): record how it ended, nothing more.
             a.outcomes[rank] = Some(outcome.to_string());
+            self.touch_job(job);
+            return;
+        }
+        if let JobOutcome::StagingFailed { reason } = &outcome {
+            // Not the job's fault: place it again (other ranks stopped), no retry used,
+            // backing off while its inputs stay unreachable.
+            a.outcomes[rank] = Some(outcome.to_string());
+            a.state = "staging-failed".into();
+            a.ended_unix_ms = Some(now_ms());
+            let others: Vec<String> = a
+                .agents
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| a.outcomes[*i].is_none())
+                .map(|(_, x)| x.clone())
+                .collect();
+            let previous = j.attempts.iter().filter(|a| a.state == "staging-failed").count();
+            if j.state != JobState::Cancelled {
+                let backoff = (500u64 << previous.min(7)).min(STAGING_BACKOFF_MAX_MS);
+                j.next_try_unix_ms = now_ms() + backoff;
+                j.set(
+                    JobState::Queued,
+                    format!("attempt {attempt}: inputs not staged on {agent}: {reason}; placing again in {backoff} ms"),
+                );
+            }
+            for o in others {
+                self.send(
+                    &o,
+                    CoordinatorMessage::Stop {
+                        job: job.to_string(),
+                        attempt,
+                        grace_ms: CANCEL_GRACE_MS,
+                        reason: "another rank could not stage its inputs".into(),
+                    },
+                );
+            }
             self.touch_job(job);
             return;
         }

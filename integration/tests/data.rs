@@ -540,3 +540,62 @@ async fn balanced_job_goes_to_the_free_agent_that_holds_its_input() -> anyhow::R
     assert!(d["holders"].get("p").is_none() && d["holders"].get("s").is_none(), "{d:#}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unstageable_input_places_the_job_again_without_using_a_retry() -> anyhow::Result<()> {
+    let pki = Pki::new("mesh.test")?;
+    let work = tempfile::tempdir()?;
+    let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
+    let client = coord.client(&pki)?;
+    let mut h = eu_agent(&pki, &coord, "h", &["--labels", "role=h"], work.path())?;
+    let _w = eu_agent(&pki, &coord, "w", &["--labels", "role=w"], work.path())?;
+    mesh_up(&client, 2).await;
+    // An output held only by h.
+    let r: Value = client
+        .post_raw(
+            "/api/v1/workflows",
+            b"name: make\njobs:\n  gen:\n    outputs: [o]\n    constraints: { labels: { role: h } }\n    script: head -c 3000000 /dev/urandom > $FLEETMESH_OUTPUTS/o/blob\n".to_vec(),
+        )
+        .await?;
+    let wf = r["id"].as_str().unwrap_or_default().to_string();
+    wait_job(&client, &format!("{wf}.gen"), "succeeded", 30).await;
+    // h loses the chunks on disk (kept aside to put back later).
+    let store = work.path().join("agent-h/store");
+    let aside = work.path().join("aside");
+    std::fs::create_dir_all(&aside)?;
+    let chunks = chunk_files(&store);
+    assert!(!chunks.is_empty());
+    for c in &chunks {
+        std::fs::rename(c, aside.join(c.file_name().unwrap_or_default()))?;
+    }
+    let r: Value = client
+        .post_raw(
+            "/api/v1/workflows",
+            b"name: use\njobs:\n  read:\n    inputs: [make.gen.o]\n    constraints: { labels: { role: w } }\n    command: [\"test\", \"-s\", \"inputs/make.gen.o/blob\"]\n".to_vec(),
+        )
+        .await?;
+    let id = format!("{}.read", r["id"].as_str().unwrap_or_default());
+    let j = wait_for(Duration::from_secs(20), || async {
+        let j = job(&client, &id).await;
+        (j["attempts"][0]["state"] == "staging-failed").then_some(j)
+    })
+    .await
+    .expect("staging failed on w");
+    assert_eq!(j["failures"], 0, "no retry used: {j:#}");
+    assert_ne!(j["state"], "failed", "{j:#}");
+    assert!(
+        j["attempts"][0]["outcomes"][0].as_str().unwrap_or_default().contains("inputs not staged"),
+        "{j:#}"
+    );
+    // The data comes back (h restarts with its chunks): the job runs.
+    for c in &chunks {
+        std::fs::rename(aside.join(c.file_name().unwrap_or_default()), c)?;
+    }
+    h.kill9();
+    h.spawn()?;
+    let j = wait_job(&client, &id, "succeeded", 60).await;
+    assert_eq!(j["failures"], 0);
+    let last = j["attempts"].as_array().and_then(|a| a.last()).cloned().unwrap_or_default();
+    assert_eq!(last["state"], "succeeded", "{j:#}");
+    Ok(())
+}

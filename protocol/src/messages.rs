@@ -101,6 +101,11 @@ pub enum JobOutcome {
     OutputFailed {
         reason: String,
     },
+    /// The inputs could not be fetched (no reachable holder, disk full): the process never
+    /// ran. The coordinator places the job again without using a retry.
+    StagingFailed {
+        reason: String,
+    },
 }
 
 impl JobOutcome {
@@ -118,6 +123,7 @@ impl std::fmt::Display for JobOutcome {
             JobOutcome::Cancelled => write!(f, "cancelled"),
             JobOutcome::FailedToStart { reason } => write!(f, "failed to start: {reason}"),
             JobOutcome::OutputFailed { reason } => write!(f, "outputs not stored: {reason}"),
+            JobOutcome::StagingFailed { reason } => write!(f, "inputs not staged: {reason}"),
         }
     }
 }
