@@ -10,9 +10,11 @@
 #       --coordinator coord.example.com:7400 --ca ca.pem --cert agent-NAME.pem --key agent-NAME.key
 #
 # Copies the binary to /usr/local/bin, writes /etc/fleetmesh/agent.toml (0600: it may hold
-# the join string), installs and starts fleetmesh-agent.service.
+# the join string), installs and starts fleetmesh-agent.service. Peers fetch datasets from
+# this node on UDP --data-listen (default 0.0.0.0:7402): allow it between nodes.
 set -euo pipefail
 BINARY=target/release/fleetmesh-agent
+DATA_LISTEN=0.0.0.0:7402
 while [ $# -gt 0 ]; do
   case "$1" in
     --binary) BINARY=$2; shift 2 ;;
@@ -21,6 +23,7 @@ while [ $# -gt 0 ]; do
     --ca) CA=$2; shift 2 ;;
     --cert) CERT=$2; shift 2 ;;
     --key) KEY=$2; shift 2 ;;
+    --data-listen) DATA_LISTEN=$2; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -34,6 +37,7 @@ if [ -n "${JOIN:-}" ]; then
 join = "$JOIN"
 data-dir = "/var/lib/fleetmesh-agent"
 telemetry-interval = "1s"
+data-listen = "$DATA_LISTEN"
 CONF
 else
   : "${COORD:?--coordinator HOST:PORT is required}" "${CA:?--ca is required}" "${CERT:?--cert is required}" "${KEY:?--key is required}"
@@ -48,6 +52,7 @@ ca = "/etc/fleetmesh/ca.pem"
 cert = "/etc/fleetmesh/agent.pem"
 key = "/etc/fleetmesh/agent.key"
 telemetry-interval = "1s"
+data-listen = "$DATA_LISTEN"
 CONF
 fi
 install -m 0644 "$here/fleetmesh-agent.service" /etc/systemd/system/fleetmesh-agent.service
