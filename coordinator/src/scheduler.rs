@@ -564,7 +564,9 @@ impl SchedulerState {
         if let Some(mut candidates) = fleet_view {
             for c in &candidates {
                 if let Some(a) = &c.addr {
-                    self.addrs.insert(c.agent.clone(), a.clone());
+                    if self.addrs.get(&c.agent) != Some(a) {
+                        self.addrs.insert(c.agent.clone(), a.clone());
+                    }
                 }
             }
             {
@@ -584,9 +586,9 @@ impl SchedulerState {
             // concurrent auctions go to agents that still have room instead of all
             // competing for the same GPUs. At most MAX_AUCTIONS_PER_TICK start per tick.
             auction::sort_candidates(&mut candidates);
-            let index: std::collections::HashMap<String, usize> =
-                candidates.iter().enumerate().map(|(i, c)| (c.agent.clone(), i)).collect();
             let unclaimed = candidates.clone();
+            let index: std::collections::HashMap<&str, usize> =
+                unclaimed.iter().enumerate().map(|(i, c)| (c.agent.as_str(), i)).collect();
             let mut started = 0;
             let mut free_total: usize = candidates.iter().map(|c| c.free_gpus.len()).sum();
             for id in queued.into_iter().take(MAX_AUCTIONS_PER_TICK) {
@@ -603,7 +605,8 @@ impl SchedulerState {
                     let gpus =
                         self.jobs.get(&id).map(|j| j.spec.resources.gpus as usize).unwrap_or(0);
                     for a in invited {
-                        if let Some(c) = index.get(&a).and_then(|i| candidates.get_mut(*i)) {
+                        if let Some(c) = index.get(a.as_str()).and_then(|i| candidates.get_mut(*i))
+                        {
                             let n = gpus.min(c.free_gpus.len());
                             c.free_gpus.drain(..n);
                             free_total = free_total.saturating_sub(n);
