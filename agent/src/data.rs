@@ -25,6 +25,8 @@ pub struct DataPlane {
     cfg: DataConfig,
     /// Datasets being fetched (a second request for one waits for nothing: it is skipped).
     fetching: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Datasets pinned per running attempt (`job/attempt`).
+    pinned: std::sync::Mutex<std::collections::HashMap<String, Vec<String>>>,
 }
 
 impl std::fmt::Debug for DataPlane {
@@ -66,6 +68,7 @@ impl DataPlane {
             outbox,
             cfg: cfg.clone(),
             fetching: Default::default(),
+            pinned: Default::default(),
         }))
     }
 
@@ -179,8 +182,15 @@ impl DataPlane {
     }
 
     /// Fetch (as needed) and materialise every input under `<dir>/inputs/<mount>`,
-    /// pinning their chunks until [`DataPlane::release_inputs`].
-    pub async fn stage(&self, inputs: &[AwardInput], dir: &Path, job: &str) -> Result<(), String> {
+    /// pinning their chunks for attempt `key` until [`DataPlane::release_inputs`] (only
+    /// what was actually pinned is released, whatever point staging reached).
+    pub async fn stage(
+        &self,
+        inputs: &[AwardInput],
+        dir: &Path,
+        job: &str,
+        key: &str,
+    ) -> Result<(), String> {
         for i in inputs {
             if !self.store.complete(&i.plan.dataset) {
                 info!(job_id = %job, dataset = %short(&i.plan.dataset), input = %i.mount, "fetching input");
@@ -189,6 +199,9 @@ impl DataPlane {
                 info!(job_id = %job, input = %i.mount, fetched = r.fetched_chunks, reused = r.reused_chunks, "input fetched");
             }
             self.store.pin(&i.plan.dataset);
+            if let Ok(mut p) = self.pinned.lock() {
+                p.entry(key.to_string()).or_default().push(i.plan.dataset.clone());
+            }
             let d = self
                 .store
                 .dataset(&i.plan.dataset)
@@ -203,9 +216,11 @@ impl DataPlane {
         Ok(())
     }
 
-    pub fn release_inputs(&self, inputs: &[AwardInput]) {
-        for i in inputs {
-            self.store.unpin(&i.plan.dataset);
+    /// Unpin what staging pinned for attempt `key`.
+    pub fn release_inputs(&self, key: &str) {
+        let ids = self.pinned.lock().ok().and_then(|mut p| p.remove(key)).unwrap_or_default();
+        for id in ids {
+            self.store.unpin(&id);
         }
     }
 

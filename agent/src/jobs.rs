@@ -325,7 +325,7 @@ impl Jobs {
         let mut outcome = self.run_inner(&a, &mut stop).await;
         let mut outputs = Vec::new();
         if let Some(d) = self.data() {
-            d.release_inputs(&a.inputs);
+            d.release_inputs(&format!("{}/{}", a.job, a.attempt));
             if outcome.succeeded() && !a.outputs.is_empty() {
                 match d.collect(&a.outputs, &dir).await {
                     Ok(o) => outputs = o,
@@ -371,8 +371,9 @@ impl Jobs {
             let Some(d) = self.data() else {
                 return JobOutcome::FailedToStart { reason: "this agent has no data plane".into() };
             };
+            let key = format!("{}/{}", a.job, a.attempt);
             let staging = tokio::select! {
-                r = d.stage(&a.inputs, &dir, &a.job) => r,
+                r = d.stage(&a.inputs, &dir, &a.job, &key) => r,
                 req = &mut *stop => {
                     let (outcome, _) = req.unwrap_or((JobOutcome::Cancelled, Duration::ZERO));
                     return outcome;
