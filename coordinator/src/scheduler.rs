@@ -1213,6 +1213,10 @@ impl Actor for Scheduler {
             SchedulerMsg::Submit(wf, reply) => {
                 let id = st.submit(*wf);
                 let _ = reply.send(Ok(id));
+                // Place the new jobs now rather than at the next periodic tick (up to
+                // 100 ms away): award latency does not depend on when in the tick a
+                // workflow arrives.
+                let _ = myself.cast(SchedulerMsg::Tick);
             }
             SchedulerMsg::Tick => st.tick().await,
             SchedulerMsg::Flush => st.flush(),

@@ -57,6 +57,10 @@ enum Cmd {
         /// Failover measurements (real agent processes killed with SIGKILL).
         #[arg(long, default_value_t = 5)]
         failovers: usize,
+        /// Offer the jobs at this many per second (one workflow per 100 ms) instead of
+        /// all at once: award latency below saturation rather than burst queueing.
+        #[arg(long)]
+        rate: Option<u32>,
     },
     /// Data plane: an agent-to-agent fetch against raw QUIC and TCP baselines.
     Transfer {
@@ -303,7 +307,13 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
-async fn placement(agents: usize, jobs: usize, gpus: u32, failovers: usize) -> Result<()> {
+async fn placement(
+    agents: usize,
+    jobs: usize,
+    gpus: u32,
+    failovers: usize,
+    rate: Option<u32>,
+) -> Result<()> {
     let pki = Pki::new("bench.local")?;
     let work = tempfile::tempdir()?;
     let coord =
@@ -342,28 +352,43 @@ async fn placement(agents: usize, jobs: usize, gpus: u32, failovers: usize) -> R
     }
     // Let every agent send inventory and a first telemetry sample (GPU view for bidding).
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let mut yaml = String::from("name: bench\nobjective: cheapest\njobs:\n");
-    for i in 0..jobs {
-        yaml.push_str(&format!("  j{i}:\n    command: [\"true\"]\n    resources: {{ gpus: 1 }}\n"));
-    }
-    eprintln!("submitting {jobs} jobs");
+    // All jobs in one workflow, or (with --rate) one workflow of rate/10 jobs every 100 ms.
+    let batch = rate.map(|r| (r as usize / 10).max(1)).unwrap_or(jobs);
+    let workflow = |first: usize, n: usize| {
+        let mut yaml = String::from("name: bench\nobjective: cheapest\njobs:\n");
+        for i in first..first + n {
+            yaml.push_str(&format!(
+                "  j{i}:\n    command: [\"true\"]\n    resources: {{ gpus: 1 }}\n"
+            ));
+        }
+        yaml
+    };
+    eprintln!("submitting {jobs} jobs in workflows of {batch}");
     let t0 = Instant::now();
-    let r: serde_json::Value = client.post_raw("/api/v1/workflows", yaml.into_bytes()).await?;
-    let wf = r["id"].as_str().context("workflow id")?.to_string();
+    let mut next = 0;
+    while next < jobs {
+        let n = batch.min(jobs - next);
+        let _: serde_json::Value =
+            client.post_raw("/api/v1/workflows", workflow(next, n).into_bytes()).await?;
+        next += n;
+        if next < jobs {
+            let slot = t0 + Duration::from_millis(100 * (next / batch) as u64);
+            tokio::time::sleep_until(slot.into()).await;
+        }
+    }
     let done_by = Instant::now() + Duration::from_secs(600);
     let mut busy_answers = 0u32;
     let list: Vec<serde_json::Value> = loop {
-        let list: Vec<serde_json::Value> =
-            match client.get_json(&format!("/api/v1/jobs?workflow={wf}")).await {
-                Ok(l) => l,
-                Err(e) => {
-                    // The scheduler answers late while saturated: count it, poll again.
-                    busy_answers += 1;
-                    eprintln!("status poll failed ({e}); retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    continue;
-                }
-            };
+        let list: Vec<serde_json::Value> = match client.get_json("/api/v1/jobs").await {
+            Ok(l) => l,
+            Err(e) => {
+                // The scheduler answers late while saturated: count it, poll again.
+                busy_answers += 1;
+                eprintln!("status poll failed ({e}); retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
         let finished =
             list.iter().filter(|j| j["state"] == "succeeded" || j["state"] == "failed").count();
         if finished == jobs || Instant::now() > done_by {
@@ -455,6 +480,7 @@ async fn placement(agents: usize, jobs: usize, gpus: u32, failovers: usize) -> R
         "jobs": jobs,
         "gpus_per_agent": gpus,
         "succeeded": succeeded,
+        "offered_jobs_per_s": rate,
         "placements_per_s": if span_s > 0.0 { (award_ms.len() as f64 / span_s * 10.0).round() / 10.0 } else { 0.0 },
         "all_done_s": (total_s * 10.0).round() / 10.0,
         "award_p50_ms": pct(&mut award_ms.clone(), 0.5),
@@ -767,8 +793,8 @@ fn main() -> Result<()> {
             Cmd::Telemetry { agents, gpus_per_agent, seconds, connect_rate, no_baseline } => {
                 telemetry(agents, gpus_per_agent, seconds, connect_rate, no_baseline).await
             }
-            Cmd::Placement { agents, jobs, gpus_per_agent, failovers } => {
-                placement(agents, jobs, gpus_per_agent, failovers).await
+            Cmd::Placement { agents, jobs, gpus_per_agent, failovers, rate } => {
+                placement(agents, jobs, gpus_per_agent, failovers, rate).await
             }
             Cmd::Transfer { size, sources, chunk_size, dir } => {
                 transfer(&size, sources, &chunk_size, dir).await
