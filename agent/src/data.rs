@@ -119,14 +119,11 @@ impl DataPlane {
     /// A fetch the coordinator asked for: report the result and the new holdings.
     pub fn fetch_for_coordinator(self: &Arc<Self>, plan: FetchPlan) {
         if self.store.complete(&plan.dataset) {
-            self.outbox.push(AgentMessage::FetchDone(FetchReport {
-                dataset: plan.dataset.clone(),
-                ok: true,
-                detail: "already held".into(),
-                fetched_chunks: 0,
-                reused_chunks: 0,
-                per_holder: vec![],
-            }));
+            self.outbox.push(AgentMessage::FetchDone(FetchReport::without_transfer(
+                plan.dataset.clone(),
+                true,
+                "already held".into(),
+            )));
             self.outbox.push(self.holdings());
             return;
         }
@@ -141,14 +138,7 @@ impl DataPlane {
                 Ok(r) => r,
                 Err(e) => {
                     warn!(dataset = %short(&plan.dataset), error = %e, "fetch failed");
-                    FetchReport {
-                        dataset: plan.dataset.clone(),
-                        ok: false,
-                        detail: e,
-                        fetched_chunks: 0,
-                        reused_chunks: 0,
-                        per_holder: vec![],
-                    }
+                    FetchReport::without_transfer(plan.dataset.clone(), false, e)
                 }
             };
             if let Ok(mut f) = me.fetching.lock() {
@@ -167,18 +157,21 @@ impl DataPlane {
         self.outbox.push(self.holdings());
     }
 
-    /// Bytes of these inputs already held here.
-    pub fn local_bytes(&self, inputs: &[InputSummary]) -> u64 {
-        inputs.iter().map(|i| self.store.present_bytes(&i.dataset).min(i.bytes)).sum()
-    }
-
-    /// (extra ETA ms, extra price) for fetching what is missing of `inputs`.
-    pub fn fetch_cost(
+    /// What a bid adds for `inputs`: (input bytes already held here, extra ETA ms, extra
+    /// price), reading the local store once per input.
+    pub fn bid_terms(
         &self,
         inputs: &[InputSummary],
         own_site: (Option<&str>, Option<&str>),
-    ) -> (u64, f64) {
-        fetch_cost(inputs, |id| self.store.present_bytes(id), own_site, &self.cfg)
+    ) -> (u64, u64, f64) {
+        let present: std::collections::HashMap<&str, u64> = inputs
+            .iter()
+            .map(|i| (i.dataset.as_str(), self.store.present_bytes(&i.dataset).min(i.bytes)))
+            .collect();
+        let local = present.values().sum();
+        let get = |id: &str| present.get(id).copied().unwrap_or(0);
+        let (eta, price) = fetch_cost(inputs, get, own_site, &self.cfg);
+        (local, eta, price)
     }
 
     /// Fetch (as needed) and materialise every input under `<dir>/inputs/<mount>`,

@@ -203,15 +203,12 @@ impl Jobs {
         match r {
             Ok(o) => {
                 // Data already here is cheaper and sooner than data to fetch.
-                let (local_bytes, (eta, price)) = match self.data() {
+                let (local_bytes, eta, price) = match self.data() {
                     Some(d) if !c.inputs.is_empty() => {
                         let site = self.site.get().cloned().unwrap_or_default();
-                        (
-                            d.local_bytes(&c.inputs),
-                            d.fetch_cost(&c.inputs, (site.0.as_deref(), site.1.as_deref())),
-                        )
+                        d.bid_terms(&c.inputs, (site.0.as_deref(), site.1.as_deref()))
                     }
-                    _ => (0, (0, 0.0)),
+                    _ => (0, 0, 0.0),
                 };
                 AgentMessage::Bid {
                     auction: c.auction.clone(),

@@ -51,7 +51,8 @@ pub struct DatasetRecord {
     /// The job that produced it, for outputs.
     pub producer: Option<String>,
     pub created_unix_ms: u64,
-    pub manifest: Manifest,
+    /// Shared: records are cloned for every lookup, the manifest need not be.
+    pub manifest: Arc<Manifest>,
     /// Last fetch result per agent (`data put --on`, replication).
     #[serde(default)]
     pub fetches: BTreeMap<String, FetchReport>,
@@ -327,7 +328,7 @@ impl DataBroker {
             holders: BTreeMap::new(),
             producer: producer.clone(),
             created_unix_ms: now,
-            manifest,
+            manifest: Arc::new(manifest),
             fetches: BTreeMap::new(),
             pending: Default::default(),
         });
@@ -439,10 +440,11 @@ impl DataBroker {
         requester: &Requester,
         candidates: &[Candidate],
     ) -> Result<FetchPlan, String> {
-        let d = self.lock().get(id).cloned().ok_or_else(|| format!("no dataset {}", short(id)))?;
         let addr = self.addr.lock().ok().and_then(|a| a.clone());
+        let idx = self.lock();
+        let d = idx.get(id).ok_or_else(|| format!("no dataset {}", short(id)))?;
         let r = plan_for(
-            &d,
+            d,
             requester,
             candidates,
             addr.as_deref().map(|a| (self.name.as_str(), a)),
@@ -556,7 +558,7 @@ mod tests {
                 .collect(),
             producer: None,
             created_unix_ms: 0,
-            manifest,
+            manifest: Arc::new(manifest),
             fetches: Default::default(),
             pending: Default::default(),
         }

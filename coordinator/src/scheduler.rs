@@ -677,14 +677,7 @@ impl SchedulerState {
         let (candidates, unclaimed) = match data {
             None => (candidates, unclaimed),
             Some(Err(why)) => {
-                let j = self.jobs.get_mut(id)?;
-                let reasons = vec![why];
-                if j.queued_reasons != reasons {
-                    info!(job_id = %id, reasons = ?reasons, "inputs not available; job stays queued");
-                    j.queued_reasons = reasons;
-                    self.dirty_j.insert(id.to_string());
-                }
-                j.next_try_unix_ms = now + REQUEUE_MS;
+                self.keep_queued(id, vec![why], now);
                 return None;
             }
             Some(Ok((ins, res))) => {
@@ -739,12 +732,7 @@ impl SchedulerState {
                     invite.len()
                 ));
             }
-            if j.queued_reasons != reasons {
-                info!(job_id = %id, reasons = ?reasons, "no feasible agent; job stays queued");
-                j.queued_reasons = reasons;
-                self.dirty_j.insert(id.to_string());
-            }
-            j.next_try_unix_ms = now + REQUEUE_MS;
+            self.keep_queued(id, reasons, now);
             return None;
         }
         let attempt = j.attempts.len() as u64 + 1;
@@ -793,16 +781,30 @@ impl SchedulerState {
         Some(invite)
     }
 
+    /// Leave a job queued with the reasons users see in `jobs show`; it is auctioned
+    /// again after `REQUEUE_MS` (and stored again only when the reasons changed).
+    fn keep_queued(&mut self, id: &str, reasons: Vec<String>, now: u64) {
+        let Some(j) = self.jobs.get_mut(id) else { return };
+        if j.queued_reasons != reasons {
+            info!(job_id = %id, reasons = ?reasons, "not placed; job stays queued");
+            j.queued_reasons = reasons;
+            self.dirty_j.insert(id.to_string());
+        }
+        j.next_try_unix_ms = now + REQUEUE_MS;
+    }
+
+    /// Tell these bidders to drop their reservations for the auction.
+    fn release(&self, auction_id: &str, bids: &[BidView]) {
+        for b in bids {
+            self.send(&b.agent, CoordinatorMessage::Release { auction: auction_id.to_string() });
+        }
+    }
+
     fn close_auction(&mut self, auction_id: &str, now: u64) {
         let Some(run) = self.auctions.remove(auction_id) else { return };
         let Some(j) = self.jobs.get_mut(&run.job) else { return };
         if j.state != JobState::Queued {
-            for b in &run.bids {
-                self.send(
-                    &b.agent,
-                    CoordinatorMessage::Release { auction: auction_id.to_string() },
-                );
-            }
+            self.release(auction_id, &run.bids);
             return;
         }
         let winners = auction::select(j.objective, &run.bids, j.spec.nodes);
@@ -819,17 +821,8 @@ impl SchedulerState {
             for a in silent {
                 reasons.push(format!("{a}: no answer in time"));
             }
-            info!(job_id = %run.job, reasons = ?reasons, "no feasible bid; job stays queued");
-            j.queued_reasons = reasons;
-            j.next_try_unix_ms = now + REQUEUE_MS;
-            let bids = run.bids.clone();
-            self.dirty_j.insert(run.job.clone());
-            for b in bids {
-                self.send(
-                    &b.agent,
-                    CoordinatorMessage::Release { auction: auction_id.to_string() },
-                );
-            }
+            self.keep_queued(&run.job, reasons, now);
+            self.release(auction_id, &run.bids);
             return;
         };
         // Fetch plans (with tickets) for each winner's inputs, and where outputs go.
@@ -846,15 +839,9 @@ impl SchedulerState {
                 match self.broker.plan(ds, &me, &self.last_candidates) {
                     Ok(plan) => ins.push(AwardInput { mount: mount.clone(), plan }),
                     Err(why) => {
-                        j.queued_reasons = vec![format!("{}: input {mount}: {why}", w.agent)];
-                        j.next_try_unix_ms = now + REQUEUE_MS;
-                        self.dirty_j.insert(run.job.clone());
-                        for b in &run.bids {
-                            self.send(
-                                &b.agent,
-                                CoordinatorMessage::Release { auction: auction_id.to_string() },
-                            );
-                        }
+                        let reasons = vec![format!("{}: input {mount}: {why}", w.agent)];
+                        self.keep_queued(&run.job, reasons, now);
+                        self.release(auction_id, &run.bids);
                         return;
                     }
                 }

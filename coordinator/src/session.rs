@@ -137,14 +137,7 @@ async fn resume_fetches(
             }
             Err(why) => broker.fetch_done(
                 name,
-                fleetmesh_protocol::FetchReport {
-                    dataset: id,
-                    ok: false,
-                    detail: why,
-                    fetched_chunks: 0,
-                    reused_chunks: 0,
-                    per_holder: vec![],
-                },
+                fleetmesh_protocol::FetchReport::without_transfer(id, false, why),
             ),
         }
     }

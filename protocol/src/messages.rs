@@ -82,6 +82,13 @@ pub struct FetchReport {
     pub per_holder: Vec<(String, u64)>,
 }
 
+impl FetchReport {
+    /// A fetch that moved nothing: already held (`ok`), or refused/failed with `detail`.
+    pub fn without_transfer(dataset: String, ok: bool, detail: String) -> Self {
+        Self { dataset, ok, detail, fetched_chunks: 0, reused_chunks: 0, per_holder: Vec::new() }
+    }
+}
+
 /// How a job attempt ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]

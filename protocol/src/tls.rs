@@ -210,7 +210,6 @@ pub struct PeerServerVerifier {
     inner: Arc<rustls::client::WebPkiServerVerifier>,
     kind: crate::identity::PeerKind,
     name: String,
-    provider: Arc<CryptoProvider>,
 }
 
 impl PeerServerVerifier {
@@ -222,7 +221,7 @@ impl PeerServerVerifier {
         let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
             .build()
             .map_err(|e| TlsError::Verifier(e.to_string()))?;
-        Ok(Self { inner, kind, name: name.to_string(), provider: provider() })
+        Ok(Self { inner, kind, name: name.to_string() })
     }
 }
 
@@ -261,18 +260,14 @@ impl rustls::client::danger::ServerCertVerifier for PeerServerVerifier {
         Ok(rustls::client::danger::ServerCertVerified::assertion())
     }
 
+    // Handshake signatures are checked exactly as the WebPKI verifier does.
     fn verify_tls12_signature(
         &self,
         message: &[u8],
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.inner.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -281,16 +276,11 @@ impl rustls::client::danger::ServerCertVerifier for PeerServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.inner.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.inner.supported_verify_schemes()
     }
 }
 

@@ -812,7 +812,7 @@ async fn wait_fetch(c: &ApiClient, id: &str, agent: &str) -> Result<()> {
             if f["ok"].as_bool() == Some(true) {
                 outln!(
                     "{agent} holds {} ({} chunk(s) fetched, {} already there)",
-                    &id[..12.min(id.len())],
+                    fleetmesh_protocol::data::short(id),
                     f["fetched_chunks"],
                     f["reused_chunks"]
                 );
@@ -936,7 +936,7 @@ async fn data(conn: &ConnArgs, output: Output, cmd: DataCmd) -> Result<()> {
                         let id = d["id"].as_str().unwrap_or_default();
                         vec![
                             d["name"].as_str().unwrap_or_default().to_string(),
-                            id[..12.min(id.len())].to_string(),
+                            fleetmesh_protocol::data::short(id).to_string(),
                             human_bytes(d["bytes"].as_u64().unwrap_or(0)),
                             d["files"].to_string(),
                             s(&d["jurisdictions"]),
@@ -1041,7 +1041,7 @@ async fn data(conn: &ConnArgs, output: Output, cmd: DataCmd) -> Result<()> {
             outln!(
                 "{} ({}) -> {}: {} in {} file(s), every chunk verified",
                 d["name"].as_str().unwrap_or_default(),
-                &id[..12.min(id.len())],
+                fleetmesh_protocol::data::short(id),
                 dest.display(),
                 human_bytes(manifest.total_bytes()),
                 manifest.files.len()
