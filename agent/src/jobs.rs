@@ -75,6 +75,9 @@ pub struct Jobs {
     data: std::sync::OnceLock<Arc<crate::data::DataPlane>>,
     /// (provider, region) of this node, for transfer pricing.
     site: std::sync::OnceLock<(Option<String>, Option<String>)>,
+    /// SIMULATED execution (benchmarks only, set explicitly with
+    /// [`Jobs::simulate_execution`]): attempts "run" for this long without a process.
+    simulated_run: std::sync::OnceLock<Duration>,
 }
 
 impl std::fmt::Debug for Jobs {
@@ -118,6 +121,7 @@ impl Jobs {
             container_runtime,
             data: Default::default(),
             site: Default::default(),
+            simulated_run: Default::default(),
         })
     }
 
@@ -348,6 +352,13 @@ impl Jobs {
         self.outbox.push(exit);
     }
 
+    /// SIMULATED execution, for benchmarks that host many agents on one machine: every
+    /// attempt is accepted, staged and reported like a real one, but instead of starting
+    /// a process it completes with exit code 0 after `run`. Never used by the agent binary.
+    pub fn simulate_execution(&self, run: Duration) {
+        let _ = self.simulated_run.set(run);
+    }
+
     async fn run_inner(
         &self,
         a: &Award,
@@ -422,6 +433,18 @@ impl Jobs {
                 v
             }
         };
+        if let Some(run) = self.simulated_run.get() {
+            info!(job_id = %a.job, attempt = a.attempt, "attempt started (simulated: no process)");
+            self.outbox.push(AgentMessage::JobStarted {
+                job: a.job.clone(),
+                attempt: a.attempt,
+                pid: 0,
+            });
+            return tokio::select! {
+                _ = tokio::time::sleep(*run) => JobOutcome::Exited { code: 0 },
+                req = stop => req.map(|(o, _)| o).unwrap_or(JobOutcome::Cancelled),
+            };
+        }
         let Some((prog, args)) = argv.split_first() else {
             return JobOutcome::FailedToStart { reason: "empty command".into() };
         };

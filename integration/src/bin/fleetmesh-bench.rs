@@ -61,6 +61,39 @@ enum Cmd {
         /// all at once: award latency below saturation rather than burst queueing.
         #[arg(long)]
         rate: Option<u32>,
+        /// Processes the simulated agents are spread over (0: all inside the bench
+        /// process). A real node runs one agent with a handful of file descriptors;
+        /// one process holding 1,000 agents' sockets makes every job's fork/exec copy
+        /// and close that whole descriptor table, which is the bench host's cost, not
+        /// the coordinator's.
+        #[arg(long, default_value_t = 8)]
+        agent_procs: usize,
+        /// How the agents run the jobs they win: `process` starts `true` as a real
+        /// process; `simulated` completes the attempt after 1 ms without a process (the
+        /// coordinator's side is identical; it takes the cost of 1,000 nodes' process
+        /// starts off this one machine). Printed in the result as `job_exec`.
+        #[arg(long, value_enum, default_value_t = JobExec::Process)]
+        exec: JobExec,
+    },
+    /// Internal: host a shard of the placement bench's simulated agents (one process
+    /// of `placement --agent-procs`). Prints `ready` once all are connected and runs
+    /// until its stdin closes.
+    #[command(hide = true)]
+    Bidders {
+        #[arg(long)]
+        ca_dir: std::path::PathBuf,
+        #[arg(long)]
+        coordinator: std::net::SocketAddr,
+        #[arg(long)]
+        first: usize,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        gpus_per_agent: u32,
+        #[arg(long)]
+        work: std::path::PathBuf,
+        #[arg(long, value_enum)]
+        exec: JobExec,
     },
     /// Data plane: an agent-to-agent fetch against raw QUIC and TCP baselines.
     Transfer {
@@ -93,6 +126,12 @@ enum Cmd {
         #[arg(long)]
         no_baseline: bool,
     },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum JobExec {
+    Process,
+    Simulated,
 }
 
 /// USER_HZ is 100 on every Linux ABI we run on.
@@ -149,13 +188,12 @@ fn sampler(name: &str, gpus: u32) -> Result<NodeSampler> {
 
 /// Connect options for an in-process agent with a fresh certificate of its own.
 fn agent_options(
-    pki: &Pki,
+    ca: &fleetmesh_protocol::pki::Ca,
     ca_pem: &[u8],
     name: &str,
     coordinator: std::net::SocketAddr,
 ) -> Result<ConnectOptions> {
-    let issued =
-        pki.ca.issue(&IssueRequest::new(PeerKind::Agent, name, Duration::from_secs(3600)))?;
+    let issued = ca.issue(&IssueRequest::new(PeerKind::Agent, name, Duration::from_secs(3600)))?;
     let p = std::path::Path::new("memory");
     let tls = TlsIdentity::from_pem(
         p,
@@ -197,7 +235,7 @@ async fn telemetry(
     let mut tasks = Vec::with_capacity(agents);
     for i in 0..agents {
         let name = format!("bench-{i:05}");
-        let opts = agent_options(&pki, &ca_pem, &name, coord.control)?;
+        let opts = agent_options(&pki.ca, &ca_pem, &name, coord.control)?;
         let mut s = sampler(&name, gpus)?;
         let stats = stats.clone();
         let rx = stop_rx.clone();
@@ -307,32 +345,36 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
-async fn placement(
-    agents: usize,
-    jobs: usize,
+fn num_cpus() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+}
+
+/// Start `count` simulated bidding agents named `bidder-{first..}`, each with its own
+/// certificate, QUIC connection and work dir, running the jobs they win as real processes.
+#[allow(clippy::too_many_arguments)]
+async fn start_bidders(
+    ca: &fleetmesh_protocol::pki::Ca,
+    ca_pem: &[u8],
+    coordinator: std::net::SocketAddr,
+    first: usize,
+    count: usize,
     gpus: u32,
-    failovers: usize,
-    rate: Option<u32>,
-) -> Result<()> {
-    let pki = Pki::new("bench.local")?;
-    let work = tempfile::tempdir()?;
-    let coord =
-        CoordinatorProc::start(&pki, &work.path().join("coord"), &["--history", "5"]).await?;
-    let client = coord.client(&pki)?;
-    let ca_pem = std::fs::read(pki.ca_pem())?;
-    let stats = Arc::new(AgentStats::default());
-    let (stop_tx, stop_rx) = watch::channel(false);
+    work: &std::path::Path,
+    stats: &Arc<AgentStats>,
+    stop_rx: &watch::Receiver<bool>,
+    exec: JobExec,
+) -> Result<Vec<tokio::task::JoinHandle<fleetmesh_agent::session::RunEnd>>> {
     let mut tasks = Vec::new();
-    eprintln!("starting {agents} bidding agents with {gpus} simulated GPUs each");
-    for i in 0..agents {
+    for i in first..first + count {
         let name = format!("bidder-{i:05}");
-        let mut opts = agent_options(&pki, &ca_pem, &name, coord.control)?;
+        let mut opts = agent_options(ca, ca_pem, &name, coordinator)?;
         // Prices spread so the auction has something to choose.
-        opts.jobs = Some(fleetmesh_agent::jobs::Jobs::new(
-            &work.path().join(&name),
-            1.0 + (i % 7) as f64 * 0.25,
-            false,
-        ));
+        let jobs =
+            fleetmesh_agent::jobs::Jobs::new(&work.join(&name), 1.0 + (i % 7) as f64 * 0.25, false);
+        if exec == JobExec::Simulated {
+            jobs.simulate_execution(Duration::from_millis(1));
+        }
+        opts.jobs = Some(jobs);
         let mut s = sampler(&name, gpus)?;
         s.offer.price_per_hour = 1.0 + (i % 7) as f64 * 0.25;
         let stats = stats.clone();
@@ -340,15 +382,137 @@ async fn placement(
         tasks.push(tokio::spawn(async move { run_forever(opts, &mut s, stats, rx).await }));
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+    Ok(tasks)
+}
+
+/// One shard of the placement bench's agents in its own process.
+async fn bidders(
+    ca_dir: &std::path::Path,
+    coordinator: std::net::SocketAddr,
+    first: usize,
+    count: usize,
+    gpus: u32,
+    work: &std::path::Path,
+    exec: JobExec,
+) -> Result<()> {
+    let ca = fleetmesh_protocol::pki::Ca::load_dir(ca_dir)?;
+    let ca_pem = std::fs::read(ca_dir.join("ca.pem"))?;
+    let stats = Arc::new(AgentStats::default());
+    let (_stop_tx, stop_rx) = watch::channel(false);
+    let _tasks =
+        start_bidders(&ca, &ca_pem, coordinator, first, count, gpus, work, &stats, &stop_rx, exec)
+            .await?;
     let deadline = Instant::now() + Duration::from_secs(120);
-    while stats.sessions_established.load(Ordering::Relaxed) < agents as u64 {
+    while stats.sessions_established.load(Ordering::Relaxed) < count as u64 {
         if Instant::now() > deadline {
             bail!(
-                "only {} of {agents} agents connected",
+                "only {} of {count} agents connected",
                 stats.sessions_established.load(Ordering::Relaxed)
             );
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("ready");
+    // Run until the bench closes our stdin (or dies).
+    let _ = tokio::task::spawn_blocking(|| {
+        let mut sink = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink)
+    })
+    .await;
+    Ok(())
+}
+
+async fn placement(
+    agents: usize,
+    jobs: usize,
+    gpus: u32,
+    failovers: usize,
+    rate: Option<u32>,
+    agent_procs: usize,
+    exec: JobExec,
+) -> Result<()> {
+    let pki = Pki::new("bench.local")?;
+    let work = tempfile::tempdir()?;
+    let coord =
+        CoordinatorProc::start(&pki, &work.path().join("coord"), &["--history", "5"]).await?;
+    let client = coord.client(&pki)?;
+    let ca_pem = std::fs::read(pki.ca_pem())?;
+    // The simulated agents' work dirs (a dir and two log files per attempt, ~40,000 files
+    // at M = 10,000) go to tmpfs when there is one: on one machine's ext4 the inode
+    // allocation for them cost more CPU than the coordinator did. On a real fleet each
+    // node creates only its own. The coordinator's store stays on disk.
+    let shm = std::path::Path::new("/dev/shm");
+    let agent_work = if shm.is_dir() { tempfile::tempdir_in(shm)? } else { tempfile::tempdir()? };
+    eprintln!("agent work dirs under {}", agent_work.path().display());
+    let stats = Arc::new(AgentStats::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let mut shards = Vec::new();
+    eprintln!(
+        "starting {agents} bidding agents with {gpus} simulated GPUs each in {} process(es)",
+        agent_procs.max(1)
+    );
+    if agent_procs == 0 {
+        tasks = start_bidders(
+            &pki.ca,
+            &ca_pem,
+            coord.control,
+            0,
+            agents,
+            gpus,
+            agent_work.path(),
+            &stats,
+            &stop_rx,
+            exec,
+        )
+        .await?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while stats.sessions_established.load(Ordering::Relaxed) < agents as u64 {
+            if Instant::now() > deadline {
+                bail!(
+                    "only {} of {agents} agents connected",
+                    stats.sessions_established.load(Ordering::Relaxed)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    } else {
+        let per = agents.div_ceil(agent_procs);
+        let mut first = 0;
+        while first < agents {
+            let count = per.min(agents - first);
+            let mut child = tokio::process::Command::new(std::env::current_exe()?)
+                .arg("bidders")
+                .arg("--ca-dir")
+                .arg(pki.path())
+                .arg("--coordinator")
+                .arg(coord.control.to_string())
+                .arg("--first")
+                .arg(first.to_string())
+                .arg("--count")
+                .arg(count.to_string())
+                .arg("--gpus-per-agent")
+                .arg(gpus.to_string())
+                .arg("--work")
+                .arg(agent_work.path())
+                .arg("--exec")
+                .arg(if exec == JobExec::Simulated { "simulated" } else { "process" })
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()?;
+            let out = child.stdout.take().context("bidders stdout")?;
+            shards.push((child, tokio::io::BufReader::new(out)));
+            first += count;
+        }
+        for (child, out) in &mut shards {
+            use tokio::io::AsyncBufReadExt;
+            let mut line = String::new();
+            let read = tokio::time::timeout(Duration::from_secs(120), out.read_line(&mut line));
+            if !matches!(read.await, Ok(Ok(n)) if n > 0) || line.trim() != "ready" {
+                bail!("a bidders process (pid {:?}) did not get its agents connected", child.id());
+            }
+        }
     }
     // Let every agent send inventory and a first telemetry sample (GPU view for bidding).
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -376,26 +540,26 @@ async fn placement(
             tokio::time::sleep_until(slot.into()).await;
         }
     }
+    // Poll the (small) workflow list until every workflow has finished, then read the
+    // jobs once: listing 10,000 jobs every poll would load the scheduler under test.
     let done_by = Instant::now() + Duration::from_secs(600);
     let mut busy_answers = 0u32;
-    let list: Vec<serde_json::Value> = loop {
-        let list: Vec<serde_json::Value> = match client.get_json("/api/v1/jobs").await {
-            Ok(l) => l,
+    loop {
+        match client.get_json::<Vec<serde_json::Value>>("/api/v1/workflows").await {
+            Ok(wfs) => {
+                if wfs.iter().all(|w| w["state"] != "running") || Instant::now() > done_by {
+                    break;
+                }
+            }
             Err(e) => {
                 // The scheduler answers late while saturated: count it, poll again.
                 busy_answers += 1;
                 eprintln!("status poll failed ({e}); retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
             }
-        };
-        let finished =
-            list.iter().filter(|j| j["state"] == "succeeded" || j["state"] == "failed").count();
-        if finished == jobs || Instant::now() > done_by {
-            break list;
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let list: Vec<serde_json::Value> = client.get_json("/api/v1/jobs").await?;
     let total_s = t0.elapsed().as_secs_f64();
     let mut award_ms = Vec::new();
     let mut start_ms = Vec::new();
@@ -422,6 +586,9 @@ async fn placement(
     let _ = stop_tx.send(true);
     for t in tasks {
         t.abort();
+    }
+    for (mut child, _) in shards {
+        let _ = child.kill().await;
     }
 
     // Failover with real agent processes: kill -9 the one running a long job.
@@ -481,6 +648,8 @@ async fn placement(
         "gpus_per_agent": gpus,
         "succeeded": succeeded,
         "offered_jobs_per_s": rate,
+        "job_exec": if exec == JobExec::Simulated { "simulated" } else { "process" },
+        "agent_procs": agent_procs,
         "placements_per_s": if span_s > 0.0 { (award_ms.len() as f64 / span_s * 10.0).round() / 10.0 } else { 0.0 },
         "all_done_s": (total_s * 10.0).round() / 10.0,
         "award_p50_ms": pct(&mut award_ms.clone(), 0.5),
@@ -787,14 +956,20 @@ async fn transfer(
 fn main() -> Result<()> {
     let cli = Cli::parse();
     fleetmesh_protocol::tls::install_default_provider();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // A bidders shard is one of several processes sharing the cores: one worker each.
+    let workers = if matches!(cli.cmd, Cmd::Bidders { .. }) { 1 } else { num_cpus() };
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build()?;
     rt.block_on(async {
         match cli.cmd {
             Cmd::Telemetry { agents, gpus_per_agent, seconds, connect_rate, no_baseline } => {
                 telemetry(agents, gpus_per_agent, seconds, connect_rate, no_baseline).await
             }
-            Cmd::Placement { agents, jobs, gpus_per_agent, failovers, rate } => {
-                placement(agents, jobs, gpus_per_agent, failovers, rate).await
+            Cmd::Placement { agents, jobs, gpus_per_agent, failovers, rate, agent_procs, exec } => {
+                placement(agents, jobs, gpus_per_agent, failovers, rate, agent_procs, exec).await
+            }
+            Cmd::Bidders { ca_dir, coordinator, first, count, gpus_per_agent, work, exec } => {
+                bidders(&ca_dir, coordinator, first, count, gpus_per_agent, &work, exec).await
             }
             Cmd::Transfer { size, sources, chunk_size, dir } => {
                 transfer(&size, sources, &chunk_size, dir).await
