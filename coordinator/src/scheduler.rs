@@ -135,6 +135,18 @@ pub struct WorkflowRecord {
     pub submitted_unix_ms: u64,
 }
 
+/// A compact workflow line for listings (the full spec is not copied per request).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkflowSummary {
+    pub id: String,
+    pub name: String,
+    pub objective: String,
+    pub state: String,
+    /// Number of jobs.
+    pub jobs: usize,
+    pub submitted_unix_ms: u64,
+}
+
 /// A compact job line for listings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobSummary {
@@ -221,7 +233,7 @@ pub enum SchedulerMsg {
     /// Commit pending state and send pending awards/acks.
     Flush,
     Cancel(String, RpcReplyPort<Result<usize, String>>),
-    ListWorkflows(RpcReplyPort<Vec<WorkflowRecord>>),
+    ListWorkflows(RpcReplyPort<Vec<WorkflowSummary>>),
     ListJobs(Option<String>, RpcReplyPort<Vec<JobSummary>>),
     ShowJob(String, RpcReplyPort<Option<JobRecord>>),
     Logs {
@@ -1380,7 +1392,19 @@ impl Actor for Scheduler {
                 let _ = reply.send(Ok(n));
             }
             SchedulerMsg::ListWorkflows(reply) => {
-                let _ = reply.send(st.workflows.values().cloned().collect());
+                let v = st
+                    .workflows
+                    .values()
+                    .map(|w| WorkflowSummary {
+                        id: w.id.clone(),
+                        name: w.name.clone(),
+                        objective: format!("{:?}", w.spec.objective).to_lowercase(),
+                        state: w.state.clone(),
+                        jobs: w.jobs.len(),
+                        submitted_unix_ms: w.submitted_unix_ms,
+                    })
+                    .collect();
+                let _ = reply.send(v);
             }
             SchedulerMsg::ListJobs(wf, reply) => {
                 let v = st

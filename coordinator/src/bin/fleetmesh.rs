@@ -525,7 +525,7 @@ async fn run(cli: Cli) -> Result<()> {
                         vec![
                             s(w, "id"),
                             s(w, "state"),
-                            w["jobs"].as_array().map(|a| a.len()).unwrap_or(0).to_string(),
+                            w["jobs"].as_u64().unwrap_or(0).to_string(),
                             fleetmesh_coordinator::views::rfc3339_ms(
                                 w["submitted_unix_ms"].as_u64().unwrap_or(0),
                             ),
