@@ -39,6 +39,8 @@ pub struct FileConfig {
     pub transfer_cost_per_gb: Option<f64>,
     /// Bandwidth assumed for fetching inputs when estimating a bid's ETA, e.g. `100MiB`.
     pub fetch_bandwidth: Option<String>,
+    /// `auto`, `none`, or the path of a docker-compatible program.
+    pub container_runtime: Option<String>,
 }
 
 impl FileConfig {
@@ -68,6 +70,18 @@ pub struct AgentConfig {
     pub spot: bool,
     pub labels: Vec<(String, String)>,
     pub data: DataConfig,
+    pub container_runtime: ContainerRuntime,
+}
+
+/// Which program runs jobs that name an image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContainerRuntime {
+    /// docker or podman from the PATH, whichever answers `info`.
+    Auto,
+    /// Never: image jobs are declined.
+    None,
+    /// This program (docker-compatible CLI); it must answer `info`.
+    Program(String),
 }
 
 /// Data-plane settings.
@@ -190,8 +204,16 @@ impl AgentConfig {
         if let Some(b) = flags.fetch_bandwidth.or(file.fetch_bandwidth) {
             data.fetch_bandwidth = size("fetch-bandwidth", b.trim_end_matches("/s"))?.max(1);
         }
+        let container_runtime = match flags.container_runtime.or(file.container_runtime).as_deref()
+        {
+            None | Some("auto") => ContainerRuntime::Auto,
+            Some("none") => ContainerRuntime::None,
+            Some("") => return Err(AgentError::Config("container-runtime is empty".into())),
+            Some(p) => ContainerRuntime::Program(p.to_string()),
+        };
         Ok(Self {
             data,
+            container_runtime,
             coordinator,
             data_dir: flags
                 .data_dir

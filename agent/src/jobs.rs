@@ -93,20 +93,68 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// `docker` or `podman` if either is on the PATH.
-pub fn find_container_runtime() -> Option<String> {
-    let path = std::env::var_os("PATH")?;
-    for rt in ["docker", "podman"] {
-        if std::env::split_paths(&path).any(|d| d.join(rt).is_file()) {
-            return Some(rt.to_string());
+/// Whether `program info` succeeds within 15 s: a docker client whose daemon is not
+/// running is on the PATH but cannot run anything.
+pub fn runtime_answers(program: &str) -> Result<(), String> {
+    let mut child = std::process::Command::new(program)
+        .arg("info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("{program}: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match child.try_wait() {
+            Ok(Some(st)) if st.success() => return Ok(()),
+            Ok(Some(st)) => return Err(format!("`{program} info` failed ({st})")),
+            Ok(None) if Instant::now() > deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("`{program} info` did not answer in 15 s"));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => return Err(format!("{program}: {e}")),
         }
     }
-    None
+}
+
+/// The container runtime image jobs use: `docker` or `podman` from the PATH if one
+/// answers `info` (auto), none, or the configured program (which must answer).
+pub fn find_container_runtime(
+    choice: &crate::config::ContainerRuntime,
+) -> Result<Option<String>, String> {
+    use crate::config::ContainerRuntime;
+    match choice {
+        ContainerRuntime::None => Ok(None),
+        ContainerRuntime::Program(p) => runtime_answers(p).map(|()| Some(p.clone())),
+        ContainerRuntime::Auto => {
+            let Some(path) = std::env::var_os("PATH") else { return Ok(None) };
+            for rt in ["docker", "podman"] {
+                if !std::env::split_paths(&path).any(|d| d.join(rt).is_file()) {
+                    continue;
+                }
+                match runtime_answers(rt) {
+                    Ok(()) => return Ok(Some(rt.to_string())),
+                    Err(e) => {
+                        warn!(runtime = rt, error = %e, "container runtime on the PATH is not usable; image jobs will be declined unless another one is")
+                    }
+                }
+            }
+            Ok(None)
+        }
+    }
 }
 
 impl Jobs {
-    pub fn new(data_dir: &std::path::Path, price_per_hour: f64, spot: bool) -> Arc<Self> {
-        let container_runtime = find_container_runtime();
+    /// `container_runtime`: the program that runs image jobs (see
+    /// [`find_container_runtime`]); `None` declines them.
+    pub fn new(
+        data_dir: &std::path::Path,
+        price_per_hour: f64,
+        spot: bool,
+        container_runtime: Option<String>,
+    ) -> Arc<Self> {
         let local = LocalState {
             price_per_hour,
             spot,

@@ -127,7 +127,13 @@ pub async fn run(
     let mut gpu_and_sampler: Option<sampler::NodeSampler> = None;
     let stats = Arc::new(AgentStats::default());
     // Running attempts outlive sessions and certificate changes.
-    let jobs = jobs::Jobs::new(&config.data_dir, config.price_per_hour, config.spot);
+    let runtime = jobs::find_container_runtime(&config.container_runtime)
+        .map_err(|e| AgentError::Config(format!("container-runtime: {e}")))?;
+    tracing::info!(
+        runtime = runtime.as_deref().unwrap_or("none"),
+        "container runtime for image jobs"
+    );
+    let jobs = jobs::Jobs::new(&config.data_dir, config.price_per_hour, config.spot, runtime);
     loop {
         // Load (or obtain) an identity that is currently valid.
         let tls = match &source {

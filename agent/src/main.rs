@@ -69,6 +69,10 @@ struct Cli {
     /// Bandwidth assumed for input fetches in a bid's ETA [default: 100MiB].
     #[arg(long)]
     fetch_bandwidth: Option<String>,
+    /// Container runtime for jobs with an `image`: `auto` (docker or podman, whichever
+    /// answers `info`), `none`, or a program path [default: auto].
+    #[arg(long)]
+    container_runtime: Option<String>,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -159,6 +163,7 @@ fn main() -> ExitCode {
         serve_rate: cli.serve_rate,
         transfer_cost_per_gb: cli.transfer_cost_per_gb,
         fetch_bandwidth: cli.fetch_bandwidth,
+        container_runtime: cli.container_runtime,
     };
     let config = match AgentConfig::resolve(file, flags) {
         Ok(c) => c,

@@ -769,3 +769,129 @@ async fn drained_agent_gets_no_new_jobs_but_finishes_running_ones() -> anyhow::R
     wait_state(&client, &format!("{wf2}.later"), "succeeded", 10).await;
     Ok(())
 }
+
+/// A SIMULATED docker-compatible runtime (there is no container engine or registry on
+/// the test machines): answers `info`, and for `run` records its argv, then runs the
+/// command after the image in the `-v` host dir with the `-e` variables, like a
+/// container with that mount as its work dir would.
+const FAKE_DOCKER: &str = r#"#!/bin/sh
+set -e
+[ "$1" = info ] && exit 0
+[ "$1" = run ] || { echo "fake-docker: unsupported $1" >&2; exit 125; }
+echo "$@" >> "$(dirname "$0")/fake-docker-calls"
+shift
+dir=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --rm) shift ;;
+    -v) dir="${2%%:*}"; shift 2 ;;
+    -w) shift 2 ;;
+    -e) export "$2"; shift 2 ;;
+    *) break ;;
+  esac
+done
+shift   # the image
+cd "$dir"
+exec "$@"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_jobs_run_through_the_container_runtime_and_nodes_without_one_decline(
+) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let pki = Pki::new("mesh.test")?;
+    let work = tempfile::tempdir()?;
+    let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
+    let client = coord.client(&pki)?;
+    // A runtime that does not answer `info` (a docker client without its daemon) is
+    // refused at startup when configured explicitly, with the reason.
+    let mut broken = AgentProc::start_extra(
+        &pki,
+        coord.control,
+        "broken-rt",
+        attrs("r", "EU", "p"),
+        Some("1xH100-80GB"),
+        &["--container-runtime", "/bin/false"],
+        work.path(),
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let exited = loop {
+        match broken.exited() {
+            Some(st) => break Some(st),
+            None if Instant::now() > deadline => break None,
+            None => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    assert!(exited.is_some_and(|s| !s.success()), "agent with a broken runtime kept running");
+    let log = broken.log_text();
+    assert!(log.contains("container-runtime") && log.contains("/bin/false info"), "{log}");
+    // No runtime: image jobs are declined with the reason and wait.
+    let _plain = AgentProc::start_extra(
+        &pki,
+        coord.control,
+        "plain",
+        attrs("r", "EU", "p"),
+        Some("1xH100-80GB"),
+        &["--container-runtime", "none"],
+        work.path(),
+    )?;
+    mesh_up(&client, 1).await;
+    let wf = submit(
+        &client,
+        r#"
+name: ctr
+jobs:
+  train:
+    image: registry.example.com/cuda:12.4
+    command: ["sh", "-c", "echo gpus=$NVIDIA_VISIBLE_DEVICES job=$FLEETMESH_JOB; ls"]
+    env: { MODE: container }
+    resources: { gpus: 1 }
+"#,
+    )
+    .await?;
+    let id = format!("{wf}.train");
+    let queued = wait_for(Duration::from_secs(10), || async {
+        let j = job(&client, &id).await;
+        let r = j["queued_reasons"].to_string();
+        (j["state"] == "queued" && r.contains("no docker or podman")).then_some(j)
+    })
+    .await;
+    assert!(queued.is_some(), "no decline reason: {}", job(&client, &id).await);
+    // A node with a runtime joins: the job runs through it, in the attempt's work dir.
+    let rt_dir = work.path().join("rt");
+    std::fs::create_dir_all(&rt_dir)?;
+    let fake = rt_dir.join("fake-docker");
+    std::fs::write(&fake, FAKE_DOCKER)?;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755))?;
+    let fake_s = fake.display().to_string();
+    let _ctr = AgentProc::start_extra(
+        &pki,
+        coord.control,
+        "ctr",
+        attrs("r", "EU", "p"),
+        Some("1xH100-80GB"),
+        &["--container-runtime", &fake_s],
+        work.path(),
+    )?;
+    let done = wait_state(&client, &id, "succeeded", 20).await;
+    assert_eq!(done["attempts"][0]["agents"][0], "ctr", "{done}");
+    let gpu = done["attempts"][0]["gpus"][0][0].as_str().unwrap_or_default().to_string();
+    assert!(gpu.starts_with("GPU-"), "{done}");
+    let out = logs(&client, &id).await;
+    assert!(out.contains(&format!("gpus={gpu} job={id}")), "{out}");
+    let calls = std::fs::read_to_string(rt_dir.join("fake-docker-calls"))?;
+    assert_eq!(calls.lines().count(), 1, "{calls}");
+    for want in [
+        "run --rm -v ".to_string(),
+        ":/work -w /work ".to_string(),
+        "-e MODE=container".to_string(),
+        format!("-e CUDA_VISIBLE_DEVICES={gpu}"),
+        format!("-e NVIDIA_VISIBLE_DEVICES={gpu}"),
+        " registry.example.com/cuda:12.4 sh -c ".to_string(),
+    ] {
+        assert!(calls.contains(&want), "missing {want:?} in {calls}");
+    }
+    // The mount is the attempt's own work dir on the agent (its log files are there).
+    assert!(out.contains("stdout.log"), "{out}");
+    Ok(())
+}

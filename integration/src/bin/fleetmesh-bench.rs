@@ -369,8 +369,12 @@ async fn start_bidders(
         let name = format!("bidder-{i:05}");
         let mut opts = agent_options(ca, ca_pem, &name, coordinator)?;
         // Prices spread so the auction has something to choose.
-        let jobs =
-            fleetmesh_agent::jobs::Jobs::new(&work.join(&name), 1.0 + (i % 7) as f64 * 0.25, false);
+        let jobs = fleetmesh_agent::jobs::Jobs::new(
+            &work.join(&name),
+            1.0 + (i % 7) as f64 * 0.25,
+            false,
+            None,
+        );
         if exec == JobExec::Simulated {
             jobs.simulate_execution(Duration::from_millis(1));
         }
