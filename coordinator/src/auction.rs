@@ -150,23 +150,31 @@ pub fn sort_candidates(candidates: &mut [Candidate]) {
 
 /// The first `k` eligible candidates in the given order (sort with [`sort_candidates`]
 /// for cheapest first), and the refusals. Stops as soon as `k` are found; the refusals
-/// are complete only when fewer than `k` are eligible (which is when they are shown).
+/// are returned only when fewer than `k` are eligible (which is when they are shown),
+/// and are then complete.
 pub fn prefilter(
     job: &JobSpec,
     candidates: &[Candidate],
     k: usize,
 ) -> (Vec<String>, Vec<(String, Ineligible)>) {
+    // First pass without recording refusals (most auctions find k quickly, past many
+    // full agents); they are collected only when fewer than k are eligible.
     let mut ok: Vec<String> = Vec::new();
-    let mut no = Vec::new();
     for c in candidates {
         if ok.len() >= k {
-            break;
+            return (ok, Vec::new());
         }
-        match eligible(job, c) {
-            Ok(()) => ok.push(c.agent.clone()),
-            Err(why) => no.push((c.agent.clone(), why)),
+        if eligible(job, c).is_ok() {
+            ok.push(c.agent.clone());
         }
     }
+    if ok.len() >= k {
+        return (ok, Vec::new());
+    }
+    let no = candidates
+        .iter()
+        .filter_map(|c| eligible(job, c).err().map(|why| (c.agent.clone(), why)))
+        .collect();
     (ok, no)
 }
 

@@ -122,6 +122,9 @@ struct AgentEntry {
     events: VecDeque<GpuEvent>,
     dirty: bool,
     remote_ip: Option<std::net::IpAddr>,
+    /// (model, free memory) per GPU of the latest report, kept when a report or the
+    /// inventory arrives rather than rebuilt for every auction tick.
+    free_gpus: Vec<(String, u64)>,
 }
 
 impl AgentEntry {
@@ -137,6 +140,7 @@ impl AgentEntry {
             events: VecDeque::new(),
             dirty: false,
             remote_ip: None,
+            free_gpus: Vec::new(),
         }
     }
 }
@@ -343,6 +347,7 @@ impl FleetState {
             });
         }
         e.latest = Some(report);
+        Self::refresh_free_gpus(e);
     }
 
     fn tick(&mut self, now: Instant) {
@@ -412,9 +417,9 @@ impl FleetState {
             .collect()
     }
 
-    fn candidate(name: &str, e: &AgentEntry) -> crate::auction::Candidate {
-        let inv = e.inventory.as_ref();
-        let free_gpus = match (inv, &e.latest) {
+    /// Recompute [`AgentEntry::free_gpus`] (after a report or an inventory).
+    fn refresh_free_gpus(e: &mut AgentEntry) {
+        e.free_gpus = match (&e.inventory, &e.latest) {
             (Some(inv), Some(r)) => r
                 .gpus
                 .iter()
@@ -425,11 +430,15 @@ impl FleetState {
                         .find(|i| i.uuid == g.uuid)
                         .map(|i| i.name.clone())
                         .unwrap_or_default();
-                    (g.uuid.clone(), name, g.memory_free_bytes.unwrap_or(0))
+                    (name, g.memory_free_bytes.unwrap_or(0))
                 })
                 .collect(),
             _ => Vec::new(),
         };
+    }
+
+    fn candidate(name: &str, e: &AgentEntry) -> crate::auction::Candidate {
+        let inv = e.inventory.as_ref();
         crate::auction::Candidate {
             agent: name.to_string(),
             connected: e.record.state == AgentState::Connected
@@ -448,7 +457,7 @@ impl FleetState {
                 .collect(),
             spot: inv.is_some_and(|i| i.spot),
             price_per_hour: inv.map(|i| i.price_per_hour).unwrap_or(0.0),
-            free_gpus: free_gpus.into_iter().map(|(_, n, m)| (n, m)).collect(),
+            free_gpus: e.free_gpus.clone(),
             gpu_uuids: inv
                 .map(|i| i.gpus.iter().map(|g| g.uuid.clone()).collect())
                 .unwrap_or_default(),
@@ -601,6 +610,7 @@ impl Actor for Fleet {
                             e.record.hostname.as_deref() != Some(inventory.host.hostname.as_str());
                         e.record.hostname = Some(inventory.host.hostname.clone());
                         e.inventory = Some(inventory);
+                        FleetState::refresh_free_gpus(e);
                         if host_changed {
                             st.changed.insert(name.clone());
                         }

@@ -650,10 +650,11 @@ impl SchedulerState {
             if w.state != "running" {
                 continue;
             }
-            let js: Vec<JobState> =
-                w.jobs.iter().filter_map(|j| self.jobs.get(j)).map(|j| j.state).collect();
-            if js.iter().all(|s| s.terminal()) {
-                let state = if js.iter().all(|s| *s == JobState::Succeeded) {
+            // From the back: later jobs finish later, so an unfinished workflow is
+            // usually told after one lookup rather than one per job.
+            let state = |j: &String| self.jobs.get(j).map(|j| j.state);
+            if w.jobs.iter().rev().filter_map(state).all(|s| s.terminal()) {
+                let state = if w.jobs.iter().filter_map(state).all(|s| s == JobState::Succeeded) {
                     "succeeded"
                 } else {
                     "failed"
@@ -1213,9 +1214,9 @@ impl Actor for Scheduler {
                 let id = st.submit(*wf);
                 let _ = reply.send(Ok(id));
                 // Place the new jobs now rather than at the next periodic tick (up to
-                // 100 ms away): award latency does not depend on when in the tick a
-                // workflow arrives.
-                let _ = myself.cast(SchedulerMsg::Tick);
+                // 100 ms away), and not behind the bids already in the mailbox: award
+                // latency does not depend on when in the tick a workflow arrives.
+                st.tick().await;
             }
             SchedulerMsg::Tick => st.tick().await,
             SchedulerMsg::Flush => st.flush(),
