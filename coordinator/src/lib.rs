@@ -6,7 +6,8 @@
 //! Coordinator (root supervisor; a child that dies stops the coordinator)
 //! ├── Fleet          registry, telemetry cache + history, liveness (fleet.rs)
 //! ├── Authority      CA key, join tokens, enrollment, renewal, revocation (authority.rs)
-//! ├── Scheduler      workflows, jobs, auctions, fences, retries (scheduler.rs)
+//! ├── Auctioneer     calls for bids, bids, scoring, releases (auctioneer.rs)
+//! ├── Scheduler      workflows, jobs, opening auctions, awards, fences, retries (scheduler.rs)
 //! ├── Listener       QUIC endpoint: enrollment, or authenticate + hello (listener.rs)
 //! │   └── AgentSession*  one per connected agent (session.rs)
 //! └── Api            HTTPS JSON API + /metrics (api.rs)
@@ -18,6 +19,7 @@
 
 pub mod api;
 pub mod auction;
+pub mod auctioneer;
 pub mod authority;
 pub mod broker;
 pub mod client;
@@ -126,12 +128,20 @@ impl Actor for Coordinator {
             myself.get_cell(),
         )
         .await?;
+        let (auctioneer, _) = Actor::spawn_linked(
+            None,
+            auctioneer::Auctioneer,
+            auctioneer::AuctioneerArgs { fleet: fleet.clone() },
+            myself.get_cell(),
+        )
+        .await?;
         let (scheduler, _) = Actor::spawn_linked(
             None,
             scheduler::Scheduler,
             scheduler::SchedulerArgs {
                 store: a.store.clone(),
                 fleet: fleet.clone(),
+                auctioneer: auctioneer.clone(),
                 top_k: a.config.auction_top_k,
                 broker: a.broker.clone(),
             },
@@ -147,6 +157,7 @@ impl Actor for Coordinator {
                 fleet: fleet.clone(),
                 authority: authority.clone(),
                 scheduler: scheduler.clone(),
+                auctioneer: auctioneer.clone(),
                 heartbeat_interval: a.config.heartbeat_interval,
                 broker: a.broker.clone(),
                 bound: Some(a.control_bound),

@@ -36,6 +36,7 @@ pub struct ListenerArgs {
     pub fleet: ActorRef<FleetMsg>,
     pub authority: ActorRef<AuthorityMsg>,
     pub scheduler: ActorRef<crate::scheduler::SchedulerMsg>,
+    pub auctioneer: ActorRef<crate::auctioneer::AuctioneerMsg>,
     pub heartbeat_interval: Duration,
     pub broker: Arc<crate::broker::DataBroker>,
     /// Receives the bound address once listening.
@@ -61,6 +62,7 @@ pub struct ListenerState {
     fleet: ActorRef<FleetMsg>,
     authority: ActorRef<AuthorityMsg>,
     scheduler: ActorRef<crate::scheduler::SchedulerMsg>,
+    auctioneer: ActorRef<crate::auctioneer::AuctioneerMsg>,
     heartbeat_interval: Duration,
     broker: Arc<crate::broker::DataBroker>,
     next_session: u64,
@@ -324,6 +326,7 @@ impl Actor for Listener {
             fleet: args.fleet,
             authority: args.authority,
             scheduler: args.scheduler,
+            auctioneer: args.auctioneer,
             heartbeat_interval: args.heartbeat_interval,
             broker: args.broker,
             next_session,
@@ -353,6 +356,7 @@ impl Actor for Listener {
                     fleet: st.fleet.clone(),
                     authority: st.authority.clone(),
                     scheduler: st.scheduler.clone(),
+                    auctioneer: st.auctioneer.clone(),
                     heartbeat_interval: st.heartbeat_interval,
                     broker: st.broker.clone(),
                 };

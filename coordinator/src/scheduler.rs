@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::auction::{self, BidView, Candidate};
+use crate::auctioneer::{AuctioneerMsg, OpenAuction};
 use crate::broker::{DataBroker, DatasetRecord, Requester};
 use crate::fleet::FleetMsg;
 use crate::store::Store;
@@ -183,19 +184,8 @@ pub struct LogChunk {
 pub enum SchedulerMsg {
     Submit(Box<Workflow>, RpcReplyPort<Result<String, String>>),
     Tick,
-    Bid {
-        agent: String,
-        auction: String,
-        gpus: Vec<String>,
-        price: f64,
-        eta_ms: u64,
-        local_bytes: u64,
-    },
-    Decline {
-        agent: String,
-        auction: String,
-        reason: String,
-    },
+    /// The Auctioneer closed an auction (losers already released).
+    AuctionClosed(Box<crate::auctioneer::AuctionOutcome>),
     AwardAnswer {
         agent: String,
         job: String,
@@ -248,25 +238,15 @@ pub enum SchedulerMsg {
     },
 }
 
-struct AuctionRun {
-    job: String,
-    attempt: u64,
-    invited: Vec<String>,
-    bids: Vec<BidView>,
-    declines: Vec<String>,
-    deadline_ms: u64,
-    /// (mount, dataset id) of the job's inputs, and the residency they impose.
-    inputs: Vec<(String, String)>,
-    residency: Vec<String>,
-}
-
 /// Scheduler state.
 pub struct SchedulerState {
     store: Arc<Store>,
     fleet: ActorRef<FleetMsg>,
     workflows: BTreeMap<String, WorkflowRecord>,
     jobs: BTreeMap<String, JobRecord>,
-    auctions: BTreeMap<String, AuctionRun>,
+    /// Open auctions (run by the Auctioneer): auction id -> job.
+    auctions: std::collections::HashMap<String, String>,
+    auctioneer: ActorRef<AuctioneerMsg>,
     /// job -> (attempt, output)
     logs: BTreeMap<String, (u64, VecDeque<u8>, usize)>,
     /// Attempts an agent did not report after reconnecting: treat as lost after this time.
@@ -371,9 +351,13 @@ impl SchedulerState {
         }
     }
 
-    /// Every invitee answered: decide now instead of at the next tick.
-    fn close_now(&mut self, myself: &ActorRef<SchedulerMsg>, auction: &str) {
-        self.close_auction(auction, now_ms());
+    /// An auction closed: award now (committed and sent in the next batch).
+    fn close_now(
+        &mut self,
+        myself: &ActorRef<SchedulerMsg>,
+        outcome: crate::auctioneer::AuctionOutcome,
+    ) {
+        self.close_auction(outcome, now_ms());
         self.schedule_flush(myself);
     }
 
@@ -548,7 +532,7 @@ impl SchedulerState {
         // measured faster than an unstable top-N selection (462 vs ~310 placements/s).
         let queued: Vec<String> = {
             let in_auction: std::collections::HashSet<&str> =
-                self.auctions.values().map(|a| a.job.as_str()).collect();
+                self.auctions.values().map(String::as_str).collect();
             let mut queued: Vec<&JobRecord> = self
                 .jobs
                 .values()
@@ -634,18 +618,6 @@ impl SchedulerState {
                 }
             }
             self.last_candidates = Arc::new(unclaimed);
-        }
-        // 5. Close auctions.
-        let closing: Vec<String> = self
-            .auctions
-            .iter()
-            .filter(|(_, a)| {
-                a.deadline_ms <= now || a.bids.len() + a.declines.len() >= a.invited.len()
-            })
-            .map(|(k, _)| k.clone())
-            .collect();
-        for a in closing {
-            self.close_auction(&a, now);
         }
         // Persist the awards (and their fences) and recorded exits in one transaction,
         // then tell the agents.
@@ -782,22 +754,23 @@ impl SchedulerState {
                 })
                 .collect(),
         };
-        for a in &invite {
-            self.send(a, CoordinatorMessage::CallForBids(call.clone()));
+        let open = OpenAuction {
+            id: auction_id.clone(),
+            job: id.to_string(),
+            attempt,
+            objective: j.objective,
+            nodes: j.spec.nodes,
+            invite: invite.clone(),
+            call,
+            deadline_unix_ms: now + AUCTION_WINDOW_MS,
+            inputs: inputs.iter().map(|(m, d)| (m.clone(), d.id.clone())).collect(),
+            residency,
+        };
+        if self.auctioneer.cast(AuctioneerMsg::Open(Box::new(open))).is_err() {
+            warn!(job_id = %id, "auctioneer unavailable; the job stays queued");
+            return None;
         }
-        self.auctions.insert(
-            auction_id,
-            AuctionRun {
-                job: id.to_string(),
-                attempt,
-                invited: invite.clone(),
-                bids: Vec::new(),
-                declines: Vec::new(),
-                deadline_ms: now + AUCTION_WINDOW_MS,
-                inputs: inputs.iter().map(|(m, d)| (m.clone(), d.id.clone())).collect(),
-                residency,
-            },
-        );
+        self.auctions.insert(auction_id, id.to_string());
         Some(invite)
     }
 
@@ -820,29 +793,25 @@ impl SchedulerState {
         }
     }
 
-    fn close_auction(&mut self, auction_id: &str, now: u64) {
-        let Some(run) = self.auctions.remove(auction_id) else { return };
-        let Some(j) = self.jobs.get_mut(&run.job) else { return };
+    /// Turn an auction's outcome into an award (a new fenced attempt), or leave the job
+    /// queued with the reasons. The Auctioneer already released the losing bids; the
+    /// winners are released here when the job cannot be awarded after all.
+    fn close_auction(&mut self, mut run: crate::auctioneer::AuctionOutcome, now: u64) {
+        self.auctions.remove(&run.id);
+        let auction_id = run.id.clone();
+        let auction_id = auction_id.as_str();
+        let winners = run.winners.take();
+        let Some(j) = self.jobs.get_mut(&run.job) else {
+            self.release(auction_id, winners.as_deref().unwrap_or(&[]));
+            return;
+        };
         if j.state != JobState::Queued {
-            self.release(auction_id, &run.bids);
+            self.release(auction_id, winners.as_deref().unwrap_or(&[]));
             return;
         }
-        let winners = auction::select(j.objective, &run.bids, j.spec.nodes);
         let Some(winners) = winners else {
-            let mut reasons = run.declines.clone();
-            let silent: Vec<&String> = run
-                .invited
-                .iter()
-                .filter(|a| {
-                    !run.bids.iter().any(|b| &b.agent == *a)
-                        && !run.declines.iter().any(|d| d.starts_with(&format!("{a}:")))
-                })
-                .collect();
-            for a in silent {
-                reasons.push(format!("{a}: no answer in time"));
-            }
+            let reasons = std::mem::take(&mut run.declines);
             self.keep_queued(&run.job, reasons, now);
-            self.release(auction_id, &run.bids);
             return;
         };
         // Fetch plans (with tickets) for each winner's inputs, and where outputs go.
@@ -861,7 +830,7 @@ impl SchedulerState {
                     Err(why) => {
                         let reasons = vec![format!("{}: input {mount}: {why}", w.agent)];
                         self.keep_queued(&run.job, reasons, now);
-                        self.release(auction_id, &run.bids);
+                        self.release(auction_id, &winners);
                         return;
                     }
                 }
@@ -940,9 +909,6 @@ impl SchedulerState {
             };
             // Sent after the tick's state (with this fence) is persisted.
             self.outgoing.push((w.agent.clone(), CoordinatorMessage::Award(Box::new(award))));
-        }
-        for b in run.bids.iter().filter(|b| !winners.iter().any(|w| w.agent == b.agent)) {
-            self.send(&b.agent, CoordinatorMessage::Release { auction: auction_id.to_string() });
         }
     }
 
@@ -1129,6 +1095,7 @@ pub struct Scheduler;
 pub struct SchedulerArgs {
     pub store: Arc<Store>,
     pub fleet: ActorRef<FleetMsg>,
+    pub auctioneer: ActorRef<AuctioneerMsg>,
     pub top_k: usize,
     pub broker: Arc<DataBroker>,
 }
@@ -1174,6 +1141,7 @@ impl Actor for Scheduler {
         }
         info!(workflows = workflows.len(), jobs = jobs.len(), "scheduler state loaded");
         let _ = a.fleet.cast(FleetMsg::SetScheduler(myself.clone()));
+        let _ = a.auctioneer.cast(AuctioneerMsg::SetScheduler(myself.clone()));
         let ticker = myself.send_interval(Duration::from_millis(100), || SchedulerMsg::Tick);
         let wf_check = workflows.keys().cloned().collect();
         Ok(SchedulerState {
@@ -1181,7 +1149,8 @@ impl Actor for Scheduler {
             fleet: a.fleet,
             workflows,
             jobs,
-            auctions: BTreeMap::new(),
+            auctions: Default::default(),
+            auctioneer: a.auctioneer,
             logs: BTreeMap::new(),
             verify,
             dirty_w: Vec::new(),
@@ -1228,35 +1197,13 @@ impl Actor for Scheduler {
             SchedulerMsg::Tick => st.tick().await,
             SchedulerMsg::Flush => st.flush(),
             SchedulerMsg::SessionUp { agent, session } => {
+                let _ = st.auctioneer.cast(AuctioneerMsg::SessionUp {
+                    agent: agent.clone(),
+                    session: session.clone(),
+                });
                 st.sessions.insert(agent, session);
             }
-            SchedulerMsg::Bid { agent, auction, gpus, price, eta_ms, local_bytes } => {
-                let complete = match st.auctions.get_mut(&auction) {
-                    Some(a) if a.invited.contains(&agent) => {
-                        a.bids.push(BidView { agent, price, eta_ms, gpus, local_bytes });
-                        a.bids.len() + a.declines.len() >= a.invited.len()
-                    }
-                    _ => {
-                        st.send(&agent, CoordinatorMessage::Release { auction: auction.clone() });
-                        false
-                    }
-                };
-                if complete {
-                    st.close_now(&myself, &auction);
-                }
-            }
-            SchedulerMsg::Decline { agent, auction, reason } => {
-                let complete = match st.auctions.get_mut(&auction) {
-                    Some(a) => {
-                        a.declines.push(format!("{agent}: {reason}"));
-                        a.bids.len() + a.declines.len() >= a.invited.len()
-                    }
-                    None => false,
-                };
-                if complete {
-                    st.close_now(&myself, &auction);
-                }
-            }
+            SchedulerMsg::AuctionClosed(outcome) => st.close_now(&myself, *outcome),
             SchedulerMsg::AwardAnswer { agent, job, attempt, accepted, reason } => {
                 if !accepted {
                     warn!(job_id = %job, attempt, agent_id = %agent, %reason, "award refused");

@@ -57,6 +57,8 @@ pub struct SessionArgs {
     pub fleet: ActorRef<FleetMsg>,
     pub authority: ActorRef<AuthorityMsg>,
     pub scheduler: ActorRef<SchedulerMsg>,
+    /// Bids and declines go straight to the Auctioneer.
+    pub auctioneer: ActorRef<crate::auctioneer::AuctioneerMsg>,
     pub heartbeat_interval: Duration,
     pub broker: std::sync::Arc<crate::broker::DataBroker>,
 }
@@ -151,6 +153,7 @@ async fn reader_loop(
     session_id: u64,
     fleet: ActorRef<FleetMsg>,
     scheduler: ActorRef<SchedulerMsg>,
+    auctioneer: ActorRef<crate::auctioneer::AuctioneerMsg>,
     myself: ActorRef<SessionMsg>,
     broker: std::sync::Arc<crate::broker::DataBroker>,
 ) {
@@ -173,7 +176,7 @@ async fn reader_loop(
                         inventory,
                     }),
                     AgentMessage::Bid { auction, gpus, price, eta_ms, local_bytes } => {
-                        let _ = to_scheduler(SchedulerMsg::Bid {
+                        let _ = auctioneer.cast(crate::auctioneer::AuctioneerMsg::Bid {
                             agent: name.clone(),
                             auction,
                             gpus,
@@ -184,7 +187,7 @@ async fn reader_loop(
                         Ok(())
                     }
                     AgentMessage::Decline { auction, reason } => {
-                        let _ = to_scheduler(SchedulerMsg::Decline {
+                        let _ = auctioneer.cast(crate::auctioneer::AuctioneerMsg::Decline {
                             agent: name.clone(),
                             auction,
                             reason,
@@ -307,6 +310,7 @@ impl Actor for AgentSession {
             fleet,
             authority,
             scheduler,
+            auctioneer,
             heartbeat_interval,
             broker,
         } = args;
@@ -347,6 +351,7 @@ impl Actor for AgentSession {
             session_id,
             fleet.clone(),
             scheduler,
+            auctioneer,
             myself,
             broker,
         ));

@@ -1,0 +1,414 @@
+//! `Auctioneer` actor: runs the auctions the Scheduler opens, around the pure core in
+//! [`crate::auction`].
+//!
+//! The Scheduler decides *what* to auction and *whom* to invite (prefilter on the
+//! Fleet's cached view, per-tick capacity claims, residency). The Auctioneer then:
+//! - sends the calls for bids;
+//! - collects bids and declines, straight from the agents' sessions;
+//! - closes an auction when every invitee answered, or at its deadline;
+//! - scores the bids by the workflow's objective and picks the winners (a gang all or
+//!   nothing) with [`auction::select`];
+//! - releases the losers at once, and hands the outcome to the Scheduler.
+//!
+//! The Scheduler owns jobs, fences and awards: it turns an outcome into an attempt, or
+//! leaves the job queued with the reasons.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use fleetmesh_protocol::workflow::Objective;
+use fleetmesh_protocol::{CallForBids, CoordinatorMessage};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tracing::debug;
+
+use crate::auction::{self, BidView};
+use crate::scheduler::SchedulerMsg;
+use crate::session::SessionMsg;
+
+/// How often deadlines are checked.
+const DEADLINE_TICK: Duration = Duration::from_millis(50);
+
+/// An auction the Scheduler wants run.
+#[derive(Debug)]
+pub struct OpenAuction {
+    pub id: String,
+    pub job: String,
+    pub attempt: u64,
+    pub objective: Objective,
+    /// Winners wanted (> 1 for a gang).
+    pub nodes: u32,
+    pub invite: Vec<String>,
+    pub call: CallForBids,
+    pub deadline_unix_ms: u64,
+    /// (mount, dataset id) of the job's inputs, and the residency they impose.
+    pub inputs: Vec<(String, String)>,
+    pub residency: Vec<String>,
+}
+
+/// What came of an auction.
+#[derive(Debug)]
+pub struct AuctionOutcome {
+    pub id: String,
+    pub job: String,
+    pub attempt: u64,
+    pub invited: Vec<String>,
+    pub bids: Vec<BidView>,
+    /// `agent: reason` for every decline, and for every invitee that did not answer.
+    pub declines: Vec<String>,
+    /// The best bids (one per node), or `None` when there are too few. The other bids
+    /// are already released.
+    pub winners: Option<Vec<BidView>>,
+    pub inputs: Vec<(String, String)>,
+    pub residency: Vec<String>,
+}
+
+pub enum AuctioneerMsg {
+    /// Where outcomes go (sent once by the Scheduler when it starts).
+    SetScheduler(ActorRef<SchedulerMsg>),
+    /// Direct delivery to an agent's session.
+    SessionUp {
+        agent: String,
+        session: ActorRef<SessionMsg>,
+    },
+    Open(Box<OpenAuction>),
+    Bid {
+        agent: String,
+        auction: String,
+        gpus: Vec<String>,
+        price: f64,
+        eta_ms: u64,
+        local_bytes: u64,
+    },
+    Decline {
+        agent: String,
+        auction: String,
+        reason: String,
+    },
+    /// Close the auctions whose deadline passed.
+    Tick,
+}
+
+struct Run {
+    open: OpenAuction,
+    bids: Vec<BidView>,
+    declines: Vec<String>,
+}
+
+pub struct AuctioneerState {
+    scheduler: Option<ActorRef<SchedulerMsg>>,
+    fleet: ActorRef<crate::fleet::FleetMsg>,
+    sessions: HashMap<String, ActorRef<SessionMsg>>,
+    runs: HashMap<String, Run>,
+}
+
+impl AuctioneerState {
+    fn send(&self, agent: &str, msg: CoordinatorMessage) {
+        match self.sessions.get(agent) {
+            Some(s) => {
+                let _ = s.cast(SessionMsg::Send(Box::new(msg)));
+            }
+            None => {
+                let _ =
+                    self.fleet.cast(crate::fleet::FleetMsg::Send { agent: agent.to_string(), msg });
+            }
+        }
+    }
+
+    fn answered(run: &Run) -> bool {
+        run.bids.len() + run.declines.len() >= run.open.invite.len()
+    }
+
+    /// Score, release the losers, hand the outcome over.
+    fn close(&mut self, id: &str) {
+        let Some(run) = self.runs.remove(id) else { return };
+        let Run { open, bids, mut declines } = run;
+        for a in &open.invite {
+            let heard = bids.iter().any(|b| &b.agent == a)
+                || declines.iter().any(|d| d.starts_with(&format!("{a}:")));
+            if !heard {
+                declines.push(format!("{a}: no answer in time"));
+            }
+        }
+        let winners = auction::select(open.objective, &bids, open.nodes);
+        for b in &bids {
+            let won = winners.as_ref().is_some_and(|w| w.iter().any(|w| w.agent == b.agent));
+            if !won {
+                self.send(&b.agent, CoordinatorMessage::Release { auction: open.id.clone() });
+            }
+        }
+        debug!(job_id = %open.job, auction = %open.id, bids = bids.len(), won = winners.is_some(), "auction closed");
+        let outcome = AuctionOutcome {
+            id: open.id,
+            job: open.job,
+            attempt: open.attempt,
+            invited: open.invite,
+            bids,
+            declines,
+            winners,
+            inputs: open.inputs,
+            residency: open.residency,
+        };
+        match &self.scheduler {
+            Some(s) => {
+                let _ = s.cast(SchedulerMsg::AuctionClosed(Box::new(outcome)));
+            }
+            None => {
+                // No Scheduler to award: release what would have won.
+                for b in outcome.winners.iter().flatten() {
+                    self.send(
+                        &b.agent,
+                        CoordinatorMessage::Release { auction: outcome.id.clone() },
+                    );
+                }
+            }
+        }
+    }
+}
+
+pub struct Auctioneer;
+
+pub struct AuctioneerArgs {
+    pub fleet: ActorRef<crate::fleet::FleetMsg>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Actor for Auctioneer {
+    type Msg = AuctioneerMsg;
+    type State = AuctioneerState;
+    type Arguments = AuctioneerArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<AuctioneerMsg>,
+        a: AuctioneerArgs,
+    ) -> Result<AuctioneerState, ActorProcessingErr> {
+        myself.send_interval(DEADLINE_TICK, || AuctioneerMsg::Tick);
+        Ok(AuctioneerState {
+            scheduler: None,
+            fleet: a.fleet,
+            sessions: HashMap::new(),
+            runs: HashMap::new(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<AuctioneerMsg>,
+        msg: AuctioneerMsg,
+        st: &mut AuctioneerState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            AuctioneerMsg::SetScheduler(s) => st.scheduler = Some(s),
+            AuctioneerMsg::SessionUp { agent, session } => {
+                st.sessions.insert(agent, session);
+            }
+            AuctioneerMsg::Open(open) => {
+                for a in &open.invite {
+                    st.send(a, CoordinatorMessage::CallForBids(open.call.clone()));
+                }
+                let id = open.id.clone();
+                st.runs.insert(id, Run { open: *open, bids: Vec::new(), declines: Vec::new() });
+            }
+            AuctioneerMsg::Bid { agent, auction, gpus, price, eta_ms, local_bytes } => {
+                let complete = match st.runs.get_mut(&auction) {
+                    Some(r) if r.open.invite.contains(&agent) => {
+                        r.bids.push(BidView { agent, price, eta_ms, gpus, local_bytes });
+                        AuctioneerState::answered(r)
+                    }
+                    _ => {
+                        // Closed or unknown: the bidder drops its reservation now.
+                        st.send(&agent, CoordinatorMessage::Release { auction });
+                        return Ok(());
+                    }
+                };
+                if complete {
+                    st.close(&auction);
+                }
+            }
+            AuctioneerMsg::Decline { agent, auction, reason } => {
+                let complete = match st.runs.get_mut(&auction) {
+                    Some(r) if r.open.invite.contains(&agent) => {
+                        r.declines.push(format!("{agent}: {reason}"));
+                        AuctioneerState::answered(r)
+                    }
+                    _ => false,
+                };
+                if complete {
+                    st.close(&auction);
+                }
+            }
+            AuctioneerMsg::Tick => {
+                let now = now_ms();
+                let due: Vec<String> = st
+                    .runs
+                    .iter()
+                    .filter(|(_, r)| r.open.deadline_unix_ms <= now)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for id in due {
+                    st.close(&id);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::FleetMsg;
+    use tokio::sync::mpsc;
+
+    /// Records what an actor of message type `M` receives.
+    struct Recorder<M>(std::marker::PhantomData<fn() -> M>);
+
+    impl<M: ractor::Message> Actor for Recorder<M> {
+        type Msg = M;
+        type State = mpsc::UnboundedSender<M>;
+        type Arguments = mpsc::UnboundedSender<M>;
+        async fn pre_start(
+            &self,
+            _m: ActorRef<M>,
+            tx: mpsc::UnboundedSender<M>,
+        ) -> Result<Self::State, ActorProcessingErr> {
+            Ok(tx)
+        }
+        async fn handle(
+            &self,
+            _m: ActorRef<M>,
+            msg: M,
+            tx: &mut Self::State,
+        ) -> Result<(), ActorProcessingErr> {
+            let _ = tx.send(msg);
+            Ok(())
+        }
+    }
+
+    async fn recorder<M: ractor::Message>() -> (ActorRef<M>, mpsc::UnboundedReceiver<M>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (r, _) = Actor::spawn(None, Recorder(std::marker::PhantomData), tx).await.unwrap();
+        (r, rx)
+    }
+
+    fn open(id: &str, invite: &[&str], deadline_unix_ms: u64) -> Box<OpenAuction> {
+        Box::new(OpenAuction {
+            id: id.into(),
+            job: "wf.j".into(),
+            attempt: 1,
+            objective: Objective::Cheapest,
+            nodes: 1,
+            invite: invite.iter().map(|s| s.to_string()).collect(),
+            call: CallForBids {
+                auction: id.into(),
+                job: "wf.j".into(),
+                gpus: 1,
+                gpu_model: None,
+                gpu_memory_bytes: None,
+                needs_container: false,
+                expected_duration_ms: 1000,
+                lease_ms: 3000,
+                inputs: vec![],
+            },
+            deadline_unix_ms,
+            inputs: vec![],
+            residency: vec![],
+        })
+    }
+
+    fn bid(agent: &str, auction: &str, price: f64) -> AuctioneerMsg {
+        AuctioneerMsg::Bid {
+            agent: agent.into(),
+            auction: auction.into(),
+            gpus: vec![format!("GPU-{agent}")],
+            price,
+            eta_ms: 0,
+            local_bytes: 0,
+        }
+    }
+
+    /// Messages the fleet was asked to deliver, as (agent, kind).
+    fn sent(rx: &mut mpsc::UnboundedReceiver<FleetMsg>) -> Vec<(String, String)> {
+        let mut v = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            if let FleetMsg::Send { agent, msg } = m {
+                let kind = match msg {
+                    CoordinatorMessage::CallForBids(_) => "call",
+                    CoordinatorMessage::Release { .. } => "release",
+                    _ => "other",
+                };
+                v.push((agent, kind.to_string()));
+            }
+        }
+        v
+    }
+
+    async fn outcome(rx: &mut mpsc::UnboundedReceiver<SchedulerMsg>) -> AuctionOutcome {
+        let m = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+        match m {
+            Ok(Some(SchedulerMsg::AuctionClosed(o))) => *o,
+            _ => panic!("no outcome"),
+        }
+    }
+
+    #[tokio::test]
+    async fn closes_when_all_answered_picks_the_best_and_releases_the_losers_at_once() {
+        let (fleet, mut fleet_rx) = recorder::<FleetMsg>().await;
+        let (sched, mut sched_rx) = recorder::<SchedulerMsg>().await;
+        let (a, _) = Actor::spawn(None, Auctioneer, AuctioneerArgs { fleet }).await.unwrap();
+        a.cast(AuctioneerMsg::SetScheduler(sched)).unwrap();
+        // A deadline far away: only the answers can close it.
+        a.cast(AuctioneerMsg::Open(open("x#1", &["a", "b", "c"], now_ms() + 60_000))).unwrap();
+        a.cast(bid("a", "x#1", 3.0)).unwrap();
+        a.cast(bid("b", "x#1", 1.0)).unwrap();
+        a.cast(AuctioneerMsg::Decline {
+            agent: "c".into(),
+            auction: "x#1".into(),
+            reason: "no free GPU".into(),
+        })
+        .unwrap();
+        let o = outcome(&mut sched_rx).await;
+        let w = o.winners.expect("a winner");
+        assert_eq!(w.len(), 1);
+        assert_eq!(w[0].agent, "b", "cheapest objective");
+        assert_eq!(o.bids.len(), 2);
+        assert_eq!(o.declines, ["c: no free GPU"]);
+        // A late bid for the closed auction is released too.
+        a.cast(bid("z", "x#1", 0.5)).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let s = sent(&mut fleet_rx);
+        let calls: Vec<&str> =
+            s.iter().filter(|(_, k)| k == "call").map(|(a, _)| a.as_str()).collect();
+        assert_eq!(calls, ["a", "b", "c"]);
+        let released: Vec<&str> =
+            s.iter().filter(|(_, k)| k == "release").map(|(a, _)| a.as_str()).collect();
+        assert_eq!(released, ["a", "z"], "the loser and the late bidder; never the winner");
+    }
+
+    #[tokio::test]
+    async fn deadline_closes_with_silent_invitees_named_and_a_gang_is_all_or_nothing() {
+        let (fleet, mut fleet_rx) = recorder::<FleetMsg>().await;
+        let (sched, mut sched_rx) = recorder::<SchedulerMsg>().await;
+        let (a, _) = Actor::spawn(None, Auctioneer, AuctioneerArgs { fleet }).await.unwrap();
+        a.cast(AuctioneerMsg::SetScheduler(sched)).unwrap();
+        let mut gang = open("g#1", &["a", "b", "c"], now_ms() + 200);
+        gang.nodes = 2;
+        a.cast(AuctioneerMsg::Open(gang)).unwrap();
+        a.cast(bid("a", "g#1", 1.0)).unwrap();
+        let o = outcome(&mut sched_rx).await;
+        assert!(o.winners.is_none(), "one bid cannot make a gang of 2");
+        assert_eq!(o.declines, ["b: no answer in time", "c: no answer in time"]);
+        let released: Vec<String> = sent(&mut fleet_rx)
+            .into_iter()
+            .filter(|(_, k)| k == "release")
+            .map(|(a, _)| a)
+            .collect();
+        assert_eq!(released, ["a"], "an unplaced gang holds nothing");
+    }
+}
