@@ -55,9 +55,11 @@ pub struct AuctionOutcome {
     pub bids: Vec<BidView>,
     /// `agent: reason` for every decline, and for every invitee that did not answer.
     pub declines: Vec<String>,
-    /// The best bids (one per node), or `None` when there are too few. The other bids
-    /// are already released.
+    /// The best bids (one per node), or `None` when there are too few.
     pub winners: Option<Vec<BidView>>,
+    /// For a single-node job, the runner-up, whose reservation is kept so that an award
+    /// the winner does not accept in time can go to it. Every other bid is released.
+    pub backup: Option<BidView>,
     pub inputs: Vec<(String, String)>,
     pub residency: Vec<String>,
 }
@@ -130,9 +132,16 @@ impl AuctioneerState {
             }
         }
         let winners = auction::select(open.objective, &bids, open.nodes);
+        let backup = match &winners {
+            Some(_) if open.nodes == 1 => {
+                auction::select(open.objective, &bids, 2).and_then(|r| r.into_iter().nth(1))
+            }
+            _ => None,
+        };
         for b in &bids {
             let won = winners.as_ref().is_some_and(|w| w.iter().any(|w| w.agent == b.agent));
-            if !won {
+            let kept = backup.as_ref().is_some_and(|k| k.agent == b.agent);
+            if !won && !kept {
                 self.send(&b.agent, CoordinatorMessage::Release { auction: open.id.clone() });
             }
         }
@@ -145,6 +154,7 @@ impl AuctioneerState {
             bids,
             declines,
             winners,
+            backup,
             inputs: open.inputs,
             residency: open.residency,
         };
@@ -154,7 +164,7 @@ impl AuctioneerState {
             }
             None => {
                 // No Scheduler to award: release what would have won.
-                for b in outcome.winners.iter().flatten() {
+                for b in outcome.winners.iter().flatten().chain(outcome.backup.iter()) {
                     self.send(
                         &b.agent,
                         CoordinatorMessage::Release { auction: outcome.id.clone() },
@@ -364,11 +374,12 @@ mod tests {
         let (a, _) = Actor::spawn(None, Auctioneer, AuctioneerArgs { fleet }).await.unwrap();
         a.cast(AuctioneerMsg::SetScheduler(sched)).unwrap();
         // A deadline far away: only the answers can close it.
-        a.cast(AuctioneerMsg::Open(open("x#1", &["a", "b", "c"], now_ms() + 60_000))).unwrap();
+        a.cast(AuctioneerMsg::Open(open("x#1", &["a", "b", "c", "d"], now_ms() + 60_000))).unwrap();
         a.cast(bid("a", "x#1", 3.0)).unwrap();
         a.cast(bid("b", "x#1", 1.0)).unwrap();
+        a.cast(bid("c", "x#1", 2.0)).unwrap();
         a.cast(AuctioneerMsg::Decline {
-            agent: "c".into(),
+            agent: "d".into(),
             auction: "x#1".into(),
             reason: "no free GPU".into(),
         })
@@ -377,18 +388,19 @@ mod tests {
         let w = o.winners.expect("a winner");
         assert_eq!(w.len(), 1);
         assert_eq!(w[0].agent, "b", "cheapest objective");
-        assert_eq!(o.bids.len(), 2);
-        assert_eq!(o.declines, ["c: no free GPU"]);
+        assert_eq!(o.backup.map(|b| b.agent).as_deref(), Some("c"), "the runner-up is kept");
+        assert_eq!(o.bids.len(), 3);
+        assert_eq!(o.declines, ["d: no free GPU"]);
         // A late bid for the closed auction is released too.
         a.cast(bid("z", "x#1", 0.5)).unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
         let s = sent(&mut fleet_rx);
         let calls: Vec<&str> =
             s.iter().filter(|(_, k)| k == "call").map(|(a, _)| a.as_str()).collect();
-        assert_eq!(calls, ["a", "b", "c"]);
+        assert_eq!(calls, ["a", "b", "c", "d"]);
         let released: Vec<&str> =
             s.iter().filter(|(_, k)| k == "release").map(|(a, _)| a.as_str()).collect();
-        assert_eq!(released, ["a", "z"], "the loser and the late bidder; never the winner");
+        assert_eq!(released, ["a", "z"], "the loser and the late bidder; not the winner or backup");
     }
 
     #[tokio::test]
@@ -403,6 +415,7 @@ mod tests {
         a.cast(bid("a", "g#1", 1.0)).unwrap();
         let o = outcome(&mut sched_rx).await;
         assert!(o.winners.is_none(), "one bid cannot make a gang of 2");
+        assert!(o.backup.is_none());
         assert_eq!(o.declines, ["b: no answer in time", "c: no answer in time"]);
         let released: Vec<String> = sent(&mut fleet_rx)
             .into_iter()

@@ -45,6 +45,8 @@ const AUCTION_WINDOW_MS: u64 = 500;
 const LEASE_MS: u64 = 3000;
 /// An award must be started within this time, or the job is placed again.
 const START_TIMEOUT_MS: u64 = 5000;
+/// An award not accepted within this time goes to the auction's runner-up, if any.
+const AWARD_ANSWER_MS: u64 = 1500;
 /// Queued jobs with no feasible bid are re-auctioned this often (and on fleet changes).
 const REQUEUE_MS: u64 = 1000;
 /// Output kept per job attempt in the coordinator for `fleetmesh logs`.
@@ -238,6 +240,17 @@ pub enum SchedulerMsg {
     },
 }
 
+/// The runner-up of an auction, kept until the winner accepts the award.
+struct Backup {
+    auction: String,
+    bid: BidView,
+    bids: Vec<BidView>,
+    inputs: Vec<(String, String)>,
+    residency: Vec<String>,
+    /// Its reservation's lease ends about then.
+    until_unix_ms: u64,
+}
+
 /// Scheduler state.
 pub struct SchedulerState {
     store: Arc<Store>,
@@ -261,6 +274,9 @@ pub struct SchedulerState {
     top_k: usize,
     /// Current session of each agent, for direct sends.
     sessions: BTreeMap<String, ActorRef<crate::session::SessionMsg>>,
+    /// Runner-up bids (reservation still held) of awarded single-node attempts not yet
+    /// accepted, by (job, attempt).
+    backups: std::collections::HashMap<(String, u64), Backup>,
     flush_scheduled: bool,
     /// Workflows whose completion must be re-checked (a job of theirs changed).
     wf_check: std::collections::BTreeSet<String>,
@@ -506,6 +522,29 @@ impl SchedulerState {
         for (job, attempt) in expired {
             self.verify.remove(&(job.clone(), attempt));
             self.attempt_lost(&job, attempt, "not running on its agent after reconnect");
+        }
+        // 2b. Awards not accepted in time go to the runner-up; unused runner-ups expire.
+        let overdue: Vec<(String, u64)> = self
+            .backups
+            .keys()
+            .filter(|(job, n)| {
+                self.jobs.get(job).and_then(|j| j.current()).is_some_and(|a| {
+                    a.n == *n && a.state == "awarded" && now > a.awarded_unix_ms + AWARD_ANSWER_MS
+                })
+            })
+            .cloned()
+            .collect();
+        for (job, n) in overdue {
+            self.award_backup(&job, n, "the award was not accepted in time", now);
+        }
+        let expired: Vec<(String, u64)> = self
+            .backups
+            .iter()
+            .filter(|(_, b)| now > b.until_unix_ms)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for (job, n) in expired {
+            self.drop_backup(&job, n);
         }
         // 3. Start attempts that were awarded but never started.
         let stuck: Vec<(String, u64)> = self
@@ -801,17 +840,21 @@ impl SchedulerState {
         let auction_id = run.id.clone();
         let auction_id = auction_id.as_str();
         let winners = run.winners.take();
+        let backup = run.backup.take();
         let Some(j) = self.jobs.get_mut(&run.job) else {
             self.release(auction_id, winners.as_deref().unwrap_or(&[]));
+            self.release(auction_id, backup.as_slice());
             return;
         };
         if j.state != JobState::Queued {
             self.release(auction_id, winners.as_deref().unwrap_or(&[]));
+            self.release(auction_id, backup.as_slice());
             return;
         }
         let Some(winners) = winners else {
             let reasons = std::mem::take(&mut run.declines);
             self.keep_queued(&run.job, reasons, now);
+            self.release(auction_id, backup.as_slice());
             return;
         };
         // Fetch plans (with tickets) for each winner's inputs, and where outputs go.
@@ -831,6 +874,7 @@ impl SchedulerState {
                         let reasons = vec![format!("{}: input {mount}: {why}", w.agent)];
                         self.keep_queued(&run.job, reasons, now);
                         self.release(auction_id, &winners);
+                        self.release(auction_id, backup.as_slice());
                         return;
                     }
                 }
@@ -910,6 +954,56 @@ impl SchedulerState {
             // Sent after the tick's state (with this fence) is persisted.
             self.outgoing.push((w.agent.clone(), CoordinatorMessage::Award(Box::new(award))));
         }
+        if let Some(bid) = backup {
+            self.backups.insert(
+                (job_id, run.attempt),
+                Backup {
+                    auction: auction_id.to_string(),
+                    bid,
+                    bids: run.bids,
+                    inputs: run.inputs,
+                    residency: run.residency,
+                    until_unix_ms: now + LEASE_MS.saturating_sub(500),
+                },
+            );
+        }
+    }
+
+    /// The winner accepted: the runner-up's reservation is not needed any more.
+    fn drop_backup(&mut self, job: &str, attempt: u64) {
+        if let Some(b) = self.backups.remove(&(job.to_string(), attempt)) {
+            self.release(&b.auction, std::slice::from_ref(&b.bid));
+        }
+    }
+
+    /// The award of `attempt` was refused or not accepted in time: give the job to the
+    /// auction's runner-up as the next attempt (a new fence), if its reservation still
+    /// holds. Returns false when there is no usable runner-up.
+    fn award_backup(&mut self, job: &str, attempt: u64, why: &str, now: u64) -> bool {
+        let Some(b) = self.backups.remove(&(job.to_string(), attempt)) else { return false };
+        let current = self.jobs.get(job).and_then(|j| j.current()).map(|a| a.n);
+        if now > b.until_unix_ms || current != Some(attempt) {
+            self.release(&b.auction, std::slice::from_ref(&b.bid));
+            return false;
+        }
+        info!(job_id = %job, attempt, next = %b.bid.agent, %why, "award goes to the next bid");
+        self.stop_attempt(job, attempt, why);
+        self.attempt_lost(job, attempt, &format!("{why}; awarding the next bid ({})", b.bid.agent));
+        let next = self.jobs.get(job).map(|j| j.attempts.len() as u64 + 1).unwrap_or(attempt + 1);
+        let outcome = crate::auctioneer::AuctionOutcome {
+            id: b.auction,
+            job: job.to_string(),
+            attempt: next,
+            invited: vec![b.bid.agent.clone()],
+            bids: b.bids,
+            declines: Vec::new(),
+            winners: Some(vec![b.bid]),
+            backup: None,
+            inputs: b.inputs,
+            residency: b.residency,
+        };
+        self.close_auction(outcome, now);
+        true
     }
 
     fn stop_attempt(&self, job: &str, attempt: u64, reason: &str) {
@@ -1159,6 +1253,7 @@ impl Actor for Scheduler {
             addrs: BTreeMap::new(),
             top_k: a.top_k.max(1),
             sessions: BTreeMap::new(),
+            backups: Default::default(),
             flush_scheduled: false,
             wf_check,
             broker: a.broker,
@@ -1205,10 +1300,17 @@ impl Actor for Scheduler {
             }
             SchedulerMsg::AuctionClosed(outcome) => st.close_now(&myself, *outcome),
             SchedulerMsg::AwardAnswer { agent, job, attempt, accepted, reason } => {
-                if !accepted {
+                if accepted {
+                    st.drop_backup(&job, attempt);
+                } else {
                     warn!(job_id = %job, attempt, agent_id = %agent, %reason, "award refused");
-                    st.stop_attempt(&job, attempt, "another rank refused the award");
-                    st.attempt_lost(&job, attempt, &format!("{agent} refused the award: {reason}"));
+                    let why = format!("{agent} refused the award: {reason}");
+                    if st.award_backup(&job, attempt, &why, now_ms()) {
+                        st.schedule_flush(&myself);
+                    } else {
+                        st.stop_attempt(&job, attempt, "another rank refused the award");
+                        st.attempt_lost(&job, attempt, &why);
+                    }
                 }
             }
             SchedulerMsg::JobStarted { agent, job, attempt } => {
@@ -1418,5 +1520,236 @@ impl Actor for Scheduler {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The Scheduler actor against a stand-in Fleet (answers `Candidates` with two
+    //! agents, records what it is asked to deliver) and a stand-in Auctioneer (records
+    //! the auctions opened); the test plays the auction outcome and the agents' answers.
+    use super::*;
+    use crate::auctioneer::AuctionOutcome;
+    use tokio::sync::mpsc;
+
+    struct FakeFleet;
+    impl Actor for FakeFleet {
+        type Msg = FleetMsg;
+        type State = mpsc::UnboundedSender<(String, CoordinatorMessage)>;
+        type Arguments = mpsc::UnboundedSender<(String, CoordinatorMessage)>;
+        async fn pre_start(
+            &self,
+            _m: ActorRef<FleetMsg>,
+            tx: Self::State,
+        ) -> Result<Self::State, ActorProcessingErr> {
+            Ok(tx)
+        }
+        async fn handle(
+            &self,
+            _m: ActorRef<FleetMsg>,
+            msg: FleetMsg,
+            tx: &mut Self::State,
+        ) -> Result<(), ActorProcessingErr> {
+            match msg {
+                FleetMsg::Candidates(reply) => {
+                    let c = |agent: &str, price: f64| Candidate {
+                        agent: agent.into(),
+                        connected: true,
+                        draining: false,
+                        region: None,
+                        jurisdiction: None,
+                        provider: None,
+                        labels: Default::default(),
+                        spot: false,
+                        price_per_hour: price,
+                        free_gpus: vec![("H100".into(), 80 << 30)],
+                        gpu_uuids: vec![format!("GPU-{agent}")],
+                        addr: None,
+                        data_addr: None,
+                    };
+                    let _ = reply.send(vec![c("a", 1.0), c("b", 2.0)]);
+                }
+                FleetMsg::Send { agent, msg } => {
+                    let _ = tx.send((agent, msg));
+                }
+                _ => {}
+            }
+            Ok(())
+        }
+    }
+
+    struct FakeAuctioneer;
+    impl Actor for FakeAuctioneer {
+        type Msg = AuctioneerMsg;
+        type State = mpsc::UnboundedSender<OpenAuction>;
+        type Arguments = mpsc::UnboundedSender<OpenAuction>;
+        async fn pre_start(
+            &self,
+            _m: ActorRef<AuctioneerMsg>,
+            tx: Self::State,
+        ) -> Result<Self::State, ActorProcessingErr> {
+            Ok(tx)
+        }
+        async fn handle(
+            &self,
+            _m: ActorRef<AuctioneerMsg>,
+            msg: AuctioneerMsg,
+            tx: &mut Self::State,
+        ) -> Result<(), ActorProcessingErr> {
+            if let AuctioneerMsg::Open(o) = msg {
+                let _ = tx.send(*o);
+            }
+            Ok(())
+        }
+    }
+
+    fn bid(agent: &str, price: f64) -> BidView {
+        BidView {
+            agent: agent.into(),
+            price,
+            eta_ms: 0,
+            gpus: vec![format!("GPU-{agent}")],
+            local_bytes: 0,
+        }
+    }
+
+    /// The next award or release delivered through the fleet, skipping other messages.
+    async fn next_award_or_release(
+        rx: &mut mpsc::UnboundedReceiver<(String, CoordinatorMessage)>,
+    ) -> (String, String, u64) {
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+            match m {
+                Ok(Some((agent, CoordinatorMessage::Award(a)))) => {
+                    return (agent, format!("award:{}", a.auction), a.attempt)
+                }
+                Ok(Some((agent, CoordinatorMessage::Release { auction }))) => {
+                    return (agent, format!("release:{auction}"), 0)
+                }
+                Ok(Some(_)) => continue,
+                _ => panic!("nothing delivered"),
+            }
+        }
+    }
+
+    async fn setup(
+        dir: &std::path::Path,
+    ) -> (
+        ActorRef<SchedulerMsg>,
+        mpsc::UnboundedReceiver<(String, CoordinatorMessage)>,
+        mpsc::UnboundedReceiver<OpenAuction>,
+    ) {
+        let store = Arc::new(Store::open(dir).unwrap());
+        let broker =
+            DataBroker::open(dir, store.clone(), "coordinator", "t.test", 1 << 30).unwrap();
+        let (ftx, frx) = mpsc::unbounded_channel();
+        let (fleet, _) = Actor::spawn(None, FakeFleet, ftx).await.unwrap();
+        let (atx, arx) = mpsc::unbounded_channel();
+        let (auctioneer, _) = Actor::spawn(None, FakeAuctioneer, atx).await.unwrap();
+        let args = SchedulerArgs { store, fleet, auctioneer, top_k: 3, broker };
+        let (s, _) = Actor::spawn(None, Scheduler, args).await.unwrap();
+        (s, frx, arx)
+    }
+
+    async fn submit_one(s: &ActorRef<SchedulerMsg>) -> String {
+        let wf = fleetmesh_protocol::workflow::parse(
+            "name: w\njobs:\n  j:\n    command: [\"true\"]\n    resources: { gpus: 1 }\n",
+        )
+        .unwrap();
+        let id = ractor::call_t!(s, SchedulerMsg::Submit, 5000, Box::new(wf)).unwrap().unwrap();
+        format!("{id}.j")
+    }
+
+    fn closed(o: &OpenAuction, winner: BidView, backup: Option<BidView>) -> SchedulerMsg {
+        let bids: Vec<BidView> = std::iter::once(winner.clone()).chain(backup.clone()).collect();
+        SchedulerMsg::AuctionClosed(Box::new(AuctionOutcome {
+            id: o.id.clone(),
+            job: o.job.clone(),
+            attempt: o.attempt,
+            invited: o.invite.clone(),
+            bids,
+            declines: vec![],
+            winners: Some(vec![winner]),
+            backup,
+            inputs: vec![],
+            residency: vec![],
+        }))
+    }
+
+    #[tokio::test]
+    async fn a_refused_award_goes_to_the_runner_up_with_a_new_fence() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, mut fleet_rx, mut opened) = setup(dir.path()).await;
+        let job = submit_one(&s).await;
+        let o = tokio::time::timeout(Duration::from_secs(5), opened.recv()).await.unwrap().unwrap();
+        assert_eq!(o.job, job);
+        assert_eq!(o.invite, ["a", "b"], "cheapest first");
+        s.cast(closed(&o, bid("a", 1.0), Some(bid("b", 2.0)))).unwrap();
+        assert_eq!(
+            next_award_or_release(&mut fleet_rx).await,
+            ("a".into(), format!("award:{}", o.id), 1)
+        );
+        // The winner refuses: the runner-up (still holding its reservation) gets attempt 2.
+        s.cast(SchedulerMsg::AwardAnswer {
+            agent: "a".into(),
+            job: job.clone(),
+            attempt: 1,
+            accepted: false,
+            reason: "lease expired".into(),
+        })
+        .unwrap();
+        assert_eq!(
+            next_award_or_release(&mut fleet_rx).await,
+            ("b".into(), format!("award:{}", o.id), 2)
+        );
+        let rec = ractor::call_t!(s, SchedulerMsg::ShowJob, 5000, job.clone()).unwrap().unwrap();
+        assert_eq!(rec.attempts.len(), 2);
+        assert_eq!(rec.attempts[0].state, "lost");
+        assert_eq!(rec.attempts[1].agents, ["b"]);
+        assert_eq!(rec.state, JobState::Starting);
+    }
+
+    #[tokio::test]
+    async fn an_unanswered_award_goes_to_the_runner_up_and_an_accepted_one_releases_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, mut fleet_rx, mut opened) = setup(dir.path()).await;
+        // Accepted: the runner-up is released.
+        let job = submit_one(&s).await;
+        let o = tokio::time::timeout(Duration::from_secs(5), opened.recv()).await.unwrap().unwrap();
+        s.cast(closed(&o, bid("a", 1.0), Some(bid("b", 2.0)))).unwrap();
+        assert_eq!(next_award_or_release(&mut fleet_rx).await.0, "a");
+        s.cast(SchedulerMsg::AwardAnswer {
+            agent: "a".into(),
+            job: job.clone(),
+            attempt: 1,
+            accepted: true,
+            reason: String::new(),
+        })
+        .unwrap();
+        assert_eq!(
+            next_award_or_release(&mut fleet_rx).await,
+            ("b".into(), format!("release:{}", o.id), 0)
+        );
+        // Not answered: after AWARD_ANSWER_MS the job goes to the runner-up.
+        let job2 = submit_one(&s).await;
+        let o2 = loop {
+            let o =
+                tokio::time::timeout(Duration::from_secs(5), opened.recv()).await.unwrap().unwrap();
+            if o.job == job2 {
+                break o;
+            }
+        };
+        let t0 = std::time::Instant::now();
+        s.cast(closed(&o2, bid("a", 1.0), Some(bid("b", 2.0)))).unwrap();
+        assert_eq!(next_award_or_release(&mut fleet_rx).await.0, "a");
+        let (agent, what, attempt) = next_award_or_release(&mut fleet_rx).await;
+        assert_eq!((agent.as_str(), attempt), ("b", 2), "{what}");
+        assert!(t0.elapsed() >= Duration::from_millis(AWARD_ANSWER_MS), "{:?}", t0.elapsed());
+        let rec = ractor::call_t!(s, SchedulerMsg::ShowJob, 5000, job2).unwrap().unwrap();
+        assert!(
+            rec.history.iter().any(|(_, _, d)| d.contains("not accepted in time")),
+            "{:?}",
+            rec.history
+        );
     }
 }
