@@ -472,6 +472,8 @@ impl SchedulerState {
             .filter(|j| matches!(j.state, JobState::Starting | JobState::Running))
             .filter_map(|j| j.current())
             .flat_map(|a| a.gpus.iter().flatten().map(String::as_str))
+            // Runner-ups hold a reservation until the winner accepts: not free either.
+            .chain(self.backups.values().flat_map(|b| b.bid.gpus.iter().map(String::as_str)))
             .collect()
     }
 
