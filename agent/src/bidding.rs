@@ -111,6 +111,28 @@ impl LocalState {
         Some(self.reservations.remove(i))
     }
 
+    /// Take `gpus` for an award of `auction`: its own reservation, or (an award passed
+    /// on to this runner-up after its reservation was released) GPUs that nothing else
+    /// holds right now. Err names what is in the way.
+    pub fn take_for_award(
+        &mut self,
+        auction: &str,
+        gpus: &[String],
+        now_ms: u64,
+    ) -> Result<(), String> {
+        self.expire(now_ms);
+        let reserved = self.release(auction).map(|r| r.gpus).unwrap_or_default();
+        for g in gpus.iter().filter(|g| !reserved.contains(g)) {
+            if self.held(g) {
+                return Err(format!("GPU {g} is reserved or running another job"));
+            }
+            if !self.gpus.iter().any(|x| &x.uuid == g) {
+                return Err(format!("GPU {g} is not on this node"));
+            }
+        }
+        Ok(())
+    }
+
     fn held(&self, uuid: &str) -> bool {
         self.reservations.iter().any(|r| r.gpus.iter().any(|g| g == uuid))
             || self.running.iter().any(|(_, gs)| gs.iter().any(|g| g == uuid))
@@ -270,5 +292,22 @@ mod tests {
         let mut c = call("b", 1);
         c.needs_container = true;
         assert_eq!(s.bid(&c, 0).unwrap_err(), Decline::NoContainerRuntime);
+    }
+
+    #[test]
+    fn awards_take_their_reservation_or_only_gpus_nothing_else_holds() {
+        let mut s = state(2);
+        let offer = s.bid(&call("a1", 1), 0).unwrap();
+        // Its own reservation.
+        assert_eq!(s.take_for_award("a1", &offer.gpus, 10), Ok(()));
+        s.running.push(("j/1".into(), offer.gpus.clone()));
+        // Passed on after the reservation was released: free GPUs are taken, held ones not.
+        let other = s.bid(&call("a2", 1), 20).unwrap();
+        assert_ne!(other.gpus, offer.gpus);
+        assert!(s.take_for_award("gone", &offer.gpus, 30).unwrap_err().contains("running"));
+        assert!(s.take_for_award("gone", &other.gpus, 30).unwrap_err().contains("reserved"));
+        s.release("a2");
+        assert_eq!(s.take_for_award("gone", &other.gpus, 40), Ok(()));
+        assert!(s.take_for_award("x", &["GPU-9".to_string()], 50).unwrap_err().contains("not on"));
     }
 }

@@ -292,13 +292,8 @@ impl Jobs {
                     a.attempt, a.job
                 ));
             }
-            let reserved = s.0.release(&a.auction).map(|r| r.gpus).unwrap_or_default();
-            if a.gpus.iter().any(|g| !reserved.contains(g)) {
-                return Err(
-                    "award names GPUs that are not reserved for this auction (lease expired?)"
-                        .into(),
-                );
-            }
+            s.0.take_for_award(&a.auction, &a.gpus, now_ms())
+                .map_err(|e| format!("award cannot be taken: {e}"))?;
             // Older attempts of the same job must not survive a newer award.
             let stale: Vec<(String, u64)> =
                 s.1.keys().filter(|(j, _)| *j == a.job).cloned().collect();

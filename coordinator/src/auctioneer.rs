@@ -57,8 +57,9 @@ pub struct AuctionOutcome {
     pub declines: Vec<String>,
     /// The best bids (one per node), or `None` when there are too few.
     pub winners: Option<Vec<BidView>>,
-    /// For a single-node job, the runner-up, whose reservation is kept so that an award
-    /// the winner does not accept in time can go to it. Every other bid is released.
+    /// For a single-node job, the runner-up: an award the winner refuses or does not
+    /// accept in time goes to it. Every losing bid, this one included, is released at
+    /// once; the runner-up takes the award if its offered GPUs are still free.
     pub backup: Option<BidView>,
     pub inputs: Vec<(String, String)>,
     pub residency: Vec<String>,
@@ -140,8 +141,7 @@ impl AuctioneerState {
         };
         for b in &bids {
             let won = winners.as_ref().is_some_and(|w| w.iter().any(|w| w.agent == b.agent));
-            let kept = backup.as_ref().is_some_and(|k| k.agent == b.agent);
-            if !won && !kept {
+            if !won {
                 self.send(&b.agent, CoordinatorMessage::Release { auction: open.id.clone() });
             }
         }
@@ -164,7 +164,7 @@ impl AuctioneerState {
             }
             None => {
                 // No Scheduler to award: release what would have won.
-                for b in outcome.winners.iter().flatten().chain(outcome.backup.iter()) {
+                for b in outcome.winners.iter().flatten() {
                     self.send(
                         &b.agent,
                         CoordinatorMessage::Release { auction: outcome.id.clone() },
@@ -388,7 +388,7 @@ mod tests {
         let w = o.winners.expect("a winner");
         assert_eq!(w.len(), 1);
         assert_eq!(w[0].agent, "b", "cheapest objective");
-        assert_eq!(o.backup.map(|b| b.agent).as_deref(), Some("c"), "the runner-up is kept");
+        assert_eq!(o.backup.map(|b| b.agent).as_deref(), Some("c"), "the runner-up is named");
         assert_eq!(o.bids.len(), 3);
         assert_eq!(o.declines, ["d: no free GPU"]);
         // A late bid for the closed auction is released too.
@@ -400,7 +400,11 @@ mod tests {
         assert_eq!(calls, ["a", "b", "c", "d"]);
         let released: Vec<&str> =
             s.iter().filter(|(_, k)| k == "release").map(|(a, _)| a.as_str()).collect();
-        assert_eq!(released, ["a", "z"], "the loser and the late bidder; not the winner or backup");
+        assert_eq!(
+            released,
+            ["a", "c", "z"],
+            "losers at once, then the late bidder; never the winner"
+        );
     }
 
     #[tokio::test]

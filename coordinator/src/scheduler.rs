@@ -240,14 +240,14 @@ pub enum SchedulerMsg {
     },
 }
 
-/// The runner-up of an auction, kept until the winner accepts the award.
+/// The runner-up of an auction, remembered until the winner accepts the award.
 struct Backup {
     auction: String,
     bid: BidView,
     bids: Vec<BidView>,
     inputs: Vec<(String, String)>,
     residency: Vec<String>,
-    /// Its reservation's lease ends about then.
+    /// Its offer is considered too old after this.
     until_unix_ms: u64,
 }
 
@@ -274,8 +274,7 @@ pub struct SchedulerState {
     top_k: usize,
     /// Current session of each agent, for direct sends.
     sessions: BTreeMap<String, ActorRef<crate::session::SessionMsg>>,
-    /// Runner-up bids (reservation still held) of awarded single-node attempts not yet
-    /// accepted, by (job, attempt).
+    /// Runner-up bids of awarded single-node attempts not yet accepted, by (job, attempt).
     backups: std::collections::HashMap<(String, u64), Backup>,
     flush_scheduled: bool,
     /// Workflows whose completion must be re-checked (a job of theirs changed).
@@ -472,8 +471,6 @@ impl SchedulerState {
             .filter(|j| matches!(j.state, JobState::Starting | JobState::Running))
             .filter_map(|j| j.current())
             .flat_map(|a| a.gpus.iter().flatten().map(String::as_str))
-            // Runner-ups hold a reservation until the winner accepts: not free either.
-            .chain(self.backups.values().flat_map(|b| b.bid.gpus.iter().map(String::as_str)))
             .collect()
     }
 
@@ -845,18 +842,15 @@ impl SchedulerState {
         let backup = run.backup.take();
         let Some(j) = self.jobs.get_mut(&run.job) else {
             self.release(auction_id, winners.as_deref().unwrap_or(&[]));
-            self.release(auction_id, backup.as_slice());
             return;
         };
         if j.state != JobState::Queued {
             self.release(auction_id, winners.as_deref().unwrap_or(&[]));
-            self.release(auction_id, backup.as_slice());
             return;
         }
         let Some(winners) = winners else {
             let reasons = std::mem::take(&mut run.declines);
             self.keep_queued(&run.job, reasons, now);
-            self.release(auction_id, backup.as_slice());
             return;
         };
         // Fetch plans (with tickets) for each winner's inputs, and where outputs go.
@@ -876,7 +870,6 @@ impl SchedulerState {
                         let reasons = vec![format!("{}: input {mount}: {why}", w.agent)];
                         self.keep_queued(&run.job, reasons, now);
                         self.release(auction_id, &winners);
-                        self.release(auction_id, backup.as_slice());
                         return;
                     }
                 }
@@ -971,21 +964,19 @@ impl SchedulerState {
         }
     }
 
-    /// The winner accepted: the runner-up's reservation is not needed any more.
+    /// The winner accepted (or the offer is too old): forget the runner-up.
     fn drop_backup(&mut self, job: &str, attempt: u64) {
-        if let Some(b) = self.backups.remove(&(job.to_string(), attempt)) {
-            self.release(&b.auction, std::slice::from_ref(&b.bid));
-        }
+        self.backups.remove(&(job.to_string(), attempt));
     }
 
     /// The award of `attempt` was refused or not accepted in time: give the job to the
-    /// auction's runner-up as the next attempt (a new fence), if its reservation still
-    /// holds. Returns false when there is no usable runner-up.
+    /// auction's runner-up as the next attempt (a new fence), while its offer is recent.
+    /// The runner-up takes it if the GPUs it offered are still free, else refuses, and
+    /// the job is auctioned again. Returns false when there is no usable runner-up.
     fn award_backup(&mut self, job: &str, attempt: u64, why: &str, now: u64) -> bool {
         let Some(b) = self.backups.remove(&(job.to_string(), attempt)) else { return false };
         let current = self.jobs.get(job).and_then(|j| j.current()).map(|a| a.n);
         if now > b.until_unix_ms || current != Some(attempt) {
-            self.release(&b.auction, std::slice::from_ref(&b.bid));
             return false;
         }
         info!(job_id = %job, attempt, next = %b.bid.agent, %why, "award goes to the next bid");
@@ -1712,10 +1703,9 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_unanswered_award_goes_to_the_runner_up_and_an_accepted_one_releases_it() {
+    async fn an_unanswered_award_goes_to_the_runner_up_and_an_accepted_one_does_not() {
         let dir = tempfile::tempdir().unwrap();
         let (s, mut fleet_rx, mut opened) = setup(dir.path()).await;
-        // Accepted: the runner-up is released.
         let job = submit_one(&s).await;
         let o = tokio::time::timeout(Duration::from_secs(5), opened.recv()).await.unwrap().unwrap();
         s.cast(closed(&o, bid("a", 1.0), Some(bid("b", 2.0)))).unwrap();
@@ -1728,10 +1718,12 @@ mod tests {
             reason: String::new(),
         })
         .unwrap();
-        assert_eq!(
-            next_award_or_release(&mut fleet_rx).await,
-            ("b".into(), format!("release:{}", o.id), 0)
-        );
+        // Accepted: the runner-up is forgotten (no award to it, even after the answer
+        // deadline).
+        tokio::time::sleep(Duration::from_millis(AWARD_ANSWER_MS + 500)).await;
+        while let Ok((agent, m)) = fleet_rx.try_recv() {
+            assert!(!matches!(m, CoordinatorMessage::Award(_)), "unexpected award to {agent}");
+        }
         // Not answered: after AWARD_ANSWER_MS the job goes to the runner-up.
         let job2 = submit_one(&s).await;
         let o2 = loop {
