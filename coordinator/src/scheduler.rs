@@ -276,6 +276,8 @@ pub struct SchedulerState {
     sessions: BTreeMap<String, ActorRef<crate::session::SessionMsg>>,
     /// Runner-up bids of awarded single-node attempts not yet accepted, by (job, attempt).
     backups: std::collections::HashMap<(String, u64), Backup>,
+    /// When the last tick started (periodic or for a submission).
+    last_tick: std::time::Instant,
     flush_scheduled: bool,
     /// Workflows whose completion must be re-checked (a job of theirs changed).
     wf_check: std::collections::BTreeSet<String>,
@@ -475,6 +477,7 @@ impl SchedulerState {
     }
 
     async fn tick(&mut self) {
+        self.last_tick = std::time::Instant::now();
         let now = now_ms();
         // 1. Dependencies (only waiting jobs are looked at: no per-tick copy of all jobs).
         let ids: Vec<String> = self
@@ -1247,6 +1250,7 @@ impl Actor for Scheduler {
             top_k: a.top_k.max(1),
             sessions: BTreeMap::new(),
             backups: Default::default(),
+            last_tick: std::time::Instant::now(),
             flush_scheduled: false,
             wf_check,
             broker: a.broker,
@@ -1282,7 +1286,13 @@ impl Actor for Scheduler {
                 // latency does not depend on when in the tick a workflow arrives.
                 st.tick().await;
             }
-            SchedulerMsg::Tick => st.tick().await,
+            SchedulerMsg::Tick => {
+                // A tick just ran for a submission: the periodic one has nothing to add
+                // yet, and would hold up auction outcomes behind a second Fleet query.
+                if st.last_tick.elapsed() >= Duration::from_millis(60) {
+                    st.tick().await;
+                }
+            }
             SchedulerMsg::Flush => st.flush(),
             SchedulerMsg::SessionUp { agent, session } => {
                 let _ = st.auctioneer.cast(AuctioneerMsg::SessionUp {
