@@ -268,8 +268,18 @@ pub async fn run_session(
         });
     }
 
-    let (mut send, mut recv) =
-        conn.open_bi().await.map_err(|e| SessionError::ConnectionLost(e.to_string()))?;
+    // A refusal often arrives as the connection close reason, and can come before the
+    // hello is even written (the certificate is checked as soon as the handshake ends).
+    let refused_or = |e: SessionError| match conn.close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(c)) => {
+            SessionError::Rejected(String::from_utf8_lossy(&c.reason).into_owned())
+        }
+        _ => e,
+    };
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| refused_or(SessionError::ConnectionLost(e.to_string())))?;
     write_msg(
         &mut send,
         &AgentMessage::Hello(Hello {
@@ -278,18 +288,11 @@ pub async fn run_session(
             software_version: SOFTWARE_VERSION.to_string(),
         }),
     )
-    .await?;
+    .await
+    .map_err(refused_or)?;
     let welcome = match tokio::time::timeout(HELLO_TIMEOUT, read_msg(&mut recv)).await {
         Err(_) => return Err(SessionError::HelloTimeout(HELLO_TIMEOUT)),
-        Ok(Err(e)) => {
-            // A refusal often arrives as the connection close reason.
-            return Err(match conn.close_reason() {
-                Some(quinn::ConnectionError::ApplicationClosed(c)) => {
-                    SessionError::Rejected(String::from_utf8_lossy(&c.reason).into_owned())
-                }
-                _ => e,
-            });
-        }
+        Ok(Err(e)) => return Err(refused_or(e)),
         Ok(Ok(None)) => {
             return Err(SessionError::ConnectionLost("stream closed before welcome".into()))
         }
