@@ -127,7 +127,11 @@ pub async fn run(
     let mut gpu_and_sampler: Option<sampler::NodeSampler> = None;
     let stats = Arc::new(AgentStats::default());
     // Running attempts outlive sessions and certificate changes.
-    let runtime = jobs::find_container_runtime(&config.container_runtime)
+    // Probing runs `<runtime> info` (up to 15 s): off the async workers.
+    let choice = config.container_runtime.clone();
+    let runtime = tokio::task::spawn_blocking(move || jobs::find_container_runtime(&choice))
+        .await
+        .map_err(|e| AgentError::Config(format!("container-runtime probe: {e}")))?
         .map_err(|e| AgentError::Config(format!("container-runtime: {e}")))?;
     tracing::info!(
         runtime = runtime.as_deref().unwrap_or("none"),

@@ -181,12 +181,7 @@ pub struct AuctioneerArgs {
     pub fleet: ActorRef<crate::fleet::FleetMsg>,
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use fleetmesh_data::now_unix_ms as now_ms;
 
 impl Actor for Auctioneer {
     type Msg = AuctioneerMsg;

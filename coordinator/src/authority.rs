@@ -126,12 +126,7 @@ pub struct Authority;
 /// Default token lifetime.
 const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use fleetmesh_data::now_unix_ms as now_ms;
 
 fn random_hex(bytes: usize) -> String {
     let mut b = vec![0u8; bytes];

@@ -100,9 +100,7 @@ impl DatasetRecord {
     }
 }
 
-fn now_ms() -> u64 {
-    fleetmesh_data::now_unix_ms()
-}
+use fleetmesh_data::now_unix_ms as now_ms;
 
 /// Who asks for a plan.
 #[derive(Debug, Clone)]

@@ -168,12 +168,7 @@ fn unix_us() -> u64 {
         .unwrap_or(0)
 }
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use fleetmesh_data::now_unix_ms as unix_ms;
 
 impl FleetState {
     fn persist(&self, names: &[&str]) {

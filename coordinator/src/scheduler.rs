@@ -287,18 +287,25 @@ pub struct SchedulerState {
     _ticker: Option<ractor::concurrency::JoinHandle<()>>,
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use fleetmesh_data::now_unix_ms as now_ms;
 
 fn rand_suffix() -> String {
     use rand::RngCore;
     let mut b = [0u8; 3];
     rand::rng().fill_bytes(&mut b);
     hex::encode(b)
+}
+
+impl Attempt {
+    /// The ranks' agents that have not reported an outcome yet.
+    fn unfinished_agents(&self) -> Vec<String> {
+        self.agents
+            .iter()
+            .zip(&self.outcomes)
+            .filter(|(_, o)| o.is_none())
+            .map(|(a, _)| a.clone())
+            .collect()
+    }
 }
 
 impl JobRecord {
@@ -1005,17 +1012,22 @@ impl SchedulerState {
     fn stop_attempt(&self, job: &str, attempt: u64, reason: &str) {
         let Some(j) = self.jobs.get(job) else { return };
         if let Some(a) = j.attempts.iter().find(|a| a.n == attempt) {
-            for agent in &a.agents {
-                self.send(
-                    agent,
-                    CoordinatorMessage::Stop {
-                        job: job.to_string(),
-                        attempt,
-                        grace_ms: CANCEL_GRACE_MS,
-                        reason: reason.to_string(),
-                    },
-                );
-            }
+            self.send_stop(&a.agents, job, attempt, reason);
+        }
+    }
+
+    /// Tell `agents` to stop `attempt` of `job` (SIGTERM, SIGKILL after the grace).
+    fn send_stop(&self, agents: &[String], job: &str, attempt: u64, reason: &str) {
+        for agent in agents {
+            self.send(
+                agent,
+                CoordinatorMessage::Stop {
+                    job: job.to_string(),
+                    attempt,
+                    grace_ms: CANCEL_GRACE_MS,
+                    reason: reason.to_string(),
+                },
+            );
         }
     }
 
@@ -1074,13 +1086,7 @@ impl SchedulerState {
             a.outcomes[rank] = Some(outcome.to_string());
             a.state = "staging-failed".into();
             a.ended_unix_ms = Some(now_ms());
-            let others: Vec<String> = a
-                .agents
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| a.outcomes[*i].is_none())
-                .map(|(_, x)| x.clone())
-                .collect();
+            let others = a.unfinished_agents();
             let previous = j.attempts.iter().filter(|a| a.state == "staging-failed").count();
             if j.state != JobState::Cancelled {
                 let backoff = (500u64 << previous.min(7)).min(STAGING_BACKOFF_MAX_MS);
@@ -1090,17 +1096,7 @@ impl SchedulerState {
                     format!("attempt {attempt}: inputs not staged on {agent}: {reason}; placing again in {backoff} ms"),
                 );
             }
-            for o in others {
-                self.send(
-                    &o,
-                    CoordinatorMessage::Stop {
-                        job: job.to_string(),
-                        attempt,
-                        grace_ms: CANCEL_GRACE_MS,
-                        reason: "another rank could not stage its inputs".into(),
-                    },
-                );
-            }
+            self.send_stop(&others, job, attempt, "another rank could not stage its inputs");
             self.touch_job(job);
             return;
         }
@@ -1125,24 +1121,8 @@ impl SchedulerState {
         let any_failed = a.outcomes.iter().zip(&a.succeeded).any(|(o, s)| o.is_some() && !s);
         if any_failed && !all_done {
             // A failed rank fails the gang: stop the others.
-            let others: Vec<String> = a
-                .agents
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| a.outcomes[*i].is_none())
-                .map(|(_, x)| x.clone())
-                .collect();
-            for o in others {
-                self.send(
-                    &o,
-                    CoordinatorMessage::Stop {
-                        job: job.to_string(),
-                        attempt,
-                        grace_ms: CANCEL_GRACE_MS,
-                        reason: "another rank failed".into(),
-                    },
-                );
-            }
+            let others = a.unfinished_agents();
+            self.send_stop(&others, job, attempt, "another rank failed");
         }
         let Some(j) = self.jobs.get_mut(job) else { return };
         j.cost += added;

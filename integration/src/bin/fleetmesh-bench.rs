@@ -244,16 +244,9 @@ async fn telemetry(
             tokio::time::sleep(Duration::from_secs_f64(1.0 / f64::from(connect_rate))).await;
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while stats.sessions_established.load(Ordering::Relaxed) < agents as u64 {
-        if Instant::now() > deadline {
-            bail!(
-                "only {} of {agents} agents connected; coordinator log tail:\n{}",
-                stats.sessions_established.load(Ordering::Relaxed),
-                coord.log_text().lines().rev().take(20).collect::<Vec<_>>().join("\n")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    if let Err(e) = wait_connected(&stats, agents).await {
+        let tail = coord.log_text().lines().rev().take(20).collect::<Vec<_>>().join("\n");
+        bail!("{e}; coordinator log tail:\n{tail}");
     }
     let connect_s = ramp.elapsed().as_secs_f64();
     eprintln!("{agents} agents connected in {connect_s:.1} s; starting a real agent process for its footprint");
@@ -345,6 +338,21 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// Wait (up to 2 minutes) until `n` agent sessions are established.
+async fn wait_connected(stats: &AgentStats, n: usize) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while stats.sessions_established.load(Ordering::Relaxed) < n as u64 {
+        if Instant::now() > deadline {
+            bail!(
+                "only {} of {n} agents connected",
+                stats.sessions_established.load(Ordering::Relaxed)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
 fn num_cpus() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
 }
@@ -406,16 +414,7 @@ async fn bidders(
     let _tasks =
         start_bidders(&ca, &ca_pem, coordinator, first, count, gpus, work, &stats, &stop_rx, exec)
             .await?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while stats.sessions_established.load(Ordering::Relaxed) < count as u64 {
-        if Instant::now() > deadline {
-            bail!(
-                "only {} of {count} agents connected",
-                stats.sessions_established.load(Ordering::Relaxed)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_connected(&stats, count).await?;
     println!("ready");
     // Run until the bench closes our stdin (or dies).
     let _ = tokio::task::spawn_blocking(|| {
@@ -470,16 +469,7 @@ async fn placement(
             exec,
         )
         .await?;
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while stats.sessions_established.load(Ordering::Relaxed) < agents as u64 {
-            if Instant::now() > deadline {
-                bail!(
-                    "only {} of {agents} agents connected",
-                    stats.sessions_established.load(Ordering::Relaxed)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_connected(&stats, agents).await?;
     } else {
         let per = agents.div_ceil(agent_procs);
         let mut first = 0;
