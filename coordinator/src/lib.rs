@@ -32,6 +32,7 @@ pub mod scheduler;
 pub mod session;
 pub mod store;
 pub mod views;
+pub mod writer;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

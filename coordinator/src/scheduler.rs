@@ -53,8 +53,6 @@ const REQUEUE_MS: u64 = 1000;
 const MAX_LOG_BUFFER: usize = 1 << 20;
 /// Expected duration used for pricing when a job has no timeout.
 const DEFAULT_EXPECTED_MS: u64 = 3_600_000;
-/// How long awards and exit acks wait to be committed together (batching fsyncs).
-const FLUSH_DELAY: Duration = Duration::from_millis(5);
 /// Longest wait before placing again a job whose inputs could not be staged.
 const STAGING_BACKOFF_MAX_MS: u64 = 60_000;
 /// SIGTERM-to-SIGKILL grace for cancellations.
@@ -228,7 +226,6 @@ pub enum SchedulerMsg {
         session: ActorRef<crate::session::SessionMsg>,
     },
     /// Commit pending state and send pending awards/acks.
-    Flush,
     Cancel(String, RpcReplyPort<Result<usize, String>>),
     ListWorkflows(RpcReplyPort<Vec<WorkflowSummary>>),
     ListJobs(Option<String>, RpcReplyPort<Vec<JobSummary>>),
@@ -253,7 +250,6 @@ struct Backup {
 
 /// Scheduler state.
 pub struct SchedulerState {
-    store: Arc<Store>,
     fleet: ActorRef<FleetMsg>,
     workflows: BTreeMap<String, WorkflowRecord>,
     jobs: BTreeMap<String, JobRecord>,
@@ -278,7 +274,8 @@ pub struct SchedulerState {
     backups: std::collections::HashMap<(String, u64), Backup>,
     /// When the last tick started (periodic or for a submission).
     last_tick: std::time::Instant,
-    flush_scheduled: bool,
+    /// Commits records and then delivers what waited for them, in order, off the actor.
+    writer: crate::writer::Writer,
     /// Workflows whose completion must be re-checked (a job of theirs changed).
     wf_check: std::collections::BTreeSet<String>,
     broker: Arc<DataBroker>,
@@ -347,25 +344,17 @@ impl SchedulerState {
                 self.jobs.get(&id).and_then(|j| serde_json::to_vec(j).ok()).map(|v| (id, v))
             })
             .collect();
-        if let Err(e) = self.store.put_work(&ws, &js) {
-            warn!(error = %e, "could not persist workflow state");
-        }
+        self.writer.commit(ws, js);
     }
 
+    /// Queue a message for an agent. It leaves after every commit queued before it, and
+    /// in order with every other message the Scheduler sends.
     fn send(&self, agent: &str, msg: CoordinatorMessage) {
-        match self.sessions.get(agent) {
-            Some(s) => {
-                let _ = s.cast(crate::session::SessionMsg::Send(Box::new(msg)));
-            }
-            None => {
-                let _ = self.fleet.cast(FleetMsg::Send { agent: agent.to_string(), msg });
-            }
-        }
+        self.writer.send(agent, self.sessions.get(agent).cloned(), msg);
     }
 
-    /// Commit pending state, then send what waited for it (awards, exit acks).
+    /// Queue pending state for commit, then what waited for it (awards, exit acks).
     fn flush(&mut self) {
-        self.flush_scheduled = false;
         if self.outgoing.is_empty() {
             return;
         }
@@ -375,22 +364,11 @@ impl SchedulerState {
         }
     }
 
-    /// An auction closed: award now (committed and sent in the next batch).
-    fn close_now(
-        &mut self,
-        myself: &ActorRef<SchedulerMsg>,
-        outcome: crate::auctioneer::AuctionOutcome,
-    ) {
+    /// An auction closed: award now (sent once its attempt is committed). The writer
+    /// merges the commits that queue up while it is busy, so nothing waits here.
+    fn close_now(&mut self, outcome: crate::auctioneer::AuctionOutcome) {
         self.close_auction(outcome, now_ms());
-        self.schedule_flush(myself);
-    }
-
-    /// Batch commits: flush shortly, once, whatever else arrives meanwhile.
-    fn schedule_flush(&mut self, myself: &ActorRef<SchedulerMsg>) {
-        if !self.flush_scheduled && !self.outgoing.is_empty() {
-            self.flush_scheduled = true;
-            myself.send_after(FLUSH_DELAY, || SchedulerMsg::Flush);
-        }
+        self.flush();
     }
 
     fn submit(&mut self, wf: Workflow) -> String {
@@ -1214,8 +1192,8 @@ impl Actor for Scheduler {
         let _ = a.auctioneer.cast(AuctioneerMsg::SetScheduler(myself.clone()));
         let ticker = myself.send_interval(Duration::from_millis(100), || SchedulerMsg::Tick);
         let wf_check = workflows.keys().cloned().collect();
+        let writer = crate::writer::Writer::spawn(a.store.clone(), a.fleet.clone())?;
         Ok(SchedulerState {
-            store: a.store,
             fleet: a.fleet,
             workflows,
             jobs,
@@ -1231,7 +1209,7 @@ impl Actor for Scheduler {
             sessions: BTreeMap::new(),
             backups: Default::default(),
             last_tick: std::time::Instant::now(),
-            flush_scheduled: false,
+            writer,
             wf_check,
             broker: a.broker,
             last_candidates: Arc::new(Vec::new()),
@@ -1248,19 +1226,23 @@ impl Actor for Scheduler {
             t.abort();
         }
         st.persist();
+        let _ = st.writer.barrier().await;
         Ok(())
     }
 
     async fn handle(
         &self,
-        myself: ActorRef<SchedulerMsg>,
+        _myself: ActorRef<SchedulerMsg>,
         msg: SchedulerMsg,
         st: &mut SchedulerState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             SchedulerMsg::Submit(wf, reply) => {
                 let id = st.submit(*wf);
-                let _ = reply.send(Ok(id));
+                // Acknowledged once durable.
+                st.writer.after(move || {
+                    let _ = reply.send(Ok(id));
+                });
                 // Place the new jobs now rather than at the next periodic tick (up to
                 // 100 ms away), and not behind the bids already in the mailbox: award
                 // latency does not depend on when in the tick a workflow arrives.
@@ -1273,7 +1255,6 @@ impl Actor for Scheduler {
                     st.tick().await;
                 }
             }
-            SchedulerMsg::Flush => st.flush(),
             SchedulerMsg::SessionUp { agent, session } => {
                 let _ = st.auctioneer.cast(AuctioneerMsg::SessionUp {
                     agent: agent.clone(),
@@ -1281,7 +1262,7 @@ impl Actor for Scheduler {
                 });
                 st.sessions.insert(agent, session);
             }
-            SchedulerMsg::AuctionClosed(outcome) => st.close_now(&myself, *outcome),
+            SchedulerMsg::AuctionClosed(outcome) => st.close_now(*outcome),
             SchedulerMsg::AwardAnswer { agent, job, attempt, accepted, reason } => {
                 if accepted {
                     st.drop_backup(&job, attempt);
@@ -1289,7 +1270,7 @@ impl Actor for Scheduler {
                     warn!(job_id = %job, attempt, agent_id = %agent, %reason, "award refused");
                     let why = format!("{agent} refused the award: {reason}");
                     if st.award_backup(&job, attempt, &why, now_ms()) {
-                        st.schedule_flush(&myself);
+                        st.flush();
                     } else {
                         st.stop_attempt(&job, attempt, "another rank refused the award");
                         st.attempt_lost(&job, attempt, &why);
@@ -1341,9 +1322,9 @@ impl Actor for Scheduler {
             SchedulerMsg::JobExited { agent, job, attempt, outcome, duration_ms, outputs } => {
                 st.verify.remove(&(job.clone(), attempt));
                 st.exited(&agent, &job, attempt, outcome, duration_ms, outputs);
-                // Durable before acknowledged: the ack goes out after this tick's commit.
+                // Durable before acknowledged: the ack goes out after the exit's commit.
                 st.outgoing.push((agent, CoordinatorMessage::ExitRecorded { job, attempt }));
-                st.schedule_flush(&myself);
+                st.flush();
             }
             SchedulerMsg::Running { agent, attempts } => {
                 let mut keep = Vec::new();
@@ -1429,7 +1410,9 @@ impl Actor for Scheduler {
                     st.touch_job(&jid);
                 }
                 st.persist();
-                let _ = reply.send(Ok(n));
+                st.writer.after(move || {
+                    let _ = reply.send(Ok(n));
+                });
             }
             SchedulerMsg::ListWorkflows(reply) => {
                 let v = st

@@ -1,0 +1,190 @@
+//! The Scheduler's store writer: a dedicated thread that commits workflow and job records
+//! and then delivers what waited for them (awards, exit acks, user acknowledgements).
+//!
+//! Why a thread: a redb commit ends in an fsync (a few ms, now and then hundreds). Done
+//! on the Scheduler actor, it held up every auction outcome behind it and blocked one of
+//! the runtime's worker threads. Here the Scheduler only serialises the changed records
+//! and queues them; it goes on deciding while the disk works.
+//!
+//! Ordering is the whole contract: items are handled strictly in the order queued, and an
+//! item queued after a commit is delivered only once that commit is durable. Every
+//! message the Scheduler sends to an agent goes through this queue (not only awards), so
+//! a `Stop` can never overtake the `Award` it is about. Commits waiting together are
+//! merged into one transaction (group commit): the slower the disk, the larger the batch.
+
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use fleetmesh_protocol::CoordinatorMessage;
+use ractor::ActorRef;
+use tracing::warn;
+
+use crate::fleet::FleetMsg;
+use crate::session::SessionMsg;
+use crate::store::Store;
+
+/// Serialised records: (id, JSON).
+pub type Records = Vec<(String, Vec<u8>)>;
+
+/// One queued item.
+pub enum Item {
+    /// Workflow and job records to make durable.
+    Commit { workflows: Records, jobs: Records },
+    /// A message for an agent: through its session when known, else through the Fleet.
+    Send { agent: String, session: Option<ActorRef<SessionMsg>>, msg: Box<CoordinatorMessage> },
+    /// Run after every earlier commit (acknowledgements to users, barriers).
+    After(Box<dyn FnOnce() + Send>),
+}
+
+/// Handle to the writer thread. Dropping it ends the thread once the queue is drained.
+pub struct Writer {
+    tx: mpsc::Sender<Item>,
+}
+
+impl Writer {
+    pub fn spawn(store: Arc<Store>, fleet: ActorRef<FleetMsg>) -> std::io::Result<Writer> {
+        let (tx, rx) = mpsc::channel::<Item>();
+        std::thread::Builder::new()
+            .name("scheduler-writer".into())
+            .spawn(move || run(&store, &fleet, rx))?;
+        Ok(Writer { tx })
+    }
+
+    pub fn commit(&self, workflows: Records, jobs: Records) {
+        if workflows.is_empty() && jobs.is_empty() {
+            return;
+        }
+        self.push(Item::Commit { workflows, jobs });
+    }
+
+    pub fn send(
+        &self,
+        agent: &str,
+        session: Option<ActorRef<SessionMsg>>,
+        msg: CoordinatorMessage,
+    ) {
+        self.push(Item::Send { agent: agent.to_string(), session, msg: Box::new(msg) });
+    }
+
+    /// Run `f` once everything queued before it is durable and delivered.
+    pub fn after(&self, f: impl FnOnce() + Send + 'static) {
+        self.push(Item::After(Box::new(f)));
+    }
+
+    /// Resolves once everything queued before it is durable and delivered.
+    pub fn barrier(&self) -> tokio::sync::oneshot::Receiver<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.after(move || {
+            let _ = tx.send(());
+        });
+        rx
+    }
+
+    fn push(&self, item: Item) {
+        // The thread only ends when this handle is dropped or it panicked; then there is
+        // nobody left to deliver to either.
+        if self.tx.send(item).is_err() {
+            warn!("scheduler writer is gone; item dropped");
+        }
+    }
+}
+
+fn run(store: &Store, fleet: &ActorRef<FleetMsg>, rx: mpsc::Receiver<Item>) {
+    while let Ok(first) = rx.recv() {
+        // Everything queued meanwhile joins this batch.
+        let mut batch = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            batch.push(more);
+        }
+        let (mut workflows, mut jobs) = (Vec::new(), Vec::new());
+        for item in &mut batch {
+            if let Item::Commit { workflows: w, jobs: j } = item {
+                workflows.append(w);
+                jobs.append(j);
+            }
+        }
+        // Later records for the same id come later in the lists: the last write wins.
+        if let Err(e) = store.put_work(&workflows, &jobs) {
+            warn!(error = %e, "could not persist workflow state");
+        }
+        for item in batch {
+            match item {
+                Item::Commit { .. } => {}
+                Item::Send { agent, session, msg } => match session {
+                    Some(s) => {
+                        let _ = s.cast(SessionMsg::Send(msg));
+                    }
+                    None => {
+                        let _ = fleet.cast(FleetMsg::Send { agent, msg: *msg });
+                    }
+                },
+                Item::After(f) => f(),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ractor::{Actor, ActorProcessingErr};
+    use tokio::sync::mpsc as tmpsc;
+
+    /// Stands in for the Fleet: on every message it is asked to deliver, it looks in the
+    /// store for the job record named by the message and reports (message, found).
+    struct Probe;
+    impl Actor for Probe {
+        type Msg = FleetMsg;
+        type State = (Arc<Store>, tmpsc::UnboundedSender<(String, bool)>);
+        type Arguments = Self::State;
+        async fn pre_start(
+            &self,
+            _m: ActorRef<FleetMsg>,
+            a: Self::State,
+        ) -> Result<Self::State, ActorProcessingErr> {
+            Ok(a)
+        }
+        async fn handle(
+            &self,
+            _m: ActorRef<FleetMsg>,
+            msg: FleetMsg,
+            st: &mut Self::State,
+        ) -> Result<(), ActorProcessingErr> {
+            if let FleetMsg::Send { msg: CoordinatorMessage::Release { auction }, .. } = msg {
+                let (_, jobs) = st.0.work()?;
+                let found = jobs.iter().any(|(k, _)| *k == auction);
+                let _ = st.1.send((auction, found));
+            }
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn messages_leave_in_order_and_only_after_the_commits_queued_before_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let (tx, mut rx) = tmpsc::unbounded_channel();
+        let (fleet, _h) = Actor::spawn(None, Probe, (store.clone(), tx)).await.unwrap();
+        let w = Writer::spawn(store.clone(), fleet.clone()).unwrap();
+        // 200 rounds of "commit job-i, then send a message about job-i", queued far faster
+        // than fsyncs complete, so most commits are merged into shared transactions.
+        for i in 0..200 {
+            let id = format!("job-{i}");
+            w.commit(Vec::new(), vec![(id.clone(), format!("{{\"n\":{i}}}").into_bytes())]);
+            w.send("a", None, CoordinatorMessage::Release { auction: id });
+        }
+        w.barrier().await.unwrap();
+        for i in 0..200 {
+            let (id, found) = rx.recv().await.unwrap();
+            assert_eq!(id, format!("job-{i}"), "messages delivered out of order");
+            assert!(found, "{id} was delivered before its record was committed");
+        }
+        // The last write of a record wins within a merged transaction.
+        w.commit(Vec::new(), vec![("x".into(), b"1".to_vec())]);
+        w.commit(Vec::new(), vec![("x".into(), b"2".to_vec())]);
+        w.barrier().await.unwrap();
+        let (_, jobs) = store.work().unwrap();
+        assert_eq!(jobs.iter().find(|(k, _)| k == "x").unwrap().1, b"2");
+        fleet.stop(None);
+    }
+}
