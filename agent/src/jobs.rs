@@ -448,6 +448,10 @@ impl Jobs {
             env.push(("MASTER_ADDR".into(), a.master_addr.clone()));
             env.push(("MASTER_PORT".into(), a.master_port.to_string()));
         }
+        // Image jobs run in a named container, so a stop reaches the container itself:
+        // signalling the runtime's client is not enough (podman's container lives on
+        // under conmon after its client is killed; a PID 1 ignores SIGTERM).
+        let mut container: Option<(String, String)> = None;
         let argv: Vec<String> = match (&a.exec.image, &self.container_runtime) {
             (None, _) => a.exec.argv.clone(),
             (Some(_), None) => {
@@ -465,6 +469,10 @@ impl Jobs {
                     "-w".into(),
                     "/work".into(),
                 ];
+                let name = format!("fleetmesh-{}-{}", sanitize(&a.job), a.attempt);
+                v.push("--name".into());
+                v.push(name.clone());
+                container = Some((rt.clone(), name));
                 for (k, val) in &env {
                     v.push("-e".into());
                     v.push(format!("{k}={val}"));
@@ -543,12 +551,12 @@ impl Jobs {
                 Err(e) => JobOutcome::FailedToStart { reason: e.to_string() },
             },
             _ = tokio::time::sleep(timeout) => {
-                terminate(&mut child, pid, Duration::from_secs(5)).await;
+                terminate(&mut child, pid, container.as_ref(), Duration::from_secs(5)).await;
                 JobOutcome::TimedOut
             }
             req = stop => {
                 let (outcome, grace) = req.unwrap_or((JobOutcome::Cancelled, Duration::from_secs(5)));
-                terminate(&mut child, pid, grace).await;
+                terminate(&mut child, pid, container.as_ref(), grace).await;
                 outcome
             }
         };
@@ -583,15 +591,46 @@ fn signal_group(pid: u32, sig: &str) {
         .status();
 }
 
-async fn terminate(child: &mut tokio::process::Child, pid: u32, grace: Duration) {
+/// Stop an attempt: SIGTERM to its process group, SIGKILL after `grace`. For an image
+/// job, `container` is (runtime, container name): the runtime is asked to stop the
+/// container with the same grace, and to remove it whatever happened.
+async fn terminate(
+    child: &mut tokio::process::Child,
+    pid: u32,
+    container: Option<&(String, String)>,
+    grace: Duration,
+) {
     if pid != 0 {
         signal_group(pid, "TERM");
+    }
+    if let Some((rt, name)) = container {
+        let secs = grace.as_secs().to_string();
+        runtime_cmd(rt, &["stop", "-t", &secs, name], grace + Duration::from_secs(20)).await;
     }
     if tokio::time::timeout(grace, child.wait()).await.is_err() {
         if pid != 0 {
             signal_group(pid, "KILL");
         }
         let _ = child.kill().await;
+    }
+    if let Some((rt, name)) = container {
+        runtime_cmd(rt, &["rm", "-f", name], Duration::from_secs(20)).await;
+    }
+}
+
+/// Run a container runtime command; failures are logged (the container may be gone).
+async fn runtime_cmd(rt: &str, args: &[&str], limit: Duration) {
+    let mut cmd = tokio::process::Command::new(rt);
+    cmd.args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    match tokio::time::timeout(limit, cmd.status()).await {
+        Ok(Ok(st)) if st.success() => {}
+        Ok(Ok(st)) => info!(runtime = rt, ?args, %st, "container runtime command failed"),
+        Ok(Err(e)) => warn!(runtime = rt, ?args, error = %e, "container runtime did not start"),
+        Err(_) => warn!(runtime = rt, ?args, "container runtime command timed out"),
     }
 }
 

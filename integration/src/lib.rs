@@ -308,6 +308,12 @@ impl AgentProc {
         )?;
         if !extra.is_empty() {
             me.kill9();
+            if let (true, Some(i)) = (
+                extra.contains(&"--container-runtime"),
+                me.args.iter().position(|a| a == "--container-runtime"),
+            ) {
+                me.args.drain(i..i + 2);
+            }
             me.args.extend(extra.iter().map(|s| s.to_string()));
             me.spawn()?;
         }
@@ -502,6 +508,10 @@ fn agent_args(
         key.display().to_string(),
         "--reconnect-max".into(),
         "1s".into(),
+        // Tests choose their runtime explicitly (`start_extra`): what happens to be
+        // installed on the machine must not change which nodes bid for image jobs.
+        "--container-runtime".into(),
+        "none".into(),
     ];
     if let Some(s) = simulate {
         args.extend(["--simulate-gpus".to_string(), s.to_string()]);

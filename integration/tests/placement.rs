@@ -785,7 +785,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --rm) shift ;;
     -v) dir="${2%%:*}"; shift 2 ;;
-    -w) shift 2 ;;
+    -w|--name) shift 2 ;;
     -e) export "$2"; shift 2 ;;
     *) break ;;
   esac
@@ -884,6 +884,7 @@ jobs:
     for want in [
         "run --rm -v ".to_string(),
         ":/work -w /work ".to_string(),
+        format!("--name fleetmesh-{id}-1 "),
         "-e MODE=container".to_string(),
         format!("-e CUDA_VISIBLE_DEVICES={gpu}"),
         format!("-e NVIDIA_VISIBLE_DEVICES={gpu}"),
@@ -893,5 +894,175 @@ jobs:
     }
     // The mount is the attempt's own work dir on the agent (its log files are there).
     assert!(out.contains("stdout.log"), "{out}");
+    Ok(())
+}
+
+/// A real podman (with runc) whose storage and configuration live in `dir`, and a
+/// one-binary image built from the host's static busybox (no registry here).
+/// `None` (with the reason) where podman, runc or busybox are missing or we are not
+/// root: `scripts/test.sh` installs them when it runs as root with apt-get.
+fn real_podman(dir: &std::path::Path) -> anyhow::Result<Result<String, String>> {
+    use std::process::Command;
+    let ok = |prog: &str, arg: &str| {
+        Command::new(prog).arg(arg).output().map(|o| o.status.success()).unwrap_or(false)
+    };
+    if !ok("podman", "--version") || !ok("runc", "--version") {
+        return Ok(Err("podman and runc are not installed".into()));
+    }
+    let uid = Command::new("id").arg("-u").output()?;
+    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+        return Ok(Err("not root (rootless podman is not set up here)".into()));
+    }
+    let Some(busybox) = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).is_file())
+    else {
+        return Ok(Err("no static busybox to build the test image from".into()));
+    };
+    // Storage and settings of our own: the host's images and containers are untouched.
+    // runc with cgroupfs, and explicit ulimits, work on hybrid-cgroup VMs like this one.
+    std::fs::create_dir_all(dir)?;
+    let storage = dir.join("storage.conf");
+    std::fs::write(
+        &storage,
+        format!(
+            "[storage]\ndriver = \"vfs\"\ngraphroot = \"{0}/graph\"\nrunroot = \"{0}/run\"\n",
+            dir.display()
+        ),
+    )?;
+    let conf = dir.join("containers.conf");
+    std::fs::write(
+        &conf,
+        "[containers]\ndefault_ulimits = [\"nofile=1024:1024\", \"nproc=1024:1024\"]\n\
+         [engine]\ncgroup_manager = \"cgroupfs\"\nruntime = \"runc\"\nevents_logger = \"file\"\n",
+    )?;
+    // Inherited by the agents this test starts, and by the podman it runs itself.
+    std::env::set_var("CONTAINERS_STORAGE_CONF", &storage);
+    std::env::set_var("CONTAINERS_CONF", &conf);
+    let rootfs = dir.join("rootfs");
+    std::fs::create_dir_all(rootfs.join("bin"))?;
+    std::fs::copy(busybox, rootfs.join("bin/busybox"))?;
+    for applet in ["sh", "echo", "ls", "cat", "sleep", "test"] {
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet))?;
+    }
+    let image = "localhost/fleetmesh-test-busybox:1";
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg(format!("tar -C '{}' -c . | podman import - {image}", rootfs.display()))
+        .output()?;
+    anyhow::ensure!(st.status.success(), "podman import: {}", String::from_utf8_lossy(&st.stderr));
+    Ok(Ok(image.to_string()))
+}
+
+fn podman_containers() -> String {
+    let o = std::process::Command::new("podman")
+        .args(["ps", "-a", "--format", "{{.Names}} {{.Command}}"])
+        .output();
+    o.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_jobs_run_in_a_real_podman_container_and_cancel_removes_it() -> anyhow::Result<()> {
+    let work = tempfile::tempdir()?;
+    let image = match real_podman(&work.path().join("podman"))? {
+        Ok(i) => i,
+        Err(why) => {
+            eprintln!("SKIPPED: no real container runtime: {why}");
+            return Ok(());
+        }
+    };
+    // Whatever happens below, no container of this test outlives it.
+    struct RemoveContainers;
+    impl Drop for RemoveContainers {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("podman").args(["rm", "-af", "-t", "0"]).output();
+            std::env::remove_var("CONTAINERS_STORAGE_CONF");
+            std::env::remove_var("CONTAINERS_CONF");
+        }
+    }
+    let _cleanup = RemoveContainers;
+    let pki = Pki::new("mesh.test")?;
+    let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
+    let client = coord.client(&pki)?;
+    let _ctr = AgentProc::start_extra(
+        &pki,
+        coord.control,
+        "podman-node",
+        attrs("r", "EU", "p"),
+        Some("1xH100-80GB"),
+        &["--container-runtime", "podman"],
+        work.path(),
+    )?;
+    mesh_up(&client, 1).await;
+    // The job sees its env and the attempt's work dir at /work, inside the image's own
+    // root file system (the host's /usr is not there).
+    let wf = submit(
+        &client,
+        &format!(
+            r#"
+name: real-ctr
+jobs:
+  hello:
+    image: {image}
+    command: ["sh", "-c", "echo in-container gpus=$NVIDIA_VISIBLE_DEVICES job=$FLEETMESH_JOB mode=$MODE; test -e /usr && echo host-root || echo own-root; echo made-inside > /work/made-inside.txt; ls /work"]
+    env: {{ MODE: real }}
+    resources: {{ gpus: 1 }}
+"#
+        ),
+    )
+    .await?;
+    let id = format!("{wf}.hello");
+    let done = wait_state(&client, &id, "succeeded", 60).await;
+    let gpu = done["attempts"][0]["gpus"][0][0].as_str().unwrap_or_default().to_string();
+    assert!(gpu.starts_with("GPU-"), "{done}");
+    let out = logs(&client, &id).await;
+    assert!(out.contains(&format!("in-container gpus={gpu} job={id} mode=real")), "{out}");
+    assert!(out.contains("own-root") && !out.contains("host-root"), "{out}");
+    assert!(out.contains("made-inside.txt") && out.contains("stdout.log"), "{out}");
+    // `--rm`: nothing is left behind by a finished job.
+    assert!(!podman_containers().contains("fleetmesh-"), "{}", podman_containers());
+
+    // Cancel a container whose PID 1 ignores SIGTERM (a shell's PID 1 does): the
+    // container itself must go, not only the podman client the agent started.
+    let wf = submit(
+        &client,
+        &format!(
+            r#"
+name: real-ctr-long
+jobs:
+  long:
+    image: {image}
+    command: ["sleep", "300"]
+    resources: {{ gpus: 1 }}
+"#
+        ),
+    )
+    .await?;
+    let id = format!("{wf}.long");
+    wait_state(&client, &id, "running", 60).await;
+    let up = wait_for(Duration::from_secs(30), || async {
+        let ps = podman_containers();
+        ps.contains("fleetmesh-").then_some(ps)
+    })
+    .await;
+    assert!(up.is_some_and(|ps| ps.contains("sleep 300")), "{}", podman_containers());
+    let _: Value =
+        client.post_json(&format!("/api/v1/jobs/{id}/cancel"), &serde_json::json!({})).await?;
+    wait_state(&client, &id, "cancelled", 5).await;
+    // Default grace 5 s, then SIGKILL; the container is removed.
+    let gone = wait_for(Duration::from_secs(30), || async {
+        (!podman_containers().contains("fleetmesh-")).then_some(())
+    })
+    .await;
+    assert!(gone.is_some(), "container left running after cancel: {}", podman_containers());
+    // The GPU is free again: another job gets it.
+    let wf = submit(
+        &client,
+        &format!(
+            "name: after\njobs:\n  again:\n    image: {image}\n    command: [\"echo\", \"again\"]\n    resources: {{ gpus: 1 }}\n"
+        ),
+    )
+    .await?;
+    wait_state(&client, &format!("{wf}.again"), "succeeded", 60).await;
     Ok(())
 }
