@@ -89,8 +89,20 @@ impl Writer {
     }
 }
 
+/// Commits start at most this often. A commit costs CPU (page writes, fsync) whatever
+/// its size: back to back at ~3 ms each they took CPU that a saturated 2-core host
+/// needed for placing (measured: real-process placement ran 5-15 % slower than with the
+/// Scheduler's former 5 ms batches). An item arriving after a quiet spell is not held.
+const MIN_COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(5);
+
 fn run(store: &Store, fleet: &ActorRef<FleetMsg>, rx: mpsc::Receiver<Item>) {
+    let mut last_commit: Option<std::time::Instant> = None;
     while let Ok(first) = rx.recv() {
+        if let Some(t) = last_commit {
+            if let Some(wait) = MIN_COMMIT_INTERVAL.checked_sub(t.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
         // Everything queued meanwhile joins this batch.
         let mut batch = vec![first];
         while let Ok(more) = rx.try_recv() {
@@ -104,6 +116,9 @@ fn run(store: &Store, fleet: &ActorRef<FleetMsg>, rx: mpsc::Receiver<Item>) {
             }
         }
         // Later records for the same id come later in the lists: the last write wins.
+        if !workflows.is_empty() || !jobs.is_empty() {
+            last_commit = Some(std::time::Instant::now());
+        }
         if let Err(e) = store.put_work(&workflows, &jobs) {
             warn!(error = %e, "could not persist workflow state");
         }

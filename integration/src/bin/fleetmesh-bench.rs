@@ -560,7 +560,13 @@ async fn placement(
     let mut first_award = u64::MAX;
     let mut last_award = 0u64;
     let mut succeeded = 0;
+    // Jobs whose first award did not stick (refused, not answered in time, or lost):
+    // their award time is that of a later attempt.
+    let mut reawarded = 0;
     for j in &list {
+        if j["attempts"].as_u64().unwrap_or(0) > 1 {
+            reawarded += 1;
+        }
         let sub = j["submitted_unix_ms"].as_u64().unwrap_or(0);
         if let Some(a) = j["awarded_unix_ms"].as_u64() {
             award_ms.push(a.saturating_sub(sub) as f64);
@@ -648,6 +654,8 @@ async fn placement(
         "all_done_s": (total_s * 10.0).round() / 10.0,
         "award_p50_ms": pct(&mut award_ms.clone(), 0.5),
         "award_p99_ms": pct(&mut award_ms, 0.99),
+        "jobs_with_several_attempts": reawarded,
+        "awards_over_500ms": award_ms.iter().filter(|&&x| x > 500.0).count(),
         "start_p50_ms": pct(&mut start_ms.clone(), 0.5),
         "start_p99_ms": pct(&mut start_ms, 0.99),
         "failover_ms": (pct(&mut failover_ms.clone(), 0.5)).round(),
