@@ -7,7 +7,9 @@
 //! agent (first/last seen, attributes, state) is persisted in the store on every state
 //! change (batched: every record changed during a tick is committed in one transaction
 //! at the end of that tick, so a thousand agents reconnecting at once cost one fsync, not
-//! a thousand) and, for `last_seen` alone, in batches every [`PERSIST_EVERY`].
+//! a thousand) and, for `last_seen` alone, in batches every [`PERSIST_EVERY`]. Commits
+//! run on the Fleet's own writer thread ([`crate::writer`]), in order, so the actor keeps
+//! answering (the Scheduler asks it for candidates on every tick) while the disk works.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -148,7 +150,8 @@ impl AgentEntry {
 /// Actor state.
 pub struct FleetState {
     cfg: FleetConfig,
-    store: Arc<Store>,
+    /// Commits agent records off the actor, in order.
+    writer: crate::writer::Writer<crate::writer::Agents>,
     agents: BTreeMap<String, AgentEntry>,
     last_persist: Instant,
     /// Agents whose state/attributes changed and must be committed at the next tick.
@@ -171,12 +174,11 @@ fn unix_us() -> u64 {
 use fleetmesh_data::now_unix_ms as unix_ms;
 
 impl FleetState {
+    /// Queue these agents' records for commit (see [`crate::writer`]).
     fn persist(&self, names: &[&str]) {
         let recs: Vec<AgentRecord> =
             names.iter().filter_map(|n| self.agents.get(*n)).map(|e| e.record.clone()).collect();
-        if let Err(e) = self.store.put_agents(&recs) {
-            warn!(error = %e, "could not persist agent registry");
-        }
+        self.writer.commit(crate::writer::Agents(recs));
     }
 
     /// Commit every record changed since the last call (one transaction).
@@ -549,7 +551,7 @@ impl Actor for Fleet {
         let ticker = myself.send_interval(args.cfg.liveness.tick, || FleetMsg::Tick);
         Ok(FleetState {
             cfg: args.cfg,
-            store: args.store,
+            writer: crate::writer::Writer::spawn("fleet-writer", args.store, None)?,
             agents,
             last_persist: now,
             changed: Default::default(),
@@ -572,6 +574,7 @@ impl Actor for Fleet {
         let names: Vec<String> = state.agents.keys().cloned().collect();
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         state.persist(&refs);
+        let _ = state.writer.barrier().await;
         Ok(())
     }
 
@@ -669,7 +672,10 @@ impl Actor for Fleet {
                     st.changed.insert(name);
                     st.flush_changed();
                 }
-                let _ = reply.send(found);
+                // Answered once durable.
+                st.writer.after(move || {
+                    let _ = reply.send(found);
+                });
             }
             FleetMsg::Tick => st.tick(now),
             FleetMsg::ListAgents(reply) => {

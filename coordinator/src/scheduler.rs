@@ -275,7 +275,7 @@ pub struct SchedulerState {
     /// When the last tick started (periodic or for a submission).
     last_tick: std::time::Instant,
     /// Commits records and then delivers what waited for them, in order, off the actor.
-    writer: crate::writer::Writer,
+    writer: crate::writer::Writer<crate::writer::Work>,
     /// Workflows whose completion must be re-checked (a job of theirs changed).
     wf_check: std::collections::BTreeSet<String>,
     broker: Arc<DataBroker>,
@@ -344,7 +344,7 @@ impl SchedulerState {
                 self.jobs.get(&id).and_then(|j| serde_json::to_vec(j).ok()).map(|v| (id, v))
             })
             .collect();
-        self.writer.commit(ws, js);
+        self.writer.commit(crate::writer::Work { workflows: ws, jobs: js });
     }
 
     /// Queue a message for an agent. It leaves after every commit queued before it, and
@@ -1192,7 +1192,11 @@ impl Actor for Scheduler {
         let _ = a.auctioneer.cast(AuctioneerMsg::SetScheduler(myself.clone()));
         let ticker = myself.send_interval(Duration::from_millis(100), || SchedulerMsg::Tick);
         let wf_check = workflows.keys().cloned().collect();
-        let writer = crate::writer::Writer::spawn(a.store.clone(), a.fleet.clone())?;
+        let writer = crate::writer::Writer::spawn(
+            "scheduler-writer",
+            a.store.clone(),
+            Some(a.fleet.clone()),
+        )?;
         Ok(SchedulerState {
             fleet: a.fleet,
             workflows,

@@ -1,5 +1,6 @@
-//! The Scheduler's store writer: a dedicated thread that commits workflow and job records
-//! and then delivers what waited for them (awards, exit acks, user acknowledgements).
+//! Store writers: a dedicated thread per actor that commits its records and then
+//! delivers what waited for them (awards, exit acks, user acknowledgements). The
+//! Scheduler's writer commits workflow and job records; the Fleet's, agent records.
 //!
 //! Why a thread: a redb commit ends in an fsync (a few ms, now and then hundreds). Done
 //! on the Scheduler actor, it held up every auction outcome behind it and blocked one of
@@ -11,6 +12,10 @@
 //! message the Scheduler sends to an agent goes through this queue (not only awards), so
 //! a `Stop` can never overtake the `Award` it is about. Commits waiting together are
 //! merged into one transaction (group commit): the slower the disk, the larger the batch.
+//!
+//! The Fleet's registry commits (state changes, and every 5 s the `last_seen` of every
+//! agent, a thousand records) went the same way for the same reason: the Scheduler asks
+//! the Fleet for candidates on every tick, so a Fleet waiting on fsync held up placing.
 
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -21,40 +26,88 @@ use tracing::warn;
 
 use crate::fleet::FleetMsg;
 use crate::session::SessionMsg;
-use crate::store::Store;
+use crate::store::{AgentRecord, Store, StoreError};
 
 /// Serialised records: (id, JSON).
 pub type Records = Vec<(String, Vec<u8>)>;
 
+/// What one writer commits. Batches queued together are appended into one transaction;
+/// a later record for the same key overwrites an earlier one.
+pub trait Batch: Default + Send + 'static {
+    fn append(&mut self, later: &mut Self);
+    fn is_empty(&self) -> bool;
+    fn commit(&self, store: &Store) -> Result<(), StoreError>;
+}
+
+/// The Scheduler's records.
+#[derive(Default)]
+pub struct Work {
+    pub workflows: Records,
+    pub jobs: Records,
+}
+
+impl Batch for Work {
+    fn append(&mut self, later: &mut Self) {
+        self.workflows.append(&mut later.workflows);
+        self.jobs.append(&mut later.jobs);
+    }
+    fn is_empty(&self) -> bool {
+        self.workflows.is_empty() && self.jobs.is_empty()
+    }
+    fn commit(&self, store: &Store) -> Result<(), StoreError> {
+        store.put_work(&self.workflows, &self.jobs)
+    }
+}
+
+/// The Fleet's agent records.
+#[derive(Default)]
+pub struct Agents(pub Vec<AgentRecord>);
+
+impl Batch for Agents {
+    fn append(&mut self, later: &mut Self) {
+        self.0.append(&mut later.0);
+    }
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    fn commit(&self, store: &Store) -> Result<(), StoreError> {
+        store.put_agents(&self.0)
+    }
+}
+
 /// One queued item.
-pub enum Item {
-    /// Workflow and job records to make durable.
-    Commit { workflows: Records, jobs: Records },
+pub enum Item<B> {
+    /// Records to make durable.
+    Commit(B),
     /// A message for an agent: through its session when known, else through the Fleet.
     Send { agent: String, session: Option<ActorRef<SessionMsg>>, msg: Box<CoordinatorMessage> },
     /// Run after every earlier commit (acknowledgements to users, barriers).
     After(Box<dyn FnOnce() + Send>),
 }
 
-/// Handle to the writer thread. Dropping it ends the thread once the queue is drained.
-pub struct Writer {
-    tx: mpsc::Sender<Item>,
+/// Handle to a writer thread. Dropping it ends the thread once the queue is drained.
+pub struct Writer<B> {
+    tx: mpsc::Sender<Item<B>>,
 }
 
-impl Writer {
-    pub fn spawn(store: Arc<Store>, fleet: ActorRef<FleetMsg>) -> std::io::Result<Writer> {
-        let (tx, rx) = mpsc::channel::<Item>();
+impl<B: Batch> Writer<B> {
+    /// `fleet` delivers agent messages queued without a session (the Scheduler's).
+    pub fn spawn(
+        name: &str,
+        store: Arc<Store>,
+        fleet: Option<ActorRef<FleetMsg>>,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<Item<B>>();
         std::thread::Builder::new()
-            .name("scheduler-writer".into())
-            .spawn(move || run(&store, &fleet, rx))?;
+            .name(name.to_string())
+            .spawn(move || run(&store, fleet.as_ref(), rx))?;
         Ok(Writer { tx })
     }
 
-    pub fn commit(&self, workflows: Records, jobs: Records) {
-        if workflows.is_empty() && jobs.is_empty() {
-            return;
+    pub fn commit(&self, batch: B) {
+        if !batch.is_empty() {
+            self.push(Item::Commit(batch));
         }
-        self.push(Item::Commit { workflows, jobs });
     }
 
     pub fn send(
@@ -80,7 +133,7 @@ impl Writer {
         rx
     }
 
-    fn push(&self, item: Item) {
+    fn push(&self, item: Item<B>) {
         // The thread only ends when this handle is dropped or it panicked; then there is
         // nobody left to deliver to either.
         if self.tx.send(item).is_err() {
@@ -95,7 +148,7 @@ impl Writer {
 /// Scheduler's former 5 ms batches). An item arriving after a quiet spell is not held.
 const MIN_COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(5);
 
-fn run(store: &Store, fleet: &ActorRef<FleetMsg>, rx: mpsc::Receiver<Item>) {
+fn run<B: Batch>(store: &Store, fleet: Option<&ActorRef<FleetMsg>>, rx: mpsc::Receiver<Item<B>>) {
     let mut last_commit: Option<std::time::Instant> = None;
     while let Ok(first) = rx.recv() {
         if let Some(t) = last_commit {
@@ -108,19 +161,18 @@ fn run(store: &Store, fleet: &ActorRef<FleetMsg>, rx: mpsc::Receiver<Item>) {
         while let Ok(more) = rx.try_recv() {
             batch.push(more);
         }
-        let (mut workflows, mut jobs) = (Vec::new(), Vec::new());
+        let mut records = B::default();
         for item in &mut batch {
-            if let Item::Commit { workflows: w, jobs: j } = item {
-                workflows.append(w);
-                jobs.append(j);
+            if let Item::Commit(b) = item {
+                records.append(b);
             }
         }
-        // Later records for the same id come later in the lists: the last write wins.
-        if !workflows.is_empty() || !jobs.is_empty() {
+        // Later records for the same key come later in the lists: the last write wins.
+        if !records.is_empty() {
             last_commit = Some(std::time::Instant::now());
-        }
-        if let Err(e) = store.put_work(&workflows, &jobs) {
-            warn!(error = %e, "could not persist workflow state");
+            if let Err(e) = records.commit(store) {
+                warn!(error = %e, "could not persist state");
+            }
         }
         for item in batch {
             match item {
@@ -130,7 +182,9 @@ fn run(store: &Store, fleet: &ActorRef<FleetMsg>, rx: mpsc::Receiver<Item>) {
                         let _ = s.cast(SessionMsg::Send(msg));
                     }
                     None => {
-                        let _ = fleet.cast(FleetMsg::Send { agent, msg: *msg });
+                        if let Some(fleet) = fleet {
+                            let _ = fleet.cast(FleetMsg::Send { agent, msg: *msg });
+                        }
                     }
                 },
                 Item::After(f) => f(),
@@ -180,12 +234,13 @@ mod tests {
         let store = Arc::new(Store::open(dir.path()).unwrap());
         let (tx, mut rx) = tmpsc::unbounded_channel();
         let (fleet, _h) = Actor::spawn(None, Probe, (store.clone(), tx)).await.unwrap();
-        let w = Writer::spawn(store.clone(), fleet.clone()).unwrap();
+        let w = Writer::<Work>::spawn("t", store.clone(), Some(fleet.clone())).unwrap();
         // 200 rounds of "commit job-i, then send a message about job-i", queued far faster
         // than fsyncs complete, so most commits are merged into shared transactions.
         for i in 0..200 {
             let id = format!("job-{i}");
-            w.commit(Vec::new(), vec![(id.clone(), format!("{{\"n\":{i}}}").into_bytes())]);
+            let jobs = vec![(id.clone(), format!("{{\"n\":{i}}}").into_bytes())];
+            w.commit(Work { workflows: Vec::new(), jobs });
             w.send("a", None, CoordinatorMessage::Release { auction: id });
         }
         w.barrier().await.unwrap();
@@ -195,8 +250,8 @@ mod tests {
             assert!(found, "{id} was delivered before its record was committed");
         }
         // The last write of a record wins within a merged transaction.
-        w.commit(Vec::new(), vec![("x".into(), b"1".to_vec())]);
-        w.commit(Vec::new(), vec![("x".into(), b"2".to_vec())]);
+        w.commit(Work { workflows: Vec::new(), jobs: vec![("x".into(), b"1".to_vec())] });
+        w.commit(Work { workflows: Vec::new(), jobs: vec![("x".into(), b"2".to_vec())] });
         w.barrier().await.unwrap();
         let (_, jobs) = store.work().unwrap();
         assert_eq!(jobs.iter().find(|(k, _)| k == "x").unwrap().1, b"2");
