@@ -41,6 +41,8 @@ pub struct FileConfig {
     pub fetch_bandwidth: Option<String>,
     /// `auto`, `none`, or the path of a docker-compatible program.
     pub container_runtime: Option<String>,
+    /// Stop running attempts after this long without hearing from the coordinator.
+    pub stop_jobs_after_disconnect: Option<String>,
 }
 
 impl FileConfig {
@@ -71,6 +73,9 @@ pub struct AgentConfig {
     pub labels: Vec<(String, String)>,
     pub data: DataConfig,
     pub container_runtime: ContainerRuntime,
+    /// Self-fencing: running attempts are stopped once the coordinator has not been heard
+    /// from for this long (none: they keep running, and are re-adopted on reconnect).
+    pub stop_jobs_after_disconnect: Option<Duration>,
 }
 
 /// Which program runs jobs that name an image.
@@ -211,9 +216,15 @@ impl AgentConfig {
             Some("") => return Err(AgentError::Config("container-runtime is empty".into())),
             Some(p) => ContainerRuntime::Program(p.to_string()),
         };
+        let stop_jobs_after_disconnect =
+            match flags.stop_jobs_after_disconnect.or(file.stop_jobs_after_disconnect) {
+                Some(s) => Some(parse_duration("stop-jobs-after-disconnect", &s)?),
+                None => None,
+            };
         Ok(Self {
             data,
             container_runtime,
+            stop_jobs_after_disconnect,
             coordinator,
             data_dir: flags
                 .data_dir
@@ -255,11 +266,13 @@ mod tests {
             cert = "/etc/fm/agent.pem"
             key = "/etc/fm/agent.key"
             telemetry-interval = "2s"
+            stop-jobs-after-disconnect = "1s"
             "#,
         )
         .unwrap();
         let flags = FileConfig { telemetry_interval: Some("250ms".into()), ..Default::default() };
         let c = AgentConfig::resolve(file, flags).unwrap();
+        assert_eq!(c.stop_jobs_after_disconnect, Some(Duration::from_secs(1)));
         assert_eq!(
             c.coordinator.as_deref(),
             Some("coord.example.com:7400"),
@@ -287,5 +300,15 @@ mod tests {
         };
         let bad = AgentConfig::resolve(FileConfig::default(), flags).unwrap_err().to_string();
         assert!(bad.contains("telemetry-interval") && bad.contains("soon"), "{bad}");
+        let flags = FileConfig {
+            coordinator: Some("c:1".into()),
+            ca: Some("a".into()),
+            cert: Some("b".into()),
+            key: Some("c".into()),
+            stop_jobs_after_disconnect: Some("later".into()),
+            ..Default::default()
+        };
+        let bad = AgentConfig::resolve(FileConfig::default(), flags).unwrap_err().to_string();
+        assert!(bad.contains("stop-jobs-after-disconnect") && bad.contains("later"), "{bad}");
     }
 }

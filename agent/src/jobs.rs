@@ -78,6 +78,9 @@ pub struct Jobs {
     /// SIMULATED execution (benchmarks only, set explicitly with
     /// [`Jobs::simulate_execution`]): attempts "run" for this long without a process.
     simulated_run: std::sync::OnceLock<Duration>,
+    /// When the coordinator was last heard from (any packet on the session), ms since
+    /// the epoch; read by the self-fencing watchdog ([`Jobs::fence_after_disconnect`]).
+    last_heard_ms: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Jobs {
@@ -170,7 +173,44 @@ impl Jobs {
             data: Default::default(),
             site: Default::default(),
             simulated_run: Default::default(),
+            last_heard_ms: std::sync::atomic::AtomicU64::new(now_ms()),
         })
+    }
+
+    /// The session received something from the coordinator.
+    pub fn heard_from_coordinator(&self) {
+        self.last_heard_ms.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Self-fencing: from now on, every running attempt is stopped (SIGTERM, SIGKILL
+    /// after 500 ms) once the coordinator has not been heard from for `after`. The exit
+    /// is reported as [`JobOutcome::Abandoned`] when the session is back, and the
+    /// coordinator places the job again without using a retry.
+    pub fn fence_after_disconnect(self: &Arc<Self>, after: Duration) {
+        let me = Arc::downgrade(self);
+        info!(
+            after_ms = after.as_millis() as u64,
+            "running jobs stop when the coordinator is silent that long"
+        );
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            loop {
+                tick.tick().await;
+                let Some(me) = me.upgrade() else { return };
+                let silent = now_ms()
+                    .saturating_sub(me.last_heard_ms.load(std::sync::atomic::Ordering::Relaxed));
+                if silent < after.as_millis() as u64 {
+                    continue;
+                }
+                for (job, attempt) in me.running() {
+                    let reason = format!("no word from the coordinator for {silent} ms");
+                    let grace = Duration::from_millis(500);
+                    if me.stop(&job, attempt, JobOutcome::Abandoned { reason }, grace) {
+                        warn!(job_id = %job, attempt, silent_ms = silent, "no word from the coordinator: attempt stopped");
+                    }
+                }
+            }
+        });
     }
 
     /// Attach the data plane (once, when the first identity is known).
@@ -315,14 +355,16 @@ impl Jobs {
     }
 
     /// Stop an attempt (SIGTERM, SIGKILL after `grace`). Unknown attempts are ignored.
-    pub fn stop(&self, job: &str, attempt: u64, outcome: JobOutcome, grace: Duration) {
+    /// Whether this call asked it to stop (false: unknown, or already stopping).
+    pub fn stop(&self, job: &str, attempt: u64, outcome: JobOutcome, grace: Duration) -> bool {
         if let Ok(mut s) = self.state.lock() {
             if let Some(r) = s.1.get_mut(&(job.to_string(), attempt)) {
                 if let Some(tx) = r.stop.take() {
-                    let _ = tx.send((outcome, grace));
+                    return tx.send((outcome, grace)).is_ok();
                 }
             }
         }
+        false
     }
 
     /// Queue every unacknowledged exit again (a new session starts).

@@ -138,6 +138,9 @@ pub async fn run(
         "container runtime for image jobs"
     );
     let jobs = jobs::Jobs::new(&config.data_dir, config.price_per_hour, config.spot, runtime);
+    if let Some(after) = config.stop_jobs_after_disconnect {
+        jobs.fence_after_disconnect(after);
+    }
     loop {
         // Load (or obtain) an identity that is currently valid.
         let tls = match &source {

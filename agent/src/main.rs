@@ -73,6 +73,14 @@ struct Cli {
     /// answers `info`), `none`, or a program path [default: auto].
     #[arg(long)]
     container_runtime: Option<String>,
+    /// Stop this node's running jobs after this long without hearing from the
+    /// coordinator, e.g. 1s. With it (and DURATION + 1s below the coordinator's lost
+    /// timeout, 2s by default) a job cut off by a network partition is stopped before the
+    /// coordinator places it elsewhere, so it never runs twice even during the partition.
+    /// The price: a coordinator outage longer than DURATION stops the jobs too (they are
+    /// placed again, without using a retry) instead of being re-adopted [default: off].
+    #[arg(long)]
+    stop_jobs_after_disconnect: Option<String>,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -164,6 +172,7 @@ fn main() -> ExitCode {
         transfer_cost_per_gb: cli.transfer_cost_per_gb,
         fetch_bandwidth: cli.fetch_bandwidth,
         container_runtime: cli.container_runtime,
+        stop_jobs_after_disconnect: cli.stop_jobs_after_disconnect,
     };
     let config = match AgentConfig::resolve(file, flags) {
         Ok(c) => c,

@@ -359,6 +359,10 @@ pub async fn run_session(
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seq = 0u64;
     let mut hb_seq = 0u64;
+    let mut rx_seen = conn.stats().udp_rx.datagrams;
+    if let Some(jobs) = &opts.jobs {
+        jobs.heard_from_coordinator();
+    }
     let mut current = opts.tls.identity.clone();
     let renew_sleep = tokio::time::sleep(renew_delay(&current));
     tokio::pin!(renew_sleep);
@@ -399,6 +403,15 @@ pub async fn run_session(
                 }
             }
             _ = heartbeat.tick() => {
+                // Any packet from the coordinator (acks of our heartbeats and keep-alives
+                // included) shows it still hears us: the self-fencing clock restarts.
+                let rx_now = conn.stats().udp_rx.datagrams;
+                if rx_now != rx_seen {
+                    rx_seen = rx_now;
+                    if let Some(jobs) = &opts.jobs {
+                        jobs.heard_from_coordinator();
+                    }
+                }
                 hb_seq += 1;
                 write_msg(&mut send, &AgentMessage::Heartbeat { seq: hb_seq }).await?;
             }

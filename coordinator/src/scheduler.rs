@@ -1044,10 +1044,25 @@ impl SchedulerState {
         let Some(j) = self.jobs.get_mut(job) else { return };
         let units = f64::from(j.spec.resources.gpus.max(1));
         let mut added = 0.0;
-        let Some(a) = j.attempts.last_mut().filter(|a| a.n == attempt) else {
-            warn!(job_id = %job, attempt, agent_id = %agent, "exit of a stale attempt ignored");
+        if j.attempts.last().map(|a| a.n) != Some(attempt) {
+            // An earlier attempt, placed again meanwhile: only note how it ended (shown by
+            // `jobs show`); it changes nothing else.
+            let mut noted = false;
+            if let Some(old) = j.attempts.iter_mut().find(|a| a.n == attempt) {
+                if let Some(rank) = old.agents.iter().position(|x| x == agent) {
+                    if old.outcomes[rank].is_none() {
+                        old.outcomes[rank] = Some(outcome.to_string());
+                        noted = true;
+                    }
+                }
+            }
+            warn!(job_id = %job, attempt, agent_id = %agent, %outcome, "exit of a stale attempt: noted, nothing else");
+            if noted {
+                self.touch_job(job);
+            }
             return;
-        };
+        }
+        let Some(a) = j.attempts.last_mut() else { return };
         let Some(rank) = a.agents.iter().position(|x| x == agent) else { return };
         if a.outcomes[rank].is_some() {
             return;
@@ -1055,6 +1070,17 @@ impl SchedulerState {
         if a.state == "lost" || a.state == "staging-failed" {
             // Already given up on (and placed again): record how it ended, nothing more.
             a.outcomes[rank] = Some(outcome.to_string());
+            self.touch_job(job);
+            return;
+        }
+        if let JobOutcome::Abandoned { reason } = &outcome {
+            // The agent fenced itself off after losing us (and we may not have noticed,
+            // e.g. across our own restart): placed again, no retry used.
+            a.outcomes[rank] = Some(outcome.to_string());
+            let others = a.unfinished_agents();
+            let why = format!("{agent} stopped it after losing the coordinator: {reason}");
+            self.send_stop(&others, job, attempt, "another rank lost the coordinator");
+            self.attempt_lost(job, attempt, &why);
             self.touch_job(job);
             return;
         }

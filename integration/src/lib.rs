@@ -342,6 +342,7 @@ impl AgentProc {
     }
 
     /// Start inside network namespace `netns` (`ip netns exec`), dialling `coordinator`.
+    #[allow(clippy::too_many_arguments)]
     pub fn start_in_netns(
         pki: &Pki,
         netns: &str,
@@ -349,6 +350,7 @@ impl AgentProc {
         name: &str,
         attrs: Attributes,
         simulate: Option<&str>,
+        extra: &[&str],
         work: &Path,
     ) -> Result<Self> {
         let base = agent_cert(pki, name, attrs)?;
@@ -360,6 +362,7 @@ impl AgentProc {
         ];
         let (cert, key) = (base.with_extension("pem"), base.with_extension("key"));
         args.extend(agent_args(pki, coordinator, name, &cert, &key, simulate, work)?);
+        args.extend(extra.iter().map(|s| s.to_string()));
         let log = work.join(format!("agent-{name}.log"));
         let mut me = Self { child: None, name: name.into(), log, args, in_netns: true };
         me.spawn()?;

@@ -605,6 +605,7 @@ async fn network_partition_re_places_the_job_and_the_healed_agent_stops_its_copy
         "p",
         attrs("r", "EU", "p"),
         Some("1xH100-80GB"),
+        &[],
         work.path(),
     )?;
     mesh_up(&client, 1).await;
@@ -1064,5 +1065,114 @@ jobs:
     )
     .await?;
     wait_state(&client, &format!("{wf}.again"), "succeeded", 60).await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn self_fencing_agent_stops_its_copy_before_the_job_runs_elsewhere() -> anyhow::Result<()> {
+    let net = match Netns::create() {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("SKIPPED: cannot create a network namespace here ({e}); run as root");
+            return Ok(());
+        }
+    };
+    let pki = Pki::new("mesh.test")?;
+    let mut req = fleetmesh_protocol::pki::IssueRequest::new(
+        fleetmesh_protocol::PeerKind::Coordinator,
+        "main",
+        Duration::from_secs(3600),
+    );
+    req.dns_names = vec!["localhost".into()];
+    req.ips = vec![[127, 0, 0, 1].into(), net.root_ip.into()];
+    pki.issue_req(&req)?;
+    pki.issue(fleetmesh_protocol::PeerKind::Operator, "harness", Default::default())?;
+    let work = tempfile::tempdir()?;
+    let coord = CoordinatorProc::start_listening(
+        &pki,
+        &work.path().join("coord"),
+        [0, 0, 0, 0].into(),
+        &[],
+    )
+    .await?;
+    let client = coord.client(&pki)?;
+    let remote = std::net::SocketAddr::new(net.root_ip.into(), coord.control.port());
+    // 800 ms (+ up to 0.5 s until the next heartbeat notices, + 0.5 s kill grace) is
+    // below the coordinator's default lost timeout of 2 s.
+    let _p = AgentProc::start_in_netns(
+        &pki,
+        &net.name,
+        remote,
+        "p",
+        attrs("r", "EU", "p"),
+        Some("1xH100-80GB"),
+        &["--stop-jobs-after-disconnect", "800ms"],
+        work.path(),
+    )?;
+    mesh_up(&client, 1).await;
+    let rec = work.path().join("beats.log");
+    let yaml = format!(
+        "name: fence\njobs:\n  svc:\n    script: |\n      while true; do echo \"a$FLEETMESH_ATTEMPT $(date +%s%N)\" >> {r}; sleep 0.1; done\n    resources: {{ gpus: 1 }}\n",
+        r = rec.display()
+    );
+    let wf = submit(&client, &yaml).await?;
+    let id = format!("{wf}.svc");
+    let first = wait_state(&client, &id, "running", 10).await;
+    assert_eq!(first["attempts"][0]["agents"][0], "p");
+    let _q = AgentProc::start_extra(
+        &pki,
+        coord.control,
+        "q",
+        attrs("r", "EU", "p"),
+        Some("1xH100-80GB"),
+        &[],
+        work.path(),
+    )?;
+    mesh_up(&client, 2).await;
+    // A healthy session never trips the fence: p has been connected for a while.
+    let j = job(&client, &id).await;
+    assert_eq!(j["attempts"].as_array().map(|a| a.len()), Some(1), "fenced while connected: {j}");
+    // Partition.
+    net.set_link(false)?;
+    let cut = Instant::now();
+    wait_for(Duration::from_secs(8), || async {
+        let j = job(&client, &id).await;
+        (j["state"] == "running" && j["attempts"][1]["agents"][0] == "q").then_some(())
+    })
+    .await
+    .expect("job re-placed on q while p was cut off");
+    let replaced_after = cut.elapsed();
+    assert!(replaced_after < Duration::from_secs(3), "re-placed after {replaced_after:?}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Never two copies at once, not even during the partition: the cut-off copy's last
+    // heartbeat came before the new copy's first.
+    let b = beats(&rec);
+    let last_old = b.get("a1").and_then(|v| v.iter().max().copied()).expect("a1 beats");
+    let first_new = b.get("a2").and_then(|v| v.iter().min().copied()).expect("a2 beats");
+    assert!(
+        last_old < first_new,
+        "copies overlapped by {} ms during the partition",
+        (last_old - first_new) / 1_000_000
+    );
+    eprintln!("gap between the copies: {} ms", (first_new - last_old) / 1_000_000);
+    // Heal: p reports how its attempt ended; the job stays where it is.
+    net.set_link(true)?;
+    let reported = wait_for(Duration::from_secs(15), || async {
+        let j = job(&client, &id).await;
+        let o = j["attempts"][0]["outcomes"][0].as_str().unwrap_or_default().to_string();
+        o.contains("stopped by its agent").then_some(j)
+    })
+    .await;
+    let j = reported.unwrap_or(job(&client, &id).await);
+    assert!(
+        j["attempts"][0]["outcomes"][0].as_str().unwrap_or_default().contains("coordinator"),
+        "{j}"
+    );
+    assert_eq!(j["state"], "running");
+    assert_eq!(j["failures"], 0, "a fenced attempt must not use a retry: {j}");
+    assert_eq!(j["attempts"].as_array().map(|a| a.len()), Some(2), "no third attempt: {j}");
+    let _: Value =
+        client.post_json(&format!("/api/v1/jobs/{id}/cancel"), &serde_json::json!({})).await?;
+    wait_state(&client, &id, "cancelled", 5).await;
     Ok(())
 }

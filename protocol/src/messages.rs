@@ -113,6 +113,12 @@ pub enum JobOutcome {
     StagingFailed {
         reason: String,
     },
+    /// The agent stopped the attempt on its own: it had not heard from the coordinator
+    /// for longer than its `--stop-jobs-after-disconnect`. Not the job's fault: the
+    /// coordinator places it again without using a retry.
+    Abandoned {
+        reason: String,
+    },
 }
 
 impl JobOutcome {
@@ -131,6 +137,7 @@ impl std::fmt::Display for JobOutcome {
             JobOutcome::FailedToStart { reason } => write!(f, "failed to start: {reason}"),
             JobOutcome::OutputFailed { reason } => write!(f, "outputs not stored: {reason}"),
             JobOutcome::StagingFailed { reason } => write!(f, "inputs not staged: {reason}"),
+            JobOutcome::Abandoned { reason } => write!(f, "stopped by its agent: {reason}"),
         }
     }
 }
