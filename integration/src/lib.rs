@@ -369,9 +369,10 @@ impl AgentProc {
         Ok(me)
     }
 
-    /// Start with explicit arguments (e.g. `--join`); `--reconnect-max 1s` is added.
+    /// Start with explicit arguments (e.g. `--join`); `--reconnect-max 1s` and
+    /// `--container-runtime none` (as for every harness agent) are added.
     pub fn start_args(name: &str, mut args: Vec<String>, work: &Path) -> Result<Self> {
-        args.extend(["--reconnect-max".to_string(), "1s".to_string()]);
+        args.extend(["--reconnect-max", "1s", "--container-runtime", "none"].map(String::from));
         let mut me = Self {
             child: None,
             name: name.into(),
