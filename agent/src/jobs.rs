@@ -89,12 +89,7 @@ impl std::fmt::Debug for Jobs {
     }
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use fleetmesh_data::now_unix_ms as now_ms;
 
 /// Whether `program info` succeeds within 15 s: a docker client whose daemon is not
 /// running is on the PATH but cannot run anything.

@@ -106,15 +106,7 @@ pub struct AuctioneerState {
 
 impl AuctioneerState {
     fn send(&self, agent: &str, msg: CoordinatorMessage) {
-        match self.sessions.get(agent) {
-            Some(s) => {
-                let _ = s.cast(SessionMsg::Send(Box::new(msg)));
-            }
-            None => {
-                let _ =
-                    self.fleet.cast(crate::fleet::FleetMsg::Send { agent: agent.to_string(), msg });
-            }
-        }
+        crate::session::deliver(self.sessions.get(agent), &self.fleet, agent, Box::new(msg));
     }
 
     fn answered(run: &Run) -> bool {

@@ -551,7 +551,7 @@ impl Actor for Fleet {
         let ticker = myself.send_interval(args.cfg.liveness.tick, || FleetMsg::Tick);
         Ok(FleetState {
             cfg: args.cfg,
-            writer: crate::writer::Writer::spawn("fleet-writer", args.store, None)?,
+            writer: crate::writer::Writer::spawn("fleet-writer", args.store, myself.clone())?,
             agents,
             last_persist: now,
             changed: Default::default(),

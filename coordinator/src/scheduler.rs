@@ -1,9 +1,10 @@
-//! `Scheduler` actor: workflows and jobs. It plays the brief's `Workflow` (DAG progress),
-//! `JobSupervisor` (lifecycle, retries, re-placement on loss) and `Auctioneer` (calls for
-//! bids, award) roles in one actor for now; the decisions themselves are in the pure
-//! [`crate::auction`] module. Every state change is written to the store before it is
-//! acted on, so a restarted coordinator continues where it stopped and re-adopts attempts
-//! that agents report as running.
+//! `Scheduler` actor: workflows and jobs. It plays the brief's `Workflow` (DAG progress)
+//! and `JobSupervisor` (lifecycle, retries, re-placement on loss) roles in one actor for
+//! now; it opens auctions, which the [`crate::auctioneer`] runs, and turns their outcomes
+//! into fenced awards. Every state change is committed (through its
+//! [`crate::writer::Writer`]) before anything that depends on it is sent, so a restarted
+//! coordinator continues where it stopped and re-adopts attempts that agents report as
+//! running.
 //!
 //! Fencing: every award carries the job's attempt number. Events from any other attempt
 //! are ignored; an agent that reports running a non-current attempt is told to stop it.
@@ -225,7 +226,6 @@ pub enum SchedulerMsg {
         agent: String,
         session: ActorRef<crate::session::SessionMsg>,
     },
-    /// Commit pending state and send pending awards/acks.
     Cancel(String, RpcReplyPort<Result<usize, String>>),
     ListWorkflows(RpcReplyPort<Vec<WorkflowSummary>>),
     ListJobs(Option<String>, RpcReplyPort<Vec<JobSummary>>),
@@ -1218,11 +1218,8 @@ impl Actor for Scheduler {
         let _ = a.auctioneer.cast(AuctioneerMsg::SetScheduler(myself.clone()));
         let ticker = myself.send_interval(Duration::from_millis(100), || SchedulerMsg::Tick);
         let wf_check = workflows.keys().cloned().collect();
-        let writer = crate::writer::Writer::spawn(
-            "scheduler-writer",
-            a.store.clone(),
-            Some(a.fleet.clone()),
-        )?;
+        let writer =
+            crate::writer::Writer::spawn("scheduler-writer", a.store.clone(), a.fleet.clone())?;
         Ok(SchedulerState {
             fleet: a.fleet,
             workflows,
@@ -1685,7 +1682,8 @@ mod tests {
             next_award_or_release(&mut fleet_rx).await,
             ("a".into(), format!("award:{}", o.id), 1)
         );
-        // The winner refuses: the runner-up (still holding its reservation) gets attempt 2.
+        // The winner refuses: the runner-up gets attempt 2 (it takes it if its offered
+        // GPUs are still free).
         s.cast(SchedulerMsg::AwardAnswer {
             agent: "a".into(),
             job: job.clone(),

@@ -91,16 +91,16 @@ pub struct Writer<B> {
 }
 
 impl<B: Batch> Writer<B> {
-    /// `fleet` delivers agent messages queued without a session (the Scheduler's).
+    /// `fleet` delivers agent messages queued without a session.
     pub fn spawn(
         name: &str,
         store: Arc<Store>,
-        fleet: Option<ActorRef<FleetMsg>>,
+        fleet: ActorRef<FleetMsg>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Item<B>>();
         std::thread::Builder::new()
             .name(name.to_string())
-            .spawn(move || run(&store, fleet.as_ref(), rx))?;
+            .spawn(move || run(&store, &fleet, rx))?;
         Ok(Writer { tx })
     }
 
@@ -137,7 +137,7 @@ impl<B: Batch> Writer<B> {
         // The thread only ends when this handle is dropped or it panicked; then there is
         // nobody left to deliver to either.
         if self.tx.send(item).is_err() {
-            warn!("scheduler writer is gone; item dropped");
+            warn!("store writer is gone; item dropped");
         }
     }
 }
@@ -148,7 +148,7 @@ impl<B: Batch> Writer<B> {
 /// Scheduler's former 5 ms batches). An item arriving after a quiet spell is not held.
 const MIN_COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(5);
 
-fn run<B: Batch>(store: &Store, fleet: Option<&ActorRef<FleetMsg>>, rx: mpsc::Receiver<Item<B>>) {
+fn run<B: Batch>(store: &Store, fleet: &ActorRef<FleetMsg>, rx: mpsc::Receiver<Item<B>>) {
     let mut last_commit: Option<std::time::Instant> = None;
     while let Ok(first) = rx.recv() {
         if let Some(t) = last_commit {
@@ -176,17 +176,10 @@ fn run<B: Batch>(store: &Store, fleet: Option<&ActorRef<FleetMsg>>, rx: mpsc::Re
         }
         for item in batch {
             match item {
-                Item::Commit { .. } => {}
-                Item::Send { agent, session, msg } => match session {
-                    Some(s) => {
-                        let _ = s.cast(SessionMsg::Send(msg));
-                    }
-                    None => {
-                        if let Some(fleet) = fleet {
-                            let _ = fleet.cast(FleetMsg::Send { agent, msg: *msg });
-                        }
-                    }
-                },
+                Item::Commit(_) => {}
+                Item::Send { agent, session, msg } => {
+                    crate::session::deliver(session.as_ref(), fleet, &agent, msg)
+                }
                 Item::After(f) => f(),
             }
         }
@@ -234,7 +227,7 @@ mod tests {
         let store = Arc::new(Store::open(dir.path()).unwrap());
         let (tx, mut rx) = tmpsc::unbounded_channel();
         let (fleet, _h) = Actor::spawn(None, Probe, (store.clone(), tx)).await.unwrap();
-        let w = Writer::<Work>::spawn("t", store.clone(), Some(fleet.clone())).unwrap();
+        let w = Writer::<Work>::spawn("t", store.clone(), fleet.clone()).unwrap();
         // 200 rounds of "commit job-i, then send a message about job-i", queued far faster
         // than fsyncs complete, so most commits are merged into shared transactions.
         for i in 0..200 {

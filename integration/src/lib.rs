@@ -275,13 +275,12 @@ impl AgentProc {
         work: &Path,
     ) -> Result<Self> {
         let args = agent_args(pki, coordinator, name, cert, key, simulate, work)?;
-        let mut me = Self {
-            child: None,
-            name: name.into(),
-            log: work.join(format!("agent-{name}.log")),
-            args,
-            in_netns: false,
-        };
+        Self::launch(name, with_extra(args, &[]), work, false)
+    }
+
+    fn launch(name: &str, args: Vec<String>, work: &Path, in_netns: bool) -> Result<Self> {
+        let log = work.join(format!("agent-{name}.log"));
+        let mut me = Self { child: None, name: name.into(), log, args, in_netns };
         me.spawn()?;
         Ok(me)
     }
@@ -297,27 +296,9 @@ impl AgentProc {
         work: &Path,
     ) -> Result<Self> {
         let base = agent_cert(pki, name, attrs)?;
-        let mut me = Self::start_with(
-            pki,
-            coordinator,
-            name,
-            &base.with_extension("pem"),
-            &base.with_extension("key"),
-            simulate,
-            work,
-        )?;
-        if !extra.is_empty() {
-            me.kill9();
-            if let (true, Some(i)) = (
-                extra.contains(&"--container-runtime"),
-                me.args.iter().position(|a| a == "--container-runtime"),
-            ) {
-                me.args.drain(i..i + 2);
-            }
-            me.args.extend(extra.iter().map(|s| s.to_string()));
-            me.spawn()?;
-        }
-        Ok(me)
+        let (cert, key) = (base.with_extension("pem"), base.with_extension("key"));
+        let args = agent_args(pki, coordinator, name, &cert, &key, simulate, work)?;
+        Self::launch(name, with_extra(args, extra), work, false)
     }
 
     /// Issue an agent cert (if missing) and start it.
@@ -361,27 +342,16 @@ impl AgentProc {
             bin("fleetmesh-agent").display().to_string(),
         ];
         let (cert, key) = (base.with_extension("pem"), base.with_extension("key"));
-        args.extend(agent_args(pki, coordinator, name, &cert, &key, simulate, work)?);
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let log = work.join(format!("agent-{name}.log"));
-        let mut me = Self { child: None, name: name.into(), log, args, in_netns: true };
-        me.spawn()?;
-        Ok(me)
+        let agent = agent_args(pki, coordinator, name, &cert, &key, simulate, work)?;
+        args.extend(with_extra(agent, extra));
+        Self::launch(name, args, work, true)
     }
 
     /// Start with explicit arguments (e.g. `--join`); `--reconnect-max 1s` and
     /// `--container-runtime none` (as for every harness agent) are added.
     pub fn start_args(name: &str, mut args: Vec<String>, work: &Path) -> Result<Self> {
-        args.extend(["--reconnect-max", "1s", "--container-runtime", "none"].map(String::from));
-        let mut me = Self {
-            child: None,
-            name: name.into(),
-            log: work.join(format!("agent-{name}.log")),
-            args,
-            in_netns: false,
-        };
-        me.spawn()?;
-        Ok(me)
+        args.extend(["--reconnect-max", "1s"].map(String::from));
+        Self::launch(name, with_extra(args, &[]), work, false)
     }
 
     /// Exit status if the process has ended.
@@ -512,15 +482,22 @@ fn agent_args(
         key.display().to_string(),
         "--reconnect-max".into(),
         "1s".into(),
-        // Tests choose their runtime explicitly (`start_extra`): what happens to be
-        // installed on the machine must not change which nodes bid for image jobs.
-        "--container-runtime".into(),
-        "none".into(),
     ];
     if let Some(s) = simulate {
         args.extend(["--simulate-gpus".to_string(), s.to_string()]);
     }
     Ok(args)
+}
+
+/// `args` plus the harness's defaults that `extra` does not set, then `extra`.
+/// Tests choose their container runtime explicitly: what happens to be installed on the
+/// machine must not change which nodes bid for image jobs.
+fn with_extra(mut args: Vec<String>, extra: &[&str]) -> Vec<String> {
+    if !extra.contains(&"--container-runtime") {
+        args.extend(["--container-runtime", "none"].map(String::from));
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
 }
 
 /// A network namespace joined to the root namespace by a veth pair, for partition

@@ -567,14 +567,27 @@ async fn logs_follow_streams_output_live_and_ends_with_the_job() -> anyhow::Resu
 
 /// A real network partition: the agent runs in its own network namespace, joined to the
 /// coordinator by a veth pair that the test takes down and brings back up.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn network_partition_re_places_the_job_and_the_healed_agent_stops_its_copy(
-) -> anyhow::Result<()> {
+/// Agent "p" inside a network namespace, running a job whose every copy writes a
+/// heartbeat tagged with its attempt (`a1 <ns>`) to `rec`, and agent "q" outside, ready
+/// to take it over. `None` (after saying so) where namespaces cannot be made (not root).
+struct PartitionMesh {
+    // Fields drop in order: the agents before the coordinator, the work dir and the netns.
+    _q: AgentProc,
+    p: AgentProc,
+    client: ApiClient,
+    _coord: CoordinatorProc,
+    id: String,
+    rec: std::path::PathBuf,
+    _work: tempfile::TempDir,
+    net: Netns,
+}
+
+async fn partition_mesh(wf_name: &str, p_extra: &[&str]) -> anyhow::Result<Option<PartitionMesh>> {
     let net = match Netns::create() {
         Ok(n) => n,
         Err(e) => {
             eprintln!("SKIPPED: cannot create a network namespace here ({e}); run as root");
-            return Ok(());
+            return Ok(None);
         }
     };
     let pki = Pki::new("mesh.test")?;
@@ -598,27 +611,27 @@ async fn network_partition_re_places_the_job_and_the_healed_agent_stops_its_copy
     .await?;
     let client = coord.client(&pki)?;
     let remote = std::net::SocketAddr::new(net.root_ip.into(), coord.control.port());
-    let _p = AgentProc::start_in_netns(
+    let p = AgentProc::start_in_netns(
         &pki,
         &net.name,
         remote,
         "p",
         attrs("r", "EU", "p"),
         Some("1xH100-80GB"),
-        &[],
+        p_extra,
         work.path(),
     )?;
     mesh_up(&client, 1).await;
     let rec = work.path().join("beats.log");
     let yaml = format!(
-        "name: netpart\njobs:\n  svc:\n    script: |\n      while true; do echo \"a$FLEETMESH_ATTEMPT $(date +%s%N)\" >> {r}; sleep 0.1; done\n    resources: {{ gpus: 1 }}\n",
+        "name: {wf_name}\njobs:\n  svc:\n    script: |\n      while true; do echo \"a$FLEETMESH_ATTEMPT $(date +%s%N)\" >> {r}; sleep 0.1; done\n    resources: {{ gpus: 1 }}\n",
         r = rec.display()
     );
     let wf = submit(&client, &yaml).await?;
     let id = format!("{wf}.svc");
     let first = wait_state(&client, &id, "running", 10).await;
     assert_eq!(first["attempts"][0]["agents"][0], "p");
-    let _q = AgentProc::start_extra(
+    let q = AgentProc::start_extra(
         &pki,
         coord.control,
         "q",
@@ -628,11 +641,19 @@ async fn network_partition_re_places_the_job_and_the_healed_agent_stops_its_copy
         work.path(),
     )?;
     mesh_up(&client, 2).await;
+    Ok(Some(PartitionMesh { _q: q, p, client, _coord: coord, id, rec, _work: work, net }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_partition_re_places_the_job_and_the_healed_agent_stops_its_copy(
+) -> anyhow::Result<()> {
+    let Some(m) = partition_mesh("netpart", &[]).await? else { return Ok(()) };
+    let (net, client, id, rec) = (&m.net, &m.client, m.id.as_str(), &m.rec);
     // Partition.
     net.set_link(false)?;
     let cut = Instant::now();
     wait_for(Duration::from_secs(8), || async {
-        let j = job(&client, &id).await;
+        let j = job(client, id).await;
         (j["state"] == "running"
             && j["attempts"].as_array().map(|a| a.len()) == Some(2)
             && j["attempts"][1]["agents"][0] == "q")
@@ -647,15 +668,15 @@ async fn network_partition_re_places_the_job_and_the_healed_agent_stops_its_copy
     net.set_link(true)?;
     let healed_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
     tokio::time::sleep(Duration::from_secs(10)).await;
-    assert_only_current_copy_runs(&rec, healed_ns, 8);
-    let j = job(&client, &id).await;
+    assert_only_current_copy_runs(rec, healed_ns, 8);
+    let j = job(client, id).await;
     assert_eq!(j["state"], "running");
     assert_eq!(j["attempts"].as_array().map(|a| a.len()), Some(2), "no third attempt");
-    let plog = std::fs::read_to_string(work.path().join("agent-p.log"))?;
+    let plog = std::fs::read_to_string(&m.p.log)?;
     assert!(plog.matches("session established").count() >= 2, "p reconnected:\n{plog}");
     let _: Value =
         client.post_json(&format!("/api/v1/jobs/{id}/cancel"), &serde_json::json!({})).await?;
-    wait_state(&client, &id, "cancelled", 5).await;
+    wait_state(client, id, "cancelled", 5).await;
     Ok(())
 }
 
@@ -1070,73 +1091,19 @@ jobs:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn self_fencing_agent_stops_its_copy_before_the_job_runs_elsewhere() -> anyhow::Result<()> {
-    let net = match Netns::create() {
-        Ok(n) => n,
-        Err(e) => {
-            eprintln!("SKIPPED: cannot create a network namespace here ({e}); run as root");
-            return Ok(());
-        }
-    };
-    let pki = Pki::new("mesh.test")?;
-    let mut req = fleetmesh_protocol::pki::IssueRequest::new(
-        fleetmesh_protocol::PeerKind::Coordinator,
-        "main",
-        Duration::from_secs(3600),
-    );
-    req.dns_names = vec!["localhost".into()];
-    req.ips = vec![[127, 0, 0, 1].into(), net.root_ip.into()];
-    pki.issue_req(&req)?;
-    pki.issue(fleetmesh_protocol::PeerKind::Operator, "harness", Default::default())?;
-    let work = tempfile::tempdir()?;
-    let coord = CoordinatorProc::start_listening(
-        &pki,
-        &work.path().join("coord"),
-        [0, 0, 0, 0].into(),
-        &[],
-    )
-    .await?;
-    let client = coord.client(&pki)?;
-    let remote = std::net::SocketAddr::new(net.root_ip.into(), coord.control.port());
     // 800 ms (+ up to 0.5 s until the next heartbeat notices, + 0.5 s kill grace) is
     // below the coordinator's default lost timeout of 2 s.
-    let _p = AgentProc::start_in_netns(
-        &pki,
-        &net.name,
-        remote,
-        "p",
-        attrs("r", "EU", "p"),
-        Some("1xH100-80GB"),
-        &["--stop-jobs-after-disconnect", "800ms"],
-        work.path(),
-    )?;
-    mesh_up(&client, 1).await;
-    let rec = work.path().join("beats.log");
-    let yaml = format!(
-        "name: fence\njobs:\n  svc:\n    script: |\n      while true; do echo \"a$FLEETMESH_ATTEMPT $(date +%s%N)\" >> {r}; sleep 0.1; done\n    resources: {{ gpus: 1 }}\n",
-        r = rec.display()
-    );
-    let wf = submit(&client, &yaml).await?;
-    let id = format!("{wf}.svc");
-    let first = wait_state(&client, &id, "running", 10).await;
-    assert_eq!(first["attempts"][0]["agents"][0], "p");
-    let _q = AgentProc::start_extra(
-        &pki,
-        coord.control,
-        "q",
-        attrs("r", "EU", "p"),
-        Some("1xH100-80GB"),
-        &[],
-        work.path(),
-    )?;
-    mesh_up(&client, 2).await;
+    let p_extra = ["--stop-jobs-after-disconnect", "800ms"];
+    let Some(m) = partition_mesh("fence", &p_extra).await? else { return Ok(()) };
+    let (net, client, id, rec) = (&m.net, &m.client, m.id.as_str(), &m.rec);
     // A healthy session never trips the fence: p has been connected for a while.
-    let j = job(&client, &id).await;
+    let j = job(client, id).await;
     assert_eq!(j["attempts"].as_array().map(|a| a.len()), Some(1), "fenced while connected: {j}");
     // Partition.
     net.set_link(false)?;
     let cut = Instant::now();
     wait_for(Duration::from_secs(8), || async {
-        let j = job(&client, &id).await;
+        let j = job(client, id).await;
         (j["state"] == "running" && j["attempts"][1]["agents"][0] == "q").then_some(())
     })
     .await
@@ -1146,7 +1113,7 @@ async fn self_fencing_agent_stops_its_copy_before_the_job_runs_elsewhere() -> an
     tokio::time::sleep(Duration::from_secs(2)).await;
     // Never two copies at once, not even during the partition: the cut-off copy's last
     // heartbeat came before the new copy's first.
-    let b = beats(&rec);
+    let b = beats(rec);
     let last_old = b.get("a1").and_then(|v| v.iter().max().copied()).expect("a1 beats");
     let first_new = b.get("a2").and_then(|v| v.iter().min().copied()).expect("a2 beats");
     assert!(
@@ -1158,12 +1125,12 @@ async fn self_fencing_agent_stops_its_copy_before_the_job_runs_elsewhere() -> an
     // Heal: p reports how its attempt ended; the job stays where it is.
     net.set_link(true)?;
     let reported = wait_for(Duration::from_secs(15), || async {
-        let j = job(&client, &id).await;
+        let j = job(client, id).await;
         let o = j["attempts"][0]["outcomes"][0].as_str().unwrap_or_default().to_string();
         o.contains("stopped by its agent").then_some(j)
     })
     .await;
-    let j = reported.unwrap_or(job(&client, &id).await);
+    let j = reported.unwrap_or(job(client, id).await);
     assert!(
         j["attempts"][0]["outcomes"][0].as_str().unwrap_or_default().contains("coordinator"),
         "{j}"
@@ -1173,6 +1140,6 @@ async fn self_fencing_agent_stops_its_copy_before_the_job_runs_elsewhere() -> an
     assert_eq!(j["attempts"].as_array().map(|a| a.len()), Some(2), "no third attempt: {j}");
     let _: Value =
         client.post_json(&format!("/api/v1/jobs/{id}/cancel"), &serde_json::json!({})).await?;
-    wait_state(&client, &id, "cancelled", 5).await;
+    wait_state(client, id, "cancelled", 5).await;
     Ok(())
 }
