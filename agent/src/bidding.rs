@@ -64,6 +64,8 @@ pub struct CallForBids {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Offer {
     pub gpus: Vec<String>,
+    /// The offered GPUs' health facts (same order).
+    pub health: Vec<fleetmesh_protocol::GpuHealth>,
     pub price: f64,
     pub eta_ms: u64,
     pub reserved_until_ms: u64,
@@ -183,8 +185,17 @@ impl LocalState {
                 unhealthy,
             });
         }
-        let gpus: Vec<String> =
-            free.iter().take(call.gpus as usize).map(|g| g.uuid.clone()).collect();
+        let offered = &free[..call.gpus as usize];
+        let gpus: Vec<String> = offered.iter().map(|g| g.uuid.clone()).collect();
+        let health = offered
+            .iter()
+            .map(|g| fleetmesh_protocol::GpuHealth {
+                uuid: g.uuid.clone(),
+                temperature_c: g.temperature_c,
+                ecc_uncorrected_volatile: g.ecc_uncorrected_volatile,
+                last_fatal_event_ms: g.last_fatal_event_ms,
+            })
+            .collect();
         let hours = call.expected_duration_ms as f64 / 3_600_000.0;
         let price = self.price_per_hour * hours * f64::from(call.gpus.max(1));
         let reserved_until_ms = now_ms + call.lease_ms;
@@ -193,7 +204,7 @@ impl LocalState {
             gpus: gpus.clone(),
             expires_at_ms: reserved_until_ms,
         });
-        Ok(Offer { gpus, price, eta_ms: 0, reserved_until_ms })
+        Ok(Offer { gpus, health, price, eta_ms: 0, reserved_until_ms })
     }
 }
 
@@ -278,6 +289,12 @@ mod tests {
         s.reservations.clear();
         let ok = s.bid(&call("b", 2), 1_000 + HEALTH_WINDOW_MS).unwrap();
         assert!(ok.gpus.contains(&"GPU-0".to_string()));
+        // The bid carries the offered GPUs' health facts, in the order of `gpus`.
+        let uuids: Vec<&str> = ok.health.iter().map(|h| h.uuid.as_str()).collect();
+        assert_eq!(uuids, ok.gpus.iter().map(String::as_str).collect::<Vec<_>>());
+        let g0 = ok.health.iter().find(|h| h.uuid == "GPU-0").unwrap();
+        assert_eq!(g0.last_fatal_event_ms, Some(1_000), "an old XID is reported, not hidden");
+        assert_eq!((g0.temperature_c, g0.ecc_uncorrected_volatile), (Some(40), Some(0)));
     }
 
     #[test]

@@ -303,6 +303,7 @@ impl Jobs {
                     price: o.price + price,
                     eta_ms: o.eta_ms + eta,
                     local_bytes,
+                    health: o.health,
                 }
             }
             Err(d) => AgentMessage::Decline { auction: c.auction.clone(), reason: d.to_string() },

@@ -29,6 +29,9 @@ pub struct Candidate {
     pub addr: Option<String>,
     /// `IP:PORT` of its data-plane endpoint.
     pub data_addr: Option<String>,
+    /// The node's CPUs and memory (from its inventory; 0 = not reported yet).
+    pub cpus: u32,
+    pub memory_bytes: u64,
 }
 
 /// Why an agent cannot take a job. Shown to users (`jobs show`), so the text matters.
@@ -45,6 +48,8 @@ pub enum Ineligible {
     SpotOnly,
     TooExpensive { max: String, price: String },
     NotEnoughGpus { wanted: u32, matching: u32 },
+    NotEnoughCpus { wanted: String, has: u32 },
+    NotEnoughMemory { wanted: u64, has: u64 },
 }
 
 impl std::fmt::Display for Ineligible {
@@ -72,6 +77,12 @@ impl std::fmt::Display for Ineligible {
             }
             Ineligible::NotEnoughGpus { wanted, matching } => {
                 write!(f, "{matching} free matching GPU(s), job needs {wanted}")
+            }
+            Ineligible::NotEnoughCpus { wanted, has } => {
+                write!(f, "{has} CPUs on the node, job needs {wanted}")
+            }
+            Ineligible::NotEnoughMemory { wanted, has } => {
+                write!(f, "{has} bytes of memory on the node, job needs {wanted}")
             }
         }
     }
@@ -125,6 +136,13 @@ pub fn eligible(job: &JobSpec, c: &Candidate) -> Result<(), Ineligible> {
         }
     }
     let r = &job.resources;
+    // The node's size (a node that has not reported it yet is not turned away for it).
+    if c.cpus > 0 && r.cpus > f64::from(c.cpus) {
+        return Err(Ineligible::NotEnoughCpus { wanted: format!("{}", r.cpus), has: c.cpus });
+    }
+    if c.memory_bytes > 0 && r.memory_bytes > c.memory_bytes {
+        return Err(Ineligible::NotEnoughMemory { wanted: r.memory_bytes, has: c.memory_bytes });
+    }
     if r.gpus > 0 {
         let matching = c
             .free_gpus
@@ -190,6 +208,9 @@ pub struct BidView {
     /// Input bytes the bidder already holds.
     #[serde(default)]
     pub local_bytes: u64,
+    /// Health facts of the offered GPUs, as the bidder read them (`jobs show`).
+    #[serde(default)]
+    pub health: Vec<fleetmesh_protocol::GpuHealth>,
 }
 
 /// Lower is better. `balanced` weighs one hour of waiting like doubling the price.
@@ -252,6 +273,8 @@ mod tests {
             gpu_uuids: Vec::new(),
             addr: None,
             data_addr: None,
+            cpus: 0,
+            memory_bytes: 0,
         }
     }
 
@@ -285,6 +308,24 @@ mod tests {
     }
 
     #[test]
+    fn cpus_and_memory_must_fit_the_node() {
+        let mut c = cand("a", "r", "EU", &[("NVIDIA H100", 80 << 30)]);
+        c.cpus = 8;
+        c.memory_bytes = 32 << 30;
+        let fits = job("    resources: { cpus: 8, memory: 32GiB, gpus: 1 }\n");
+        assert_eq!(eligible(&fits, &c), Ok(()));
+        let cpus = job("    resources: { cpus: 16, gpus: 1 }\n");
+        let e = eligible(&cpus, &c).unwrap_err();
+        assert_eq!(e.to_string(), "8 CPUs on the node, job needs 16");
+        let mem = job("    resources: { memory: 64GiB, gpus: 1 }\n");
+        assert!(matches!(eligible(&mem, &c), Err(Ineligible::NotEnoughMemory { .. })));
+        // A node that has not reported its size yet is not turned away for it.
+        c.cpus = 0;
+        c.memory_bytes = 0;
+        assert_eq!(eligible(&cpus, &c), Ok(()));
+    }
+
+    #[test]
     fn price_cap_labels_and_top_k() {
         let j = job("    constraints: { max_price_per_hour: 3, labels: { tier: gold } }\n");
         let mut a = cand("a", "r", "EU", &[]);
@@ -310,7 +351,7 @@ mod tests {
     }
 
     fn bid(agent: &str, price: f64, eta_ms: u64) -> BidView {
-        BidView { agent: agent.into(), price, eta_ms, gpus: vec![], local_bytes: 0 }
+        BidView { agent: agent.into(), price, eta_ms, gpus: vec![], local_bytes: 0, health: vec![] }
     }
 
     #[test]

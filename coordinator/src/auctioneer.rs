@@ -81,6 +81,7 @@ pub enum AuctioneerMsg {
         price: f64,
         eta_ms: u64,
         local_bytes: u64,
+        health: Vec<fleetmesh_protocol::GpuHealth>,
     },
     Decline {
         agent: String,
@@ -212,10 +213,10 @@ impl Actor for Auctioneer {
                 let id = open.id.clone();
                 st.runs.insert(id, Run { open: *open, bids: Vec::new(), declines: Vec::new() });
             }
-            AuctioneerMsg::Bid { agent, auction, gpus, price, eta_ms, local_bytes } => {
+            AuctioneerMsg::Bid { agent, auction, gpus, price, eta_ms, local_bytes, health } => {
                 let complete = match st.runs.get_mut(&auction) {
                     Some(r) if r.open.invite.contains(&agent) => {
-                        r.bids.push(BidView { agent, price, eta_ms, gpus, local_bytes });
+                        r.bids.push(BidView { agent, price, eta_ms, gpus, local_bytes, health });
                         AuctioneerState::answered(r)
                     }
                     _ => {
@@ -327,6 +328,7 @@ mod tests {
             price,
             eta_ms: 0,
             local_bytes: 0,
+            health: vec![],
         }
     }
 

@@ -525,6 +525,8 @@ mod tests {
             gpu_uuids: vec![],
             addr: Some("127.0.0.1".into()),
             data_addr: Some(format!("127.0.0.1:{}", name.len())),
+            cpus: 0,
+            memory_bytes: 0,
         }
     }
 

@@ -1559,6 +1559,8 @@ mod tests {
                         gpu_uuids: vec![format!("GPU-{agent}")],
                         addr: None,
                         data_addr: None,
+                        cpus: 0,
+                        memory_bytes: 0,
                     };
                     let _ = reply.send(vec![c("a", 1.0), c("b", 2.0)]);
                 }
@@ -1603,6 +1605,7 @@ mod tests {
             eta_ms: 0,
             gpus: vec![format!("GPU-{agent}")],
             local_bytes: 0,
+            health: vec![],
         }
     }
 

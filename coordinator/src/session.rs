@@ -193,7 +193,7 @@ async fn reader_loop(
                         session_id,
                         inventory,
                     }),
-                    AgentMessage::Bid { auction, gpus, price, eta_ms, local_bytes } => {
+                    AgentMessage::Bid { auction, gpus, price, eta_ms, local_bytes, health } => {
                         let _ = auctioneer.cast(crate::auctioneer::AuctioneerMsg::Bid {
                             agent: name.clone(),
                             auction,
@@ -201,6 +201,7 @@ async fn reader_loop(
                             price,
                             eta_ms,
                             local_bytes,
+                            health,
                         });
                         Ok(())
                     }

@@ -307,6 +307,14 @@ async fn killed_agent_job_runs_elsewhere_within_3s() -> anyhow::Result<()> {
     let id = format!("{wf}.sleeper");
     let running = wait_state(&client, &id, "running", 10).await;
     let victim = running["attempts"][0]["agents"][0].as_str().expect("agent").to_string();
+    // `jobs show` lists the bids with the health facts of the GPUs they offered.
+    let bid = running["attempts"][0]["bids"]
+        .as_array()
+        .and_then(|b| b.iter().find(|b| b["agent"] == victim.as_str()))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(bid["health"][0]["uuid"], running["attempts"][0]["gpus"][0][0], "{running}");
+    assert!(bid["health"][0]["temperature_c"].is_u64(), "{running}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let killed = Instant::now();
     if let Some(p) = procs.get_mut(&victim) {

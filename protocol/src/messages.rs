@@ -25,7 +25,15 @@ pub enum AgentMessage {
     /// Certificate renewal: a CSR for the agent's (unchanged) key.
     Renew { csr_pem: String },
     /// Answer to a call for bids: an offer with a tentative reservation.
-    Bid { auction: String, gpus: Vec<String>, price: f64, eta_ms: u64, local_bytes: u64 },
+    Bid {
+        auction: String,
+        gpus: Vec<String>,
+        price: f64,
+        eta_ms: u64,
+        local_bytes: u64,
+        /// One per offered GPU, in the order of `gpus`: what the agent saw when it bid.
+        health: Vec<GpuHealth>,
+    },
     /// Answer to a call for bids: no.
     Decline { auction: String, reason: String },
     /// An award was accepted (the process is being started) or refused.
@@ -333,6 +341,17 @@ pub struct HostInfo {
     pub agent_version: String,
     pub cpu_count: u32,
     pub memory_total_bytes: u64,
+}
+
+/// Health facts of an offered GPU, as the bidding agent read them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuHealth {
+    pub uuid: String,
+    pub temperature_c: Option<u32>,
+    /// Uncorrectable ECC errors since the driver loaded.
+    pub ecc_uncorrected_volatile: Option<u64>,
+    /// Last XID / double-bit ECC event, ms since the epoch (none seen: `None`).
+    pub last_fatal_event_ms: Option<u64>,
 }
 
 /// Static GPU facts.
