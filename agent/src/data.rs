@@ -228,7 +228,7 @@ impl DataPlane {
             let src = dir.join("outputs").join(&o.output);
             let store = self.store.clone();
             let m = tokio::task::spawn_blocking(move || {
-                dataset::import(&store, &src, DEFAULT_CHUNK_SIZE, |_| {})
+                dataset::import_output(&store, &src, DEFAULT_CHUNK_SIZE)
             })
             .await
             .map_err(|e| e.to_string())?

@@ -498,6 +498,11 @@ impl Jobs {
                 }
             }
             (Some(image), Some(rt)) => {
+                // Checked at submission too; here because the image must never be read
+                // by the runtime as one of its options.
+                if let Err(reason) = fleetmesh_protocol::workflow::validate_image_reference(image) {
+                    return JobOutcome::FailedToStart { reason };
+                }
                 let mut v = vec![
                     rt.clone(),
                     "run".into(),

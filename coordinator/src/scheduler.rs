@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use fleetmesh_protocol::codec::encode_frame;
 use fleetmesh_protocol::data::{intersect_residency, residency_allows};
 use fleetmesh_protocol::workflow::{InputRef, Run, Workflow};
 use fleetmesh_protocol::{
@@ -841,6 +842,21 @@ impl SchedulerState {
             self.keep_queued(&run.job, reasons, now);
             return;
         };
+        // Outputs are made from the inputs: they may narrow the inputs' residency, never
+        // widen it.
+        let declared = j.spec.output_jurisdictions.clone().unwrap_or_default();
+        let Some(output_residency) = intersect_residency([&run.residency[..], &declared[..]])
+        else {
+            let why = format!(
+                "output_jurisdictions {declared:?} has nothing in common with the residency of its inputs {:?}: an output cannot be less restricted than what it is made from",
+                run.residency
+            );
+            warn!(job_id = %run.job, "{why}");
+            j.set(JobState::Failed, why);
+            self.release(auction_id, &winners);
+            self.touch_job(&run.job);
+            return;
+        };
         // Fetch plans (with tickets) for each winner's inputs, and where outputs go.
         let mut plans: Vec<Vec<AwardInput>> = Vec::new();
         for w in winners.iter().filter(|_| !run.inputs.is_empty()) {
@@ -865,8 +881,7 @@ impl SchedulerState {
             plans.push(ins);
         }
         let wf_name = self.workflows.get(&j.workflow).map(|w| w.name.clone()).unwrap_or_default();
-        j.output_residency =
-            j.spec.output_jurisdictions.clone().unwrap_or_else(|| run.residency.clone());
+        j.output_residency = output_residency;
         let outputs: Vec<AwardOutput> = j
             .spec
             .outputs
@@ -914,29 +929,43 @@ impl SchedulerState {
             cost: 0.0,
             state: "awarded".into(),
         };
+        let job_id = run.job.clone();
+        let awards: Vec<(String, CoordinatorMessage)> = winners
+            .iter()
+            .enumerate()
+            .map(|(rank, w)| {
+                let award = Award {
+                    auction: auction_id.to_string(),
+                    job: job_id.clone(),
+                    attempt: run.attempt,
+                    gpus: w.gpus.clone(),
+                    exec: exec.clone(),
+                    rank: rank as u32,
+                    world_size: world,
+                    master_addr: master.clone(),
+                    master_port: 29500,
+                    inputs: plans.get(rank).cloned().unwrap_or_default(),
+                    outputs: outputs.clone(),
+                };
+                (w.agent.clone(), CoordinatorMessage::Award(Box::new(award)))
+            })
+            .collect();
+        // An award that cannot be sent would be retried forever: the job fails instead.
+        if let Some(e) = awards.iter().find_map(|(_, m)| encode_frame(m).err()) {
+            let why = format!("the award cannot be sent to an agent ({e}); make the job smaller");
+            warn!(job_id = %job_id, "{why}");
+            j.set(JobState::Failed, why);
+            self.release(auction_id, &winners);
+            self.touch_job(&job_id);
+            return;
+        }
         let detail = format!("attempt {} awarded to {}", run.attempt, attempt.agents.join(", "));
         j.attempts.push(attempt);
         j.queued_reasons.clear();
         j.set(JobState::Starting, detail);
-        let job_id = run.job.clone();
         self.touch_job(&job_id);
-        for (rank, w) in winners.iter().enumerate() {
-            let award = Award {
-                auction: auction_id.to_string(),
-                job: job_id.clone(),
-                attempt: run.attempt,
-                gpus: w.gpus.clone(),
-                exec: exec.clone(),
-                rank: rank as u32,
-                world_size: world,
-                master_addr: master.clone(),
-                master_port: 29500,
-                inputs: plans.get(rank).cloned().unwrap_or_default(),
-                outputs: outputs.clone(),
-            };
-            // Sent after the tick's state (with this fence) is persisted.
-            self.outgoing.push((w.agent.clone(), CoordinatorMessage::Award(Box::new(award))));
-        }
+        // Sent after the tick's state (with this fence) is persisted.
+        self.outgoing.extend(awards);
         if let Some(bid) = backup {
             self.backups.insert(
                 (job_id, run.attempt),

@@ -42,6 +42,36 @@ pub fn list_files(root: &Path) -> Result<Vec<(String, PathBuf)>, StoreError> {
     Ok(out)
 }
 
+/// [`list_files`] for what a job left in an output directory, which the job controls: a
+/// hard link whose other names are not all inside `root` is refused, because the job may
+/// have linked a file it could read but not have made (the agent's key, another job's
+/// data). Links among the outputs' own files are fine. Special files are never listed.
+pub fn list_output_files(root: &Path) -> Result<Vec<(String, PathBuf)>, StoreError> {
+    use std::os::unix::fs::MetadataExt;
+    let files = list_files(root)?;
+    let mut names_inside: std::collections::HashMap<(u64, u64), (u64, u64, &str)> =
+        Default::default();
+    for (rel, path) in &files {
+        let md = std::fs::symlink_metadata(path).map_err(io(path))?;
+        if md.nlink() > 1 {
+            let e = names_inside.entry((md.dev(), md.ino())).or_insert((md.nlink(), 0, rel));
+            e.1 += 1;
+        }
+    }
+    if let Some((links, inside, rel)) = names_inside.values().find(|(n, i, _)| i < n) {
+        return Err(StoreError::Other(format!(
+            "{rel} is a hard link to a file outside the outputs ({links} links, {inside} of them in the outputs); copy the file instead"
+        )));
+    }
+    Ok(files)
+}
+
+/// Chunk a job's output directory into `store` (see [`list_output_files`]).
+pub fn import_output(store: &Store, root: &Path, chunk_size: u32) -> Result<Manifest, StoreError> {
+    let files = list_output_files(root)?;
+    chunk_files(files, chunk_size, |_| {}, |h, b| store.write(h, b))
+}
+
 /// Chunk a file or directory into `store`, calling `progress(bytes)` as it goes. Returns
 /// the manifest (its id is the dataset id).
 pub fn import(
@@ -68,15 +98,25 @@ pub fn scan(
 fn chunk_tree(
     root: &Path,
     chunk_size: u32,
+    progress: impl FnMut(u64),
+    sink: impl FnMut(&Hash, &[u8]) -> Result<(), StoreError>,
+) -> Result<Manifest, StoreError> {
+    chunk_files(list_files(root)?, chunk_size, progress, sink)
+}
+
+fn chunk_files(
+    listed: Vec<(String, PathBuf)>,
+    chunk_size: u32,
     mut progress: impl FnMut(u64),
     mut sink: impl FnMut(&Hash, &[u8]) -> Result<(), StoreError>,
 ) -> Result<Manifest, StoreError> {
+    use fleetmesh_protocol::data::PERMISSION_BITS;
     use std::os::unix::fs::PermissionsExt;
     let mut files = Vec::new();
     let mut buf = vec![0u8; chunk_size as usize];
-    for (rel, path) in list_files(root)? {
+    for (rel, path) in listed {
         let mut f = std::fs::File::open(&path).map_err(io(&path))?;
-        let mode = f.metadata().map_err(io(&path))?.permissions().mode() & 0o777;
+        let mode = f.metadata().map_err(io(&path))?.permissions().mode() & PERMISSION_BITS;
         let (mut size, mut chunks) = (0u64, Vec::new());
         loop {
             let n = read_full(&mut f, &mut buf).map_err(io(&path))?;
@@ -226,5 +266,29 @@ mod tests {
         for d in [&dest, &dest2] {
             let _ = std::process::Command::new("chmod").args(["-R", "u+w"]).arg(d).status();
         }
+    }
+
+    #[test]
+    fn outputs_refuse_hard_links_to_files_outside_them() {
+        let secret_dir = tempfile::tempdir().unwrap();
+        let secret = secret_dir.path().join("agent.key");
+        std::fs::write(&secret, b"PRIVATE KEY").unwrap();
+        let out = tempfile::tempdir().unwrap();
+        std::fs::write(out.path().join("result.txt"), b"ok").unwrap();
+        // Links among the outputs' own files are fine.
+        std::fs::hard_link(out.path().join("result.txt"), out.path().join("copy.txt")).unwrap();
+        let st = tempfile::tempdir().unwrap();
+        let store = Store::open(st.path(), u64::MAX).unwrap();
+        let m = import_output(&store, out.path(), 4096).unwrap();
+        assert_eq!(m.files.len(), 2);
+        std::fs::hard_link(&secret, out.path().join("stolen")).unwrap();
+        let e = import_output(&store, out.path(), 4096).unwrap_err().to_string();
+        assert!(e.contains("stolen is a hard link to a file outside the outputs"), "{e}");
+        // A FIFO (a special file) is never part of a dataset.
+        std::fs::remove_file(out.path().join("stolen")).unwrap();
+        let fifo = out.path().join("pipe");
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        let m = import_output(&store, out.path(), 4096).unwrap();
+        assert!(m.files.iter().all(|f| f.path != "pipe"));
     }
 }

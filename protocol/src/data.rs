@@ -24,6 +24,9 @@ pub const ALPN_XFER: &[u8] = b"fleetmesh/xfer/1";
 pub const DEFAULT_CHUNK_SIZE: u32 = 4 << 20;
 /// Largest chunk size accepted from a manifest (bounds what one read may allocate).
 pub const MAX_CHUNK_SIZE: u32 = 64 << 20;
+/// The only mode bits a manifest may carry: read, write and execute for user, group and
+/// other. setuid, setgid and sticky never travel with data.
+pub const PERMISSION_BITS: u32 = 0o777;
 /// Domain separation for ticket signatures.
 const TICKET_CONTEXT: &[u8] = b"fleetmesh-ticket-v1\0";
 
@@ -63,7 +66,8 @@ pub struct FileEntry {
     /// Relative path with `/` separators; never absolute, never `..`.
     pub path: String,
     pub size: u64,
-    /// Unix permission bits (the materialised copy is made read-only regardless).
+    /// Unix permission bits, at most [`PERMISSION_BITS`] (setuid, setgid and sticky are
+    /// refused); the materialised copy is made read-only regardless.
     pub mode: u32,
     /// Chunk hashes in order; every chunk but the last is `chunk_size` long.
     pub chunks: Vec<Hash>,
@@ -120,12 +124,26 @@ impl Manifest {
             return bad(format!("chunk size {} out of range", self.chunk_size));
         }
         let mut prev: Option<&str> = None;
+        let mut paths = std::collections::HashSet::new();
         for f in &self.files {
             check_rel_path(&f.path).map_err(DataError::BadManifest)?;
             if prev.is_some_and(|p| p >= f.path.as_str()) {
                 return bad(format!("files not sorted or duplicated at {:?}", f.path));
             }
             prev = Some(&f.path);
+            // Sorted order puts `x` before `x/y`: a file that is also a directory shows
+            // as an earlier path equal to one of this path's parents.
+            let parents = f.path.match_indices('/').map(|(i, _)| &f.path[..i]);
+            if let Some(p) = parents.into_iter().find(|p| paths.contains(p)) {
+                return bad(format!("{p:?} is both a file and the directory of {:?}", f.path));
+            }
+            paths.insert(f.path.as_str());
+            if f.mode & !PERMISSION_BITS != 0 {
+                return bad(format!(
+                    "{:?}: mode {:#o} has bits beyond the permissions {PERMISSION_BITS:#o} (setuid, setgid or sticky)",
+                    f.path, f.mode
+                ));
+            }
             let want = f.size.div_ceil(u64::from(self.chunk_size));
             if f.chunks.len() as u64 != want {
                 return bad(format!(
@@ -388,6 +406,28 @@ mod tests {
         let mut m = manifest();
         m.chunk_size = 0;
         assert!(m.validate().is_err());
+    }
+
+    #[test]
+    fn setuid_setgid_and_sticky_modes_are_refused() {
+        for mode in [0o4755, 0o2755, 0o1777, 0o6777, 0o100644] {
+            let mut m = manifest();
+            m.files[0].mode = mode;
+            let e = m.validate().unwrap_err().to_string();
+            assert!(e.contains(&format!("mode {mode:#o} has bits beyond the permissions")), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_path_cannot_be_both_a_file_and_a_directory() {
+        let f = |path: &str| FileEntry { path: path.into(), size: 0, mode: 0o644, chunks: vec![] };
+        let m = Manifest { chunk_size: 4, files: vec![f("x"), f("x-a"), f("x/y")] };
+        let e = m.validate().unwrap_err().to_string();
+        assert!(e.contains("\"x\" is both a file and the directory of \"x/y\""), "{e}");
+        let deep = Manifest { chunk_size: 4, files: vec![f("a/b"), f("a/b/c/d")] };
+        assert!(deep.validate().is_err());
+        let fine = Manifest { chunk_size: 4, files: vec![f("x/y"), f("x/z"), f("xy")] };
+        assert!(fine.validate().is_ok());
     }
 
     #[test]

@@ -48,6 +48,23 @@ const MAX_GPU_MEMORY: u64 = 1 << 40; // 1 TiB per GPU
 const MAX_NODES: u32 = 1024;
 const MAX_RETRIES: u32 = 100;
 
+/// Largest workflow file accepted, in bytes (the API's body limit is the same).
+pub const MAX_WORKFLOW_FILE_BYTES: usize = 2 << 20;
+/// Largest a workflow may become once YAML aliases are expanded: what is stored and
+/// handed to the scheduler. An anchored scalar referenced many times is measured here,
+/// before anything is allocated for it.
+pub const MAX_EXPANDED_BYTES: u64 = 4 << 20;
+/// Jobs in one workflow file.
+pub const MAX_JOBS_PER_WORKFLOW: usize = 10_000;
+/// Bytes of `script`, or of all `command` arguments together, per job. With the env
+/// and input caps below, an award always fits one control frame.
+pub const MAX_RUN_BYTES: usize = 256 << 10;
+/// Bytes of `env` (names plus values) per job.
+pub const MAX_ENV_BYTES: usize = 64 << 10;
+/// Inputs, and outputs, per job.
+pub const MAX_INPUTS_PER_JOB: usize = 64;
+pub const MAX_OUTPUTS_PER_JOB: usize = 64;
+
 /// How bids are scored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -386,6 +403,20 @@ fn job_at_line(yaml: &str, line: u64) -> Option<String> {
 
 /// Parse and validate a workflow file.
 pub fn parse(yaml: &str) -> Result<Workflow, WorkflowError> {
+    if yaml.len() > MAX_WORKFLOW_FILE_BYTES {
+        return Err(WorkflowError::Syntax {
+            job: None,
+            message: format!(
+                "the file is {} bytes; the limit is {MAX_WORKFLOW_FILE_BYTES}",
+                yaml.len()
+            ),
+        });
+    }
+    // Measure first: deserialising an alias bomb into `RawWorkflow` would allocate it.
+    serde_saphyr::from_str::<ExpandedSize>(yaml).map_err(|e| {
+        let job = e.location().and_then(|l| job_at_line(yaml, l.line()));
+        WorkflowError::Syntax { job, message: e.to_string() }
+    })?;
     let raw: RawWorkflow = serde_saphyr::from_str(yaml).map_err(|e| {
         let job = e.location().and_then(|l| job_at_line(yaml, l.line()));
         WorkflowError::Syntax { job, message: e.to_string() }
@@ -403,6 +434,13 @@ fn validate(raw: RawWorkflow) -> Result<Workflow, WorkflowError> {
     }
     if raw.jobs.is_empty() {
         push(None, "jobs", "a workflow needs at least one job".into());
+    }
+    if raw.jobs.len() > MAX_JOBS_PER_WORKFLOW {
+        push(
+            None,
+            "jobs",
+            format!("{} jobs; at most {MAX_JOBS_PER_WORKFLOW} per workflow", raw.jobs.len()),
+        );
     }
     let mut jobs = BTreeMap::new();
     for (name, j) in &raw.jobs {
@@ -430,6 +468,31 @@ fn validate(raw: RawWorkflow) -> Result<Workflow, WorkflowError> {
                 None
             }
         };
+        let run_bytes = match &run {
+            Some(Run::Command(argv)) => argv.iter().map(String::len).sum(),
+            Some(Run::Script(text)) => text.len(),
+            None => 0,
+        };
+        if run_bytes > MAX_RUN_BYTES {
+            let field = if j.script.is_some() { "script" } else { "command" };
+            push(jn, field, format!("{run_bytes} bytes; the limit is {MAX_RUN_BYTES}"));
+        }
+        let env_bytes: usize = j.env.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if env_bytes > MAX_ENV_BYTES {
+            push(jn, "env", format!("{env_bytes} bytes; the limit is {MAX_ENV_BYTES}"));
+        }
+        if j.inputs.len() > MAX_INPUTS_PER_JOB {
+            push(jn, "inputs", format!("{} inputs; at most {MAX_INPUTS_PER_JOB}", j.inputs.len()));
+        }
+        if j.outputs.len() > MAX_OUTPUTS_PER_JOB {
+            let n = j.outputs.len();
+            push(jn, "outputs", format!("{n} outputs; at most {MAX_OUTPUTS_PER_JOB}"));
+        }
+        if let Some(image) = &j.image {
+            if let Err(e) = validate_image_reference(image) {
+                push(jn, "image", e);
+            }
+        }
         for n in &j.needs {
             if n == name {
                 push(jn, "needs", "a job cannot need itself".into());
@@ -592,65 +655,277 @@ fn validate(raw: RawWorkflow) -> Result<Workflow, WorkflowError> {
     Ok(Workflow { name: raw.name, objective: raw.objective.unwrap_or_default(), jobs })
 }
 
+/// A dependency cycle, if there is one: iterative depth-first search (a chain of
+/// thousands of jobs must not overflow a worker's stack).
 fn find_cycle(jobs: &BTreeMap<String, RawJob>) -> Option<Vec<String>> {
-    // 0 = unvisited, 1 = on stack, 2 = done.
-    fn visit(
-        n: &str,
-        jobs: &BTreeMap<String, RawJob>,
-        state: &mut BTreeMap<String, u8>,
-        stack: &mut Vec<String>,
-    ) -> Option<Vec<String>> {
-        match state.get(n).copied().unwrap_or(0) {
-            1 => {
-                let start = stack.iter().position(|s| s == n).unwrap_or(0);
-                let mut cycle = stack[start..].to_vec();
-                cycle.push(n.to_string());
-                return Some(cycle);
-            }
-            2 => return None,
-            _ => {}
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        OnPath,
+        Done,
+    }
+    let mut mark: BTreeMap<&str, Mark> = BTreeMap::new();
+    for root in jobs.keys() {
+        if mark.contains_key(root.as_str()) {
+            continue;
         }
-        state.insert(n.to_string(), 1);
-        stack.push(n.to_string());
-        if let Some(j) = jobs.get(n) {
-            for d in &j.needs {
-                if d != n && jobs.contains_key(d) {
-                    if let Some(c) = visit(d, jobs, state, stack) {
-                        return Some(c);
-                    }
+        // The current path: each job with the index of the next `needs` entry to visit.
+        let mut path: Vec<(&str, usize)> = vec![(root.as_str(), 0)];
+        mark.insert(root, Mark::OnPath);
+        while let Some((node, next)) = path.last_mut() {
+            let needs = jobs.get(*node).map(|j| j.needs.as_slice()).unwrap_or_default();
+            let Some(dep) = needs.get(*next) else {
+                mark.insert(node, Mark::Done);
+                path.pop();
+                continue;
+            };
+            *next += 1;
+            if dep == node || !jobs.contains_key(dep) {
+                continue; // reported on their own
+            }
+            match mark.get(dep.as_str()) {
+                Some(Mark::Done) => {}
+                Some(Mark::OnPath) => {
+                    let start = path.iter().position(|(n, _)| *n == dep).unwrap_or(0);
+                    let mut cycle: Vec<String> =
+                        path[start..].iter().map(|(n, _)| n.to_string()).collect();
+                    cycle.push(dep.clone());
+                    return Some(cycle);
+                }
+                None => {
+                    mark.insert(dep, Mark::OnPath);
+                    path.push((dep.as_str(), 0));
                 }
             }
-        }
-        stack.pop();
-        state.insert(n.to_string(), 2);
-        None
-    }
-    let mut state = BTreeMap::new();
-    for n in jobs.keys() {
-        if let Some(c) = visit(n, jobs, &mut state, &mut Vec::new()) {
-            return Some(c);
         }
     }
     None
 }
 
+/// Check an image against the OCI distribution reference grammar:
+/// `[HOST[:PORT]/]PATH[:TAG][@ALGO:HEX]`, path components in lower case. The image is
+/// passed to the container runtime as one argument; a reference that could be read as an
+/// option (`--privileged`) or carries anything else is refused.
+pub fn validate_image_reference(image: &str) -> Result<(), String> {
+    const MAX_NAME: usize = 255;
+    const MAX_TAG: usize = 128;
+    let bad = |why: &str| Err(format!("{image:?} is not an image reference ({why})"));
+    if image.is_empty() {
+        return bad("empty");
+    }
+    let (rest, digest) = match image.split_once('@') {
+        Some((r, d)) => (r, Some(d)),
+        None => (image, None),
+    };
+    if let Some(d) = digest {
+        let Some((algo, hex)) = d.split_once(':') else { return bad("digest needs ALGO:HEX") };
+        let algo_ok = !algo.is_empty()
+            && algo.split(['+', '.', '_', '-']).all(|p| {
+                !p.is_empty() && p.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            });
+        let hex_ok = hex.len() >= 32
+            && hex.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'=' | b'_' | b'-'));
+        if !algo_ok || !hex_ok {
+            return bad("malformed digest");
+        }
+    }
+    // A tag follows the last ':' that comes after the last '/' (a ':' before it is a port).
+    let last_slash = rest.rfind('/').map(|i| i + 1).unwrap_or(0);
+    let (name, tag) = match rest[last_slash..].rfind(':') {
+        Some(i) => (&rest[..last_slash + i], Some(&rest[last_slash + i + 1..])),
+        None => (rest, None),
+    };
+    if let Some(t) = tag {
+        let first_ok = t.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_');
+        let rest_ok =
+            t.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+        if !first_ok || !rest_ok || t.len() > MAX_TAG {
+            return bad("malformed tag");
+        }
+    }
+    if name.is_empty() || name.len() > MAX_NAME {
+        return bad("name must be 1 to 255 characters");
+    }
+    let mut components: Vec<&str> = name.split('/').collect();
+    let first = components[0];
+    let is_domain = components.len() > 1
+        && (first.contains('.')
+            || first.contains(':')
+            || first == "localhost"
+            || first.bytes().any(|b| b.is_ascii_uppercase()));
+    if is_domain {
+        let (host, port) = match first.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (first, None),
+        };
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        if !host.split('.').all(label_ok)
+            || port.is_some_and(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()))
+        {
+            return bad("malformed registry host");
+        }
+        components.remove(0);
+    }
+    for c in components {
+        if !path_component_ok(c) {
+            return bad("path components are lower-case letters and digits joined by . _ __ or -");
+        }
+    }
+    Ok(())
+}
+
+/// `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*`
+fn path_component_ok(c: &str) -> bool {
+    let b = c.as_bytes();
+    let alnum = |x: u8| x.is_ascii_lowercase() || x.is_ascii_digit();
+    if b.is_empty() || !alnum(b[0]) || !alnum(b[b.len() - 1]) {
+        return false;
+    }
+    let mut i = 0;
+    while i < b.len() {
+        if alnum(b[i]) {
+            i += 1;
+            continue;
+        }
+        let sep_start = i;
+        while i < b.len() && !alnum(b[i]) {
+            i += 1;
+        }
+        let sep = &c[sep_start..i];
+        if !(sep == "." || sep == "_" || sep == "__" || sep.bytes().all(|x| x == b'-')) {
+            return false;
+        }
+    }
+    true
+}
+
+/// Walks a YAML document, with aliases expanded as the deserialiser replays them, and
+/// counts the bytes of its scalars without keeping them; fails past
+/// [`MAX_EXPANDED_BYTES`].
+struct ExpandedSize;
+
+impl<'de> Deserialize<'de> for ExpandedSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let total = std::cell::Cell::new(0u64);
+        d.deserialize_any(Measure(&total))?;
+        Ok(ExpandedSize)
+    }
+}
+
+/// One node of the walk; shares the running total.
+#[derive(Clone, Copy)]
+struct Measure<'a>(&'a std::cell::Cell<u64>);
+
+/// What a non-string node is charged (its bookkeeping, not its text).
+const NODE_COST: u64 = 8;
+
+impl Measure<'_> {
+    fn charge<E: serde::de::Error>(self, bytes: u64) -> Result<(), E> {
+        let t = self.0.get().saturating_add(bytes);
+        self.0.set(t);
+        if t > MAX_EXPANDED_BYTES {
+            return Err(E::custom(format!(
+                "the workflow expands (YAML aliases included) to more than {MAX_EXPANDED_BYTES} bytes"
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Measure<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Measure<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any YAML value")
+    }
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<(), E> {
+        self.charge(NODE_COST)
+    }
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<(), E> {
+        self.charge(NODE_COST)
+    }
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<(), E> {
+        self.charge(NODE_COST)
+    }
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<(), E> {
+        self.charge(NODE_COST)
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<(), E> {
+        self.charge(v.len() as u64 + NODE_COST)
+    }
+    fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<(), E> {
+        self.charge(v.len() as u64 + NODE_COST)
+    }
+    fn visit_none<E: serde::de::Error>(self) -> Result<(), E> {
+        self.charge(NODE_COST)
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+        self.charge(NODE_COST)
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+    fn visit_newtype_struct<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        self.charge(NODE_COST)?;
+        while seq.next_element_seed(self)?.is_some() {}
+        Ok(())
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        self.charge(NODE_COST)?;
+        while map.next_key_seed(self)?.is_some() {
+            map.next_value_seed(self)?;
+        }
+        Ok(())
+    }
+    fn visit_enum<A: serde::de::EnumAccess<'de>>(self, data: A) -> Result<(), A::Error> {
+        use serde::de::VariantAccess;
+        let ((), v) = data.variant_seed(self)?;
+        v.newtype_variant_seed(self)
+    }
+}
+
 impl Workflow {
-    /// Jobs in an order where every job comes after the jobs it needs.
+    /// Jobs in an order where every job comes after the jobs it needs (Kahn's
+    /// algorithm, linear in jobs plus edges; names break ties, so the order is stable).
     pub fn topological_order(&self) -> Vec<&str> {
-        let mut done: Vec<&str> = Vec::new();
-        while done.len() < self.jobs.len() {
-            let before = done.len();
-            for (n, j) in &self.jobs {
-                if !done.contains(&n.as_str()) && j.needs.iter().all(|d| done.contains(&d.as_str()))
-                {
-                    done.push(n);
-                }
-            }
-            if done.len() == before {
-                break; // cycles are rejected by validation; never loop forever
+        let mut waiting_on: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut needed_by: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for (n, j) in &self.jobs {
+            let deps: std::collections::BTreeSet<&str> =
+                j.needs.iter().map(String::as_str).filter(|d| self.jobs.contains_key(*d)).collect();
+            waiting_on.insert(n, deps.len());
+            for d in deps {
+                needed_by.entry(d).or_default().push(n);
             }
         }
-        done
+        let mut ready: std::collections::BTreeSet<&str> =
+            waiting_on.iter().filter(|(_, c)| **c == 0).map(|(n, _)| *n).collect();
+        let mut order = Vec::with_capacity(self.jobs.len());
+        while let Some(n) = ready.pop_first() {
+            order.push(n);
+            for m in needed_by.get(n).into_iter().flatten() {
+                if let Some(c) = waiting_on.get_mut(m) {
+                    *c -= 1;
+                    if *c == 0 {
+                        ready.insert(m);
+                    }
+                }
+            }
+        }
+        order // cycles are rejected by validation; a job on one is left out, never looped on
     }
 }
 
@@ -788,6 +1063,125 @@ jobs:
         {
             assert!(parse(bad).is_err(), "{bad:?}");
         }
+    }
+
+    /// A chain of `n` jobs, each needing the one before.
+    fn chain(n: usize) -> String {
+        let mut y = String::from("name: w\njobs:\n");
+        for i in 0..n {
+            y.push_str(&format!("  j{i}:\n    command: [x]\n"));
+            if i > 0 {
+                y.push_str(&format!("    needs: [j{}]\n", i - 1));
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn long_chains_do_not_overflow_the_stack() {
+        // 20,000 used to abort the coordinator in the recursive cycle search; run it on a
+        // stack smaller than a tokio worker's to show the walk is iterative.
+        let over = chain(20_000);
+        let at_limit = chain(MAX_JOBS_PER_WORKFLOW);
+        let t = std::thread::Builder::new()
+            .stack_size(256 << 10)
+            .spawn(move || {
+                let e = parse(&over).unwrap_err().to_string();
+                assert!(e.contains("20000 jobs; at most 10000 per workflow"), "{e}");
+                let w = parse(&at_limit).unwrap();
+                let order = w.topological_order();
+                assert_eq!(order.len(), MAX_JOBS_PER_WORKFLOW);
+                assert_eq!((order[0], order[order.len() - 1]), ("j0", "j9999"));
+            })
+            .unwrap();
+        t.join().unwrap();
+        // A long cycle is still found and named.
+        let mut cyc = chain(5_000);
+        cyc = cyc.replacen(
+            "  j0:\n    command: [x]\n",
+            "  j0:\n    command: [x]\n    needs: [j4999]\n",
+            1,
+        );
+        let e = problems(&cyc);
+        assert!(e.contains("dependency cycle: j0 -> j4999 -> j4998"), "{}", &e[..200.min(e.len())]);
+    }
+
+    #[test]
+    fn alias_amplification_is_refused_before_it_is_built() {
+        // One 100 KB anchored scalar used 60 times: 6 MB once expanded, from a 100 KB file.
+        let big = "x".repeat(100_000);
+        let mut y = format!("name: w\njobs:\n  a0:\n    script: &s \"{big}\"\n");
+        for i in 1..60 {
+            y.push_str(&format!("  a{i}:\n    script: *s\n"));
+        }
+        let e = problems(&y);
+        assert!(e.contains("expands (YAML aliases included) to more than 4194304 bytes"), "{e}");
+        // Aliases within the limit still work.
+        let ok = "name: w\njobs:\n  a:\n    command: &c [echo, hi]\n  b:\n    command: *c\n";
+        assert_eq!(
+            parse(ok).unwrap().jobs["b"].run,
+            Run::Command(vec!["echo".into(), "hi".into()])
+        );
+        let huge = format!("name: w\njobs:\n  a:\n    script: \"{}\"\n", "y".repeat(3 << 20));
+        assert!(problems(&huge).contains("the limit is 2097152"));
+    }
+
+    #[test]
+    fn script_env_inputs_and_outputs_are_bounded() {
+        let script = "s".repeat(MAX_RUN_BYTES + 1);
+        let e = problems(&format!("name: w\njobs:\n  a:\n    script: \"{script}\"\n"));
+        assert!(e.contains("job `a`, field `script`: 262145 bytes; the limit is 262144"), "{e}");
+        let arg = "c".repeat(MAX_RUN_BYTES / 2 + 1);
+        let e = problems(&format!("name: w\njobs:\n  a:\n    command: [\"{arg}\", \"{arg}\"]\n"));
+        assert!(e.contains("job `a`, field `command`: 262146 bytes"), "{e}");
+        let v = "v".repeat(MAX_ENV_BYTES);
+        let e = problems(&format!(
+            "name: w\njobs:\n  a:\n    command: [x]\n    env: {{ K: \"{v}\" }}\n"
+        ));
+        assert!(e.contains("job `a`, field `env`: 65537 bytes; the limit is 65536"), "{e}");
+        let ins: Vec<String> = (0..65).map(|i| format!("d{i}")).collect();
+        let e = problems(&format!(
+            "name: w\njobs:\n  a:\n    command: [x]\n    inputs: [{}]\n",
+            ins.join(", ")
+        ));
+        assert!(e.contains("65 inputs; at most 64"), "{e}");
+    }
+
+    #[test]
+    fn images_follow_the_oci_reference_grammar() {
+        for good in [
+            "busybox",
+            "busybox:1.36",
+            "library/busybox:latest",
+            "docker.io/library/busybox",
+            "localhost:5000/team/img:v1.2-rc_3",
+            "ghcr.io/org/my-image__x.y:tag",
+            "registry.example.com/a/b@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "pytorch/pytorch:2.5",
+        ] {
+            assert_eq!(validate_image_reference(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "--privileged",
+            "-v",
+            "",
+            "Busybox",
+            "busybox:",
+            "busybox:-x",
+            "bad image",
+            "a//b",
+            "img@sha256:short",
+            "host:port/x",
+            "x;rm -rf /",
+            "-e=FOO",
+        ] {
+            assert!(validate_image_reference(bad).is_err(), "{bad:?} accepted");
+        }
+        let e = problems("name: w\njobs:\n  a:\n    image: \"--privileged\"\n    command: [-v, /:/host, busybox]\n");
+        assert!(
+            e.contains("job `a`, field `image`: \"--privileged\" is not an image reference"),
+            "{e}"
+        );
     }
 
     #[test]

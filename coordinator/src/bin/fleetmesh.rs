@@ -1035,7 +1035,12 @@ async fn data(conn: &ConnArgs, output: Output, cmd: DataCmd) -> Result<()> {
                     pb.inc(body.len() as u64);
                 }
                 use std::os::unix::fs::PermissionsExt;
-                let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(f.mode));
+                let _ = std::fs::set_permissions(
+                    &p,
+                    std::fs::Permissions::from_mode(
+                        f.mode & fleetmesh_protocol::data::PERMISSION_BITS,
+                    ),
+                );
             }
             pb.finish_and_clear();
             outln!(
