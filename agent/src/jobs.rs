@@ -2,26 +2,41 @@
 //! events that survives reconnects (attempts keep running while the coordinator is away;
 //! their events are delivered by the next session).
 //!
-//! Each attempt runs in `<data-dir>/work/<job>/<attempt>/` in its own process group, with
+//! Each attempt runs in `<data-dir>/work/<job>/<attempt>/` under its own supervisor
+//! ([`crate::shim`]), which leads the attempt's process group and outlives the agent, with
 //! the job's env plus `CUDA_VISIBLE_DEVICES` (awarded GPU UUIDs), `FLEETMESH_JOB`,
 //! `FLEETMESH_ATTEMPT`, and for gangs `FLEETMESH_RANK`, `FLEETMESH_WORLD_SIZE`,
-//! `MASTER_ADDR`, `MASTER_PORT`. stdout/stderr go to `stdout.log`/`stderr.log` (capped) and
-//! are streamed to the coordinator. Stop = SIGTERM to the group, SIGKILL after the grace.
+//! `MASTER_ADDR`, `MASTER_PORT`. The supervisor writes stdout/stderr to
+//! `stdout.log`/`stderr.log` (capped); the agent tails them to the coordinator. Stop =
+//! SIGTERM to the group, SIGKILL after the grace.
+//!
+//! Running attempts and unacknowledged exits are kept in the durable
+//! [`crate::attempts::AttemptTable`]: a restarted agent re-adopts the attempts still
+//! alive ([`Jobs::recover`]), reports the ones that ended while it was down, and kills
+//! process groups it cannot vouch for.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fleetmesh_protocol::{AgentMessage, Award, CallForBids, JobOutcome};
-use tokio::io::AsyncReadExt;
 use tokio::sync::{oneshot, Notify};
 use tracing::{info, warn};
 
+use crate::attempts::{AttemptRecord, AttemptTable};
 use crate::bidding::{self, LocalState};
+use crate::shim::{self, ExitRecord};
 
-/// Bytes of each stream kept on disk per attempt.
-pub const MAX_LOG_BYTES: u64 = 64 << 20;
+pub use crate::shim::MAX_LOG_BYTES;
+/// How often an attempt's logs are read for streaming, and an adopted attempt checked.
+const ATTEMPT_POLL: Duration = Duration::from_millis(100);
+/// Most log bytes streamed per stream and poll (bounds one JobOutput message).
+const LOG_READ_MAX: usize = 64 << 10;
+/// How often the time the coordinator was last heard from is written for supervisors.
+const FENCE_FILE_EVERY: Duration = Duration::from_millis(200);
+/// Grace given to running attempts when the agent shuts down.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Queued events kept while disconnected; output chunks are dropped first.
 const MAX_OUTBOX: usize = 10_000;
 
@@ -81,6 +96,14 @@ pub struct Jobs {
     /// When the coordinator was last heard from (any packet on the session), ms since
     /// the epoch; read by the self-fencing watchdog ([`Jobs::fence_after_disconnect`]).
     last_heard_ms: std::sync::atomic::AtomicU64,
+    /// The durable attempt table (`None` if the data dir cannot hold it: attempts then
+    /// do not survive an agent restart, which is logged).
+    table: Option<AttemptTable>,
+    /// The program started as each attempt's supervisor (this binary).
+    shim_program: Option<PathBuf>,
+    /// With self-fencing: (after, file) handed to supervisors, which stop their job
+    /// when the file's time is older than `after`, even while the agent is down.
+    fence: std::sync::OnceLock<(Duration, PathBuf)>,
 }
 
 impl std::fmt::Debug for Jobs {
@@ -159,6 +182,14 @@ impl Jobs {
             has_container_runtime: container_runtime.is_some(),
             ..Default::default()
         };
+        let table = AttemptTable::open(data_dir)
+            .map_err(|e| {
+                warn!(error = %e, "no durable attempt table: running attempts will not survive an agent restart")
+            })
+            .ok();
+        let shim_program = std::env::current_exe()
+            .map_err(|e| warn!(error = %e, "cannot find this program to supervise attempts"))
+            .ok();
         Arc::new(Self {
             state: Mutex::new((local, BTreeMap::new())),
             unacked_exits: Mutex::new(Vec::new()),
@@ -169,6 +200,9 @@ impl Jobs {
             site: Default::default(),
             simulated_run: Default::default(),
             last_heard_ms: std::sync::atomic::AtomicU64::new(now_ms()),
+            table,
+            shim_program,
+            fence: Default::default(),
         })
     }
 
@@ -187,6 +221,28 @@ impl Jobs {
             after_ms = after.as_millis() as u64,
             "running jobs stop when the coordinator is silent that long"
         );
+        let file = self.work_root.with_file_name("coordinator-heard-ms");
+        let _ = self.fence.set((after, file.clone()));
+        let heard = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut written = 0;
+            loop {
+                let Some(me) = heard.upgrade() else { return };
+                let t = me.last_heard_ms.load(std::sync::atomic::Ordering::Relaxed);
+                drop(me);
+                if t != written {
+                    let f = file.clone();
+                    let ok = tokio::task::spawn_blocking(move || {
+                        crate::attempts::write_durably(&f, t.to_string().as_bytes())
+                    })
+                    .await;
+                    if matches!(ok, Ok(Ok(()))) {
+                        written = t;
+                    }
+                }
+                tokio::time::sleep(FENCE_FILE_EVERY).await;
+            }
+        });
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(50));
             loop {
@@ -373,6 +429,9 @@ impl Jobs {
 
     /// The coordinator recorded this exit.
     pub fn exit_recorded(&self, job: &str, attempt: u64) {
+        if let Some(t) = &self.table {
+            t.forget_exit(job, attempt);
+        }
         if let Ok(mut u) = self.unacked_exits.lock() {
             u.retain(|m| !matches!(m, AgentMessage::JobExited { job: j, attempt: n, .. } if j == job && *n == attempt));
         }
@@ -404,12 +463,18 @@ impl Jobs {
     ) {
         let started = Instant::now();
         let dir = self.work_root.join(sanitize(&a.job)).join(a.attempt.to_string());
-        let mut outcome = self.run_inner(&a, &mut stop).await;
+        let outcome = self.run_inner(&a, &mut stop).await;
+        self.complete(&a, &dir, outcome, started.elapsed()).await;
+    }
+
+    /// An attempt ended: collect its outputs, forget it, and record its exit durably
+    /// before it is sent (it is sent again on every new session until acknowledged).
+    async fn complete(&self, a: &Award, dir: &Path, mut outcome: JobOutcome, took: Duration) {
         let mut outputs = Vec::new();
         if let Some(d) = self.data() {
             d.release_inputs(&format!("{}/{}", a.job, a.attempt));
             if outcome.succeeded() && !a.outputs.is_empty() {
-                match d.collect(&a.outputs, &dir).await {
+                match d.collect(&a.outputs, dir).await {
                     Ok(o) => outputs = o,
                     Err(reason) => outcome = JobOutcome::OutputFailed { reason },
                 }
@@ -421,9 +486,19 @@ impl Jobs {
             job: a.job.clone(),
             attempt: a.attempt,
             outcome,
-            duration_ms: started.elapsed().as_millis() as u64,
+            duration_ms: took.as_millis() as u64,
             outputs,
         };
+        if let Some(t) = self.table.clone().filter(|_| self.simulated_run.get().is_none()) {
+            let e = exit.clone();
+            match tokio::task::spawn_blocking(move || t.save_exit(&e)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    warn!(job_id = %a.job, attempt = a.attempt, error = %e, "exit not recorded on disk: it is lost if the agent dies before the coordinator has it")
+                }
+                Err(e) => warn!(job_id = %a.job, error = %e, "exit recording task failed"),
+            }
+        }
         if let Ok(mut u) = self.unacked_exits.lock() {
             u.push(exit.clone());
             // Bound what a long-disconnected agent remembers.
@@ -431,6 +506,103 @@ impl Jobs {
             u.drain(..excess);
         }
         self.outbox.push(exit);
+    }
+
+    /// Re-adopt what a previous run of this agent left (call once, before the first
+    /// session): exits not yet acknowledged are queued again; attempts whose supervisor
+    /// still lives are watched again (their GPUs stay taken); attempts that ended while
+    /// the agent was down are reported from their exit status; supervised process groups
+    /// that no record vouches for are killed.
+    pub fn recover(self: &Arc<Self>) {
+        let Some(table) = &self.table else { return };
+        let loaded = table.load();
+        for (path, why) in &loaded.unreadable {
+            warn!(path = %path.display(), why, "unreadable attempt-table entry ignored");
+        }
+        if let Ok(mut u) = self.unacked_exits.lock() {
+            u.extend(loaded.exits.iter().cloned());
+        }
+        let mut vouched = std::collections::BTreeSet::new();
+        for rec in loaded.attempts {
+            vouched.insert(rec.dir.clone());
+            match shim::lock_holder(&rec.dir) {
+                Some(pid) => self.adopt(rec, pid),
+                None => {
+                    // The supervisor is gone; whatever is left of its group is not a job
+                    // anyone will account for.
+                    kill_leftover_group(rec.pid);
+                    let outcome = match shim::read_exit(&rec.dir) {
+                        Some(r) => exit_outcome(r),
+                        None => JobOutcome::Abandoned {
+                            reason: "the attempt's supervisor ended without an exit status while the agent was down".into(),
+                        },
+                    };
+                    let took = Duration::from_millis(now_ms().saturating_sub(rec.started_unix_ms));
+                    info!(job_id = %rec.award.job, attempt = rec.award.attempt, %outcome, "attempt ended while the agent was down");
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        me.complete(&rec.award, &rec.dir, outcome, took).await;
+                    });
+                }
+            }
+        }
+        self.kill_unvouched(&vouched);
+    }
+
+    /// Supervised attempt dirs whose supervisor lives but which no record names: the
+    /// agent died between starting it and recording it. Killed.
+    fn kill_unvouched(&self, vouched: &std::collections::BTreeSet<PathBuf>) {
+        let Ok(jobs) = std::fs::read_dir(&self.work_root) else { return };
+        for job in jobs.flatten() {
+            let Ok(attempts) = std::fs::read_dir(job.path()) else { continue };
+            for at in attempts.flatten() {
+                let dir = at.path();
+                if vouched.contains(&dir) {
+                    continue;
+                }
+                if let Some(pid) = shim::lock_holder(&dir) {
+                    warn!(dir = %dir.display(), pid, "a supervised attempt no record vouches for: killing its process group");
+                    shim::signal_group(pid, "KILL");
+                }
+            }
+        }
+    }
+
+    /// Watch an attempt started by a previous run of the agent, as if started now.
+    fn adopt(self: &Arc<Self>, rec: AttemptRecord, pid: u32) {
+        let a = rec.award.clone();
+        let key = (a.job.clone(), a.attempt);
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut s) = self.state.lock() {
+            s.0.running.push((format!("{}/{}", a.job, a.attempt), a.gpus.clone()));
+            s.1.insert(key, RunningAttempt { gpus: a.gpus.clone(), stop: Some(tx) });
+        }
+        info!(job_id = %a.job, attempt = a.attempt, pid, gpus = ?a.gpus, "attempt re-adopted after an agent restart");
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut stop = rx;
+            let elapsed = now_ms().saturating_sub(rec.started_unix_ms);
+            let deadline =
+                a.exec.timeout_ms.map(|t| Duration::from_millis(t.saturating_sub(elapsed)));
+            let outcome = me
+                .watch(&a, &rec.dir, pid, rec.container.as_ref(), None, &mut stop, deadline, true)
+                .await;
+            let took = Duration::from_millis(now_ms().saturating_sub(rec.started_unix_ms));
+            me.complete(&a, &rec.dir, outcome, took).await;
+        });
+    }
+
+    /// The agent is shutting down on purpose (it told the coordinator it is leaving, and
+    /// the coordinator places its jobs elsewhere): stop every attempt and wait for them.
+    pub async fn shutdown(&self) {
+        let running = self.running();
+        for (job, attempt) in &running {
+            self.stop(job, *attempt, JobOutcome::Cancelled, SHUTDOWN_GRACE);
+        }
+        let deadline = Instant::now() + SHUTDOWN_GRACE + Duration::from_secs(2);
+        while !self.running().is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// SIMULATED execution, for benchmarks that host many agents on one machine: every
@@ -539,74 +711,183 @@ impl Jobs {
                 req = stop => req.map(|(o, _)| o).unwrap_or(JobOutcome::Cancelled),
             };
         }
-        let Some((prog, args)) = argv.split_first() else {
+        if argv.is_empty() {
             return JobOutcome::FailedToStart { reason: "empty command".into() };
+        }
+        let Some(shim_program) = &self.shim_program else {
+            return JobOutcome::FailedToStart {
+                reason: "cannot find the agent program to supervise the attempt".into(),
+            };
         };
-        let mut cmd = tokio::process::Command::new(prog);
-        cmd.args(args)
+        let mut cmd = tokio::process::Command::new(shim_program);
+        cmd.arg(shim::SHIM_ARG).arg(&dir);
+        if let Some((after, file)) = self.fence.get() {
+            cmd.arg("--fence-after").arg(after.as_millis().to_string()).arg(file);
+        }
+        cmd.arg("--")
+            .args(&argv)
             .current_dir(&dir)
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            // The supervisor leads the attempt's process group, and outlives the agent.
             .process_group(0)
-            .kill_on_drop(true);
-        let mut child = match cmd.spawn() {
+            .kill_on_drop(false);
+        let child = match cmd.spawn() {
             Ok(c) => c,
-            Err(e) => return JobOutcome::FailedToStart { reason: format!("{prog}: {e}") },
+            Err(e) => {
+                return JobOutcome::FailedToStart {
+                    reason: format!("{}: {e}", shim_program.display()),
+                }
+            }
         };
         let pid = child.id().unwrap_or(0);
+        if let Some(t) = self.table.clone() {
+            let rec = AttemptRecord {
+                award: a.clone(),
+                dir: dir.clone(),
+                pid,
+                proc_start_ticks: crate::attempts::proc_start_ticks(pid),
+                started_unix_ms: now_ms(),
+                container: container.clone(),
+            };
+            match tokio::task::spawn_blocking(move || t.save_attempt(&rec)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    warn!(job_id = %a.job, attempt = a.attempt, error = %e, "attempt not recorded on disk: it will not survive an agent restart")
+                }
+                Err(e) => warn!(job_id = %a.job, error = %e, "attempt recording task failed"),
+            }
+        }
         info!(job_id = %a.job, attempt = a.attempt, pid, gpus = ?a.gpus, "attempt started");
         self.outbox.push(AgentMessage::JobStarted { job: a.job.clone(), attempt: a.attempt, pid });
-        let mut pumps = Vec::new();
-        for (stream, reader) in [
-            (
-                1u8,
-                child
-                    .stdout
-                    .take()
-                    .map(|r| Box::new(r) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-            ),
-            (
-                2u8,
-                child
-                    .stderr
-                    .take()
-                    .map(|r| Box::new(r) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-            ),
-        ] {
-            if let Some(r) = reader {
-                let file = dir.join(if stream == 1 { "stdout.log" } else { "stderr.log" });
-                pumps.push(tokio::spawn(pump(
-                    r,
-                    file,
-                    stream,
-                    a.job.clone(),
-                    a.attempt,
-                    self.outbox.clone(),
-                )));
-            }
-        }
-        let timeout = a.exec.timeout_ms.map(Duration::from_millis).unwrap_or(Duration::MAX / 4);
-        let outcome = tokio::select! {
-            st = child.wait() => match st {
-                Ok(s) => status_outcome(s),
-                Err(e) => JobOutcome::FailedToStart { reason: e.to_string() },
-            },
-            _ = tokio::time::sleep(timeout) => {
-                terminate(&mut child, pid, container.as_ref(), Duration::from_secs(5)).await;
-                JobOutcome::TimedOut
-            }
-            req = stop => {
-                let (outcome, grace) = req.unwrap_or((JobOutcome::Cancelled, Duration::from_secs(5)));
-                terminate(&mut child, pid, container.as_ref(), grace).await;
-                outcome
+        let timeout = a.exec.timeout_ms.map(Duration::from_millis);
+        self.watch(a, &dir, pid, container.as_ref(), Some(child), stop, timeout, false).await
+    }
+
+    /// Stream an attempt's logs until it ends, and stop it when asked or at its timeout.
+    /// `child` is the supervisor when this agent started it; an adopted attempt (no
+    /// child) is known to have ended when its supervisor releases its lock. The outcome
+    /// is the job's own status as the supervisor recorded it.
+    #[allow(clippy::too_many_arguments)]
+    async fn watch(
+        &self,
+        a: &Award,
+        dir: &Path,
+        pid: u32,
+        container: Option<&(String, String)>,
+        mut child: Option<tokio::process::Child>,
+        stop: &mut oneshot::Receiver<(JobOutcome, Duration)>,
+        timeout: Option<Duration>,
+        adopted: bool,
+    ) -> JobOutcome {
+        let mut logs = LogTail::new(dir, adopted);
+        let deadline = tokio::time::Instant::now() + timeout.unwrap_or(Duration::MAX / 4);
+        let mut tick = tokio::time::interval(ATTEMPT_POLL);
+        let outcome = loop {
+            tokio::select! {
+                st = wait_child(&mut child) => {
+                    break match (shim::read_exit(dir), st) {
+                        (Some(r), _) => exit_outcome(r),
+                        (None, Ok(s)) => status_outcome(s),
+                        (None, Err(e)) => JobOutcome::FailedToStart { reason: e.to_string() },
+                    };
+                }
+                _ = tick.tick() => {
+                    logs.stream(&a.job, a.attempt, &self.outbox);
+                    if child.is_none() && shim::lock_holder(dir).is_none() {
+                        break shim::read_exit(dir).map(exit_outcome).unwrap_or_else(|| {
+                            JobOutcome::Abandoned { reason: "the attempt's supervisor ended without an exit status".into() }
+                        });
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    terminate(&mut child, dir, pid, container, Duration::from_secs(5)).await;
+                    break JobOutcome::TimedOut;
+                }
+                req = &mut *stop => {
+                    let (outcome, grace) = req.unwrap_or((JobOutcome::Cancelled, Duration::from_secs(5)));
+                    terminate(&mut child, dir, pid, container, grace).await;
+                    break outcome;
+                }
             }
         };
-        for p in pumps {
-            let _ = tokio::time::timeout(Duration::from_secs(2), p).await;
-        }
+        logs.stream(&a.job, a.attempt, &self.outbox);
         outcome
+    }
+}
+
+/// Wait for the supervisor if this agent started it; never resolves otherwise.
+async fn wait_child(
+    child: &mut Option<tokio::process::Child>,
+) -> std::io::Result<std::process::ExitStatus> {
+    match child {
+        Some(c) => c.wait().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The outcome a supervisor recorded.
+fn exit_outcome(r: ExitRecord) -> JobOutcome {
+    match r {
+        ExitRecord::Exited { code } => JobOutcome::Exited { code },
+        ExitRecord::Signaled { signal } => JobOutcome::Signaled { signal },
+        ExitRecord::FailedToStart { reason } => JobOutcome::FailedToStart { reason },
+        ExitRecord::Fenced { silent_ms } => JobOutcome::Abandoned {
+            reason: format!("no word from the coordinator for {silent_ms} ms (stopped by the attempt's supervisor)"),
+        },
+    }
+}
+
+/// Kill what is left of process group `pgid` after its supervisor is gone (a group
+/// whose leader died keeps its id while any member lives, so this reaches only it).
+fn kill_leftover_group(pgid: u32) {
+    if pgid != 0 && !crate::attempts::group_members(pgid).is_empty() {
+        warn!(pgid, "processes of an attempt outlived its supervisor: killing them");
+        shim::signal_group(pgid, "KILL");
+    }
+}
+
+/// Reads what the supervisor appended to an attempt's logs since the last look.
+struct LogTail {
+    streams: [(u8, PathBuf, u64); 2],
+}
+
+impl LogTail {
+    /// `from_end`: an adopted attempt streams from what is there now (what it printed
+    /// while the agent was down stays in the files).
+    fn new(dir: &Path, from_end: bool) -> Self {
+        let at = |f: &str| {
+            let p = dir.join(f);
+            let len =
+                if from_end { std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0) } else { 0 };
+            (p, len)
+        };
+        let (out, out_at) = at("stdout.log");
+        let (err, err_at) = at("stderr.log");
+        Self { streams: [(1, out, out_at), (2, err, err_at)] }
+    }
+
+    fn stream(&mut self, job: &str, attempt: u64, outbox: &Outbox) {
+        use std::io::{Read, Seek};
+        for (stream, path, offset) in &mut self.streams {
+            let Ok(mut f) = std::fs::File::open(&*path) else { continue };
+            if f.seek(std::io::SeekFrom::Start(*offset)).is_err() {
+                continue;
+            }
+            let mut buf = Vec::new();
+            let Ok(n) = f.take(LOG_READ_MAX as u64).read_to_end(&mut buf) else { continue };
+            if n > 0 {
+                *offset += n as u64;
+                outbox.push(AgentMessage::JobOutput {
+                    job: job.to_string(),
+                    attempt,
+                    stream: *stream,
+                    data: buf,
+                });
+            }
+        }
     }
 }
 
@@ -625,36 +906,40 @@ fn status_outcome(s: std::process::ExitStatus) -> JobOutcome {
     }
 }
 
-fn signal_group(pid: u32, sig: &str) {
-    // The attempt leads its own process group: signal the whole group.
-    let _ = std::process::Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg("--")
-        .arg(format!("-{pid}"))
-        .status();
-}
-
 /// Stop an attempt: SIGTERM to its process group, SIGKILL after `grace`. For an image
 /// job, `container` is (runtime, container name): the runtime is asked to stop the
 /// container with the same grace, and to remove it whatever happened.
 async fn terminate(
-    child: &mut tokio::process::Child,
+    child: &mut Option<tokio::process::Child>,
+    dir: &Path,
     pid: u32,
     container: Option<&(String, String)>,
     grace: Duration,
 ) {
     if pid != 0 {
-        signal_group(pid, "TERM");
+        shim::signal_group(pid, "TERM");
     }
     if let Some((rt, name)) = container {
         let secs = grace.as_secs().to_string();
         runtime_cmd(rt, &["stop", "-t", &secs, name], grace + Duration::from_secs(20)).await;
     }
-    if tokio::time::timeout(grace, child.wait()).await.is_err() {
-        if pid != 0 {
-            signal_group(pid, "KILL");
+    let ended = async {
+        match child {
+            Some(c) => {
+                let _ = c.wait().await;
+            }
+            None => {
+                while shim::lock_holder(dir).is_some() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
         }
-        let _ = child.kill().await;
+    };
+    if tokio::time::timeout(grace, ended).await.is_err() && pid != 0 {
+        shim::signal_group(pid, "KILL");
+        if let Some(c) = child {
+            let _ = c.wait().await;
+        }
     }
     if let Some((rt, name)) = container {
         runtime_cmd(rt, &["rm", "-f", name], Duration::from_secs(20)).await;
@@ -674,53 +959,5 @@ async fn runtime_cmd(rt: &str, args: &[&str], limit: Duration) {
         Ok(Ok(st)) => info!(runtime = rt, ?args, %st, "container runtime command failed"),
         Ok(Err(e)) => warn!(runtime = rt, ?args, error = %e, "container runtime did not start"),
         Err(_) => warn!(runtime = rt, ?args, "container runtime command timed out"),
-    }
-}
-
-async fn pump(
-    mut r: Box<dyn tokio::io::AsyncRead + Unpin + Send>,
-    file: PathBuf,
-    stream: u8,
-    job: String,
-    attempt: u64,
-    outbox: Arc<Outbox>,
-) {
-    use tokio::io::AsyncWriteExt;
-    let mut f = tokio::fs::File::create(&file).await.ok();
-    let mut written: u64 = 0;
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let n = match r.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        if written < MAX_LOG_BYTES {
-            let take = (n as u64).min(MAX_LOG_BYTES - written) as usize;
-            if let Some(f) = f.as_mut() {
-                let _ = f.write_all(&buf[..take]).await;
-            }
-            outbox.push(AgentMessage::JobOutput {
-                job: job.clone(),
-                attempt,
-                stream,
-                data: buf[..take].to_vec(),
-            });
-            written += take as u64;
-            if written >= MAX_LOG_BYTES {
-                let note = b"\n[fleetmesh: log truncated at the size cap]\n";
-                if let Some(f) = f.as_mut() {
-                    let _ = f.write_all(note).await;
-                }
-                outbox.push(AgentMessage::JobOutput {
-                    job: job.clone(),
-                    attempt,
-                    stream,
-                    data: note.to_vec(),
-                });
-            }
-        }
-    }
-    if let Some(mut f) = f {
-        let _ = f.flush().await;
     }
 }

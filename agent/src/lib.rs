@@ -5,6 +5,7 @@
 //! sends its inventory and then telemetry at a fixed interval, and reconnects forever with
 //! backoff. `main.rs` is a thin shell around [`run`] and [`probe`].
 
+pub mod attempts;
 pub mod backoff;
 pub mod bidding;
 pub mod config;
@@ -15,6 +16,7 @@ pub mod host;
 pub mod jobs;
 pub mod sampler;
 pub mod session;
+pub mod shim;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -213,6 +215,8 @@ pub async fn run(
                 Ok(d) => {
                     let a = &opts.tls.identity.attributes;
                     jobs.set_data(d, (a.provider.clone(), a.region.clone()));
+                    // Before the first session, which reports what runs here.
+                    jobs.recover();
                 }
                 Err(e) => return Err(AgentError::Config(format!("data plane: {e}"))),
             },
@@ -240,7 +244,10 @@ pub async fn run(
             "agent starting"
         );
         match session::run_forever(opts, sampler, stats.clone(), shutdown.clone()).await {
-            session::RunEnd::Shutdown => return Ok(()),
+            session::RunEnd::Shutdown => {
+                jobs.shutdown().await;
+                return Ok(());
+            }
             session::RunEnd::CertificateExpired => {
                 if matches!(source, IdentitySource::PreIssued { .. }) {
                     tracing::error!("the pre-issued certificate has expired; replace it (checking again in 30 s)");

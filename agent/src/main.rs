@@ -113,6 +113,8 @@ fn init_tracing(format: &str) {
 }
 
 fn main() -> ExitCode {
+    // An attempt's supervisor is this same program (see `fleetmesh_agent::shim`).
+    fleetmesh_agent::shim::run_if_requested();
     let cli = Cli::parse();
     init_tracing(&cli.log_format);
     fleetmesh_protocol::tls::install_default_provider();

@@ -412,6 +412,28 @@ impl AgentProc {
 impl Drop for AgentProc {
     fn drop(&mut self) {
         self.kill9();
+        self.kill_attempts();
+    }
+}
+
+impl AgentProc {
+    /// The agent's data dir (from its `--data-dir` argument).
+    pub fn data_dir(&self) -> Option<PathBuf> {
+        let i = self.args.iter().position(|a| a == "--data-dir")?;
+        self.args.get(i + 1).map(PathBuf::from)
+    }
+
+    /// Kill every attempt this agent's supervisors still run: attempts outlive a killed
+    /// agent by design, but not the test that started them.
+    pub fn kill_attempts(&self) {
+        let Some(work) = self.data_dir().map(|d| d.join("work")) else { return };
+        for job in std::fs::read_dir(work).into_iter().flatten().flatten() {
+            for at in std::fs::read_dir(job.path()).into_iter().flatten().flatten() {
+                if let Some(pid) = fleetmesh_agent::shim::lock_holder(&at.path()) {
+                    fleetmesh_agent::shim::signal_group(pid, "KILL");
+                }
+            }
+        }
     }
 }
 

@@ -956,6 +956,8 @@ async fn transfer(
 }
 
 fn main() -> Result<()> {
+    // Bidder shards host agents whose attempts are supervised by this program.
+    fleetmesh_agent::shim::run_if_requested();
     let cli = Cli::parse();
     fleetmesh_protocol::tls::install_default_provider();
     // A bidders shard is one of several processes sharing the cores: one worker each.
