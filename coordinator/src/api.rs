@@ -2,8 +2,10 @@
 //!
 //! Every connection must present a client certificate from the mesh CA (rustls verifies
 //! chain and validity); every request additionally requires the certificate to be an
-//! *operator* identity, otherwise it gets `403` with a JSON error naming what was
-//! presented. Endpoints:
+//! *operator* identity of this mesh's trust domain that is not revoked, otherwise it gets
+//! `403` with a JSON error naming what was presented. Every change made through the API
+//! is recorded in the audit trail with the caller's SPIFFE id before it is answered.
+//! Endpoints:
 //!
 //! | method | path                   | answer                         |
 //! |--------|------------------------|--------------------------------|
@@ -16,6 +18,7 @@
 //! | GET    | `/api/v1/tokens`       | `[TokenView]`                  |
 //! | POST   | `/api/v1/tokens/{id}/revoke` | revoke a token           |
 //! | POST   | `/api/v1/agents/{name}/revoke` | cut an agent off       |
+//! | POST   | `/api/v1/identities/{kind}/{name}/revoke` | deny any identity (agent, operator, coordinator) |
 //! | GET    | `/api/v1/audit`        | `[AuditRecord]`                |
 //! | GET    | `/healthz`             | `ok`                           |
 //! | GET    | `/api/v1/data`         | `[DatasetSummary]`             |
@@ -47,7 +50,7 @@ use tokio::sync::oneshot;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
-use crate::authority::{AuthorityMsg, TokenSpec};
+use crate::authority::{AuthorityMsg, Revocations, TokenSpec};
 use crate::broker::{DataBroker, Requester};
 use crate::fleet::FleetMsg;
 use crate::scheduler::SchedulerMsg;
@@ -68,6 +71,7 @@ struct AppState {
     scheduler: ActorRef<SchedulerMsg>,
     broker: Arc<DataBroker>,
     tls: Arc<TlsIdentity>,
+    revocations: Arc<Revocations>,
 }
 
 macro_rules! sched_call {
@@ -205,16 +209,40 @@ struct RevokeBody {
 
 async fn revoke_agent(
     State(st): State<AppState>,
+    Extension(peer): Extension<Peer>,
     Path(name): Path<String>,
     body: Option<Json<RevokeBody>>,
 ) -> Response {
+    revoke(&st, &peer, PeerKind::Agent, name, body).await
+}
+
+async fn revoke_identity(
+    State(st): State<AppState>,
+    Extension(peer): Extension<Peer>,
+    Path((kind, name)): Path<(String, String)>,
+    body: Option<Json<RevokeBody>>,
+) -> Response {
+    match kind.parse::<PeerKind>() {
+        Ok(kind) => revoke(&st, &peer, kind, name, body).await,
+        Err(e) => error(StatusCode::BAD_REQUEST, e),
+    }
+}
+
+async fn revoke(
+    st: &AppState,
+    peer: &Peer,
+    kind: PeerKind,
+    name: String,
+    body: Option<Json<RevokeBody>>,
+) -> Response {
     let reason = body.and_then(|b| b.0.reason).unwrap_or_else(|| "revoked by an operator".into());
+    let actor = peer.0.as_ref().map(|p| p.spiffe_id());
     match ractor::call_t!(
         st.authority,
-        |reply| AuthorityMsg::RevokeAgent { name: name.clone(), reason, reply },
+        |reply| AuthorityMsg::Revoke { kind, name: name.clone(), reason, actor, reply },
         FLEET_CALL_MS
     ) {
-        Ok(Ok(())) => Json(serde_json::json!({ "revoked": name })).into_response(),
+        Ok(Ok(())) => Json(serde_json::json!({ "revoked": name, "kind": kind })).into_response(),
         Ok(Err(why)) => error(StatusCode::BAD_REQUEST, why),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("authority unavailable: {e}")),
     }
@@ -228,22 +256,78 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(ApiErrorBody { error: msg.into() })).into_response()
 }
 
-async fn require_operator(Extension(peer): Extension<Peer>, req: Request, next: Next) -> Response {
-    match &peer.0 {
-        Some(id) if id.kind == PeerKind::Operator => next.run(req).await,
-        Some(id) => error(
+/// Requests that change nothing the audit trail tracks: reads, a query sent as POST,
+/// and content-addressed chunk uploads (the dataset registration that uses them is
+/// recorded).
+fn audited(method: &axum::http::Method, path: &str) -> bool {
+    use axum::http::Method;
+    !(matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+        || path == "/api/v1/data/missing"
+        || path.starts_with("/api/v1/data/chunks/"))
+}
+
+/// Who may call the API: an operator certificate of this mesh's trust domain that is not
+/// revoked. Changes are recorded with the caller's identity before the answer goes out.
+async fn require_operator(
+    State(st): State<AppState>,
+    Extension(peer): Extension<Peer>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let id = match &peer.0 {
+        Some(id) if id.kind == PeerKind::Operator => id,
+        Some(id) => {
+            return error(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "the API requires an operator certificate; {} is a {} certificate",
+                    id.spiffe_id(),
+                    id.kind
+                ),
+            )
+        }
+        None => {
+            return error(
+                StatusCode::FORBIDDEN,
+                "the API requires an operator certificate from the mesh CA",
+            )
+        }
+    };
+    let domain = &st.tls.identity.trust_domain;
+    if &id.trust_domain != domain {
+        return error(
             StatusCode::FORBIDDEN,
             format!(
-                "the API requires an operator certificate; {} is a {} certificate",
+                "{} is for trust domain {}; this mesh is {domain}",
                 id.spiffe_id(),
-                id.kind
+                id.trust_domain
             ),
-        ),
-        None => error(
-            StatusCode::FORBIDDEN,
-            "the API requires an operator certificate from the mesh CA",
-        ),
+        );
     }
+    if let Some(why) = st.revocations.check(id) {
+        return error(StatusCode::FORBIDDEN, why);
+    }
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let response = next.run(req).await;
+    if audited(&method, &path) {
+        let record = crate::store::AuditRecord {
+            at_unix_ms: fleetmesh_data::now_unix_ms(),
+            event: "api".into(),
+            agent: None,
+            token_id: None,
+            serial: Some(id.serial.clone()),
+            not_after_unix: None,
+            detail: format!("{method} {path} -> {}", response.status().as_u16()),
+            actor: Some(id.spiffe_id()),
+        };
+        let stored =
+            ractor::call_t!(st.authority, AuthorityMsg::Record, FLEET_CALL_MS, Box::new(record));
+        if !matches!(stored, Ok(Ok(()))) {
+            // The change is made; say that its record is missing rather than hide it.
+            warn!(actor = %id.spiffe_id(), %method, %path, result = ?stored, "audit record not stored");
+        }
+    }
+    response
 }
 
 macro_rules! fleet_call {
@@ -461,13 +545,7 @@ async fn chunk_get(State(st): State<AppState>, Path(h): Path<String>) -> Respons
     }
 }
 
-fn router(
-    fleet: ActorRef<FleetMsg>,
-    authority: ActorRef<AuthorityMsg>,
-    scheduler: ActorRef<SchedulerMsg>,
-    broker: Arc<DataBroker>,
-    tls: Arc<TlsIdentity>,
-) -> Router {
+fn router(state: AppState) -> Router {
     use axum::routing::post;
     Router::new()
         // Manifests of large datasets are large (one hash per chunk).
@@ -498,6 +576,7 @@ fn router(
         .route("/api/v1/tokens", get(list_tokens).post(create_token))
         .route("/api/v1/tokens/{id}/revoke", axum::routing::post(revoke_token))
         .route("/api/v1/agents/{name}/revoke", axum::routing::post(revoke_agent))
+        .route("/api/v1/identities/{kind}/{name}/revoke", axum::routing::post(revoke_identity))
         .route("/api/v1/audit", get(audit_log))
         .route("/api/v1/agents", get(list_agents))
         .route("/api/v1/agents/{name}", get(show_agent))
@@ -505,8 +584,8 @@ fn router(
         .route("/api/v1/stats/ingest", get(ingest))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
-        .layer(middleware::from_fn(require_operator))
-        .with_state(AppState { fleet, authority, scheduler, broker, tls })
+        .layer(middleware::from_fn_with_state(state.clone(), require_operator))
+        .with_state(state)
 }
 
 /// Api start-up arguments.
@@ -517,6 +596,7 @@ pub struct ApiArgs {
     pub authority: ActorRef<AuthorityMsg>,
     pub scheduler: ActorRef<SchedulerMsg>,
     pub broker: Arc<DataBroker>,
+    pub revocations: Arc<Revocations>,
     pub bound: Option<oneshot::Sender<SocketAddr>>,
 }
 
@@ -548,7 +628,14 @@ impl Actor for Api {
         if let Some(tx) = args.bound {
             let _ = tx.send(local);
         }
-        let app = router(args.fleet, args.authority, args.scheduler, args.broker, args.tls.clone());
+        let app = router(AppState {
+            fleet: args.fleet,
+            authority: args.authority,
+            scheduler: args.scheduler,
+            broker: args.broker,
+            tls: args.tls.clone(),
+            revocations: args.revocations,
+        });
         let task = tokio::spawn(async move {
             loop {
                 let (tcp, remote) = match listener.accept().await {

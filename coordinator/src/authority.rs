@@ -5,8 +5,9 @@
 //! Tokens are stored hashed (SHA-256 of the secret) and consumed in the same transaction
 //! that records the enrollment. Issued certificates take their name and attributes from
 //! the token (enrollment) or from the current certificate (renewal), never from the CSR.
-//! Revocation denies the agent's name and every serial issued to it; the Listener asks
-//! [`AuthorityMsg::CheckRevoked`] on every connection.
+//! Revocation denies an identity (agent, operator or coordinator, by kind and name) and
+//! every serial issued to it. The denied set is a shared [`Revocations`] that the
+//! Listener (every connection) and the Api (every request) read.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -77,6 +78,45 @@ pub struct Enrolled {
     pub cert_pem: String,
 }
 
+/// Revoked identities and serials, written by the Authority and read by every port.
+#[derive(Debug, Default)]
+pub struct Revocations {
+    inner: std::sync::RwLock<(HashSet<String>, HashSet<String>)>,
+}
+
+impl Revocations {
+    /// The key an identity is revoked under: agents by name (as stored since the first
+    /// release), every other kind as `KIND/NAME`.
+    pub fn key(kind: PeerKind, name: &str) -> String {
+        match kind {
+            PeerKind::Agent => name.to_string(),
+            other => format!("{other}/{name}"),
+        }
+    }
+
+    /// `Some(reason)` when this identity must be refused.
+    pub fn check(&self, id: &PeerIdentity) -> Option<String> {
+        let g = self.inner.read().ok()?;
+        (g.1.contains(&id.serial) || g.0.contains(&Self::key(id.kind, &id.name)))
+            .then(|| format!("certificate of {} is revoked", id.spiffe_id()))
+    }
+
+    fn name_revoked(&self, key: &str) -> bool {
+        self.inner.read().map(|g| g.0.contains(key)).unwrap_or(true)
+    }
+
+    fn add(
+        &self,
+        names: impl IntoIterator<Item = String>,
+        serials: impl IntoIterator<Item = String>,
+    ) {
+        if let Ok(mut g) = self.inner.write() {
+            g.0.extend(names);
+            g.1.extend(serials);
+        }
+    }
+}
+
 /// Authority messages.
 pub enum AuthorityMsg {
     CreateToken(TokenSpec, RpcReplyPort<Result<TokenCreated, String>>),
@@ -88,11 +128,17 @@ pub enum AuthorityMsg {
         csr_pem: String,
         reply: RpcReplyPort<Result<String, String>>,
     },
-    RevokeAgent {
+    /// Deny an identity on every port from now on; `actor` is who asked.
+    Revoke {
+        kind: PeerKind,
         name: String,
         reason: String,
+        actor: Option<String>,
         reply: RpcReplyPort<Result<(), String>>,
     },
+    /// Append to the audit trail (the Api records every change it makes); answered once
+    /// stored.
+    Record(Box<AuditRecord>, RpcReplyPort<Result<(), String>>),
     /// `Some(reason)` when this identity must not connect.
     CheckRevoked(PeerIdentity, RpcReplyPort<Option<String>>),
     Audit(RpcReplyPort<Result<Vec<AuditRecord>, String>>),
@@ -106,6 +152,7 @@ pub struct AuthorityArgs {
     pub cert_ttl: Duration,
     pub advertise: Vec<String>,
     pub fleet: ActorRef<FleetMsg>,
+    pub revocations: Arc<Revocations>,
 }
 
 /// Authority state.
@@ -116,8 +163,7 @@ pub struct AuthorityState {
     cert_ttl: Duration,
     advertise: Vec<String>,
     fleet: ActorRef<FleetMsg>,
-    revoked_names: HashSet<String>,
-    revoked_serials: HashSet<String>,
+    revocations: Arc<Revocations>,
 }
 
 /// The Authority actor.
@@ -148,6 +194,7 @@ fn audit(
         serial: None,
         not_after_unix: None,
         detail: detail.into(),
+        actor: None,
     }
 }
 
@@ -250,7 +297,7 @@ impl AuthorityState {
         let fixed = tokens.iter().find(|t| t.id == req.token_id).and_then(|t| t.name.clone());
         let name = fixed.unwrap_or_else(|| req.requested_name.clone());
         validate_label("name", &name).map_err(|e| e.to_string())?;
-        if self.revoked_names.contains(&name) {
+        if self.revocations.name_revoked(&name) {
             return Err(format!("agent {name} is revoked"));
         }
         rcgen_check(&req.csr_pem)?;
@@ -302,32 +349,39 @@ impl AuthorityState {
     }
 
     fn check_revoked(&self, id: &PeerIdentity) -> Option<String> {
-        if self.revoked_serials.contains(&id.serial)
-            || (id.kind == PeerKind::Agent && self.revoked_names.contains(&id.name))
-        {
-            Some(format!("certificate of {} is revoked", id.spiffe_id()))
-        } else {
-            None
-        }
+        self.revocations.check(id)
     }
 
-    fn revoke_agent(&mut self, name: &str, reason: &str) -> Result<(), String> {
+    fn revoke(
+        &mut self,
+        kind: PeerKind,
+        name: &str,
+        reason: &str,
+        actor: Option<String>,
+    ) -> Result<(), String> {
         validate_label("name", name).map_err(|e| e.to_string())?;
-        let audit_log = self.store.audit().map_err(|e| e.to_string())?;
-        let serials: Vec<String> = audit_log
-            .iter()
-            .filter(|a| a.agent.as_deref() == Some(name))
-            .filter_map(|a| a.serial.clone())
-            .collect();
-        self.store
-            .revoke_agent(name, &serials, &audit("agent-revoked", Some(name), None, reason))
-            .map_err(|e| e.to_string())?;
-        self.revoked_names.insert(name.to_string());
-        self.revoked_serials.extend(serials);
-        let _ = self
-            .fleet
-            .cast(FleetMsg::Revoked { name: name.to_string(), reason: reason.to_string() });
-        warn!(agent_id = %name, %reason, "agent revoked");
+        // Serials are known for the certificates this Authority issued (to agents).
+        let serials: Vec<String> = if kind == PeerKind::Agent {
+            let audit_log = self.store.audit().map_err(|e| e.to_string())?;
+            audit_log
+                .iter()
+                .filter(|a| a.agent.as_deref() == Some(name))
+                .filter_map(|a| a.serial.clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let key = Revocations::key(kind, name);
+        let mut record = audit(&format!("{kind}-revoked"), Some(name), None, reason);
+        record.actor = actor;
+        self.store.revoke_agent(&key, &serials, &record).map_err(|e| e.to_string())?;
+        self.revocations.add([key], serials);
+        if kind == PeerKind::Agent {
+            let _ = self
+                .fleet
+                .cast(FleetMsg::Revoked { name: name.to_string(), reason: reason.to_string() });
+        }
+        warn!(kind = %kind, name = %name, %reason, "identity revoked");
         Ok(())
     }
 }
@@ -362,8 +416,10 @@ impl Actor for Authority {
             cert_ttl: a.cert_ttl,
             advertise: a.advertise,
             fleet: a.fleet,
-            revoked_names: names.into_iter().collect(),
-            revoked_serials: serials.into_iter().collect(),
+            revocations: {
+                a.revocations.add(names, serials);
+                a.revocations
+            },
         })
     }
 
@@ -441,8 +497,11 @@ impl Actor for Authority {
                 }
                 let _ = reply.send(r);
             }
-            AuthorityMsg::RevokeAgent { name, reason, reply } => {
-                let _ = reply.send(st.revoke_agent(&name, &reason));
+            AuthorityMsg::Revoke { kind, name, reason, actor, reply } => {
+                let _ = reply.send(st.revoke(kind, &name, &reason, actor));
+            }
+            AuthorityMsg::Record(record, reply) => {
+                let _ = reply.send(st.store.append_audit(&record).map_err(|e| e.to_string()));
             }
             AuthorityMsg::CheckRevoked(id, reply) => {
                 let _ = reply.send(st.check_revoked(&id));

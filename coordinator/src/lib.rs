@@ -115,6 +115,7 @@ impl Actor for Coordinator {
             ),
             None => None,
         };
+        let revocations = Arc::new(authority::Revocations::default());
         let (authority, _) = Actor::spawn_linked(
             None,
             authority::Authority,
@@ -125,6 +126,7 @@ impl Actor for Coordinator {
                 cert_ttl: a.config.cert_ttl,
                 advertise: a.config.advertise.clone(),
                 fleet: fleet.clone(),
+                revocations: revocations.clone(),
             },
             myself.get_cell(),
         )
@@ -176,6 +178,7 @@ impl Actor for Coordinator {
                 tls: a.tls,
                 fleet: fleet.clone(),
                 broker: a.broker.clone(),
+                revocations,
                 bound: Some(a.api_bound),
             },
             myself.get_cell(),

@@ -144,13 +144,18 @@ pub struct TokenRecord {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditRecord {
     pub at_unix_ms: u64,
-    /// `token-created`, `token-revoked`, `enrolled`, `enroll-refused`, `renewed`, `agent-revoked`.
+    /// `token-created`, `token-revoked`, `enrolled`, `enroll-refused`, `renewed`,
+    /// `KIND-revoked`, or `api` (a change made through the API; `detail` says which).
     pub event: String,
     pub agent: Option<String>,
     pub token_id: Option<String>,
     pub serial: Option<String>,
     pub not_after_unix: Option<i64>,
     pub detail: String,
+    /// Who made the change (SPIFFE id of the API caller); `None` for the mesh's own
+    /// events (enrollments, renewals) and records from before this field.
+    #[serde(default)]
+    pub actor: Option<String>,
 }
 
 /// Why a token could not be used.
@@ -436,6 +441,7 @@ mod tests {
             serial: None,
             not_after_unix: None,
             detail: String::new(),
+            actor: None,
         }
     }
 

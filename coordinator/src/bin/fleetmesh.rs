@@ -86,8 +86,18 @@ enum Command {
         #[command(subcommand)]
         cmd: TokensCmd,
     },
-    /// The enrollment / renewal / revocation audit trail.
+    /// The audit trail: enrollments, renewals, revocations, and every change made
+    /// through the API with who made it.
     Audit,
+    /// Deny an identity of any kind on every port (its certificates stop working now):
+    /// `fleetmesh revoke operator bob`.
+    Revoke {
+        /// agent, operator or coordinator.
+        kind: String,
+        name: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
     /// Submit a workflow file (validated before anything is stored).
     Submit { file: PathBuf },
     /// Submit a one-job workflow: `fleetmesh run [--gpus N] -- CMD ARGS...`.
@@ -634,6 +644,14 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Tokens { cmd } => tokens(&cli.conn, cli.output, cmd).await,
+        Command::Revoke { kind, name, reason } => {
+            let body = serde_json::json!({ "reason": reason });
+            let _: serde_json::Value = client(&cli.conn)?
+                .post_json(&format!("/api/v1/identities/{kind}/{name}/revoke"), &body)
+                .await?;
+            outln!("revoked {kind} {name}: its certificates are denied on every port");
+            Ok(())
+        }
         Command::Data { cmd } => data(&cli.conn, cli.output, cmd).await,
         Command::Audit => {
             let log: Vec<serde_json::Value> = client(&cli.conn)?.get_json("/api/v1/audit").await?;
@@ -642,7 +660,7 @@ async fn run(cli: Cli) -> Result<()> {
             }
             let s = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap_or("-").to_string();
             table(
-                &["TIME", "EVENT", "AGENT", "TOKEN", "SERIAL", "DETAIL"],
+                &["TIME", "EVENT", "ACTOR", "AGENT", "TOKEN", "SERIAL", "DETAIL"],
                 log.iter()
                     .map(|a| {
                         vec![
@@ -650,6 +668,7 @@ async fn run(cli: Cli) -> Result<()> {
                                 a["at_unix_ms"].as_u64().unwrap_or(0),
                             ),
                             s(a, "event"),
+                            s(a, "actor"),
                             s(a, "agent"),
                             s(a, "token_id"),
                             s(a, "serial"),

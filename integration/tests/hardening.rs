@@ -1,0 +1,245 @@
+//! Hostile input through the API, and the identities allowed to give it: a submitter's
+//! workflow cannot crash or flood the coordinator, a job cannot widen its data's
+//! residency or smuggle the agent's key out, and a revoked or foreign operator
+//! certificate gets nothing. Every change is audited with who made it.
+
+use std::time::Duration;
+
+use fleetmesh_coordinator::client::{ApiClient, ClientError};
+use fleetmesh_integration::{attrs, wait_for, AgentProc, CoordinatorProc, Pki};
+use fleetmesh_protocol::tls::TlsIdentity;
+use fleetmesh_protocol::{Attributes, PeerKind};
+use serde_json::Value;
+
+/// The API's answer to a submission: Ok(id) or Err((status, message)).
+async fn submit(client: &ApiClient, yaml: String) -> Result<String, (u16, String)> {
+    match client.post_raw::<Value>("/api/v1/workflows", yaml.into_bytes()).await {
+        Ok(v) => Ok(v["id"].as_str().unwrap_or_default().to_string()),
+        Err(ClientError::Api { status, message }) => Err((status, message)),
+        Err(e) => Err((0, e.to_string())),
+    }
+}
+
+async fn wait_state(client: &ApiClient, job: &str, state: &str) -> Value {
+    let got = wait_for(Duration::from_secs(30), || async {
+        let j: Value = client.get_json(&format!("/api/v1/jobs/{job}")).await.ok()?;
+        (j["state"] == state).then_some(j)
+    })
+    .await;
+    match got {
+        Some(j) => j,
+        None => panic!(
+            "{job} never {state}: {:#}",
+            client.get_json::<Value>(&format!("/api/v1/jobs/{job}")).await.unwrap_or_default()
+        ),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_workflows_are_refused_with_the_limit_they_break() -> anyhow::Result<()> {
+    let pki = Pki::new("mesh.test")?;
+    let work = tempfile::tempdir()?;
+    let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
+    let client = coord.client(&pki)?;
+
+    // 20,000 jobs in one chain (~860 KB): this aborted the coordinator.
+    let mut chain = String::from("name: chain\njobs:\n");
+    for i in 0..20_000 {
+        chain.push_str(&format!("  j{i}:\n    command: [x]\n"));
+        if i > 0 {
+            chain.push_str(&format!("    needs: [j{}]\n", i - 1));
+        }
+    }
+    let (status, msg) = submit(&client, chain).await.expect_err("refused");
+    assert_eq!(status, 400, "{msg}");
+    assert!(msg.contains("20000 jobs; at most 10000 per workflow"), "{msg}");
+
+    // One anchored 1 MB scalar referenced 40 times.
+    let mut bomb =
+        format!("name: bomb\njobs:\n  a0:\n    script: &s \"{}\"\n", "x".repeat(1 << 20));
+    for i in 1..40 {
+        bomb.push_str(&format!("  a{i}:\n    script: *s\n"));
+    }
+    let (status, msg) = submit(&client, bomb).await.expect_err("refused");
+    assert_eq!(status, 400, "{msg}");
+    assert!(msg.contains("expands (YAML aliases included) to more than"), "{msg}");
+
+    // A 1.2 MB script used to loop forever: its award never fit one frame.
+    let big = format!("name: big\njobs:\n  a:\n    script: \"{}\"\n", "e".repeat(1_200_000));
+    let (status, msg) = submit(&client, big).await.expect_err("refused");
+    assert_eq!(status, 400, "{msg}");
+    assert!(msg.contains("job `a`, field `script`: 1200000 bytes; the limit is 262144"), "{msg}");
+
+    // Runtime options smuggled in as the image.
+    let opt = "name: opt\njobs:\n  a:\n    image: \"--privileged\"\n    command: [-v, \"/:/host\", busybox, cat, /host/etc/shadow]\n";
+    let (status, msg) = submit(&client, opt.to_string()).await.expect_err("refused");
+    assert_eq!(status, 400, "{msg}");
+    assert!(
+        msg.contains("job `a`, field `image`: \"--privileged\" is not an image reference"),
+        "{msg}"
+    );
+
+    // The coordinator is still up and serving.
+    let ok = submit(&client, "name: fine\njobs:\n  a:\n    command: [\"true\"]\n".into()).await;
+    assert!(ok.is_ok(), "{ok:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_and_foreign_operators_get_nothing_and_changes_name_their_actor(
+) -> anyhow::Result<()> {
+    let pki = Pki::new("mesh.test")?;
+    let work = tempfile::tempdir()?;
+    let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
+    let admin = coord.client(&pki)?;
+    let url = format!("https://127.0.0.1:{}", coord.api.port());
+
+    pki.issue(PeerKind::Operator, "bob", Attributes::default())?;
+    let bob = ApiClient::new(&url, &pki.identity(PeerKind::Operator, "bob")?)?;
+    let bobs = submit(&bob, "name: bobs\njobs:\n  a:\n    command: [\"true\"]\n".into()).await;
+    assert!(bobs.is_ok(), "{bobs:?}");
+
+    // Signed by the mesh CA, but for another trust domain.
+    let mut evil = fleetmesh_protocol::pki::Ca::load_dir(pki.path())?;
+    evil.trust_domain = "evil.test".into();
+    let other = tempfile::tempdir()?;
+    let req = fleetmesh_protocol::pki::IssueRequest::new(
+        PeerKind::Operator,
+        "eve",
+        Duration::from_secs(3600),
+    );
+    let (cert, key) = evil.issue_to_dir(other.path(), &req)?;
+    let eve = ApiClient::new(&url, &TlsIdentity::load(&pki.ca_pem(), &cert, &key)?)?;
+    match eve.get_json::<Value>("/api/v1/agents").await {
+        Err(ClientError::Api { status: 403, message }) => assert!(
+            message.contains("is for trust domain evil.test; this mesh is mesh.test"),
+            "{message}"
+        ),
+        other => panic!("foreign trust domain: {other:?}"),
+    }
+
+    // Revoking bob (an operator) denies him at once, on reads too.
+    let out = coord.cli(&pki, &["revoke", "operator", "bob", "--reason", "left the team"]).await?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    match bob.get_json::<Value>("/api/v1/agents").await {
+        Err(ClientError::Api { status: 403, message }) => assert!(
+            message.contains("certificate of spiffe://mesh.test/operator/bob is revoked"),
+            "{message}"
+        ),
+        other => panic!("revoked operator: {other:?}"),
+    }
+    // Revocation survives a restart.
+    let mut coord = coord;
+    coord.kill9();
+    coord.restart(&pki).await?;
+    let bob = ApiClient::new(
+        &format!("https://127.0.0.1:{}", coord.api.port()),
+        &pki.identity(PeerKind::Operator, "bob")?,
+    )?;
+    assert!(matches!(
+        bob.get_json::<Value>("/api/v1/agents").await,
+        Err(ClientError::Api { status: 403, .. })
+    ));
+
+    // Every change names who made it: bob's submission, the revocation, a cancel.
+    let admin = coord.client(&pki).unwrap_or(admin);
+    let id = submit(&admin, "name: c\njobs:\n  a:\n    command: [sleep, \"30\"]\n".into())
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let _: Value = admin.post_json(&format!("/api/v1/workflows/{id}/cancel"), &()).await?;
+    let audit: Vec<Value> = admin.get_json("/api/v1/audit").await?;
+    let by = |actor: &str, what: &str| {
+        audit.iter().any(|a| {
+            a["actor"].as_str().is_some_and(|x| x.ends_with(actor))
+                && a["detail"].as_str().is_some_and(|d| d.contains(what))
+        })
+    };
+    assert!(by("/operator/bob", "POST /api/v1/workflows -> 201"), "{audit:#?}");
+    assert!(
+        by("/operator/harness", "POST /api/v1/identities/operator/bob/revoke -> 200"),
+        "{audit:#?}"
+    );
+    assert!(
+        by("/operator/harness", &format!("POST /api/v1/workflows/{id}/cancel -> 200")),
+        "{audit:#?}"
+    );
+    assert!(
+        audit.iter().any(|a| a["event"] == "operator-revoked" && a["detail"] == "left the team"),
+        "{audit:#?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outputs_keep_their_inputs_residency_and_never_carry_the_agents_key() -> anyhow::Result<()>
+{
+    let pki = Pki::new("mesh.test")?;
+    let work = tempfile::tempdir()?;
+    let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
+    let client = coord.client(&pki)?;
+    let _eu =
+        AgentProc::start(&pki, coord.control, "eu1", attrs("r", "EU", "p"), None, work.path())?;
+    wait_for(Duration::from_secs(20), || async {
+        let a = fleetmesh_integration::agents(&client).await;
+        a.iter().any(|a| a.host.is_some()).then_some(())
+    })
+    .await
+    .expect("agent up");
+    let src = work.path().join("raw");
+    std::fs::create_dir_all(&src)?;
+    std::fs::write(src.join("records.csv"), b"eu,personal,data\n")?;
+    let out = coord
+        .cli(
+            &pki,
+            &[
+                "data",
+                "put",
+                src.to_str().unwrap_or_default(),
+                "--name",
+                "raw",
+                "--jurisdiction",
+                "EU",
+            ],
+        )
+        .await?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // An EU input copied into an output declared US: refused, not moved.
+    let wf = submit(
+        &client,
+        "name: widen\njobs:\n  copy:\n    inputs: [raw]\n    outputs: [o]\n    output_jurisdictions: [US]\n    script: cp -r \"$FLEETMESH_INPUTS/raw/.\" \"$FLEETMESH_OUTPUTS/o/\"\n".into(),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let j = wait_state(&client, &format!("{wf}.copy"), "failed").await;
+    let why = j.to_string();
+    assert!(why.contains("has nothing in common with the residency of its inputs"), "{j:#}");
+
+    // Declaring [EU, US] narrows to EU: an output is never less restricted than its input.
+    let wf = submit(
+        &client,
+        "name: narrow\njobs:\n  copy:\n    inputs: [raw]\n    outputs: [o]\n    output_jurisdictions: [EU, US]\n    script: cp -r \"$FLEETMESH_INPUTS/raw/.\" \"$FLEETMESH_OUTPUTS/o/\"\n".into(),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    wait_state(&client, &format!("{wf}.copy"), "succeeded").await;
+    let d: Value = client.get_json("/api/v1/data/narrow.copy.o").await?;
+    assert_eq!(d["jurisdictions"], serde_json::json!(["EU"]), "{d:#}");
+
+    // A job that knows where the agent's key is hard-links it into an output.
+    let key = pki.path().join("agent-eu1.key");
+    let wf = submit(
+        &client,
+        format!(
+            "name: steal\njobs:\n  s:\n    outputs: [loot]\n    command: [ln, \"{}\", outputs/loot/key]\n",
+            key.display()
+        ),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let j = wait_state(&client, &format!("{wf}.s"), "failed").await;
+    assert!(j.to_string().contains("is a hard link to a file outside the outputs"), "{j:#}");
+    let r = client.get_json::<Value>("/api/v1/data/steal.s.loot").await;
+    assert!(r.is_err(), "the loot was registered: {r:?}");
+    Ok(())
+}
