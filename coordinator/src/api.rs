@@ -57,7 +57,21 @@ use crate::scheduler::SchedulerMsg;
 use crate::views::ApiErrorBody;
 
 /// Longest a client may take for its TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a connection may wait before its request headers are complete. Connections
+/// carry one request each (no keep-alive), so this also bounds idle connections.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections served at once; beyond this, new ones are closed as they are accepted.
+const MAX_CONNECTIONS: usize = 512;
+/// TLS handshakes in progress at once (before anyone is identified).
+const MAX_HANDSHAKES: usize = 64;
+/// Connections at once per identity: operators use the API; other kinds only ever get a
+/// 403, so a handful is plenty for them.
+const MAX_PER_OPERATOR: usize = 64;
+const MAX_PER_OTHER_IDENTITY: usize = 4;
+/// At most one warning per this interval for each kind of connection failure; the rest
+/// are counted and reported with the next one.
+const WARN_EVERY: Duration = Duration::from_secs(1);
 /// Longest the API waits for the Fleet to answer.
 const FLEET_CALL_MS: u64 = 5000;
 
@@ -588,6 +602,156 @@ fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Open connections per identity, and the guard that gives a slot back.
+#[derive(Default)]
+struct ConnectionCounts(std::sync::Mutex<std::collections::HashMap<String, usize>>);
+
+struct ConnectionSlot {
+    counts: Arc<ConnectionCounts>,
+    key: String,
+}
+
+impl ConnectionCounts {
+    /// A slot for `key` if it has fewer than `max` connections open.
+    fn take(self: &Arc<Self>, key: &str, max: usize) -> Option<ConnectionSlot> {
+        let mut m = self.0.lock().ok()?;
+        let n = m.entry(key.to_string()).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(ConnectionSlot { counts: self.clone(), key: key.to_string() })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.counts.0.lock() {
+            if let Some(n) = m.get_mut(&self.key) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    m.remove(&self.key);
+                }
+            }
+        }
+    }
+}
+
+/// A warning that is logged at most once per [`WARN_EVERY`], with how many were held back.
+struct RateLimitedWarn {
+    what: &'static str,
+    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl RateLimitedWarn {
+    const fn new(what: &'static str) -> Self {
+        Self { what, state: std::sync::Mutex::new((None, 0)) }
+    }
+
+    fn warn(&self, detail: &dyn std::fmt::Display) {
+        let Ok(mut s) = self.state.lock() else { return };
+        let now = std::time::Instant::now();
+        if s.0.is_some_and(|t| now.duration_since(t) < WARN_EVERY) {
+            s.1 += 1;
+            return;
+        }
+        let suppressed = std::mem::take(&mut s.1);
+        s.0 = Some(now);
+        warn!(error = %detail, suppressed, "{}", self.what);
+    }
+}
+
+static ACCEPT_FAILED: RateLimitedWarn = RateLimitedWarn::new("API accept failed");
+static HANDSHAKE_FAILED: RateLimitedWarn = RateLimitedWarn::new("API connection refused");
+static OVER_LIMIT: RateLimitedWarn = RateLimitedWarn::new("API connection over its limit closed");
+
+/// Accept loop: caps on connections in total, handshakes in flight and connections per
+/// identity keep one client (or many idle ones) from starving the rest.
+async fn serve(listener: TcpListener, acceptor: TlsAcceptor, app: Router) {
+    let total = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let counts = Arc::new(ConnectionCounts::default());
+    loop {
+        let (tcp, remote) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of descriptors, typically: wait for connections to end.
+                ACCEPT_FAILED.warn(&e);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (Ok(conn_permit), Ok(hs_permit)) =
+            (total.clone().try_acquire_owned(), handshakes.clone().try_acquire_owned())
+        else {
+            OVER_LIMIT.warn(&format!("{remote}: too many connections or handshakes at once"));
+            drop(tcp);
+            continue;
+        };
+        let (acceptor, app, counts) = (acceptor.clone(), app.clone(), counts.clone());
+        tokio::spawn(async move {
+            let _conn_permit = conn_permit;
+            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+            {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    HANDSHAKE_FAILED.warn(&format!("{remote}: {e}"));
+                    return;
+                }
+                Err(_) => {
+                    debug!(%remote, "API TLS handshake timed out");
+                    return;
+                }
+            };
+            drop(hs_permit);
+            let peer = peer_identity(tls.get_ref().1.peer_certificates()).ok();
+            let (key, max) = match &peer {
+                Some(p) if p.kind == PeerKind::Operator => (p.spiffe_id(), MAX_PER_OPERATOR),
+                Some(p) => (p.spiffe_id(), MAX_PER_OTHER_IDENTITY),
+                None => ("anonymous".to_string(), MAX_PER_OTHER_IDENTITY),
+            };
+            let Some(_slot) = counts.take(&key, max) else {
+                OVER_LIMIT.warn(&format!("{remote}: {key} has {max} connections open"));
+                too_many(tls, &key, max).await;
+                return;
+            };
+            let svc = TowerToHyperService::new(app.layer(Extension(Peer(peer))));
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(tls), svc)
+                .await
+            {
+                debug!(%remote, error = %e, "API connection ended with an error");
+            }
+        });
+    }
+}
+
+/// Answer a connection over its identity's limit with a 429 that says so, and close it.
+async fn too_many(
+    mut tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    who: &str,
+    max: usize,
+) {
+    use tokio::io::AsyncWriteExt;
+    let body = serde_json::json!({
+        "error": format!("{who} already has {max} API connections open; close some and retry")
+    })
+    .to_string();
+    let head = format!(
+        "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let write = async {
+        tls.write_all(head.as_bytes()).await?;
+        tls.write_all(body.as_bytes()).await?;
+        tls.shutdown().await
+    };
+    let _ = tokio::time::timeout(HEADER_READ_TIMEOUT, write).await;
+}
+
 /// Api start-up arguments.
 pub struct ApiArgs {
     pub listen: SocketAddr,
@@ -636,44 +800,7 @@ impl Actor for Api {
             tls: args.tls.clone(),
             revocations: args.revocations,
         });
-        let task = tokio::spawn(async move {
-            loop {
-                let (tcp, remote) = match listener.accept().await {
-                    Ok(x) => x,
-                    Err(e) => {
-                        warn!(error = %e, "API accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let acceptor = acceptor.clone();
-                let app = app.clone();
-                tokio::spawn(async move {
-                    let tls =
-                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
-                            .await
-                        {
-                            Ok(Ok(t)) => t,
-                            Ok(Err(e)) => {
-                                warn!(%remote, error = %e, "API connection refused");
-                                return;
-                            }
-                            Err(_) => {
-                                debug!(%remote, "API TLS handshake timed out");
-                                return;
-                            }
-                        };
-                    let peer = peer_identity(tls.get_ref().1.peer_certificates()).ok();
-                    let svc = TowerToHyperService::new(app.layer(Extension(Peer(peer))));
-                    if let Err(e) = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tls), svc)
-                        .await
-                    {
-                        debug!(%remote, error = %e, "API connection ended with an error");
-                    }
-                });
-            }
-        });
+        let task = tokio::spawn(serve(listener, acceptor, app));
         Ok(ApiState { task })
     }
 

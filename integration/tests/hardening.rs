@@ -243,3 +243,55 @@ async fn outputs_keep_their_inputs_residency_and_never_carry_the_agents_key() ->
     assert!(r.is_err(), "the loot was registered: {r:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_cannot_starve_the_api() -> anyhow::Result<()> {
+    use std::sync::Arc;
+    let pki = Pki::new("mesh.test")?;
+    let work = tempfile::tempdir()?;
+    let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
+    let client = coord.client(&pki)?;
+    // As in the report: the coordinator may hold 256 descriptors.
+    let pid = coord.pid().expect("coordinator pid").to_string();
+    let st =
+        std::process::Command::new("prlimit").args(["--pid", &pid, "--nofile=256:256"]).status()?;
+    assert!(st.success(), "prlimit failed");
+
+    // 400 TLS connections with an agent certificate, opened and left idle.
+    pki.issue(PeerKind::Agent, "flood", Attributes::default())?;
+    let cfg = pki.identity(PeerKind::Agent, "flood")?.client_config(&[b"http/1.1"], false)?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let before = coord.log_text().lines().filter(|l| l.contains("WARN")).count();
+    let mut idle = Vec::new();
+    for _ in 0..400 {
+        let Ok(tcp) = tokio::net::TcpStream::connect(coord.api).await else { continue };
+        let name = rustls::pki_types::ServerName::try_from("localhost")?;
+        if let Ok(Ok(t)) =
+            tokio::time::timeout(Duration::from_secs(2), connector.connect(name, tcp)).await
+        {
+            idle.push(t);
+        }
+    }
+    // An operator still gets through, promptly.
+    let t0 = std::time::Instant::now();
+    let agents: Vec<Value> = client.get_json("/api/v1/agents").await?;
+    assert!(agents.is_empty());
+    assert!(t0.elapsed() < Duration::from_secs(2), "operator waited {:?}", t0.elapsed());
+    // And the flood is not a flood of warnings: at most one per second per kind.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let warns = coord.log_text().lines().filter(|l| l.contains("WARN")).count() - before;
+    assert!(warns <= 8, "{warns} warnings:\n{}", coord.log_text());
+    // A connection that never sends its request is closed by the header timeout.
+    drop(idle);
+    let mut silent = tokio::net::TcpStream::connect(coord.api).await?;
+    let t0 = std::time::Instant::now();
+    let mut buf = [0u8; 1];
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read(&mut silent, &mut buf),
+    )
+    .await;
+    assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "silent connection still open: {r:?}");
+    assert!(t0.elapsed() < Duration::from_secs(7), "closed after {:?}", t0.elapsed());
+    Ok(())
+}
