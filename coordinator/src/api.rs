@@ -406,6 +406,9 @@ struct PutBody {
     manifest: fleetmesh_protocol::data::Manifest,
     /// Also place it on this agent.
     on: Option<String>,
+    /// Allow this version to live in more places than the newest one of its name.
+    #[serde(default)]
+    loosen_residency: bool,
 }
 
 #[derive(serde::Deserialize)]
@@ -452,7 +455,11 @@ async fn data_show(State(st): State<AppState>, Path(r): Path<String>) -> Respons
     }
 }
 
-async fn data_put(State(st): State<AppState>, Json(b): Json<PutBody>) -> Response {
+async fn data_put(
+    State(st): State<AppState>,
+    Extension(peer): Extension<Peer>,
+    Json(b): Json<PutBody>,
+) -> Response {
     if let Err(e) = fleetmesh_protocol::identity::validate_label("dataset name", &b.name) {
         return error(StatusCode::BAD_REQUEST, e.to_string());
     }
@@ -462,9 +469,34 @@ async fn data_put(State(st): State<AppState>, Json(b): Json<PutBody>) -> Respons
         }
     }
     let broker = st.broker.clone();
-    let (m, name, js) = (b.manifest, b.name.clone(), b.jurisdictions.clone());
-    let rec = match tokio::task::spawn_blocking(move || broker.put_local(m, &name, js)).await {
-        Ok(Ok(r)) => r,
+    let (m, name, js, loosen) =
+        (b.manifest, b.name.clone(), b.jurisdictions.clone(), b.loosen_residency);
+    let put = tokio::task::spawn_blocking(move || broker.put_local(m, &name, js, loosen)).await;
+    let rec = match put {
+        Ok(Ok((rec, loosened))) => {
+            if let Some(old) = loosened {
+                let record = crate::store::AuditRecord {
+                    at_unix_ms: fleetmesh_data::now_unix_ms(),
+                    event: "residency-loosened".into(),
+                    agent: None,
+                    token_id: None,
+                    serial: None,
+                    not_after_unix: None,
+                    detail: format!(
+                        "dataset {}@{}: from {old:?} to {:?}",
+                        rec.name, rec.version, rec.jurisdictions
+                    ),
+                    actor: peer.0.as_ref().map(|p| p.spiffe_id()),
+                };
+                let _ = ractor::call_t!(
+                    st.authority,
+                    AuthorityMsg::Record,
+                    FLEET_CALL_MS,
+                    Box::new(record)
+                );
+            }
+            rec
+        }
         Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, e),
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };

@@ -60,6 +60,14 @@ pub struct DatasetRecord {
     /// reconnect (a fetch interrupted by a restart resumes).
     #[serde(default)]
     pub pending: std::collections::BTreeSet<String>,
+    /// Version of `name`: a put of new content under an existing name makes the next
+    /// version (`NAME@N`); the name alone means the newest.
+    #[serde(default = "first_version")]
+    pub version: u32,
+}
+
+fn first_version() -> u32 {
+    1
 }
 
 /// Compact listing line.
@@ -67,6 +75,8 @@ pub struct DatasetRecord {
 pub struct DatasetSummary {
     pub id: String,
     pub name: String,
+    #[serde(default = "first_version")]
+    pub version: u32,
     pub jurisdictions: Vec<String>,
     pub bytes: u64,
     pub files: usize,
@@ -80,6 +90,7 @@ impl DatasetRecord {
         DatasetSummary {
             id: self.id.clone(),
             name: self.name.clone(),
+            version: self.version,
             jurisdictions: self.jurisdictions.clone(),
             bytes: self.bytes,
             files: self.files,
@@ -101,6 +112,16 @@ impl DatasetRecord {
 }
 
 use fleetmesh_data::now_unix_ms as now_ms;
+
+/// The newest version of `name` in the index.
+fn newest<'a>(idx: &'a BTreeMap<String, DatasetRecord>, name: &str) -> Option<&'a DatasetRecord> {
+    idx.values().filter(|d| d.name == name).max_by_key(|d| (d.version, d.created_unix_ms))
+}
+
+/// Whether residency `new` allows a place that `old` does not (empty = anywhere).
+fn is_looser(new: &[String], old: &[String]) -> bool {
+    !old.is_empty() && (new.is_empty() || new.iter().any(|j| !old.contains(j)))
+}
 
 /// Who asks for a plan.
 #[derive(Debug, Clone)]
@@ -279,14 +300,18 @@ impl DataBroker {
         }
     }
 
-    /// A dataset by id, unique id prefix (8+ hex digits) or name (the newest of that name).
+    /// A dataset by id, unique id prefix (8+ hex digits), `NAME@VERSION`, or name (its
+    /// newest version).
     pub fn resolve(&self, r: &str) -> Option<DatasetRecord> {
         let idx = self.lock();
         if let Some(d) = idx.get(r) {
             return Some(d.clone());
         }
-        let by_name = idx.values().filter(|d| d.name == r).max_by_key(|d| d.created_unix_ms);
-        if let Some(d) = by_name {
+        if let Some((name, v)) = r.rsplit_once('@') {
+            let v: u32 = v.parse().ok()?;
+            return idx.values().find(|d| d.name == name && d.version == v).cloned();
+        }
+        if let Some(d) = newest(&idx, r) {
             return Some(d.clone());
         }
         if r.len() >= 8 && r.chars().all(|c| c.is_ascii_hexdigit()) {
@@ -316,6 +341,7 @@ impl DataBroker {
         let id = manifest.id();
         let now = now_ms();
         let mut idx = self.lock();
+        let next_version = newest(&idx, name).filter(|d| d.id != id).map_or(1, |d| d.version + 1);
         let rec = idx.entry(id.clone()).or_insert_with(|| DatasetRecord {
             id: id.clone(),
             name: name.to_string(),
@@ -329,10 +355,14 @@ impl DataBroker {
             manifest: Arc::new(manifest),
             fetches: BTreeMap::new(),
             pending: Default::default(),
+            version: next_version,
         });
-        // A new name (same content put again under another name) renames; residency can
-        // only become stricter.
-        rec.name = name.to_string();
+        // The same content put again under another name takes that name (as its next
+        // version); residency can only become stricter.
+        if rec.name != name {
+            rec.name = name.to_string();
+            rec.version = next_version;
+        }
         if let Some(j) = fleetmesh_protocol::data::intersect_residency([
             &rec.jurisdictions[..],
             &jurisdictions[..],
@@ -455,14 +485,33 @@ impl DataBroker {
         r
     }
 
-    /// Store an uploaded dataset in the coordinator's own store and index it.
+    /// Store an uploaded dataset in the coordinator's own store and index it, as the
+    /// next version of `name` when the name exists. A version may not be less restricted
+    /// than the newest one unless `loosen_residency` says so explicitly; the second value
+    /// is the residency that was loosened, for the audit trail.
     pub fn put_local(
         &self,
         manifest: Manifest,
         name: &str,
         jurisdictions: Vec<String>,
-    ) -> Result<DatasetRecord, String> {
+        loosen_residency: bool,
+    ) -> Result<(DatasetRecord, Option<Vec<String>>), String> {
         manifest.validate().map_err(|e| e.to_string())?;
+        let loosened = {
+            let idx = self.lock();
+            // Content already known keeps its residency (register only narrows it).
+            match idx.get(&manifest.id()) {
+                Some(_) => None,
+                None => newest(&idx, name).map(|d| d.jurisdictions.clone()),
+            }
+        }
+        .filter(|old| is_looser(&jurisdictions, old));
+        if let (Some(old), false) = (&loosened, loosen_residency) {
+            return Err(format!(
+                "dataset {name} may only live in {old:?}; a new version allowed in {} would loosen that: pass --loosen-residency to do it on purpose",
+                if jurisdictions.is_empty() { "any jurisdiction".to_string() } else { format!("{jurisdictions:?}") }
+            ));
+        }
         let missing = manifest.unique_chunks().iter().filter(|(h, _)| !self.local.has(h)).count();
         if missing > 0 {
             return Err(format!("{missing} chunk(s) of the manifest were not uploaded"));
@@ -477,7 +526,7 @@ impl DataBroker {
             })
             .map_err(|e| e.to_string())?;
         let name_owned = self.name.clone();
-        Ok(self.register(manifest, name, jurisdictions, &name_owned, None))
+        Ok((self.register(manifest, name, jurisdictions, &name_owned, None), loosened))
     }
 
     /// Make sure the coordinator's store holds `id` completely (for `data get`), fetching
@@ -561,6 +610,7 @@ mod tests {
             manifest: Arc::new(manifest),
             fetches: Default::default(),
             pending: Default::default(),
+            version: 1,
         }
     }
 
@@ -621,5 +671,54 @@ mod tests {
         assert!(plan_for(&d2, &eu, &cands, None, &signer, 1000)
             .unwrap_err()
             .contains("no connected holder"));
+    }
+
+    /// A one-file manifest of `content`, its chunk stored in `b`'s local store.
+    fn uploaded(b: &DataBroker, content: &[u8]) -> Manifest {
+        let h = fleetmesh_protocol::data::hash_bytes(content);
+        b.local.write(&h, content).expect("chunk");
+        Manifest {
+            chunk_size: 1 << 20,
+            files: vec![FileEntry {
+                path: "f".into(),
+                size: content.len() as u64,
+                mode: 0o644,
+                chunks: vec![h],
+            }],
+        }
+    }
+
+    #[test]
+    fn a_put_under_an_existing_name_is_a_new_version_and_cannot_loosen_residency_silently() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(Store::open(dir.path()).expect("store"));
+        let b =
+            DataBroker::open(dir.path(), store, "coord", "mesh.test", u64::MAX).expect("broker");
+        let eu = vec!["EU".to_string()];
+        let (v1, loosened) =
+            b.put_local(uploaded(&b, b"one"), "raw", eu.clone(), false).expect("v1");
+        assert_eq!((v1.version, loosened), (1, None));
+        // No residency at all, under the EU name: refused unless asked for explicitly.
+        let e = b.put_local(uploaded(&b, b"two"), "raw", vec![], false).unwrap_err();
+        assert!(
+            e.contains("dataset raw may only live in [\"EU\"]") && e.contains("--loosen-residency"),
+            "{e}"
+        );
+        let e = b.put_local(uploaded(&b, b"two"), "raw", vec!["EU".into(), "US".into()], false);
+        assert!(e.is_err(), "adding US loosens EU");
+        assert_eq!(b.resolve("raw").map(|d| d.id), Some(v1.id.clone()), "name not re-pointed");
+        // Narrower or equal is fine, and makes version 2.
+        let (v2, loosened) =
+            b.put_local(uploaded(&b, b"two"), "raw", eu.clone(), false).expect("v2");
+        assert_eq!((v2.version, loosened), (2, None));
+        let (v3, loosened) = b.put_local(uploaded(&b, b"three"), "raw", vec![], true).expect("v3");
+        assert_eq!((v3.version, loosened), (3, Some(eu.clone())));
+        assert_eq!(b.resolve("raw").map(|d| d.version), Some(3), "the name means the newest");
+        assert_eq!(b.resolve("raw@1").map(|d| d.id), Some(v1.id.clone()));
+        assert_eq!(b.resolve("raw@2").map(|d| d.id), Some(v2.id));
+        assert!(b.resolve("raw@9").is_none());
+        // The same content put again is the same version, not a new one.
+        let (again, _) = b.put_local(uploaded(&b, b"one"), "raw", eu, false).expect("again");
+        assert_eq!((again.id, again.version), (v1.id, 1));
     }
 }

@@ -141,6 +141,11 @@ pub struct WorkflowRecord {
     pub jobs: Vec<String>,
     pub state: String,
     pub submitted_unix_ms: u64,
+    /// Dataset inputs as written -> the dataset id they named at submission: a later put
+    /// under the same name (a new version) does not change what this workflow reads.
+    /// Inputs that did not exist yet are pinned when first auctioned.
+    #[serde(default)]
+    pub pinned: BTreeMap<String, String>,
 }
 
 /// A compact workflow line for listings (the full spec is not copied per request).
@@ -400,6 +405,15 @@ impl SchedulerState {
             self.jobs.insert(jid.clone(), rec);
             self.dirty_j.insert(jid);
         }
+        let pinned = wf
+            .jobs
+            .values()
+            .flat_map(|j| j.input_refs(&wf.jobs))
+            .filter_map(|(_, r)| match r {
+                InputRef::Dataset(n) => self.broker.resolve(&n).map(|d| (n, d.id)),
+                InputRef::JobOutput { .. } => None,
+            })
+            .collect();
         self.workflows.insert(
             id.clone(),
             WorkflowRecord {
@@ -409,6 +423,7 @@ impl SchedulerState {
                 jobs: job_ids,
                 state: "running".into(),
                 submitted_unix_ms: now,
+                pinned,
             },
         );
         self.dirty_w.push(id.clone());
@@ -429,10 +444,17 @@ impl SchedulerState {
         let mut out = Vec::new();
         for (mount, r) in j.spec.input_refs(jobs) {
             let rec = match r {
-                InputRef::Dataset(n) => self
-                    .broker
-                    .resolve(&n)
-                    .ok_or_else(|| format!("input {n}: no dataset with that name or id"))?,
+                InputRef::Dataset(n) => {
+                    match self.workflows.get(&j.workflow).and_then(|w| w.pinned.get(&n)) {
+                        Some(id) => self.broker.resolve(id).ok_or_else(|| {
+                            format!("input {n}: the version pinned at submission ({id}) is gone")
+                        })?,
+                        None => self
+                            .broker
+                            .resolve(&n)
+                            .ok_or_else(|| format!("input {n}: no dataset with that name or id"))?,
+                    }
+                }
                 InputRef::JobOutput { job, output } => {
                     let producer = format!("{}.{job}", j.workflow);
                     let id =
@@ -451,6 +473,25 @@ impl SchedulerState {
                 "inputs have no jurisdiction in common: no agent may hold all of them".to_string()
             })?;
         Ok((out, residency))
+    }
+
+    /// Pin the dataset inputs of `job` that were not resolvable at submission to the
+    /// version they resolve to now (`resolved` is in the order of its inputs).
+    fn pin_inputs(&mut self, job: &str, resolved: &[(String, DatasetRecord)]) {
+        let Some(j) = self.jobs.get(job) else { return };
+        let Some(w) = self.workflows.get_mut(&j.workflow) else { return };
+        let mut changed = false;
+        for ((_, r), (_, rec)) in j.spec.input_refs(&w.spec.jobs).into_iter().zip(resolved) {
+            if let InputRef::Dataset(n) = r {
+                if !w.pinned.contains_key(&n) {
+                    w.pinned.insert(n, rec.id.clone());
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            self.dirty_w.push(w.id.clone());
+        }
     }
 
     fn busy_gpus(&self) -> std::collections::HashSet<&str> {
@@ -700,6 +741,7 @@ impl SchedulerState {
                 return None;
             }
             Some(Ok((ins, res))) => {
+                self.pin_inputs(id, &ins);
                 let allowed = |c: &Candidate| residency_allows(&res, c.jurisdiction.as_deref());
                 for c in candidates.iter().filter(|c| !allowed(c)) {
                     data_refusals.push(format!(

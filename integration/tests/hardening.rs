@@ -295,3 +295,66 @@ async fn idle_connections_cannot_starve_the_api() -> anyhow::Result<()> {
     assert!(t0.elapsed() < Duration::from_secs(7), "closed after {:?}", t0.elapsed());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_is_never_re_pointed_silently_and_workflows_read_what_they_pinned(
+) -> anyhow::Result<()> {
+    let pki = Pki::new("mesh.test")?;
+    let work = tempfile::tempdir()?;
+    let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
+    let client = coord.client(&pki)?;
+    let _eu =
+        AgentProc::start(&pki, coord.control, "eu1", attrs("r", "EU", "p"), None, work.path())?;
+    wait_for(Duration::from_secs(20), || async {
+        let a = fleetmesh_integration::agents(&client).await;
+        a.iter().any(|a| a.host.is_some()).then_some(())
+    })
+    .await
+    .expect("agent up");
+    let put = |content: &'static str, extra: &'static [&'static str]| {
+        let dir = work.path().join(format!("src-{}", content.len()));
+        let coord = &coord;
+        let pki = &pki;
+        async move {
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join("data.txt"), content)?;
+            let mut args = vec!["data", "put", dir.to_str().unwrap_or_default(), "--name", "raw"];
+            args.extend_from_slice(extra);
+            anyhow::Ok(coord.cli(pki, &args).await?)
+        }
+    };
+    let out = put("version one", &["--jurisdiction", "EU"]).await?;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("dataset raw@1"), "{out:?}");
+    // b reads raw only after a has run: after the name has a second version.
+    let wf = submit(
+        &client,
+        "name: pin\njobs:\n  a:\n    command: [sleep, \"3\"]\n  b:\n    needs: [a]\n    inputs: [raw]\n    outputs: [o]\n    script: cp \"$FLEETMESH_INPUTS/raw/data.txt\" \"$FLEETMESH_OUTPUTS/o/\"\n".into(),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    // A put with no residency under the EU name is refused...
+    let out = put("version two, anywhere", &[]).await?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("dataset raw may only live in [\"EU\"]"), "{err}");
+    // ...unless asked for explicitly, which is audited with who did it.
+    let out = put("version two, anywhere", &["--loosen-residency"]).await?;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("dataset raw@2"), "{out:?}");
+    let audit: Vec<Value> = client.get_json("/api/v1/audit").await?;
+    assert!(
+        audit.iter().any(|a| a["event"] == "residency-loosened"
+            && a["actor"].as_str().is_some_and(|x| x.ends_with("/operator/harness"))
+            && a["detail"].as_str().is_some_and(|d| d.contains("raw@2: from [\"EU\"] to []"))),
+        "{audit:#?}"
+    );
+    // The workflow reads the version it pinned at submission.
+    wait_state(&client, &format!("{wf}.b"), "succeeded").await;
+    let dest = work.path().join("got");
+    let out =
+        coord.cli(&pki, &["data", "get", "pin.b.o", dest.to_str().unwrap_or_default()]).await?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read_to_string(dest.join("data.txt"))?, "version one");
+    let d: Value = client.get_json("/api/v1/data/pin.b.o").await?;
+    assert_eq!(d["jurisdictions"], serde_json::json!(["EU"]), "{d:#}");
+    Ok(())
+}

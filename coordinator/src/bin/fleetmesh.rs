@@ -149,10 +149,15 @@ enum DataCmd {
         /// Chunk size, e.g. 4MiB.
         #[arg(long, default_value = "4MiB")]
         chunk_size: String,
+        /// Allow this new version to live in more places than the newest version of the
+        /// same name (recorded in the audit trail).
+        #[arg(long)]
+        loosen_residency: bool,
     },
     /// List datasets.
     Ls,
-    /// Size, holders, residency and recent fetches of a dataset (id, id prefix or name).
+    /// Size, holders, residency and recent fetches of a dataset (id, id prefix, NAME@VERSION
+    /// or name: its newest version).
     Show { dataset: String },
     /// Download a dataset into DEST (a directory), verifying every chunk.
     Get { dataset: String, dest: PathBuf },
@@ -849,7 +854,7 @@ async fn wait_fetch(c: &ApiClient, id: &str, agent: &str) -> Result<()> {
 async fn data(conn: &ConnArgs, output: Output, cmd: DataCmd) -> Result<()> {
     let c = client(conn)?;
     match cmd {
-        DataCmd::Put { path, name, jurisdictions, on, chunk_size } => {
+        DataCmd::Put { path, name, jurisdictions, on, chunk_size, loosen_residency } => {
             let chunk_size = fleetmesh_protocol::workflow::parse_size(&chunk_size)
                 .map_err(|e| anyhow!("--chunk-size: {e}"))?;
             if chunk_size == 0 || chunk_size > u64::from(fleetmesh_protocol::data::MAX_CHUNK_SIZE) {
@@ -916,7 +921,7 @@ async fn data(conn: &ConnArgs, output: Output, cmd: DataCmd) -> Result<()> {
                     "/api/v1/data",
                     &serde_json::json!({
                         "name": name, "jurisdictions": jurisdictions,
-                        "manifest": manifest, "on": on,
+                        "manifest": manifest, "on": on, "loosen_residency": loosen_residency,
                     }),
                 )
                 .await?;
@@ -925,7 +930,8 @@ async fn data(conn: &ConnArgs, output: Output, cmd: DataCmd) -> Result<()> {
                 print_json(&rec)?;
             } else {
                 outln!(
-                    "dataset {name} {id}: {} in {} file(s), {} chunk(s) uploaded, {} already stored",
+                    "dataset {name}@{} {id}: {} in {} file(s), {} chunk(s) uploaded, {} already stored",
+                    rec["version"],
                     human_bytes(total),
                     manifest.files.len(),
                     sent.len(),
@@ -949,12 +955,13 @@ async fn data(conn: &ConnArgs, output: Output, cmd: DataCmd) -> Result<()> {
                     .unwrap_or_else(|| "-".into())
             };
             table(
-                &["NAME", "ID", "SIZE", "FILES", "RESIDENCY", "HOLDERS", "PARTIAL"],
+                &["NAME", "VERSION", "ID", "SIZE", "FILES", "RESIDENCY", "HOLDERS", "PARTIAL"],
                 list.iter()
                     .map(|d| {
                         let id = d["id"].as_str().unwrap_or_default();
                         vec![
                             d["name"].as_str().unwrap_or_default().to_string(),
+                            d["version"].to_string(),
                             fleetmesh_protocol::data::short(id).to_string(),
                             human_bytes(d["bytes"].as_u64().unwrap_or(0)),
                             d["files"].to_string(),
