@@ -483,8 +483,8 @@ impl SchedulerState {
         let mut changed = false;
         for ((_, r), (_, rec)) in j.spec.input_refs(&w.spec.jobs).into_iter().zip(resolved) {
             if let InputRef::Dataset(n) = r {
-                if !w.pinned.contains_key(&n) {
-                    w.pinned.insert(n, rec.id.clone());
+                if let std::collections::btree_map::Entry::Vacant(e) = w.pinned.entry(n) {
+                    e.insert(rec.id.clone());
                     changed = true;
                 }
             }
