@@ -32,7 +32,7 @@ pub use crate::shim::MAX_LOG_BYTES;
 /// How often an attempt's logs are read for streaming, and an adopted attempt checked.
 const ATTEMPT_POLL: Duration = Duration::from_millis(100);
 /// Most log bytes streamed per stream and poll (bounds one JobOutput message).
-const LOG_READ_MAX: usize = 64 << 10;
+const LOG_READ_MAX: usize = 256 << 10;
 /// How often the time the coordinator was last heard from is written for supervisors.
 const FENCE_FILE_EVERY: Duration = Duration::from_millis(200);
 /// Grace given to running attempts when the agent shuts down.
@@ -813,7 +813,8 @@ impl Jobs {
                 }
             }
         };
-        logs.stream(&a.job, a.attempt, &self.outbox);
+        // Everything the attempt wrote, not just one more read's worth.
+        while logs.stream(&a.job, a.attempt, &self.outbox) {}
         outcome
     }
 }
@@ -869,8 +870,11 @@ impl LogTail {
         Self { streams: [(1, out, out_at), (2, err, err_at)] }
     }
 
-    fn stream(&mut self, job: &str, attempt: u64, outbox: &Outbox) {
+    /// Send what was appended since the last call (at most [`LOG_READ_MAX`] per
+    /// stream); whether anything was.
+    fn stream(&mut self, job: &str, attempt: u64, outbox: &Outbox) -> bool {
         use std::io::{Read, Seek};
+        let mut any = false;
         for (stream, path, offset) in &mut self.streams {
             let Ok(mut f) = std::fs::File::open(&*path) else { continue };
             if f.seek(std::io::SeekFrom::Start(*offset)).is_err() {
@@ -879,6 +883,7 @@ impl LogTail {
             let mut buf = Vec::new();
             let Ok(n) = f.take(LOG_READ_MAX as u64).read_to_end(&mut buf) else { continue };
             if n > 0 {
+                any = true;
                 *offset += n as u64;
                 outbox.push(AgentMessage::JobOutput {
                     job: job.to_string(),
@@ -888,6 +893,7 @@ impl LogTail {
                 });
             }
         }
+        any
     }
 }
 

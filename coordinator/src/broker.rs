@@ -113,6 +113,12 @@ impl DatasetRecord {
 
 use fleetmesh_data::now_unix_ms as now_ms;
 
+/// Uploaded chunks no dataset refers to are kept this long: an upload takes at most this
+/// long between its first chunk and its registration.
+const ORPHAN_GRACE: std::time::Duration = std::time::Duration::from_secs(3600);
+/// How often the coordinator's store is swept for orphan chunks.
+const ORPHAN_SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// The newest version of `name` in the index.
 fn newest<'a>(idx: &'a BTreeMap<String, DatasetRecord>, name: &str) -> Option<&'a DatasetRecord> {
     idx.values().filter(|d| d.name == name).max_by_key(|d| (d.version, d.created_unix_ms))
@@ -527,6 +533,23 @@ impl DataBroker {
             .map_err(|e| e.to_string())?;
         let name_owned = self.name.clone();
         Ok((self.register(manifest, name, jurisdictions, &name_owned, None), loosened))
+    }
+
+    /// Remove chunks of the coordinator's store that no dataset refers to, once they are
+    /// older than [`ORPHAN_GRACE`] (an upload whose registration was refused leaves its
+    /// chunks behind; one in progress is younger than the grace), every
+    /// [`ORPHAN_SWEEP_EVERY`].
+    pub fn sweep_orphans_periodically(self: Arc<Self>) {
+        let me = Arc::downgrade(&self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(ORPHAN_SWEEP_EVERY);
+            loop {
+                tick.tick().await;
+                let Some(me) = me.upgrade() else { return };
+                let cutoff = std::time::SystemTime::now() - ORPHAN_GRACE;
+                let _ = tokio::task::spawn_blocking(move || me.local.collect_orphans(cutoff)).await;
+            }
+        });
     }
 
     /// Make sure the coordinator's store holds `id` completely (for `data get`), fetching

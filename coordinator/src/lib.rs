@@ -27,6 +27,8 @@ pub mod config;
 pub mod fleet;
 pub mod listener;
 pub mod liveness;
+pub mod logbuf;
+pub mod logbuf_file;
 pub mod metrics;
 pub mod scheduler;
 pub mod session;
@@ -147,6 +149,7 @@ impl Actor for Coordinator {
                 auctioneer: auctioneer.clone(),
                 top_k: a.config.auction_top_k,
                 broker: a.broker.clone(),
+                log_dir: a.config.data_dir.join("logs"),
             },
             myself.get_cell(),
         )
@@ -304,6 +307,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, CoordinatorErro
         config.store_limit,
     )
     .map_err(CoordinatorError::Startup)?;
+    broker.clone().sweep_orphans_periodically();
     let advertise = config.advertise.first().cloned();
     let (ctl_tx, ctl_rx) = oneshot::channel();
     let (api_tx, api_rx) = oneshot::channel();

@@ -9,7 +9,7 @@
 //! Fencing: every award carries the job's attempt number. Events from any other attempt
 //! are ignored; an agent that reports running a non-current attempt is told to stop it.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,8 +51,10 @@ const START_TIMEOUT_MS: u64 = 5000;
 const AWARD_ANSWER_MS: u64 = 1500;
 /// Queued jobs with no feasible bid are re-auctioned this often (and on fleet changes).
 const REQUEUE_MS: u64 = 1000;
-/// Output kept per job attempt in the coordinator for `fleetmesh logs`.
+/// Output kept per running job (its current attempt's tail) for `fleetmesh logs`.
 const MAX_LOG_BUFFER: usize = 1 << 20;
+/// Output kept in memory for all running jobs together; finished jobs' output is on disk.
+const MAX_LOG_MEMORY: usize = 32 << 20;
 /// Expected duration used for pricing when a job has no timeout.
 const DEFAULT_EXPECTED_MS: u64 = 3_600_000;
 /// Longest wait before placing again a job whose inputs could not be staged.
@@ -263,7 +265,9 @@ pub struct SchedulerState {
     auctions: std::collections::HashMap<String, String>,
     auctioneer: ActorRef<AuctioneerMsg>,
     /// job -> (attempt, output)
-    logs: BTreeMap<String, (u64, VecDeque<u8>, usize)>,
+    logs: crate::logbuf::LogBuffers,
+    /// Where finished jobs' output is kept (`<data-dir>/logs`).
+    log_dir: std::path::PathBuf,
     /// Attempts an agent did not report after reconnecting: treat as lost after this time.
     verify: BTreeMap<(String, u64), u64>,
     dirty_w: Vec<String>,
@@ -491,6 +495,24 @@ impl SchedulerState {
         }
         if changed {
             self.dirty_w.push(w.id.clone());
+        }
+    }
+
+    /// The job's attempt is over: its output leaves memory for `<data-dir>/logs`.
+    fn spill_logs(&mut self, job: &str) {
+        let done = self
+            .jobs
+            .get(job)
+            .is_none_or(|j| !matches!(j.state, JobState::Starting | JobState::Running));
+        if !done {
+            return;
+        }
+        if let Some(buf) = self.logs.take(job) {
+            // At most MAX_LOG_BUFFER into the page cache, not synced: written here so a
+            // `logs --follow` reading right after the exit finds the whole tail.
+            if let Err(e) = crate::logbuf_file::write(&self.log_dir, job, &buf) {
+                warn!(job_id = %job, error = %e, "finished job's output not kept on disk");
+            }
         }
     }
 
@@ -1243,6 +1265,8 @@ pub struct SchedulerArgs {
     pub auctioneer: ActorRef<AuctioneerMsg>,
     pub top_k: usize,
     pub broker: Arc<DataBroker>,
+    /// Finished jobs' output goes here.
+    pub log_dir: std::path::PathBuf,
 }
 
 impl Actor for Scheduler {
@@ -1297,7 +1321,8 @@ impl Actor for Scheduler {
             jobs,
             auctions: Default::default(),
             auctioneer: a.auctioneer,
-            logs: BTreeMap::new(),
+            logs: crate::logbuf::LogBuffers::new(MAX_LOG_BUFFER, MAX_LOG_MEMORY),
+            log_dir: a.log_dir,
             verify,
             dirty_w: Vec::new(),
             dirty_j: Default::default(),
@@ -1404,22 +1429,18 @@ impl Actor for Scheduler {
                 st.touch_job(&job);
             }
             SchedulerMsg::JobOutput { job, attempt, data, .. } => {
-                let current = st.jobs.get(&job).and_then(|j| j.current()).map(|a| a.n);
-                if current == Some(attempt) {
-                    let e = st.logs.entry(job).or_insert((attempt, VecDeque::new(), 0));
-                    if e.0 != attempt {
-                        *e = (attempt, VecDeque::new(), 0);
-                    }
-                    e.1.extend(data);
-                    while e.1.len() > MAX_LOG_BUFFER {
-                        e.1.pop_front();
-                        e.2 += 1;
-                    }
+                let live = st.jobs.get(&job).is_some_and(|j| {
+                    matches!(j.state, JobState::Starting | JobState::Running)
+                        && j.current().is_some_and(|a| a.n == attempt)
+                });
+                if live {
+                    st.logs.append(&job, attempt, &data);
                 }
             }
             SchedulerMsg::JobExited { agent, job, attempt, outcome, duration_ms, outputs } => {
                 st.verify.remove(&(job.clone(), attempt));
                 st.exited(&agent, &job, attempt, outcome, duration_ms, outputs);
+                st.spill_logs(&job);
                 // Durable before acknowledged: the ack goes out after the exit's commit.
                 st.outgoing.push((agent, CoordinatorMessage::ExitRecorded { job, attempt }));
                 st.flush();
@@ -1505,6 +1526,7 @@ impl Actor for Scheduler {
                     if let (true, Some(a)) = (running, attempt) {
                         st.stop_attempt(&jid, a, "cancelled");
                     }
+                    st.spill_logs(&jid);
                     st.touch_job(&jid);
                 }
                 st.persist();
@@ -1559,15 +1581,19 @@ impl Actor for Scheduler {
                 let r = st.jobs.get(&job).map(|j| {
                     let finished = j.state.terminal() || j.state == JobState::Queued;
                     let attempt = j.current().map(|a| a.n).unwrap_or(0);
-                    match st.logs.get(&job) {
-                        Some((n, buf, dropped)) => {
-                            let start = offset.saturating_sub(*dropped).min(buf.len());
-                            let data: Vec<u8> = buf.iter().skip(start).copied().collect();
+                    let kept = match st.logs.get(&job) {
+                        Some(b) => Some(b.clone()),
+                        None => crate::logbuf_file::read(&st.log_dir, &job),
+                    };
+                    match kept {
+                        Some(b) => {
+                            let start = offset.saturating_sub(b.dropped).min(b.data.len());
+                            let data: Vec<u8> = b.data.iter().skip(start).copied().collect();
                             LogChunk {
                                 job: job.clone(),
-                                attempt: *n,
+                                attempt: b.attempt,
                                 data: String::from_utf8_lossy(&data).into_owned(),
-                                next_offset: dropped + buf.len(),
+                                next_offset: b.dropped + b.data.len(),
                                 finished,
                             }
                         }
@@ -1713,7 +1739,8 @@ mod tests {
         let (fleet, _) = Actor::spawn(None, FakeFleet, ftx).await.unwrap();
         let (atx, arx) = mpsc::unbounded_channel();
         let (auctioneer, _) = Actor::spawn(None, FakeAuctioneer, atx).await.unwrap();
-        let args = SchedulerArgs { store, fleet, auctioneer, top_k: 3, broker };
+        let log_dir = dir.join("logs");
+        let args = SchedulerArgs { store, fleet, auctioneer, top_k: 3, broker, log_dir };
         let (s, _) = Actor::spawn(None, Scheduler, args).await.unwrap();
         (s, frx, arx)
     }

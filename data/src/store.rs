@@ -324,6 +324,42 @@ impl Store {
         self.lock().members.get(id).is_some_and(|m| m.contains(h))
     }
 
+    /// Remove chunks that no dataset refers to, no job has pinned, and that were written
+    /// before `cutoff` (an upload or fetch in progress writes its chunks before its
+    /// dataset is recorded: the caller's grace period covers it). Returns (chunks, bytes)
+    /// removed.
+    pub fn collect_orphans(&self, cutoff: std::time::SystemTime) -> (usize, u64) {
+        let candidates: Vec<(Hash, u64)> = {
+            let g = self.lock();
+            g.chunks
+                .iter()
+                .filter(|(h, _)| !g.pins.contains_key(*h))
+                .filter(|(h, _)| !g.members.values().any(|m| m.contains(*h)))
+                .map(|(h, m)| (*h, m.len))
+                .collect()
+        };
+        let mut removed = (0, 0);
+        for (h, len) in candidates {
+            let old = std::fs::metadata(self.chunk_path(&h))
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t < cutoff);
+            // Checked again under the lock: a dataset may have claimed it meanwhile.
+            let still_orphan = {
+                let g = self.lock();
+                !g.pins.contains_key(&h) && !g.members.values().any(|m| m.contains(&h))
+            };
+            if old && still_orphan {
+                self.discard(&h);
+                removed.0 += 1;
+                removed.1 += len;
+            }
+        }
+        if removed.0 > 0 {
+            info!(chunks = removed.0, bytes = removed.1, "orphan chunks removed");
+        }
+        removed
+    }
+
     /// Remove a dataset record and the chunks no other dataset uses.
     pub fn remove_dataset(&self, id: &str) -> bool {
         let (existed, orphans) = {
@@ -430,5 +466,33 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
         assert!(s.remove_dataset(&d.id));
         assert!(!s.has(&ha), "orphaned chunk removed with its dataset");
+    }
+
+    #[test]
+    fn orphan_chunks_go_after_their_grace_and_referenced_ones_stay() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path(), u64::MAX).unwrap();
+        let (kept, orphan) = (hash_bytes(b"kept"), hash_bytes(b"orphan"));
+        s.write(&kept, b"kept").unwrap();
+        s.write(&orphan, b"orphan").unwrap();
+        let m = Manifest {
+            chunk_size: 16,
+            files: vec![FileEntry { path: "f".into(), size: 4, mode: 0o644, chunks: vec![kept] }],
+        };
+        s.add_dataset(LocalDataset {
+            id: m.id(),
+            name: "d".into(),
+            jurisdictions: vec![],
+            manifest: m,
+        })
+        .unwrap();
+        // Within the grace period (written after the cutoff): nothing goes.
+        let before = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        assert_eq!(s.collect_orphans(before), (0, 0));
+        assert!(s.has(&orphan));
+        let after = std::time::SystemTime::now() + std::time::Duration::from_secs(1);
+        assert_eq!(s.collect_orphans(after), (1, 6));
+        assert!(!s.has(&orphan) && s.has(&kept));
+        assert!(!s.chunk_path(&orphan).exists());
     }
 }

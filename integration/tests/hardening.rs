@@ -358,3 +358,61 @@ async fn a_name_is_never_re_pointed_silently_and_workflows_read_what_they_pinned
     assert_eq!(d["jurisdictions"], serde_json::json!(["EU"]), "{d:#}");
     Ok(())
 }
+
+/// Resident memory of a process, from /proc.
+fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            let l = s.lines().find(|l| l.starts_with("VmRSS:"))?.to_string();
+            l.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_jobs_output_leaves_the_coordinators_memory() -> anyhow::Result<()> {
+    const JOBS: usize = 80;
+    const MIB: u64 = 1 << 20;
+    let pki = Pki::new("mesh.test")?;
+    let work = tempfile::tempdir()?;
+    let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
+    let client = coord.client(&pki)?;
+    let _a =
+        AgentProc::start(&pki, coord.control, "chatty", attrs("r", "EU", "p"), None, work.path())?;
+    wait_for(Duration::from_secs(20), || async {
+        let a = fleetmesh_integration::agents(&client).await;
+        a.iter().any(|a| a.host.is_some()).then_some(())
+    })
+    .await
+    .expect("agent up");
+    let pid = coord.pid().expect("pid");
+    let before = rss_bytes(pid);
+    let mut y = String::from("name: chatty\njobs:\n");
+    for i in 0..JOBS {
+        y.push_str(&format!(
+            "  p{i:02}:\n    resources: {{ cpus: 0.01 }}\n    script: head -c {MIB} /dev/zero | tr '\\0' x\n"
+        ));
+    }
+    let wf = submit(&client, y).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let done = wait_for(Duration::from_secs(120), || async {
+        let jobs: Value = client.get_json(&format!("/api/v1/jobs?workflow={wf}")).await.ok()?;
+        let a = jobs.as_array()?;
+        (a.len() == JOBS && a.iter().all(|j| j["state"] == "succeeded")).then_some(())
+    })
+    .await;
+    assert!(done.is_some(), "jobs did not all succeed");
+    let grown = rss_bytes(pid).saturating_sub(before);
+    println!("{JOBS} jobs x 1 MiB of output: coordinator RSS grew {} MiB", grown / MIB);
+    assert!(
+        grown < 48 * MIB,
+        "coordinator grew {} MiB for {JOBS} MiB of finished output",
+        grown / MIB
+    );
+    // The output is still there, from disk.
+    let l: Value = client.get_json(&format!("/api/v1/jobs/{wf}.p00/logs")).await?;
+    assert_eq!(l["data"].as_str().map(str::len), Some(MIB as usize), "{}", &l.to_string()[..200]);
+    assert_eq!(l["finished"], true);
+    Ok(())
+}
