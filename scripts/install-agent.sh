@@ -9,12 +9,19 @@
 #   scripts/install-agent.sh --binary target/release/fleetmesh-agent \
 #       --coordinator coord.example.com:7400 --ca ca.pem --cert agent-NAME.pem --key agent-NAME.key
 #
-# Copies the binary to /usr/local/bin, writes /etc/fleetmesh/agent.toml (0600: it may hold
-# the join string), installs and starts fleetmesh-agent.service. Peers fetch datasets from
-# this node on UDP --data-listen (default 0.0.0.0:7402): allow it between nodes.
+# Copies the binary to /usr/local/bin, creates the unprivileged system user jobs run as
+# (fleetmesh-job, no home, no shell), writes /etc/fleetmesh/agent.toml (0600: it may hold
+# the join string), installs and starts fleetmesh-agent.service. Each attempt runs in a
+# transient systemd unit of its own, outside the agent's sandbox. Peers fetch datasets
+# from this node on UDP --data-listen (default 0.0.0.0:7402): allow it between nodes.
+#
+# Extra agent settings (any `key = value` line of agent.toml) can be appended with
+# --extra 'simulate-gpus = "1xH100-80GB"' (repeatable).
 set -euo pipefail
 BINARY=target/release/fleetmesh-agent
 DATA_LISTEN=0.0.0.0:7402
+JOB_USER=fleetmesh-job
+EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --binary) BINARY=$2; shift 2 ;;
@@ -24,13 +31,19 @@ while [ $# -gt 0 ]; do
     --cert) CERT=$2; shift 2 ;;
     --key) KEY=$2; shift 2 ;;
     --data-listen) DATA_LISTEN=$2; shift 2 ;;
+    --job-user) JOB_USER=$2; shift 2 ;;
+    --extra) EXTRA+=("$2"); shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
 [ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
 here=$(cd "$(dirname "$0")" && pwd)
 install -m 0755 "$BINARY" /usr/local/bin/fleetmesh-agent
-install -d -m 0755 /etc/fleetmesh
+install -d -m 0755 /etc/fleetmesh /usr/local/share/doc/fleetmesh
+[ -f "$here/../README.md" ] && install -m 0644 "$here/../README.md" /usr/local/share/doc/fleetmesh/README.md
+if ! getent passwd "$JOB_USER" >/dev/null; then
+  useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$JOB_USER"
+fi
 if [ -n "${JOIN:-}" ]; then
   umask 077
   cat >/etc/fleetmesh/agent.toml <<CONF
@@ -38,6 +51,8 @@ join = "$JOIN"
 data-dir = "/var/lib/fleetmesh-agent"
 telemetry-interval = "1s"
 data-listen = "$DATA_LISTEN"
+job-user = "$JOB_USER"
+job-launcher = "systemd-run"
 CONF
 else
   : "${COORD:?--coordinator HOST:PORT is required}" "${CA:?--ca is required}" "${CERT:?--cert is required}" "${KEY:?--key is required}"
@@ -53,8 +68,11 @@ cert = "/etc/fleetmesh/agent.pem"
 key = "/etc/fleetmesh/agent.key"
 telemetry-interval = "1s"
 data-listen = "$DATA_LISTEN"
+job-user = "$JOB_USER"
+job-launcher = "systemd-run"
 CONF
 fi
+for line in "${EXTRA[@]}"; do printf '%s\n' "$line" >>/etc/fleetmesh/agent.toml; done
 install -m 0644 "$here/fleetmesh-agent.service" /etc/systemd/system/fleetmesh-agent.service
 systemctl daemon-reload
 systemctl enable --now fleetmesh-agent.service

@@ -45,6 +45,9 @@ pub struct AttemptRecord {
     pub started_unix_ms: u64,
     /// (runtime, container name) for an image job.
     pub container: Option<(String, String)>,
+    /// The transient systemd unit it runs in, when started through systemd-run.
+    #[serde(default)]
+    pub unit: Option<String>,
 }
 
 /// The table, in `<data-dir>/attempts` and `<data-dir>/exits`.
@@ -218,6 +221,7 @@ mod tests {
             proc_start_ticks: Some(7),
             started_unix_ms: 1,
             container: None,
+            unit: None,
         };
         t.save_attempt(&rec("wf.a", 1)).expect("save");
         t.save_attempt(&rec("wf.b", 2)).expect("save");

@@ -43,6 +43,10 @@ pub struct FileConfig {
     pub container_runtime: Option<String>,
     /// Stop running attempts after this long without hearing from the coordinator.
     pub stop_jobs_after_disconnect: Option<String>,
+    /// Unprivileged user jobs run as (the agent must run as root).
+    pub job_user: Option<String>,
+    /// `direct` or `systemd-run`: how attempts are started.
+    pub job_launcher: Option<String>,
 }
 
 impl FileConfig {
@@ -76,6 +80,10 @@ pub struct AgentConfig {
     /// Self-fencing: running attempts are stopped once the coordinator has not been heard
     /// from for this long (none: they keep running, and are re-adopted on reconnect).
     pub stop_jobs_after_disconnect: Option<Duration>,
+    /// Jobs run as this user, which cannot read the agent's identity, chunk store or
+    /// other attempts' work dirs (none: as the agent's own user).
+    pub job_user: Option<String>,
+    pub job_launcher: crate::jobs::JobLauncher,
 }
 
 /// Which program runs jobs that name an image.
@@ -221,10 +229,22 @@ impl AgentConfig {
                 Some(s) => Some(parse_duration("stop-jobs-after-disconnect", &s)?),
                 None => None,
             };
+        let job_user = flags.job_user.or(file.job_user).filter(|u| !u.is_empty());
+        let job_launcher = match flags.job_launcher.or(file.job_launcher).as_deref() {
+            None | Some("direct") => crate::jobs::JobLauncher::Direct,
+            Some("systemd-run") => crate::jobs::JobLauncher::SystemdRun,
+            Some(other) => {
+                return Err(AgentError::Config(format!(
+                    "job-launcher {other:?}: use direct or systemd-run"
+                )))
+            }
+        };
         Ok(Self {
+            job_launcher,
             data,
             container_runtime,
             stop_jobs_after_disconnect,
+            job_user,
             coordinator,
             data_dir: flags
                 .data_dir

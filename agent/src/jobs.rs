@@ -104,6 +104,92 @@ pub struct Jobs {
     /// With self-fencing: (after, file) handed to supervisors, which stop their job
     /// when the file's time is older than `after`, even while the agent is down.
     fence: std::sync::OnceLock<(Duration, PathBuf)>,
+    /// The unprivileged user attempts run as (see [`crate::sandbox`]).
+    job_user: std::sync::OnceLock<crate::sandbox::JobUser>,
+    /// How attempts are started ([`JobLauncher::Direct`] unless set).
+    launcher: std::sync::OnceLock<JobLauncher>,
+}
+
+/// How an attempt's supervisor is started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum JobLauncher {
+    /// As a child of the agent, in its own process group (it inherits the agent's
+    /// sandbox, if the agent has one).
+    #[default]
+    Direct,
+    /// In a transient systemd unit of its own (`systemd-run`): outside the agent's
+    /// service sandbox, in its own cgroup; what a systemd-installed agent uses.
+    SystemdRun,
+}
+
+/// The transient unit of an attempt.
+fn unit_name(job: &str, attempt: u64) -> String {
+    let h =
+        fleetmesh_protocol::data::hash_hex(&fleetmesh_protocol::data::hash_bytes(job.as_bytes()));
+    format!("fleetmesh-attempt-{}-{attempt}", &h[..16])
+}
+
+/// How long systemd may take to start an attempt's unit and its supervisor to lock.
+const UNIT_START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Start the supervisor in transient unit `unit` and return its pid (which leads the
+/// attempt's process group). The job's environment travels in a file in the attempt dir.
+async fn launch_unit(
+    unit: &str,
+    shim_program: &Path,
+    mut shim_args: Vec<std::ffi::OsString>,
+    argv: &[String],
+    env: &[(String, String)],
+    dir: &Path,
+    run_as: Option<&crate::sandbox::JobUser>,
+) -> Result<u32, String> {
+    let env_file = dir.join(shim::ENV_FILE);
+    let map: BTreeMap<&str, &str> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let bytes = serde_json::to_vec(&map).map_err(|e| e.to_string())?;
+    std::fs::write(&env_file, bytes).map_err(|e| format!("{}: {e}", env_file.display()))?;
+    if let Some(u) = run_as {
+        crate::sandbox::give(&env_file, u).map_err(|e| format!("{}: {e}", env_file.display()))?;
+    }
+    shim_args.extend(["--env-file".into(), env_file.into_os_string(), "--".into()]);
+    shim_args.extend(argv.iter().map(Into::into));
+    let mut cmd = tokio::process::Command::new("systemd-run");
+    cmd.arg(format!("--unit={unit}"))
+        .args(["--collect", "--quiet", "--property=KillMode=control-group"])
+        .arg(format!("--working-directory={}", dir.display()))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(u) = run_as {
+        cmd.arg(format!("--uid={}", u.uid)).arg(format!("--gid={}", u.gid));
+    }
+    cmd.arg("--").arg(shim_program).args(&shim_args);
+    let out = tokio::time::timeout(UNIT_START_TIMEOUT, cmd.output())
+        .await
+        .map_err(|_| format!("systemd-run did not start {unit} in time"))?
+        .map_err(|e| format!("systemd-run: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "systemd-run could not start {unit}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let deadline = Instant::now() + UNIT_START_TIMEOUT;
+    loop {
+        if let Some(pid) = shim::lock_holder(dir) {
+            return Ok(pid);
+        }
+        if shim::read_exit(dir).is_some() {
+            // It ran and ended already (or could not start the job): the exit file says.
+            return Ok(0);
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{unit} started, but its supervisor never took the attempt's lock"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 impl std::fmt::Debug for Jobs {
@@ -203,7 +289,19 @@ impl Jobs {
             table,
             shim_program,
             fence: Default::default(),
+            job_user: Default::default(),
+            launcher: Default::default(),
         })
+    }
+
+    /// Start attempts this way from now on.
+    pub fn set_launcher(&self, l: JobLauncher) {
+        let _ = self.launcher.set(l);
+    }
+
+    /// Run attempts as this user from now on.
+    pub fn set_job_user(&self, u: crate::sandbox::JobUser) {
+        let _ = self.job_user.set(u);
     }
 
     /// The session received something from the coordinator.
@@ -480,6 +578,14 @@ impl Jobs {
                 }
             }
         }
+        if self.job_user.get().is_some() {
+            let d = dir.to_path_buf();
+            if let Ok(Err(e)) =
+                tokio::task::spawn_blocking(move || crate::sandbox::seal_attempt_dir(&d)).await
+            {
+                warn!(job_id = %a.job, attempt = a.attempt, error = %e, "attempt dir not handed back to the agent");
+            }
+        }
         info!(job_id = %a.job, attempt = a.attempt, %outcome, "attempt ended");
         self.finish(&a.job, a.attempt);
         let exit = AgentMessage::JobExited {
@@ -623,6 +729,14 @@ impl Jobs {
                 reason: format!("work dir {}: {e}", dir.display()),
             };
         }
+        let user = self.job_user.get();
+        if let Some(u) = user {
+            if let Err(e) = crate::sandbox::give_attempt_dir(&dir, u) {
+                return JobOutcome::FailedToStart {
+                    reason: format!("work dir {} for job user {}: {e}", dir.display(), u.name),
+                };
+            }
+        }
         let mut env: Vec<(String, String)> = a.exec.env.clone();
         env.push(("CUDA_VISIBLE_DEVICES".into(), a.gpus.join(",")));
         env.push(("FLEETMESH_JOB".into(), a.job.clone()));
@@ -645,7 +759,12 @@ impl Jobs {
             }
             for o in &a.outputs {
                 let p = dir.join("outputs").join(o.output.as_str());
-                if let Err(e) = std::fs::create_dir_all(&p) {
+                let made = std::fs::create_dir_all(&p).and_then(|()| match user {
+                    Some(u) => crate::sandbox::give(&p, u)
+                        .and_then(|()| crate::sandbox::give(&dir.join("outputs"), u)),
+                    None => Ok(()),
+                });
+                if let Err(e) = made {
                     return JobOutcome::FailedToStart { reason: format!("{}: {e}", p.display()) };
                 }
             }
@@ -688,6 +807,11 @@ impl Jobs {
                 v.push("--name".into());
                 v.push(name.clone());
                 container = Some((rt.clone(), name));
+                if let Some(u) = user {
+                    // The runtime client runs as the agent; the container as the job user.
+                    v.push("--user".into());
+                    v.push(format!("{}:{}", u.uid, u.gid));
+                }
                 for (k, val) in &env {
                     v.push("-e".into());
                     v.push(format!("{k}={val}"));
@@ -719,30 +843,58 @@ impl Jobs {
                 reason: "cannot find the agent program to supervise the attempt".into(),
             };
         };
-        let mut cmd = tokio::process::Command::new(shim_program);
-        cmd.arg(shim::SHIM_ARG).arg(&dir);
+        let mut shim_args: Vec<std::ffi::OsString> =
+            vec![shim::SHIM_ARG.into(), dir.clone().into()];
         if let Some((after, file)) = self.fence.get() {
-            cmd.arg("--fence-after").arg(after.as_millis().to_string()).arg(file);
+            shim_args.extend([
+                "--fence-after".into(),
+                after.as_millis().to_string().into(),
+                file.clone().into(),
+            ]);
         }
-        cmd.arg("--")
-            .args(&argv)
-            .current_dir(&dir)
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            // The supervisor leads the attempt's process group, and outlives the agent.
-            .process_group(0)
-            .kill_on_drop(false);
-        let child = match cmd.spawn() {
-            Ok(c) => c,
-            Err(e) => {
-                return JobOutcome::FailedToStart {
-                    reason: format!("{}: {e}", shim_program.display()),
+        // Host jobs run as the job user; an image job's runtime client as the agent.
+        let run_as = user.filter(|_| container.is_none());
+        if let Some(u) = run_as {
+            env.push(("HOME".into(), dir.display().to_string()));
+            env.push(("USER".into(), u.name.clone()));
+            env.push(("LOGNAME".into(), u.name.clone()));
+        }
+        let unit = matches!(self.launcher.get(), Some(JobLauncher::SystemdRun))
+            .then(|| unit_name(&a.job, a.attempt));
+        let (pid, child) = match &unit {
+            None => {
+                shim_args.push("--".into());
+                shim_args.extend(argv.iter().map(Into::into));
+                let mut cmd = tokio::process::Command::new(shim_program);
+                cmd.args(&shim_args)
+                    .current_dir(&dir)
+                    .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    // The supervisor leads the attempt's process group, outliving the agent.
+                    .process_group(0)
+                    .kill_on_drop(false);
+                if let Some(u) = run_as {
+                    // std drops the supplementary groups when it switches uid.
+                    cmd.uid(u.uid).gid(u.gid);
+                }
+                match cmd.spawn() {
+                    Ok(c) => (c.id().unwrap_or(0), Some(c)),
+                    Err(e) => {
+                        return JobOutcome::FailedToStart {
+                            reason: format!("{}: {e}", shim_program.display()),
+                        }
+                    }
+                }
+            }
+            Some(unit) => {
+                match launch_unit(unit, shim_program, shim_args, &argv, &env, &dir, run_as).await {
+                    Ok(pid) => (pid, None),
+                    Err(reason) => return JobOutcome::FailedToStart { reason },
                 }
             }
         };
-        let pid = child.id().unwrap_or(0);
         if let Some(t) = self.table.clone() {
             let rec = AttemptRecord {
                 award: a.clone(),
@@ -751,6 +903,7 @@ impl Jobs {
                 proc_start_ticks: crate::attempts::proc_start_ticks(pid),
                 started_unix_ms: now_ms(),
                 container: container.clone(),
+                unit: unit.clone(),
             };
             match tokio::task::spawn_blocking(move || t.save_attempt(&rec)).await {
                 Ok(Ok(())) => {}
@@ -763,7 +916,7 @@ impl Jobs {
         info!(job_id = %a.job, attempt = a.attempt, pid, gpus = ?a.gpus, "attempt started");
         self.outbox.push(AgentMessage::JobStarted { job: a.job.clone(), attempt: a.attempt, pid });
         let timeout = a.exec.timeout_ms.map(Duration::from_millis);
-        self.watch(a, &dir, pid, container.as_ref(), Some(child), stop, timeout, false).await
+        self.watch(a, &dir, pid, container.as_ref(), child, stop, timeout, false).await
     }
 
     /// Stream an attempt's logs until it ends, and stop it when asked or at its timeout.

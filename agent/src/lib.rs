@@ -15,6 +15,7 @@ pub mod gpu;
 pub mod host;
 pub mod jobs;
 pub mod sampler;
+pub mod sandbox;
 pub mod session;
 pub mod shim;
 
@@ -139,7 +140,22 @@ pub async fn run(
         runtime = runtime.as_deref().unwrap_or("none"),
         "container runtime for image jobs"
     );
+    // Before anything private is written: the job user must find no way in.
+    let job_user = match &config.job_user {
+        Some(name) => {
+            let u = sandbox::lookup(name).map_err(AgentError::Config)?;
+            sandbox::prepare_data_dir(&config.data_dir)
+                .map_err(|source| AgentError::DataDir { path: config.data_dir.clone(), source })?;
+            tracing::info!(user = %u.name, uid = u.uid, gid = u.gid, "jobs run as an unprivileged user");
+            Some(u)
+        }
+        None => None,
+    };
     let jobs = jobs::Jobs::new(&config.data_dir, config.price_per_hour, config.spot, runtime);
+    if let Some(u) = job_user {
+        jobs.set_job_user(u);
+    }
+    jobs.set_launcher(config.job_launcher);
     if let Some(after) = config.stop_jobs_after_disconnect {
         jobs.fence_after_disconnect(after);
     }

@@ -81,6 +81,16 @@ struct Cli {
     /// placed again, without using a retry) instead of being re-adopted [default: off].
     #[arg(long)]
     stop_jobs_after_disconnect: Option<String>,
+    /// Run jobs as this unprivileged user (created by scripts/install-agent.sh as
+    /// fleetmesh-job); it cannot read the agent's key, chunk store or other attempts'
+    /// work dirs. Needs the agent to run as root [default: jobs run as the agent's user].
+    #[arg(long)]
+    job_user: Option<String>,
+    /// How attempts are started: `direct` (children of the agent) or `systemd-run` (each
+    /// in a transient unit of its own, outside the agent's service sandbox; what the
+    /// systemd install uses) [default: direct].
+    #[arg(long)]
+    job_launcher: Option<String>,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -175,6 +185,8 @@ fn main() -> ExitCode {
         fetch_bandwidth: cli.fetch_bandwidth,
         container_runtime: cli.container_runtime,
         stop_jobs_after_disconnect: cli.stop_jobs_after_disconnect,
+        job_user: cli.job_user,
+        job_launcher: cli.job_launcher,
     };
     let config = match AgentConfig::resolve(file, flags) {
         Ok(c) => c,

@@ -75,13 +75,19 @@ pub fn run_if_requested() {
 struct ShimArgs {
     dir: PathBuf,
     fence: Option<(u64, PathBuf)>,
+    /// A JSON object of environment variables for the job (when started through
+    /// systemd-run, whose command line cannot carry arbitrary values safely).
+    env_file: Option<PathBuf>,
     argv: Vec<OsString>,
 }
+
+/// Name of the env file the agent writes into an attempt dir for [`SHIM_ARG`].
+pub const ENV_FILE: &str = "env.json";
 
 fn parse_args(args: Vec<OsString>) -> Option<ShimArgs> {
     let mut it = args.into_iter();
     let dir = PathBuf::from(it.next()?);
-    let mut fence = None;
+    let (mut fence, mut env_file) = (None, None);
     loop {
         let a = it.next()?;
         if a == "--" {
@@ -90,17 +96,21 @@ fn parse_args(args: Vec<OsString>) -> Option<ShimArgs> {
         if a == "--fence-after" {
             let ms = it.next()?.to_str()?.parse().ok()?;
             fence = Some((ms, PathBuf::from(it.next()?)));
+        } else if a == "--env-file" {
+            env_file = Some(PathBuf::from(it.next()?));
         } else {
             return None;
         }
     }
     let argv: Vec<OsString> = it.collect();
-    (!argv.is_empty()).then_some(ShimArgs { dir, fence, argv })
+    (!argv.is_empty()).then_some(ShimArgs { dir, fence, env_file, argv })
 }
 
 fn shim_main(args: Vec<OsString>) -> i32 {
     let Some(args) = parse_args(args) else {
-        eprintln!("usage: {SHIM_ARG} DIR [--fence-after MS FILE] -- PROGRAM ARGS...");
+        eprintln!(
+            "usage: {SHIM_ARG} DIR [--fence-after MS FILE] [--env-file FILE] -- PROGRAM ARGS..."
+        );
         return SHIM_USAGE;
     };
     let lock = match take_lock(&args.dir) {
@@ -158,8 +168,19 @@ fn write_exit(dir: &Path, r: &ExitRecord) -> std::io::Result<()> {
 
 fn supervise(args: &ShimArgs) -> ExitRecord {
     use std::process::{Command, Stdio};
+    let env: std::collections::BTreeMap<String, String> = match &args.env_file {
+        None => Default::default(),
+        Some(f) => match std::fs::read(f)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+        {
+            Ok(m) => m,
+            Err(e) => return ExitRecord::FailedToStart { reason: format!("{}: {e}", f.display()) },
+        },
+    };
     let mut child = match Command::new(&args.argv[0])
         .args(&args.argv[1..])
+        .envs(env)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -303,6 +324,9 @@ mod tests {
             .expect("valid");
         assert_eq!(p.dir, PathBuf::from("/w"));
         assert_eq!(p.fence, Some((500, PathBuf::from("/f"))));
+        assert_eq!(p.env_file, None);
+        let e = parse_args(a(&["/w", "--env-file", "/w/env.json", "--", "x"])).expect("valid");
+        assert_eq!(e.env_file, Some(PathBuf::from("/w/env.json")));
         assert_eq!(p.argv, a(&["sh", "-c", "x"]));
         assert!(parse_args(a(&["/w", "--"])).is_none(), "no program");
         assert!(parse_args(a(&["/w", "--bogus", "--", "x"])).is_none());

@@ -50,11 +50,12 @@ use tokio::sync::oneshot;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
-use crate::authority::{AuthorityMsg, Revocations, TokenSpec};
+use crate::authority::{AuthorityMsg, Revocations};
 use crate::broker::{DataBroker, Requester};
 use crate::fleet::FleetMsg;
 use crate::scheduler::SchedulerMsg;
 use crate::views::ApiErrorBody;
+use fleetmesh_protocol::api::{DrainBody, PlaceBody, PutBody, RevokeBody, TokenSpec};
 
 /// Longest a client may take for its TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -163,16 +164,6 @@ async fn cancel(State(st): State<AppState>, Path(id): Path<String>) -> Response 
     }
 }
 
-#[derive(serde::Deserialize, Default)]
-struct DrainBody {
-    #[serde(default = "yes")]
-    draining: bool,
-}
-
-fn yes() -> bool {
-    true
-}
-
 async fn drain(
     State(st): State<AppState>,
     Path(name): Path<String>,
@@ -213,12 +204,6 @@ async fn list_tokens(State(st): State<AppState>) -> Response {
 
 async fn revoke_token(State(st): State<AppState>, Path(id): Path<String>) -> Response {
     authority_call!(st, AuthorityMsg::RevokeToken, id)
-}
-
-#[derive(serde::Deserialize, Default)]
-struct RevokeBody {
-    #[serde(default)]
-    reason: Option<String>,
 }
 
 async fn revoke_agent(
@@ -397,25 +382,6 @@ const MAX_CHUNK_BODY: usize = fleetmesh_protocol::data::MAX_CHUNK_SIZE as usize 
 /// Largest `POST /api/v1/data` body (a manifest in JSON).
 const MAX_MANIFEST_BODY: usize = 64 << 20;
 
-/// `POST /api/v1/data`: a dataset whose chunks were uploaded.
-#[derive(serde::Deserialize)]
-struct PutBody {
-    name: String,
-    #[serde(default)]
-    jurisdictions: Vec<String>,
-    manifest: fleetmesh_protocol::data::Manifest,
-    /// Also place it on this agent.
-    on: Option<String>,
-    /// Allow this version to live in more places than the newest one of its name.
-    #[serde(default)]
-    loosen_residency: bool,
-}
-
-#[derive(serde::Deserialize)]
-struct PlaceBody {
-    agent: String,
-}
-
 async fn candidates(st: &AppState) -> Result<Vec<crate::auction::Candidate>, Response> {
     ractor::call_t!(st.fleet, FleetMsg::Candidates, FLEET_CALL_MS)
         .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, format!("fleet unavailable: {e}")))
@@ -460,13 +426,8 @@ async fn data_put(
     Extension(peer): Extension<Peer>,
     Json(b): Json<PutBody>,
 ) -> Response {
-    if let Err(e) = fleetmesh_protocol::identity::validate_label("dataset name", &b.name) {
-        return error(StatusCode::BAD_REQUEST, e.to_string());
-    }
-    for j in &b.jurisdictions {
-        if let Err(e) = fleetmesh_protocol::identity::validate_label("jurisdiction", j) {
-            return error(StatusCode::BAD_REQUEST, e.to_string());
-        }
+    if let Err(e) = b.validate() {
+        return error(StatusCode::BAD_REQUEST, e);
     }
     let broker = st.broker.clone();
     let (m, name, js, loosen) =

@@ -16,7 +16,7 @@ use std::time::Duration;
 use fleetmesh_protocol::enroll::{sha256_hex, EnrollRequest, JoinString};
 use fleetmesh_protocol::identity::validate_label;
 use fleetmesh_protocol::pki::{Ca, IssueRequest};
-use fleetmesh_protocol::{Attributes, PeerIdentity, PeerKind};
+use fleetmesh_protocol::{PeerIdentity, PeerKind};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
@@ -25,26 +25,7 @@ use tracing::{info, warn};
 use crate::fleet::FleetMsg;
 use crate::store::{AuditRecord, ConsumeError, Store, TokenRecord};
 
-/// What an operator asks for when creating a token.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TokenSpec {
-    pub region: Option<String>,
-    pub jurisdiction: Option<String>,
-    pub provider: Option<String>,
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    /// Fixed agent name; absent = the name the node asks for.
-    pub name: Option<String>,
-    /// Enrollments allowed [default 1].
-    pub uses: Option<u32>,
-    /// Lifetime, e.g. `1h` [default 1h].
-    pub ttl: Option<String>,
-    /// Coordinator addresses to put in the join string [default: the coordinator's
-    /// advertised addresses].
-    #[serde(default)]
-    pub coordinators: Vec<String>,
-}
+pub use fleetmesh_protocol::api::TokenSpec;
 
 /// A created token; `join` is shown once and never stored.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -215,28 +196,12 @@ impl AuthorityState {
 
     fn create_token(&self, spec: TokenSpec) -> Result<TokenCreated, String> {
         self.ca()?;
-        let attributes = Attributes {
-            region: spec.region,
-            jurisdiction: spec.jurisdiction,
-            provider: spec.provider,
-            labels: spec.labels.clone(),
-        };
-        attributes.validate().map_err(|e| e.to_string())?;
-        if let Some(n) = &spec.name {
-            validate_label("name", n).map_err(|e| e.to_string())?;
-        }
-        for (k, v) in &spec.labels {
-            validate_label("label key", k).map_err(|e| e.to_string())?;
-            validate_label("label value", v).map_err(|e| e.to_string())?;
-        }
+        let attributes = spec.checked_attributes()?;
         let ttl = match &spec.ttl {
             Some(t) => humantime::parse_duration(t).map_err(|e| format!("ttl {t:?}: {e}"))?,
             None => DEFAULT_TOKEN_TTL,
         };
         let uses = spec.uses.unwrap_or(1);
-        if uses == 0 {
-            return Err("uses must be at least 1".into());
-        }
         let coordinators =
             if spec.coordinators.is_empty() { self.advertise.clone() } else { spec.coordinators };
         if coordinators.is_empty() {

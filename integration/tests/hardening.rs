@@ -416,3 +416,80 @@ async fn finished_jobs_output_leaves_the_coordinators_memory() -> anyhow::Result
     assert_eq!(l["finished"], true);
     Ok(())
 }
+
+/// The job user the tests run jobs as (scripts/test.sh creates it as root).
+const TEST_JOB_USER: &str = "fleetmesh-job";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_run_as_the_job_user_and_cannot_read_the_agents_files() -> anyhow::Result<()> {
+    if fleetmesh_agent::sandbox::agent_uid() != 0 {
+        eprintln!("SKIPPED: switching jobs to another user needs root");
+        return Ok(());
+    }
+    if fleetmesh_agent::sandbox::lookup(TEST_JOB_USER).is_err() {
+        let st = std::process::Command::new("useradd")
+            .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", TEST_JOB_USER])
+            .status()?;
+        assert!(st.success(), "useradd {TEST_JOB_USER} failed");
+    }
+    let user = fleetmesh_agent::sandbox::lookup(TEST_JOB_USER).map_err(anyhow::Error::msg)?;
+    let pki = Pki::new("mesh.test")?;
+    let work = tempfile::tempdir()?;
+    // The test's temp dir must be passable for the job user to reach its work dir.
+    std::fs::set_permissions(work.path(), std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
+    let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
+    let client = coord.client(&pki)?;
+    let a = AgentProc::start_extra(
+        &pki,
+        coord.control,
+        "jailed",
+        attrs("r", "EU", "p"),
+        None,
+        &["--job-user", TEST_JOB_USER],
+        work.path(),
+    )?;
+    wait_for(Duration::from_secs(20), || async {
+        let a = fleetmesh_integration::agents(&client).await;
+        a.iter().any(|a| a.host.is_some()).then_some(())
+    })
+    .await
+    .unwrap_or_else(|| panic!("agent not up: {}", a.log_text()));
+    let data = a.data_dir().expect("data dir");
+    // Something in the chunk store, so there is something to try to read.
+    let src = work.path().join("raw");
+    std::fs::create_dir_all(&src)?;
+    std::fs::write(src.join("x"), b"secret data")?;
+    let out = coord
+        .cli(
+            &pki,
+            &["data", "put", src.to_str().unwrap_or_default(), "--name", "raw", "--on", "jailed"],
+        )
+        .await?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let key = pki.path().join("agent-jailed.key");
+    let yaml = format!(
+        "name: jail\njobs:\n  first:\n    outputs: [o]\n    script: echo first-secret > mine.txt; echo ok > \"$FLEETMESH_OUTPUTS/o/r\"\n  probe:\n    needs: [first]\n    script: |\n      id -u\n      cat {data}/store/chunks/*/* 2>&1 || true\n      ls {data}/store 2>&1 || true\n      cat {data}/attempts/* 2>&1 || true\n      ls {data} 2>&1 || true\n      W=$FLEETMESH_WORK_DIR; J=$(basename $(dirname $W))\n      cat $(dirname $(dirname $W))/${{J%.probe}}.first/1/mine.txt 2>&1 || true\n      cat {key} 2>&1 || true\n",
+        data = data.display(),
+        key = key.display(),
+    );
+    let wf = submit(&client, yaml).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let first = wait_state(&client, &format!("{wf}.first"), "succeeded").await;
+    assert!(first["state"] == "succeeded");
+    wait_state(&client, &format!("{wf}.probe"), "succeeded").await;
+    let l: Value = client.get_json(&format!("/api/v1/jobs/{wf}.probe/logs")).await?;
+    let text = l["data"].as_str().unwrap_or_default().to_string();
+    println!("{text}");
+    assert!(text.starts_with(&format!("{}\n", user.uid)), "not run as {TEST_JOB_USER}: {text}");
+    assert!(!text.contains("secret data"), "read the chunk store: {text}");
+    assert!(!text.contains("first-secret"), "read another attempt's work dir: {text}");
+    assert!(!text.contains("PRIVATE KEY"), "read a private key: {text}");
+    let denied = text.matches("Permission denied").count();
+    assert!(
+        denied >= 5,
+        "expected EACCES for store, attempts, data dir listing, other attempt, key: {text}"
+    );
+    // The first job's output was still collected (by the agent, from its own dir).
+    let d: Value = client.get_json("/api/v1/data/jail.first.o").await?;
+    assert_eq!(d["files"], 1, "{d:#}");
+    Ok(())
+}

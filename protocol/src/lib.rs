@@ -8,6 +8,7 @@
 //! fuzzed and unit-tested without a runtime, and both the agent and the coordinator drive
 //! it from their own transports.
 
+pub mod api;
 pub mod codec;
 pub mod data;
 pub mod enroll;

@@ -1,0 +1,144 @@
+//! Jobs run as an unprivileged user (`--job-user`), apart from the agent's own files.
+//!
+//! With a job user the agent (root) lays its data dir out so that user can reach only its
+//! own attempt's work dir:
+//! - the data dir and `work/` are `0711`: passable, not listable;
+//! - `store/` (chunks), `identity/` (key and certificate), `attempts/` and `exits/` are
+//!   `0700`, owned by the agent: a job gets `EACCES`;
+//! - each attempt's dir is `0700`, owned by the job user while it runs, and handed back
+//!   to the agent (`0700`, owned by it) when it ends, so a later attempt cannot read it.
+//!
+//! Host jobs run as the job user (its uid and gid, supplementary groups dropped, `HOME`
+//! the attempt dir). Image jobs start the container runtime as the agent, with the
+//! container's process as the job user (`--user UID:GID`).
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+
+/// The user jobs run as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Directories of the data dir only the agent may enter.
+pub const PRIVATE_DIRS: [&str; 4] = ["store", "identity", "attempts", "exits"];
+const PASSABLE: u32 = 0o711;
+const PRIVATE: u32 = 0o700;
+
+/// Find `name` in `/etc/passwd`; it must not be root, and the agent must be root to
+/// switch to it.
+pub fn lookup(name: &str) -> Result<JobUser, String> {
+    let passwd = std::fs::read_to_string("/etc/passwd").map_err(|e| format!("/etc/passwd: {e}"))?;
+    let user = parse_passwd(&passwd, name).ok_or_else(|| {
+        format!("job user {name:?} does not exist (scripts/install-agent.sh creates fleetmesh-job)")
+    })?;
+    if user.uid == 0 {
+        return Err(format!("job user {name:?} is root: jobs must run unprivileged"));
+    }
+    if agent_uid() != 0 {
+        return Err(format!(
+            "--job-user {name} needs the agent to run as root (it switches each attempt to that user)"
+        ));
+    }
+    Ok(user)
+}
+
+fn parse_passwd(passwd: &str, name: &str) -> Option<JobUser> {
+    passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() >= 4 && f[0] == name).then(|| {
+            Some(JobUser {
+                name: name.to_string(),
+                uid: f[2].parse().ok()?,
+                gid: f[3].parse().ok()?,
+            })
+        })?
+    })
+}
+
+/// The agent's effective uid.
+pub fn agent_uid() -> u32 {
+    std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(u32::MAX)
+}
+
+fn set_mode(p: &Path, mode: u32) -> std::io::Result<()> {
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+}
+
+/// Lay out the data dir for jobs running as another user (before anything is in it
+/// that a job must not read).
+pub fn prepare_data_dir(data_dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(data_dir)?;
+    set_mode(data_dir, PASSABLE)?;
+    for d in PRIVATE_DIRS {
+        let p = data_dir.join(d);
+        std::fs::create_dir_all(&p)?;
+        set_mode(&p, PRIVATE)?;
+    }
+    let work = data_dir.join("work");
+    std::fs::create_dir_all(&work)?;
+    set_mode(&work, PASSABLE)
+}
+
+/// Make an attempt's dir the job user's own (its parent, the job's dir, passable only).
+pub fn give_attempt_dir(dir: &Path, user: &JobUser) -> std::io::Result<()> {
+    if let Some(job_dir) = dir.parent() {
+        set_mode(job_dir, PASSABLE)?;
+    }
+    std::os::unix::fs::chown(dir, Some(user.uid), Some(user.gid))?;
+    set_mode(dir, PRIVATE)
+}
+
+/// Give a directory the agent made inside the attempt dir (an output) to the job user.
+pub fn give(path: &Path, user: &JobUser) -> std::io::Result<()> {
+    std::os::unix::fs::chown(path, Some(user.uid), Some(user.gid))
+}
+
+/// The attempt ended: everything in its dir goes back to the agent, so no later job run
+/// by the same user can read it. Symlinks are changed themselves, never followed.
+pub fn seal_attempt_dir(dir: &Path) -> std::io::Result<()> {
+    let (uid, gid) = std::fs::metadata("/proc/self").map(|m| (m.uid(), m.gid()))?;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let md = std::fs::symlink_metadata(&p)?;
+        std::os::unix::fs::lchown(&p, Some(uid), Some(gid))?;
+        if md.is_dir() {
+            for e in std::fs::read_dir(&p)?.flatten() {
+                stack.push(e.path());
+            }
+        }
+    }
+    set_mode(dir, PRIVATE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwd_entries_are_found_by_name() {
+        let p = "root:x:0:0:root:/root:/bin/bash\nfleetmesh-job:x:998:997::/nonexistent:/usr/sbin/nologin\nbad:x:notanumber:1::/:/bin/sh\n";
+        assert_eq!(
+            parse_passwd(p, "fleetmesh-job"),
+            Some(JobUser { name: "fleetmesh-job".into(), uid: 998, gid: 997 })
+        );
+        assert_eq!(parse_passwd(p, "bad"), None);
+        assert_eq!(parse_passwd(p, "nobody-here"), None);
+        assert_eq!(parse_passwd(p, "root").map(|u| u.uid), Some(0));
+    }
+
+    #[test]
+    fn the_data_dir_layout_keeps_private_dirs_private() {
+        let d = tempfile::tempdir().expect("tempdir");
+        prepare_data_dir(d.path()).expect("prepare");
+        let mode = |p: &Path| std::fs::metadata(p).map(|m| m.mode() & 0o777).unwrap_or(0);
+        assert_eq!(mode(d.path()), 0o711);
+        assert_eq!(mode(&d.path().join("work")), 0o711);
+        for p in PRIVATE_DIRS {
+            assert_eq!(mode(&d.path().join(p)), 0o700, "{p}");
+        }
+    }
+}
