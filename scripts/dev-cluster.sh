@@ -58,13 +58,26 @@ up() {
     cli agents >/dev/null 2>&1 && break
     sleep 0.1
   done
+  # Jobs run as the unprivileged user fleetmesh-job when we can switch to it (root), with
+  # the agents' data dirs where that user can pass through to its own work dirs.
+  local job_args=() agents_dir="$DIR/agents"
+  if [ "$(id -u)" = 0 ]; then
+    getent passwd fleetmesh-job >/dev/null \
+      || useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin fleetmesh-job
+    job_args=(--job-user fleetmesh-job)
+    agents_dir=${FLEETMESH_DEV_AGENTS_DIR:-/var/tmp/fleetmesh-dev-agents}
+    mkdir -p "$agents_dir" && chmod 0711 "$agents_dir"
+    echo "==> jobs run as the unprivileged user fleetmesh-job (agent data in $agents_dir)"
+  else
+    echo "==> not root: jobs run as $(id -un) (as root they run as the unprivileged fleetmesh-job)"
+  fi
   local specs=("gpu-eu-1:8xH100-80GB" "gpu-eu-2:4xA100-40GB" "gpu-us-1:2xL4-24GB")
   for s in "${specs[@]}"; do
     local name=${s%%:*} spec=${s#*:}
     echo "==> starting agent $name with simulated GPUs $spec"
-    "$BIN/fleetmesh-agent" --coordinator "127.0.0.1:$CTL" --data-dir "$DIR/agents/$name" \
+    "$BIN/fleetmesh-agent" --coordinator "127.0.0.1:$CTL" --data-dir "$agents_dir/$name" \
       --ca "$PKI/ca.pem" --cert "$PKI/agent-$name.pem" --key "$PKI/agent-$name.key" \
-      --simulate-gpus "$spec" >"$DIR/logs/agent-$name.log" 2>&1 &
+      --simulate-gpus "$spec" "${job_args[@]}" >"$DIR/logs/agent-$name.log" 2>&1 &
     echo $! >"$DIR/run/agent-$name.pid"
   done
   for _ in $(seq 1 100); do
