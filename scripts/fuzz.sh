@@ -38,7 +38,7 @@ for t in "${TARGETS[@]}"; do
   rc=0
   cargo "${TC[@]}" fuzz run "$t" "fuzz/corpus/$t" -- -max_total_time="$SECS" -rss_limit_mb=1024 \
     -print_final_stats=1 >"$log" 2>&1 || rc=$?
-  grep -E "^#[0-9]+ +DONE|stat::number_of_executed_units|stat::peak_rss_mb|SUMMARY|panicked" "$log" || true
+  grep -E "^Done [0-9]+ runs|stat::number_of_executed_units|stat::peak_rss_mb|SUMMARY|panicked" "$log" || true
   if [ "$rc" -ne 0 ]; then
     tail -40 "$log"
     echo "fuzz target $t failed (exit $rc): its input is under protocol/fuzz/artifacts/$t/"
