@@ -503,6 +503,12 @@ pub async fn run_session(
                         d.drop_dataset(&dataset);
                     }
                 }
+                Some(Ok(CoordinatorMessage::Denied { agents, serials })) => {
+                    if let Some(d) = opts.jobs.as_ref().and_then(|j| j.data()) {
+                        info!(agents = agents.len(), serials = serials.len(), "revoked identities denied on the data port");
+                        d.server.set_denied(agents, serials);
+                    }
+                }
                 Some(Ok(CoordinatorMessage::RenewRefused { reason })) => {
                     renew_pending = false;
                     warn!(agent_id = %current.name, %reason, "certificate renewal refused");

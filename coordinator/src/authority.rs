@@ -16,7 +16,7 @@ use std::time::Duration;
 use fleetmesh_protocol::enroll::{sha256_hex, EnrollRequest, JoinString};
 use fleetmesh_protocol::identity::validate_label;
 use fleetmesh_protocol::pki::{Ca, IssueRequest};
-use fleetmesh_protocol::{PeerIdentity, PeerKind};
+use fleetmesh_protocol::{CoordinatorMessage, PeerIdentity, PeerKind};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
@@ -80,6 +80,26 @@ impl Revocations {
         let g = self.inner.read().ok()?;
         (g.1.contains(&id.serial) || g.0.contains(&Self::key(id.kind, &id.name)))
             .then(|| format!("certificate of {} is revoked", id.spiffe_id()))
+    }
+
+    /// What data-plane holders must refuse: revoked agent names and every revoked serial.
+    pub fn denied(&self) -> CoordinatorMessage {
+        let (agents, serials) = self
+            .inner
+            .read()
+            .map(|g| {
+                (
+                    g.0.iter().filter(|k| !k.contains('/')).cloned().collect(),
+                    g.1.iter().cloned().collect(),
+                )
+            })
+            .unwrap_or_default();
+        CoordinatorMessage::Denied { agents, serials }
+    }
+
+    /// Nothing revoked yet.
+    pub fn is_empty(&self) -> bool {
+        self.inner.read().is_ok_and(|g| g.0.is_empty() && g.1.is_empty())
     }
 
     fn name_revoked(&self, key: &str) -> bool {

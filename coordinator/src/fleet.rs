@@ -162,6 +162,7 @@ pub struct FleetState {
     latencies_us: VecDeque<(u64, u32)>,
     _ticker: Option<ractor::concurrency::JoinHandle<()>>,
     scheduler: Option<ActorRef<crate::scheduler::SchedulerMsg>>,
+    revocations: Arc<crate::authority::Revocations>,
 }
 
 fn unix_us() -> u64 {
@@ -527,6 +528,8 @@ pub struct Fleet;
 pub struct FleetArgs {
     pub cfg: FleetConfig,
     pub store: Arc<Store>,
+    /// Revoked identities, which every agent's data port must refuse.
+    pub revocations: Arc<crate::authority::Revocations>,
 }
 
 impl Actor for Fleet {
@@ -562,6 +565,7 @@ impl Actor for Fleet {
             latencies_us: VecDeque::new(),
             _ticker: Some(ticker),
             scheduler: None,
+            revocations: args.revocations,
         })
     }
 
@@ -595,6 +599,10 @@ impl Actor for Fleet {
                         agent: name.clone(),
                         session: session.clone(),
                     });
+                }
+                // Handled by the session after its welcome is written.
+                if !st.revocations.is_empty() {
+                    let _ = session.cast(SessionMsg::Send(Box::new(st.revocations.denied())));
                 }
                 st.register(identity, session_id, session, now);
                 if let Some(e) = st.agents.get_mut(&name) {
@@ -650,6 +658,11 @@ impl Actor for Fleet {
                 }
                 st.set_state(&name, AgentState::Revoked, &reason);
                 st.flush_changed();
+                // Its tickets may outlive the revocation: every holder refuses it now.
+                let denied = st.revocations.denied();
+                for (_, s) in st.agents.values().filter_map(|e| e.session.as_ref()) {
+                    let _ = s.cast(SessionMsg::Send(Box::new(denied.clone())));
+                }
             }
             FleetMsg::SetScheduler(s) => st.scheduler = Some(s),
             FleetMsg::Candidates(reply) => {

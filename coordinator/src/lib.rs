@@ -103,10 +103,15 @@ impl Actor for Coordinator {
     ) -> Result<RootState, ActorProcessingErr> {
         let fleet_cfg =
             fleet::FleetConfig { liveness: a.config.liveness, history_len: a.config.history };
+        let revocations = Arc::new(authority::Revocations::default());
         let (fleet, _) = Actor::spawn_linked(
             None,
             fleet::Fleet,
-            fleet::FleetArgs { cfg: fleet_cfg, store: a.store.clone() },
+            fleet::FleetArgs {
+                cfg: fleet_cfg,
+                store: a.store.clone(),
+                revocations: revocations.clone(),
+            },
             myself.get_cell(),
         )
         .await?;
@@ -117,7 +122,6 @@ impl Actor for Coordinator {
             ),
             None => None,
         };
-        let revocations = Arc::new(authority::Revocations::default());
         let (authority, _) = Actor::spawn_linked(
             None,
             authority::Authority,

@@ -141,6 +141,9 @@ pub struct XferServer {
     pub chunks_served: AtomicU64,
     pub bytes_served: AtomicU64,
     pub refusals: AtomicU64,
+    /// Revoked agent names and certificate serials, from the coordinator.
+    denied:
+        std::sync::RwLock<(std::collections::HashSet<String>, std::collections::HashSet<String>)>,
 }
 
 impl XferServer {
@@ -163,6 +166,7 @@ impl XferServer {
             chunks_served: AtomicU64::new(0),
             bytes_served: AtomicU64::new(0),
             refusals: AtomicU64::new(0),
+            denied: Default::default(),
         })
     }
 
@@ -192,12 +196,34 @@ impl XferServer {
         })
     }
 
+    /// Replace the list of revoked agents and serials (from the coordinator).
+    pub fn set_denied(&self, agents: Vec<String>, serials: Vec<String>) {
+        if let Ok(mut d) = self.denied.write() {
+            *d = (agents.into_iter().collect(), serials.into_iter().collect());
+        }
+    }
+
+    fn is_denied(&self, p: &PeerIdentity) -> bool {
+        self.denied.read().is_ok_and(|d| {
+            d.1.contains(&p.serial) || (p.kind == PeerKind::Agent && d.0.contains(&p.name))
+        })
+    }
+
     /// Serve one authenticated connection.
     pub async fn serve(self: Arc<Self>, conn: quinn::Connection) {
         let chain = conn
             .peer_identity()
             .and_then(|any| any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok());
         let peer = match peer_identity(chain.as_deref().map(|v| v.as_slice())) {
+            Ok(p) if self.is_denied(&p) => {
+                self.refusals.fetch_add(1, Ordering::Relaxed);
+                warn!(requester = %p.spiffe_id(), "revoked identity refused on the data port");
+                conn.close(
+                    1u32.into(),
+                    format!("certificate of {} is revoked", p.spiffe_id()).as_bytes(),
+                );
+                return;
+            }
             Ok(p) if p.trust_domain == self.trust_domain => p,
             Ok(p) => {
                 conn.close(
@@ -388,7 +414,21 @@ async fn connect(
         .map_err(|e| format!("connect {addr}: {e}"))
 }
 
+/// The holder's own reason when it closed the connection (a refusal), else `e`.
+fn with_close_reason(conn: &quinn::Connection, e: String) -> String {
+    match conn.close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(c)) => {
+            format!("closed by the holder: {}", String::from_utf8_lossy(&c.reason))
+        }
+        _ => e,
+    }
+}
+
 async fn get_manifest(conn: &quinn::Connection, ticket: &SignedTicket) -> Result<Manifest, String> {
+    ask_manifest(conn, ticket).await.map_err(|e| with_close_reason(conn, e))
+}
+
+async fn ask_manifest(conn: &quinn::Connection, ticket: &SignedTicket) -> Result<Manifest, String> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     write_frame(&mut send, &XferRequest::Manifest { ticket: ticket.clone() }).await?;
     let _ = send.finish();

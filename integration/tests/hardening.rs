@@ -3,6 +3,7 @@
 //! residency or smuggle the agent's key out, and a revoked or foreign operator
 //! certificate gets nothing. Every change is audited with who made it.
 
+use std::path::Path;
 use std::time::Duration;
 
 use fleetmesh_coordinator::client::{ApiClient, ClientError};
@@ -491,5 +492,99 @@ async fn jobs_run_as_the_job_user_and_cannot_read_the_agents_files() -> anyhow::
     // The first job's output was still collected (by the agent, from its own dir).
     let d: Value = client.get_json("/api/v1/data/jail.first.o").await?;
     assert_eq!(d["files"], 1, "{d:#}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_agent_is_refused_on_its_peers_data_ports_despite_its_ticket(
+) -> anyhow::Result<()> {
+    use fleetmesh_protocol::data::{FetchPlan, Holder, Ticket, TicketSigner};
+    let pki = Pki::new("mesh.test")?;
+    let work = tempfile::tempdir()?;
+    let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
+    let client = coord.client(&pki)?;
+    let port = fleetmesh_integration::free_udp_port();
+    let listen = format!("127.0.0.1:{port}");
+    let holder = AgentProc::start_extra(
+        &pki,
+        coord.control,
+        "holder",
+        attrs("r", "EU", "p"),
+        None,
+        &["--data-listen", &listen],
+        work.path(),
+    )?;
+    pki.issue(PeerKind::Agent, "thief", attrs("r", "EU", "p"))?;
+    wait_for(Duration::from_secs(20), || async {
+        let a = fleetmesh_integration::agents(&client).await;
+        a.iter().any(|a| a.name == "holder" && a.host.is_some()).then_some(())
+    })
+    .await
+    .expect("holder up");
+    let src = work.path().join("raw");
+    std::fs::create_dir_all(&src)?;
+    std::fs::write(src.join("x"), b"data the thief wants")?;
+    let out = coord
+        .cli(
+            &pki,
+            &["data", "put", src.to_str().unwrap_or_default(), "--name", "raw", "--on", "holder"],
+        )
+        .await?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let d: Value = client.get_json("/api/v1/data/raw").await?;
+    let id = d["id"].as_str().unwrap_or_default().to_string();
+    wait_for(Duration::from_secs(10), || async {
+        let d: Value = client.get_json("/api/v1/data/raw").await.ok()?;
+        (d["holders"]["holder"]["complete"] == true).then_some(())
+    })
+    .await
+    .expect("holder has it");
+    // A ticket the coordinator issued to "thief" (valid for 10 minutes)...
+    let key = std::fs::read(work.path().join("coord/ticket-signing.key"))?;
+    let ticket = TicketSigner::from_pkcs8(&key)?.sign(Ticket {
+        dataset: id.clone(),
+        requester: "thief".into(),
+        requester_kind: PeerKind::Agent,
+        holder: "holder".into(),
+        jurisdictions: vec![],
+        expires_unix_ms: fleetmesh_data::now_unix_ms() + 600_000,
+    });
+    let plan = FetchPlan {
+        dataset: id.clone(),
+        name: "raw".into(),
+        jurisdictions: vec![],
+        bytes: 0,
+        holders: vec![Holder {
+            name: "holder".into(),
+            kind: PeerKind::Agent,
+            addr: listen,
+            ticket,
+        }],
+    };
+    let thief = pki.identity(PeerKind::Agent, "thief")?;
+    let fetch = |dir: &Path| {
+        let store = std::sync::Arc::new(fleetmesh_data::Store::open(dir, u64::MAX).expect("store"));
+        let (plan, thief) = (plan.clone(), thief.clone());
+        async move {
+            let ep = fleetmesh_data::xfer::endpoint("127.0.0.1:0".parse()?, &thief, false)?;
+            let r =
+                fleetmesh_data::fetch(&ep, &thief, store, &plan, std::sync::Arc::new(|_| {})).await;
+            anyhow::Ok(r.map(|_| ()).map_err(|e| e.to_string()))
+        }
+    };
+    let before = tempfile::tempdir()?;
+    assert_eq!(fetch(before.path()).await?, Ok(()), "the ticket works before the revocation");
+    // ...is worthless once the thief is revoked: the holder refuses its certificate.
+    let out = coord.cli(&pki, &["agents", "revoke", "thief"]).await?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let refused = wait_for(Duration::from_secs(5), || async {
+        holder.log_text().contains("revoked identities denied on the data port").then_some(())
+    })
+    .await;
+    assert!(refused.is_some(), "holder never got the list: {}", holder.log_text());
+    let after = tempfile::tempdir()?;
+    let r = fetch(after.path()).await?;
+    assert!(r.as_ref().is_err_and(|e| e.contains("revoked")), "{r:?}");
+    assert!(holder.log_text().contains("revoked identity refused on the data port"));
     Ok(())
 }

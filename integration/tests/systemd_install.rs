@@ -91,7 +91,8 @@ impl Booted {
         let leader = loop {
             // nspawn's child is the container's PID 1 (systemd).
             if let Some(p) = children(pid).into_iter().find(|p| {
-                std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "systemd")
+                std::fs::read_to_string(format!("/proc/{p}/comm"))
+                    .is_ok_and(|c| c.trim() == "systemd")
             }) {
                 break p;
             }
@@ -112,11 +113,28 @@ impl Booted {
     /// Run a shell command inside the container; its stdout and stderr.
     fn sh(&self, script: &str) -> anyhow::Result<String> {
         let out = Command::new("nsenter")
-            .args(["--target", &self.leader.to_string(), "--mount", "--uts", "--ipc", "--pid", "--cgroup"])
-            .args(["--", "/usr/bin/env", "-i", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"])
+            .args([
+                "--target",
+                &self.leader.to_string(),
+                "--mount",
+                "--uts",
+                "--ipc",
+                "--pid",
+                "--cgroup",
+            ])
+            .args([
+                "--",
+                "/usr/bin/env",
+                "-i",
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            ])
             .args(["/bin/sh", "-c", script])
             .output()?;
-        Ok(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+        Ok(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
     }
 }
 
@@ -151,8 +169,16 @@ async fn installed_agent_runs_host_and_image_jobs_outside_its_own_sandbox() -> a
         eprintln!("SKIPPED: booting a systemd container needs root");
         return Ok(());
     }
-    let have = |p: &str| Command::new("sh").args(["-c", &format!("command -v {p}")]).output().is_ok_and(|o| o.status.success());
-    if !have("systemd-nspawn") || !have("nsenter") || !Path::new(ROOTFS).join("usr/lib/systemd/systemd").exists() {
+    let have = |p: &str| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {p}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !have("systemd-nspawn")
+        || !have("nsenter")
+        || !Path::new(ROOTFS).join("usr/lib/systemd/systemd").exists()
+    {
         eprintln!("SKIPPED: needs systemd-nspawn, nsenter and the Debian tree {ROOTFS} (scripts/test.sh installs and builds them as root)");
         return Ok(());
     }
@@ -198,7 +224,8 @@ async fn installed_agent_runs_host_and_image_jobs_outside_its_own_sandbox() -> a
         booted.sh("systemctl status fleetmesh-agent --no-pager; journalctl -u fleetmesh-agent --no-pager | tail -30")?
     );
     // The agent itself is hardened.
-    let props = booted.sh("systemctl show fleetmesh-agent -p ProtectSystem -p ProtectHome -p NoNewPrivileges")?;
+    let props = booted
+        .sh("systemctl show fleetmesh-agent -p ProtectSystem -p ProtectHome -p NoNewPrivileges")?;
     for want in ["ProtectSystem=strict", "ProtectHome=yes", "NoNewPrivileges=yes"] {
         assert!(props.contains(want), "{want} missing: {props}");
     }
@@ -212,7 +239,8 @@ async fn installed_agent_runs_host_and_image_jobs_outside_its_own_sandbox() -> a
         let text = logs["data"].as_str().unwrap_or_default().to_string();
         println!("--- {job} job output:\n{text}");
         assert_eq!(
-            j["state"], "succeeded",
+            j["state"],
+            "succeeded",
             "{job}: {j:#}\n{text}\n{}",
             booted.sh("journalctl -u fleetmesh-agent --no-pager | tail -40")?
         );

@@ -269,6 +269,13 @@ pub enum CoordinatorMessage {
     DropDataset {
         dataset: String,
     },
+    /// Revoked agents and certificate serials: a data-plane holder serves none of them,
+    /// even with a ticket issued before the revocation. The whole list, sent after the
+    /// welcome and again whenever it grows.
+    Denied {
+        agents: Vec<String>,
+        serials: Vec<String>,
+    },
 }
 
 /// Agent hello.
