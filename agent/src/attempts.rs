@@ -48,6 +48,9 @@ pub struct AttemptRecord {
     /// The transient systemd unit it runs in, when started through systemd-run.
     #[serde(default)]
     pub unit: Option<String>,
+    /// Its own uid, when attempts get one each (`--job-uids`).
+    #[serde(default)]
+    pub uid: Option<u32>,
 }
 
 /// The table, in `<data-dir>/attempts` and `<data-dir>/exits`.
@@ -222,6 +225,7 @@ mod tests {
             started_unix_ms: 1,
             container: None,
             unit: None,
+            uid: None,
         };
         t.save_attempt(&rec("wf.a", 1)).expect("save");
         t.save_attempt(&rec("wf.b", 2)).expect("save");

@@ -47,6 +47,8 @@ pub struct FileConfig {
     pub job_user: Option<String>,
     /// `direct` or `systemd-run`: how attempts are started.
     pub job_launcher: Option<String>,
+    /// `START-END`: each running attempt gets its own uid from this range.
+    pub job_uids: Option<String>,
 }
 
 impl FileConfig {
@@ -84,6 +86,7 @@ pub struct AgentConfig {
     /// other attempts' work dirs (none: as the agent's own user).
     pub job_user: Option<String>,
     pub job_launcher: crate::jobs::JobLauncher,
+    pub job_uids: Option<std::ops::RangeInclusive<u32>>,
 }
 
 /// Which program runs jobs that name an image.
@@ -239,7 +242,15 @@ impl AgentConfig {
                 )))
             }
         };
+        let job_uids = match flags.job_uids.or(file.job_uids) {
+            Some(r) if job_user.is_none() => {
+                return Err(AgentError::Config(format!("job-uids {r}: needs job-user too")))
+            }
+            Some(r) => Some(crate::sandbox::parse_uid_range(&r).map_err(AgentError::Config)?),
+            None => None,
+        };
         Ok(Self {
+            job_uids,
             job_launcher,
             data,
             container_runtime,

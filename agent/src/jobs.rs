@@ -73,6 +73,8 @@ impl Outbox {
 struct RunningAttempt {
     gpus: Vec<String>,
     stop: Option<oneshot::Sender<(JobOutcome, Duration)>>,
+    /// The uid it runs as, when attempts get their own (`--job-uids`).
+    uid: Option<u32>,
 }
 
 /// Running attempts by (job, attempt).
@@ -106,6 +108,9 @@ pub struct Jobs {
     fence: std::sync::OnceLock<(Duration, PathBuf)>,
     /// The unprivileged user attempts run as (see [`crate::sandbox`]).
     job_user: std::sync::OnceLock<crate::sandbox::JobUser>,
+    /// With `--job-uids`: each running attempt takes the lowest free uid of this range,
+    /// so concurrent attempts cannot read each other's work dirs or processes.
+    job_uids: std::sync::OnceLock<std::ops::RangeInclusive<u32>>,
     /// How attempts are started ([`JobLauncher::Direct`] unless set).
     launcher: std::sync::OnceLock<JobLauncher>,
 }
@@ -290,6 +295,7 @@ impl Jobs {
             shim_program,
             fence: Default::default(),
             job_user: Default::default(),
+            job_uids: Default::default(),
             launcher: Default::default(),
         })
     }
@@ -299,9 +305,17 @@ impl Jobs {
         let _ = self.launcher.set(l);
     }
 
-    /// Run attempts as this user from now on.
-    pub fn set_job_user(&self, u: crate::sandbox::JobUser) {
+    /// Run attempts as this user from now on; with `uids`, each as its own uid of that
+    /// range (with the job user's group).
+    pub fn set_job_user(
+        &self,
+        u: crate::sandbox::JobUser,
+        uids: Option<std::ops::RangeInclusive<u32>>,
+    ) {
         let _ = self.job_user.set(u);
+        if let Some(r) = uids {
+            let _ = self.job_uids.set(r);
+        }
     }
 
     /// The session received something from the coordinator.
@@ -494,12 +508,23 @@ impl Jobs {
                     }
                 }
             }
+            let uid = match self.job_uids.get() {
+                Some(range) => {
+                    let taken: std::collections::HashSet<u32> =
+                        s.1.values().filter_map(|r| r.uid).collect();
+                    let free = range.clone().find(|u| !taken.contains(u));
+                    Some(free.ok_or_else(|| {
+                        format!("every job uid in {range:?} is in use by a running attempt")
+                    })?)
+                }
+                None => None,
+            };
             s.0.running.push((format!("{}/{}", a.job, a.attempt), a.gpus.clone()));
             let (tx, rx) = oneshot::channel();
-            s.1.insert(key, RunningAttempt { gpus: a.gpus.clone(), stop: Some(tx) });
+            s.1.insert(key, RunningAttempt { gpus: a.gpus.clone(), stop: Some(tx), uid });
             let me = self.clone();
             let award = a.clone();
-            tokio::spawn(async move { me.run_attempt(award, rx).await });
+            tokio::spawn(async move { me.run_attempt(award, rx, uid).await });
         }
         Ok(())
     }
@@ -558,10 +583,11 @@ impl Jobs {
         self: Arc<Self>,
         a: Award,
         mut stop: oneshot::Receiver<(JobOutcome, Duration)>,
+        uid: Option<u32>,
     ) {
         let started = Instant::now();
         let dir = self.work_root.join(sanitize(&a.job)).join(a.attempt.to_string());
-        let outcome = self.run_inner(&a, &mut stop).await;
+        let outcome = self.run_inner(&a, &mut stop, uid).await;
         self.complete(&a, &dir, outcome, started.elapsed()).await;
     }
 
@@ -681,7 +707,7 @@ impl Jobs {
         let (tx, rx) = oneshot::channel();
         if let Ok(mut s) = self.state.lock() {
             s.0.running.push((format!("{}/{}", a.job, a.attempt), a.gpus.clone()));
-            s.1.insert(key, RunningAttempt { gpus: a.gpus.clone(), stop: Some(tx) });
+            s.1.insert(key, RunningAttempt { gpus: a.gpus.clone(), stop: Some(tx), uid: rec.uid });
         }
         info!(job_id = %a.job, attempt = a.attempt, pid, gpus = ?a.gpus, "attempt re-adopted after an agent restart");
         let me = self.clone();
@@ -722,6 +748,7 @@ impl Jobs {
         &self,
         a: &Award,
         stop: &mut oneshot::Receiver<(JobOutcome, Duration)>,
+        uid: Option<u32>,
     ) -> JobOutcome {
         let dir = self.work_root.join(sanitize(&a.job)).join(a.attempt.to_string());
         if let Err(e) = std::fs::create_dir_all(&dir) {
@@ -729,7 +756,12 @@ impl Jobs {
                 reason: format!("work dir {}: {e}", dir.display()),
             };
         }
-        let user = self.job_user.get();
+        // The job user, with this attempt's own uid when attempts get one each.
+        let own = self
+            .job_user
+            .get()
+            .map(|u| crate::sandbox::JobUser { uid: uid.unwrap_or(u.uid), ..u.clone() });
+        let user = own.as_ref();
         if let Some(u) = user {
             if let Err(e) = crate::sandbox::give_attempt_dir(&dir, u) {
                 return JobOutcome::FailedToStart {
@@ -904,6 +936,7 @@ impl Jobs {
                 started_unix_ms: now_ms(),
                 container: container.clone(),
                 unit: unit.clone(),
+                uid,
             };
             match tokio::task::spawn_blocking(move || t.save_attempt(&rec)).await {
                 Ok(Ok(())) => {}

@@ -91,6 +91,11 @@ struct Cli {
     /// systemd install uses) [default: direct].
     #[arg(long)]
     job_launcher: Option<String>,
+    /// With --job-user: give each running attempt its own uid from START-END (uids no
+    /// account uses), so attempts running side by side cannot read each other's work
+    /// dirs either [default: all attempts run as the job user].
+    #[arg(long)]
+    job_uids: Option<String>,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -187,6 +192,7 @@ fn main() -> ExitCode {
         stop_jobs_after_disconnect: cli.stop_jobs_after_disconnect,
         job_user: cli.job_user,
         job_launcher: cli.job_launcher,
+        job_uids: cli.job_uids,
     };
     let config = match AgentConfig::resolve(file, flags) {
         Ok(c) => c,

@@ -9,7 +9,9 @@
 //!   to the agent (`0700`, owned by it) when it ends, so a later attempt cannot read it.
 //!
 //! Host jobs run as the job user (its uid and gid, supplementary groups dropped, `HOME`
-//! the attempt dir). Image jobs start the container runtime as the agent, with the
+//! the attempt dir). With `--job-uids START-END` each running attempt gets its own uid
+//! from that range (no account uses it; the group stays the job user's), so attempts
+//! running side by side cannot read each other's dirs or processes either. Image jobs start the container runtime as the agent, with the
 //! container's process as the job user (`--user UID:GID`).
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -44,6 +46,27 @@ pub fn lookup(name: &str) -> Result<JobUser, String> {
         ));
     }
     Ok(user)
+}
+
+/// Parse `--job-uids START-END`: uids that no account in `/etc/passwd` uses, and never 0.
+pub fn parse_uid_range(spec: &str) -> Result<std::ops::RangeInclusive<u32>, String> {
+    let bad = || format!("job-uids {spec:?}: give START-END, e.g. 200000-200999");
+    let (a, b) = spec.split_once('-').ok_or_else(bad)?;
+    let (a, b): (u32, u32) =
+        (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
+    if a == 0 || b < a {
+        return Err(bad());
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let taken = passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        let uid: u32 = f.get(2)?.parse().ok()?;
+        (a..=b).contains(&uid).then(|| format!("{} ({uid})", f[0]))
+    });
+    match taken {
+        Some(who) => Err(format!("job-uids {spec}: the range includes the account {who}")),
+        None => Ok(a..=b),
+    }
 }
 
 fn parse_passwd(passwd: &str, name: &str) -> Option<JobUser> {
@@ -128,6 +151,18 @@ mod tests {
         assert_eq!(parse_passwd(p, "bad"), None);
         assert_eq!(parse_passwd(p, "nobody-here"), None);
         assert_eq!(parse_passwd(p, "root").map(|u| u.uid), Some(0));
+    }
+
+    #[test]
+    fn uid_ranges_are_checked() {
+        assert_eq!(parse_uid_range("200000-200009"), Ok(200000..=200009));
+        for bad in ["", "5", "0-10", "10-5", "a-b"] {
+            assert!(parse_uid_range(bad).is_err(), "{bad}");
+        }
+        // Root's uid 0 is refused outright; a range over a real account is too.
+        assert!(parse_uid_range("0-0").is_err());
+        let e = parse_uid_range("1-1000000").unwrap_err();
+        assert!(e.contains("includes the account"), "{e}");
     }
 
     #[test]

@@ -588,3 +588,59 @@ async fn a_revoked_agent_is_refused_on_its_peers_data_ports_despite_its_ticket(
     assert!(holder.log_text().contains("revoked identity refused on the data port"));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attempts_running_side_by_side_get_their_own_uids() -> anyhow::Result<()> {
+    if fleetmesh_agent::sandbox::agent_uid() != 0 {
+        eprintln!("SKIPPED: switching jobs to another user needs root");
+        return Ok(());
+    }
+    if fleetmesh_agent::sandbox::lookup(TEST_JOB_USER).is_err() {
+        std::process::Command::new("useradd")
+            .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", TEST_JOB_USER])
+            .status()?;
+    }
+    let pki = Pki::new("mesh.test")?;
+    let work = tempfile::tempdir()?;
+    std::fs::set_permissions(work.path(), std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
+    let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
+    let client = coord.client(&pki)?;
+    let a = AgentProc::start_extra(
+        &pki,
+        coord.control,
+        "pool",
+        attrs("r", "EU", "p"),
+        None,
+        &["--job-user", TEST_JOB_USER, "--job-uids", "200000-200009"],
+        work.path(),
+    )?;
+    wait_for(Duration::from_secs(20), || async {
+        let a = fleetmesh_integration::agents(&client).await;
+        a.iter().any(|a| a.host.is_some()).then_some(())
+    })
+    .await
+    .unwrap_or_else(|| panic!("agent not up: {}", a.log_text()));
+    // `holder` keeps a secret in its dir while `peeker`, running at the same time, tries
+    // to read it (through the path, and through the holder's /proc entry).
+    let yaml = "name: side\njobs:\n  holder:\n    resources: { cpus: 0.1 }\n    script: |\n      echo holder-secret > mine.txt\n      id -u\n      sleep 4\n  peeker:\n    resources: { cpus: 0.1 }\n    script: |\n      sleep 1.5\n      id -u\n      W=$FLEETMESH_WORK_DIR; J=$(basename $(dirname $W))\n      cat $(dirname $(dirname $W))/${J%.peeker}.holder/1/mine.txt 2>&1 || true\n      for p in /proc/[0-9]*; do cat $p/cwd/mine.txt 2>/dev/null; done\n      echo peeked\n";
+    let wf = submit(&client, yaml.into()).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    wait_state(&client, &format!("{wf}.peeker"), "succeeded").await;
+    wait_state(&client, &format!("{wf}.holder"), "succeeded").await;
+    let logs = |job: &'static str| {
+        let client = &client;
+        let wf = wf.clone();
+        async move {
+            let l: Value = client.get_json(&format!("/api/v1/jobs/{wf}.{job}/logs")).await?;
+            anyhow::Ok(l["data"].as_str().unwrap_or_default().to_string())
+        }
+    };
+    let (h, p) = (logs("holder").await?, logs("peeker").await?);
+    println!("holder:\n{h}peeker:\n{p}");
+    let uid = |t: &str| t.lines().find_map(|l| l.trim().parse::<u32>().ok());
+    let (hu, pu) = (uid(&h).unwrap_or(0), uid(&p).unwrap_or(0));
+    assert!((200000..=200009).contains(&hu) && (200000..=200009).contains(&pu), "{hu} {pu}");
+    assert_ne!(hu, pu, "side-by-side attempts shared a uid");
+    assert!(p.contains("Permission denied") && p.contains("peeked"), "{p}");
+    assert!(!p.contains("holder-secret"), "read a running attempt's dir: {p}");
+    Ok(())
+}
