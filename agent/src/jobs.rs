@@ -127,6 +127,20 @@ pub enum JobLauncher {
     SystemdRun,
 }
 
+impl JobLauncher {
+    /// How to run `program` where jobs run: itself (direct), or through
+    /// `systemd-run --wait --pipe` so a rootful runtime's `info`, `stop` and `rm` are not
+    /// confined by the agent's own service sandbox (read-only /var/lib/containers, /run).
+    pub fn outside(self, program: &str) -> (&str, Vec<&str>) {
+        match self {
+            JobLauncher::Direct => (program, Vec::new()),
+            JobLauncher::SystemdRun => {
+                ("systemd-run", vec!["--quiet", "--collect", "--wait", "--pipe", "--", program])
+            }
+        }
+    }
+}
+
 /// The transient unit of an attempt.
 fn unit_name(job: &str, attempt: u64) -> String {
     let h =
@@ -207,8 +221,10 @@ use fleetmesh_data::now_unix_ms as now_ms;
 
 /// Whether `program info` succeeds within 15 s: a docker client whose daemon is not
 /// running is on the PATH but cannot run anything.
-pub fn runtime_answers(program: &str) -> Result<(), String> {
-    let mut child = std::process::Command::new(program)
+pub fn runtime_answers(program: &str, launcher: JobLauncher) -> Result<(), String> {
+    let (prog, prefix) = launcher.outside(program);
+    let mut child = std::process::Command::new(prog)
+        .args(prefix)
         .arg("info")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -235,18 +251,19 @@ pub fn runtime_answers(program: &str) -> Result<(), String> {
 /// answers `info` (auto), none, or the configured program (which must answer).
 pub fn find_container_runtime(
     choice: &crate::config::ContainerRuntime,
+    launcher: JobLauncher,
 ) -> Result<Option<String>, String> {
     use crate::config::ContainerRuntime;
     match choice {
         ContainerRuntime::None => Ok(None),
-        ContainerRuntime::Program(p) => runtime_answers(p).map(|()| Some(p.clone())),
+        ContainerRuntime::Program(p) => runtime_answers(p, launcher).map(|()| Some(p.clone())),
         ContainerRuntime::Auto => {
             let Some(path) = std::env::var_os("PATH") else { return Ok(None) };
             for rt in ["docker", "podman"] {
                 if !std::env::split_paths(&path).any(|d| d.join(rt).is_file()) {
                     continue;
                 }
-                match runtime_answers(rt) {
+                match runtime_answers(rt, launcher) {
                     Ok(()) => return Ok(Some(rt.to_string())),
                     Err(e) => {
                         warn!(runtime = rt, error = %e, "container runtime on the PATH is not usable; image jobs will be declined unless another one is")
@@ -303,6 +320,10 @@ impl Jobs {
     /// Start attempts this way from now on.
     pub fn set_launcher(&self, l: JobLauncher) {
         let _ = self.launcher.set(l);
+    }
+
+    fn launcher(&self) -> JobLauncher {
+        self.launcher.get().copied().unwrap_or_default()
     }
 
     /// Run attempts as this user from now on; with `uids`, each as its own uid of that
@@ -891,8 +912,8 @@ impl Jobs {
             env.push(("USER".into(), u.name.clone()));
             env.push(("LOGNAME".into(), u.name.clone()));
         }
-        let unit = matches!(self.launcher.get(), Some(JobLauncher::SystemdRun))
-            .then(|| unit_name(&a.job, a.attempt));
+        let unit =
+            (self.launcher() == JobLauncher::SystemdRun).then(|| unit_name(&a.job, a.attempt));
         let (pid, child) = match &unit {
             None => {
                 shim_args.push("--".into());
@@ -989,12 +1010,12 @@ impl Jobs {
                     }
                 }
                 _ = tokio::time::sleep_until(deadline) => {
-                    terminate(&mut child, dir, pid, container, Duration::from_secs(5)).await;
+                    terminate(&mut child, dir, pid, container, Duration::from_secs(5), self.launcher()).await;
                     break JobOutcome::TimedOut;
                 }
                 req = &mut *stop => {
                     let (outcome, grace) = req.unwrap_or((JobOutcome::Cancelled, Duration::from_secs(5)));
-                    terminate(&mut child, dir, pid, container, grace).await;
+                    terminate(&mut child, dir, pid, container, grace, self.launcher()).await;
                     break outcome;
                 }
             }
@@ -1107,13 +1128,15 @@ async fn terminate(
     pid: u32,
     container: Option<&(String, String)>,
     grace: Duration,
+    launcher: JobLauncher,
 ) {
     if pid != 0 {
         shim::signal_group(pid, "TERM");
     }
     if let Some((rt, name)) = container {
         let secs = grace.as_secs().to_string();
-        runtime_cmd(rt, &["stop", "-t", &secs, name], grace + Duration::from_secs(20)).await;
+        runtime_cmd(rt, &["stop", "-t", &secs, name], grace + Duration::from_secs(20), launcher)
+            .await;
     }
     let ended = async {
         match child {
@@ -1134,14 +1157,16 @@ async fn terminate(
         }
     }
     if let Some((rt, name)) = container {
-        runtime_cmd(rt, &["rm", "-f", name], Duration::from_secs(20)).await;
+        runtime_cmd(rt, &["rm", "-f", name], Duration::from_secs(20), launcher).await;
     }
 }
 
 /// Run a container runtime command; failures are logged (the container may be gone).
-async fn runtime_cmd(rt: &str, args: &[&str], limit: Duration) {
-    let mut cmd = tokio::process::Command::new(rt);
-    cmd.args(args)
+async fn runtime_cmd(rt: &str, args: &[&str], limit: Duration, launcher: JobLauncher) {
+    let (prog, prefix) = launcher.outside(rt);
+    let mut cmd = tokio::process::Command::new(prog);
+    cmd.args(prefix)
+        .args(args)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

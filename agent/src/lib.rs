@@ -132,10 +132,12 @@ pub async fn run(
     // Running attempts outlive sessions and certificate changes.
     // Probing runs `<runtime> info` (up to 15 s): off the async workers.
     let choice = config.container_runtime.clone();
-    let runtime = tokio::task::spawn_blocking(move || jobs::find_container_runtime(&choice))
-        .await
-        .map_err(|e| AgentError::Config(format!("container-runtime probe: {e}")))?
-        .map_err(|e| AgentError::Config(format!("container-runtime: {e}")))?;
+    let launcher = config.job_launcher;
+    let runtime =
+        tokio::task::spawn_blocking(move || jobs::find_container_runtime(&choice, launcher))
+            .await
+            .map_err(|e| AgentError::Config(format!("container-runtime probe: {e}")))?
+            .map_err(|e| AgentError::Config(format!("container-runtime: {e}")))?;
     tracing::info!(
         runtime = runtime.as_deref().unwrap_or("none"),
         "container runtime for image jobs"

@@ -26,10 +26,11 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The SIMULATED docker-compatible runtime installed in the tree.
 const FAKE_RUNTIME: &str = r#"#!/bin/sh
-# SIMULATED container runtime (tests only): `info`, `stop`, `rm` succeed; `run` writes
-# where a rootful runtime writes, then runs the command in the -v source as --user.
+# SIMULATED container runtime (tests only): like a rootful runtime, every command writes
+# under /var/lib/containers (and `run` under /run too), which fails inside the agent's
+# sandbox; `run` then runs the command in the -v source as --user.
 case "$1" in
-  info|stop|rm) exit 0 ;;
+  info|stop|rm) mkdir -p /var/lib/containers/fake && touch "/var/lib/containers/fake/.$1" || exit 3; exit 0 ;;
   run) shift ;;
   *) echo "fake runtime: unsupported $1" >&2; exit 2 ;;
 esac
@@ -223,6 +224,14 @@ async fn installed_agent_runs_host_and_image_jobs_outside_its_own_sandbox() -> a
         "installed agent never connected:\n{}",
         booted.sh("systemctl status fleetmesh-agent --no-pager; journalctl -u fleetmesh-agent --no-pager | tail -30")?
     );
+    // The unit is well formed, and its exposure score is printed for the README.
+    let verify = booted.sh(
+        "systemd-analyze verify /etc/systemd/system/fleetmesh-agent.service 2>&1; echo exit=$?",
+    )?;
+    assert!(verify.trim_end().ends_with("exit=0"), "systemd-analyze verify: {verify}");
+    let security =
+        booted.sh("systemd-analyze security fleetmesh-agent --no-pager 2>&1 | tail -1")?;
+    println!("systemd-analyze security: {}", security.trim());
     // The agent itself is hardened.
     let props = booted
         .sh("systemctl show fleetmesh-agent -p ProtectSystem -p ProtectHome -p NoNewPrivileges")?;
