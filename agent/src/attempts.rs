@@ -155,26 +155,41 @@ fn read_dir_files(dir: &Path, bad: &mut Vec<(PathBuf, String)>) -> Vec<(PathBuf,
     out
 }
 
-/// Start time of process `pid` in clock ticks after boot (`/proc/PID/stat` field 22).
-pub fn proc_start_ticks(pid: u32) -> Option<u64> {
+/// Field `n` (1-based, as in proc(5)) of `/proc/PID/stat`, from field 3 on. The command
+/// name (field 2) may hold spaces and parentheses, so fields are counted after the last ')'.
+pub fn proc_stat_field(pid: u32, n: usize) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses: count after the last ')'.
     let after = &stat[stat.rfind(')')? + 1..];
-    after.split_whitespace().nth(19)?.parse().ok()
+    after.split_whitespace().nth(n.checked_sub(3)?)?.parse().ok()
+}
+
+/// proc(5) fields used here.
+const STAT_PPID: usize = 4;
+const STAT_PGRP: usize = 5;
+const STAT_STARTTIME: usize = 22;
+
+/// Start time of process `pid` in clock ticks after boot.
+pub fn proc_start_ticks(pid: u32) -> Option<u64> {
+    proc_stat_field(pid, STAT_STARTTIME)
+}
+
+/// Live processes whose stat field `n` equals `value`.
+fn processes_with(n: usize, value: u32) -> Vec<u32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else { return Vec::new() };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| proc_stat_field(*pid, n) == Some(u64::from(value)))
+        .collect()
 }
 
 /// Pids of live processes in process group `pgid`.
 pub fn group_members(pgid: u32) -> Vec<u32> {
-    let Ok(rd) = std::fs::read_dir("/proc") else { return Vec::new() };
-    rd.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().is_some_and(|s| {
-                s.rfind(')').and_then(|i| s[i + 1..].split_whitespace().nth(2)?.parse().ok())
-                    == Some(pgid)
-            })
-        })
-        .collect()
+    processes_with(STAT_PGRP, pgid)
+}
+
+/// Pids of the live children of `pid`.
+pub fn children(pid: u32) -> Vec<u32> {
+    processes_with(STAT_PPID, pid)
 }
 
 #[cfg(test)]
@@ -248,6 +263,7 @@ mod tests {
             std::process::Command::new("sleep").arg("5").process_group(0).spawn().expect("sleep");
         let pid = child.id();
         assert_eq!(group_members(pid), vec![pid]);
+        assert_eq!(children(me), vec![pid]);
         let _ = child.kill();
         let _ = child.wait();
         assert!(group_members(pid).is_empty());

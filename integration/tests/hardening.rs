@@ -21,6 +21,35 @@ async fn submit(client: &ApiClient, yaml: String) -> Result<String, (u16, String
     }
 }
 
+/// A coordinator and one EU agent `name` (with `extra` flags), up and reporting.
+async fn mesh_with_agent(
+    name: &str,
+    extra: &[&str],
+) -> anyhow::Result<(Pki, tempfile::TempDir, CoordinatorProc, ApiClient, AgentProc)> {
+    let pki = Pki::new("mesh.test")?;
+    let work = tempfile::tempdir()?;
+    // Passable, so a job user can reach its own work dir under the agent's data dir.
+    std::fs::set_permissions(work.path(), std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
+    let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
+    let client = coord.client(&pki)?;
+    let a = AgentProc::start_extra(
+        &pki,
+        coord.control,
+        name,
+        attrs("r", "EU", "p"),
+        None,
+        extra,
+        work.path(),
+    )?;
+    let up = wait_for(Duration::from_secs(20), || async {
+        let all = fleetmesh_integration::agents(&client).await;
+        all.iter().any(|x| x.name == name && x.host.is_some()).then_some(())
+    })
+    .await;
+    anyhow::ensure!(up.is_some(), "agent {name} not up: {}", a.log_text());
+    Ok((pki, work, coord, client, a))
+}
+
 async fn wait_state(client: &ApiClient, job: &str, state: &str) -> Value {
     let got = wait_for(Duration::from_secs(30), || async {
         let j: Value = client.get_json(&format!("/api/v1/jobs/{job}")).await.ok()?;
@@ -174,18 +203,7 @@ async fn revoked_and_foreign_operators_get_nothing_and_changes_name_their_actor(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outputs_keep_their_inputs_residency_and_never_carry_the_agents_key() -> anyhow::Result<()>
 {
-    let pki = Pki::new("mesh.test")?;
-    let work = tempfile::tempdir()?;
-    let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
-    let client = coord.client(&pki)?;
-    let _eu =
-        AgentProc::start(&pki, coord.control, "eu1", attrs("r", "EU", "p"), None, work.path())?;
-    wait_for(Duration::from_secs(20), || async {
-        let a = fleetmesh_integration::agents(&client).await;
-        a.iter().any(|a| a.host.is_some()).then_some(())
-    })
-    .await
-    .expect("agent up");
+    let (pki, work, coord, client, _eu) = mesh_with_agent("eu1", &[]).await?;
     let src = work.path().join("raw");
     std::fs::create_dir_all(&src)?;
     std::fs::write(src.join("records.csv"), b"eu,personal,data\n")?;
@@ -300,18 +318,7 @@ async fn idle_connections_cannot_starve_the_api() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_name_is_never_re_pointed_silently_and_workflows_read_what_they_pinned(
 ) -> anyhow::Result<()> {
-    let pki = Pki::new("mesh.test")?;
-    let work = tempfile::tempdir()?;
-    let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
-    let client = coord.client(&pki)?;
-    let _eu =
-        AgentProc::start(&pki, coord.control, "eu1", attrs("r", "EU", "p"), None, work.path())?;
-    wait_for(Duration::from_secs(20), || async {
-        let a = fleetmesh_integration::agents(&client).await;
-        a.iter().any(|a| a.host.is_some()).then_some(())
-    })
-    .await
-    .expect("agent up");
+    let (pki, work, coord, client, _eu) = mesh_with_agent("eu1", &[]).await?;
     let put = |content: &'static str, extra: &'static [&'static str]| {
         let dir = work.path().join(format!("src-{}", content.len()));
         let coord = &coord;
@@ -376,18 +383,7 @@ fn rss_bytes(pid: u32) -> u64 {
 async fn finished_jobs_output_leaves_the_coordinators_memory() -> anyhow::Result<()> {
     const JOBS: usize = 80;
     const MIB: u64 = 1 << 20;
-    let pki = Pki::new("mesh.test")?;
-    let work = tempfile::tempdir()?;
-    let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
-    let client = coord.client(&pki)?;
-    let _a =
-        AgentProc::start(&pki, coord.control, "chatty", attrs("r", "EU", "p"), None, work.path())?;
-    wait_for(Duration::from_secs(20), || async {
-        let a = fleetmesh_integration::agents(&client).await;
-        a.iter().any(|a| a.host.is_some()).then_some(())
-    })
-    .await
-    .expect("agent up");
+    let (_pki, _work, coord, client, _a) = mesh_with_agent("chatty", &[]).await?;
     let pid = coord.pid().expect("pid");
     let before = rss_bytes(pid);
     let mut y = String::from("name: chatty\njobs:\n");
@@ -418,43 +414,32 @@ async fn finished_jobs_output_leaves_the_coordinators_memory() -> anyhow::Result
     Ok(())
 }
 
-/// The job user the tests run jobs as (scripts/test.sh creates it as root).
+/// The job user the tests run jobs as (created here if missing; needs root).
 const TEST_JOB_USER: &str = "fleetmesh-job";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn jobs_run_as_the_job_user_and_cannot_read_the_agents_files() -> anyhow::Result<()> {
+/// `false` (with a message) when not root; creates [`TEST_JOB_USER`] if missing.
+fn ensure_job_user() -> anyhow::Result<bool> {
     if fleetmesh_agent::sandbox::agent_uid() != 0 {
         eprintln!("SKIPPED: switching jobs to another user needs root");
-        return Ok(());
+        return Ok(false);
     }
     if fleetmesh_agent::sandbox::lookup(TEST_JOB_USER).is_err() {
         let st = std::process::Command::new("useradd")
             .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", TEST_JOB_USER])
             .status()?;
-        assert!(st.success(), "useradd {TEST_JOB_USER} failed");
+        anyhow::ensure!(st.success(), "useradd {TEST_JOB_USER} failed");
     }
+    Ok(true)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_run_as_the_job_user_and_cannot_read_the_agents_files() -> anyhow::Result<()> {
+    if !ensure_job_user()? {
+        return Ok(());
+    }
+    let (pki, work, coord, client, a) =
+        mesh_with_agent("jailed", &["--job-user", TEST_JOB_USER]).await?;
     let user = fleetmesh_agent::sandbox::lookup(TEST_JOB_USER).map_err(anyhow::Error::msg)?;
-    let pki = Pki::new("mesh.test")?;
-    let work = tempfile::tempdir()?;
-    // The test's temp dir must be passable for the job user to reach its work dir.
-    std::fs::set_permissions(work.path(), std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
-    let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
-    let client = coord.client(&pki)?;
-    let a = AgentProc::start_extra(
-        &pki,
-        coord.control,
-        "jailed",
-        attrs("r", "EU", "p"),
-        None,
-        &["--job-user", TEST_JOB_USER],
-        work.path(),
-    )?;
-    wait_for(Duration::from_secs(20), || async {
-        let a = fleetmesh_integration::agents(&client).await;
-        a.iter().any(|a| a.host.is_some()).then_some(())
-    })
-    .await
-    .unwrap_or_else(|| panic!("agent not up: {}", a.log_text()));
     let data = a.data_dir().expect("data dir");
     // Something in the chunk store, so there is something to try to read.
     let src = work.path().join("raw");
@@ -591,35 +576,12 @@ async fn a_revoked_agent_is_refused_on_its_peers_data_ports_despite_its_ticket(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attempts_running_side_by_side_get_their_own_uids() -> anyhow::Result<()> {
-    if fleetmesh_agent::sandbox::agent_uid() != 0 {
-        eprintln!("SKIPPED: switching jobs to another user needs root");
+    if !ensure_job_user()? {
         return Ok(());
     }
-    if fleetmesh_agent::sandbox::lookup(TEST_JOB_USER).is_err() {
-        std::process::Command::new("useradd")
-            .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", TEST_JOB_USER])
-            .status()?;
-    }
-    let pki = Pki::new("mesh.test")?;
-    let work = tempfile::tempdir()?;
-    std::fs::set_permissions(work.path(), std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
-    let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
-    let client = coord.client(&pki)?;
-    let a = AgentProc::start_extra(
-        &pki,
-        coord.control,
-        "pool",
-        attrs("r", "EU", "p"),
-        None,
-        &["--job-user", TEST_JOB_USER, "--job-uids", "200000-200009"],
-        work.path(),
-    )?;
-    wait_for(Duration::from_secs(20), || async {
-        let a = fleetmesh_integration::agents(&client).await;
-        a.iter().any(|a| a.host.is_some()).then_some(())
-    })
-    .await
-    .unwrap_or_else(|| panic!("agent not up: {}", a.log_text()));
+    let (_pki, _work, _coord, client, _a) =
+        mesh_with_agent("pool", &["--job-user", TEST_JOB_USER, "--job-uids", "200000-200009"])
+            .await?;
     // `holder` keeps a secret in its dir while `peeker`, running at the same time, tries
     // to read it (through the path, and through the holder's /proc entry).
     let yaml = "name: side\njobs:\n  holder:\n    resources: { cpus: 0.1 }\n    script: |\n      echo holder-secret > mine.txt\n      id -u\n      sleep 4\n  peeker:\n    resources: { cpus: 0.1 }\n    script: |\n      sleep 1.5\n      id -u\n      W=$FLEETMESH_WORK_DIR; J=$(basename $(dirname $W))\n      cat $(dirname $(dirname $W))/${J%.peeker}.holder/1/mine.txt 2>&1 || true\n      for p in /proc/[0-9]*; do cat $p/cwd/mine.txt 2>/dev/null; done\n      echo peeked\n";

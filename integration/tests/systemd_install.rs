@@ -57,20 +57,6 @@ fn root() -> bool {
     fleetmesh_agent::sandbox::agent_uid() == 0
 }
 
-/// Children of `pid`, from /proc.
-fn children(pid: u32) -> Vec<u32> {
-    let Ok(rd) = std::fs::read_dir("/proc") else { return Vec::new() };
-    rd.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/stat")).ok().is_some_and(|s| {
-                s.rfind(')').and_then(|i| s[i + 1..].split_whitespace().nth(1)?.parse().ok())
-                    == Some(pid)
-            })
-        })
-        .collect()
-}
-
 /// A booted container; stopped (SIGTERM, then SIGKILL) when dropped.
 struct Booted {
     nspawn: Child,
@@ -91,7 +77,7 @@ impl Booted {
         let deadline = Instant::now() + BOOT_TIMEOUT;
         let leader = loop {
             // nspawn's child is the container's PID 1 (systemd).
-            if let Some(p) = children(pid).into_iter().find(|p| {
+            if let Some(p) = fleetmesh_agent::attempts::children(pid).into_iter().find(|p| {
                 std::fs::read_to_string(format!("/proc/{p}/comm"))
                     .is_ok_and(|c| c.trim() == "systemd")
             }) {
