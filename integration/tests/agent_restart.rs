@@ -250,3 +250,59 @@ async fn an_exit_while_the_agent_is_down_is_delivered_and_leftovers_are_killed(
     assert!(a.log_text().contains("no record vouches for"));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn self_fencing_holds_while_the_agent_is_dead() -> anyhow::Result<()> {
+    let pki = Pki::new("mesh.test")?;
+    let work = tempfile::tempdir()?;
+    let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
+    let client = coord.client(&pki)?;
+    let mut a = AgentProc::start_extra(
+        &pki,
+        coord.control,
+        "fenced",
+        attrs("r", "EU", "p"),
+        Some("1xH100-80GB"),
+        &["--stop-jobs-after-disconnect", "1s"],
+        work.path(),
+    )?;
+    wait_for(Duration::from_secs(20), || async {
+        let a = fleetmesh_integration::agents(&client).await;
+        a.iter().any(|a| a.gpus.len() == 1).then_some(())
+    })
+    .await
+    .expect("agent up");
+    let marker = work.path().join("still-running");
+    let yaml = format!(
+        "name: fence\njobs:\n  f:\n    resources: {{ gpus: 1 }}\n    script: while true; do date +%s%N > {}; sleep 0.1; done\n",
+        marker.display()
+    );
+    let r: Value = client.post_raw("/api/v1/workflows", yaml.into_bytes()).await?;
+    let job = format!("{}.f", r["id"].as_str().unwrap_or_default());
+    wait_for(Duration::from_secs(20), || async { marker.exists().then_some(()) })
+        .await
+        .expect("job running");
+    // The agent dies: its own watchdog is gone, the supervisor's fence is not.
+    a.kill9();
+    let killed = Instant::now();
+    let beat = || std::fs::metadata(&marker).and_then(|m| m.modified()).ok();
+    let stopped = wait_for(Duration::from_secs(10), || async {
+        let last = beat()?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        (beat()? == last).then_some(())
+    })
+    .await;
+    assert!(stopped.is_some(), "the job kept running with its agent dead");
+    println!("job stopped {:?} after its agent died", killed.elapsed());
+    assert!(killed.elapsed() < Duration::from_secs(5));
+    // Back, the agent reports it as abandoned (no retry used) and the job runs again.
+    a.spawn()?;
+    let j = wait_for(Duration::from_secs(20), || async {
+        let j: Value = client.get_json(&format!("/api/v1/jobs/{job}")).await.ok()?;
+        (j["attempts"].as_array()?.len() >= 2).then_some(j)
+    })
+    .await;
+    let j = j.unwrap_or_default();
+    assert!(j.to_string().contains("stopped by the attempt's supervisor"), "{j:#}");
+    Ok(())
+}
