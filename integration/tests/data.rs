@@ -215,12 +215,14 @@ async fn multi_source_fetch_survives_a_dead_holder_and_a_corrupt_chunk() -> anyh
     let work = tempfile::tempdir()?;
     let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
     let client = coord.client(&pki)?;
-    // Holders serve at a capped rate so a transfer lasts long enough to interfere with.
-    let slow = ["--serve-rate", "24MiB"];
+    // Holders serve at a capped rate so a transfer lasts long enough to interfere with;
+    // f1 too, since it holds the dataset by the time f2 fetches (unthrottled, it served
+    // most of f2's chunks before h3's kill landed, once, on a loaded machine).
+    let slow = ["--serve-rate", "12MiB"];
     let _h1 = eu_agent(&pki, &coord, "h1", &slow, work.path())?;
     let _h2 = eu_agent(&pki, &coord, "h2", &slow, work.path())?;
     let mut h3 = eu_agent(&pki, &coord, "h3", &slow, work.path())?;
-    let _f1 = eu_agent(&pki, &coord, "f1", &[], work.path())?;
+    let _f1 = eu_agent(&pki, &coord, "f1", &slow, work.path())?;
     let _f2 = eu_agent(&pki, &coord, "f2", &[], work.path())?;
     mesh_up(&client, 5).await;
     let src = work.path().join("blob.bin");
@@ -270,8 +272,16 @@ async fn multi_source_fetch_survives_a_dead_holder_and_a_corrupt_chunk() -> anyh
         std::fs::write(c, b)?;
     }
     let place = coord.cli(&pki, &["data", "place", "blob", "f2"]);
+    // Killed once f2's fetch is under way (a fixed delay was sometimes too late on a
+    // loaded machine: the fetch had finished).
+    let f2_log_path = work.path().join("agent-f2.log");
     let killer = async {
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        wait_for(Duration::from_secs(10), || async {
+            let log = std::fs::read_to_string(&f2_log_path).unwrap_or_default();
+            log.contains("fetch started").then_some(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
         h3.kill9();
     };
     let (out, ()) = tokio::join!(place, killer);
