@@ -53,6 +53,8 @@ impl Default for FleetConfig {
 
 /// Messages of the Fleet actor.
 pub enum FleetMsg {
+    /// The store writer cannot commit any more: the Fleet fails with this reason.
+    StoreBroken(String),
     /// A session passed hello; it becomes the agent's current session.
     Register {
         identity: PeerIdentity,
@@ -556,7 +558,13 @@ impl Actor for Fleet {
         let ticker = myself.send_interval(args.cfg.liveness.tick, || FleetMsg::Tick);
         Ok(FleetState {
             cfg: args.cfg,
-            writer: crate::writer::Writer::spawn("fleet-writer", args.store, myself.clone())?,
+            writer: crate::writer::Writer::spawn("fleet-writer", args.store, myself.clone(), {
+                let me = myself.clone();
+                Box::new(move |why| {
+                    // The actor fails with the reason, which stops the coordinator.
+                    let _ = me.cast(FleetMsg::StoreBroken(why));
+                })
+            })?,
             agents,
             last_persist: now,
             changed: Default::default(),
@@ -592,6 +600,7 @@ impl Actor for Fleet {
     ) -> Result<(), ActorProcessingErr> {
         let now = Instant::now();
         match msg {
+            FleetMsg::StoreBroken(why) => return Err(why.into()),
             FleetMsg::Register { identity, session_id, session, remote_ip, reply } => {
                 let name = identity.name.clone();
                 if let Some(s) = &st.scheduler {

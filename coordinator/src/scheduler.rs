@@ -192,6 +192,8 @@ pub struct LogChunk {
 /// Scheduler messages.
 pub enum SchedulerMsg {
     Submit(Box<Workflow>, RpcReplyPort<Result<String, String>>),
+    /// The store writer cannot commit any more: the Scheduler fails with this reason.
+    StoreBroken(String),
     Tick,
     /// The Auctioneer closed an auction (losers already released).
     AuctionClosed(Box<crate::auctioneer::AuctionOutcome>),
@@ -1314,7 +1316,13 @@ impl Actor for Scheduler {
         let ticker = myself.send_interval(Duration::from_millis(100), || SchedulerMsg::Tick);
         let wf_check = workflows.keys().cloned().collect();
         let writer =
-            crate::writer::Writer::spawn("scheduler-writer", a.store.clone(), a.fleet.clone())?;
+            crate::writer::Writer::spawn("scheduler-writer", a.store.clone(), a.fleet.clone(), {
+                let me = myself.clone();
+                Box::new(move |why| {
+                    // The actor fails with the reason, which stops the coordinator.
+                    let _ = me.cast(SchedulerMsg::StoreBroken(why));
+                })
+            })?;
         Ok(SchedulerState {
             fleet: a.fleet,
             workflows,
@@ -1371,6 +1379,7 @@ impl Actor for Scheduler {
                 // latency does not depend on when in the tick a workflow arrives.
                 st.tick().await;
             }
+            SchedulerMsg::StoreBroken(why) => return Err(why.into()),
             SchedulerMsg::Tick => {
                 // A tick just ran for a submission: the periodic one has nothing to add
                 // yet, and would hold up auction outcomes behind a second Fleet query.

@@ -16,6 +16,11 @@
 //! The Fleet's registry commits (state changes, and every 5 s the `last_seen` of every
 //! agent, a thousand records) went the same way for the same reason: the Scheduler asks
 //! the Fleet for candidates on every tick, so a Fleet waiting on fsync held up placing.
+//!
+//! A commit that fails is retried after [`COMMIT_RETRY_DELAYS_MS`]; nothing queued after
+//! it is delivered meanwhile. If it still fails, the writer delivers nothing more and
+//! reports the reason to its owner, which stops the coordinator (agents reconnect to the
+//! restarted process, which re-adopts what runs).
 
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -90,17 +95,27 @@ pub struct Writer<B> {
     tx: mpsc::Sender<Item<B>>,
 }
 
+/// Called once, from the writer thread, when the store cannot be written any more.
+pub type OnBroken = Box<dyn FnOnce(String) + Send>;
+
+/// Pauses before each retry of a failed commit (about 4 s in all: long enough for a
+/// transient error such as a full disk being cleared by log rotation, short enough that
+/// agents waiting on awards and acks are not left hanging).
+const COMMIT_RETRY_DELAYS_MS: [u64; 5] = [10, 50, 200, 1_000, 3_000];
+
 impl<B: Batch> Writer<B> {
-    /// `fleet` delivers agent messages queued without a session.
+    /// `fleet` delivers agent messages queued without a session; `on_broken` is told
+    /// why when a commit keeps failing (nothing queued after it is delivered).
     pub fn spawn(
         name: &str,
         store: Arc<Store>,
         fleet: ActorRef<FleetMsg>,
+        on_broken: OnBroken,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Item<B>>();
         std::thread::Builder::new()
             .name(name.to_string())
-            .spawn(move || run(&store, &fleet, rx))?;
+            .spawn(move || run(&store, &fleet, rx, on_broken))?;
         Ok(Writer { tx })
     }
 
@@ -148,7 +163,24 @@ impl<B: Batch> Writer<B> {
 /// Scheduler's former 5 ms batches). An item arriving after a quiet spell is not held.
 const MIN_COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(5);
 
-fn run<B: Batch>(store: &Store, fleet: &ActorRef<FleetMsg>, rx: mpsc::Receiver<Item<B>>) {
+/// Commit `records`, retrying after each of [`COMMIT_RETRY_DELAYS_MS`].
+fn commit_with_retries<B: Batch>(records: &B, store: &Store) -> Result<(), StoreError> {
+    let mut result = records.commit(store);
+    for delay in COMMIT_RETRY_DELAYS_MS {
+        let Err(e) = &result else { break };
+        warn!(error = %e, retry_in_ms = delay, "could not persist state; nothing queued after it is delivered");
+        std::thread::sleep(std::time::Duration::from_millis(delay));
+        result = records.commit(store);
+    }
+    result
+}
+
+fn run<B: Batch>(
+    store: &Store,
+    fleet: &ActorRef<FleetMsg>,
+    rx: mpsc::Receiver<Item<B>>,
+    on_broken: OnBroken,
+) {
     let mut last_commit: Option<std::time::Instant> = None;
     while let Ok(first) = rx.recv() {
         if let Some(t) = last_commit {
@@ -170,8 +202,11 @@ fn run<B: Batch>(store: &Store, fleet: &ActorRef<FleetMsg>, rx: mpsc::Receiver<I
         // Later records for the same key come later in the lists: the last write wins.
         if !records.is_empty() {
             last_commit = Some(std::time::Instant::now());
-            if let Err(e) = records.commit(store) {
-                warn!(error = %e, "could not persist state");
+            if let Err(e) = commit_with_retries(&records, store) {
+                // What waited for this commit must not leave without it.
+                tracing::error!(error = %e, "the store cannot be written: stopping");
+                on_broken(format!("the store cannot be written: {e}"));
+                return;
             }
         }
         for item in batch {
@@ -227,7 +262,7 @@ mod tests {
         let store = Arc::new(Store::open(dir.path()).unwrap());
         let (tx, mut rx) = tmpsc::unbounded_channel();
         let (fleet, _h) = Actor::spawn(None, Probe, (store.clone(), tx)).await.unwrap();
-        let w = Writer::<Work>::spawn("t", store.clone(), fleet.clone()).unwrap();
+        let w = Writer::<Work>::spawn("t", store.clone(), fleet.clone(), Box::new(|_| {})).unwrap();
         // 200 rounds of "commit job-i, then send a message about job-i", queued far faster
         // than fsyncs complete, so most commits are merged into shared transactions.
         for i in 0..200 {
@@ -249,5 +284,91 @@ mod tests {
         let (_, jobs) = store.work().unwrap();
         assert_eq!(jobs.iter().find(|(k, _)| k == "x").unwrap().1, b"2");
         fleet.stop(None);
+    }
+
+    /// Fails its first `fails` commits (all of them with `u32::MAX`), then commits
+    /// nothing; counts attempts.
+    #[derive(Default)]
+    struct Flaky {
+        fails: u32,
+        tries: Arc<std::sync::atomic::AtomicU32>,
+        records: u32,
+    }
+
+    impl Batch for Flaky {
+        fn append(&mut self, later: &mut Self) {
+            self.records += std::mem::take(&mut later.records);
+            if later.fails > 0 {
+                self.fails = later.fails;
+                self.tries = later.tries.clone();
+            }
+        }
+        fn is_empty(&self) -> bool {
+            self.records == 0
+        }
+        fn commit(&self, _store: &Store) -> Result<(), StoreError> {
+            let n = self.tries.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if n < self.fails {
+                Err(StoreError::Db("injected commit failure".into()))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    async fn flaky_writer(
+        dir: &std::path::Path,
+        fails: u32,
+    ) -> (
+        Writer<Flaky>,
+        tmpsc::UnboundedReceiver<(String, bool)>,
+        Arc<std::sync::atomic::AtomicU32>,
+        tokio::sync::oneshot::Receiver<String>,
+    ) {
+        let store = Arc::new(Store::open(dir).unwrap());
+        let (tx, rx) = tmpsc::unbounded_channel();
+        let (fleet, _h) = Actor::spawn(None, Probe, (store.clone(), tx)).await.unwrap();
+        let (btx, brx) = tokio::sync::oneshot::channel();
+        let w = Writer::<Flaky>::spawn(
+            "t",
+            store,
+            fleet,
+            Box::new(move |why| {
+                let _ = btx.send(why);
+            }),
+        )
+        .unwrap();
+        let tries = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        w.commit(Flaky { fails, tries: tries.clone(), records: 1 });
+        w.send("a", None, CoordinatorMessage::Release { auction: "after".into() });
+        (w, rx, tries, brx)
+    }
+
+    #[tokio::test]
+    async fn a_failed_commit_is_retried_before_anything_queued_after_it_leaves() {
+        let dir = tempfile::tempdir().unwrap();
+        let (w, mut rx, tries, _broken) = flaky_writer(dir.path(), 2).await;
+        w.barrier().await.unwrap();
+        assert_eq!(tries.load(std::sync::atomic::Ordering::SeqCst), 3, "two failures, one success");
+        assert_eq!(rx.recv().await.map(|m| m.0), Some("after".to_string()));
+    }
+
+    #[tokio::test]
+    async fn a_store_that_stays_broken_delivers_nothing_more_and_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let (w, mut rx, tries, broken) = flaky_writer(dir.path(), u32::MAX).await;
+        let why = tokio::time::timeout(std::time::Duration::from_secs(10), broken)
+            .await
+            .expect("reported in time")
+            .expect("reported");
+        assert!(why.contains("injected commit failure"), "{why}");
+        assert_eq!(
+            tries.load(std::sync::atomic::Ordering::SeqCst),
+            1 + COMMIT_RETRY_DELAYS_MS.len() as u32
+        );
+        // The message queued after the failed commit never left; nor does anything later.
+        w.send("a", None, CoordinatorMessage::Release { auction: "later".into() });
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(rx.try_recv().is_err(), "something was delivered after a failed commit");
     }
 }
