@@ -9,14 +9,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleetmesh_protocol::codec::{parse_header, HEADER_LEN};
 use fleetmesh_protocol::enroll::{
     enroll_client_config, sha256_hex, EnrollMessage, EnrollReply, EnrollRequest, JoinString,
 };
 use fleetmesh_protocol::tls::TlsIdentity;
-use fleetmesh_protocol::{
-    decode_message, encode_frame, Attributes, MAX_FRAME_LEN, PROTOCOL_VERSION,
-};
+use fleetmesh_protocol::{Attributes, PROTOCOL_VERSION};
 
 /// How long one enrollment attempt may take.
 const ENROLL_TIMEOUT: Duration = Duration::from_secs(15);
@@ -119,17 +116,15 @@ async fn write_frame<T: serde::Serialize>(
     send: &mut quinn::SendStream,
     msg: &T,
 ) -> Result<(), String> {
-    let f = encode_frame(msg).map_err(|e| e.to_string())?;
-    send.write_all(&f).await.map_err(|e| e.to_string())
+    fleetmesh_data::framing::write_frame(send, msg, None).await.map_err(|e| e.to_string())
 }
 
 async fn read_reply(recv: &mut quinn::RecvStream) -> Result<EnrollReply, String> {
-    let mut h = [0u8; HEADER_LEN];
-    recv.read_exact(&mut h).await.map_err(|e| e.to_string())?;
-    let len = parse_header(h, MAX_FRAME_LEN).map_err(|e| e.to_string())?;
-    let mut p = vec![0u8; len];
-    recv.read_exact(&mut p).await.map_err(|e| e.to_string())?;
-    decode_message(&p).map_err(|e| e.to_string())
+    match fleetmesh_data::framing::read_frame(recv).await {
+        Ok(Some(r)) => Ok(r),
+        Ok(None) => Err("the coordinator closed the stream before answering".into()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn classify(msg: String) -> EnrollFailure {
@@ -197,7 +192,7 @@ pub async fn enroll(
                 }
                 _ => classify(e),
             })?;
-            conn.close(0u32.into(), b"done");
+            conn.close(fleetmesh_protocol::codec::close_code::DONE.into(), b"done");
             match reply {
                 EnrollReply::Issued { name, cert_pem, ca_pem } => {
                     let ca_der =

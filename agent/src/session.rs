@@ -10,11 +10,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleetmesh_protocol::codec::{parse_header, HEADER_LEN};
+use fleetmesh_protocol::codec::close_code;
 use fleetmesh_protocol::tls::{peer_identity, TlsIdentity};
 use fleetmesh_protocol::{
-    decode_message, encode_frame, AgentMessage, CodecError, CoordinatorMessage, Hello, PeerKind,
-    ALPN_CTL, MAX_FRAME_LEN, PROTOCOL_VERSION, SOFTWARE_VERSION,
+    AgentMessage, CodecError, CoordinatorMessage, Hello, PeerKind, ALPN_CTL, PROTOCOL_VERSION,
+    SOFTWARE_VERSION,
 };
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
@@ -204,24 +204,23 @@ async fn resolve(target: &str) -> Result<(SocketAddr, String), SessionError> {
 }
 
 async fn write_msg(send: &mut quinn::SendStream, msg: &AgentMessage) -> Result<(), SessionError> {
-    let frame = encode_frame(msg)?;
-    send.write_all(&frame).await.map_err(|e| SessionError::ConnectionLost(e.to_string()))
+    fleetmesh_data::framing::write_frame(send, msg, None).await.map_err(SessionError::from)
 }
 
 /// Read one frame; `Ok(None)` on a clean end of stream.
 async fn read_msg(
     recv: &mut quinn::RecvStream,
 ) -> Result<Option<CoordinatorMessage>, SessionError> {
-    let mut header = [0u8; HEADER_LEN];
-    match recv.read_exact(&mut header).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(e) => return Err(SessionError::ConnectionLost(e.to_string())),
+    fleetmesh_data::framing::read_frame(recv).await.map_err(SessionError::from)
+}
+
+impl From<fleetmesh_data::framing::FrameError> for SessionError {
+    fn from(e: fleetmesh_data::framing::FrameError) -> Self {
+        match e {
+            fleetmesh_data::framing::FrameError::Codec(c) => SessionError::from(c),
+            other => SessionError::ConnectionLost(other.to_string()),
+        }
     }
-    let len = parse_header(header, MAX_FRAME_LEN)?;
-    let mut payload = vec![0u8; len];
-    recv.read_exact(&mut payload).await.map_err(|e| SessionError::ConnectionLost(e.to_string()))?;
-    Ok(Some(decode_message(&payload)?))
 }
 
 /// How a session ended without error.
@@ -257,7 +256,7 @@ pub async fn run_session(
         .map_err(|e| SessionError::ServerIdentity { addr: addr.clone(), msg: e.to_string() })?;
     if server.kind != PeerKind::Coordinator || server.trust_domain != opts.tls.identity.trust_domain
     {
-        conn.close(1u32.into(), b"not a coordinator");
+        conn.close(close_code::REFUSED.into(), b"not a coordinator");
         return Err(SessionError::ServerIdentity {
             addr,
             msg: format!(
@@ -303,7 +302,7 @@ pub async fn run_session(
         Ok(Ok(Some(other))) => return Err(SessionError::Unexpected(format!("{other:?}"))),
     };
     if welcome.protocol_version != opts.protocol_version {
-        conn.close(2u32.into(), b"protocol version mismatch");
+        conn.close(close_code::VERSION_MISMATCH.into(), b"protocol version mismatch");
         return Err(SessionError::VersionMismatch {
             agent: opts.protocol_version,
             coordinator: welcome.protocol_version,
@@ -532,7 +531,7 @@ pub async fn run_session(
                     let _ = send.finish();
                     // Give the coordinator a moment to read the goodbye and close.
                     let _ = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
-                    conn.close(0u32.into(), b"agent leaving");
+                    conn.close(close_code::DONE.into(), b"agent leaving");
                     return Ok(SessionEnd::Shutdown);
                 }
             }

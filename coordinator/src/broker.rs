@@ -570,7 +570,7 @@ impl DataBroker {
             fleetmesh_data::xfer::endpoint((std::net::Ipv4Addr::UNSPECIFIED, 0).into(), tls, false)
                 .map_err(|e| e.to_string())?;
         let r = fleetmesh_data::fetch(&ep, tls, self.local.clone(), &plan, Arc::new(|_| {})).await;
-        ep.close(0u32.into(), b"done");
+        ep.close(fleetmesh_protocol::codec::close_code::DONE.into(), b"done");
         let r = r.map_err(|e| e.to_string())?;
         info!(dataset = %short(id), fetched = r.fetched_chunks, "staged in the coordinator store for download");
         Ok(())

@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::authority::AuthorityMsg;
 use crate::fleet::FleetMsg;
-use crate::session::{close_code, read_frame, write_frame, AgentSession, ReadError, SessionArgs};
+use crate::session::{close_code, read_frame, write_frame, AgentSession, FrameError, SessionArgs};
 
 /// Time a new connection has to complete the hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -139,7 +139,7 @@ async fn serve_enrollment(
     let _ = write_frame(&mut send, &reply).await;
     let _ = send.finish();
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
-    conn.close(0u32.into(), b"enrollment done");
+    conn.close(close_code::DONE.into(), b"enrollment done");
     result.map(|e| e.name).map_err(|why| format!("enrollment refused: {why}"))
 }
 
@@ -216,25 +216,24 @@ async fn authenticate(
             return Err(format!("{}: {why}", identity.spiffe_id()));
         }
     };
-    let first = match tokio::time::timeout(HELLO_TIMEOUT, read_frame::<AgentMessage>(&mut recv))
-        .await
-    {
-        Ok(Ok(Some(m))) => m,
-        Ok(Ok(None)) => {
-            return Err(format!("{}: stream closed before hello", identity.spiffe_id()))
-        }
-        Ok(Err(ReadError::Codec(e))) => {
-            let why = format!("protocol error: {e}");
-            refuse(&conn, close_code::PROTOCOL_ERROR, &why);
-            return Err(format!("{}: {why}", identity.spiffe_id()));
-        }
-        Ok(Err(ReadError::Transport(e))) => return Err(format!("{}: {e}", identity.spiffe_id())),
-        Err(_) => {
-            let why = "no hello within the hello timeout";
-            refuse(&conn, close_code::PROTOCOL_ERROR, why);
-            return Err(format!("{}: {why}", identity.spiffe_id()));
-        }
-    };
+    let first =
+        match tokio::time::timeout(HELLO_TIMEOUT, read_frame::<AgentMessage>(&mut recv)).await {
+            Ok(Ok(Some(m))) => m,
+            Ok(Ok(None)) => {
+                return Err(format!("{}: stream closed before hello", identity.spiffe_id()))
+            }
+            Ok(Err(FrameError::Codec(e))) => {
+                let why = format!("protocol error: {e}");
+                refuse(&conn, close_code::PROTOCOL_ERROR, &why);
+                return Err(format!("{}: {why}", identity.spiffe_id()));
+            }
+            Ok(Err(e)) => return Err(format!("{}: {e}", identity.spiffe_id())),
+            Err(_) => {
+                let why = "no hello within the hello timeout";
+                refuse(&conn, close_code::PROTOCOL_ERROR, why);
+                return Err(format!("{}: {why}", identity.spiffe_id()));
+            }
+        };
     let hello = match first {
         AgentMessage::Hello(h) => h,
         _ => {

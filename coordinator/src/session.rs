@@ -5,10 +5,8 @@
 
 use std::time::Duration;
 
-use fleetmesh_protocol::codec::{parse_header, HEADER_LEN};
 use fleetmesh_protocol::{
-    decode_message, encode_frame, AgentMessage, CodecError, CoordinatorMessage, PeerIdentity,
-    Welcome, MAX_FRAME_LEN, PROTOCOL_VERSION,
+    AgentMessage, CoordinatorMessage, PeerIdentity, Welcome, PROTOCOL_VERSION,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tracing::{debug, info, warn};
@@ -17,19 +15,7 @@ use crate::authority::AuthorityMsg;
 use crate::fleet::FleetMsg;
 use crate::scheduler::SchedulerMsg;
 
-/// QUIC application close codes used by the coordinator.
-pub mod close_code {
-    /// Peer identity refused (wrong kind, wrong trust domain, name mismatch).
-    pub const REFUSED: u32 = 1;
-    /// Hello carried another protocol version.
-    pub const VERSION_MISMATCH: u32 = 2;
-    /// A frame was larger than the limit, or did not decode.
-    pub const PROTOCOL_ERROR: u32 = 3;
-    /// Replaced by a newer session, or closed by the coordinator.
-    pub const CLOSED: u32 = 4;
-    /// Coordinator shutting down.
-    pub const SHUTDOWN: u32 = 5;
-}
+pub use fleetmesh_protocol::codec::close_code;
 
 /// How long the coordinator waits for a frame to be written before giving up on a peer.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -96,42 +82,14 @@ pub struct SessionState {
 /// The AgentSession actor.
 pub struct AgentSession;
 
-/// Read one frame. `Ok(None)` on a clean end of stream.
-pub(crate) async fn read_frame<T: serde::de::DeserializeOwned>(
-    recv: &mut quinn::RecvStream,
-) -> Result<Option<T>, ReadError> {
-    let mut header = [0u8; HEADER_LEN];
-    match recv.read_exact(&mut header).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(e) => return Err(ReadError::Transport(e.to_string())),
-    }
-    // Checked before allocating the payload buffer.
-    let len = parse_header(header, MAX_FRAME_LEN)?;
-    let mut payload = vec![0u8; len];
-    recv.read_exact(&mut payload).await.map_err(|e| ReadError::Transport(e.to_string()))?;
-    Ok(Some(decode_message(&payload)?))
-}
+pub(crate) use fleetmesh_data::framing::{read_frame, FrameError};
 
-/// Why reading a frame failed.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum ReadError {
-    #[error("{0}")]
-    Transport(String),
-    #[error(transparent)]
-    Codec(#[from] CodecError),
-}
-
+/// Write one frame to an agent, giving up after [`WRITE_TIMEOUT`].
 pub(crate) async fn write_frame<T: serde::Serialize>(
     send: &mut quinn::SendStream,
     msg: &T,
-) -> Result<(), String> {
-    let frame = encode_frame(msg).map_err(|e| e.to_string())?;
-    match tokio::time::timeout(WRITE_TIMEOUT, send.write_all(&frame)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("write timed out".into()),
-    }
+) -> Result<(), FrameError> {
+    fleetmesh_data::framing::write_frame(send, msg, Some(WRITE_TIMEOUT)).await
 }
 
 /// Ask a (re)connected agent again for fetches it never reported on, with fresh plans.
@@ -298,13 +256,13 @@ async fn reader_loop(
                 }
             }
             Ok(None) => break "agent closed its control stream".to_string(),
-            Err(ReadError::Codec(e)) => {
+            Err(FrameError::Codec(e)) => {
                 let why = format!("protocol error: {e}");
                 warn!(agent_id = %name, error = %e, "closing session on bad frame");
                 conn.close(close_code::PROTOCOL_ERROR.into(), why.as_bytes());
                 break why;
             }
-            Err(ReadError::Transport(e)) => break format!("connection lost: {e}"),
+            Err(e) => break format!("connection lost: {e}"),
         }
     };
     let _ = myself.cast(SessionMsg::StreamEnded { reason });
@@ -355,7 +313,7 @@ impl Actor for AgentSession {
             let _ = fleet.cast(FleetMsg::SessionClosed {
                 name: name.clone(),
                 session_id,
-                reason: e.clone(),
+                reason: e.to_string(),
             });
             return Err(format!("could not send welcome to {name}: {e}").into());
         }

@@ -12,6 +12,7 @@
 //! like any agent's.
 
 pub mod dataset;
+pub mod framing;
 pub mod store;
 pub mod xfer;
 

@@ -20,13 +20,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fleetmesh_protocol::codec::{parse_header, HEADER_LEN};
+use fleetmesh_protocol::codec::close_code;
 use fleetmesh_protocol::data::{
     hash_hex, residency_allows, short, verify_ticket, FetchPlan, Hash, Holder, Manifest,
     SignedTicket, XferReply, XferRequest, ALPN_XFER,
 };
 use fleetmesh_protocol::tls::{peer_identity, TlsIdentity};
-use fleetmesh_protocol::{decode_message, encode_frame, FetchReport, PeerIdentity, PeerKind};
+use fleetmesh_protocol::{FetchReport, PeerIdentity, PeerKind};
 use tracing::{debug, info, warn};
 
 use crate::store::{LocalDataset, Store, StoreError};
@@ -87,27 +87,18 @@ pub fn endpoint(
         .map_err(|e| setup(&e))
 }
 
+/// A frame, with errors as text (how the data plane reports them per holder).
 async fn read_frame<T: serde::de::DeserializeOwned>(
     recv: &mut quinn::RecvStream,
 ) -> Result<Option<T>, String> {
-    let mut header = [0u8; HEADER_LEN];
-    match recv.read_exact(&mut header).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(e) => return Err(e.to_string()),
-    }
-    let len = parse_header(header, fleetmesh_protocol::MAX_FRAME_LEN).map_err(|e| e.to_string())?;
-    let mut payload = vec![0u8; len];
-    recv.read_exact(&mut payload).await.map_err(|e| e.to_string())?;
-    decode_message(&payload).map(Some).map_err(|e| e.to_string())
+    crate::framing::read_frame(recv).await.map_err(|e| e.to_string())
 }
 
 async fn write_frame<T: serde::Serialize>(
     send: &mut quinn::SendStream,
     msg: &T,
 ) -> Result<(), String> {
-    let frame = encode_frame(msg).map_err(|e| e.to_string())?;
-    send.write_all(&frame).await.map_err(|e| e.to_string())
+    crate::framing::write_frame(send, msg, None).await.map_err(|e| e.to_string())
 }
 
 /// Paces outgoing bytes to a configured rate (an operator's cap on serving bandwidth).
@@ -219,7 +210,7 @@ impl XferServer {
                 self.refusals.fetch_add(1, Ordering::Relaxed);
                 warn!(requester = %p.spiffe_id(), "revoked identity refused on the data port");
                 conn.close(
-                    1u32.into(),
+                    close_code::REFUSED.into(),
                     format!("certificate of {} is revoked", p.spiffe_id()).as_bytes(),
                 );
                 return;
@@ -227,13 +218,16 @@ impl XferServer {
             Ok(p) if p.trust_domain == self.trust_domain => p,
             Ok(p) => {
                 conn.close(
-                    1u32.into(),
+                    close_code::REFUSED.into(),
                     format!("foreign trust domain {}", p.trust_domain).as_bytes(),
                 );
                 return;
             }
             Err(e) => {
-                conn.close(1u32.into(), format!("no usable certificate: {e}").as_bytes());
+                conn.close(
+                    close_code::REFUSED.into(),
+                    format!("no usable certificate: {e}").as_bytes(),
+                );
                 return;
             }
         };
@@ -593,7 +587,7 @@ pub async fn fetch(
         let _ = t.await;
     }
     for c in connections.into_iter().flatten() {
-        c.close(0u32.into(), b"done");
+        c.close(close_code::DONE.into(), b"done");
     }
     let w = work.lock().map_err(|_| FetchError::Setup("poisoned".into()))?;
     let reasons: Vec<String> = w.why_dead.iter().filter(|r| !r.is_empty()).cloned().collect();

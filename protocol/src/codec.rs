@@ -16,6 +16,22 @@ pub const MAX_FRAME_LEN: usize = 1024 * 1024;
 /// Size of the length prefix.
 pub const HEADER_LEN: usize = 4;
 
+/// QUIC application close codes, the same on both sides of every connection.
+pub mod close_code {
+    /// A normal end: the exchange is done, or the peer is leaving.
+    pub const DONE: u32 = 0;
+    /// Peer identity refused (wrong kind, wrong trust domain, name mismatch, revoked).
+    pub const REFUSED: u32 = 1;
+    /// Hello carried another protocol version.
+    pub const VERSION_MISMATCH: u32 = 2;
+    /// A frame was larger than the limit, or did not decode.
+    pub const PROTOCOL_ERROR: u32 = 3;
+    /// Replaced by a newer session, or closed by the coordinator.
+    pub const CLOSED: u32 = 4;
+    /// Coordinator shutting down.
+    pub const SHUTDOWN: u32 = 5;
+}
+
 /// Codec failures. None of them panic; all mean "close this connection".
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
