@@ -85,8 +85,20 @@ pub struct AgentConfig {
     /// Jobs run as this user, which cannot read the agent's identity, chunk store or
     /// other attempts' work dirs (none: as the agent's own user).
     pub job_user: Option<String>,
-    pub job_launcher: crate::jobs::JobLauncher,
+    pub job_launcher: JobLauncher,
     pub job_uids: Option<std::ops::RangeInclusive<u32>>,
+}
+
+/// How an attempt's supervisor is started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum JobLauncher {
+    /// As a child of the agent, in its own process group (it inherits the agent's
+    /// sandbox, if the agent has one).
+    #[default]
+    Direct,
+    /// In a transient systemd unit of its own (`systemd-run`): outside the agent's
+    /// service sandbox, in its own cgroup; what a systemd-installed agent uses.
+    SystemdRun,
 }
 
 /// Which program runs jobs that name an image.
@@ -234,8 +246,8 @@ impl AgentConfig {
             };
         let job_user = flags.job_user.or(file.job_user).filter(|u| !u.is_empty());
         let job_launcher = match flags.job_launcher.or(file.job_launcher).as_deref() {
-            None | Some("direct") => crate::jobs::JobLauncher::Direct,
-            Some("systemd-run") => crate::jobs::JobLauncher::SystemdRun,
+            None | Some("direct") => JobLauncher::Direct,
+            Some("systemd-run") => JobLauncher::SystemdRun,
             Some(other) => {
                 return Err(AgentError::Config(format!(
                     "job-launcher {other:?}: use direct or systemd-run"

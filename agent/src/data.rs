@@ -13,7 +13,7 @@ use fleetmesh_protocol::{
 use tracing::{info, warn};
 
 use crate::config::DataConfig;
-use crate::jobs::Outbox;
+use crate::outbox::Outbox;
 
 /// Data-plane state of one agent.
 pub struct DataPlane {

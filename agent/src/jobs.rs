@@ -15,13 +15,13 @@
 //! alive ([`Jobs::recover`]), reports the ones that ended while it was down, and kills
 //! process groups it cannot vouch for.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fleetmesh_protocol::{AgentMessage, Award, CallForBids, JobOutcome};
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 use crate::attempts::{AttemptRecord, AttemptTable};
@@ -37,38 +37,7 @@ const LOG_READ_MAX: usize = 256 << 10;
 const FENCE_FILE_EVERY: Duration = Duration::from_millis(200);
 /// Grace given to running attempts when the agent shuts down.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-/// Queued events kept while disconnected; output chunks are dropped first.
-const MAX_OUTBOX: usize = 10_000;
-
-/// Events waiting for a session to deliver them.
-#[derive(Debug, Default)]
-pub struct Outbox {
-    q: Mutex<VecDeque<AgentMessage>>,
-    pub notify: Notify,
-}
-
-impl Outbox {
-    pub fn push(&self, m: AgentMessage) {
-        if let Ok(mut q) = self.q.lock() {
-            if q.len() >= MAX_OUTBOX && matches!(m, AgentMessage::JobOutput { .. }) {
-                return;
-            }
-            q.push_back(m);
-        }
-        self.notify.notify_one();
-    }
-    pub fn drain(&self) -> Vec<AgentMessage> {
-        self.q.lock().map(|mut q| q.drain(..).collect()).unwrap_or_default()
-    }
-    /// Put messages back at the front (a write failed).
-    pub fn requeue(&self, msgs: Vec<AgentMessage>) {
-        if let Ok(mut q) = self.q.lock() {
-            for m in msgs.into_iter().rev() {
-                q.push_front(m);
-            }
-        }
-    }
-}
+pub use crate::outbox::Outbox;
 
 struct RunningAttempt {
     gpus: Vec<String>,
@@ -115,17 +84,7 @@ pub struct Jobs {
     launcher: std::sync::OnceLock<JobLauncher>,
 }
 
-/// How an attempt's supervisor is started.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum JobLauncher {
-    /// As a child of the agent, in its own process group (it inherits the agent's
-    /// sandbox, if the agent has one).
-    #[default]
-    Direct,
-    /// In a transient systemd unit of its own (`systemd-run`): outside the agent's
-    /// service sandbox, in its own cgroup; what a systemd-installed agent uses.
-    SystemdRun,
-}
+pub use crate::config::JobLauncher;
 
 impl JobLauncher {
     /// How to run `program` where jobs run: itself (direct), or through

@@ -14,6 +14,7 @@ pub mod enroll;
 pub mod gpu;
 pub mod host;
 pub mod jobs;
+pub mod outbox;
 pub mod sampler;
 pub mod sandbox;
 pub mod session;
