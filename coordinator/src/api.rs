@@ -87,6 +87,7 @@ struct AppState {
     broker: Arc<DataBroker>,
     tls: Arc<TlsIdentity>,
     revocations: Arc<Revocations>,
+    link: Arc<crate::agent_link::AgentLink>,
 }
 
 macro_rules! sched_call {
@@ -403,10 +404,9 @@ async fn place_on(st: &AppState, id: &str, agent: &str) -> Result<(), Response> 
     };
     let plan = st.broker.plan(id, &me, &cands).map_err(|why| error(StatusCode::CONFLICT, why))?;
     st.broker.fetch_started(id, agent);
-    let _ = st.fleet.cast(FleetMsg::Send {
-        agent: agent.to_string(),
-        msg: fleetmesh_protocol::CoordinatorMessage::Fetch(Box::new(plan)),
-    });
+    // Connected a moment ago; if it just went away, it is asked again when it reconnects
+    // (the broker keeps the fetch pending).
+    st.link.send(agent, fleetmesh_protocol::CoordinatorMessage::Fetch(Box::new(plan)));
     Ok(())
 }
 
@@ -503,10 +503,12 @@ async fn data_rm(State(st): State<AppState>, Path(r): Path<String>) -> Response 
     };
     let holders = st.broker.remove(&d.id);
     for agent in &holders {
-        let _ = st.fleet.cast(FleetMsg::Send {
-            agent: agent.clone(),
-            msg: fleetmesh_protocol::CoordinatorMessage::DropDataset { dataset: d.id.clone() },
-        });
+        // An agent away now keeps its copy until it is told again; the index no longer
+        // lists it, so it is never offered.
+        st.link.send(
+            agent,
+            fleetmesh_protocol::CoordinatorMessage::DropDataset { dataset: d.id.clone() },
+        );
     }
     Json(serde_json::json!({ "removed": d.id, "holders_told": holders })).into_response()
 }
@@ -754,6 +756,7 @@ pub struct ApiArgs {
     pub scheduler: ActorRef<SchedulerMsg>,
     pub broker: Arc<DataBroker>,
     pub revocations: Arc<Revocations>,
+    pub link: Arc<crate::agent_link::AgentLink>,
     pub bound: Option<oneshot::Sender<SocketAddr>>,
 }
 
@@ -792,6 +795,7 @@ impl Actor for Api {
             broker: args.broker,
             tls: args.tls.clone(),
             revocations: args.revocations,
+            link: args.link,
         });
         let task = tokio::spawn(serve(listener, acceptor, app));
         Ok(ApiState { task })

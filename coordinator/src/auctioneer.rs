@@ -23,7 +23,6 @@ use tracing::debug;
 
 use crate::auction::{self, BidView};
 use crate::scheduler::SchedulerMsg;
-use crate::session::SessionMsg;
 
 /// How often deadlines are checked.
 const DEADLINE_TICK: Duration = Duration::from_millis(50);
@@ -68,11 +67,6 @@ pub struct AuctionOutcome {
 pub enum AuctioneerMsg {
     /// Where outcomes go (sent once by the Scheduler when it starts).
     SetScheduler(ActorRef<SchedulerMsg>),
-    /// Direct delivery to an agent's session.
-    SessionUp {
-        agent: String,
-        session: ActorRef<SessionMsg>,
-    },
     Open(Box<OpenAuction>),
     Bid {
         agent: String,
@@ -100,14 +94,14 @@ struct Run {
 
 pub struct AuctioneerState {
     scheduler: Option<ActorRef<SchedulerMsg>>,
-    fleet: ActorRef<crate::fleet::FleetMsg>,
-    sessions: HashMap<String, ActorRef<SessionMsg>>,
+    link: std::sync::Arc<crate::agent_link::AgentLink>,
     runs: HashMap<String, Run>,
 }
 
 impl AuctioneerState {
     fn send(&self, agent: &str, msg: CoordinatorMessage) {
-        crate::session::deliver(self.sessions.get(agent), &self.fleet, agent, Box::new(msg));
+        // Without a session the call goes unanswered and the auction closes at its deadline.
+        self.link.send(agent, msg);
     }
 
     fn answered(run: &Run) -> bool {
@@ -171,7 +165,8 @@ impl AuctioneerState {
 pub struct Auctioneer;
 
 pub struct AuctioneerArgs {
-    pub fleet: ActorRef<crate::fleet::FleetMsg>,
+    /// Delivers calls for bids and releases to agents.
+    pub link: std::sync::Arc<crate::agent_link::AgentLink>,
 }
 
 use fleetmesh_data::now_unix_ms as now_ms;
@@ -187,12 +182,7 @@ impl Actor for Auctioneer {
         a: AuctioneerArgs,
     ) -> Result<AuctioneerState, ActorProcessingErr> {
         myself.send_interval(DEADLINE_TICK, || AuctioneerMsg::Tick);
-        Ok(AuctioneerState {
-            scheduler: None,
-            fleet: a.fleet,
-            sessions: HashMap::new(),
-            runs: HashMap::new(),
-        })
+        Ok(AuctioneerState { scheduler: None, link: a.link, runs: HashMap::new() })
     }
 
     async fn handle(
@@ -203,9 +193,6 @@ impl Actor for Auctioneer {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             AuctioneerMsg::SetScheduler(s) => st.scheduler = Some(s),
-            AuctioneerMsg::SessionUp { agent, session } => {
-                st.sessions.insert(agent, session);
-            }
             AuctioneerMsg::Open(open) => {
                 for a in &open.invite {
                     st.send(a, CoordinatorMessage::CallForBids(open.call.clone()));
@@ -261,7 +248,6 @@ impl Actor for Auctioneer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fleet::FleetMsg;
     use tokio::sync::mpsc;
 
     /// Records what an actor of message type `M` receives.
@@ -333,17 +319,17 @@ mod tests {
     }
 
     /// Messages the fleet was asked to deliver, as (agent, kind).
-    fn sent(rx: &mut mpsc::UnboundedReceiver<FleetMsg>) -> Vec<(String, String)> {
+    fn sent(
+        rx: &mut mpsc::UnboundedReceiver<(String, CoordinatorMessage)>,
+    ) -> Vec<(String, String)> {
         let mut v = Vec::new();
-        while let Ok(m) = rx.try_recv() {
-            if let FleetMsg::Send { agent, msg } = m {
-                let kind = match msg {
-                    CoordinatorMessage::CallForBids(_) => "call",
-                    CoordinatorMessage::Release { .. } => "release",
-                    _ => "other",
-                };
-                v.push((agent, kind.to_string()));
-            }
+        while let Ok((agent, msg)) = rx.try_recv() {
+            let kind = match msg {
+                CoordinatorMessage::CallForBids(_) => "call",
+                CoordinatorMessage::Release { .. } => "release",
+                _ => "other",
+            };
+            v.push((agent, kind.to_string()));
         }
         v
     }
@@ -358,9 +344,9 @@ mod tests {
 
     #[tokio::test]
     async fn closes_when_all_answered_picks_the_best_and_releases_the_losers_at_once() {
-        let (fleet, mut fleet_rx) = recorder::<FleetMsg>().await;
+        let (link, mut fleet_rx) = crate::agent_link::AgentLink::recording();
         let (sched, mut sched_rx) = recorder::<SchedulerMsg>().await;
-        let (a, _) = Actor::spawn(None, Auctioneer, AuctioneerArgs { fleet }).await.unwrap();
+        let (a, _) = Actor::spawn(None, Auctioneer, AuctioneerArgs { link }).await.unwrap();
         a.cast(AuctioneerMsg::SetScheduler(sched)).unwrap();
         // A deadline far away: only the answers can close it.
         a.cast(AuctioneerMsg::Open(open("x#1", &["a", "b", "c", "d"], now_ms() + 60_000))).unwrap();
@@ -398,9 +384,9 @@ mod tests {
 
     #[tokio::test]
     async fn deadline_closes_with_silent_invitees_named_and_a_gang_is_all_or_nothing() {
-        let (fleet, mut fleet_rx) = recorder::<FleetMsg>().await;
+        let (link, mut fleet_rx) = crate::agent_link::AgentLink::recording();
         let (sched, mut sched_rx) = recorder::<SchedulerMsg>().await;
-        let (a, _) = Actor::spawn(None, Auctioneer, AuctioneerArgs { fleet }).await.unwrap();
+        let (a, _) = Actor::spawn(None, Auctioneer, AuctioneerArgs { link }).await.unwrap();
         a.cast(AuctioneerMsg::SetScheduler(sched)).unwrap();
         let mut gang = open("g#1", &["a", "b", "c"], now_ms() + 200);
         gang.nodes = 2;

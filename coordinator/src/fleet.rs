@@ -97,11 +97,6 @@ pub enum FleetMsg {
     SetScheduler(ActorRef<crate::scheduler::SchedulerMsg>),
     /// Placement view of every agent.
     Candidates(RpcReplyPort<Vec<crate::auction::Candidate>>),
-    /// Send a message to an agent's current session (dropped if it has none).
-    Send {
-        agent: String,
-        msg: fleetmesh_protocol::CoordinatorMessage,
-    },
     /// Stop (or resume) new awards to an agent.
     Drain {
         name: String,
@@ -165,6 +160,8 @@ pub struct FleetState {
     _ticker: Option<ractor::concurrency::JoinHandle<()>>,
     scheduler: Option<ActorRef<crate::scheduler::SchedulerMsg>>,
     revocations: Arc<crate::authority::Revocations>,
+    /// Kept in step with every agent's current session (`sync_link`).
+    link: Arc<crate::agent_link::AgentLink>,
 }
 
 fn unix_us() -> u64 {
@@ -177,6 +174,16 @@ fn unix_us() -> u64 {
 use fleetmesh_data::now_unix_ms as unix_ms;
 
 impl FleetState {
+    /// Make the agent link say what `name`'s entry says about its current session.
+    fn sync_link(&self, name: &str) {
+        match self.agents.get(name).and_then(|e| e.session.as_ref()) {
+            Some((sid, s)) => self.link.register(name, *sid, s.clone()),
+            None => {
+                self.link.remove(name);
+            }
+        }
+    }
+
     /// Queue these agents' records for commit (see [`crate::writer`]).
     fn persist(&self, names: &[&str]) {
         let recs: Vec<AgentRecord> =
@@ -212,7 +219,9 @@ impl FleetState {
             // A lost agent's jobs are placed elsewhere: if it was only cut off, it must
             // come back through a new session (hello, then reconciliation of what it runs)
             // rather than resume the old one.
-            if let Some((_, s)) = self.agents.get_mut(name).and_then(|e| e.session.take()) {
+            let taken = self.agents.get_mut(name).and_then(|e| e.session.take());
+            self.sync_link(name);
+            if let Some((_, s)) = taken {
                 let _ = s.cast(SessionMsg::Close {
                     reason: "declared lost after missing heartbeats".into(),
                 });
@@ -532,6 +541,8 @@ pub struct FleetArgs {
     pub store: Arc<Store>,
     /// Revoked identities, which every agent's data port must refuse.
     pub revocations: Arc<crate::authority::Revocations>,
+    /// The directory everyone delivers to agents through; the Fleet keeps it current.
+    pub link: Arc<crate::agent_link::AgentLink>,
 }
 
 impl Actor for Fleet {
@@ -558,7 +569,7 @@ impl Actor for Fleet {
         let ticker = myself.send_interval(args.cfg.liveness.tick, || FleetMsg::Tick);
         Ok(FleetState {
             cfg: args.cfg,
-            writer: crate::writer::Writer::spawn("fleet-writer", args.store, myself.clone(), {
+            writer: crate::writer::Writer::spawn("fleet-writer", args.store, args.link.clone(), {
                 let me = myself.clone();
                 Box::new(move |why| {
                     // The actor fails with the reason, which stops the coordinator.
@@ -574,6 +585,7 @@ impl Actor for Fleet {
             _ticker: Some(ticker),
             scheduler: None,
             revocations: args.revocations,
+            link: args.link,
         })
     }
 
@@ -603,17 +615,12 @@ impl Actor for Fleet {
             FleetMsg::StoreBroken(why) => return Err(why.into()),
             FleetMsg::Register { identity, session_id, session, remote_ip, reply } => {
                 let name = identity.name.clone();
-                if let Some(s) = &st.scheduler {
-                    let _ = s.cast(crate::scheduler::SchedulerMsg::SessionUp {
-                        agent: name.clone(),
-                        session: session.clone(),
-                    });
-                }
                 // Handled by the session after its welcome is written.
                 if !st.revocations.is_empty() {
                     let _ = session.cast(SessionMsg::Send(Box::new(st.revocations.denied())));
                 }
                 st.register(identity, session_id, session, now);
+                st.sync_link(&name);
                 if let Some(e) = st.agents.get_mut(&name) {
                     e.remote_ip = Some(remote_ip);
                 }
@@ -645,6 +652,7 @@ impl Actor for Fleet {
                     if let Some(e) = st.agents.get_mut(&name) {
                         e.session = None;
                     }
+                    st.sync_link(&name);
                     st.set_state(&name, AgentState::Left, &reason);
                 }
             }
@@ -656,6 +664,7 @@ impl Actor for Fleet {
                         // Liveness (not the transport) decides when it is lost.
                     }
                 }
+                st.sync_link(&name);
             }
             FleetMsg::Revoked { name, reason } => {
                 if let Some(e) = st.agents.get_mut(&name) {
@@ -665,6 +674,7 @@ impl Actor for Fleet {
                         });
                     }
                 }
+                st.sync_link(&name);
                 st.set_state(&name, AgentState::Revoked, &reason);
                 st.flush_changed();
                 // Its tickets may outlive the revocation: every holder refuses it now.
@@ -677,11 +687,6 @@ impl Actor for Fleet {
             FleetMsg::Candidates(reply) => {
                 let v = st.agents.iter().map(|(n, e)| FleetState::candidate(n, e)).collect();
                 let _ = reply.send(v);
-            }
-            FleetMsg::Send { agent, msg } => {
-                if let Some((_, s)) = st.agents.get(&agent).and_then(|e| e.session.as_ref()) {
-                    let _ = s.cast(SessionMsg::Send(Box::new(msg)));
-                }
             }
             FleetMsg::Drain { name, draining, reply } => {
                 let found = match st.agents.get_mut(&name) {

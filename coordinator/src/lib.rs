@@ -17,6 +17,7 @@
 //! actors are thin shells around them. State that must survive a restart lives in the
 //! embedded redb [`store`].
 
+pub mod agent_link;
 pub mod api;
 pub mod auction;
 pub mod auctioneer;
@@ -104,6 +105,7 @@ impl Actor for Coordinator {
         let fleet_cfg =
             fleet::FleetConfig { liveness: a.config.liveness, history_len: a.config.history };
         let revocations = Arc::new(authority::Revocations::default());
+        let link = Arc::new(agent_link::AgentLink::default());
         let (fleet, _) = Actor::spawn_linked(
             None,
             fleet::Fleet,
@@ -111,6 +113,7 @@ impl Actor for Coordinator {
                 cfg: fleet_cfg,
                 store: a.store.clone(),
                 revocations: revocations.clone(),
+                link: link.clone(),
             },
             myself.get_cell(),
         )
@@ -140,7 +143,7 @@ impl Actor for Coordinator {
         let (auctioneer, _) = Actor::spawn_linked(
             None,
             auctioneer::Auctioneer,
-            auctioneer::AuctioneerArgs { fleet: fleet.clone() },
+            auctioneer::AuctioneerArgs { link: link.clone() },
             myself.get_cell(),
         )
         .await?;
@@ -154,6 +157,7 @@ impl Actor for Coordinator {
                 top_k: a.config.auction_top_k,
                 broker: a.broker.clone(),
                 log_dir: a.config.data_dir.join("logs"),
+                link: link.clone(),
             },
             myself.get_cell(),
         )
@@ -186,6 +190,7 @@ impl Actor for Coordinator {
                 fleet: fleet.clone(),
                 broker: a.broker.clone(),
                 revocations,
+                link,
                 bound: Some(a.api_bound),
             },
             myself.get_cell(),

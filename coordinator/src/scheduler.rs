@@ -231,11 +231,6 @@ pub enum SchedulerMsg {
     AgentGone {
         agent: String,
     },
-    /// The Fleet registered a session for an agent (direct delivery, bypassing the Fleet).
-    SessionUp {
-        agent: String,
-        session: ActorRef<crate::session::SessionMsg>,
-    },
     Cancel(String, RpcReplyPort<Result<usize, String>>),
     ListWorkflows(RpcReplyPort<Vec<WorkflowSummary>>),
     ListJobs(Option<String>, RpcReplyPort<Vec<JobSummary>>),
@@ -281,7 +276,6 @@ pub struct SchedulerState {
     addrs: BTreeMap<String, String>,
     top_k: usize,
     /// Current session of each agent, for direct sends.
-    sessions: BTreeMap<String, ActorRef<crate::session::SessionMsg>>,
     /// Runner-up bids of awarded single-node attempts not yet accepted, by (job, attempt).
     backups: std::collections::HashMap<(String, u64), Backup>,
     /// When the last tick started (periodic or for a submission).
@@ -362,7 +356,7 @@ impl SchedulerState {
     /// Queue a message for an agent. It leaves after every commit queued before it, and
     /// in order with every other message the Scheduler sends.
     fn send(&self, agent: &str, msg: CoordinatorMessage) {
-        self.writer.send(agent, self.sessions.get(agent).cloned(), msg);
+        self.writer.send(agent, msg);
     }
 
     /// Queue pending state for commit, then what waited for it (awards, exit acks).
@@ -1269,6 +1263,8 @@ pub struct SchedulerArgs {
     pub broker: Arc<DataBroker>,
     /// Finished jobs' output goes here.
     pub log_dir: std::path::PathBuf,
+    /// Delivers to agents (through the writer, after the commits queued before).
+    pub link: Arc<crate::agent_link::AgentLink>,
 }
 
 impl Actor for Scheduler {
@@ -1316,7 +1312,7 @@ impl Actor for Scheduler {
         let ticker = myself.send_interval(Duration::from_millis(100), || SchedulerMsg::Tick);
         let wf_check = workflows.keys().cloned().collect();
         let writer =
-            crate::writer::Writer::spawn("scheduler-writer", a.store.clone(), a.fleet.clone(), {
+            crate::writer::Writer::spawn("scheduler-writer", a.store.clone(), a.link.clone(), {
                 let me = myself.clone();
                 Box::new(move |why| {
                     // The actor fails with the reason, which stops the coordinator.
@@ -1337,7 +1333,6 @@ impl Actor for Scheduler {
             outgoing: Vec::new(),
             addrs: BTreeMap::new(),
             top_k: a.top_k.max(1),
-            sessions: BTreeMap::new(),
             backups: Default::default(),
             last_tick: std::time::Instant::now(),
             writer,
@@ -1386,13 +1381,6 @@ impl Actor for Scheduler {
                 if st.last_tick.elapsed() >= Duration::from_millis(60) {
                     st.tick().await;
                 }
-            }
-            SchedulerMsg::SessionUp { agent, session } => {
-                let _ = st.auctioneer.cast(AuctioneerMsg::SessionUp {
-                    agent: agent.clone(),
-                    session: session.clone(),
-                });
-                st.sessions.insert(agent, session);
             }
             SchedulerMsg::AuctionClosed(outcome) => st.close_now(*outcome),
             SchedulerMsg::AwardAnswer { agent, job, attempt, accepted, reason } => {
@@ -1634,46 +1622,40 @@ mod tests {
     struct FakeFleet;
     impl Actor for FakeFleet {
         type Msg = FleetMsg;
-        type State = mpsc::UnboundedSender<(String, CoordinatorMessage)>;
-        type Arguments = mpsc::UnboundedSender<(String, CoordinatorMessage)>;
+        type State = ();
+        type Arguments = ();
         async fn pre_start(
             &self,
             _m: ActorRef<FleetMsg>,
-            tx: Self::State,
-        ) -> Result<Self::State, ActorProcessingErr> {
-            Ok(tx)
+            _a: (),
+        ) -> Result<(), ActorProcessingErr> {
+            Ok(())
         }
         async fn handle(
             &self,
             _m: ActorRef<FleetMsg>,
             msg: FleetMsg,
-            tx: &mut Self::State,
+            _st: &mut (),
         ) -> Result<(), ActorProcessingErr> {
-            match msg {
-                FleetMsg::Candidates(reply) => {
-                    let c = |agent: &str, price: f64| Candidate {
-                        agent: agent.into(),
-                        connected: true,
-                        draining: false,
-                        region: None,
-                        jurisdiction: None,
-                        provider: None,
-                        labels: Default::default(),
-                        spot: false,
-                        price_per_hour: price,
-                        free_gpus: vec![("H100".into(), 80 << 30)],
-                        gpu_uuids: vec![format!("GPU-{agent}")],
-                        addr: None,
-                        data_addr: None,
-                        cpus: 0,
-                        memory_bytes: 0,
-                    };
-                    let _ = reply.send(vec![c("a", 1.0), c("b", 2.0)]);
-                }
-                FleetMsg::Send { agent, msg } => {
-                    let _ = tx.send((agent, msg));
-                }
-                _ => {}
+            if let FleetMsg::Candidates(reply) = msg {
+                let c = |agent: &str, price: f64| Candidate {
+                    agent: agent.into(),
+                    connected: true,
+                    draining: false,
+                    region: None,
+                    jurisdiction: None,
+                    provider: None,
+                    labels: Default::default(),
+                    spot: false,
+                    price_per_hour: price,
+                    free_gpus: vec![("H100".into(), 80 << 30)],
+                    gpu_uuids: vec![format!("GPU-{agent}")],
+                    addr: None,
+                    data_addr: None,
+                    cpus: 0,
+                    memory_bytes: 0,
+                };
+                let _ = reply.send(vec![c("a", 1.0), c("b", 2.0)]);
             }
             Ok(())
         }
@@ -1744,12 +1726,12 @@ mod tests {
         let store = Arc::new(Store::open(dir).unwrap());
         let broker =
             DataBroker::open(dir, store.clone(), "coordinator", "t.test", 1 << 30).unwrap();
-        let (ftx, frx) = mpsc::unbounded_channel();
-        let (fleet, _) = Actor::spawn(None, FakeFleet, ftx).await.unwrap();
+        let (link, frx) = crate::agent_link::AgentLink::recording();
+        let (fleet, _) = Actor::spawn(None, FakeFleet, ()).await.unwrap();
         let (atx, arx) = mpsc::unbounded_channel();
         let (auctioneer, _) = Actor::spawn(None, FakeAuctioneer, atx).await.unwrap();
         let log_dir = dir.join("logs");
-        let args = SchedulerArgs { store, fleet, auctioneer, top_k: 3, broker, log_dir };
+        let args = SchedulerArgs { store, fleet, auctioneer, top_k: 3, broker, log_dir, link };
         let (s, _) = Actor::spawn(None, Scheduler, args).await.unwrap();
         (s, frx, arx)
     }

@@ -34,24 +34,6 @@ pub enum SessionMsg {
 }
 
 /// Everything a session needs, handed over by the Listener after a valid hello.
-/// Deliver `msg` to `agent`: straight to its session actor when the caller knows it, else
-/// through the Fleet (which knows every agent's current session).
-pub fn deliver(
-    session: Option<&ActorRef<SessionMsg>>,
-    fleet: &ActorRef<FleetMsg>,
-    agent: &str,
-    msg: Box<fleetmesh_protocol::CoordinatorMessage>,
-) {
-    match session {
-        Some(s) => {
-            let _ = s.cast(SessionMsg::Send(msg));
-        }
-        None => {
-            let _ = fleet.cast(FleetMsg::Send { agent: agent.to_string(), msg: *msg });
-        }
-    }
-}
-
 pub struct SessionArgs {
     pub conn: quinn::Connection,
     pub send: quinn::SendStream,

@@ -26,11 +26,9 @@ use std::sync::mpsc;
 use std::sync::Arc;
 
 use fleetmesh_protocol::CoordinatorMessage;
-use ractor::ActorRef;
 use tracing::warn;
 
-use crate::fleet::FleetMsg;
-use crate::session::SessionMsg;
+use crate::agent_link::AgentLink;
 use crate::store::{AgentRecord, Store, StoreError};
 
 /// Serialised records: (id, JSON).
@@ -84,8 +82,8 @@ impl Batch for Agents {
 pub enum Item<B> {
     /// Records to make durable.
     Commit(B),
-    /// A message for an agent: through its session when known, else through the Fleet.
-    Send { agent: String, session: Option<ActorRef<SessionMsg>>, msg: Box<CoordinatorMessage> },
+    /// A message for an agent, through the agent link.
+    Send { agent: String, msg: Box<CoordinatorMessage> },
     /// Run after every earlier commit (acknowledgements to users, barriers).
     After(Box<dyn FnOnce() + Send>),
 }
@@ -104,18 +102,18 @@ pub type OnBroken = Box<dyn FnOnce(String) + Send>;
 const COMMIT_RETRY_DELAYS_MS: [u64; 5] = [10, 50, 200, 1_000, 3_000];
 
 impl<B: Batch> Writer<B> {
-    /// `fleet` delivers agent messages queued without a session; `on_broken` is told
-    /// why when a commit keeps failing (nothing queued after it is delivered).
+    /// `link` delivers agent messages; `on_broken` is told why when a commit keeps
+    /// failing (nothing queued after it is delivered).
     pub fn spawn(
         name: &str,
         store: Arc<Store>,
-        fleet: ActorRef<FleetMsg>,
+        link: Arc<AgentLink>,
         on_broken: OnBroken,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Item<B>>();
         std::thread::Builder::new()
             .name(name.to_string())
-            .spawn(move || run(&store, &fleet, rx, on_broken))?;
+            .spawn(move || run(&store, &link, rx, on_broken))?;
         Ok(Writer { tx })
     }
 
@@ -125,13 +123,8 @@ impl<B: Batch> Writer<B> {
         }
     }
 
-    pub fn send(
-        &self,
-        agent: &str,
-        session: Option<ActorRef<SessionMsg>>,
-        msg: CoordinatorMessage,
-    ) {
-        self.push(Item::Send { agent: agent.to_string(), session, msg: Box::new(msg) });
+    pub fn send(&self, agent: &str, msg: CoordinatorMessage) {
+        self.push(Item::Send { agent: agent.to_string(), msg: Box::new(msg) });
     }
 
     /// Run `f` once everything queued before it is durable and delivered.
@@ -177,7 +170,7 @@ fn commit_with_retries<B: Batch>(records: &B, store: &Store) -> Result<(), Store
 
 fn run<B: Batch>(
     store: &Store,
-    fleet: &ActorRef<FleetMsg>,
+    link: &AgentLink,
     rx: mpsc::Receiver<Item<B>>,
     on_broken: OnBroken,
 ) {
@@ -212,8 +205,10 @@ fn run<B: Batch>(
         for item in batch {
             match item {
                 Item::Commit(_) => {}
-                Item::Send { agent, session, msg } => {
-                    crate::session::deliver(session.as_ref(), fleet, &agent, msg)
+                Item::Send { agent, msg } => {
+                    // Dropped (and counted) without a session: the agent reconciles when
+                    // it reconnects.
+                    link.send(&agent, *msg);
                 }
                 Item::After(f) => f(),
             }
@@ -224,52 +219,35 @@ fn run<B: Batch>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ractor::{Actor, ActorProcessingErr};
     use tokio::sync::mpsc as tmpsc;
 
-    /// Stands in for the Fleet: on every message it is asked to deliver, it looks in the
-    /// store for the job record named by the message and reports (message, found).
-    struct Probe;
-    impl Actor for Probe {
-        type Msg = FleetMsg;
-        type State = (Arc<Store>, tmpsc::UnboundedSender<(String, bool)>);
-        type Arguments = Self::State;
-        async fn pre_start(
-            &self,
-            _m: ActorRef<FleetMsg>,
-            a: Self::State,
-        ) -> Result<Self::State, ActorProcessingErr> {
-            Ok(a)
-        }
-        async fn handle(
-            &self,
-            _m: ActorRef<FleetMsg>,
-            msg: FleetMsg,
-            st: &mut Self::State,
-        ) -> Result<(), ActorProcessingErr> {
-            if let FleetMsg::Send { msg: CoordinatorMessage::Release { auction }, .. } = msg {
-                let (_, jobs) = st.0.work()?;
-                let found = jobs.iter().any(|(k, _)| *k == auction);
-                let _ = st.1.send((auction, found));
+    /// A link that, for every message it is asked to deliver, looks in the store for the
+    /// job record named by the message and reports (message, found) at that moment.
+    fn probe(store: Arc<Store>) -> (Arc<AgentLink>, tmpsc::UnboundedReceiver<(String, bool)>) {
+        let (tx, rx) = tmpsc::unbounded_channel();
+        let link = AgentLink::calling(move |_agent, msg| {
+            if let CoordinatorMessage::Release { auction } = msg {
+                let found =
+                    store.work().is_ok_and(|(_, jobs)| jobs.iter().any(|(k, _)| *k == auction));
+                let _ = tx.send((auction, found));
             }
-            Ok(())
-        }
+        });
+        (link, rx)
     }
 
     #[tokio::test]
     async fn messages_leave_in_order_and_only_after_the_commits_queued_before_them() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
-        let (tx, mut rx) = tmpsc::unbounded_channel();
-        let (fleet, _h) = Actor::spawn(None, Probe, (store.clone(), tx)).await.unwrap();
-        let w = Writer::<Work>::spawn("t", store.clone(), fleet.clone(), Box::new(|_| {})).unwrap();
+        let (link, mut rx) = probe(store.clone());
+        let w = Writer::<Work>::spawn("t", store.clone(), link, Box::new(|_| {})).unwrap();
         // 200 rounds of "commit job-i, then send a message about job-i", queued far faster
         // than fsyncs complete, so most commits are merged into shared transactions.
         for i in 0..200 {
             let id = format!("job-{i}");
             let jobs = vec![(id.clone(), format!("{{\"n\":{i}}}").into_bytes())];
             w.commit(Work { workflows: Vec::new(), jobs });
-            w.send("a", None, CoordinatorMessage::Release { auction: id });
+            w.send("a", CoordinatorMessage::Release { auction: id });
         }
         w.barrier().await.unwrap();
         for i in 0..200 {
@@ -283,7 +261,6 @@ mod tests {
         w.barrier().await.unwrap();
         let (_, jobs) = store.work().unwrap();
         assert_eq!(jobs.iter().find(|(k, _)| k == "x").unwrap().1, b"2");
-        fleet.stop(None);
     }
 
     /// Fails its first `fails` commits (all of them with `u32::MAX`), then commits
@@ -326,13 +303,12 @@ mod tests {
         tokio::sync::oneshot::Receiver<String>,
     ) {
         let store = Arc::new(Store::open(dir).unwrap());
-        let (tx, rx) = tmpsc::unbounded_channel();
-        let (fleet, _h) = Actor::spawn(None, Probe, (store.clone(), tx)).await.unwrap();
+        let (link, rx) = probe(store.clone());
         let (btx, brx) = tokio::sync::oneshot::channel();
         let w = Writer::<Flaky>::spawn(
             "t",
             store,
-            fleet,
+            link,
             Box::new(move |why| {
                 let _ = btx.send(why);
             }),
@@ -340,7 +316,7 @@ mod tests {
         .unwrap();
         let tries = Arc::new(std::sync::atomic::AtomicU32::new(0));
         w.commit(Flaky { fails, tries: tries.clone(), records: 1 });
-        w.send("a", None, CoordinatorMessage::Release { auction: "after".into() });
+        w.send("a", CoordinatorMessage::Release { auction: "after".into() });
         (w, rx, tries, brx)
     }
 
@@ -367,7 +343,7 @@ mod tests {
             1 + COMMIT_RETRY_DELAYS_MS.len() as u32
         );
         // The message queued after the failed commit never left; nor does anything later.
-        w.send("a", None, CoordinatorMessage::Release { auction: "later".into() });
+        w.send("a", CoordinatorMessage::Release { auction: "later".into() });
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         assert!(rx.try_recv().is_err(), "something was delivered after a failed commit");
     }

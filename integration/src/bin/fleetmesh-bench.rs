@@ -684,8 +684,9 @@ async fn inmemory_baseline(agents: usize, gpus: u32, seconds: u64) -> Result<Ing
     let dir = tempfile::tempdir()?;
     let store = Arc::new(Store::open(dir.path())?);
     let cfg = FleetConfig { history_len: 30, ..FleetConfig::default() };
-    let revocations = Default::default();
-    let (fleet, _h) = Actor::spawn(None, Fleet, FleetArgs { cfg, store, revocations }).await?;
+    let (revocations, link) = (Default::default(), Default::default());
+    let (fleet, _h) =
+        Actor::spawn(None, Fleet, FleetArgs { cfg, store, revocations, link }).await?;
     let (null, _nh) = Actor::spawn(None, NullSession, ()).await?;
     let mut samplers = Vec::with_capacity(agents);
     for i in 0..agents {
