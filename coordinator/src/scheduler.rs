@@ -104,8 +104,42 @@ pub struct Attempt {
     pub outcomes: Vec<Option<String>>,
     pub succeeded: Vec<bool>,
     pub cost: f64,
-    /// `awarded`, `running`, `succeeded`, `failed`, `lost`, `cancelled`, `superseded`.
-    pub state: String,
+    pub state: AttemptState,
+}
+
+/// Where an attempt is. Stored and shown as the kebab-case names (`staging-failed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttemptState {
+    /// Sent to its agents; not yet started.
+    Awarded,
+    Running,
+    Succeeded,
+    Failed,
+    /// Its agent was lost, or it was not accepted or started in time.
+    Lost,
+    /// Its inputs could not be fetched: the process never ran (no retry used).
+    StagingFailed,
+}
+
+/// Where a workflow is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkflowState {
+    Running,
+    Succeeded,
+    /// Finished with at least one job not succeeded (failed, skipped or cancelled).
+    Failed,
+}
+
+impl WorkflowState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkflowState::Running => "running",
+            WorkflowState::Succeeded => "succeeded",
+            WorkflowState::Failed => "failed",
+        }
+    }
 }
 
 /// A job and its history.
@@ -141,7 +175,7 @@ pub struct WorkflowRecord {
     pub name: String,
     pub spec: Workflow,
     pub jobs: Vec<String>,
-    pub state: String,
+    pub state: WorkflowState,
     pub submitted_unix_ms: u64,
     /// Dataset inputs as written -> the dataset id they named at submission: a later put
     /// under the same name (a new version) does not change what this workflow reads.
@@ -156,7 +190,7 @@ pub struct WorkflowSummary {
     pub id: String,
     pub name: String,
     pub objective: String,
-    pub state: String,
+    pub state: WorkflowState,
     /// Number of jobs.
     pub jobs: usize,
     pub submitted_unix_ms: u64,
@@ -421,7 +455,7 @@ impl SchedulerState {
                 name: wf.name.clone(),
                 spec: wf,
                 jobs: job_ids,
-                state: "running".into(),
+                state: WorkflowState::Running,
                 submitted_unix_ms: now,
                 pinned,
             },
@@ -576,7 +610,9 @@ impl SchedulerState {
             .keys()
             .filter(|(job, n)| {
                 self.jobs.get(job).and_then(|j| j.current()).is_some_and(|a| {
-                    a.n == *n && a.state == "awarded" && now > a.awarded_unix_ms + AWARD_ANSWER_MS
+                    a.n == *n
+                        && a.state == AttemptState::Awarded
+                        && now > a.awarded_unix_ms + AWARD_ANSWER_MS
                 })
             })
             .cloned()
@@ -604,7 +640,10 @@ impl SchedulerState {
                 j.current()
                     // Accepted attempts may be staging inputs: the agent's loss, not a
                     // timer, ends those.
-                    .filter(|a| a.state == "awarded" && now > a.awarded_unix_ms + START_TIMEOUT_MS)
+                    .filter(|a| {
+                        a.state == AttemptState::Awarded
+                            && now > a.awarded_unix_ms + START_TIMEOUT_MS
+                    })
                     .map(|a| (j.id.clone(), a.n))
             })
             .collect();
@@ -712,7 +751,7 @@ impl SchedulerState {
         let wids: Vec<String> = std::mem::take(&mut self.wf_check).into_iter().collect();
         for wid in wids {
             let Some(w) = self.workflows.get(&wid) else { continue };
-            if w.state != "running" {
+            if w.state != WorkflowState::Running {
                 continue;
             }
             // From the back: later jobs finish later, so an unfinished workflow is
@@ -720,13 +759,13 @@ impl SchedulerState {
             let state = |j: &String| self.jobs.get(j).map(|j| j.state);
             if w.jobs.iter().rev().filter_map(state).all(|s| s.terminal()) {
                 let state = if w.jobs.iter().filter_map(state).all(|s| s == JobState::Succeeded) {
-                    "succeeded"
+                    WorkflowState::Succeeded
                 } else {
-                    "failed"
+                    WorkflowState::Failed
                 };
                 if let Some(w) = self.workflows.get_mut(&wid) {
-                    w.state = state.into();
-                    info!(workflow = %wid, state, "workflow finished");
+                    w.state = state;
+                    info!(workflow = %wid, state = state.as_str(), "workflow finished");
                 }
                 self.dirty_w.push(wid);
             }
@@ -987,7 +1026,7 @@ impl SchedulerState {
             outcomes: vec![None; winners.len()],
             succeeded: vec![false; winners.len()],
             cost: 0.0,
-            state: "awarded".into(),
+            state: AttemptState::Awarded,
         };
         let job_id = run.job.clone();
         let awards: Vec<(String, CoordinatorMessage)> = winners
@@ -1107,7 +1146,7 @@ impl SchedulerState {
             return;
         }
         if let Some(a) = j.current_mut() {
-            a.state = "lost".into();
+            a.state = AttemptState::Lost;
             a.ended_unix_ms = Some(now_ms());
         }
         j.next_try_unix_ms = 0;
@@ -1156,7 +1195,7 @@ impl SchedulerState {
         if a.outcomes[rank].is_some() {
             return;
         }
-        if a.state == "lost" || a.state == "staging-failed" {
+        if matches!(a.state, AttemptState::Lost | AttemptState::StagingFailed) {
             // Already given up on (and placed again): record how it ended, nothing more.
             a.outcomes[rank] = Some(outcome.to_string());
             self.touch_job(job);
@@ -1177,10 +1216,11 @@ impl SchedulerState {
             // Not the job's fault: place it again (other ranks stopped), no retry used,
             // backing off while its inputs stay unreachable.
             a.outcomes[rank] = Some(outcome.to_string());
-            a.state = "staging-failed".into();
+            a.state = AttemptState::StagingFailed;
             a.ended_unix_ms = Some(now_ms());
             let others = a.unfinished_agents();
-            let previous = j.attempts.iter().filter(|a| a.state == "staging-failed").count();
+            let previous =
+                j.attempts.iter().filter(|a| a.state == AttemptState::StagingFailed).count();
             if j.state != JobState::Cancelled {
                 let backoff = (500u64 << previous.min(7)).min(STAGING_BACKOFF_MAX_MS);
                 j.next_try_unix_ms = now_ms() + backoff;
@@ -1226,7 +1266,7 @@ impl SchedulerState {
         }
         a.ended_unix_ms = Some(now_ms());
         let ok = a.succeeded.iter().all(|s| *s);
-        a.state = if ok { "succeeded".into() } else { "failed".into() };
+        a.state = if ok { AttemptState::Succeeded } else { AttemptState::Failed };
         let summary = a.outcomes.iter().flatten().cloned().collect::<Vec<_>>().join("; ");
         let cancelled = j.state == JobState::Cancelled;
         if cancelled {
@@ -1415,7 +1455,7 @@ impl Actor for Scheduler {
                 if let Some(j) = st.jobs.get_mut(&job) {
                     if let Some(a) = j.current_mut() {
                         a.started_unix_ms.get_or_insert(now_ms());
-                        a.state = "running".into();
+                        a.state = AttemptState::Running;
                     }
                     if j.state == JobState::Starting {
                         j.set(JobState::Running, format!("attempt {attempt} running on {agent}"));
@@ -1457,7 +1497,7 @@ impl Actor for Scheduler {
                             if jr.state == JobState::Starting {
                                 if let Some(a) = jr.current_mut() {
                                     a.started_unix_ms.get_or_insert(now_ms());
-                                    a.state = "running".into();
+                                    a.state = AttemptState::Running;
                                 }
                                 jr.set(
                                     JobState::Running,
@@ -1539,7 +1579,7 @@ impl Actor for Scheduler {
                         id: w.id.clone(),
                         name: w.name.clone(),
                         objective: format!("{:?}", w.spec.objective).to_lowercase(),
-                        state: w.state.clone(),
+                        state: w.state,
                         jobs: w.jobs.len(),
                         submitted_unix_ms: w.submitted_unix_ms,
                     })
@@ -1616,6 +1656,28 @@ mod tests {
     //! agents, records what it is asked to deliver) and a stand-in Auctioneer (records
     //! the auctions opened); the test plays the auction outcome and the agents' answers.
     use super::*;
+
+    #[test]
+    fn attempt_and_workflow_states_keep_their_stored_names() {
+        // Records written by earlier builds (states as strings) must still load.
+        for (state, name) in [
+            (AttemptState::Awarded, "awarded"),
+            (AttemptState::Running, "running"),
+            (AttemptState::Succeeded, "succeeded"),
+            (AttemptState::Failed, "failed"),
+            (AttemptState::Lost, "lost"),
+            (AttemptState::StagingFailed, "staging-failed"),
+        ] {
+            let json = format!("\"{name}\"");
+            assert_eq!(serde_json::to_string(&state).unwrap(), json);
+            assert_eq!(serde_json::from_str::<AttemptState>(&json).unwrap(), state);
+        }
+        for w in [WorkflowState::Running, WorkflowState::Succeeded, WorkflowState::Failed] {
+            let json = format!("\"{}\"", w.as_str());
+            assert_eq!(serde_json::to_string(&w).unwrap(), json);
+            assert_eq!(serde_json::from_str::<WorkflowState>(&json).unwrap(), w);
+        }
+    }
     use crate::auctioneer::AuctionOutcome;
     use tokio::sync::mpsc;
 
@@ -1790,7 +1852,7 @@ mod tests {
         );
         let rec = ractor::call_t!(s, SchedulerMsg::ShowJob, 5000, job.clone()).unwrap().unwrap();
         assert_eq!(rec.attempts.len(), 2);
-        assert_eq!(rec.attempts[0].state, "lost");
+        assert_eq!(rec.attempts[0].state, AttemptState::Lost);
         assert_eq!(rec.attempts[1].agents, ["b"]);
         assert_eq!(rec.state, JobState::Starting);
     }
