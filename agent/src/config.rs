@@ -254,7 +254,7 @@ impl AgentConfig {
                 )))
             }
         };
-        let job_uids = match flags.job_uids.or(file.job_uids) {
+        let job_uids = match flags.job_uids.or(file.job_uids).filter(|r| !r.is_empty()) {
             Some(r) if job_user.is_none() => {
                 return Err(AgentError::Config(format!("job-uids {r}: needs job-user too")))
             }

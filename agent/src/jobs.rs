@@ -107,8 +107,10 @@ fn unit_name(job: &str, attempt: u64) -> String {
     format!("fleetmesh-attempt-{}-{attempt}", &h[..16])
 }
 
-/// How long systemd may take to start an attempt's unit and its supervisor to lock.
-const UNIT_START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long systemd may take to start an attempt's unit and its supervisor to lock:
+/// under the coordinator's 5 s start timeout, so a unit that cannot start is reported as
+/// such before the coordinator gives up on the attempt and places it again.
+const UNIT_START_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// Start the supervisor in transient unit `unit` and return its pid (which leads the
 /// attempt's process group). The job's environment travels in a file in the attempt dir.

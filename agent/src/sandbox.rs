@@ -48,7 +48,9 @@ pub fn lookup(name: &str) -> Result<JobUser, String> {
     Ok(user)
 }
 
-/// Parse `--job-uids START-END`: uids that no account in `/etc/passwd` uses, and never 0.
+/// Parse `--job-uids START-END`: uids that no account in `/etc/passwd` uses, that no
+/// subordinate range in `/etc/subuid` or `/etc/subgid` maps (rootless containers own
+/// those), and never 0.
 pub fn parse_uid_range(spec: &str) -> Result<std::ops::RangeInclusive<u32>, String> {
     let bad = || format!("job-uids {spec:?}: give START-END, e.g. 200000-200999");
     let (a, b) = spec.split_once('-').ok_or_else(bad)?;
@@ -63,10 +65,31 @@ pub fn parse_uid_range(spec: &str) -> Result<std::ops::RangeInclusive<u32>, Stri
         let uid: u32 = f.get(2)?.parse().ok()?;
         (a..=b).contains(&uid).then(|| format!("{} ({uid})", f[0]))
     });
-    match taken {
-        Some(who) => Err(format!("job-uids {spec}: the range includes the account {who}")),
-        None => Ok(a..=b),
+    if let Some(who) = taken {
+        return Err(format!("job-uids {spec}: the range includes the account {who}"));
     }
+    for file in ["/etc/subuid", "/etc/subgid"] {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        if let Some(line) = overlapping_subordinate(&text, a, b) {
+            return Err(format!("job-uids {spec}: overlaps {file} entry {line:?}"));
+        }
+    }
+    Ok(a..=b)
+}
+
+/// A `NAME:START:COUNT` line of a subordinate-id file whose range meets `a..=b`.
+fn overlapping_subordinate(text: &str, a: u32, b: u32) -> Option<String> {
+    text.lines()
+        .find(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            let (Some(Ok(start)), Some(Ok(count))) =
+                (f.get(1).map(|x| x.parse::<u64>()), f.get(2).map(|x| x.parse::<u64>()))
+            else {
+                return false;
+            };
+            start <= u64::from(b) && u64::from(a) < start + count
+        })
+        .map(str::to_string)
 }
 
 fn parse_passwd(passwd: &str, name: &str) -> Option<JobUser> {
@@ -163,6 +186,13 @@ mod tests {
         assert!(parse_uid_range("0-0").is_err());
         let e = parse_uid_range("1-1000000").unwrap_err();
         assert!(e.contains("includes the account"), "{e}");
+        let sub = "alice:100000:65536\nbob:165536:65536\n";
+        assert_eq!(
+            overlapping_subordinate(sub, 200000, 200009).as_deref(),
+            Some("bob:165536:65536")
+        );
+        assert_eq!(overlapping_subordinate(sub, 231072, 231100), None);
+        assert_eq!(overlapping_subordinate(sub, 99999, 99999), None);
     }
 
     #[test]

@@ -439,15 +439,18 @@ impl SchedulerState {
             self.jobs.insert(jid.clone(), rec);
             self.dirty_j.insert(jid);
         }
-        let pinned = wf
+        // Each name once: thousands of jobs usually read a handful of datasets.
+        let names: std::collections::BTreeSet<String> = wf
             .jobs
             .values()
             .flat_map(|j| j.input_refs(&wf.jobs))
             .filter_map(|(_, r)| match r {
-                InputRef::Dataset(n) => self.broker.resolve(&n).map(|d| (n, d.id)),
+                InputRef::Dataset(n) => Some(n),
                 InputRef::JobOutput { .. } => None,
             })
             .collect();
+        let pinned =
+            names.into_iter().filter_map(|n| self.broker.resolve(&n).map(|d| (n, d.id))).collect();
         self.workflows.insert(
             id.clone(),
             WorkflowRecord {

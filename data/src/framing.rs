@@ -33,14 +33,11 @@ pub async fn read_frame<T: serde::de::DeserializeOwned>(
         Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
         Err(e) => return Err(FrameError::Transport(e.to_string())),
     }
-    dec.push(&header);
-    // An oversized header is refused here, before the payload is allocated.
-    if let Some(m) = dec.next_message::<T>()? {
-        return Ok(Some(m)); // an empty payload
-    }
+    // Checked against the limit before the payload is allocated.
     let len = fleetmesh_protocol::codec::parse_header(header, fleetmesh_protocol::MAX_FRAME_LEN)?;
     let mut payload = vec![0u8; len];
     recv.read_exact(&mut payload).await.map_err(|e| FrameError::Transport(e.to_string()))?;
+    dec.push(&header);
     dec.push(&payload);
     dec.next_message::<T>()?
         .map(Some)

@@ -470,12 +470,7 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Agents { cmd: Some(AgentsCmd::Revoke { name, reason }) } => {
-            let body = serde_json::json!({ "reason": reason });
-            let _: serde_json::Value = client(&cli.conn)?
-                .post_json(&format!("/api/v1/agents/{name}/revoke"), &body)
-                .await?;
-            outln!("revoked agent {name}: its session is closed and its certificates are denied");
-            Ok(())
+            revoke(&cli.conn, "agent", &name, reason).await
         }
         Command::Agents { cmd: Some(AgentsCmd::Drain { name, undo }) } => {
             let _: serde_json::Value = client(&cli.conn)?
@@ -649,14 +644,7 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Tokens { cmd } => tokens(&cli.conn, cli.output, cmd).await,
-        Command::Revoke { kind, name, reason } => {
-            let body = serde_json::json!({ "reason": reason });
-            let _: serde_json::Value = client(&cli.conn)?
-                .post_json(&format!("/api/v1/identities/{kind}/{name}/revoke"), &body)
-                .await?;
-            outln!("revoked {kind} {name}: its certificates are denied on every port");
-            Ok(())
-        }
+        Command::Revoke { kind, name, reason } => revoke(&cli.conn, &kind, &name, reason).await,
         Command::Data { cmd } => data(&cli.conn, cli.output, cmd).await,
         Command::Audit => {
             let log: Vec<serde_json::Value> = client(&cli.conn)?.get_json("/api/v1/audit").await?;
@@ -692,6 +680,19 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Deny an identity of `kind` on every port (`agents revoke` and `revoke` both land here).
+async fn revoke(conn: &ConnArgs, kind: &str, name: &str, reason: Option<String>) -> Result<()> {
+    let body = serde_json::json!({ "reason": reason });
+    let _: serde_json::Value =
+        client(conn)?.post_json(&format!("/api/v1/identities/{kind}/{name}/revoke"), &body).await?;
+    if kind == "agent" {
+        outln!("revoked agent {name}: its session is closed and its certificates are denied");
+    } else {
+        outln!("revoked {kind} {name}: its certificates are denied on every port");
+    }
+    Ok(())
 }
 
 async fn tokens(conn: &ConnArgs, output: Output, cmd: TokensCmd) -> Result<()> {
