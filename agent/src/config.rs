@@ -49,6 +49,8 @@ pub struct FileConfig {
     pub job_launcher: Option<String>,
     /// `START-END`: each running attempt gets its own uid from this range.
     pub job_uids: Option<String>,
+    /// `PREFIX`: each running attempt runs as its own account `PREFIX0`, `PREFIX1`, ...
+    pub job_accounts: Option<String>,
 }
 
 impl FileConfig {
@@ -86,7 +88,36 @@ pub struct AgentConfig {
     /// other attempts' work dirs (none: as the agent's own user).
     pub job_user: Option<String>,
     pub job_launcher: JobLauncher,
-    pub job_uids: Option<std::ops::RangeInclusive<u32>>,
+    /// Uids that running attempts take one each (from `job-accounts` or `job-uids`;
+    /// none: every attempt runs as the job user).
+    pub job_uid_pool: Option<Vec<u32>>,
+}
+
+/// The uids attempts take one each, from `job-uids` or `job-accounts` (not both).
+fn job_uid_pool(
+    uids: Option<&str>,
+    accounts: Option<&str>,
+    have_job_user: bool,
+    launcher: JobLauncher,
+) -> Result<Option<Vec<u32>>, AgentError> {
+    let refuse = |m: String| Err(AgentError::Config(m));
+    match (uids, accounts) {
+        (None, None) => Ok(None),
+        (Some(_), Some(_)) => refuse("give job-uids or job-accounts, not both".into()),
+        (Some(r), None) | (None, Some(r)) if !have_job_user => {
+            refuse(format!("job-uids/job-accounts {r}: needs job-user too"))
+        }
+        (Some(r), None) if launcher == JobLauncher::SystemdRun => refuse(format!(
+            "job-uids {r}: systemd-run cannot start a unit as a uid without an account; use job-accounts (install-agent.sh creates fleetmesh-job-0..63)"
+        )),
+        (Some(r), None) => {
+            let range = crate::sandbox::parse_uid_range(r).map_err(AgentError::Config)?;
+            Ok(Some(range.collect()))
+        }
+        (None, Some(prefix)) => {
+            Ok(Some(crate::sandbox::pool_accounts(prefix).map_err(AgentError::Config)?))
+        }
+    }
 }
 
 /// How an attempt's supervisor is started.
@@ -254,15 +285,16 @@ impl AgentConfig {
                 )))
             }
         };
-        let job_uids = match flags.job_uids.or(file.job_uids).filter(|r| !r.is_empty()) {
-            Some(r) if job_user.is_none() => {
-                return Err(AgentError::Config(format!("job-uids {r}: needs job-user too")))
-            }
-            Some(r) => Some(crate::sandbox::parse_uid_range(&r).map_err(AgentError::Config)?),
-            None => None,
-        };
+        let job_uids = flags.job_uids.or(file.job_uids).filter(|r| !r.is_empty());
+        let job_accounts = flags.job_accounts.or(file.job_accounts).filter(|r| !r.is_empty());
+        let job_uid_pool = job_uid_pool(
+            job_uids.as_deref(),
+            job_accounts.as_deref(),
+            job_user.is_some(),
+            job_launcher,
+        )?;
         Ok(Self {
-            job_uids,
+            job_uid_pool,
             job_launcher,
             data,
             container_runtime,
@@ -353,5 +385,26 @@ mod tests {
         };
         let bad = AgentConfig::resolve(FileConfig::default(), flags).unwrap_err().to_string();
         assert!(bad.contains("stop-jobs-after-disconnect") && bad.contains("later"), "{bad}");
+    }
+
+    #[test]
+    fn uid_pools_need_a_job_user_and_an_account_under_systemd() {
+        let pool = |uids: Option<&str>, accounts: Option<&str>, user, launcher| {
+            job_uid_pool(uids, accounts, user, launcher).map_err(|e| e.to_string())
+        };
+        use JobLauncher::{Direct, SystemdRun};
+        assert_eq!(pool(None, None, true, SystemdRun), Ok(None));
+        assert_eq!(
+            pool(Some("200000-200002"), None, true, Direct),
+            Ok(Some(vec![200000, 200001, 200002]))
+        );
+        let e = pool(Some("200000-200002"), None, true, SystemdRun).unwrap_err();
+        assert!(e.contains("use job-accounts"), "{e}");
+        let e = pool(Some("200000-200002"), Some("fleetmesh-job-"), true, Direct).unwrap_err();
+        assert!(e.contains("not both"), "{e}");
+        let e = pool(None, Some("fleetmesh-job-"), false, Direct).unwrap_err();
+        assert!(e.contains("needs job-user"), "{e}");
+        let e = pool(None, Some("no-such-prefix-"), true, SystemdRun).unwrap_err();
+        assert!(e.contains("no account no-such-prefix-0"), "{e}");
     }
 }

@@ -77,9 +77,10 @@ pub struct Jobs {
     fence: std::sync::OnceLock<(Duration, PathBuf)>,
     /// The unprivileged user attempts run as (see [`crate::sandbox`]).
     job_user: std::sync::OnceLock<crate::sandbox::JobUser>,
-    /// With `--job-uids`: each running attempt takes the lowest free uid of this range,
+    /// With a uid pool (`--job-accounts`, `--job-uids`): each running attempt takes the
+    /// first free uid of it,
     /// so concurrent attempts cannot read each other's work dirs or processes.
-    job_uids: std::sync::OnceLock<std::ops::RangeInclusive<u32>>,
+    job_uids: std::sync::OnceLock<Vec<u32>>,
     /// How attempts are started ([`JobLauncher::Direct`] unless set).
     launcher: std::sync::OnceLock<JobLauncher>,
 }
@@ -101,6 +102,17 @@ impl JobLauncher {
 }
 
 /// The transient unit of an attempt.
+/// Uids of `pool` that neither a running attempt nor one of `reserved` bids (each may
+/// become an attempt) will take.
+fn uids_left(
+    pool: &[u32],
+    running: &BTreeMap<(String, u64), RunningAttempt>,
+    reserved: usize,
+) -> usize {
+    let taken = running.values().filter(|r| r.uid.is_some_and(|u| pool.contains(&u))).count();
+    pool.len().saturating_sub(taken + reserved)
+}
+
 fn unit_name(job: &str, attempt: u64) -> String {
     let h =
         fleetmesh_protocol::data::hash_hex(&fleetmesh_protocol::data::hash_bytes(job.as_bytes()));
@@ -123,15 +135,19 @@ async fn launch_unit(
     dir: &Path,
     run_as: Option<&crate::sandbox::JobUser>,
 ) -> Result<u32, String> {
-    let env_file = dir.join(shim::ENV_FILE);
-    let map: BTreeMap<&str, &str> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let bytes = serde_json::to_vec(&map).map_err(|e| e.to_string())?;
-    std::fs::write(&env_file, bytes).map_err(|e| format!("{}: {e}", env_file.display()))?;
+    // The job's words go in a file: systemd expands `$` in a unit's command line.
+    let launch_file = dir.join(shim::LAUNCH_FILE);
+    let launch = shim::LaunchFile {
+        argv: argv.to_vec(),
+        env: env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+    };
+    let bytes = serde_json::to_vec(&launch).map_err(|e| e.to_string())?;
+    let at = |e: std::io::Error| format!("{}: {e}", launch_file.display());
+    std::fs::write(&launch_file, bytes).map_err(at)?;
     if let Some(u) = run_as {
-        crate::sandbox::give(&env_file, u).map_err(|e| format!("{}: {e}", env_file.display()))?;
+        crate::sandbox::give(&launch_file, u).map_err(at)?;
     }
-    shim_args.extend(["--env-file".into(), env_file.into_os_string(), "--".into()]);
-    shim_args.extend(argv.iter().map(Into::into));
+    shim_args.extend(["--launch-file".into(), launch_file.into_os_string()]);
     let mut cmd = tokio::process::Command::new("systemd-run");
     cmd.arg(format!("--unit={unit}"))
         .args(["--collect", "--quiet", "--property=KillMode=control-group"])
@@ -288,12 +304,8 @@ impl Jobs {
     }
 
     /// Run attempts as this user from now on; with `uids`, each as its own uid of that
-    /// range (with the job user's group).
-    pub fn set_job_user(
-        &self,
-        u: crate::sandbox::JobUser,
-        uids: Option<std::ops::RangeInclusive<u32>>,
-    ) {
+    /// pool (with the job user's group).
+    pub fn set_job_user(&self, u: crate::sandbox::JobUser, uids: Option<Vec<u32>>) {
         let _ = self.job_user.set(u);
         if let Some(r) = uids {
             let _ = self.job_uids.set(r);
@@ -429,7 +441,22 @@ impl Jobs {
             lease_ms: c.lease_ms,
         };
         let r = match self.state.lock() {
-            Ok(mut s) => s.0.bid(&call, now_ms()),
+            Ok(mut s) => {
+                let now = now_ms();
+                s.0.expire(now);
+                let pool = self.job_uids.get();
+                if let Some(pool) = pool.filter(|p| uids_left(p, &s.1, s.0.reservations.len()) == 0)
+                {
+                    return AgentMessage::Decline {
+                        auction: c.auction.clone(),
+                        reason: format!(
+                            "all {} job uids are taken by running or awarded attempts",
+                            pool.len()
+                        ),
+                    };
+                }
+                s.0.bid(&call, now)
+            }
             Err(_) => {
                 return AgentMessage::Decline {
                     auction: c.auction.clone(),
@@ -491,12 +518,12 @@ impl Jobs {
                 }
             }
             let uid = match self.job_uids.get() {
-                Some(range) => {
+                Some(pool) => {
                     let taken: std::collections::HashSet<u32> =
                         s.1.values().filter_map(|r| r.uid).collect();
-                    let free = range.clone().find(|u| !taken.contains(u));
+                    let free = pool.iter().copied().find(|u| !taken.contains(u));
                     Some(free.ok_or_else(|| {
-                        format!("every job uid in {range:?} is in use by a running attempt")
+                        format!("all {} job uids are in use by running attempts", pool.len())
                     })?)
                 }
                 None => None,
@@ -1137,5 +1164,22 @@ async fn runtime_cmd(rt: &str, args: &[&str], limit: Duration, launcher: JobLaun
         Ok(Ok(st)) => info!(runtime = rt, ?args, %st, "container runtime command failed"),
         Ok(Err(e)) => warn!(runtime = rt, ?args, error = %e, "container runtime did not start"),
         Err(_) => warn!(runtime = rt, ?args, "container runtime command timed out"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_uid_pool_leaves_nothing_to_bid_with() {
+        let attempt = |uid| RunningAttempt { gpus: vec![], stop: None, uid };
+        let mut running = BTreeMap::new();
+        assert_eq!(uids_left(&[7, 8], &running, 0), 2);
+        running.insert(("a".to_string(), 1), attempt(Some(7)));
+        running.insert(("b".to_string(), 1), attempt(None));
+        assert_eq!(uids_left(&[7, 8], &running, 0), 1);
+        assert_eq!(uids_left(&[7, 8], &running, 1), 0, "a pending bid holds the last uid");
+        assert_eq!(uids_left(&[7, 8], &running, 5), 0);
     }
 }

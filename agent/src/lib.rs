@@ -156,7 +156,7 @@ pub async fn run(
     };
     let jobs = jobs::Jobs::new(&config.data_dir, config.price_per_hour, config.spot, runtime);
     if let Some(u) = job_user {
-        jobs.set_job_user(u, config.job_uids.clone());
+        jobs.set_job_user(u, config.job_uid_pool.clone());
     }
     jobs.set_launcher(config.job_launcher);
     if let Some(after) = config.stop_jobs_after_disconnect {

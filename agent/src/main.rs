@@ -96,6 +96,11 @@ struct Cli {
     /// dirs either [default: all attempts run as the job user].
     #[arg(long)]
     job_uids: Option<String>,
+    /// With --job-user: run each running attempt as its own account PREFIX0, PREFIX1, ...
+    /// (install-agent.sh creates fleetmesh-job-0..63); unlike --job-uids this works under
+    /// --job-launcher systemd-run.
+    #[arg(long, value_name = "PREFIX")]
+    job_accounts: Option<String>,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -193,6 +198,7 @@ fn main() -> ExitCode {
         job_user: cli.job_user,
         job_launcher: cli.job_launcher,
         job_uids: cli.job_uids,
+        job_accounts: cli.job_accounts,
     };
     let config = match AgentConfig::resolve(file, flags) {
         Ok(c) => c,

@@ -9,10 +9,16 @@
 //!   to the agent (`0700`, owned by it) when it ends, so a later attempt cannot read it.
 //!
 //! Host jobs run as the job user (its uid and gid, supplementary groups dropped, `HOME`
-//! the attempt dir). With `--job-uids START-END` each running attempt gets its own uid
-//! from that range (no account uses it; the group stays the job user's), so attempts
-//! running side by side cannot read each other's dirs or processes either. Image jobs start the container runtime as the agent, with the
-//! container's process as the job user (`--user UID:GID`).
+//! the attempt dir). With a uid pool each running attempt gets a uid of its own, so
+//! attempts running side by side cannot read each other's dirs or processes either (the
+//! group stays the job user's):
+//! - `--job-accounts PREFIX`: accounts `PREFIX0`, `PREFIX1`, ... (install-agent.sh creates
+//!   `fleetmesh-job-0..63`); works under either launcher;
+//! - `--job-uids START-END`: uids no account uses; the direct launcher only, since
+//!   systemd does not start a unit as a uid without an account.
+//!
+//! Image jobs start the container runtime as the agent, with the container's process as
+//! the job user (`--user UID:GID`).
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
@@ -48,6 +54,9 @@ pub fn lookup(name: &str) -> Result<JobUser, String> {
     Ok(user)
 }
 
+/// More uids than attempts a node could run side by side.
+pub const MAX_POOL_UIDS: u32 = 65_536;
+
 /// Parse `--job-uids START-END`: uids that no account in `/etc/passwd` uses, that no
 /// subordinate range in `/etc/subuid` or `/etc/subgid` maps (rootless containers own
 /// those), and never 0.
@@ -58,6 +67,9 @@ pub fn parse_uid_range(spec: &str) -> Result<std::ops::RangeInclusive<u32>, Stri
         (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
     if a == 0 || b < a {
         return Err(bad());
+    }
+    if b - a >= MAX_POOL_UIDS {
+        return Err(format!("job-uids {spec}: at most {MAX_POOL_UIDS} uids"));
     }
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
     let taken = passwd.lines().find_map(|l| {
@@ -75,6 +87,44 @@ pub fn parse_uid_range(spec: &str) -> Result<std::ops::RangeInclusive<u32>, Stri
         }
     }
     Ok(a..=b)
+}
+
+/// Parse `--job-accounts PREFIX`: the uids of the accounts `PREFIX0`, `PREFIX1`, ... in
+/// `/etc/passwd`, in index order. There must be at least one, and none may be root.
+pub fn pool_accounts(prefix: &str) -> Result<Vec<u32>, String> {
+    let passwd = std::fs::read_to_string("/etc/passwd").map_err(|e| format!("/etc/passwd: {e}"))?;
+    accounts_with_prefix(&passwd, prefix)
+}
+
+fn accounts_with_prefix(passwd: &str, prefix: &str) -> Result<Vec<u32>, String> {
+    if prefix.is_empty() {
+        return Err("job-accounts: give the accounts' name prefix, e.g. fleetmesh-job-".into());
+    }
+    let mut found: Vec<(u64, u32, String)> = Vec::new();
+    for line in passwd.lines() {
+        let f: Vec<&str> = line.split(':').collect();
+        let Some(index) = f[0].strip_prefix(prefix) else { continue };
+        let (Ok(index), Some(Ok(uid))) = (index.parse::<u64>(), f.get(2).map(|u| u.parse::<u32>()))
+        else {
+            continue;
+        };
+        if uid == 0 {
+            return Err(format!("job-accounts {prefix}: {} is root", f[0]));
+        }
+        found.push((index, uid, f[0].to_string()));
+    }
+    if found.is_empty() {
+        return Err(format!(
+            "job-accounts {prefix}: no account {prefix}0, {prefix}1, ... exists (scripts/install-agent.sh creates fleetmesh-job-0..63)"
+        ));
+    }
+    found.sort();
+    let mut uids: Vec<u32> = found.iter().map(|(_, uid, _)| *uid).collect();
+    uids.dedup();
+    if uids.len() != found.len() {
+        return Err(format!("job-accounts {prefix}: two accounts share a uid"));
+    }
+    Ok(uids)
 }
 
 /// A `NAME:START:COUNT` line of a subordinate-id file whose range meets `a..=b`.
@@ -184,8 +234,10 @@ mod tests {
         }
         // Root's uid 0 is refused outright; a range over a real account is too.
         assert!(parse_uid_range("0-0").is_err());
-        let e = parse_uid_range("1-1000000").unwrap_err();
+        let e = parse_uid_range("1-1000").unwrap_err();
         assert!(e.contains("includes the account"), "{e}");
+        let e = parse_uid_range("300000-4000000000").unwrap_err();
+        assert!(e.contains("at most"), "{e}");
         let sub = "alice:100000:65536\nbob:165536:65536\n";
         assert_eq!(
             overlapping_subordinate(sub, 200000, 200009).as_deref(),
@@ -193,6 +245,19 @@ mod tests {
         );
         assert_eq!(overlapping_subordinate(sub, 231072, 231100), None);
         assert_eq!(overlapping_subordinate(sub, 99999, 99999), None);
+    }
+
+    #[test]
+    fn pool_accounts_are_found_by_prefix_in_index_order() {
+        let p = "root:x:0:0::/root:/bin/bash\nfleetmesh-job:x:990:990::/:/bin/false\nfleetmesh-job-10:x:1010:990::/:/bin/false\nfleetmesh-job-2:x:1002:990::/:/bin/false\nfleetmesh-job-x:x:1:990::/:/bin/false\n";
+        assert_eq!(accounts_with_prefix(p, "fleetmesh-job-"), Ok(vec![1002, 1010]));
+        let none = accounts_with_prefix(p, "other-").unwrap_err();
+        assert!(none.contains("no account other-0"), "{none}");
+        assert!(accounts_with_prefix(p, "").is_err());
+        let rooted = "evil-0:x:0:0::/:/bin/sh\n";
+        assert!(accounts_with_prefix(rooted, "evil-").unwrap_err().contains("is root"));
+        let shared = "a-0:x:5:5::/:/bin/sh\na-1:x:5:5::/:/bin/sh\n";
+        assert!(accounts_with_prefix(shared, "a-").unwrap_err().contains("share a uid"));
     }
 
     #[test]

@@ -75,41 +75,57 @@ pub fn run_if_requested() {
 struct ShimArgs {
     dir: PathBuf,
     fence: Option<(u64, PathBuf)>,
-    /// A JSON object of environment variables for the job (when started through
-    /// systemd-run, whose command line cannot carry arbitrary values safely).
-    env_file: Option<PathBuf>,
+    /// The job's command and environment as a [`LaunchFile`] (when started through
+    /// systemd-run, which expands `$VAR` and `${...}` in a unit's command line, so a
+    /// job's own words must never be on it).
+    launch_file: Option<PathBuf>,
     argv: Vec<OsString>,
 }
 
-/// Name of the env file the agent writes into an attempt dir for [`SHIM_ARG`].
-pub const ENV_FILE: &str = "env.json";
+/// Name of the launch file the agent writes into an attempt dir for [`SHIM_ARG`].
+pub const LAUNCH_FILE: &str = "launch.json";
+
+/// What the supervisor runs, read from [`LAUNCH_FILE`].
+#[derive(Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LaunchFile {
+    pub argv: Vec<String>,
+    pub env: std::collections::BTreeMap<String, String>,
+}
 
 fn parse_args(args: Vec<OsString>) -> Option<ShimArgs> {
     let mut it = args.into_iter();
     let dir = PathBuf::from(it.next()?);
-    let (mut fence, mut env_file) = (None, None);
-    loop {
-        let a = it.next()?;
+    let (mut fence, mut launch_file) = (None, None);
+    let mut program_follows = false;
+    while let Some(a) = it.next() {
         if a == "--" {
+            program_follows = true;
             break;
         }
         if a == "--fence-after" {
             let ms = it.next()?.to_str()?.parse().ok()?;
             fence = Some((ms, PathBuf::from(it.next()?)));
-        } else if a == "--env-file" {
-            env_file = Some(PathBuf::from(it.next()?));
+        } else if a == "--launch-file" {
+            launch_file = Some(PathBuf::from(it.next()?));
         } else {
             return None;
         }
     }
     let argv: Vec<OsString> = it.collect();
-    (!argv.is_empty()).then_some(ShimArgs { dir, fence, env_file, argv })
+    // The program comes after `--` or from the launch file, never both.
+    let from_file = launch_file.is_some() && !program_follows;
+    (from_file || (launch_file.is_none() && !argv.is_empty())).then_some(ShimArgs {
+        dir,
+        fence,
+        launch_file,
+        argv,
+    })
 }
 
 fn shim_main(args: Vec<OsString>) -> i32 {
     let Some(args) = parse_args(args) else {
         eprintln!(
-            "usage: {SHIM_ARG} DIR [--fence-after MS FILE] [--env-file FILE] -- PROGRAM ARGS..."
+            "usage: {SHIM_ARG} DIR [--fence-after MS FILE] (--launch-file FILE | -- PROGRAM ARGS...)"
         );
         return SHIM_USAGE;
     };
@@ -168,30 +184,36 @@ fn write_exit(dir: &Path, r: &ExitRecord) -> std::io::Result<()> {
 
 fn supervise(args: &ShimArgs) -> ExitRecord {
     use std::process::{Command, Stdio};
-    let env: std::collections::BTreeMap<String, String> = match &args.env_file {
-        None => Default::default(),
+    let launch = match &args.launch_file {
+        None => LaunchFile {
+            argv: args.argv.iter().map(|a| a.to_string_lossy().into_owned()).collect(),
+            env: Default::default(),
+        },
         Some(f) => match std::fs::read(f)
             .map_err(|e| e.to_string())
-            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+            .and_then(|b| serde_json::from_slice::<LaunchFile>(&b).map_err(|e| e.to_string()))
         {
-            Ok(m) => m,
+            Ok(l) if !l.argv.is_empty() => {
+                // Read once; it need not stay in the job's dir.
+                let _ = std::fs::remove_file(f);
+                l
+            }
+            Ok(_) => {
+                return ExitRecord::FailedToStart { reason: format!("{}: no program", f.display()) }
+            }
             Err(e) => return ExitRecord::FailedToStart { reason: format!("{}: {e}", f.display()) },
         },
     };
-    let mut child = match Command::new(&args.argv[0])
-        .args(&args.argv[1..])
-        .envs(env)
+    let mut child = match Command::new(&launch.argv[0])
+        .args(&launch.argv[1..])
+        .envs(launch.env)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
     {
         Ok(c) => c,
-        Err(e) => {
-            return ExitRecord::FailedToStart {
-                reason: format!("{}: {e}", args.argv[0].to_string_lossy()),
-            }
-        }
+        Err(e) => return ExitRecord::FailedToStart { reason: format!("{}: {e}", launch.argv[0]) },
     };
     // After the spawn, so the job does not inherit the ignored dispositions.
     ignore_stop_signals();
@@ -324,9 +346,14 @@ mod tests {
             .expect("valid");
         assert_eq!(p.dir, PathBuf::from("/w"));
         assert_eq!(p.fence, Some((500, PathBuf::from("/f"))));
-        assert_eq!(p.env_file, None);
-        let e = parse_args(a(&["/w", "--env-file", "/w/env.json", "--", "x"])).expect("valid");
-        assert_eq!(e.env_file, Some(PathBuf::from("/w/env.json")));
+        assert_eq!(p.launch_file, None);
+        let e = parse_args(a(&["/w", "--launch-file", "/w/launch.json"])).expect("valid");
+        assert_eq!(e.launch_file, Some(PathBuf::from("/w/launch.json")));
+        assert!(e.argv.is_empty());
+        assert!(
+            parse_args(a(&["/w", "--launch-file", "/w/l", "--", "x"])).is_none(),
+            "a program twice"
+        );
         assert_eq!(p.argv, a(&["sh", "-c", "x"]));
         assert!(parse_args(a(&["/w", "--"])).is_none(), "no program");
         assert!(parse_args(a(&["/w", "--bogus", "--", "x"])).is_none());

@@ -573,3 +573,29 @@ impl Drop for Netns {
         let _ = ip(&["netns", "del", &self.name]);
     }
 }
+
+/// Two attempts running side by side: `holder` keeps a secret in its dir while `peeker`
+/// tries to read it, through the path and through the holder's `/proc` entry. Each prints
+/// its uid (`id -u`) first.
+pub mod side_by_side {
+    pub const WORKFLOW: &str = "name: side\njobs:\n  holder:\n    resources: { cpus: 0.1 }\n    script: |\n      id -u\n      echo holder-secret > mine.txt\n      sleep 4\n  peeker:\n    resources: { cpus: 0.1 }\n    script: |\n      id -u\n      sleep 1.5\n      W=$FLEETMESH_WORK_DIR; J=$(basename $(dirname $W))\n      cat $(dirname $(dirname $W))/${J%.peeker}.holder/1/mine.txt 2>&1 || true\n      for p in /proc/[0-9]*; do cat $p/cwd/mine.txt 2>/dev/null; done\n      echo peeked\n";
+
+    /// The uids the two ran as, after checking that they differ and that the peeker was
+    /// refused and saw nothing.
+    pub fn check(holder_log: &str, peeker_log: &str) -> Result<(u32, u32), String> {
+        let uid = |t: &str| t.lines().next().and_then(|l| l.trim().parse::<u32>().ok());
+        let (Some(h), Some(p)) = (uid(holder_log), uid(peeker_log)) else {
+            return Err(format!("no uid printed:\n{holder_log}\n{peeker_log}"));
+        };
+        if h == p {
+            return Err(format!("side-by-side attempts shared uid {h}"));
+        }
+        if peeker_log.contains("holder-secret") {
+            return Err(format!("the peeker read a running attempt's dir: {peeker_log}"));
+        }
+        if !(peeker_log.contains("Permission denied") && peeker_log.contains("peeked")) {
+            return Err(format!("the peeker was not refused: {peeker_log}"));
+        }
+        Ok((h, p))
+    }
+}

@@ -4,6 +4,7 @@
 //! through the installed agent: the unit's sandbox (ProtectSystem=strict, ProtectHome,
 //! NoNewPrivileges) is the agent's own, and jobs run in transient units of their own as
 //! the unprivileged job user, where the host and a rootful runtime actually work.
+//! Attempts running side by side run as different accounts of the installer's pool.
 //!
 //! The container runtime in the tree is SIMULATED (a docker-compatible script that, like
 //! rootful podman, writes under /var/lib/containers and /run and runs the command as the
@@ -225,7 +226,7 @@ async fn installed_agent_runs_host_and_image_jobs_outside_its_own_sandbox() -> a
         assert!(props.contains(want), "{want} missing: {props}");
     }
 
-    let yaml = "name: installed\njobs:\n  host:\n    script: |\n      id -un\n      cat /proc/self/cgroup\n      touch /var/tmp/fm-host-job && echo wrote-var-tmp\n      test -d /home && echo sees-home\n  image:\n    image: docker.io/library/busybox:1.36\n    command: [sh, -c, \"id -un; echo in-image\"]\n";
+    let yaml = "name: installed\njobs:\n  host:\n    script: |\n      id -un\n      cat /proc/self/cgroup\n      touch /var/tmp/fm-host-job && echo wrote-var-tmp\n      test -d /home && echo sees-home\n      V=dollars-kept.x; echo \"${V%.x}\"\n  image:\n    image: docker.io/library/busybox:1.36\n    command: [sh, -c, \"id -un; echo in-image\"]\n";
     let r: Value = client.post_raw("/api/v1/workflows", yaml.as_bytes().to_vec()).await?;
     let wf = r["id"].as_str().unwrap_or_default().to_string();
     for job in ["host", "image"] {
@@ -239,10 +240,13 @@ async fn installed_agent_runs_host_and_image_jobs_outside_its_own_sandbox() -> a
             "{job}: {j:#}\n{text}\n{}",
             booted.sh("journalctl -u fleetmesh-agent --no-pager | tail -40")?
         );
-        assert!(text.starts_with("fleetmesh-job\n"), "{job} did not run as the job user: {text}");
+        // An account of the installer's pool, in the job user's group.
+        assert!(text.starts_with("fleetmesh-job-"), "{job} did not run as a pool account: {text}");
         if job == "host" {
             assert!(text.contains("fleetmesh-attempt-"), "not in its own unit: {text}");
             assert!(text.contains("wrote-var-tmp") && text.contains("sees-home"), "{text}");
+            // systemd expands `${...}` in a unit's command line; the script is not on it.
+            assert!(text.contains("\ndollars-kept\n"), "the script was rewritten: {text}");
         } else {
             assert!(text.contains("in-image"), "{text}");
         }
@@ -251,5 +255,30 @@ async fn installed_agent_runs_host_and_image_jobs_outside_its_own_sandbox() -> a
     let wrote = booted.sh("ls /var/lib/containers/fake/ /run/ | grep -c fleetmesh-")?;
     println!("{props}runtime wrote {} files under /var/lib/containers and /run", wrote.trim());
     assert_eq!(wrote.trim(), "2", "runtime writes: {wrote}");
+
+    // Attempts running side by side run as different accounts and cannot read each
+    // other's dirs or processes.
+    let r: Value = client
+        .post_raw(
+            "/api/v1/workflows",
+            fleetmesh_integration::side_by_side::WORKFLOW.as_bytes().to_vec(),
+        )
+        .await?;
+    let wf = r["id"].as_str().unwrap_or_default().to_string();
+    let mut logs = Vec::new();
+    for job in ["holder", "peeker"] {
+        let j = wait_job(&client, &format!("{wf}.{job}")).await;
+        let l: Value = client.get_json(&format!("/api/v1/jobs/{wf}.{job}/logs")).await?;
+        let text = l["data"].as_str().unwrap_or_default().to_string();
+        println!("--- {job} job output:\n{text}");
+        assert_eq!(j["state"], "succeeded", "{job}: {j:#}\n{text}");
+        logs.push(text);
+    }
+    let (h, p) = fleetmesh_integration::side_by_side::check(&logs[0], &logs[1])
+        .map_err(anyhow::Error::msg)?;
+    for uid in [h, p] {
+        let name = booted.sh(&format!("getent passwd {uid} | cut -d: -f1"))?;
+        assert!(name.starts_with("fleetmesh-job-"), "uid {uid} is not a pool account: {name}");
+    }
     Ok(())
 }
