@@ -1,12 +1,51 @@
 //! Pure auction logic (no I/O, time passed in): prefilter candidates on hard constraints,
 //! score bids by the workflow's objective, and pick winners (N for a gang, all or none).
 //!
-//! The `Auctioneer` actor (to come) is a thin shell around these functions: it builds a
-//! [`Candidate`] per agent from the Fleet cache, calls [`prefilter`], sends calls for bids
-//! to the top K, collects [`BidView`]s until the deadline, and calls [`select`].
+//! The `Auctioneer` actor is a thin shell around these functions: the Scheduler's core
+//! prefilters [`Candidate`]s and opens an [`OpenAuction`]; the Auctioneer sends the calls
+//! for bids, collects [`BidView`]s until the deadline, calls [`select`] and hands back an
+//! [`AuctionOutcome`].
 
 use fleetmesh_protocol::workflow::{glob_match, JobSpec, Objective, SpotPolicy};
+use fleetmesh_protocol::CallForBids;
 use serde::{Deserialize, Serialize};
+
+/// An auction the Scheduler wants run.
+#[derive(Debug)]
+pub struct OpenAuction {
+    pub id: String,
+    pub job: String,
+    pub attempt: u64,
+    pub objective: Objective,
+    /// Winners wanted (> 1 for a gang).
+    pub nodes: u32,
+    pub invite: Vec<String>,
+    pub call: CallForBids,
+    pub deadline_unix_ms: u64,
+    /// (mount, dataset id) of the job's inputs, and the residency they impose.
+    pub inputs: Vec<(String, String)>,
+    pub residency: Vec<String>,
+}
+
+/// What came of an auction.
+#[derive(Debug)]
+pub struct AuctionOutcome {
+    pub id: String,
+    pub job: String,
+    pub attempt: u64,
+    pub invited: Vec<String>,
+    pub bids: Vec<BidView>,
+    /// `agent: reason` for every decline, and for every invitee that did not answer.
+    pub declines: Vec<String>,
+    /// The best bids (one per node), or `None` when there are too few.
+    pub winners: Option<Vec<BidView>>,
+    /// For a single-node job, the runner-up: an award the winner refuses or does not
+    /// accept in time goes to it. Every losing bid, this one included, is released at
+    /// once; the runner-up takes the award if its offered GPUs are still free.
+    pub backup: Option<BidView>,
+    pub inputs: Vec<(String, String)>,
+    pub residency: Vec<String>,
+}
 
 /// What the Fleet knows about an agent, as far as placement is concerned.
 #[derive(Debug, Clone, PartialEq)]

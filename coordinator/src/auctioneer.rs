@@ -16,8 +16,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use fleetmesh_protocol::workflow::Objective;
-use fleetmesh_protocol::{CallForBids, CoordinatorMessage};
+use fleetmesh_protocol::CoordinatorMessage;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tracing::debug;
 
@@ -27,42 +26,7 @@ use crate::scheduler::SchedulerMsg;
 /// How often deadlines are checked.
 const DEADLINE_TICK: Duration = Duration::from_millis(50);
 
-/// An auction the Scheduler wants run.
-#[derive(Debug)]
-pub struct OpenAuction {
-    pub id: String,
-    pub job: String,
-    pub attempt: u64,
-    pub objective: Objective,
-    /// Winners wanted (> 1 for a gang).
-    pub nodes: u32,
-    pub invite: Vec<String>,
-    pub call: CallForBids,
-    pub deadline_unix_ms: u64,
-    /// (mount, dataset id) of the job's inputs, and the residency they impose.
-    pub inputs: Vec<(String, String)>,
-    pub residency: Vec<String>,
-}
-
-/// What came of an auction.
-#[derive(Debug)]
-pub struct AuctionOutcome {
-    pub id: String,
-    pub job: String,
-    pub attempt: u64,
-    pub invited: Vec<String>,
-    pub bids: Vec<BidView>,
-    /// `agent: reason` for every decline, and for every invitee that did not answer.
-    pub declines: Vec<String>,
-    /// The best bids (one per node), or `None` when there are too few.
-    pub winners: Option<Vec<BidView>>,
-    /// For a single-node job, the runner-up: an award the winner refuses or does not
-    /// accept in time goes to it. Every losing bid, this one included, is released at
-    /// once; the runner-up takes the award if its offered GPUs are still free.
-    pub backup: Option<BidView>,
-    pub inputs: Vec<(String, String)>,
-    pub residency: Vec<String>,
-}
+pub use crate::auction::{AuctionOutcome, OpenAuction};
 
 pub enum AuctioneerMsg {
     /// Where outcomes go (sent once by the Scheduler when it starts).
@@ -248,6 +212,8 @@ impl Actor for Auctioneer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fleetmesh_protocol::workflow::Objective;
+    use fleetmesh_protocol::CallForBids;
     use tokio::sync::mpsc;
 
     /// Records what an actor of message type `M` receives.

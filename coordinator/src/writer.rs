@@ -43,7 +43,7 @@ pub trait Batch: Default + Send + 'static {
 }
 
 /// The Scheduler's records.
-#[derive(Default)]
+#[derive(Default, Debug)]
 pub struct Work {
     pub workflows: Records,
     pub jobs: Records,
