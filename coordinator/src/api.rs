@@ -55,6 +55,7 @@ use crate::broker::{DataBroker, Requester};
 use crate::fleet::FleetMsg;
 use crate::scheduler::SchedulerMsg;
 use crate::views::ApiErrorBody;
+use fleetmesh_api::answers::{Cancelled, Drained, Placed, Removed, Revoked, Submitted};
 use fleetmesh_protocol::api::{DrainBody, PlaceBody, PutBody, RevokeBody, TokenSpec};
 
 /// Longest a client may take for its TLS handshake.
@@ -106,7 +107,7 @@ async fn submit_workflow(State(st): State<AppState>, body: String) -> Response {
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
     match sched_call!(st, SchedulerMsg::Submit, Box::new(wf)) {
-        Ok(id) => (StatusCode::CREATED, Json(serde_json::json!({ "id": id }))).into_response(),
+        Ok(id) => (StatusCode::CREATED, Json(Submitted { id })).into_response(),
         Err(e) => error(StatusCode::BAD_REQUEST, e),
     }
 }
@@ -160,7 +161,7 @@ async fn job_logs(
 
 async fn cancel(State(st): State<AppState>, Path(id): Path<String>) -> Response {
     match sched_call!(st, SchedulerMsg::Cancel, id) {
-        Ok(n) => Json(serde_json::json!({ "cancelled_jobs": n })).into_response(),
+        Ok(n) => Json(Cancelled { cancelled_jobs: n }).into_response(),
         Err(e) => error(StatusCode::NOT_FOUND, e),
     }
 }
@@ -176,9 +177,7 @@ async fn drain(
         |reply| FleetMsg::Drain { name: name.clone(), draining, reply },
         FLEET_CALL_MS
     ) {
-        Ok(true) => {
-            Json(serde_json::json!({ "agent": name, "draining": draining })).into_response()
-        }
+        Ok(true) => Json(Drained { agent: name, draining }).into_response(),
         Ok(false) => error(StatusCode::NOT_FOUND, format!("no agent named {name:?}")),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("fleet unavailable: {e}")),
     }
@@ -242,7 +241,7 @@ async fn revoke(
         |reply| AuthorityMsg::Revoke { kind, name: name.clone(), reason, actor, reply },
         FLEET_CALL_MS
     ) {
-        Ok(Ok(())) => Json(serde_json::json!({ "revoked": name, "kind": kind })).into_response(),
+        Ok(Ok(())) => Json(Revoked { revoked: name, kind }).into_response(),
         Ok(Err(why)) => error(StatusCode::BAD_REQUEST, why),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("authority unavailable: {e}")),
     }
@@ -478,7 +477,7 @@ async fn data_place(
         return error(StatusCode::NOT_FOUND, format!("no dataset {r:?}"));
     };
     match place_on(&st, &d.id, &b.agent).await {
-        Ok(()) => Json(serde_json::json!({ "dataset": d.id, "agent": b.agent })).into_response(),
+        Ok(()) => Json(Placed { dataset: d.id, agent: b.agent }).into_response(),
         Err(r) => r,
     }
 }
@@ -510,7 +509,7 @@ async fn data_rm(State(st): State<AppState>, Path(r): Path<String>) -> Response 
             fleetmesh_protocol::CoordinatorMessage::DropDataset { dataset: d.id.clone() },
         );
     }
-    Json(serde_json::json!({ "removed": d.id, "holders_told": holders })).into_response()
+    Json(Removed { removed: d.id, holders_told: holders }).into_response()
 }
 
 async fn data_missing(State(st): State<AppState>, Json(hashes): Json<Vec<String>>) -> Response {

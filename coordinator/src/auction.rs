@@ -235,22 +235,7 @@ pub fn prefilter(
     (ok, no)
 }
 
-/// A bid as the auctioneer sees it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct BidView {
-    pub agent: String,
-    /// Price for the expected run.
-    pub price: f64,
-    /// Expected time until the job can start, ms.
-    pub eta_ms: u64,
-    pub gpus: Vec<String>,
-    /// Input bytes the bidder already holds.
-    #[serde(default)]
-    pub local_bytes: u64,
-    /// Health facts of the offered GPUs, as the bidder read them (`jobs show`).
-    #[serde(default)]
-    pub health: Vec<fleetmesh_protocol::GpuHealth>,
-}
+pub use fleetmesh_api::jobs::BidView;
 
 /// Lower is better. `balanced` weighs one hour of waiting like doubling the price.
 pub fn score(objective: Objective, bid: &BidView, cheapest_price: f64) -> f64 {

@@ -9,7 +9,7 @@
 //! every serial issued to it. The denied set is a shared [`Revocations`] that the
 //! Listener (every connection) and the Api (every request) read.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +19,6 @@ use fleetmesh_protocol::pki::{Ca, IssueRequest};
 use fleetmesh_protocol::{CoordinatorMessage, PeerIdentity, PeerKind};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use rand::RngCore;
-use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::fleet::FleetMsg;
@@ -27,30 +26,7 @@ use crate::store::{AuditRecord, ConsumeError, Store, TokenRecord};
 
 pub use fleetmesh_protocol::api::TokenSpec;
 
-/// A created token; `join` is shown once and never stored.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TokenCreated {
-    pub id: String,
-    pub join: String,
-    pub expires: String,
-    pub uses: u32,
-}
-
-/// A token as listed (never the secret).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TokenView {
-    pub id: String,
-    pub name: Option<String>,
-    pub region: Option<String>,
-    pub jurisdiction: Option<String>,
-    pub provider: Option<String>,
-    pub labels: BTreeMap<String, String>,
-    pub uses: u32,
-    pub max_uses: u32,
-    pub expires: String,
-    /// `active`, `expired`, `used` or `revoked`.
-    pub status: String,
-}
+pub use fleetmesh_api::trust::{TokenCreated, TokenView};
 
 /// Result of an enrollment.
 #[derive(Debug, Clone)]

@@ -23,7 +23,7 @@ pub mod auction;
 pub mod auctioneer;
 pub mod authority;
 pub mod broker;
-pub mod client;
+pub use fleetmesh_api::client;
 pub mod config;
 pub mod fleet;
 pub mod listener;

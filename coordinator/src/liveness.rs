@@ -6,43 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
-/// Liveness state of an agent as the coordinator sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AgentState {
-    /// Heard from recently.
-    Connected,
-    /// Not heard from for `suspect_after`; still placed nowhere new (later issues).
-    Suspect,
-    /// Not heard from for `lost_after`: treated as dead.
-    Lost,
-    /// Said goodbye (graceful shutdown).
-    Left,
-    /// Cut off by an operator; cannot reconnect with its certificates.
-    Revoked,
-}
-
-impl AgentState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AgentState::Connected => "connected",
-            AgentState::Suspect => "suspect",
-            AgentState::Lost => "lost",
-            AgentState::Left => "left",
-            AgentState::Revoked => "revoked",
-        }
-    }
-
-    pub const ALL: [AgentState; 5] = [
-        AgentState::Connected,
-        AgentState::Suspect,
-        AgentState::Lost,
-        AgentState::Left,
-        AgentState::Revoked,
-    ];
-}
+pub use fleetmesh_api::fleet::AgentState;
 
 /// Liveness thresholds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -140,23 +140,7 @@ pub struct TokenRecord {
     pub labels: std::collections::BTreeMap<String, String>,
 }
 
-/// One audit-trail entry.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AuditRecord {
-    pub at_unix_ms: u64,
-    /// `token-created`, `token-revoked`, `enrolled`, `enroll-refused`, `renewed`,
-    /// `KIND-revoked`, or `api` (a change made through the API; `detail` says which).
-    pub event: String,
-    pub agent: Option<String>,
-    pub token_id: Option<String>,
-    pub serial: Option<String>,
-    pub not_after_unix: Option<i64>,
-    pub detail: String,
-    /// Who made the change (SPIFFE id of the API caller); `None` for the mesh's own
-    /// events (enrollments, renewals) and records from before this field.
-    #[serde(default)]
-    pub actor: Option<String>,
-}
+pub use fleetmesh_api::trust::AuditRecord;
 
 /// Why a token could not be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

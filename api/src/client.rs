@@ -12,7 +12,7 @@ use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use tokio_rustls::TlsConnector;
 
-use crate::views::ApiErrorBody;
+use crate::answers::ApiErrorBody;
 
 /// Default API port.
 pub const DEFAULT_API_PORT: u16 = 7401;

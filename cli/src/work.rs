@@ -1,0 +1,159 @@
+//! `fleetmesh submit|run|workflows|jobs|logs|cancel`: workflows and their jobs.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use clap::Subcommand;
+use fleetmesh_api::answers::{Cancelled, Submitted};
+use fleetmesh_api::jobs::{JobRecord, JobSummary, LogChunk, WorkflowSummary};
+use fleetmesh_api::rfc3339_ms;
+
+use crate::conn::ConnArgs;
+use crate::output::{list, print_json, print_raw, table, Output};
+
+/// How often `logs --follow` asks for more.
+const FOLLOW_POLL: Duration = Duration::from_millis(300);
+
+#[derive(Subcommand, Debug)]
+pub enum JobsCmd {
+    /// State history, attempts, agents, bids and cost of one job.
+    Show { id: String },
+}
+
+pub async fn submit(conn: &ConnArgs, out: Output, file: &Path) -> Result<()> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    // Validate locally first for a fast, precise error; the coordinator validates again.
+    fleetmesh_protocol::workflow::parse(&text).map_err(|e| anyhow!("{}: {e}", file.display()))?;
+    let r: Submitted = conn.client()?.post_raw("/api/v1/workflows", text.into_bytes()).await?;
+    if out == Output::Json {
+        return print_json(&r);
+    }
+    outln!("{}", r.id);
+    Ok(())
+}
+
+/// A one-job workflow running `command` (its job id is printed).
+pub async fn run_one(conn: &ConnArgs, out: Output, gpus: u32, command: &[String]) -> Result<()> {
+    let argv: Vec<String> =
+        command.iter().map(|a| serde_json::Value::String(a.clone()).to_string()).collect();
+    let yaml = format!(
+        "name: run\njobs:\n  main:\n    command: [{}]\n    resources: {{ gpus: {gpus} }}\n",
+        argv.join(", ")
+    );
+    let r: Submitted = conn.client()?.post_raw("/api/v1/workflows", yaml.into_bytes()).await?;
+    if out == Output::Json {
+        return print_json(
+            &serde_json::json!({ "workflow": r.id, "job": format!("{}.main", r.id) }),
+        );
+    }
+    outln!("{}.main", r.id);
+    Ok(())
+}
+
+pub async fn workflows(conn: &ConnArgs, out: Output) -> Result<()> {
+    let list: Vec<WorkflowSummary> = conn.client()?.get_json("/api/v1/workflows").await?;
+    if out == Output::Json {
+        return print_json(&list);
+    }
+    let row = |w: &WorkflowSummary| {
+        vec![
+            w.id.clone(),
+            w.state.as_str().to_string(),
+            w.jobs.to_string(),
+            rfc3339_ms(w.submitted_unix_ms),
+        ]
+    };
+    table(&["ID", "STATE", "JOBS", "SUBMITTED"], list.iter().map(row).collect());
+    Ok(())
+}
+
+pub async fn jobs(conn: &ConnArgs, out: Output, workflow: Option<String>) -> Result<()> {
+    let path = match &workflow {
+        Some(w) => format!("/api/v1/jobs?workflow={w}"),
+        None => "/api/v1/jobs".into(),
+    };
+    let jobs: Vec<JobSummary> = conn.client()?.get_json(&path).await?;
+    if out == Output::Json {
+        return print_json(&jobs);
+    }
+    let row = |j: &JobSummary| {
+        vec![
+            j.id.clone(),
+            j.state.as_str().to_string(),
+            j.attempts.to_string(),
+            list(&j.agents),
+            format!("{:.4}", j.cost),
+            j.reason.clone().unwrap_or_else(|| "-".into()),
+        ]
+    };
+    table(
+        &["JOB", "STATE", "ATTEMPTS", "AGENTS", "COST", "LAST EVENT"],
+        jobs.iter().map(row).collect(),
+    );
+    Ok(())
+}
+
+pub async fn show_job(conn: &ConnArgs, out: Output, id: &str) -> Result<()> {
+    let j: JobRecord = conn.client()?.get_json(&format!("/api/v1/jobs/{id}")).await?;
+    if out == Output::Json {
+        return print_json(&j);
+    }
+    outln!("job:      {}", j.id);
+    outln!("state:    {}", j.state.as_str());
+    outln!("cost:     {:.6}", j.cost);
+    if !j.queued_reasons.is_empty() {
+        outln!("not placed because:");
+        for r in &j.queued_reasons {
+            outln!("  {r}");
+        }
+    }
+    outln!("history:");
+    for (at, state, detail) in &j.history {
+        outln!("  {}  {state:<10} {detail}", rfc3339_ms(*at));
+    }
+    outln!("attempts:");
+    for a in &j.attempts {
+        let outcomes: Vec<&str> =
+            a.outcomes.iter().map(|o| o.as_deref().unwrap_or("running")).collect();
+        outln!(
+            "  #{} {} on {} gpus={:?} cost={:.6} outcome={} bids={}",
+            a.n,
+            a.state.as_str(),
+            a.agents.join(","),
+            a.gpus,
+            a.cost,
+            outcomes.join("; "),
+            a.bids.len()
+        );
+    }
+    Ok(())
+}
+
+pub async fn logs(conn: &ConnArgs, job: &str, follow: bool) -> Result<()> {
+    let c = conn.client()?;
+    let mut offset = 0usize;
+    loop {
+        let chunk: LogChunk =
+            c.get_json(&format!("/api/v1/jobs/{job}/logs?offset={offset}")).await?;
+        print_raw(&chunk.data);
+        offset = chunk.next_offset;
+        if !follow || chunk.finished {
+            return Ok(());
+        }
+        tokio::time::sleep(FOLLOW_POLL).await;
+    }
+}
+
+pub async fn cancel(conn: &ConnArgs, id: &str) -> Result<()> {
+    // Job ids are WORKFLOW.JOB; workflow ids have no dot.
+    let path = if id.contains('.') {
+        format!("/api/v1/jobs/{id}/cancel")
+    } else {
+        format!("/api/v1/workflows/{id}/cancel")
+    };
+    let r: Cancelled = conn.client()?.post_json(&path, &serde_json::json!({})).await?;
+    outln!("cancelled {} job(s)", r.cancelled_jobs);
+    Ok(())
+}
