@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 
 echo "==> rustfmt"
 cargo fmt --all -- --check
+echo "==> no import cycles among modules"
+python3 scripts/module-cycles.py coordinator/src agent/src data/src protocol/src api/src cli/src
 echo "==> clippy (-D warnings)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> build binaries (integration tests run the real processes)"

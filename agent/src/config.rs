@@ -190,19 +190,135 @@ pub fn parse_duration(what: &str, s: &str) -> Result<Duration, AgentError> {
     Ok(d)
 }
 
+impl FileConfig {
+    /// These settings, with `other`'s where these have none.
+    fn or(self, other: Self) -> Self {
+        Self {
+            coordinator: self.coordinator.or(other.coordinator),
+            join: self.join.or(other.join),
+            data_dir: self.data_dir.or(other.data_dir),
+            ca: self.ca.or(other.ca),
+            cert: self.cert.or(other.cert),
+            key: self.key.or(other.key),
+            name: self.name.or(other.name),
+            simulate_gpus: self.simulate_gpus.or(other.simulate_gpus),
+            telemetry_interval: self.telemetry_interval.or(other.telemetry_interval),
+            reconnect_max: self.reconnect_max.or(other.reconnect_max),
+            price_per_hour: self.price_per_hour.or(other.price_per_hour),
+            spot: self.spot.or(other.spot),
+            labels: self.labels.or(other.labels),
+            data_listen: self.data_listen.or(other.data_listen),
+            store_limit: self.store_limit.or(other.store_limit),
+            serve_rate: self.serve_rate.or(other.serve_rate),
+            transfer_cost_per_gb: self.transfer_cost_per_gb.or(other.transfer_cost_per_gb),
+            fetch_bandwidth: self.fetch_bandwidth.or(other.fetch_bandwidth),
+            container_runtime: self.container_runtime.or(other.container_runtime),
+            stop_jobs_after_disconnect: self
+                .stop_jobs_after_disconnect
+                .or(other.stop_jobs_after_disconnect),
+            job_user: self.job_user.or(other.job_user),
+            job_launcher: self.job_launcher.or(other.job_launcher),
+            job_uids: self.job_uids.or(other.job_uids),
+            job_accounts: self.job_accounts.or(other.job_accounts),
+        }
+    }
+}
+
+/// Where the agent keeps its identity, store and attempts unless told otherwise.
+const DEFAULT_DATA_DIR: &str = "/var/lib/fleetmesh-agent";
+/// How often telemetry is reported unless told otherwise.
+const DEFAULT_TELEMETRY_INTERVAL: Duration = Duration::from_secs(1);
+/// The longest wait between reconnection attempts unless told otherwise.
+const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(5);
+
+/// A join string, or all three pre-issued identity files.
+fn check_identity_files(c: &FileConfig, joining: bool) -> Result<(), AgentError> {
+    let given = [c.ca.is_some(), c.cert.is_some(), c.key.is_some()];
+    if !joining && given.contains(&false) {
+        return Err(AgentError::Config(
+            "pass --join JOIN_STRING, or all of --ca, --cert and --key (pre-issued certificates)"
+                .into(),
+        ));
+    }
+    if given.contains(&true) && given.contains(&false) {
+        return Err(AgentError::Config("--ca, --cert and --key go together".into()));
+    }
+    Ok(())
+}
+
+fn duration_or(key: &str, value: Option<&str>, default: Duration) -> Result<Duration, AgentError> {
+    value.map_or(Ok(default), |s| parse_duration(key, s))
+}
+
+/// `k=v` labels.
+fn labels(raw: Vec<String>) -> Result<Vec<(String, String)>, AgentError> {
+    raw.iter()
+        .map(|l| {
+            let (k, v) = l
+                .split_once('=')
+                .ok_or_else(|| AgentError::Config(format!("label {l:?} is not key=value")))?;
+            Ok((k.trim().to_string(), v.trim().to_string()))
+        })
+        .collect()
+}
+
+/// The data plane's settings.
+fn data_config(c: &FileConfig) -> Result<DataConfig, AgentError> {
+    let mut data = DataConfig::default();
+    if let Some(l) = &c.data_listen {
+        data.listen = l
+            .parse()
+            .map_err(|_| AgentError::Config(format!("data-listen: {l:?} is not IP:PORT")))?;
+    }
+    if let Some(l) = &c.store_limit {
+        data.store_limit = size("store-limit", l)?;
+    }
+    if let Some(r) = &c.serve_rate {
+        data.serve_rate = Some(size("serve-rate", r.trim_end_matches("/s"))?);
+    }
+    if let Some(cost) = c.transfer_cost_per_gb {
+        if !(cost >= 0.0 && cost.is_finite()) {
+            return Err(AgentError::Config("transfer-cost-per-gb must be >= 0".into()));
+        }
+        data.transfer_cost_per_gb = cost;
+    }
+    if let Some(b) = &c.fetch_bandwidth {
+        data.fetch_bandwidth = size("fetch-bandwidth", b.trim_end_matches("/s"))?.max(1);
+    }
+    Ok(data)
+}
+
+fn container_runtime(v: Option<&str>) -> Result<ContainerRuntime, AgentError> {
+    match v {
+        None | Some("auto") => Ok(ContainerRuntime::Auto),
+        Some("none") => Ok(ContainerRuntime::None),
+        Some("") => Err(AgentError::Config("container-runtime is empty".into())),
+        Some(p) => Ok(ContainerRuntime::Program(p.to_string())),
+    }
+}
+
+fn job_launcher(v: Option<&str>) -> Result<JobLauncher, AgentError> {
+    match v {
+        None | Some("direct") => Ok(JobLauncher::Direct),
+        Some("systemd-run") => Ok(JobLauncher::SystemdRun),
+        Some(other) => {
+            Err(AgentError::Config(format!("job-launcher {other:?}: use direct or systemd-run")))
+        }
+    }
+}
+
 impl AgentConfig {
     /// Merge the file config (if any) with flag overrides (`flags` wins).
     pub fn resolve(file: FileConfig, flags: FileConfig) -> Result<Self, AgentError> {
-        let missing =
-            |k: &str| AgentError::Config(format!("--{k} is required (flag or config file)"));
-        let join = match flags.join.or(file.join) {
+        let c = flags.or(file);
+        let join = match &c.join {
             Some(j) => Some(
                 j.parse::<fleetmesh_protocol::enroll::JoinString>()
                     .map_err(|e| AgentError::Config(e.to_string()))?,
             ),
             None => None,
         };
-        let coordinator = flags.coordinator.or(file.coordinator).map(|c| {
+        let coordinator = c.coordinator.clone().map(|c| {
             if c.contains(':') {
                 c
             } else {
@@ -210,112 +326,55 @@ impl AgentConfig {
             }
         });
         if coordinator.is_none() && join.is_none() {
-            return Err(missing("coordinator"));
-        }
-        let (ca, cert, key) =
-            (flags.ca.or(file.ca), flags.cert.or(file.cert), flags.key.or(file.key));
-        let given = [ca.is_some(), cert.is_some(), key.is_some()];
-        if join.is_none() && given.contains(&false) {
             return Err(AgentError::Config(
-                "pass --join JOIN_STRING, or all of --ca, --cert and --key (pre-issued certificates)".into(),
+                "--coordinator is required (flag or config file)".into(),
             ));
         }
-        if given.contains(&true) && given.contains(&false) {
-            return Err(AgentError::Config("--ca, --cert and --key go together".into()));
-        }
-        let telemetry_interval = match flags.telemetry_interval.or(file.telemetry_interval) {
-            Some(s) => parse_duration("telemetry-interval", &s)?,
-            None => Duration::from_secs(1),
-        };
-        let price_per_hour = flags.price_per_hour.or(file.price_per_hour).unwrap_or(1.0);
+        check_identity_files(&c, join.is_some())?;
+        let price_per_hour = c.price_per_hour.unwrap_or(1.0);
         if !(price_per_hour >= 0.0 && price_per_hour.is_finite()) {
             return Err(AgentError::Config("price-per-hour must be a non-negative number".into()));
         }
-        let mut labels = Vec::new();
-        for l in flags.labels.or(file.labels).unwrap_or_default() {
-            let (k, v) = l
-                .split_once('=')
-                .ok_or_else(|| AgentError::Config(format!("label {l:?} is not key=value")))?;
-            labels.push((k.trim().to_string(), v.trim().to_string()));
-        }
-        let reconnect_max = match flags.reconnect_max.or(file.reconnect_max) {
-            Some(s) => parse_duration("reconnect-max", &s)?,
-            None => Duration::from_secs(5),
-        };
-        let mut data = DataConfig::default();
-        if let Some(l) = flags.data_listen.or(file.data_listen) {
-            data.listen = l
-                .parse()
-                .map_err(|_| AgentError::Config(format!("data-listen: {l:?} is not IP:PORT")))?;
-        }
-        if let Some(l) = flags.store_limit.or(file.store_limit) {
-            data.store_limit = size("store-limit", &l)?;
-        }
-        if let Some(r) = flags.serve_rate.or(file.serve_rate) {
-            data.serve_rate = Some(size("serve-rate", r.trim_end_matches("/s"))?);
-        }
-        if let Some(c) = flags.transfer_cost_per_gb.or(file.transfer_cost_per_gb) {
-            if !(c >= 0.0 && c.is_finite()) {
-                return Err(AgentError::Config("transfer-cost-per-gb must be >= 0".into()));
-            }
-            data.transfer_cost_per_gb = c;
-        }
-        if let Some(b) = flags.fetch_bandwidth.or(file.fetch_bandwidth) {
-            data.fetch_bandwidth = size("fetch-bandwidth", b.trim_end_matches("/s"))?.max(1);
-        }
-        let container_runtime = match flags.container_runtime.or(file.container_runtime).as_deref()
-        {
-            None | Some("auto") => ContainerRuntime::Auto,
-            Some("none") => ContainerRuntime::None,
-            Some("") => return Err(AgentError::Config("container-runtime is empty".into())),
-            Some(p) => ContainerRuntime::Program(p.to_string()),
-        };
-        let stop_jobs_after_disconnect =
-            match flags.stop_jobs_after_disconnect.or(file.stop_jobs_after_disconnect) {
-                Some(s) => Some(parse_duration("stop-jobs-after-disconnect", &s)?),
-                None => None,
-            };
-        let job_user = flags.job_user.or(file.job_user).filter(|u| !u.is_empty());
-        let job_launcher = match flags.job_launcher.or(file.job_launcher).as_deref() {
-            None | Some("direct") => JobLauncher::Direct,
-            Some("systemd-run") => JobLauncher::SystemdRun,
-            Some(other) => {
-                return Err(AgentError::Config(format!(
-                    "job-launcher {other:?}: use direct or systemd-run"
-                )))
-            }
-        };
-        let job_uids = flags.job_uids.or(file.job_uids).filter(|r| !r.is_empty());
-        let job_accounts = flags.job_accounts.or(file.job_accounts).filter(|r| !r.is_empty());
+        let job_user = c.job_user.clone().filter(|u| !u.is_empty());
+        let job_launcher = job_launcher(c.job_launcher.as_deref())?;
         let job_uid_pool = job_uid_pool(
-            job_uids.as_deref(),
-            job_accounts.as_deref(),
+            c.job_uids.as_deref().filter(|r| !r.is_empty()),
+            c.job_accounts.as_deref().filter(|r| !r.is_empty()),
             job_user.is_some(),
             job_launcher,
         )?;
         Ok(Self {
             job_uid_pool,
             job_launcher,
-            data,
-            container_runtime,
-            stop_jobs_after_disconnect,
+            data: data_config(&c)?,
+            container_runtime: container_runtime(c.container_runtime.as_deref())?,
+            stop_jobs_after_disconnect: c
+                .stop_jobs_after_disconnect
+                .as_deref()
+                .map(|s| parse_duration("stop-jobs-after-disconnect", s))
+                .transpose()?,
             job_user,
             coordinator,
-            data_dir: flags
-                .data_dir
-                .or(file.data_dir)
-                .unwrap_or_else(|| PathBuf::from("/var/lib/fleetmesh-agent")),
+            data_dir: c.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
             join,
-            ca,
-            cert,
-            key,
-            name: flags.name.or(file.name),
-            simulate_gpus: flags.simulate_gpus.or(file.simulate_gpus),
-            telemetry_interval,
-            reconnect_max,
+            ca: c.ca,
+            cert: c.cert,
+            key: c.key,
+            name: c.name,
+            simulate_gpus: c.simulate_gpus,
+            telemetry_interval: duration_or(
+                "telemetry-interval",
+                c.telemetry_interval.as_deref(),
+                DEFAULT_TELEMETRY_INTERVAL,
+            )?,
+            reconnect_max: duration_or(
+                "reconnect-max",
+                c.reconnect_max.as_deref(),
+                DEFAULT_RECONNECT_MAX,
+            )?,
             price_per_hour,
-            spot: flags.spot.or(file.spot).unwrap_or(false),
-            labels,
+            spot: c.spot.unwrap_or(false),
+            labels: labels(c.labels.unwrap_or_default())?,
         })
     }
 }

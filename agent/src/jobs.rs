@@ -113,6 +113,36 @@ fn uids_left(
     pool.len().saturating_sub(taken + reserved)
 }
 
+/// A running attempt's supervisor, as [`Jobs::watch`] follows it.
+struct Supervised<'a> {
+    dir: &'a Path,
+    /// The supervisor's pid (the attempt's process group).
+    pid: u32,
+    /// (runtime, container name) of an image job.
+    container: Option<&'a (String, String)>,
+    /// The supervisor, when this agent started it (an adopted one has none).
+    child: Option<tokio::process::Child>,
+    /// Re-adopted after an agent restart: its logs stream from where they are now.
+    adopted: bool,
+}
+
+/// The environment every attempt gets: its award's env, the GPUs, where it runs, and for
+/// a gang its rank and rendezvous.
+fn attempt_env(a: &Award, dir: &Path) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = a.exec.env.clone();
+    env.push(("CUDA_VISIBLE_DEVICES".into(), a.gpus.join(",")));
+    env.push(("FLEETMESH_JOB".into(), a.job.clone()));
+    env.push(("FLEETMESH_ATTEMPT".into(), a.attempt.to_string()));
+    env.push(("FLEETMESH_WORK_DIR".into(), dir.display().to_string()));
+    if a.world_size > 1 {
+        env.push(("FLEETMESH_RANK".into(), a.rank.to_string()));
+        env.push(("FLEETMESH_WORLD_SIZE".into(), a.world_size.to_string()));
+        env.push(("MASTER_ADDR".into(), a.master_addr.clone()));
+        env.push(("MASTER_PORT".into(), a.master_port.to_string()));
+    }
+    env
+}
+
 fn unit_name(job: &str, attempt: u64) -> String {
     let h =
         fleetmesh_protocol::data::hash_hex(&fleetmesh_protocol::data::hash_bytes(job.as_bytes()));
@@ -726,7 +756,18 @@ impl Jobs {
             let deadline =
                 a.exec.timeout_ms.map(|t| Duration::from_millis(t.saturating_sub(elapsed)));
             let outcome = me
-                .watch(&a, &rec.dir, pid, rec.container.as_ref(), None, &mut stop, deadline, true)
+                .watch(
+                    &a,
+                    Supervised {
+                        dir: &rec.dir,
+                        pid,
+                        container: rec.container.as_ref(),
+                        child: None,
+                        adopted: true,
+                    },
+                    &mut stop,
+                    deadline,
+                )
                 .await;
             let took = Duration::from_millis(now_ms().saturating_sub(rec.started_unix_ms));
             me.complete(&a, &rec.dir, outcome, took).await;
@@ -759,110 +800,22 @@ impl Jobs {
         stop: &mut oneshot::Receiver<(JobOutcome, Duration)>,
         uid: Option<u32>,
     ) -> JobOutcome {
-        let dir = self.work_root.join(sanitize(&a.job)).join(a.attempt.to_string());
-        if let Err(e) = std::fs::create_dir_all(&dir) {
-            return JobOutcome::FailedToStart {
-                reason: format!("work dir {}: {e}", dir.display()),
-            };
-        }
-        // The job user, with this attempt's own uid when attempts get one each.
-        let own = self
-            .job_user
-            .get()
-            .map(|u| crate::sandbox::JobUser { uid: uid.unwrap_or(u.uid), ..u.clone() });
-        let user = own.as_ref();
-        if let Some(u) = user {
-            if let Err(e) = crate::sandbox::give_attempt_dir(&dir, u) {
-                return JobOutcome::FailedToStart {
-                    reason: format!("work dir {} for job user {}: {e}", dir.display(), u.name),
-                };
-            }
-        }
-        let mut env: Vec<(String, String)> = a.exec.env.clone();
-        env.push(("CUDA_VISIBLE_DEVICES".into(), a.gpus.join(",")));
-        env.push(("FLEETMESH_JOB".into(), a.job.clone()));
-        env.push(("FLEETMESH_ATTEMPT".into(), a.attempt.to_string()));
-        env.push(("FLEETMESH_WORK_DIR".into(), dir.display().to_string()));
+        let (dir, user) = match self.prepare_dir(a, uid) {
+            Ok(d) => d,
+            Err(outcome) => return outcome,
+        };
+        let user = user.as_ref();
+        let mut env = attempt_env(a, &dir);
         if !a.inputs.is_empty() || !a.outputs.is_empty() {
-            let Some(d) = self.data() else {
-                return JobOutcome::FailedToStart { reason: "this agent has no data plane".into() };
-            };
-            let key = format!("{}/{}", a.job, a.attempt);
-            let staging = tokio::select! {
-                r = d.stage(&a.inputs, &dir, &a.job, &key) => r,
-                req = &mut *stop => {
-                    let (outcome, _) = req.unwrap_or((JobOutcome::Cancelled, Duration::ZERO));
-                    return outcome;
-                }
-            };
-            if let Err(e) = staging {
-                return JobOutcome::StagingFailed { reason: e };
-            }
-            for o in &a.outputs {
-                let p = dir.join("outputs").join(o.output.as_str());
-                let made = std::fs::create_dir_all(&p).and_then(|()| match user {
-                    Some(u) => crate::sandbox::give(&p, u)
-                        .and_then(|()| crate::sandbox::give(&dir.join("outputs"), u)),
-                    None => Ok(()),
-                });
-                if let Err(e) = made {
-                    return JobOutcome::FailedToStart { reason: format!("{}: {e}", p.display()) };
-                }
+            if let Err(outcome) = self.stage(a, &dir, user, stop).await {
+                return outcome;
             }
             env.push(("FLEETMESH_INPUTS".into(), dir.join("inputs").display().to_string()));
             env.push(("FLEETMESH_OUTPUTS".into(), dir.join("outputs").display().to_string()));
         }
-        if a.world_size > 1 {
-            env.push(("FLEETMESH_RANK".into(), a.rank.to_string()));
-            env.push(("FLEETMESH_WORLD_SIZE".into(), a.world_size.to_string()));
-            env.push(("MASTER_ADDR".into(), a.master_addr.clone()));
-            env.push(("MASTER_PORT".into(), a.master_port.to_string()));
-        }
-        // Image jobs run in a named container, so a stop reaches the container itself:
-        // signalling the runtime's client is not enough (podman's container lives on
-        // under conmon after its client is killed; a PID 1 ignores SIGTERM).
-        let mut container: Option<(String, String)> = None;
-        let argv: Vec<String> = match (&a.exec.image, &self.container_runtime) {
-            (None, _) => a.exec.argv.clone(),
-            (Some(_), None) => {
-                return JobOutcome::FailedToStart {
-                    reason: "job needs a container image; no docker or podman here".into(),
-                }
-            }
-            (Some(image), Some(rt)) => {
-                // Checked at submission too; here because the image must never be read
-                // by the runtime as one of its options.
-                if let Err(reason) = fleetmesh_protocol::workflow::validate_image_reference(image) {
-                    return JobOutcome::FailedToStart { reason };
-                }
-                let mut v = vec![
-                    rt.clone(),
-                    "run".into(),
-                    "--rm".into(),
-                    "-v".into(),
-                    format!("{}:/work", dir.display()),
-                    "-w".into(),
-                    "/work".into(),
-                ];
-                let name = format!("fleetmesh-{}-{}", sanitize(&a.job), a.attempt);
-                v.push("--name".into());
-                v.push(name.clone());
-                container = Some((rt.clone(), name));
-                if let Some(u) = user {
-                    // The runtime client runs as the agent; the container as the job user.
-                    v.push("--user".into());
-                    v.push(format!("{}:{}", u.uid, u.gid));
-                }
-                for (k, val) in &env {
-                    v.push("-e".into());
-                    v.push(format!("{k}={val}"));
-                }
-                v.push("-e".into());
-                v.push(format!("NVIDIA_VISIBLE_DEVICES={}", a.gpus.join(",")));
-                v.push(image.clone());
-                v.extend(a.exec.argv.iter().cloned());
-                v
-            }
+        let (argv, container) = match self.command_line(a, &dir, user, &env) {
+            Ok(c) => c,
+            Err(reason) => return JobOutcome::FailedToStart { reason },
         };
         if let Some(run) = self.simulated_run.get() {
             info!(job_id = %a.job, attempt = a.attempt, "attempt started (simulated: no process)");
@@ -876,23 +829,6 @@ impl Jobs {
                 req = stop => req.map(|(o, _)| o).unwrap_or(JobOutcome::Cancelled),
             };
         }
-        if argv.is_empty() {
-            return JobOutcome::FailedToStart { reason: "empty command".into() };
-        }
-        let Some(shim_program) = &self.shim_program else {
-            return JobOutcome::FailedToStart {
-                reason: "cannot find the agent program to supervise the attempt".into(),
-            };
-        };
-        let mut shim_args: Vec<std::ffi::OsString> =
-            vec![shim::SHIM_ARG.into(), dir.clone().into()];
-        if let Some((after, file)) = self.fence.get() {
-            shim_args.extend([
-                "--fence-after".into(),
-                after.as_millis().to_string().into(),
-                file.clone().into(),
-            ]);
-        }
         // Host jobs run as the job user; an image job's runtime client as the agent.
         let run_as = user.filter(|_| container.is_none());
         if let Some(u) = run_as {
@@ -902,81 +838,211 @@ impl Jobs {
         }
         let unit =
             (self.launcher() == JobLauncher::SystemdRun).then(|| unit_name(&a.job, a.attempt));
-        let (pid, child) = match &unit {
-            None => {
-                shim_args.push("--".into());
-                shim_args.extend(argv.iter().map(Into::into));
-                let mut cmd = tokio::process::Command::new(shim_program);
-                cmd.args(&shim_args)
-                    .current_dir(&dir)
-                    .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-                    .stdin(std::process::Stdio::null())
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
-                    // The supervisor leads the attempt's process group, outliving the agent.
-                    .process_group(0)
-                    .kill_on_drop(false);
-                if let Some(u) = run_as {
-                    // std drops the supplementary groups when it switches uid.
-                    cmd.uid(u.uid).gid(u.gid);
-                }
-                match cmd.spawn() {
-                    Ok(c) => (c.id().unwrap_or(0), Some(c)),
-                    Err(e) => {
-                        return JobOutcome::FailedToStart {
-                            reason: format!("{}: {e}", shim_program.display()),
-                        }
-                    }
-                }
-            }
-            Some(unit) => {
-                match launch_unit(unit, shim_program, shim_args, &argv, &env, &dir, run_as).await {
-                    Ok(pid) => (pid, None),
-                    Err(reason) => return JobOutcome::FailedToStart { reason },
-                }
-            }
+        let (pid, child) = match self.launch(&dir, &argv, &env, run_as, unit.as_deref()).await {
+            Ok(p) => p,
+            Err(reason) => return JobOutcome::FailedToStart { reason },
         };
-        if let Some(t) = self.table.clone() {
-            let rec = AttemptRecord {
-                award: a.clone(),
-                dir: dir.clone(),
-                pid,
-                proc_start_ticks: crate::attempts::proc_start_ticks(pid),
-                started_unix_ms: now_ms(),
-                container: container.clone(),
-                unit: unit.clone(),
-                uid,
-            };
-            match tokio::task::spawn_blocking(move || t.save_attempt(&rec)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    warn!(job_id = %a.job, attempt = a.attempt, error = %e, "attempt not recorded on disk: it will not survive an agent restart")
-                }
-                Err(e) => warn!(job_id = %a.job, error = %e, "attempt recording task failed"),
-            }
-        }
+        self.record_attempt(a, &dir, pid, &container, &unit, uid).await;
         info!(job_id = %a.job, attempt = a.attempt, pid, gpus = ?a.gpus, "attempt started");
         self.outbox.push(AgentMessage::JobStarted { job: a.job.clone(), attempt: a.attempt, pid });
         let timeout = a.exec.timeout_ms.map(Duration::from_millis);
-        self.watch(a, &dir, pid, container.as_ref(), child, stop, timeout, false).await
+        let s = Supervised { dir: &dir, pid, container: container.as_ref(), child, adopted: false };
+        self.watch(a, s, stop, timeout).await
+    }
+
+    /// The attempt's work dir, made and (with a job user) handed to the user this attempt
+    /// runs as (its own uid when attempts get one each).
+    fn prepare_dir(
+        &self,
+        a: &Award,
+        uid: Option<u32>,
+    ) -> Result<(PathBuf, Option<crate::sandbox::JobUser>), JobOutcome> {
+        let dir = self.work_root.join(sanitize(&a.job)).join(a.attempt.to_string());
+        std::fs::create_dir_all(&dir).map_err(|e| JobOutcome::FailedToStart {
+            reason: format!("work dir {}: {e}", dir.display()),
+        })?;
+        let user = self
+            .job_user
+            .get()
+            .map(|u| crate::sandbox::JobUser { uid: uid.unwrap_or(u.uid), ..u.clone() });
+        if let Some(u) = &user {
+            crate::sandbox::give_attempt_dir(&dir, u).map_err(|e| JobOutcome::FailedToStart {
+                reason: format!("work dir {} for job user {}: {e}", dir.display(), u.name),
+            })?;
+        }
+        Ok((dir, user))
+    }
+
+    /// Fetch the inputs into the work dir (unless stopped meanwhile) and make the
+    /// output dirs, the job user's.
+    async fn stage(
+        &self,
+        a: &Award,
+        dir: &Path,
+        user: Option<&crate::sandbox::JobUser>,
+        stop: &mut oneshot::Receiver<(JobOutcome, Duration)>,
+    ) -> Result<(), JobOutcome> {
+        let Some(d) = self.data() else {
+            return Err(JobOutcome::FailedToStart {
+                reason: "this agent has no data plane".into(),
+            });
+        };
+        let key = format!("{}/{}", a.job, a.attempt);
+        let staging = tokio::select! {
+            r = d.stage(&a.inputs, dir, &a.job, &key) => r,
+            req = &mut *stop => {
+                let (outcome, _) = req.unwrap_or((JobOutcome::Cancelled, Duration::ZERO));
+                return Err(outcome);
+            }
+        };
+        staging.map_err(|reason| JobOutcome::StagingFailed { reason })?;
+        for o in &a.outputs {
+            let p = dir.join("outputs").join(o.output.as_str());
+            let made = std::fs::create_dir_all(&p).and_then(|()| match user {
+                Some(u) => crate::sandbox::give(&p, u)
+                    .and_then(|()| crate::sandbox::give(&dir.join("outputs"), u)),
+                None => Ok(()),
+            });
+            made.map_err(|e| JobOutcome::FailedToStart {
+                reason: format!("{}: {e}", p.display()),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// What the supervisor runs, and the container (runtime, name) for an image job.
+    /// Image jobs run in a named container, so a stop reaches the container itself:
+    /// signalling the runtime's client is not enough (podman's container lives on under
+    /// conmon after its client is killed; a PID 1 ignores SIGTERM).
+    #[allow(clippy::type_complexity)]
+    fn command_line(
+        &self,
+        a: &Award,
+        dir: &Path,
+        user: Option<&crate::sandbox::JobUser>,
+        env: &[(String, String)],
+    ) -> Result<(Vec<String>, Option<(String, String)>), String> {
+        let argv = match (&a.exec.image, &self.container_runtime) {
+            (None, _) => (a.exec.argv.clone(), None),
+            (Some(_), None) => {
+                return Err("job needs a container image; no docker or podman here".into())
+            }
+            (Some(image), Some(rt)) => {
+                // Checked at submission too; here because the image must never be read
+                // by the runtime as one of its options.
+                fleetmesh_protocol::workflow::validate_image_reference(image)?;
+                let name = format!("fleetmesh-{}-{}", sanitize(&a.job), a.attempt);
+                let mut v = vec![rt.clone(), "run".into(), "--rm".into(), "-v".into()];
+                v.push(format!("{}:/work", dir.display()));
+                v.extend(["-w".into(), "/work".into(), "--name".into(), name.clone()]);
+                if let Some(u) = user {
+                    // The runtime client runs as the agent; the container as the job user.
+                    v.extend(["--user".into(), format!("{}:{}", u.uid, u.gid)]);
+                }
+                for (k, val) in env {
+                    v.extend(["-e".into(), format!("{k}={val}")]);
+                }
+                v.extend(["-e".into(), format!("NVIDIA_VISIBLE_DEVICES={}", a.gpus.join(","))]);
+                v.push(image.clone());
+                v.extend(a.exec.argv.iter().cloned());
+                (v, Some((rt.clone(), name)))
+            }
+        };
+        if argv.0.is_empty() {
+            return Err("empty command".into());
+        }
+        Ok(argv)
+    }
+
+    /// Start the attempt's supervisor, directly or in its own systemd unit; its pid (the
+    /// process group) and, when started directly, the child.
+    async fn launch(
+        &self,
+        dir: &Path,
+        argv: &[String],
+        env: &[(String, String)],
+        run_as: Option<&crate::sandbox::JobUser>,
+        unit: Option<&str>,
+    ) -> Result<(u32, Option<tokio::process::Child>), String> {
+        let shim_program = self
+            .shim_program
+            .as_ref()
+            .ok_or("cannot find the agent program to supervise the attempt")?;
+        let mut shim_args: Vec<std::ffi::OsString> =
+            vec![shim::SHIM_ARG.into(), dir.to_path_buf().into()];
+        if let Some((after, file)) = self.fence.get() {
+            shim_args.extend([
+                "--fence-after".into(),
+                after.as_millis().to_string().into(),
+                file.clone().into(),
+            ]);
+        }
+        if let Some(unit) = unit {
+            let pid = launch_unit(unit, shim_program, shim_args, argv, env, dir, run_as).await?;
+            return Ok((pid, None));
+        }
+        shim_args.push("--".into());
+        shim_args.extend(argv.iter().map(Into::into));
+        let mut cmd = tokio::process::Command::new(shim_program);
+        cmd.args(&shim_args)
+            .current_dir(dir)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            // The supervisor leads the attempt's process group, outliving the agent.
+            .process_group(0)
+            .kill_on_drop(false);
+        if let Some(u) = run_as {
+            // std drops the supplementary groups when it switches uid.
+            cmd.uid(u.uid).gid(u.gid);
+        }
+        let c = cmd.spawn().map_err(|e| format!("{}: {e}", shim_program.display()))?;
+        Ok((c.id().unwrap_or(0), Some(c)))
+    }
+
+    /// Write the running attempt to the durable table (a restarted agent re-adopts it).
+    async fn record_attempt(
+        &self,
+        a: &Award,
+        dir: &Path,
+        pid: u32,
+        container: &Option<(String, String)>,
+        unit: &Option<String>,
+        uid: Option<u32>,
+    ) {
+        let Some(t) = self.table.clone() else { return };
+        let rec = AttemptRecord {
+            award: a.clone(),
+            dir: dir.to_path_buf(),
+            pid,
+            proc_start_ticks: crate::attempts::proc_start_ticks(pid),
+            started_unix_ms: now_ms(),
+            container: container.clone(),
+            unit: unit.clone(),
+            uid,
+        };
+        match tokio::task::spawn_blocking(move || t.save_attempt(&rec)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                warn!(job_id = %a.job, attempt = a.attempt, error = %e, "attempt not recorded on disk: it will not survive an agent restart")
+            }
+            Err(e) => warn!(job_id = %a.job, error = %e, "attempt recording task failed"),
+        }
     }
 
     /// Stream an attempt's logs until it ends, and stop it when asked or at its timeout.
     /// `child` is the supervisor when this agent started it; an adopted attempt (no
     /// child) is known to have ended when its supervisor releases its lock. The outcome
     /// is the job's own status as the supervisor recorded it.
-    #[allow(clippy::too_many_arguments)]
     async fn watch(
         &self,
         a: &Award,
-        dir: &Path,
-        pid: u32,
-        container: Option<&(String, String)>,
-        mut child: Option<tokio::process::Child>,
+        s: Supervised<'_>,
         stop: &mut oneshot::Receiver<(JobOutcome, Duration)>,
         timeout: Option<Duration>,
-        adopted: bool,
     ) -> JobOutcome {
+        let Supervised { dir, pid, container, mut child, adopted } = s;
         let mut logs = LogTail::new(dir, adopted);
         let deadline = tokio::time::Instant::now() + timeout.unwrap_or(Duration::MAX / 4);
         let mut tick = tokio::time::interval(ATTEMPT_POLL);

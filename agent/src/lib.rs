@@ -5,6 +5,8 @@
 //! sends its inventory and then telemetry at a fixed interval, and reconnects forever with
 //! backoff. `main.rs` is a thin shell around [`run`] and [`probe`].
 
+#![warn(clippy::too_many_lines, clippy::too_many_arguments)]
+
 pub mod attempts;
 pub mod backoff;
 pub mod bidding;
@@ -114,6 +116,9 @@ async fn enroll_with_retry(
     }
 }
 
+/// How long an agent with an expired pre-issued certificate waits before checking again.
+const EXPIRED_CERT_RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Run the agent until `shutdown` becomes true.
 pub async fn run(
     config: AgentConfig,
@@ -131,6 +136,50 @@ pub async fn run(
     let mut gpu_and_sampler: Option<sampler::NodeSampler> = None;
     let stats = Arc::new(AgentStats::default());
     // Running attempts outlive sessions and certificate changes.
+    let jobs = start_jobs(&config).await?;
+    loop {
+        let Some(tls) = current_identity(&config, &source, &requested_name, &mut shutdown).await?
+        else {
+            return Ok(());
+        };
+        let coordinator = match (&config.coordinator, &config.join) {
+            (Some(c), _) => c.clone(),
+            (None, Some(j)) => j.coordinators.first().cloned().unwrap_or_default(),
+            (None, None) => return Err(AgentError::Config("--coordinator is required".into())),
+        };
+        let opts = connect_options(&config, &source, &jobs, coordinator.clone(), tls)?;
+        ensure_data_plane(&config, &jobs, &opts.tls)?;
+        let sampler = match gpu_and_sampler.as_mut() {
+            Some(s) => s,
+            None => gpu_and_sampler.insert(node_sampler(&config, &jobs, &opts.claimed_name)?),
+        };
+        tracing::info!(
+            agent_id = %opts.claimed_name,
+            coordinator = %coordinator,
+            spiffe_id = %opts.tls.identity.spiffe_id(),
+            "agent starting"
+        );
+        match session::run_forever(opts, sampler, stats.clone(), shutdown.clone()).await {
+            session::RunEnd::Shutdown => {
+                jobs.shutdown().await;
+                return Ok(());
+            }
+            session::RunEnd::CertificateExpired => {
+                if matches!(source, IdentitySource::PreIssued { .. }) {
+                    tracing::error!("the pre-issued certificate has expired; replace it (checking again in 30 s)");
+                    tokio::select! {
+                        _ = tokio::time::sleep(EXPIRED_CERT_RECHECK) => {}
+                        _ = shutdown.changed() => return Ok(()),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The job table, with the container runtime probed, the job user's sandbox laid out
+/// and self-fencing set up.
+async fn start_jobs(config: &AgentConfig) -> Result<Arc<jobs::Jobs>, AgentError> {
     // Probing runs `<runtime> info` (up to 15 s): off the async workers.
     let choice = config.container_runtime.clone();
     let launcher = config.job_launcher;
@@ -162,122 +211,119 @@ pub async fn run(
     if let Some(after) = config.stop_jobs_after_disconnect {
         jobs.fence_after_disconnect(after);
     }
-    loop {
-        // Load (or obtain) an identity that is currently valid.
-        let tls = match &source {
-            IdentitySource::PreIssued { ca, cert, key } => TlsIdentity::load(ca, cert, key)?,
-            IdentitySource::Enrolled(files) => {
-                let stored = if files.complete() { Some(files.load()?) } else { None };
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs() as i64)
-                    .unwrap_or(0);
-                match stored {
-                    Some(tls) if tls.identity.not_after_unix > now => {
-                        tracing::info!(spiffe_id = %tls.identity.spiffe_id(), "using the stored certificate");
-                        tls
-                    }
-                    stored => {
-                        let Some(join) = &config.join else {
-                            return Err(AgentError::Config(match stored {
-                                Some(_) => "the stored certificate has expired and no --join string is configured to re-enroll".into(),
-                                None => "no identity yet: pass --join JOIN_STRING (from `fleetmesh tokens create`)".into(),
-                            }));
-                        };
-                        if stored.is_some() {
-                            tracing::warn!("the stored certificate has expired: re-enrolling");
-                        }
-                        match enroll_with_retry(files, join, &requested_name, &mut shutdown).await?
-                        {
-                            Some(tls) => tls,
-                            None => return Ok(()),
-                        }
-                    }
+    Ok(jobs)
+}
+
+/// An identity that is valid now: the pre-issued one, the stored one, or a new one by
+/// enrolling with the join string. `None` when shut down while enrolling.
+async fn current_identity(
+    config: &AgentConfig,
+    source: &IdentitySource,
+    requested_name: &str,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<Option<TlsIdentity>, AgentError> {
+    let tls = match source {
+        IdentitySource::PreIssued { ca, cert, key } => TlsIdentity::load(ca, cert, key)?,
+        IdentitySource::Enrolled(files) => {
+            let stored = if files.complete() { Some(files.load()?) } else { None };
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0);
+            match stored {
+                Some(tls) if tls.identity.not_after_unix > now => {
+                    tracing::info!(spiffe_id = %tls.identity.spiffe_id(), "using the stored certificate");
+                    tls
                 }
-            }
-        };
-        if tls.identity.kind != fleetmesh_protocol::PeerKind::Agent {
-            return Err(AgentError::Config(format!(
-                "the certificate is for a {}; the agent needs an agent certificate",
-                tls.identity.kind
-            )));
-        }
-        let coordinator = match (&config.coordinator, &config.join) {
-            (Some(c), _) => c.clone(),
-            (None, Some(j)) => j.coordinators.first().cloned().unwrap_or_default(),
-            (None, None) => return Err(AgentError::Config("--coordinator is required".into())),
-        };
-        let mut opts = ConnectOptions::new(coordinator.clone(), tls);
-        if let Some(name) = &config.name {
-            if matches!(source, IdentitySource::PreIssued { .. }) {
-                opts.claimed_name = name.clone();
-            }
-        }
-        opts.telemetry_interval = config.telemetry_interval;
-        opts.backoff.max = config.reconnect_max;
-        opts.jobs = Some(jobs.clone());
-        if let IdentitySource::Enrolled(files) = &source {
-            opts.renewal = Some(session::Renewal {
-                key_pem: files.key_pem()?,
-                files: files.clone(),
-                updated: Default::default(),
-            });
-        }
-        match jobs.data() {
-            Some(d) => d.update_tls(&opts.tls),
-            None => match data::DataPlane::start(
-                &config.data_dir,
-                &config.data,
-                &opts.tls,
-                jobs.outbox.clone(),
-            ) {
-                Ok(d) => {
-                    let a = &opts.tls.identity.attributes;
-                    jobs.set_data(d, (a.provider.clone(), a.region.clone()));
-                    // Before the first session, which reports what runs here.
-                    jobs.recover();
-                }
-                Err(e) => return Err(AgentError::Config(format!("data plane: {e}"))),
-            },
-        }
-        let data_port = jobs.data().and_then(|d| d.port());
-        let sampler = match gpu_and_sampler.as_mut() {
-            Some(s) => s,
-            None => {
-                let gpu = gpu::select_backend(config.simulate_gpus.as_deref(), &opts.claimed_name)?;
-                let mut s = sampler::NodeSampler::new(gpu, &config.data_dir);
-                s.offer = sampler::NodeOffer {
-                    price_per_hour: config.price_per_hour,
-                    spot: config.spot,
-                    labels: config.labels.clone(),
-                    container_runtime: jobs.container_runtime(),
-                    data_port,
-                };
-                gpu_and_sampler.insert(s)
-            }
-        };
-        tracing::info!(
-            agent_id = %opts.claimed_name,
-            coordinator = %coordinator,
-            spiffe_id = %opts.tls.identity.spiffe_id(),
-            "agent starting"
-        );
-        match session::run_forever(opts, sampler, stats.clone(), shutdown.clone()).await {
-            session::RunEnd::Shutdown => {
-                jobs.shutdown().await;
-                return Ok(());
-            }
-            session::RunEnd::CertificateExpired => {
-                if matches!(source, IdentitySource::PreIssued { .. }) {
-                    tracing::error!("the pre-issued certificate has expired; replace it (checking again in 30 s)");
-                    tokio::select! {
-                        _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
-                        _ = shutdown.changed() => return Ok(()),
+                stored => {
+                    let Some(join) = &config.join else {
+                        return Err(AgentError::Config(match stored {
+                            Some(_) => "the stored certificate has expired and no --join string is configured to re-enroll".into(),
+                            None => "no identity yet: pass --join JOIN_STRING (from `fleetmesh tokens create`)".into(),
+                        }));
+                    };
+                    if stored.is_some() {
+                        tracing::warn!("the stored certificate has expired: re-enrolling");
+                    }
+                    match enroll_with_retry(files, join, requested_name, shutdown).await? {
+                        Some(tls) => tls,
+                        None => return Ok(None),
                     }
                 }
             }
+        }
+    };
+    if tls.identity.kind != fleetmesh_protocol::PeerKind::Agent {
+        return Err(AgentError::Config(format!(
+            "the certificate is for a {}; the agent needs an agent certificate",
+            tls.identity.kind
+        )));
+    }
+    Ok(Some(tls))
+}
+
+/// How sessions run with this identity: name, intervals, jobs, renewal.
+fn connect_options(
+    config: &AgentConfig,
+    source: &IdentitySource,
+    jobs: &Arc<jobs::Jobs>,
+    coordinator: String,
+    tls: TlsIdentity,
+) -> Result<ConnectOptions, AgentError> {
+    let mut opts = ConnectOptions::new(coordinator, tls);
+    if let Some(name) = &config.name {
+        if matches!(source, IdentitySource::PreIssued { .. }) {
+            opts.claimed_name = name.clone();
         }
     }
+    opts.telemetry_interval = config.telemetry_interval;
+    opts.backoff.max = config.reconnect_max;
+    opts.jobs = Some(jobs.clone());
+    if let IdentitySource::Enrolled(files) = source {
+        opts.renewal = Some(session::Renewal {
+            key_pem: files.key_pem()?,
+            files: files.clone(),
+            updated: Default::default(),
+        });
+    }
+    Ok(opts)
+}
+
+/// Start the data plane the first time (then recover the attempts that survived us,
+/// before the first session reports what runs here); later, give it the new identity.
+fn ensure_data_plane(
+    config: &AgentConfig,
+    jobs: &Arc<jobs::Jobs>,
+    tls: &TlsIdentity,
+) -> Result<(), AgentError> {
+    if let Some(d) = jobs.data() {
+        d.update_tls(tls);
+        return Ok(());
+    }
+    let d = data::DataPlane::start(&config.data_dir, &config.data, tls, jobs.outbox.clone())
+        .map_err(|e| AgentError::Config(format!("data plane: {e}")))?;
+    let a = &tls.identity.attributes;
+    jobs.set_data(d, (a.provider.clone(), a.region.clone()));
+    jobs.recover();
+    Ok(())
+}
+
+/// The GPU backend and the sampler with what this node offers.
+fn node_sampler(
+    config: &AgentConfig,
+    jobs: &Arc<jobs::Jobs>,
+    name: &str,
+) -> Result<sampler::NodeSampler, AgentError> {
+    let gpu = gpu::select_backend(config.simulate_gpus.as_deref(), name)?;
+    let mut s = sampler::NodeSampler::new(gpu, &config.data_dir);
+    s.offer = sampler::NodeOffer {
+        price_per_hour: config.price_per_hour,
+        spot: config.spot,
+        labels: config.labels.clone(),
+        container_runtime: jobs.container_runtime(),
+        data_port: jobs.data().and_then(|d| d.port()),
+    };
+    Ok(s)
 }
 
 /// What `fleetmesh-agent probe` prints.

@@ -1,6 +1,8 @@
 //! `fleetmesh-agent`: the node daemon. Thin shell: parse flags, init tracing, load
 //! config, call `fleetmesh_agent::run`, map errors to exit codes.
 
+#![warn(clippy::too_many_lines, clippy::too_many_arguments)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

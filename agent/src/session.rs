@@ -241,14 +241,60 @@ pub async fn run_session(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<SessionEnd, SessionError> {
     let addr = remote.to_string();
-    let connecting = endpoint
-        .connect(remote, server_name)
-        .map_err(|e| SessionError::Connect { addr: addr.clone(), msg: e.to_string() })?;
+    let conn = connect_to_coordinator(endpoint, remote, server_name, opts).await?;
+    let (mut send, recv, welcome) = handshake(&conn, opts).await?;
+    stats.sessions_established.fetch_add(1, Ordering::Relaxed);
+    info!(agent_id = %opts.claimed_name, session = welcome.session_id, coordinator = %addr, "session established");
+    let inv_gpus = announce(&mut send, opts, sampler).await?;
+    let (mut rx, _reader) = spawn_reader(recv);
+    let mut live = Live::new(conn, send, opts, &welcome);
+    loop {
+        let renew_at = live.renew_at;
+        tokio::select! {
+            _ = tokio::time::sleep_until(renew_at), if opts.renewal.is_some() && !live.renew_pending => {
+                live.request_renewal().await?;
+            }
+            _ = live.telemetry.tick() => {
+                live.seq += 1;
+                let report = sampler.sample(live.seq);
+                if let Some(jobs) = &opts.jobs {
+                    jobs.observe(&inv_gpus, &report);
+                }
+                write_msg(&mut live.send, &AgentMessage::Telemetry(report)).await?;
+                stats.reports_sent.fetch_add(1, Ordering::Relaxed);
+            }
+            _ = live.outbox.notify.notified() => live.deliver_outbox().await?,
+            _ = live.heartbeat.tick() => live.heartbeat().await?,
+            msg = rx.recv() => match msg {
+                Some(Ok(m)) => live.on_message(m).await?,
+                Some(Err(e)) => return Err(live.closed_because(e)),
+                None => return Err(SessionError::ConnectionLost("reader stopped".into())),
+            },
+            _ = shutdown.changed() => {
+                if *shutdown.borrow() {
+                    live.leave().await;
+                    return Ok(SessionEnd::Shutdown);
+                }
+            }
+        }
+    }
+}
+
+/// Connect, and make sure the peer is the coordinator of our trust domain.
+async fn connect_to_coordinator(
+    endpoint: &quinn::Endpoint,
+    remote: SocketAddr,
+    server_name: &str,
+    opts: &ConnectOptions,
+) -> Result<quinn::Connection, SessionError> {
+    let addr = remote.to_string();
+    let connect_err = |msg: String| SessionError::Connect { addr: addr.clone(), msg };
+    let connecting =
+        endpoint.connect(remote, server_name).map_err(|e| connect_err(e.to_string()))?;
     let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
         .await
-        .map_err(|_| SessionError::Connect { addr: addr.clone(), msg: "timed out".into() })?
-        .map_err(|e| SessionError::Connect { addr: addr.clone(), msg: e.to_string() })?;
-    // The coordinator must be the mesh coordinator of our trust domain.
+        .map_err(|_| connect_err("timed out".into()))?
+        .map_err(|e| connect_err(e.to_string()))?;
     let chain = conn
         .peer_identity()
         .and_then(|any| any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok());
@@ -266,32 +312,39 @@ pub async fn run_session(
             ),
         });
     }
+    Ok(conn)
+}
 
-    // A refusal often arrives as the connection close reason, and can come before the
-    // hello is even written (the certificate is checked as soon as the handshake ends).
-    let refused_or = |e: SessionError| match conn.close_reason() {
+/// The reason the coordinator closed `conn` with, when it did; else `e`. A refusal often
+/// arrives as the close reason, even before the hello is written (the certificate is
+/// checked as soon as the handshake ends).
+fn refused_or(conn: &quinn::Connection, e: SessionError) -> SessionError {
+    match conn.close_reason() {
         Some(quinn::ConnectionError::ApplicationClosed(c)) => {
             SessionError::Rejected(String::from_utf8_lossy(&c.reason).into_owned())
         }
         _ => e,
-    };
+    }
+}
+
+/// Hello, then the coordinator's welcome (or its reason for refusing us).
+async fn handshake(
+    conn: &quinn::Connection,
+    opts: &ConnectOptions,
+) -> Result<(quinn::SendStream, quinn::RecvStream, fleetmesh_protocol::Welcome), SessionError> {
     let (mut send, mut recv) = conn
         .open_bi()
         .await
-        .map_err(|e| refused_or(SessionError::ConnectionLost(e.to_string())))?;
-    write_msg(
-        &mut send,
-        &AgentMessage::Hello(Hello {
-            protocol_version: opts.protocol_version,
-            agent_name: opts.claimed_name.clone(),
-            software_version: SOFTWARE_VERSION.to_string(),
-        }),
-    )
-    .await
-    .map_err(refused_or)?;
+        .map_err(|e| refused_or(conn, SessionError::ConnectionLost(e.to_string())))?;
+    let hello = Hello {
+        protocol_version: opts.protocol_version,
+        agent_name: opts.claimed_name.clone(),
+        software_version: SOFTWARE_VERSION.to_string(),
+    };
+    write_msg(&mut send, &AgentMessage::Hello(hello)).await.map_err(|e| refused_or(conn, e))?;
     let welcome = match tokio::time::timeout(HELLO_TIMEOUT, read_msg(&mut recv)).await {
         Err(_) => return Err(SessionError::HelloTimeout(HELLO_TIMEOUT)),
-        Ok(Err(e)) => return Err(refused_or(e)),
+        Ok(Err(e)) => return Err(refused_or(conn, e)),
         Ok(Ok(None)) => {
             return Err(SessionError::ConnectionLost("stream closed before welcome".into()))
         }
@@ -308,25 +361,47 @@ pub async fn run_session(
             coordinator: welcome.protocol_version,
         });
     }
-    stats.sessions_established.fetch_add(1, Ordering::Relaxed);
-    info!(agent_id = %opts.claimed_name, session = welcome.session_id, coordinator = %addr, "session established");
+    Ok((send, recv, welcome))
+}
 
+/// Tell a new session what this node is and runs: inventory, running attempts, the
+/// exits not yet acknowledged, held datasets. The GPUs of the inventory.
+async fn announce(
+    send: &mut quinn::SendStream,
+    opts: &ConnectOptions,
+    sampler: &mut dyn Sampler,
+) -> Result<Vec<fleetmesh_protocol::GpuInfo>, SessionError> {
     let inventory = sampler.inventory();
-    let inv_gpus = inventory.gpus.clone();
-    write_msg(&mut send, &AgentMessage::Inventory(inventory)).await?;
+    let gpus = inventory.gpus.clone();
+    write_msg(send, &AgentMessage::Inventory(inventory)).await?;
     if let Some(jobs) = &opts.jobs {
-        write_msg(&mut send, &AgentMessage::Running { attempts: jobs.running() }).await?;
+        write_msg(send, &AgentMessage::Running { attempts: jobs.running() }).await?;
         jobs.resend_unacked();
         if let Some(d) = jobs.data() {
-            write_msg(&mut send, &d.holdings()).await?;
+            write_msg(send, &d.holdings()).await?;
         }
     }
-    let outbox = opts.jobs.as_ref().map(|j| j.outbox.clone()).unwrap_or_default();
-    // Deliver whatever queued up while we were disconnected.
-    outbox.notify.notify_one();
+    Ok(gpus)
+}
 
-    // Reader task: coordinator -> channel.
-    let (tx, mut rx) = mpsc::channel::<Result<CoordinatorMessage, SessionError>>(16);
+/// Aborts its task when dropped (the session's reader ends with the session).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// What the coordinator sends, one message (or the error that ended the stream) at a time.
+type Incoming = mpsc::Receiver<Result<CoordinatorMessage, SessionError>>;
+
+/// Messages read ahead of the session loop.
+const READ_AHEAD: usize = 16;
+
+/// Read the coordinator's stream on a task of its own.
+fn spawn_reader(mut recv: quinn::RecvStream) -> (Incoming, AbortOnDrop) {
+    let (tx, rx) = mpsc::channel(READ_AHEAD);
     let reader = tokio::spawn(async move {
         loop {
             let r = read_msg(&mut recv).await;
@@ -343,201 +418,260 @@ pub async fn run_session(
             }
         }
     });
-    struct AbortOnDrop(tokio::task::JoinHandle<()>);
-    impl Drop for AbortOnDrop {
-        fn drop(&mut self) {
-            self.0.abort();
-        }
-    }
-    let _reader = AbortOnDrop(reader);
+    (rx, AbortOnDrop(reader))
+}
 
-    let hb_every = Duration::from_millis(welcome.heartbeat_interval_ms.clamp(50, 60_000));
-    let mut telemetry = tokio::time::interval(opts.telemetry_interval);
-    telemetry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut heartbeat = tokio::time::interval(hb_every);
-    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut seq = 0u64;
-    let mut hb_seq = 0u64;
-    let mut rx_seen = conn.stats().udp_rx.datagrams;
-    if let Some(jobs) = &opts.jobs {
-        jobs.heard_from_coordinator();
+/// Heartbeat intervals the coordinator may ask for, at most and at least.
+const HEARTBEAT_BOUNDS_MS: (u64, u64) = (50, 60_000);
+
+/// An established session: its stream, timers and certificate state.
+struct Live<'a> {
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    opts: &'a ConnectOptions,
+    outbox: std::sync::Arc<crate::outbox::Outbox>,
+    telemetry: tokio::time::Interval,
+    heartbeat: tokio::time::Interval,
+    seq: u64,
+    hb_seq: u64,
+    /// Datagrams received so far (any of them shows the coordinator still hears us).
+    rx_seen: u64,
+    /// The certificate in use (renewed in place).
+    current: fleetmesh_protocol::PeerIdentity,
+    renew_at: tokio::time::Instant,
+    renew_pending: bool,
+}
+
+impl<'a> Live<'a> {
+    fn new(
+        conn: quinn::Connection,
+        send: quinn::SendStream,
+        opts: &'a ConnectOptions,
+        welcome: &fleetmesh_protocol::Welcome,
+    ) -> Self {
+        let (lo, hi) = HEARTBEAT_BOUNDS_MS;
+        let hb_every = Duration::from_millis(welcome.heartbeat_interval_ms.clamp(lo, hi));
+        let mut telemetry = tokio::time::interval(opts.telemetry_interval);
+        telemetry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut heartbeat = tokio::time::interval(hb_every);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let outbox = opts.jobs.as_ref().map(|j| j.outbox.clone()).unwrap_or_default();
+        // Deliver whatever queued up while we were disconnected.
+        outbox.notify.notify_one();
+        if let Some(jobs) = &opts.jobs {
+            jobs.heard_from_coordinator();
+        }
+        let current = opts.tls.identity.clone();
+        let renew_at = tokio::time::Instant::now() + renew_delay(&current);
+        let rx_seen = conn.stats().udp_rx.datagrams;
+        Self {
+            conn,
+            send,
+            opts,
+            outbox,
+            telemetry,
+            heartbeat,
+            seq: 0,
+            hb_seq: 0,
+            rx_seen,
+            current,
+            renew_at,
+            renew_pending: false,
+        }
     }
-    let mut current = opts.tls.identity.clone();
-    let renew_sleep = tokio::time::sleep(renew_delay(&current));
-    tokio::pin!(renew_sleep);
-    let mut renew_pending = false;
-    loop {
-        tokio::select! {
-            _ = &mut renew_sleep, if opts.renewal.is_some() && !renew_pending => {
-                if let Some(r) = &opts.renewal {
-                    match fleetmesh_protocol::enroll::make_csr(&r.key_pem, &current.name, &Default::default()) {
-                        Ok(csr_pem) => {
-                            info!(agent_id = %current.name, "requesting certificate renewal");
-                            write_msg(&mut send, &AgentMessage::Renew { csr_pem }).await?;
-                            renew_pending = true;
-                        }
-                        Err(e) => {
-                            warn!(agent_id = %current.name, error = %e, "cannot build a renewal request");
-                            renew_sleep.as_mut().reset(tokio::time::Instant::now() + renew_retry(&current));
-                        }
-                    }
-                }
+
+    fn jobs(&self) -> Option<&std::sync::Arc<crate::jobs::Jobs>> {
+        self.opts.jobs.as_ref()
+    }
+
+    fn data(&self) -> Option<&std::sync::Arc<crate::data::DataPlane>> {
+        self.jobs().and_then(|j| j.data())
+    }
+
+    /// Ask for a renewed certificate (a CSR for our own key).
+    async fn request_renewal(&mut self) -> Result<(), SessionError> {
+        let Some(r) = &self.opts.renewal else { return Ok(()) };
+        let name = self.current.name.clone();
+        match fleetmesh_protocol::enroll::make_csr(&r.key_pem, &name, &Default::default()) {
+            Ok(csr_pem) => {
+                info!(agent_id = %name, "requesting certificate renewal");
+                write_msg(&mut self.send, &AgentMessage::Renew { csr_pem }).await?;
+                self.renew_pending = true;
             }
-            _ = telemetry.tick() => {
-                seq += 1;
-                let report = sampler.sample(seq);
-                if let Some(jobs) = &opts.jobs {
-                    jobs.observe(&inv_gpus, &report);
-                }
-                write_msg(&mut send, &AgentMessage::Telemetry(report)).await?;
-                stats.reports_sent.fetch_add(1, Ordering::Relaxed);
-            }
-            _ = outbox.notify.notified() => {
-                let msgs = outbox.drain();
-                for (i, m) in msgs.iter().enumerate() {
-                    if let Err(e) = write_msg(&mut send, m).await {
-                        outbox.requeue(msgs[i..].to_vec());
-                        return Err(e);
-                    }
-                }
-            }
-            _ = heartbeat.tick() => {
-                // Any packet from the coordinator (acks of our heartbeats and keep-alives
-                // included) shows it still hears us: the self-fencing clock restarts.
-                let rx_now = conn.stats().udp_rx.datagrams;
-                if rx_now != rx_seen {
-                    rx_seen = rx_now;
-                    if let Some(jobs) = &opts.jobs {
-                        jobs.heard_from_coordinator();
-                    }
-                }
-                hb_seq += 1;
-                write_msg(&mut send, &AgentMessage::Heartbeat { seq: hb_seq }).await?;
-            }
-            msg = rx.recv() => match msg {
-                Some(Ok(CoordinatorMessage::Reject { reason })) => {
-                    return Err(SessionError::Rejected(reason));
-                }
-                Some(Ok(CoordinatorMessage::Renewed { cert_pem })) => {
-                    renew_pending = false;
-                    if let Some(r) = &opts.renewal {
-                        match apply_renewal(r, &opts.tls.ca_pem, &current.name, &cert_pem) {
-                            Ok(id) => {
-                                current = id.identity.clone();
-                                info!(agent_id = %current.name, serial = %current.serial, not_after = current.not_after_unix, "certificate renewed");
-                                if let Some(d) = opts.jobs.as_ref().and_then(|j| j.data()) {
-                                    d.update_tls(&id);
-                                }
-                                if let Ok(mut slot) = r.updated.lock() {
-                                    *slot = Some(id);
-                                }
-                                renew_sleep.as_mut().reset(tokio::time::Instant::now() + renew_delay(&current));
-                            }
-                            Err(e) => {
-                                warn!(agent_id = %current.name, error = %e, "renewed certificate unusable");
-                                renew_sleep.as_mut().reset(tokio::time::Instant::now() + renew_retry(&current));
-                            }
-                        }
-                    }
-                }
-                Some(Ok(CoordinatorMessage::CallForBids(c))) => {
-                    let answer = match &opts.jobs {
-                        Some(jobs) => jobs.bid(&c),
-                        None => AgentMessage::Decline { auction: c.auction.clone(), reason: "this agent does not run jobs".into() },
-                    };
-                    write_msg(&mut send, &answer).await?;
-                }
-                Some(Ok(CoordinatorMessage::Award(a))) => {
-                    let r = match &opts.jobs {
-                        Some(jobs) => jobs.start(&a),
-                        None => Err("this agent does not run jobs".into()),
-                    };
-                    if let Err(why) = &r {
-                        warn!(job_id = %a.job, attempt = a.attempt, reason = %why, "award refused");
-                    }
-                    write_msg(&mut send, &AgentMessage::AwardAnswer {
-                        job: a.job.clone(),
-                        attempt: a.attempt,
-                        accepted: r.is_ok(),
-                        reason: r.err().unwrap_or_default(),
-                    }).await?;
-                }
-                Some(Ok(CoordinatorMessage::Release { auction })) => {
-                    if let Some(jobs) = &opts.jobs {
-                        jobs.release(&auction);
-                    }
-                }
-                Some(Ok(CoordinatorMessage::Stop { job, attempt, grace_ms, reason })) => {
-                    info!(job_id = %job, attempt, %reason, "stop requested");
-                    if let Some(jobs) = &opts.jobs {
-                        jobs.stop(&job, attempt, fleetmesh_protocol::JobOutcome::Cancelled, Duration::from_millis(grace_ms));
-                    }
-                }
-                Some(Ok(CoordinatorMessage::ExitRecorded { job, attempt })) => {
-                    if let Some(jobs) = &opts.jobs {
-                        jobs.exit_recorded(&job, attempt);
-                    }
-                }
-                Some(Ok(CoordinatorMessage::Keep { attempts })) => {
-                    if let Some(jobs) = &opts.jobs {
-                        jobs.keep_only(&attempts);
-                    }
-                }
-                Some(Ok(CoordinatorMessage::DataPlane { ticket_key })) => {
-                    if let Some(d) = opts.jobs.as_ref().and_then(|j| j.data()) {
-                        d.server.set_ticket_key(ticket_key);
-                    }
-                }
-                Some(Ok(CoordinatorMessage::Fetch(plan))) => {
-                    match opts.jobs.as_ref().and_then(|j| j.data()) {
-                        Some(d) => {
-                            info!(dataset = %fleetmesh_protocol::data::short(&plan.dataset), holders = plan.holders.len(), "fetch requested");
-                            d.fetch_for_coordinator(*plan);
-                        }
-                        None => warn!("fetch requested, but this agent has no data plane"),
-                    }
-                }
-                Some(Ok(CoordinatorMessage::DropDataset { dataset })) => {
-                    if let Some(d) = opts.jobs.as_ref().and_then(|j| j.data()) {
-                        d.drop_dataset(&dataset);
-                    }
-                }
-                Some(Ok(CoordinatorMessage::Denied { agents, serials })) => {
-                    if let Some(d) = opts.jobs.as_ref().and_then(|j| j.data()) {
-                        info!(agents = agents.len(), serials = serials.len(), "revoked identities denied on the data port");
-                        d.server.set_denied(agents, serials);
-                    }
-                }
-                Some(Ok(CoordinatorMessage::RenewRefused { reason })) => {
-                    renew_pending = false;
-                    warn!(agent_id = %current.name, %reason, "certificate renewal refused");
-                    renew_sleep.as_mut().reset(tokio::time::Instant::now() + renew_retry(&current));
-                }
-                Some(Ok(other)) => debug!(?other, "ignoring coordinator message"),
-                Some(Err(e)) => {
-                    return Err(match conn.close_reason() {
-                        Some(quinn::ConnectionError::ApplicationClosed(c)) => SessionError::Rejected(
-                            String::from_utf8_lossy(&c.reason).into_owned(),
-                        ),
-                        Some(other) => SessionError::ConnectionLost(other.to_string()),
-                        None => e,
-                    });
-                }
-                None => return Err(SessionError::ConnectionLost("reader stopped".into())),
-            },
-            _ = shutdown.changed() => {
-                if *shutdown.borrow() {
-                    let _ = write_msg(&mut send, &AgentMessage::Leaving { reason: "agent shutting down".into() }).await;
-                    let _ = send.finish();
-                    // Give the coordinator a moment to read the goodbye and close.
-                    let _ = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
-                    conn.close(close_code::DONE.into(), b"agent leaving");
-                    return Ok(SessionEnd::Shutdown);
-                }
+            Err(e) => {
+                warn!(agent_id = %name, error = %e, "cannot build a renewal request");
+                self.renew_at = tokio::time::Instant::now() + renew_retry(&self.current);
             }
         }
+        Ok(())
+    }
+
+    /// The coordinator's answer to a renewal: use the new certificate from now on.
+    fn renewed(&mut self, cert_pem: &str) {
+        self.renew_pending = false;
+        let Some(r) = &self.opts.renewal else { return };
+        match apply_renewal(r, &self.opts.tls.ca_pem, &self.current.name, cert_pem) {
+            Ok(id) => {
+                self.current = id.identity.clone();
+                info!(agent_id = %self.current.name, serial = %self.current.serial, not_after = self.current.not_after_unix, "certificate renewed");
+                if let Some(d) = self.data() {
+                    d.update_tls(&id);
+                }
+                if let Ok(mut slot) = r.updated.lock() {
+                    *slot = Some(id);
+                }
+                self.renew_at = tokio::time::Instant::now() + renew_delay(&self.current);
+            }
+            Err(e) => {
+                warn!(agent_id = %self.current.name, error = %e, "renewed certificate unusable");
+                self.renew_at = tokio::time::Instant::now() + renew_retry(&self.current);
+            }
+        }
+    }
+
+    /// Send what the jobs queued; what cannot be written is queued again.
+    async fn deliver_outbox(&mut self) -> Result<(), SessionError> {
+        let msgs = self.outbox.drain();
+        for (i, m) in msgs.iter().enumerate() {
+            if let Err(e) = write_msg(&mut self.send, m).await {
+                self.outbox.requeue(msgs[i..].to_vec());
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Any packet from the coordinator (acks of our heartbeats and keep-alives included)
+    /// shows it still hears us: the self-fencing clock restarts. Then our heartbeat.
+    async fn heartbeat(&mut self) -> Result<(), SessionError> {
+        let rx_now = self.conn.stats().udp_rx.datagrams;
+        if rx_now != self.rx_seen {
+            self.rx_seen = rx_now;
+            if let Some(jobs) = self.jobs() {
+                jobs.heard_from_coordinator();
+            }
+        }
+        self.hb_seq += 1;
+        write_msg(&mut self.send, &AgentMessage::Heartbeat { seq: self.hb_seq }).await
+    }
+
+    async fn on_message(&mut self, msg: CoordinatorMessage) -> Result<(), SessionError> {
+        match msg {
+            CoordinatorMessage::Reject { reason } => return Err(SessionError::Rejected(reason)),
+            CoordinatorMessage::Renewed { cert_pem } => self.renewed(&cert_pem),
+            CoordinatorMessage::RenewRefused { reason } => {
+                self.renew_pending = false;
+                warn!(agent_id = %self.current.name, %reason, "certificate renewal refused");
+                self.renew_at = tokio::time::Instant::now() + renew_retry(&self.current);
+            }
+            CoordinatorMessage::CallForBids(c) => {
+                let answer = match self.jobs() {
+                    Some(jobs) => jobs.bid(&c),
+                    None => AgentMessage::Decline {
+                        auction: c.auction.clone(),
+                        reason: "this agent does not run jobs".into(),
+                    },
+                };
+                write_msg(&mut self.send, &answer).await?;
+            }
+            CoordinatorMessage::Award(a) => self.award(&a).await?,
+            CoordinatorMessage::DataPlane { .. }
+            | CoordinatorMessage::Fetch(_)
+            | CoordinatorMessage::DropDataset { .. }
+            | CoordinatorMessage::Denied { .. } => self.on_data_message(msg),
+            other => self.on_job_message(other),
+        }
+        Ok(())
+    }
+
+    /// Start an award (or say why not).
+    async fn award(&mut self, a: &fleetmesh_protocol::Award) -> Result<(), SessionError> {
+        let r = match self.jobs() {
+            Some(jobs) => jobs.start(a),
+            None => Err("this agent does not run jobs".into()),
+        };
+        if let Err(why) = &r {
+            warn!(job_id = %a.job, attempt = a.attempt, reason = %why, "award refused");
+        }
+        let answer = AgentMessage::AwardAnswer {
+            job: a.job.clone(),
+            attempt: a.attempt,
+            accepted: r.is_ok(),
+            reason: r.err().unwrap_or_default(),
+        };
+        write_msg(&mut self.send, &answer).await
+    }
+
+    /// Releases, stops, acknowledgements and reconciliation of running attempts.
+    fn on_job_message(&self, msg: CoordinatorMessage) {
+        let Some(jobs) = self.jobs() else {
+            debug!(?msg, "ignoring coordinator message: this agent runs no jobs");
+            return;
+        };
+        match msg {
+            CoordinatorMessage::Release { auction } => jobs.release(&auction),
+            CoordinatorMessage::Stop { job, attempt, grace_ms, reason } => {
+                info!(job_id = %job, attempt, %reason, "stop requested");
+                let grace = Duration::from_millis(grace_ms);
+                jobs.stop(&job, attempt, fleetmesh_protocol::JobOutcome::Cancelled, grace);
+            }
+            CoordinatorMessage::ExitRecorded { job, attempt } => jobs.exit_recorded(&job, attempt),
+            CoordinatorMessage::Keep { attempts } => jobs.keep_only(&attempts),
+            other => debug!(?other, "ignoring coordinator message"),
+        }
+    }
+
+    /// The data plane's instructions: ticket key, fetches, drops, the deny-list.
+    fn on_data_message(&self, msg: CoordinatorMessage) {
+        let Some(d) = self.data() else {
+            if matches!(msg, CoordinatorMessage::Fetch(_)) {
+                warn!("fetch requested, but this agent has no data plane");
+            }
+            return;
+        };
+        match msg {
+            CoordinatorMessage::DataPlane { ticket_key } => d.server.set_ticket_key(ticket_key),
+            CoordinatorMessage::Fetch(plan) => {
+                info!(dataset = %fleetmesh_protocol::data::short(&plan.dataset), holders = plan.holders.len(), "fetch requested");
+                d.fetch_for_coordinator(*plan);
+            }
+            CoordinatorMessage::DropDataset { dataset } => d.drop_dataset(&dataset),
+            CoordinatorMessage::Denied { agents, serials } => {
+                info!(
+                    agents = agents.len(),
+                    serials = serials.len(),
+                    "revoked identities denied on the data port"
+                );
+                d.server.set_denied(agents, serials);
+            }
+            other => debug!(?other, "ignoring coordinator message"),
+        }
+    }
+
+    /// The stream failed with `e`: the coordinator's close reason says more, if any.
+    fn closed_because(&self, e: SessionError) -> SessionError {
+        match self.conn.close_reason() {
+            Some(quinn::ConnectionError::ApplicationClosed(c)) => {
+                SessionError::Rejected(String::from_utf8_lossy(&c.reason).into_owned())
+            }
+            Some(other) => SessionError::ConnectionLost(other.to_string()),
+            None => e,
+        }
+    }
+
+    /// Say goodbye (best effort: we are leaving either way) and close.
+    async fn leave(mut self) {
+        let bye = AgentMessage::Leaving { reason: "agent shutting down".into() };
+        let _ = write_msg(&mut self.send, &bye).await;
+        let _ = self.send.finish();
+        // Give the coordinator a moment to read the goodbye and close.
+        let _ = tokio::time::timeout(LEAVE_LINGER, self.conn.closed()).await;
+        self.conn.close(close_code::DONE.into(), b"agent leaving");
     }
 }
+
+/// How long a leaving agent waits for the coordinator to read its goodbye.
+const LEAVE_LINGER: Duration = Duration::from_secs(1);
 
 /// Why [`run_forever`] returned.
 #[derive(Debug, PartialEq, Eq)]

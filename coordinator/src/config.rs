@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::liveness::LivenessConfig;
+use crate::fleet::liveness::LivenessConfig;
 
 /// Keys of the coordinator's TOML config file (kebab-case, like the flags).
 #[derive(Debug, Default, Clone, Deserialize)]

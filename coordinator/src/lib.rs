@@ -4,38 +4,33 @@
 //!
 //! ```text
 //! Coordinator (root supervisor; a child that dies stops the coordinator)
-//! ├── Fleet          registry, telemetry cache + history, liveness (fleet.rs)
-//! ├── Authority      CA key, join tokens, enrollment, renewal, revocation (authority.rs)
-//! ├── Auctioneer     calls for bids, bids, scoring, releases (auctioneer.rs)
-//! ├── Scheduler      workflows, jobs, opening auctions, awards, fences, retries (scheduler.rs)
-//! ├── Listener       QUIC endpoint: enrollment, or authenticate + hello (listener.rs)
-//! │   └── AgentSession*  one per connected agent (session.rs)
-//! └── Api            HTTPS JSON API + /metrics (api.rs)
+//! ├── Fleet          registry, telemetry cache + history, liveness (fleet/)
+//! ├── Authority      CA key, join tokens, enrollment, renewal, revocation (trust/)
+//! ├── Auctioneer     calls for bids, bids, scoring, releases (placement/)
+//! ├── Scheduler      workflows, jobs, awards, fences, retries (scheduler/)
+//! ├── Listener       QUIC endpoint: one handler per ALPN (net/listener.rs)
+//! │   └── AgentSession*  one per connected agent (net/session.rs)
+//! └── Api            HTTPS JSON API + /metrics (api/)
 //! ```
 //!
-//! Decision logic lives in I/O-free modules ([`liveness`]) that take `now` as an argument;
-//! actors are thin shells around them. State that must survive a restart lives in the
-//! embedded redb [`store`].
+//! Modules are grouped by plane (`net`, `fleet`, `placement`, `scheduler`, `trust`,
+//! `data`, `persist`, `api`). Decisions live in I/O-free modules that take `now` as an
+//! argument ([`fleet::liveness`], [`placement::auction`], the Scheduler's core); actors are
+//! thin shells around them. State that must survive a restart lives in the embedded
+//! redb [`persist::store`].
 
-pub mod agent_link;
+#![warn(clippy::too_many_lines, clippy::too_many_arguments)]
+
 pub mod api;
-pub mod auction;
-pub mod auctioneer;
-pub mod authority;
-pub mod broker;
 pub use fleetmesh_api::client;
 pub mod config;
+pub mod data;
 pub mod fleet;
-pub mod listener;
-pub mod liveness;
-pub mod logbuf;
-pub mod logbuf_file;
-pub mod metrics;
+pub mod net;
+pub mod persist;
+pub mod placement;
 pub mod scheduler;
-pub mod session;
-pub mod store;
-pub mod views;
-pub mod writer;
+pub mod trust;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -57,7 +52,7 @@ pub enum CoordinatorError {
     #[error(transparent)]
     Tls(#[from] fleetmesh_protocol::tls::TlsError),
     #[error(transparent)]
-    Store(#[from] store::StoreError),
+    Store(#[from] persist::store::StoreError),
     #[error("{0}")]
     Startup(String),
     #[error("coordinator stopped: {0}")]
@@ -67,8 +62,8 @@ pub enum CoordinatorError {
 struct RootArgs {
     config: CoordinatorConfig,
     tls: Arc<TlsIdentity>,
-    store: Arc<store::Store>,
-    broker: Arc<broker::DataBroker>,
+    store: Arc<persist::store::Store>,
+    broker: Arc<data::broker::DataBroker>,
     control_bound: oneshot::Sender<SocketAddr>,
     api_bound: oneshot::Sender<SocketAddr>,
     failure: Arc<Mutex<Option<String>>>,
@@ -82,6 +77,33 @@ struct RootState {
     api: ActorCell,
     stopping: bool,
     failure: Arc<Mutex<Option<String>>>,
+}
+
+/// The Authority, with the CA key when enrollment is enabled (`--ca-key`).
+async fn spawn_authority(
+    a: &RootArgs,
+    fleet: &ActorRef<fleet::FleetMsg>,
+    revocations: &Arc<trust::revocations::Revocations>,
+    root: ActorCell,
+) -> Result<ActorRef<trust::authority::AuthorityMsg>, ActorProcessingErr> {
+    let ca = match &a.config.ca_key {
+        Some(key) => Some(
+            fleetmesh_protocol::pki::Ca::load(&a.config.ca, key)
+                .map_err(|e| format!("loading the CA for enrollment: {e}"))?,
+        ),
+        None => None,
+    };
+    let args = trust::authority::AuthorityArgs {
+        ca,
+        ca_pem: a.tls.ca_pem.clone(),
+        store: a.store.clone(),
+        cert_ttl: a.config.cert_ttl,
+        advertise: a.config.advertise.clone(),
+        fleet: fleet.clone(),
+        revocations: revocations.clone(),
+    };
+    let (authority, _) = Actor::spawn_linked(None, trust::authority::Authority, args, root).await?;
+    Ok(authority)
 }
 
 /// Root supervisor.
@@ -104,8 +126,8 @@ impl Actor for Coordinator {
     ) -> Result<RootState, ActorProcessingErr> {
         let fleet_cfg =
             fleet::FleetConfig { liveness: a.config.liveness, history_len: a.config.history };
-        let revocations = Arc::new(authority::Revocations::default());
-        let link = Arc::new(agent_link::AgentLink::default());
+        let revocations = Arc::new(trust::revocations::Revocations::default());
+        let link = Arc::new(net::agent_link::AgentLink::default());
         let (fleet, _) = Actor::spawn_linked(
             None,
             fleet::Fleet,
@@ -118,32 +140,11 @@ impl Actor for Coordinator {
             myself.get_cell(),
         )
         .await?;
-        let ca = match &a.config.ca_key {
-            Some(key) => Some(
-                fleetmesh_protocol::pki::Ca::load(&a.config.ca, key)
-                    .map_err(|e| format!("loading the CA for enrollment: {e}"))?,
-            ),
-            None => None,
-        };
-        let (authority, _) = Actor::spawn_linked(
-            None,
-            authority::Authority,
-            authority::AuthorityArgs {
-                ca,
-                ca_pem: a.tls.ca_pem.clone(),
-                store: a.store.clone(),
-                cert_ttl: a.config.cert_ttl,
-                advertise: a.config.advertise.clone(),
-                fleet: fleet.clone(),
-                revocations: revocations.clone(),
-            },
-            myself.get_cell(),
-        )
-        .await?;
+        let authority = spawn_authority(&a, &fleet, &revocations, myself.get_cell()).await?;
         let (auctioneer, _) = Actor::spawn_linked(
             None,
-            auctioneer::Auctioneer,
-            auctioneer::AuctioneerArgs { link: link.clone() },
+            placement::auctioneer::Auctioneer,
+            placement::auctioneer::AuctioneerArgs { link: link.clone() },
             myself.get_cell(),
         )
         .await?;
@@ -162,40 +163,32 @@ impl Actor for Coordinator {
             myself.get_cell(),
         )
         .await?;
-        let (listener, _) = Actor::spawn_linked(
-            None,
-            listener::Listener,
-            listener::ListenerArgs {
-                listen: a.config.listen,
-                tls: a.tls.clone(),
-                fleet: fleet.clone(),
-                authority: authority.clone(),
-                scheduler: scheduler.clone(),
-                auctioneer: auctioneer.clone(),
-                heartbeat_interval: a.config.heartbeat_interval,
-                broker: a.broker.clone(),
-                bound: Some(a.control_bound),
-            },
-            myself.get_cell(),
-        )
-        .await?;
-        let (api, _) = Actor::spawn_linked(
-            None,
-            api::Api,
-            api::ApiArgs {
-                authority: authority.clone(),
-                scheduler: scheduler.clone(),
-                listen: a.config.api_listen,
-                tls: a.tls,
-                fleet: fleet.clone(),
-                broker: a.broker.clone(),
-                revocations,
-                link,
-                bound: Some(a.api_bound),
-            },
-            myself.get_cell(),
-        )
-        .await?;
+        let listener_args = net::listener::ListenerArgs {
+            listen: a.config.listen,
+            tls: a.tls.clone(),
+            fleet: fleet.clone(),
+            authority: authority.clone(),
+            scheduler: scheduler.clone(),
+            auctioneer: auctioneer.clone(),
+            heartbeat_interval: a.config.heartbeat_interval,
+            broker: a.broker.clone(),
+            bound: Some(a.control_bound),
+        };
+        let (listener, _) =
+            Actor::spawn_linked(None, net::listener::Listener, listener_args, myself.get_cell())
+                .await?;
+        let api_args = api::ApiArgs {
+            authority: authority.clone(),
+            scheduler: scheduler.clone(),
+            listen: a.config.api_listen,
+            tls: a.tls,
+            fleet: fleet.clone(),
+            broker: a.broker.clone(),
+            revocations,
+            link,
+            bound: Some(a.api_bound),
+        };
+        let (api, _) = Actor::spawn_linked(None, api::Api, api_args, myself.get_cell()).await?;
         Ok(RootState {
             fleet: fleet.get_cell(),
             authority: authority.get_cell(),
@@ -307,8 +300,8 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, CoordinatorErro
             tls.identity.kind
         )));
     }
-    let store = Arc::new(store::Store::open(&config.data_dir)?);
-    let broker = broker::DataBroker::open(
+    let store = Arc::new(persist::store::Store::open(&config.data_dir)?);
+    let broker = data::broker::DataBroker::open(
         &config.data_dir,
         store.clone(),
         &tls.identity.name,

@@ -11,6 +11,8 @@
 //! Agents and the coordinator both use this crate: the coordinator's own store is a peer
 //! like any agent's.
 
+#![warn(clippy::too_many_lines, clippy::too_many_arguments)]
+
 pub mod dataset;
 pub mod framing;
 pub mod store;

@@ -491,55 +491,8 @@ pub async fn fetch(
     progress: Arc<dyn Fn(u64) + Send + Sync>,
 ) -> Result<FetchReport, FetchError> {
     let id = plan.dataset.clone();
-    // Connections are opened concurrently, once per holder.
-    let conns: Vec<_> = plan
-        .holders
-        .iter()
-        .map(|h| {
-            let endpoint = endpoint.clone();
-            let tls = tls.clone();
-            let h = h.clone();
-            tokio::spawn(async move { connect(&endpoint, &tls, &h).await })
-        })
-        .collect();
-    let mut connections: Vec<Result<quinn::Connection, String>> = Vec::new();
-    for c in conns {
-        connections.push(c.await.unwrap_or_else(|e| Err(e.to_string())));
-    }
-    // The manifest: known locally (a resumed fetch), or from the first holder that has it.
-    let manifest = match store.dataset(&id) {
-        Some(d) => d.manifest,
-        None => {
-            let mut reasons = Vec::new();
-            let mut found = None;
-            for (h, c) in plan.holders.iter().zip(&connections) {
-                let m = match c {
-                    Ok(c) => get_manifest(c, &h.ticket).await,
-                    Err(e) => Err(e.clone()),
-                };
-                match m {
-                    Ok(m) if m.id() == id && m.validate().is_ok() => {
-                        found = Some(m);
-                        break;
-                    }
-                    Ok(_) => {
-                        reasons.push(format!("{}: manifest does not match the dataset id", h.name))
-                    }
-                    Err(e) => reasons.push(format!("{}: {e}", h.name)),
-                }
-            }
-            let Some(m) = found else {
-                return Err(FetchError::NoManifest { dataset: id, reasons: reasons.join("; ") });
-            };
-            store.add_dataset(LocalDataset {
-                id: id.clone(),
-                name: plan.name.clone(),
-                jurisdictions: plan.jurisdictions.clone(),
-                manifest: m.clone(),
-            })?;
-            m
-        }
-    };
+    let connections = connect_all(endpoint, tls, &plan.holders).await;
+    let manifest = manifest_for(&store, plan, &connections).await?;
     let all = manifest.unique_chunks();
     let missing: VecDeque<Item> = all
         .iter()
@@ -555,7 +508,6 @@ pub async fn fetch(
         holders = plan.holders.len(),
         "fetch started"
     );
-    let n = plan.holders.len();
     let work = Arc::new(Mutex::new(Work {
         queue: missing,
         alive: connections.iter().map(|c| c.is_ok()).collect(),
@@ -564,40 +516,90 @@ pub async fn fetch(
             .zip(&plan.holders)
             .map(|(c, h)| c.as_ref().err().map(|e| format!("{}: {e}", h.name)).unwrap_or_default())
             .collect(),
-        per_holder: vec![0; n],
+        per_holder: vec![0; plan.holders.len()],
         ..Default::default()
     }));
-    let notify = Arc::new(tokio::sync::Notify::new());
+    let pull = Pull { work: work.clone(), store, notify: Default::default(), progress };
     let mut tasks = Vec::new();
     for (i, c) in connections.iter().enumerate() {
         let Ok(conn) = c else { continue };
         for _ in 0..STREAMS_PER_HOLDER {
-            tasks.push(tokio::spawn(worker(
-                i,
-                plan.holders[i].clone(),
-                conn.clone(),
-                work.clone(),
-                store.clone(),
-                notify.clone(),
-                progress.clone(),
-            )));
+            let (pull, holder, conn) = (pull.clone(), plan.holders[i].clone(), conn.clone());
+            tasks.push(tokio::spawn(async move { pull.worker(i, holder, conn).await }));
         }
     }
     for t in tasks {
+        // A worker that panicked left its chunks queued: the report says what is missing.
         let _ = t.await;
     }
     for c in connections.into_iter().flatten() {
         c.close(close_code::DONE.into(), b"done");
     }
     let w = work.lock().map_err(|_| FetchError::Setup("poisoned".into()))?;
+    report(&w, plan, reused)
+}
+
+/// One connection per holder, opened concurrently.
+async fn connect_all(
+    endpoint: &quinn::Endpoint,
+    tls: &TlsIdentity,
+    holders: &[Holder],
+) -> Vec<Result<quinn::Connection, String>> {
+    let tasks: Vec<_> = holders
+        .iter()
+        .map(|h| {
+            let (endpoint, tls, h) = (endpoint.clone(), tls.clone(), h.clone());
+            tokio::spawn(async move { connect(&endpoint, &tls, &h).await })
+        })
+        .collect();
+    let mut connections = Vec::new();
+    for c in tasks {
+        connections.push(c.await.unwrap_or_else(|e| Err(e.to_string())));
+    }
+    connections
+}
+
+/// The manifest: known locally (a resumed fetch), or from the first holder that has a
+/// valid one matching the dataset id (then recorded in the store).
+async fn manifest_for(
+    store: &Store,
+    plan: &FetchPlan,
+    connections: &[Result<quinn::Connection, String>],
+) -> Result<Manifest, FetchError> {
+    if let Some(d) = store.dataset(&plan.dataset) {
+        return Ok(d.manifest);
+    }
+    let mut reasons = Vec::new();
+    for (h, c) in plan.holders.iter().zip(connections) {
+        let m = match c {
+            Ok(c) => get_manifest(c, &h.ticket).await,
+            Err(e) => Err(e.clone()),
+        };
+        match m {
+            Ok(m) if m.id() == plan.dataset && m.validate().is_ok() => {
+                store.add_dataset(LocalDataset {
+                    id: plan.dataset.clone(),
+                    name: plan.name.clone(),
+                    jurisdictions: plan.jurisdictions.clone(),
+                    manifest: m.clone(),
+                })?;
+                return Ok(m);
+            }
+            Ok(_) => reasons.push(format!("{}: manifest does not match the dataset id", h.name)),
+            Err(e) => reasons.push(format!("{}: {e}", h.name)),
+        }
+    }
+    Err(FetchError::NoManifest { dataset: plan.dataset.clone(), reasons: reasons.join("; ") })
+}
+
+/// How the fetch ended, from the shared work state.
+fn report(w: &Work, plan: &FetchPlan, reused: u64) -> Result<FetchReport, FetchError> {
     let reasons: Vec<String> = w.why_dead.iter().filter(|r| !r.is_empty()).cloned().collect();
     if !w.queue.is_empty() || w.failed.is_some() {
-        let mut why = reasons.clone();
-        if let Some(f) = &w.failed {
-            why.push(f.clone());
-        }
+        let mut why = reasons;
+        why.extend(w.failed.clone());
         return Err(FetchError::Incomplete {
-            dataset: id,
+            dataset: plan.dataset.clone(),
             missing: w.queue.len(),
             reasons: if why.is_empty() { "no holder reachable".into() } else { why.join("; ") },
         });
@@ -605,14 +607,14 @@ pub async fn fetch(
     let per_holder: Vec<(String, u64)> =
         plan.holders.iter().map(|h| h.name.clone()).zip(w.per_holder.iter().copied()).collect();
     info!(
-        dataset = %short(&id),
+        dataset = %short(&plan.dataset),
         fetched = w.fetched,
         reused,
         per_holder = ?per_holder,
         "fetch complete"
     );
     Ok(FetchReport {
-        dataset: id,
+        dataset: plan.dataset.clone(),
         ok: true,
         detail: reasons.join("; "),
         fetched_chunks: w.fetched,
@@ -621,129 +623,157 @@ pub async fn fetch(
     })
 }
 
-async fn worker(
-    me: usize,
-    holder: Holder,
-    conn: quinn::Connection,
+/// What the workers of one fetch share.
+#[derive(Clone)]
+struct Pull {
     work: Arc<Mutex<Work>>,
     store: Arc<Store>,
     notify: Arc<tokio::sync::Notify>,
     progress: Arc<dyn Fn(u64) + Send + Sync>,
-) {
-    loop {
-        let batch: Vec<Item> = {
-            let Ok(mut w) = work.lock() else { return };
-            if w.failed.is_some() || !w.alive[me] {
-                return;
-            }
-            let mut batch = Vec::new();
-            let mut rest = VecDeque::new();
-            while let Some(it) = w.queue.pop_front() {
-                if batch.len() < CHUNKS_PER_REQUEST && !it.tried.contains(&me) {
-                    batch.push(it);
-                } else {
-                    rest.push_back(it);
+}
+
+/// What a worker does next.
+enum Next {
+    Fetch(Vec<Item>),
+    /// Nothing it may take right now; other workers are busy.
+    Wait,
+    Done,
+}
+
+/// What came of one batch.
+#[derive(Default)]
+struct Landed {
+    requeue: Vec<Item>,
+    landed: u64,
+    dead: Option<String>,
+}
+
+/// How long an idle worker waits for others before looking at the queue again.
+const IDLE_WAIT: Duration = Duration::from_millis(20);
+
+impl Pull {
+    /// Fetch batches from holder `me` until nothing is left that it may take.
+    async fn worker(&self, me: usize, holder: Holder, conn: quinn::Connection) {
+        loop {
+            let batch = match self.next_batch(me) {
+                Next::Done => return,
+                Next::Wait => {
+                    // Woken early when another worker finishes a batch.
+                    let _ = tokio::time::timeout(IDLE_WAIT, self.notify.notified()).await;
+                    continue;
                 }
+                Next::Fetch(b) => b,
+            };
+            let result = get_chunks(&conn, &holder.ticket, &batch).await;
+            let landed = self.land(me, &holder, batch, result).await;
+            let Ok(mut w) = self.work.lock() else { return };
+            w.in_flight -= landed.requeue.len() + landed.landed as usize;
+            w.fetched += landed.landed;
+            w.per_holder[me] += landed.landed;
+            w.queue.extend(landed.requeue);
+            if let Some(e) = landed.dead {
+                w.alive[me] = false;
+                w.why_dead[me] = format!("{}: {e}", holder.name);
             }
-            w.queue = rest;
-            if batch.is_empty() {
-                if w.queue.is_empty() && w.in_flight == 0 {
-                    notify.notify_waiters();
-                    return;
-                }
-                // A chunk every live holder failed to deliver cannot be fetched.
-                let alive: Vec<usize> = (0..w.alive.len()).filter(|i| w.alive[*i]).collect();
-                if w.in_flight == 0 {
-                    if let Some(dead) =
-                        w.queue.iter().find(|it| alive.iter().all(|a| it.tried.contains(a)))
-                    {
-                        w.failed = Some(format!(
-                            "chunk {} could not be fetched from any holder",
-                            short(&hash_hex(&dead.hash))
-                        ));
-                        notify.notify_waiters();
-                        return;
-                    }
-                }
-                Vec::new()
-            } else {
-                w.in_flight += batch.len();
-                batch
-            }
-        };
-        if batch.is_empty() {
-            let _ = tokio::time::timeout(Duration::from_millis(20), notify.notified()).await;
-            continue;
+            self.notify.notify_waiters();
         }
-        let result = get_chunks(&conn, &holder.ticket, &batch).await;
-        let mut requeue = Vec::new();
-        let mut landed = 0u64;
-        let mut dead = None;
-        match result {
-            Ok(got) => {
-                for (mut it, g) in batch.into_iter().zip(got) {
-                    match g {
-                        Got::Bytes(b) => {
-                            let st = store.clone();
-                            let h = it.hash;
-                            let len = b.len() as u64;
-                            let r = tokio::task::spawn_blocking(move || st.write(&h, &b)).await;
-                            match r {
-                                Ok(Ok(())) => {
-                                    landed += 1;
-                                    progress(len);
-                                }
-                                Ok(Err(StoreError::Corrupt { .. })) => {
-                                    warn!(
-                                        holder = %holder.name,
-                                        chunk = %short(&hash_hex(&it.hash)),
-                                        "chunk failed hash verification; fetching it from another holder"
-                                    );
-                                    it.tried.push(me);
-                                    requeue.push(it);
-                                }
-                                Ok(Err(e)) => {
-                                    // A local store problem (disk full...) fails the fetch.
-                                    if let Ok(mut w) = work.lock() {
-                                        w.failed = Some(format!("local store: {e}"));
-                                    }
-                                    requeue.push(it);
-                                }
-                                Err(e) => {
-                                    if let Ok(mut w) = work.lock() {
-                                        w.failed = Some(format!("local store: {e}"));
-                                    }
-                                    requeue.push(it);
-                                }
-                            }
-                        }
-                        Got::Missing => {
-                            it.tried.push(me);
-                            requeue.push(it);
-                        }
-                    }
-                }
+    }
+
+    /// Take up to [`CHUNKS_PER_REQUEST`] chunks this holder has not failed yet.
+    fn next_batch(&self, me: usize) -> Next {
+        let Ok(mut w) = self.work.lock() else { return Next::Done };
+        if w.failed.is_some() || !w.alive[me] {
+            return Next::Done;
+        }
+        let mut batch = Vec::new();
+        let mut rest = VecDeque::new();
+        while let Some(it) = w.queue.pop_front() {
+            if batch.len() < CHUNKS_PER_REQUEST && !it.tried.contains(&me) {
+                batch.push(it);
+            } else {
+                rest.push_back(it);
             }
+        }
+        w.queue = rest;
+        if !batch.is_empty() {
+            w.in_flight += batch.len();
+            return Next::Fetch(batch);
+        }
+        if w.queue.is_empty() && w.in_flight == 0 {
+            self.notify.notify_waiters();
+            return Next::Done;
+        }
+        // A chunk every live holder failed to deliver cannot be fetched.
+        let alive: Vec<usize> = (0..w.alive.len()).filter(|i| w.alive[*i]).collect();
+        if w.in_flight == 0 {
+            if let Some(dead) = w.queue.iter().find(|it| alive.iter().all(|a| it.tried.contains(a)))
+            {
+                w.failed = Some(format!(
+                    "chunk {} could not be fetched from any holder",
+                    short(&hash_hex(&dead.hash))
+                ));
+                self.notify.notify_waiters();
+                return Next::Done;
+            }
+        }
+        Next::Wait
+    }
+
+    /// Store what a batch brought, verified; what failed goes back to the queue for
+    /// the other holders.
+    async fn land(
+        &self,
+        me: usize,
+        holder: &Holder,
+        batch: Vec<Item>,
+        result: Result<Vec<Got>, String>,
+    ) -> Landed {
+        let mut out = Landed::default();
+        let got = match result {
+            Ok(got) => got,
             Err(e) => {
                 warn!(holder = %holder.name, error = %e, "holder failed; its chunks go to the others");
-                dead = Some(e);
+                out.dead = Some(e);
                 for mut it in batch {
                     it.tried.push(me);
-                    requeue.push(it);
+                    out.requeue.push(it);
                 }
+                return out;
+            }
+        };
+        for (mut it, g) in batch.into_iter().zip(got) {
+            let Got::Bytes(b) = g else {
+                it.tried.push(me);
+                out.requeue.push(it);
+                continue;
+            };
+            let (st, h, len) = (self.store.clone(), it.hash, b.len() as u64);
+            match tokio::task::spawn_blocking(move || st.write(&h, &b)).await {
+                Ok(Ok(())) => {
+                    out.landed += 1;
+                    (self.progress)(len);
+                }
+                Ok(Err(StoreError::Corrupt { .. })) => {
+                    warn!(
+                        holder = %holder.name,
+                        chunk = %short(&hash_hex(&it.hash)),
+                        "chunk failed hash verification; fetching it from another holder"
+                    );
+                    it.tried.push(me);
+                    out.requeue.push(it);
+                }
+                Ok(Err(e)) => self.fail_local(format!("local store: {e}"), it, &mut out),
+                Err(e) => self.fail_local(format!("local store: {e}"), it, &mut out),
             }
         }
-        let Ok(mut w) = work.lock() else { return };
-        w.in_flight -= requeue.len() + landed as usize;
-        w.fetched += landed;
-        w.per_holder[me] += landed;
-        for it in requeue {
-            w.queue.push_back(it);
+        out
+    }
+
+    /// A local store problem (disk full...) fails the whole fetch.
+    fn fail_local(&self, why: String, it: Item, out: &mut Landed) {
+        if let Ok(mut w) = self.work.lock() {
+            w.failed = Some(why);
         }
-        if let Some(e) = dead {
-            w.alive[me] = false;
-            w.why_dead[me] = format!("{}: {e}", holder.name);
-        }
-        notify.notify_waiters();
+        out.requeue.push(it);
     }
 }

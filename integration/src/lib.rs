@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use fleetmesh_coordinator::client::ApiClient;
-use fleetmesh_coordinator::views::AgentView;
+use fleetmesh_coordinator::fleet::views::AgentView;
 use fleetmesh_protocol::pki::{Ca, IssueRequest};
 use fleetmesh_protocol::tls::TlsIdentity;
 use fleetmesh_protocol::{Attributes, PeerKind};

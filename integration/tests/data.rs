@@ -43,7 +43,7 @@ async fn mesh_up(client: &ApiClient, n: usize) {
             && a.iter()
                 .filter(|a| {
                     a.host.is_some()
-                        && a.state == fleetmesh_coordinator::liveness::AgentState::Connected
+                        && a.state == fleetmesh_coordinator::fleet::liveness::AgentState::Connected
                 })
                 .count()
                 >= n)

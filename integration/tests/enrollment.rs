@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use fleetmesh_agent::enroll::{enroll, EnrollFailure};
 use fleetmesh_coordinator::client::ApiClient;
-use fleetmesh_coordinator::liveness::AgentState;
+use fleetmesh_coordinator::fleet::liveness::AgentState;
 use fleetmesh_integration::{agents, wait_for, AgentProc, CoordinatorProc, Pki};
 use fleetmesh_protocol::enroll::{generate_key_pem, JoinString};
 use fleetmesh_protocol::{Attributes, PeerKind};

@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use fleetmesh_coordinator::liveness::AgentState;
-use fleetmesh_coordinator::views::AgentView;
+use fleetmesh_coordinator::fleet::liveness::AgentState;
+use fleetmesh_coordinator::fleet::views::AgentView;
 use fleetmesh_integration::{agents, attrs, wait_for, AgentProc, CoordinatorProc, Pki};
 
 fn by_name(v: Vec<AgentView>) -> BTreeMap<String, AgentView> {
@@ -112,10 +112,11 @@ async fn three_agents_report_live_telemetry_visible_in_cli_api_and_metrics() -> 
     }
 
     // Show one agent with history; list GPUs fleet-wide.
-    let detail: fleetmesh_coordinator::views::AgentDetail =
+    let detail: fleetmesh_coordinator::fleet::views::AgentDetail =
         client.get_json("/api/v1/agents/n2").await?;
     assert!(detail.history.len() >= 2, "history has {} points", detail.history.len());
-    let gpus: Vec<fleetmesh_coordinator::views::GpuView> = client.get_json("/api/v1/gpus").await?;
+    let gpus: Vec<fleetmesh_coordinator::fleet::views::GpuView> =
+        client.get_json("/api/v1/gpus").await?;
     assert_eq!(gpus.len(), 12);
     let missing = client.get_json::<serde_json::Value>("/api/v1/agents/nope").await;
     assert!(matches!(

@@ -10,7 +10,7 @@ use fleetmesh_agent::session::{
     client_endpoint, run_session, AgentStats, ConnectOptions, SessionError,
 };
 use fleetmesh_coordinator::client::{ApiClient, ClientError};
-use fleetmesh_coordinator::liveness::AgentState;
+use fleetmesh_coordinator::fleet::liveness::AgentState;
 use fleetmesh_integration::{agents, wait_for, AgentProc, CoordinatorProc, Pki};
 use fleetmesh_protocol::pki::IssueRequest;
 use fleetmesh_protocol::tls::TlsIdentity;

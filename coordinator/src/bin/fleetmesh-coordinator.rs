@@ -1,5 +1,7 @@
 //! `fleetmesh-coordinator`: thin shell around `fleetmesh_coordinator::run`.
 
+#![warn(clippy::too_many_lines, clippy::too_many_arguments)]
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -19,8 +19,8 @@ use super::core::{
     LEASE_MS, MASTER_PORT, MS_PER_HOUR, REQUEUE_MS,
 };
 use super::records::{Attempt, AttemptState, JobRecord, JobState};
-use crate::auction::{self, AuctionOutcome, BidView, Candidate, OpenAuction};
-use crate::broker::{DatasetRecord, Requester};
+use crate::data::broker::{DatasetRecord, Requester};
+use crate::placement::auction::{self, AuctionOutcome, BidView, Candidate, OpenAuction};
 
 /// A job's inputs as (mount, dataset) and the residency they impose together.
 type ResolvedInputs = (Vec<(String, DatasetRecord)>, Vec<String>);

@@ -24,9 +24,9 @@ use tracing::{info, warn};
 use super::records::{
     AttemptState, JobRecord, JobState, JobSummary, WorkflowRecord, WorkflowState, WorkflowSummary,
 };
-use crate::auction::{BidView, Candidate, OpenAuction};
-use crate::broker::{DataBroker, DatasetRecord, Requester};
-use crate::writer::Work;
+use crate::data::broker::{DataBroker, DatasetRecord, Requester};
+use crate::persist::writer::Work;
+use crate::placement::auction::{BidView, Candidate, OpenAuction};
 
 /// Auctions started per tick: bounds the tick's work (prefilter is O(agents) per job) so
 /// a burst of thousands of jobs never stalls the actor.

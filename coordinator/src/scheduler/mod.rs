@@ -3,7 +3,7 @@
 //! live in a pure core ([`core::SchedulerCore`], with [`tick`], [`award`] and [`exit`]):
 //! it takes each input with `now` and returns [`core::Effect`]s. This actor is the shell:
 //! it turns messages into inputs, asks the Fleet for candidates when the core wants them,
-//! and carries the effects out in order through its [`crate::writer::Writer`] (commit,
+//! and carries the effects out in order through its [`crate::persist::writer::Writer`] (commit,
 //! then send), the Auctioneer and the log buffers. So a restarted coordinator continues
 //! where it stopped and re-adopts attempts that agents report as running.
 //!
@@ -13,6 +13,8 @@
 pub mod award;
 pub mod core;
 pub mod exit;
+pub mod logbuf;
+pub mod logbuf_file;
 pub mod records;
 #[cfg(test)]
 mod tests;
@@ -27,10 +29,10 @@ use fleetmesh_protocol::{JobOutcome, OutputDataset};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tracing::warn;
 
-use crate::auctioneer::AuctioneerMsg;
-use crate::broker::DataBroker;
+use crate::data::broker::DataBroker;
 use crate::fleet::FleetMsg;
-use crate::store::Store;
+use crate::persist::store::Store;
+use crate::placement::auctioneer::AuctioneerMsg;
 
 pub use self::core::{Effect, SchedulerCore, DEFAULT_TOP_K};
 pub use self::records::*;
@@ -56,7 +58,7 @@ pub enum SchedulerMsg {
     StoreBroken(String),
     Tick,
     /// The Auctioneer closed an auction (losers already released).
-    AuctionClosed(Box<crate::auctioneer::AuctionOutcome>),
+    AuctionClosed(Box<crate::placement::auctioneer::AuctionOutcome>),
     AwardAnswer {
         agent: String,
         job: String,
@@ -102,6 +104,42 @@ pub enum SchedulerMsg {
     },
 }
 
+impl From<crate::fleet::FleetEvent> for SchedulerMsg {
+    fn from(e: crate::fleet::FleetEvent) -> Self {
+        match e {
+            crate::fleet::FleetEvent::AgentGone { agent } => SchedulerMsg::AgentGone { agent },
+        }
+    }
+}
+
+/// For ractor's narrow handle: only the Fleet's events convert back.
+impl TryFrom<SchedulerMsg> for crate::fleet::FleetEvent {
+    type Error = &'static str;
+    fn try_from(m: SchedulerMsg) -> Result<Self, Self::Error> {
+        match m {
+            SchedulerMsg::AgentGone { agent } => Ok(Self::AgentGone { agent }),
+            _ => Err("not a Fleet event"),
+        }
+    }
+}
+
+impl From<crate::placement::auction::AuctionOutcome> for SchedulerMsg {
+    fn from(o: crate::placement::auction::AuctionOutcome) -> Self {
+        SchedulerMsg::AuctionClosed(Box::new(o))
+    }
+}
+
+/// For ractor's narrow handle: only auction outcomes convert back.
+impl TryFrom<SchedulerMsg> for crate::placement::auction::AuctionOutcome {
+    type Error = &'static str;
+    fn try_from(m: SchedulerMsg) -> Result<Self, Self::Error> {
+        match m {
+            SchedulerMsg::AuctionClosed(o) => Ok(*o),
+            _ => Err("not an auction outcome"),
+        }
+    }
+}
+
 /// The Scheduler actor.
 pub struct Scheduler;
 
@@ -115,7 +153,7 @@ pub struct SchedulerArgs {
     /// Finished jobs' output goes here.
     pub log_dir: std::path::PathBuf,
     /// Delivers to agents (through the writer, after the commits queued before).
-    pub link: Arc<crate::agent_link::AgentLink>,
+    pub link: Arc<crate::net::agent_link::AgentLink>,
 }
 
 /// The shell's state: the core, and what carries out its effects.
@@ -124,9 +162,9 @@ pub struct SchedulerState {
     fleet: ActorRef<FleetMsg>,
     auctioneer: ActorRef<AuctioneerMsg>,
     /// Commits records and then delivers what waited for them, in order, off the actor.
-    writer: crate::writer::Writer<crate::writer::Work>,
+    writer: crate::persist::writer::Writer<crate::persist::writer::Work>,
     /// Output of running jobs; finished jobs' output is in `log_dir`.
-    logs: crate::logbuf::LogBuffers,
+    logs: crate::scheduler::logbuf::LogBuffers,
     log_dir: std::path::PathBuf,
     /// When the last tick started (periodic or for a submission).
     last_tick: std::time::Instant,
@@ -156,7 +194,7 @@ impl SchedulerState {
         if let Some(buf) = self.logs.take(job) {
             // At most MAX_LOG_BUFFER into the page cache, not synced: written here so a
             // `logs --follow` reading right after the exit finds the whole tail.
-            if let Err(e) = crate::logbuf_file::write(&self.log_dir, job, &buf) {
+            if let Err(e) = crate::scheduler::logbuf_file::write(&self.log_dir, job, &buf) {
                 warn!(job_id = %job, error = %e, "finished job's output not kept on disk");
             }
         }
@@ -181,7 +219,14 @@ impl SchedulerState {
         } else {
             None
         };
-        self.core.tick_place(now, view);
+        if let Some(mut p) = view.and_then(|v| self.core.begin_placement(now, v)) {
+            // Each auction opens as soon as it is decided.
+            while self.core.place_next(&mut p, now) {
+                self.run_effects();
+            }
+            self.core.end_placement(p);
+        }
+        self.core.finish_tick();
         self.run_effects();
     }
 
@@ -190,7 +235,7 @@ impl SchedulerState {
         let finished = j.state.terminal() || j.state == JobState::Queued;
         let kept = match self.logs.get(job) {
             Some(b) => Some(b.clone()),
-            None => crate::logbuf_file::read(&self.log_dir, job),
+            None => crate::scheduler::logbuf_file::read(&self.log_dir, job),
         };
         Some(match kept {
             Some(b) => {
@@ -251,24 +296,28 @@ impl Actor for Scheduler {
             SchedulerCore::restore(workflows, jobs, catalog, a.top_k, core::random_ids(), now_ms());
         // Late binding until the senders hold narrow handles: dropped if they are gone,
         // in which case the coordinator is stopping anyway.
-        let _ = a.fleet.cast(FleetMsg::SetScheduler(myself.clone()));
-        let _ = a.auctioneer.cast(AuctioneerMsg::SetScheduler(myself.clone()));
+        let _ = a.fleet.cast(FleetMsg::SetScheduler(myself.get_derived()));
+        let _ = a.auctioneer.cast(AuctioneerMsg::SetScheduler(myself.get_derived()));
         let ticker = myself.send_interval(TICK_INTERVAL, || SchedulerMsg::Tick);
-        let writer =
-            crate::writer::Writer::spawn("scheduler-writer", a.store.clone(), a.link.clone(), {
+        let writer = crate::persist::writer::Writer::spawn(
+            "scheduler-writer",
+            a.store.clone(),
+            a.link.clone(),
+            {
                 let me = myself.clone();
                 Box::new(move |why| {
                     // The actor fails with the reason, which stops the coordinator; if it
                     // is already gone there is nobody left to tell.
                     let _ = me.cast(SchedulerMsg::StoreBroken(why));
                 })
-            })?;
+            },
+        )?;
         Ok(SchedulerState {
             core,
             fleet: a.fleet,
             auctioneer: a.auctioneer,
             writer,
-            logs: crate::logbuf::LogBuffers::new(MAX_LOG_BUFFER, MAX_LOG_MEMORY),
+            logs: crate::scheduler::logbuf::LogBuffers::new(MAX_LOG_BUFFER, MAX_LOG_MEMORY),
             log_dir: a.log_dir,
             last_tick: std::time::Instant::now(),
             ticker: Some(ticker),

@@ -11,8 +11,8 @@ use fleetmesh_protocol::{CoordinatorMessage, JobOutcome, OutputDataset};
 use super::core::*;
 use super::exit::{retry_backoff_ms, staging_backoff_ms, Exit};
 use super::records::*;
-use crate::auction::{AuctionOutcome, BidView, Candidate, OpenAuction};
-use crate::broker::{DatasetRecord, HolderState, Requester};
+use crate::data::broker::{DatasetRecord, HolderState, Requester};
+use crate::placement::auction::{AuctionOutcome, BidView, Candidate, OpenAuction};
 
 /// Datasets by id and by name; registrations are kept.
 #[derive(Default)]

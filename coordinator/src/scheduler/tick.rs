@@ -12,7 +12,18 @@ use super::core::{
     SchedulerCore, AWARD_ANSWER_MS, MAX_AUCTIONS_PER_TICK, MAX_OPEN_AUCTIONS, START_TIMEOUT_MS,
 };
 use super::records::{AttemptState, JobRecord, JobState, WorkflowState};
-use crate::auction::{self, Candidate};
+use crate::placement::auction::{self, Candidate};
+
+/// One tick's placement in progress: the due jobs left, the view with this tick's
+/// claims (`candidates`) and without them (`unclaimed`), and the room left.
+pub struct Placement {
+    queued: std::collections::VecDeque<String>,
+    candidates: Vec<Candidate>,
+    unclaimed: Vec<Candidate>,
+    index: HashMap<String, usize>,
+    room: usize,
+    free_gpus: usize,
+}
 
 impl SchedulerCore {
     /// One whole tick (timers, placement on `view`, completion); what tests drive.
@@ -43,11 +54,16 @@ impl SchedulerCore {
     /// the jobs wait for the next tick rather than be marked "no agents"), then commit
     /// and send what was decided, then workflow completion.
     pub fn tick_place(&mut self, now: u64, view: Option<Vec<Candidate>>) {
-        let queued = self.due_jobs(now);
-        if let Some(candidates) = view.filter(|_| !queued.is_empty()) {
-            self.start_auctions(queued, candidates, now);
+        if let Some(mut p) = view.and_then(|v| self.begin_placement(now, v)) {
+            while self.place_next(&mut p, now) {}
+            self.end_placement(p);
         }
-        // The awards (and their fences) and recorded exits in one commit, then the sends.
+        self.finish_tick();
+    }
+
+    /// The awards (and their fences) and recorded exits in one commit, then the sends;
+    /// then workflow completion.
+    pub fn finish_tick(&mut self) {
         self.flush();
         self.finish_workflows();
         self.persist();
@@ -179,10 +195,19 @@ impl SchedulerCore {
             .collect()
     }
 
-    /// Open auctions for `queued` on `candidates`. GPUs invited for in this tick are
-    /// claimed (taken out of a working copy), so concurrent auctions go to agents that
-    /// still have room instead of all competing for the same GPUs.
-    fn start_auctions(&mut self, queued: Vec<String>, mut candidates: Vec<Candidate>, now: u64) {
+    /// Start placing this tick's due jobs on `candidates`, or `None` when none is due.
+    /// GPUs invited for in this tick are claimed (taken out of a working copy), so
+    /// concurrent auctions go to agents that still have room instead of all competing
+    /// for the same GPUs.
+    pub fn begin_placement(
+        &mut self,
+        now: u64,
+        mut candidates: Vec<Candidate>,
+    ) -> Option<Placement> {
+        let queued = self.due_jobs(now);
+        if queued.is_empty() {
+            return None;
+        }
         for c in &candidates {
             if let Some(a) = &c.addr {
                 self.addrs.insert(c.agent.clone(), a.clone());
@@ -201,33 +226,42 @@ impl SchedulerCore {
         }
         auction::sort_candidates(&mut candidates);
         let unclaimed = candidates.clone();
-        let index: HashMap<String, usize> =
-            unclaimed.iter().enumerate().map(|(i, c)| (c.agent.clone(), i)).collect();
+        let index = unclaimed.iter().enumerate().map(|(i, c)| (c.agent.clone(), i)).collect();
         let room = MAX_AUCTIONS_PER_TICK.min(MAX_OPEN_AUCTIONS.saturating_sub(self.auctions.len()));
-        let mut started = 0;
-        let mut free_total: usize = candidates.iter().map(|c| c.free_gpus.len()).sum();
-        for id in queued {
-            if started >= room {
-                break;
-            }
+        let free_gpus = candidates.iter().map(|c| c.free_gpus.len()).sum();
+        Some(Placement { queued: queued.into(), candidates, unclaimed, index, room, free_gpus })
+    }
+
+    /// Consider queued jobs until one auction opens; false when the tick's placement is
+    /// over. The shell opens each auction as soon as it is decided, so the first agents
+    /// are asked while later jobs are still being considered.
+    pub fn place_next(&mut self, p: &mut Placement, now: u64) -> bool {
+        while p.room > 0 {
+            let Some(id) = p.queued.pop_front() else { return false };
             let gpus = self.jobs.get(&id).map_or(0, |j| j.spec.resources.gpus as usize);
-            if gpus > 0 && free_total == 0 {
+            if gpus > 0 && p.free_gpus == 0 {
                 // This tick's capacity is spoken for; try again next tick.
                 continue;
             }
-            let Some(invited) = self.start_auction(&id, &candidates, &unclaimed, now) else {
+            let Some(invited) = self.start_auction(&id, &p.candidates, &p.unclaimed, now) else {
                 continue;
             };
-            started += 1;
+            p.room -= 1;
             for a in invited {
-                if let Some(c) = index.get(&a).and_then(|i| candidates.get_mut(*i)) {
+                if let Some(c) = p.index.get(&a).and_then(|i| p.candidates.get_mut(*i)) {
                     let n = gpus.min(c.free_gpus.len());
                     c.free_gpus.drain(..n);
-                    free_total = free_total.saturating_sub(n);
+                    p.free_gpus = p.free_gpus.saturating_sub(n);
                 }
             }
+            return true;
         }
-        self.last_candidates = Arc::new(unclaimed);
+        false
+    }
+
+    /// This tick's placement is over; its view is kept for fetch plans.
+    pub fn end_placement(&mut self, p: Placement) {
+        self.last_candidates = Arc::new(p.unclaimed);
     }
 
     /// Workflows with a job that changed: finished once every job is.

@@ -25,10 +25,10 @@ use clap::{Parser, Subcommand};
 use fleetmesh_agent::gpu::simulated::SimulatedBackend;
 use fleetmesh_agent::sampler::{NodeSampler, Sampler};
 use fleetmesh_agent::session::{run_forever, AgentStats, ConnectOptions};
+use fleetmesh_coordinator::fleet::views::IngestStats;
 use fleetmesh_coordinator::fleet::{Fleet, FleetArgs, FleetConfig, FleetMsg};
-use fleetmesh_coordinator::session::SessionMsg;
-use fleetmesh_coordinator::store::Store;
-use fleetmesh_coordinator::views::IngestStats;
+use fleetmesh_coordinator::net::agent_link::ToSession;
+use fleetmesh_coordinator::persist::store::Store;
 use fleetmesh_integration::{AgentProc, CoordinatorProc, Pki};
 use fleetmesh_protocol::pki::IssueRequest;
 use fleetmesh_protocol::tls::TlsIdentity;
@@ -666,14 +666,14 @@ async fn placement(
     Ok(())
 }
 
-/// A session stand-in for the in-memory baseline (the Fleet only ever casts `Close`).
+/// A session stand-in for the in-memory baseline (the Fleet only ever sends `Close`).
 struct NullSession;
 
 impl Actor for NullSession {
-    type Msg = SessionMsg;
+    type Msg = ToSession;
     type State = ();
     type Arguments = ();
-    async fn pre_start(&self, _m: ActorRef<SessionMsg>, _a: ()) -> Result<(), ActorProcessingErr> {
+    async fn pre_start(&self, _m: ActorRef<ToSession>, _a: ()) -> Result<(), ActorProcessingErr> {
         Ok(())
     }
 }
@@ -705,7 +705,7 @@ async fn inmemory_baseline(agents: usize, gpus: u32, seconds: u64) -> Result<Ing
             |reply| FleetMsg::Register {
                 identity,
                 session_id: 1,
-                session: null.clone(),
+                session: null.get_derived(),
                 remote_ip: std::net::Ipv4Addr::LOCALHOST.into(),
                 reply
             },

@@ -8,21 +8,24 @@
 //! change (batched: every record changed during a tick is committed in one transaction
 //! at the end of that tick, so a thousand agents reconnecting at once cost one fsync, not
 //! a thousand) and, for `last_seen` alone, in batches every [`PERSIST_EVERY`]. Commits
-//! run on the Fleet's own writer thread ([`crate::writer`]), in order, so the actor keeps
+//! run on the Fleet's own writer thread ([`crate::persist::writer`]), in order, so the actor keeps
 //! answering (the Scheduler asks it for candidates on every tick) while the disk works.
+
+pub mod liveness;
+pub mod views;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fleetmesh_protocol::{GpuEvent, Inventory, PeerIdentity, TelemetryReport};
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorProcessingErr, ActorRef, DerivedActorRef, RpcReplyPort};
 use tracing::{info, warn};
 
-use crate::liveness::{self, AgentState, LivenessConfig};
-use crate::session::SessionMsg;
-use crate::store::{AgentRecord, Store};
-use crate::views::{self, AgentDetail, AgentView, GpuPoint, GpuView, HistoryPoint, IngestStats};
+use self::liveness::{AgentState, LivenessConfig};
+use self::views::{AgentDetail, AgentView, GpuPoint, GpuView, HistoryPoint, IngestStats};
+use crate::net::agent_link::{SessionHandle, ToSession};
+use crate::persist::store::{AgentRecord, Store};
 
 /// After a coordinator restart, agents that were connected get this long to reconnect
 /// before the normal liveness clock starts: more than the agents' reconnect backoff cap
@@ -52,6 +55,14 @@ impl Default for FleetConfig {
 }
 
 /// Messages of the Fleet actor.
+/// What the Fleet tells whoever placed work on agents (the Scheduler), through a narrow
+/// handle so that the Fleet does not name the Scheduler's messages.
+#[derive(Debug)]
+pub enum FleetEvent {
+    /// The agent left, was lost or was revoked: what ran there must run elsewhere.
+    AgentGone { agent: String },
+}
+
 pub enum FleetMsg {
     /// The store writer cannot commit any more: the Fleet fails with this reason.
     StoreBroken(String),
@@ -59,7 +70,7 @@ pub enum FleetMsg {
     Register {
         identity: PeerIdentity,
         session_id: u64,
-        session: ActorRef<SessionMsg>,
+        session: SessionHandle,
         /// Where the agent's connection comes from (its address for gang rendezvous).
         remote_ip: std::net::IpAddr,
         reply: RpcReplyPort<()>,
@@ -94,9 +105,9 @@ pub enum FleetMsg {
         reason: String,
     },
     /// Who gets told when agents go away (the Scheduler).
-    SetScheduler(ActorRef<crate::scheduler::SchedulerMsg>),
+    SetScheduler(DerivedActorRef<FleetEvent>),
     /// Placement view of every agent.
-    Candidates(RpcReplyPort<Vec<crate::auction::Candidate>>),
+    Candidates(RpcReplyPort<Vec<crate::placement::auction::Candidate>>),
     /// Stop (or resume) new awards to an agent.
     Drain {
         name: String,
@@ -114,7 +125,7 @@ pub enum FleetMsg {
 struct AgentEntry {
     record: AgentRecord,
     last_heard: Instant,
-    session: Option<(u64, ActorRef<SessionMsg>)>,
+    session: Option<(u64, SessionHandle)>,
     inventory: Option<Inventory>,
     latest: Option<Box<TelemetryReport>>,
     history: VecDeque<HistoryPoint>,
@@ -148,7 +159,7 @@ impl AgentEntry {
 pub struct FleetState {
     cfg: FleetConfig,
     /// Commits agent records off the actor, in order.
-    writer: crate::writer::Writer<crate::writer::Agents>,
+    writer: crate::persist::writer::Writer<crate::persist::writer::Agents>,
     agents: BTreeMap<String, AgentEntry>,
     last_persist: Instant,
     /// Agents whose state/attributes changed and must be committed at the next tick.
@@ -158,10 +169,10 @@ pub struct FleetState {
     /// (applied at, ms since epoch; sample-to-apply latency, µs).
     latencies_us: VecDeque<(u64, u32)>,
     _ticker: Option<ractor::concurrency::JoinHandle<()>>,
-    scheduler: Option<ActorRef<crate::scheduler::SchedulerMsg>>,
-    revocations: Arc<crate::authority::Revocations>,
+    scheduler: Option<DerivedActorRef<FleetEvent>>,
+    revocations: Arc<crate::trust::revocations::Revocations>,
     /// Kept in step with every agent's current session (`sync_link`).
-    link: Arc<crate::agent_link::AgentLink>,
+    link: Arc<crate::net::agent_link::AgentLink>,
 }
 
 fn unix_us() -> u64 {
@@ -174,6 +185,95 @@ fn unix_us() -> u64 {
 use fleetmesh_data::now_unix_ms as unix_ms;
 
 impl FleetState {
+    /// A session passed hello: it becomes the agent's current one. It learns the
+    /// deny-list first (delivered after its welcome).
+    fn on_register(
+        &mut self,
+        identity: PeerIdentity,
+        session_id: u64,
+        session: SessionHandle,
+        remote_ip: std::net::IpAddr,
+        now: Instant,
+    ) {
+        let name = identity.name.clone();
+        if !self.revocations.is_empty() {
+            // A session that is already gone needs no list.
+            let _ = session.send_message(ToSession::Send(Box::new(self.revocations.denied())));
+        }
+        self.register(identity, session_id, session, now);
+        self.sync_link(&name);
+        if let Some(e) = self.agents.get_mut(&name) {
+            e.remote_ip = Some(remote_ip);
+        }
+    }
+
+    fn on_inventory(&mut self, name: &str, session_id: u64, inventory: Inventory, now: Instant) {
+        if !self.heard(name, session_id, now) {
+            return;
+        }
+        let Some(e) = self.agents.get_mut(name) else { return };
+        info!(agent_id = %name, gpus = inventory.gpus.len(), source = inventory.gpu_source.label(), "inventory received");
+        let host_changed = e.record.hostname.as_deref() != Some(inventory.host.hostname.as_str());
+        e.record.hostname = Some(inventory.host.hostname.clone());
+        e.inventory = Some(inventory);
+        FleetState::refresh_free_gpus(e);
+        if host_changed {
+            self.changed.insert(name.to_string());
+        }
+    }
+
+    /// The agent said goodbye on its current session.
+    fn on_leaving(&mut self, name: &str, session_id: u64, reason: &str, now: Instant) {
+        if self.current(name, session_id, now).is_none() {
+            return;
+        }
+        if let Some(e) = self.agents.get_mut(name) {
+            e.session = None;
+        }
+        self.sync_link(name);
+        self.set_state(name, AgentState::Left, reason);
+    }
+
+    /// A session ended; liveness (not the transport) decides when the agent is lost.
+    fn on_session_closed(&mut self, name: &str, session_id: u64, reason: &str) {
+        if let Some(e) = self.agents.get_mut(name) {
+            if e.session.as_ref().is_some_and(|(sid, _)| *sid == session_id) {
+                e.session = None;
+                info!(agent_id = %name, session = session_id, %reason, "session closed");
+            }
+        }
+        self.sync_link(name);
+    }
+
+    /// The Authority revoked the agent: its session closes now, and every holder learns
+    /// to refuse it (its tickets may outlive the revocation).
+    fn on_revoked(&mut self, name: &str, reason: &str) {
+        if let Some((_, session)) = self.agents.get_mut(name).and_then(|e| e.session.take()) {
+            // Gone already is as good as closed.
+            let _ = session.send_message(ToSession::Close {
+                reason: format!("certificate revoked: {reason}"),
+            });
+        }
+        self.sync_link(name);
+        self.set_state(name, AgentState::Revoked, reason);
+        self.flush_changed();
+        let denied = self.revocations.denied();
+        for (_, s) in self.agents.values().filter_map(|e| e.session.as_ref()) {
+            // A session that is gone has no data port to protect.
+            let _ = s.send_message(ToSession::Send(Box::new(denied.clone())));
+        }
+    }
+
+    /// Stop (or resume) new awards to an agent; whether it exists.
+    fn drain(&mut self, name: &str, draining: bool) -> bool {
+        let Some(e) = self.agents.get_mut(name) else { return false };
+        e.record.draining = draining;
+        info!(agent_id = %name, draining, "drain changed");
+        self.changed.insert(name.to_string());
+        self.flush_changed();
+        true
+    }
+
     /// Make the agent link say what `name`'s entry says about its current session.
     fn sync_link(&self, name: &str) {
         match self.agents.get(name).and_then(|e| e.session.as_ref()) {
@@ -184,11 +284,11 @@ impl FleetState {
         }
     }
 
-    /// Queue these agents' records for commit (see [`crate::writer`]).
+    /// Queue these agents' records for commit (see [`crate::persist::writer`]).
     fn persist(&self, names: &[&str]) {
         let recs: Vec<AgentRecord> =
             names.iter().filter_map(|n| self.agents.get(*n)).map(|e| e.record.clone()).collect();
-        self.writer.commit(crate::writer::Agents(recs));
+        self.writer.commit(crate::persist::writer::Agents(recs));
     }
 
     /// Commit every record changed since the last call (one transaction).
@@ -222,15 +322,15 @@ impl FleetState {
             let taken = self.agents.get_mut(name).and_then(|e| e.session.take());
             self.sync_link(name);
             if let Some((_, s)) = taken {
-                let _ = s.cast(SessionMsg::Close {
+                let _ = s.send_message(ToSession::Close {
                     reason: "declared lost after missing heartbeats".into(),
                 });
             }
         }
         if matches!(state, AgentState::Lost | AgentState::Left | AgentState::Revoked) {
             if let Some(s) = &self.scheduler {
-                let _ =
-                    s.cast(crate::scheduler::SchedulerMsg::AgentGone { agent: name.to_string() });
+                // A Scheduler that is gone is stopping the coordinator anyway.
+                let _ = s.send_message(FleetEvent::AgentGone { agent: name.to_string() });
             }
         }
     }
@@ -265,7 +365,7 @@ impl FleetState {
         &mut self,
         identity: PeerIdentity,
         session_id: u64,
-        session: ActorRef<SessionMsg>,
+        session: SessionHandle,
         now: Instant,
     ) {
         let name = identity.name.clone();
@@ -290,7 +390,7 @@ impl FleetState {
         if let Some((old_id, old)) = entry.session.take() {
             if old_id != session_id {
                 info!(agent_id = %name, old_session = old_id, new_session = session_id, "replacing previous session");
-                let _ = old.cast(SessionMsg::Close {
+                let _ = old.send_message(ToSession::Close {
                     reason: "replaced by a newer session of the same agent".into(),
                 });
             }
@@ -446,9 +546,9 @@ impl FleetState {
         };
     }
 
-    fn candidate(name: &str, e: &AgentEntry) -> crate::auction::Candidate {
+    fn candidate(name: &str, e: &AgentEntry) -> crate::placement::auction::Candidate {
         let inv = e.inventory.as_ref();
-        crate::auction::Candidate {
+        crate::placement::auction::Candidate {
             agent: name.to_string(),
             connected: e.record.state == AgentState::Connected
                 && e.session.is_some()
@@ -540,9 +640,9 @@ pub struct FleetArgs {
     pub cfg: FleetConfig,
     pub store: Arc<Store>,
     /// Revoked identities, which every agent's data port must refuse.
-    pub revocations: Arc<crate::authority::Revocations>,
+    pub revocations: Arc<crate::trust::revocations::Revocations>,
     /// The directory everyone delivers to agents through; the Fleet keeps it current.
-    pub link: Arc<crate::agent_link::AgentLink>,
+    pub link: Arc<crate::net::agent_link::AgentLink>,
 }
 
 impl Actor for Fleet {
@@ -569,13 +669,18 @@ impl Actor for Fleet {
         let ticker = myself.send_interval(args.cfg.liveness.tick, || FleetMsg::Tick);
         Ok(FleetState {
             cfg: args.cfg,
-            writer: crate::writer::Writer::spawn("fleet-writer", args.store, args.link.clone(), {
-                let me = myself.clone();
-                Box::new(move |why| {
-                    // The actor fails with the reason, which stops the coordinator.
-                    let _ = me.cast(FleetMsg::StoreBroken(why));
-                })
-            })?,
+            writer: crate::persist::writer::Writer::spawn(
+                "fleet-writer",
+                args.store,
+                args.link.clone(),
+                {
+                    let me = myself.clone();
+                    Box::new(move |why| {
+                        // The actor fails with the reason, which stops the coordinator.
+                        let _ = me.cast(FleetMsg::StoreBroken(why));
+                    })
+                },
+            )?,
             agents,
             last_persist: now,
             changed: Default::default(),
@@ -614,32 +719,12 @@ impl Actor for Fleet {
         match msg {
             FleetMsg::StoreBroken(why) => return Err(why.into()),
             FleetMsg::Register { identity, session_id, session, remote_ip, reply } => {
-                let name = identity.name.clone();
-                // Handled by the session after its welcome is written.
-                if !st.revocations.is_empty() {
-                    let _ = session.cast(SessionMsg::Send(Box::new(st.revocations.denied())));
-                }
-                st.register(identity, session_id, session, now);
-                st.sync_link(&name);
-                if let Some(e) = st.agents.get_mut(&name) {
-                    e.remote_ip = Some(remote_ip);
-                }
+                st.on_register(identity, session_id, session, remote_ip, now);
+                // The session waits for this before its welcome; it may have given up.
                 let _ = reply.send(());
             }
             FleetMsg::Inventory { name, session_id, inventory } => {
-                if st.heard(&name, session_id, now) {
-                    if let Some(e) = st.agents.get_mut(&name) {
-                        info!(agent_id = %name, gpus = inventory.gpus.len(), source = inventory.gpu_source.label(), "inventory received");
-                        let host_changed =
-                            e.record.hostname.as_deref() != Some(inventory.host.hostname.as_str());
-                        e.record.hostname = Some(inventory.host.hostname.clone());
-                        e.inventory = Some(inventory);
-                        FleetState::refresh_free_gpus(e);
-                        if host_changed {
-                            st.changed.insert(name.clone());
-                        }
-                    }
-                }
+                st.on_inventory(&name, session_id, inventory, now)
             }
             FleetMsg::Telemetry { name, session_id, report } => {
                 st.apply_telemetry(&name, session_id, report, now)
@@ -648,60 +733,20 @@ impl Actor for Fleet {
                 st.heard(&name, session_id, now);
             }
             FleetMsg::Leaving { name, session_id, reason } => {
-                if st.current(&name, session_id, now).is_some() {
-                    if let Some(e) = st.agents.get_mut(&name) {
-                        e.session = None;
-                    }
-                    st.sync_link(&name);
-                    st.set_state(&name, AgentState::Left, &reason);
-                }
+                st.on_leaving(&name, session_id, &reason, now)
             }
             FleetMsg::SessionClosed { name, session_id, reason } => {
-                if let Some(e) = st.agents.get_mut(&name) {
-                    if e.session.as_ref().is_some_and(|(sid, _)| *sid == session_id) {
-                        e.session = None;
-                        info!(agent_id = %name, session = session_id, %reason, "session closed");
-                        // Liveness (not the transport) decides when it is lost.
-                    }
-                }
-                st.sync_link(&name);
+                st.on_session_closed(&name, session_id, &reason)
             }
-            FleetMsg::Revoked { name, reason } => {
-                if let Some(e) = st.agents.get_mut(&name) {
-                    if let Some((_, session)) = e.session.take() {
-                        let _ = session.cast(SessionMsg::Close {
-                            reason: format!("certificate revoked: {reason}"),
-                        });
-                    }
-                }
-                st.sync_link(&name);
-                st.set_state(&name, AgentState::Revoked, &reason);
-                st.flush_changed();
-                // Its tickets may outlive the revocation: every holder refuses it now.
-                let denied = st.revocations.denied();
-                for (_, s) in st.agents.values().filter_map(|e| e.session.as_ref()) {
-                    let _ = s.cast(SessionMsg::Send(Box::new(denied.clone())));
-                }
-            }
+            FleetMsg::Revoked { name, reason } => st.on_revoked(&name, &reason),
             FleetMsg::SetScheduler(s) => st.scheduler = Some(s),
             FleetMsg::Candidates(reply) => {
                 let v = st.agents.iter().map(|(n, e)| FleetState::candidate(n, e)).collect();
                 let _ = reply.send(v);
             }
             FleetMsg::Drain { name, draining, reply } => {
-                let found = match st.agents.get_mut(&name) {
-                    Some(e) => {
-                        e.record.draining = draining;
-                        true
-                    }
-                    None => false,
-                };
-                if found {
-                    info!(agent_id = %name, draining, "drain changed");
-                    st.changed.insert(name);
-                    st.flush_changed();
-                }
-                // Answered once durable.
+                let found = st.drain(&name, draining);
+                // Answered once durable, if the caller still waits.
                 st.writer.after(move || {
                     let _ = reply.send(found);
                 });
@@ -718,6 +763,7 @@ impl Actor for Fleet {
                     history: e.history.iter().cloned().collect(),
                     recent_events: e.events.iter().cloned().collect(),
                 });
+                // Queries below: a caller that gave up does not mind.
                 let _ = reply.send(d);
             }
             FleetMsg::ListGpus(reply) => {

@@ -11,7 +11,7 @@ use fleetmesh_protocol::Attributes;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use crate::liveness::AgentState;
+use crate::fleet::liveness::AgentState;
 
 const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");

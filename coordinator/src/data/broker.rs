@@ -20,8 +20,8 @@ use fleetmesh_protocol::data::{
 use fleetmesh_protocol::{FetchReport, Holding, PeerKind};
 use tracing::{info, warn};
 
-use crate::auction::Candidate;
-use crate::store::Store;
+use crate::persist::store::Store;
+use crate::placement::auction::Candidate;
 
 /// How long a ticket stays valid: long enough for a large fetch to start from every
 /// holder, short enough that a leaked ticket is soon useless.

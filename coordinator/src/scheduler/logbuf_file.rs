@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::logbuf::LogBuf;
+use crate::scheduler::logbuf::LogBuf;
 
 #[derive(Serialize, Deserialize)]
 struct Header {

@@ -10,8 +10,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::liveness::AgentState;
-use crate::views::{AgentView, IngestStats};
+use crate::fleet::liveness::AgentState;
+use crate::fleet::views::{AgentView, IngestStats};
 
 type Labels = Vec<(String, String)>;
 type GaugeF = Gauge<f64, AtomicU64>;

@@ -9,20 +9,19 @@
 //! every serial issued to it. The denied set is a shared [`Revocations`] that the
 //! Listener (every connection) and the Api (every request) read.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use fleetmesh_protocol::enroll::{sha256_hex, EnrollRequest, JoinString};
 use fleetmesh_protocol::identity::validate_label;
 use fleetmesh_protocol::pki::{Ca, IssueRequest};
-use fleetmesh_protocol::{CoordinatorMessage, PeerIdentity, PeerKind};
+use fleetmesh_protocol::{PeerIdentity, PeerKind};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use rand::RngCore;
 use tracing::{info, warn};
 
 use crate::fleet::FleetMsg;
-use crate::store::{AuditRecord, ConsumeError, Store, TokenRecord};
+use crate::persist::store::{AuditRecord, ConsumeError, Store, TokenRecord};
 
 pub use fleetmesh_protocol::api::TokenSpec;
 
@@ -35,64 +34,7 @@ pub struct Enrolled {
     pub cert_pem: String,
 }
 
-/// Revoked identities and serials, written by the Authority and read by every port.
-#[derive(Debug, Default)]
-pub struct Revocations {
-    inner: std::sync::RwLock<(HashSet<String>, HashSet<String>)>,
-}
-
-impl Revocations {
-    /// The key an identity is revoked under: agents by name (as stored since the first
-    /// release), every other kind as `KIND/NAME`.
-    pub fn key(kind: PeerKind, name: &str) -> String {
-        match kind {
-            PeerKind::Agent => name.to_string(),
-            other => format!("{other}/{name}"),
-        }
-    }
-
-    /// `Some(reason)` when this identity must be refused.
-    pub fn check(&self, id: &PeerIdentity) -> Option<String> {
-        let g = self.inner.read().ok()?;
-        (g.1.contains(&id.serial) || g.0.contains(&Self::key(id.kind, &id.name)))
-            .then(|| format!("certificate of {} is revoked", id.spiffe_id()))
-    }
-
-    /// What data-plane holders must refuse: revoked agent names and every revoked serial.
-    pub fn denied(&self) -> CoordinatorMessage {
-        let (agents, serials) = self
-            .inner
-            .read()
-            .map(|g| {
-                (
-                    g.0.iter().filter(|k| !k.contains('/')).cloned().collect(),
-                    g.1.iter().cloned().collect(),
-                )
-            })
-            .unwrap_or_default();
-        CoordinatorMessage::Denied { agents, serials }
-    }
-
-    /// Nothing revoked yet.
-    pub fn is_empty(&self) -> bool {
-        self.inner.read().is_ok_and(|g| g.0.is_empty() && g.1.is_empty())
-    }
-
-    fn name_revoked(&self, key: &str) -> bool {
-        self.inner.read().map(|g| g.0.contains(key)).unwrap_or(true)
-    }
-
-    fn add(
-        &self,
-        names: impl IntoIterator<Item = String>,
-        serials: impl IntoIterator<Item = String>,
-    ) {
-        if let Ok(mut g) = self.inner.write() {
-            g.0.extend(names);
-            g.1.extend(serials);
-        }
-    }
-}
+pub use crate::trust::revocations::Revocations;
 
 /// Authority messages.
 pub enum AuthorityMsg {
@@ -239,7 +181,7 @@ impl AuthorityState {
         Ok(TokenCreated {
             id,
             join: join.to_string(),
-            expires: crate::views::rfc3339_ms(rec.expires_unix_ms),
+            expires: crate::fleet::views::rfc3339_ms(rec.expires_unix_ms),
             uses,
         })
     }
@@ -417,7 +359,7 @@ impl Actor for Authority {
                             labels: t.labels,
                             uses: t.uses,
                             max_uses: t.max_uses,
-                            expires: crate::views::rfc3339_ms(t.expires_unix_ms),
+                            expires: crate::fleet::views::rfc3339_ms(t.expires_unix_ms),
                         })
                         .collect()
                 });

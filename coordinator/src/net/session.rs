@@ -11,9 +11,9 @@ use fleetmesh_protocol::{
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tracing::{debug, info, warn};
 
-use crate::authority::AuthorityMsg;
 use crate::fleet::FleetMsg;
 use crate::scheduler::SchedulerMsg;
+use crate::trust::authority::AuthorityMsg;
 
 pub use fleetmesh_protocol::codec::close_code;
 
@@ -33,6 +33,27 @@ pub enum SessionMsg {
     StreamEnded { reason: String },
 }
 
+impl From<crate::net::agent_link::ToSession> for SessionMsg {
+    fn from(m: crate::net::agent_link::ToSession) -> Self {
+        match m {
+            crate::net::agent_link::ToSession::Send(msg) => SessionMsg::Send(msg),
+            crate::net::agent_link::ToSession::Close { reason } => SessionMsg::Close { reason },
+        }
+    }
+}
+
+/// For ractor's narrow handle: only the messages others may send convert back.
+impl TryFrom<SessionMsg> for crate::net::agent_link::ToSession {
+    type Error = &'static str;
+    fn try_from(m: SessionMsg) -> Result<Self, Self::Error> {
+        match m {
+            SessionMsg::Send(msg) => Ok(Self::Send(msg)),
+            SessionMsg::Close { reason } => Ok(Self::Close { reason }),
+            _ => Err("not a message other actors send to a session"),
+        }
+    }
+}
+
 /// Everything a session needs, handed over by the Listener after a valid hello.
 pub struct SessionArgs {
     pub conn: quinn::Connection,
@@ -44,9 +65,9 @@ pub struct SessionArgs {
     pub authority: ActorRef<AuthorityMsg>,
     pub scheduler: ActorRef<SchedulerMsg>,
     /// Bids and declines go straight to the Auctioneer.
-    pub auctioneer: ActorRef<crate::auctioneer::AuctioneerMsg>,
+    pub auctioneer: ActorRef<crate::placement::auctioneer::AuctioneerMsg>,
     pub heartbeat_interval: Duration,
-    pub broker: std::sync::Arc<crate::broker::DataBroker>,
+    pub broker: std::sync::Arc<crate::data::broker::DataBroker>,
 }
 
 /// Session state.
@@ -76,14 +97,14 @@ pub(crate) async fn write_frame<T: serde::Serialize>(
 
 /// Ask a (re)connected agent again for fetches it never reported on, with fresh plans.
 async fn resume_fetches(
-    broker: &crate::broker::DataBroker,
+    broker: &crate::data::broker::DataBroker,
     fleet: &ActorRef<FleetMsg>,
     myself: &ActorRef<SessionMsg>,
     name: &str,
     datasets: Vec<String>,
 ) {
     let Ok(cands) = ractor::call_t!(fleet, FleetMsg::Candidates, 5000) else { return };
-    let me = crate::broker::Requester {
+    let me = crate::data::broker::Requester {
         kind: fleetmesh_protocol::PeerKind::Agent,
         name: name.to_string(),
         jurisdiction: cands.iter().find(|c| c.agent == name).and_then(|c| c.jurisdiction.clone()),
@@ -103,151 +124,158 @@ async fn resume_fetches(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn reader_loop(
-    mut recv: quinn::RecvStream,
+/// Where a session's reader sends what its agent says (one struct instead of a long
+/// argument list).
+struct Routes {
     conn: quinn::Connection,
     name: String,
     session_id: u64,
     fleet: ActorRef<FleetMsg>,
     scheduler: ActorRef<SchedulerMsg>,
-    auctioneer: ActorRef<crate::auctioneer::AuctioneerMsg>,
+    auctioneer: ActorRef<crate::placement::auctioneer::AuctioneerMsg>,
     myself: ActorRef<SessionMsg>,
-    broker: std::sync::Arc<crate::broker::DataBroker>,
-) {
-    let to_scheduler = |m: SchedulerMsg| scheduler.cast(m).map_err(|_| ());
+    broker: std::sync::Arc<crate::data::broker::DataBroker>,
+}
+
+/// Why the reader stops.
+type Stop = String;
+
+impl Routes {
+    /// Hand one message to whoever handles it; `Err` ends the session with the reason.
+    async fn dispatch(&self, msg: AgentMessage) -> Result<(), Stop> {
+        match msg {
+            AgentMessage::Telemetry(_)
+            | AgentMessage::Heartbeat { .. }
+            | AgentMessage::Inventory(_)
+            | AgentMessage::Leaving { .. } => self.to_fleet(msg),
+            AgentMessage::Bid { .. } | AgentMessage::Decline { .. } => {
+                self.to_auctioneer(msg);
+                Ok(())
+            }
+            AgentMessage::AwardAnswer { .. }
+            | AgentMessage::JobStarted { .. }
+            | AgentMessage::JobOutput { .. }
+            | AgentMessage::JobExited { .. }
+            | AgentMessage::Running { .. } => {
+                self.to_scheduler(msg);
+                Ok(())
+            }
+            AgentMessage::Holdings { datasets } => {
+                let redo = self.broker.holdings(&self.name, &datasets);
+                if !redo.is_empty() {
+                    resume_fetches(&self.broker, &self.fleet, &self.myself, &self.name, redo).await;
+                }
+                Ok(())
+            }
+            AgentMessage::FetchDone(report) => {
+                let ds = fleetmesh_protocol::data::short(&report.dataset).to_string();
+                if report.ok {
+                    info!(agent_id = %self.name, dataset = %ds, fetched = report.fetched_chunks, reused = report.reused_chunks, "fetch done");
+                } else {
+                    warn!(agent_id = %self.name, dataset = %ds, detail = %report.detail, "fetch failed");
+                }
+                self.broker.fetch_done(&self.name, report);
+                Ok(())
+            }
+            AgentMessage::Renew { csr_pem } => self
+                .myself
+                .cast(SessionMsg::Renew { csr_pem })
+                .map_err(|_| "session stopped".into()),
+            AgentMessage::Hello(_) => {
+                let why = "second hello on an established session";
+                warn!(agent_id = %self.name, why, "protocol error; closing");
+                self.conn.close(close_code::PROTOCOL_ERROR.into(), why.as_bytes());
+                Err(why.into())
+            }
+            other => {
+                debug!(agent_id = %self.name, ?other, "ignoring unknown agent message");
+                Ok(())
+            }
+        }
+    }
+
+    /// Registry and telemetry. Without a Fleet the session is pointless: it ends.
+    fn to_fleet(&self, msg: AgentMessage) -> Result<(), Stop> {
+        let (name, session_id) = (self.name.clone(), self.session_id);
+        let m = match msg {
+            AgentMessage::Telemetry(report) => {
+                FleetMsg::Telemetry { name, session_id, report: Box::new(report) }
+            }
+            AgentMessage::Heartbeat { .. } => FleetMsg::Heartbeat { name, session_id },
+            AgentMessage::Inventory(inventory) => {
+                FleetMsg::Inventory { name, session_id, inventory }
+            }
+            AgentMessage::Leaving { reason } => {
+                info!(agent_id = %name, %reason, "agent is leaving");
+                FleetMsg::Leaving { name, session_id, reason }
+            }
+            _ => return Ok(()),
+        };
+        self.fleet.cast(m).map_err(|_| "fleet unavailable".into())
+    }
+
+    /// Bids and declines. An Auctioneer that is gone stops the coordinator, and the
+    /// agent reconnects to its successor: dropping the answer is right.
+    fn to_auctioneer(&self, msg: AgentMessage) {
+        use crate::placement::auctioneer::AuctioneerMsg;
+        let agent = self.name.clone();
+        let m = match msg {
+            AgentMessage::Bid { auction, gpus, price, eta_ms, local_bytes, health } => {
+                AuctioneerMsg::Bid { agent, auction, gpus, price, eta_ms, local_bytes, health }
+            }
+            AgentMessage::Decline { auction, reason } => {
+                AuctioneerMsg::Decline { agent, auction, reason }
+            }
+            _ => return,
+        };
+        let _ = self.auctioneer.cast(m);
+    }
+
+    /// Job events. A Scheduler that is gone stops the coordinator; the agent keeps its
+    /// exits until a new one acknowledges them, so dropping here loses nothing.
+    fn to_scheduler(&self, msg: AgentMessage) {
+        let agent = self.name.clone();
+        let m = match msg {
+            AgentMessage::AwardAnswer { job, attempt, accepted, reason } => {
+                SchedulerMsg::AwardAnswer { agent, job, attempt, accepted, reason }
+            }
+            AgentMessage::JobStarted { job, attempt, .. } => {
+                SchedulerMsg::JobStarted { agent, job, attempt }
+            }
+            AgentMessage::JobOutput { job, attempt, data, .. } => {
+                SchedulerMsg::JobOutput { agent, job, attempt, data }
+            }
+            AgentMessage::JobExited { job, attempt, outcome, duration_ms, outputs } => {
+                SchedulerMsg::JobExited { agent, job, attempt, outcome, duration_ms, outputs }
+            }
+            AgentMessage::Running { attempts } => SchedulerMsg::Running { agent, attempts },
+            _ => return,
+        };
+        let _ = self.scheduler.cast(m);
+    }
+}
+
+/// Read frames until the stream ends or fails, dispatching each; then tell the session.
+async fn reader_loop(mut recv: quinn::RecvStream, routes: Routes) {
     let reason = loop {
         match read_frame::<AgentMessage>(&mut recv).await {
             Ok(Some(msg)) => {
-                let sent = match msg {
-                    AgentMessage::Telemetry(report) => fleet.cast(FleetMsg::Telemetry {
-                        name: name.clone(),
-                        session_id,
-                        report: Box::new(report),
-                    }),
-                    AgentMessage::Heartbeat { .. } => {
-                        fleet.cast(FleetMsg::Heartbeat { name: name.clone(), session_id })
-                    }
-                    AgentMessage::Inventory(inventory) => fleet.cast(FleetMsg::Inventory {
-                        name: name.clone(),
-                        session_id,
-                        inventory,
-                    }),
-                    AgentMessage::Bid { auction, gpus, price, eta_ms, local_bytes, health } => {
-                        let _ = auctioneer.cast(crate::auctioneer::AuctioneerMsg::Bid {
-                            agent: name.clone(),
-                            auction,
-                            gpus,
-                            price,
-                            eta_ms,
-                            local_bytes,
-                            health,
-                        });
-                        Ok(())
-                    }
-                    AgentMessage::Decline { auction, reason } => {
-                        let _ = auctioneer.cast(crate::auctioneer::AuctioneerMsg::Decline {
-                            agent: name.clone(),
-                            auction,
-                            reason,
-                        });
-                        Ok(())
-                    }
-                    AgentMessage::AwardAnswer { job, attempt, accepted, reason } => {
-                        let _ = to_scheduler(SchedulerMsg::AwardAnswer {
-                            agent: name.clone(),
-                            job,
-                            attempt,
-                            accepted,
-                            reason,
-                        });
-                        Ok(())
-                    }
-                    AgentMessage::JobStarted { job, attempt, .. } => {
-                        let _ = to_scheduler(SchedulerMsg::JobStarted {
-                            agent: name.clone(),
-                            job,
-                            attempt,
-                        });
-                        Ok(())
-                    }
-                    AgentMessage::JobOutput { job, attempt, data, .. } => {
-                        let _ = to_scheduler(SchedulerMsg::JobOutput {
-                            agent: name.clone(),
-                            job,
-                            attempt,
-                            data,
-                        });
-                        Ok(())
-                    }
-                    AgentMessage::JobExited { job, attempt, outcome, duration_ms, outputs } => {
-                        let _ = to_scheduler(SchedulerMsg::JobExited {
-                            agent: name.clone(),
-                            job,
-                            attempt,
-                            outcome,
-                            duration_ms,
-                            outputs,
-                        });
-                        Ok(())
-                    }
-                    AgentMessage::Holdings { datasets } => {
-                        let redo = broker.holdings(&name, &datasets);
-                        if !redo.is_empty() {
-                            resume_fetches(&broker, &fleet, &myself, &name, redo).await;
-                        }
-                        Ok(())
-                    }
-                    AgentMessage::FetchDone(report) => {
-                        if report.ok {
-                            info!(agent_id = %name, dataset = %fleetmesh_protocol::data::short(&report.dataset), fetched = report.fetched_chunks, reused = report.reused_chunks, "fetch done");
-                        } else {
-                            warn!(agent_id = %name, dataset = %fleetmesh_protocol::data::short(&report.dataset), detail = %report.detail, "fetch failed");
-                        }
-                        broker.fetch_done(&name, report);
-                        Ok(())
-                    }
-                    AgentMessage::Running { attempts } => {
-                        let _ =
-                            to_scheduler(SchedulerMsg::Running { agent: name.clone(), attempts });
-                        Ok(())
-                    }
-                    AgentMessage::Renew { csr_pem } => {
-                        if myself.cast(SessionMsg::Renew { csr_pem }).is_err() {
-                            break "session stopped".to_string();
-                        }
-                        Ok(())
-                    }
-                    AgentMessage::Leaving { reason } => {
-                        info!(agent_id = %name, %reason, "agent is leaving");
-                        fleet.cast(FleetMsg::Leaving { name: name.clone(), session_id, reason })
-                    }
-                    AgentMessage::Hello(_) => {
-                        let why = "second hello on an established session";
-                        warn!(agent_id = %name, why, "protocol error; closing");
-                        conn.close(close_code::PROTOCOL_ERROR.into(), why.as_bytes());
-                        break why.to_string();
-                    }
-                    other => {
-                        debug!(agent_id = %name, ?other, "ignoring unknown agent message");
-                        Ok(())
-                    }
-                };
-                if sent.is_err() {
-                    break "fleet unavailable".to_string();
+                if let Err(why) = routes.dispatch(msg).await {
+                    break why;
                 }
             }
             Ok(None) => break "agent closed its control stream".to_string(),
             Err(FrameError::Codec(e)) => {
                 let why = format!("protocol error: {e}");
-                warn!(agent_id = %name, error = %e, "closing session on bad frame");
-                conn.close(close_code::PROTOCOL_ERROR.into(), why.as_bytes());
+                warn!(agent_id = %routes.name, error = %e, "closing session on bad frame");
+                routes.conn.close(close_code::PROTOCOL_ERROR.into(), why.as_bytes());
                 break why;
             }
             Err(e) => break format!("connection lost: {e}"),
         }
     };
-    let _ = myself.cast(SessionMsg::StreamEnded { reason });
+    // The session may be gone already (closed from our side): nothing to tell then.
+    let _ = routes.myself.cast(SessionMsg::StreamEnded { reason });
 }
 
 impl Actor for AgentSession {
@@ -280,7 +308,7 @@ impl Actor for AgentSession {
             |reply| FleetMsg::Register {
                 identity: id_for_register,
                 session_id,
-                session: myself.clone(),
+                session: myself.get_derived(),
                 remote_ip: conn.remote_address().ip(),
                 reply
             },
@@ -303,17 +331,17 @@ impl Actor for AgentSession {
         if let Err(e) = write_frame(&mut send, &key).await {
             return Err(format!("could not send the ticket key to {name}: {e}").into());
         }
-        let reader = tokio::spawn(reader_loop(
-            recv,
-            conn.clone(),
-            name.clone(),
+        let routes = Routes {
+            conn: conn.clone(),
+            name: name.clone(),
             session_id,
-            fleet.clone(),
+            fleet: fleet.clone(),
             scheduler,
             auctioneer,
             myself,
             broker,
-        ));
+        };
+        let reader = tokio::spawn(reader_loop(recv, routes));
         Ok(SessionState {
             conn,
             send,

@@ -1,5 +1,5 @@
 //! `Auctioneer` actor: runs the auctions the Scheduler opens, around the pure core in
-//! [`crate::auction`].
+//! [`crate::placement::auction`].
 //!
 //! The Scheduler decides *what* to auction and *whom* to invite (prefilter on the
 //! Fleet's cached view, per-tick capacity claims, residency). The Auctioneer then:
@@ -17,20 +17,19 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use fleetmesh_protocol::CoordinatorMessage;
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor::{Actor, ActorProcessingErr, ActorRef, DerivedActorRef};
 use tracing::debug;
 
-use crate::auction::{self, BidView};
-use crate::scheduler::SchedulerMsg;
+use crate::placement::auction::{self, BidView};
 
 /// How often deadlines are checked.
 const DEADLINE_TICK: Duration = Duration::from_millis(50);
 
-pub use crate::auction::{AuctionOutcome, OpenAuction};
+pub use crate::placement::auction::{AuctionOutcome, OpenAuction};
 
 pub enum AuctioneerMsg {
     /// Where outcomes go (sent once by the Scheduler when it starts).
-    SetScheduler(ActorRef<SchedulerMsg>),
+    SetScheduler(DerivedActorRef<AuctionOutcome>),
     Open(Box<OpenAuction>),
     Bid {
         agent: String,
@@ -57,8 +56,8 @@ struct Run {
 }
 
 pub struct AuctioneerState {
-    scheduler: Option<ActorRef<SchedulerMsg>>,
-    link: std::sync::Arc<crate::agent_link::AgentLink>,
+    scheduler: Option<DerivedActorRef<AuctionOutcome>>,
+    link: std::sync::Arc<crate::net::agent_link::AgentLink>,
     runs: HashMap<String, Run>,
 }
 
@@ -111,7 +110,8 @@ impl AuctioneerState {
         };
         match &self.scheduler {
             Some(s) => {
-                let _ = s.cast(SchedulerMsg::AuctionClosed(Box::new(outcome)));
+                // A Scheduler that is gone is stopping the coordinator anyway.
+                let _ = s.send_message(outcome);
             }
             None => {
                 // No Scheduler to award: release what would have won.
@@ -130,7 +130,7 @@ pub struct Auctioneer;
 
 pub struct AuctioneerArgs {
     /// Delivers calls for bids and releases to agents.
-    pub link: std::sync::Arc<crate::agent_link::AgentLink>,
+    pub link: std::sync::Arc<crate::net::agent_link::AgentLink>,
 }
 
 use fleetmesh_data::now_unix_ms as now_ms;
@@ -300,20 +300,17 @@ mod tests {
         v
     }
 
-    async fn outcome(rx: &mut mpsc::UnboundedReceiver<SchedulerMsg>) -> AuctionOutcome {
+    async fn outcome(rx: &mut mpsc::UnboundedReceiver<AuctionOutcome>) -> AuctionOutcome {
         let m = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
-        match m {
-            Ok(Some(SchedulerMsg::AuctionClosed(o))) => *o,
-            _ => panic!("no outcome"),
-        }
+        m.ok().flatten().expect("no outcome")
     }
 
     #[tokio::test]
     async fn closes_when_all_answered_picks_the_best_and_releases_the_losers_at_once() {
-        let (link, mut fleet_rx) = crate::agent_link::AgentLink::recording();
-        let (sched, mut sched_rx) = recorder::<SchedulerMsg>().await;
+        let (link, mut fleet_rx) = crate::net::agent_link::AgentLink::recording();
+        let (sched, mut sched_rx) = recorder::<AuctionOutcome>().await;
         let (a, _) = Actor::spawn(None, Auctioneer, AuctioneerArgs { link }).await.unwrap();
-        a.cast(AuctioneerMsg::SetScheduler(sched)).unwrap();
+        a.cast(AuctioneerMsg::SetScheduler(sched.get_derived())).unwrap();
         // A deadline far away: only the answers can close it.
         a.cast(AuctioneerMsg::Open(open("x#1", &["a", "b", "c", "d"], now_ms() + 60_000))).unwrap();
         a.cast(bid("a", "x#1", 3.0)).unwrap();
@@ -350,10 +347,10 @@ mod tests {
 
     #[tokio::test]
     async fn deadline_closes_with_silent_invitees_named_and_a_gang_is_all_or_nothing() {
-        let (link, mut fleet_rx) = crate::agent_link::AgentLink::recording();
-        let (sched, mut sched_rx) = recorder::<SchedulerMsg>().await;
+        let (link, mut fleet_rx) = crate::net::agent_link::AgentLink::recording();
+        let (sched, mut sched_rx) = recorder::<AuctionOutcome>().await;
         let (a, _) = Actor::spawn(None, Auctioneer, AuctioneerArgs { link }).await.unwrap();
-        a.cast(AuctioneerMsg::SetScheduler(sched)).unwrap();
+        a.cast(AuctioneerMsg::SetScheduler(sched.get_derived())).unwrap();
         let mut gang = open("g#1", &["a", "b", "c"], now_ms() + 200);
         gang.nodes = 2;
         a.cast(AuctioneerMsg::Open(gang)).unwrap();

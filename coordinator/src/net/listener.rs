@@ -14,15 +14,17 @@ use std::time::Duration;
 use fleetmesh_protocol::enroll::{EnrollMessage, EnrollReply, ALPN_ENROLL};
 use fleetmesh_protocol::tls::{peer_identity, TlsIdentity};
 use fleetmesh_protocol::{
-    AgentMessage, CoordinatorMessage, PeerIdentity, PeerKind, ALPN_CTL, PROTOCOL_VERSION,
+    AgentMessage, CoordinatorMessage, Hello, PeerIdentity, PeerKind, ALPN_CTL, PROTOCOL_VERSION,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
-use crate::authority::AuthorityMsg;
 use crate::fleet::FleetMsg;
-use crate::session::{close_code, read_frame, write_frame, AgentSession, FrameError, SessionArgs};
+use crate::net::session::{
+    close_code, read_frame, write_frame, AgentSession, FrameError, SessionArgs,
+};
+use crate::trust::authority::AuthorityMsg;
 
 /// Time a new connection has to complete the hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -36,9 +38,9 @@ pub struct ListenerArgs {
     pub fleet: ActorRef<FleetMsg>,
     pub authority: ActorRef<AuthorityMsg>,
     pub scheduler: ActorRef<crate::scheduler::SchedulerMsg>,
-    pub auctioneer: ActorRef<crate::auctioneer::AuctioneerMsg>,
+    pub auctioneer: ActorRef<crate::placement::auctioneer::AuctioneerMsg>,
     pub heartbeat_interval: Duration,
-    pub broker: Arc<crate::broker::DataBroker>,
+    pub broker: Arc<crate::data::broker::DataBroker>,
     /// Receives the bound address once listening.
     pub bound: Option<oneshot::Sender<SocketAddr>>,
 }
@@ -62,9 +64,9 @@ pub struct ListenerState {
     fleet: ActorRef<FleetMsg>,
     authority: ActorRef<AuthorityMsg>,
     scheduler: ActorRef<crate::scheduler::SchedulerMsg>,
-    auctioneer: ActorRef<crate::auctioneer::AuctioneerMsg>,
+    auctioneer: ActorRef<crate::placement::auctioneer::AuctioneerMsg>,
     heartbeat_interval: Duration,
-    broker: Arc<crate::broker::DataBroker>,
+    broker: Arc<crate::data::broker::DataBroker>,
     next_session: u64,
     accept_task: tokio::task::JoinHandle<()>,
 }
@@ -143,6 +145,9 @@ async fn serve_enrollment(
     result.map(|e| e.name).map_err(|why| format!("enrollment refused: {why}"))
 }
 
+/// How long a refused agent gets to read the reason before the connection closes.
+const REJECT_LINGER: Duration = Duration::from_millis(500);
+
 /// What an accepted connection turned out to be.
 enum Outcome {
     Session(Box<Accepted>),
@@ -150,12 +155,14 @@ enum Outcome {
     Xfer,
 }
 
+/// Route an incoming connection by ALPN: enrollment (no client certificate), the
+/// coordinator's store as a data-plane peer, or a control session.
 async fn authenticate(
     incoming: quinn::Incoming,
     trust_domain: &str,
     authority: &ActorRef<AuthorityMsg>,
     ca_pem: &str,
-    broker: &Arc<crate::broker::DataBroker>,
+    broker: &Arc<crate::data::broker::DataBroker>,
 ) -> Result<Outcome, String> {
     let conn = incoming.await.map_err(|e| format!("handshake failed: {e}"))?;
     let alpn = conn
@@ -165,108 +172,108 @@ async fn authenticate(
     if alpn.as_deref() == Some(ALPN_ENROLL) {
         return serve_enrollment(conn, authority, ca_pem).await.map(Outcome::Enrolled);
     }
-    let chain = conn
-        .peer_identity()
-        .and_then(|any| any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok());
-    let identity = match peer_identity(chain.as_deref().map(|v| v.as_slice())) {
-        Ok(id) => id,
-        Err(e) => {
-            let why = format!("certificate identity unusable: {e}");
-            refuse(&conn, close_code::REFUSED, &why);
-            return Err(why);
-        }
-    };
-    if identity.trust_domain != trust_domain {
-        let why = format!(
-            "certificate is for trust domain {}, this mesh is {trust_domain}",
-            identity.trust_domain
-        );
-        refuse(&conn, close_code::REFUSED, &why);
-        return Err(why);
-    }
-    if identity.kind != PeerKind::Agent {
-        let why = format!(
-            "the agent port requires an agent certificate; {} presented a {} certificate",
-            identity.spiffe_id(),
-            identity.kind
-        );
-        refuse(&conn, close_code::REFUSED, &why);
-        return Err(why);
-    }
-    let revoked = ractor::call_t!(authority, AuthorityMsg::CheckRevoked, 5000, identity.clone())
-        .unwrap_or_else(|e| Some(format!("revocation status unavailable: {e}")));
-    if let Some(why) = revoked {
-        refuse(&conn, close_code::REFUSED, &why);
-        return Err(why);
-    }
+    let identity = authorised_agent(&conn, trust_domain, authority).await?;
     if alpn.as_deref() == Some(fleetmesh_protocol::data::ALPN_XFER) {
         // The coordinator's own store as a data-plane peer, for agents that are not
         // revoked; tickets and residency are checked per request.
         broker.server.clone().serve(conn).await;
         return Ok(Outcome::Xfer);
     }
-    let (mut send, mut recv) = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            return Err(format!("{}: connection ended before hello: {e}", identity.spiffe_id()))
-        }
-        Err(_) => {
-            let why = "no control stream within the hello timeout";
-            refuse(&conn, close_code::PROTOCOL_ERROR, why);
-            return Err(format!("{}: {why}", identity.spiffe_id()));
-        }
+    control_session(conn, identity).await
+}
+
+/// The peer's identity if it is an agent of this mesh that is not revoked; otherwise
+/// the connection is refused with the reason.
+async fn authorised_agent(
+    conn: &quinn::Connection,
+    trust_domain: &str,
+    authority: &ActorRef<AuthorityMsg>,
+) -> Result<PeerIdentity, String> {
+    let chain = conn
+        .peer_identity()
+        .and_then(|any| any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok());
+    let refused = |why: String| {
+        refuse(conn, close_code::REFUSED, &why);
+        why
     };
-    let first =
-        match tokio::time::timeout(HELLO_TIMEOUT, read_frame::<AgentMessage>(&mut recv)).await {
-            Ok(Ok(Some(m))) => m,
-            Ok(Ok(None)) => {
-                return Err(format!("{}: stream closed before hello", identity.spiffe_id()))
-            }
-            Ok(Err(FrameError::Codec(e))) => {
-                let why = format!("protocol error: {e}");
-                refuse(&conn, close_code::PROTOCOL_ERROR, &why);
-                return Err(format!("{}: {why}", identity.spiffe_id()));
-            }
-            Ok(Err(e)) => return Err(format!("{}: {e}", identity.spiffe_id())),
-            Err(_) => {
-                let why = "no hello within the hello timeout";
-                refuse(&conn, close_code::PROTOCOL_ERROR, why);
-                return Err(format!("{}: {why}", identity.spiffe_id()));
-            }
-        };
-    let hello = match first {
-        AgentMessage::Hello(h) => h,
-        _ => {
-            let why = "first frame was not a hello";
-            refuse(&conn, close_code::PROTOCOL_ERROR, why);
-            return Err(format!("{}: {why}", identity.spiffe_id()));
-        }
-    };
-    let reject = if hello.protocol_version != PROTOCOL_VERSION {
-        Some((
+    let identity = peer_identity(chain.as_deref().map(|v| v.as_slice()))
+        .map_err(|e| refused(format!("certificate identity unusable: {e}")))?;
+    if identity.trust_domain != trust_domain {
+        return Err(refused(format!(
+            "certificate is for trust domain {}, this mesh is {trust_domain}",
+            identity.trust_domain
+        )));
+    }
+    if identity.kind != PeerKind::Agent {
+        return Err(refused(format!(
+            "the agent port requires an agent certificate; {} presented a {} certificate",
+            identity.spiffe_id(),
+            identity.kind
+        )));
+    }
+    let revoked = ractor::call_t!(authority, AuthorityMsg::CheckRevoked, 5000, identity.clone())
+        .unwrap_or_else(|e| Some(format!("revocation status unavailable: {e}")));
+    match revoked {
+        Some(why) => Err(refused(why)),
+        None => Ok(identity),
+    }
+}
+
+/// Why a hello is refused (with the close code), or `None` when it is fine.
+fn hello_refusal(hello: &Hello, identity: &PeerIdentity) -> Option<(u32, String)> {
+    if hello.protocol_version != PROTOCOL_VERSION {
+        return Some((
             close_code::VERSION_MISMATCH,
             format!(
                 "protocol version mismatch: agent speaks {}, coordinator speaks {}",
                 hello.protocol_version, PROTOCOL_VERSION
             ),
-        ))
-    } else if hello.agent_name != identity.name {
-        Some((
+        ));
+    }
+    (hello.agent_name != identity.name).then(|| {
+        (
             close_code::REFUSED,
             format!(
                 "hello claims the name {:?} but the certificate is for agent {:?}",
                 hello.agent_name, identity.name
             ),
-        ))
-    } else {
-        None
+        )
+    })
+}
+
+/// ALPN `fleetmesh/ctl/1`: the control stream and its hello, checked.
+async fn control_session(
+    conn: quinn::Connection,
+    identity: PeerIdentity,
+) -> Result<Outcome, String> {
+    let who = identity.spiffe_id();
+    let protocol_error = |why: String| {
+        refuse(&conn, close_code::PROTOCOL_ERROR, &why);
+        format!("{who}: {why}")
     };
-    if let Some((code, why)) = reject {
+    let (mut send, mut recv) = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(format!("{who}: connection ended before hello: {e}")),
+        Err(_) => return Err(protocol_error("no control stream within the hello timeout".into())),
+    };
+    let first = tokio::time::timeout(HELLO_TIMEOUT, read_frame::<AgentMessage>(&mut recv)).await;
+    let hello = match first {
+        Ok(Ok(Some(AgentMessage::Hello(h)))) => h,
+        Ok(Ok(Some(_))) => return Err(protocol_error("first frame was not a hello".into())),
+        Ok(Ok(None)) => return Err(format!("{who}: stream closed before hello")),
+        Ok(Err(FrameError::Codec(e))) => {
+            return Err(protocol_error(format!("protocol error: {e}")))
+        }
+        Ok(Err(e)) => return Err(format!("{who}: {e}")),
+        Err(_) => return Err(protocol_error("no hello within the hello timeout".into())),
+    };
+    if let Some((code, why)) = hello_refusal(&hello, &identity) {
+        // The agent reads the reason before the close; it may be gone already.
         let _ = write_frame(&mut send, &CoordinatorMessage::Reject { reason: why.clone() }).await;
         let _ = send.finish();
-        let _ = tokio::time::timeout(Duration::from_millis(500), conn.closed()).await;
+        let _ = tokio::time::timeout(REJECT_LINGER, conn.closed()).await;
         refuse(&conn, code, &why);
-        return Err(format!("{}: {why}", identity.spiffe_id()));
+        return Err(format!("{who}: {why}"));
     }
     Ok(Outcome::Session(Box::new(Accepted { conn, send, recv, identity })))
 }

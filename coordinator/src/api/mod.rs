@@ -30,6 +30,8 @@
 //! | POST   | `/api/v1/data/missing` | which of these chunk hashes the coordinator lacks |
 //! | PUT/GET | `/api/v1/data/chunks/{hash}` | upload / download one chunk (verified) |
 
+pub mod metrics;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,11 +52,11 @@ use tokio::sync::oneshot;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
-use crate::authority::{AuthorityMsg, Revocations};
-use crate::broker::{DataBroker, Requester};
+use crate::data::broker::{DataBroker, Requester};
+use crate::fleet::views::ApiErrorBody;
 use crate::fleet::FleetMsg;
 use crate::scheduler::SchedulerMsg;
-use crate::views::ApiErrorBody;
+use crate::trust::authority::{AuthorityMsg, Revocations};
 use fleetmesh_api::answers::{Cancelled, Drained, Placed, Removed, Revoked, Submitted};
 use fleetmesh_protocol::api::{DrainBody, PlaceBody, PutBody, RevokeBody, TokenSpec};
 
@@ -88,7 +90,7 @@ struct AppState {
     broker: Arc<DataBroker>,
     tls: Arc<TlsIdentity>,
     revocations: Arc<Revocations>,
-    link: Arc<crate::agent_link::AgentLink>,
+    link: Arc<crate::net::agent_link::AgentLink>,
 }
 
 macro_rules! sched_call {
@@ -309,7 +311,7 @@ async fn require_operator(
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let response = next.run(req).await;
     if audited(&method, &path) {
-        let record = crate::store::AuditRecord {
+        let record = crate::persist::store::AuditRecord {
             at_unix_ms: fleetmesh_data::now_unix_ms(),
             event: "api".into(),
             agent: None,
@@ -366,7 +368,7 @@ async fn ingest(State(st): State<AppState>, Query(q): Query<IngestQuery>) -> Res
 async fn metrics(State(st): State<AppState>) -> Response {
     let agents = fleet_call!(st.fleet, FleetMsg::ListAgents);
     let stats = fleet_call!(st.fleet, FleetMsg::Ingest, 0);
-    match crate::metrics::render(&agents, &stats) {
+    match crate::api::metrics::render(&agents, &stats) {
         Ok(text) => (
             [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
             text,
@@ -382,7 +384,7 @@ const MAX_CHUNK_BODY: usize = fleetmesh_protocol::data::MAX_CHUNK_SIZE as usize 
 /// Largest `POST /api/v1/data` body (a manifest in JSON).
 const MAX_MANIFEST_BODY: usize = 64 << 20;
 
-async fn candidates(st: &AppState) -> Result<Vec<crate::auction::Candidate>, Response> {
+async fn candidates(st: &AppState) -> Result<Vec<crate::placement::auction::Candidate>, Response> {
     ractor::call_t!(st.fleet, FleetMsg::Candidates, FLEET_CALL_MS)
         .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, format!("fleet unavailable: {e}")))
 }
@@ -435,7 +437,7 @@ async fn data_put(
     let rec = match put {
         Ok(Ok((rec, loosened))) => {
             if let Some(old) = loosened {
-                let record = crate::store::AuditRecord {
+                let record = crate::persist::store::AuditRecord {
                     at_unix_ms: fleetmesh_data::now_unix_ms(),
                     event: "residency-loosened".into(),
                     agent: None,
@@ -755,7 +757,7 @@ pub struct ApiArgs {
     pub scheduler: ActorRef<SchedulerMsg>,
     pub broker: Arc<DataBroker>,
     pub revocations: Arc<Revocations>,
-    pub link: Arc<crate::agent_link::AgentLink>,
+    pub link: Arc<crate::net::agent_link::AgentLink>,
     pub bound: Option<oneshot::Sender<SocketAddr>>,
 }
 

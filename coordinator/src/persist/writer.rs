@@ -28,8 +28,8 @@ use std::sync::Arc;
 use fleetmesh_protocol::CoordinatorMessage;
 use tracing::warn;
 
-use crate::agent_link::AgentLink;
-use crate::store::{AgentRecord, Store, StoreError};
+use crate::net::agent_link::AgentLink;
+use crate::persist::store::{AgentRecord, Store, StoreError};
 
 /// Serialised records: (id, JSON).
 pub type Records = Vec<(String, Vec<u8>)>;

@@ -15,12 +15,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
 use fleetmesh_protocol::CoordinatorMessage;
-use ractor::ActorRef;
+use ractor::DerivedActorRef;
 
-use crate::session::SessionMsg;
+/// What other actors may ask of an agent's session (the session actor's own message
+/// type stays with it; everyone else holds a [`SessionHandle`]).
+#[derive(Debug)]
+pub enum ToSession {
+    /// Write a message to the agent.
+    Send(Box<CoordinatorMessage>),
+    /// Close the session, telling the agent why.
+    Close { reason: String },
+}
+
+/// A narrow handle on a session actor.
+pub type SessionHandle = DerivedActorRef<ToSession>;
 
 /// Agent name -> (session id, session actor).
-type Sessions = HashMap<String, (u64, ActorRef<SessionMsg>)>;
+type Sessions = HashMap<String, (u64, SessionHandle)>;
 
 /// Tests only: what receives every message instead of a session.
 #[cfg(test)]
@@ -44,7 +55,7 @@ impl std::fmt::Debug for AgentLink {
 
 impl AgentLink {
     /// `session` (id `session_id`) is now `agent`'s current session.
-    pub fn register(&self, agent: &str, session_id: u64, session: ActorRef<SessionMsg>) {
+    pub fn register(&self, agent: &str, session_id: u64, session: SessionHandle) {
         if let Ok(mut m) = self.sessions.write() {
             m.insert(agent.to_string(), (session_id, session));
         }
@@ -60,7 +71,7 @@ impl AgentLink {
     }
 
     /// Forget whatever session `agent` has (it was revoked or declared lost).
-    pub fn remove(&self, agent: &str) -> Option<ActorRef<SessionMsg>> {
+    pub fn remove(&self, agent: &str) -> Option<SessionHandle> {
         self.sessions.write().ok()?.remove(agent).map(|(_, s)| s)
     }
 
@@ -79,7 +90,7 @@ impl AgentLink {
         let session = self.sessions.read().ok().and_then(|m| m.get(agent).map(|(_, s)| s.clone()));
         // A session that stopped between the lookup and the cast drops the message like
         // a missing one would: the agent reconciles when it reconnects.
-        let sent = session.is_some_and(|s| s.cast(SessionMsg::Send(Box::new(msg))).is_ok());
+        let sent = session.is_some_and(|s| s.send_message(ToSession::Send(Box::new(msg))).is_ok());
         if !sent {
             self.undeliverable.fetch_add(1, Ordering::Relaxed);
         }

@@ -1,0 +1,4 @@
+//! The coordinator's side of the data plane: the dataset index, residency, fetch plans
+//! and tickets (`broker.rs`).
+
+pub mod broker;

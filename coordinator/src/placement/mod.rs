@@ -1,0 +1,6 @@
+//! Placement: the pure auction core (`auction.rs`: prefilter with a reason per refused
+//! agent, scoring by objective, winner selection, gangs all or nothing) and the
+//! `Auctioneer` actor that runs the auctions the Scheduler's core opens.
+
+pub mod auction;
+pub mod auctioneer;
