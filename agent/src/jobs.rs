@@ -543,6 +543,7 @@ impl Jobs {
             for k in stale {
                 if let Some(mut r) = s.1.remove(&k) {
                     if let Some(tx) = r.stop.take() {
+                        // An attempt that already ended needs no stop.
                         let _ = tx.send((JobOutcome::Cancelled, Duration::from_millis(0)));
                     }
                 }

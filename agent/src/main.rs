@@ -222,6 +222,7 @@ fn main() -> ExitCode {
         tokio::spawn(async move {
             wait_for_signal().await;
             tracing::info!("shutdown requested");
+            // The agent may have stopped on its own already.
             let _ = tx.send(true);
         });
         fleetmesh_agent::run(config, rx).await

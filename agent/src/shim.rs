@@ -229,6 +229,7 @@ fn supervise(args: &ShimArgs) -> ExitRecord {
             pumps += 1;
             std::thread::spawn(move || {
                 copy_capped(r, &path);
+                // The supervisor may have stopped waiting for this pump.
                 let _ = tx.send(());
             });
         }

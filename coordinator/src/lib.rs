@@ -44,6 +44,12 @@ use tracing::{error, info};
 
 pub use config::CoordinatorConfig;
 
+/// Answer an actor call. A caller that gave up waiting (its call timed out) no longer
+/// listens, and nothing is lost by dropping the answer: that is the only way `send` fails.
+pub(crate) fn answer<T: ractor::Message>(reply: ractor::RpcReplyPort<T>, value: T) {
+    let _ = reply.send(value);
+}
+
 /// Coordinator failures.
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
@@ -276,6 +282,7 @@ impl std::fmt::Debug for Running {
 impl Running {
     /// Stop gracefully and wait.
     pub async fn shutdown(self) -> Result<(), CoordinatorError> {
+        // Already stopping when the root is gone.
         let _ = self.root.cast(RootMsg::Shutdown);
         self.wait().await
     }
@@ -364,6 +371,7 @@ pub async fn run(
         r = &mut wait => r,
         _ = async { while shutdown.changed().await.is_ok() { if *shutdown.borrow() { break; } } } => {
             info!("shutting down");
+            // Already stopping when the root is gone.
             let _ = root.cast(RootMsg::Shutdown);
             wait.await
         }

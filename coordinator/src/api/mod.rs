@@ -787,6 +787,7 @@ impl Actor for Api {
         let local = listener.local_addr()?;
         info!(addr = %local, "HTTPS API listening (operator certificates required)");
         if let Some(tx) = args.bound {
+            // Whoever asked for the address may have stopped waiting.
             let _ = tx.send(local);
         }
         let app = router(AppState {

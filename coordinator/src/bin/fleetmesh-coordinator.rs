@@ -131,6 +131,7 @@ fn main() -> ExitCode {
             } else {
                 let _ = tokio::signal::ctrl_c().await;
             }
+            // The coordinator may have stopped on its own already.
             let _ = tx.send(true);
         });
         fleetmesh_coordinator::run(config, rx).await

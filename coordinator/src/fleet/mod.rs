@@ -322,6 +322,7 @@ impl FleetState {
             let taken = self.agents.get_mut(name).and_then(|e| e.session.take());
             self.sync_link(name);
             if let Some((_, s)) = taken {
+                // A session that is gone is as good as closed.
                 let _ = s.send_message(ToSession::Close {
                     reason: "declared lost after missing heartbeats".into(),
                 });
@@ -390,6 +391,7 @@ impl FleetState {
         if let Some((old_id, old)) = entry.session.take() {
             if old_id != session_id {
                 info!(agent_id = %name, old_session = old_id, new_session = session_id, "replacing previous session");
+                // A session that is gone is as good as closed.
                 let _ = old.send_message(ToSession::Close {
                     reason: "replaced by a newer session of the same agent".into(),
                 });
@@ -721,7 +723,7 @@ impl Actor for Fleet {
             FleetMsg::Register { identity, session_id, session, remote_ip, reply } => {
                 st.on_register(identity, session_id, session, remote_ip, now);
                 // The session waits for this before its welcome; it may have given up.
-                let _ = reply.send(());
+                crate::answer(reply, ());
             }
             FleetMsg::Inventory { name, session_id, inventory } => {
                 st.on_inventory(&name, session_id, inventory, now)
@@ -742,19 +744,19 @@ impl Actor for Fleet {
             FleetMsg::SetScheduler(s) => st.scheduler = Some(s),
             FleetMsg::Candidates(reply) => {
                 let v = st.agents.iter().map(|(n, e)| FleetState::candidate(n, e)).collect();
-                let _ = reply.send(v);
+                crate::answer(reply, v);
             }
             FleetMsg::Drain { name, draining, reply } => {
                 let found = st.drain(&name, draining);
                 // Answered once durable, if the caller still waits.
                 st.writer.after(move || {
-                    let _ = reply.send(found);
+                    crate::answer(reply, found);
                 });
             }
             FleetMsg::Tick => st.tick(now),
             FleetMsg::ListAgents(reply) => {
                 let v = st.agents.iter().map(|(n, e)| FleetState::agent_view(n, e)).collect();
-                let _ = reply.send(v);
+                crate::answer(reply, v);
             }
             FleetMsg::GetAgent(name, reply) => {
                 let d = st.agents.get(&name).map(|e| AgentDetail {
@@ -763,15 +765,14 @@ impl Actor for Fleet {
                     history: e.history.iter().cloned().collect(),
                     recent_events: e.events.iter().cloned().collect(),
                 });
-                // Queries below: a caller that gave up does not mind.
-                let _ = reply.send(d);
+                crate::answer(reply, d);
             }
             FleetMsg::ListGpus(reply) => {
                 let v = st.agents.iter().flat_map(|(n, e)| FleetState::gpu_views(n, e)).collect();
-                let _ = reply.send(v);
+                crate::answer(reply, v);
             }
             FleetMsg::Ingest(since, reply) => {
-                let _ = reply.send(st.ingest_stats(since));
+                crate::answer(reply, st.ingest_stats(since));
             }
         }
         Ok(())

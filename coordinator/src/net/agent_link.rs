@@ -104,6 +104,7 @@ impl AgentLink {
     {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let link = Self::calling(move |agent, msg| {
+            // A test that stopped reading has seen what it needed.
             let _ = tx.send((agent.to_string(), msg));
         });
         (link, rx)

@@ -294,6 +294,7 @@ impl Actor for Listener {
         let local = endpoint.local_addr()?;
         info!(addr = %local, "control plane listening (QUIC, ALPN fleetmesh/ctl/1)");
         if let Some(tx) = args.bound {
+            // Whoever asked for the address may have stopped waiting.
             let _ = tx.send(local);
         }
         let ep = endpoint.clone();
@@ -312,6 +313,7 @@ impl Actor for Listener {
                 tokio::spawn(async move {
                     match authenticate(incoming, &domain, &authority, &ca_pem, &broker).await {
                         Ok(Outcome::Session(acc)) => {
+                            // A stopped Listener means the coordinator is stopping: the agent reconnects.
                             let _ = me.cast(ListenerMsg::Accepted(acc));
                         }
                         Ok(Outcome::Enrolled(name)) => {

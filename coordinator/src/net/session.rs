@@ -320,6 +320,7 @@ impl Actor for AgentSession {
             heartbeat_interval_ms: heartbeat_interval.as_millis() as u64,
         });
         if let Err(e) = write_frame(&mut send, &welcome).await {
+            // Without a Fleet the coordinator is stopping anyway.
             let _ = fleet.cast(FleetMsg::SessionClosed {
                 name: name.clone(),
                 session_id,
@@ -400,6 +401,7 @@ impl Actor for AgentSession {
                 }
             }
             SessionMsg::StreamEnded { reason } => {
+                // Without a Fleet the coordinator is stopping anyway.
                 let _ = st.fleet.cast(FleetMsg::SessionClosed {
                     name: st.name.clone(),
                     session_id: st.session_id,

@@ -136,6 +136,7 @@ impl<B: Batch> Writer<B> {
     pub fn barrier(&self) -> tokio::sync::oneshot::Receiver<()> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.after(move || {
+            // A barrier nobody waits for any more is simply passed.
             let _ = tx.send(());
         });
         rx
@@ -229,6 +230,7 @@ mod tests {
             if let CoordinatorMessage::Release { auction } = msg {
                 let found =
                     store.work().is_ok_and(|(_, jobs)| jobs.iter().any(|(k, _)| *k == auction));
+                // Tests only: the recorder may be gone.
                 let _ = tx.send((auction, found));
             }
         });
@@ -310,6 +312,7 @@ mod tests {
             store,
             link,
             Box::new(move |why| {
+                // Tests only: the receiver may be gone.
                 let _ = btx.send(why);
             }),
         )

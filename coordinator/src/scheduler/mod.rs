@@ -352,7 +352,7 @@ impl Actor for Scheduler {
                 st.run_effects();
                 // Acknowledged once durable; a caller that gave up does not mind.
                 st.writer.after(move || {
-                    let _ = reply.send(Ok(id));
+                    crate::answer(reply, Ok(id));
                 });
                 // Place the new jobs now rather than at the next periodic tick (up to
                 // 100 ms away), and not behind the bids already in the mailbox: award
@@ -390,21 +390,20 @@ impl Actor for Scheduler {
                 st.run_effects();
                 // A caller that gave up does not mind.
                 st.writer.after(move || {
-                    let _ = reply.send(r);
+                    crate::answer(reply, r);
                 });
             }
-            // Replies to callers that gave up are dropped: nothing is lost.
             SchedulerMsg::ListWorkflows(reply) => {
-                let _ = reply.send(st.core.list_workflows());
+                crate::answer(reply, st.core.list_workflows());
             }
             SchedulerMsg::ListJobs(wf, reply) => {
-                let _ = reply.send(st.core.list_jobs(wf.as_deref()));
+                crate::answer(reply, st.core.list_jobs(wf.as_deref()));
             }
             SchedulerMsg::ShowJob(id, reply) => {
-                let _ = reply.send(st.core.job(&id).cloned());
+                crate::answer(reply, st.core.job(&id).cloned());
             }
             SchedulerMsg::Logs { job, offset, reply } => {
-                let _ = reply.send(st.logs(&job, offset));
+                crate::answer(reply, st.logs(&job, offset));
             }
         }
         st.run_effects();

@@ -334,7 +334,7 @@ impl Actor for Authority {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             AuthorityMsg::CreateToken(spec, reply) => {
-                let _ = reply.send(st.create_token(spec));
+                crate::answer(reply, st.create_token(spec));
             }
             AuthorityMsg::ListTokens(reply) => {
                 let now = now_ms();
@@ -363,7 +363,7 @@ impl Actor for Authority {
                         })
                         .collect()
                 });
-                let _ = reply.send(r);
+                crate::answer(reply, r);
             }
             AuthorityMsg::RevokeToken(id, reply) => {
                 let r = match st
@@ -377,7 +377,7 @@ impl Actor for Authority {
                     Ok(false) => Err(format!("no join token {id}")),
                     Err(e) => Err(e.to_string()),
                 };
-                let _ = reply.send(r);
+                crate::answer(reply, r);
             }
             AuthorityMsg::Enroll(req, reply) => {
                 let r = st.enroll(&req);
@@ -391,26 +391,26 @@ impl Actor for Authority {
                     );
                     let _ = st.store.append_audit(&rec);
                 }
-                let _ = reply.send(r);
+                crate::answer(reply, r);
             }
             AuthorityMsg::Renew { identity, csr_pem, reply } => {
                 let r = st.renew(&identity, &csr_pem);
                 if let Err(why) = &r {
                     warn!(agent_id = %identity.name, reason = %why, "renewal refused");
                 }
-                let _ = reply.send(r);
+                crate::answer(reply, r);
             }
             AuthorityMsg::Revoke { kind, name, reason, actor, reply } => {
-                let _ = reply.send(st.revoke(kind, &name, &reason, actor));
+                crate::answer(reply, st.revoke(kind, &name, &reason, actor));
             }
             AuthorityMsg::Record(record, reply) => {
-                let _ = reply.send(st.store.append_audit(&record).map_err(|e| e.to_string()));
+                crate::answer(reply, st.store.append_audit(&record).map_err(|e| e.to_string()));
             }
             AuthorityMsg::CheckRevoked(id, reply) => {
-                let _ = reply.send(st.check_revoked(&id));
+                crate::answer(reply, st.check_revoked(&id));
             }
             AuthorityMsg::Audit(reply) => {
-                let _ = reply.send(st.store.audit().map_err(|e| e.to_string()));
+                crate::answer(reply, st.store.audit().map_err(|e| e.to_string()));
             }
         }
         Ok(())
