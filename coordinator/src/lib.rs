@@ -315,7 +315,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, CoordinatorErro
         &tls.identity.trust_domain,
         config.store_limit,
     )
-    .map_err(CoordinatorError::Startup)?;
+    .map_err(|e| CoordinatorError::Startup(e.to_string()))?;
     broker.clone().sweep_orphans_periodically();
     let advertise = config.advertise.first().cloned();
     let (ctl_tx, ctl_rx) = oneshot::channel();

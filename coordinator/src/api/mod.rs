@@ -108,10 +108,8 @@ async fn submit_workflow(State(st): State<AppState>, body: String) -> Response {
         Ok(w) => w,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
-    match sched_call!(st, SchedulerMsg::Submit, Box::new(wf)) {
-        Ok(id) => (StatusCode::CREATED, Json(Submitted { id })).into_response(),
-        Err(e) => error(StatusCode::BAD_REQUEST, e),
-    }
+    let id = sched_call!(st, SchedulerMsg::Submit, Box::new(wf));
+    (StatusCode::CREATED, Json(Submitted { id })).into_response()
 }
 
 async fn list_workflows(State(st): State<AppState>) -> Response {
@@ -253,8 +251,8 @@ async fn audit_log(State(st): State<AppState>) -> Response {
     authority_call!(st, AuthorityMsg::Audit)
 }
 
-fn error(status: StatusCode, msg: impl Into<String>) -> Response {
-    (status, Json(ApiErrorBody { error: msg.into() })).into_response()
+fn error(status: StatusCode, msg: impl ToString) -> Response {
+    (status, Json(ApiErrorBody { error: msg.to_string() })).into_response()
 }
 
 /// Requests that change nothing the audit trail tracks: reads, a query sent as POST,

@@ -55,6 +55,32 @@ pub struct Requester {
     pub jurisdiction: Option<String>,
 }
 
+/// Why the broker refused or failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BrokerError {
+    /// Residency forbids the requester (the message names both sides).
+    #[error("{0}")]
+    Residency(String),
+    #[error("no connected holder has a complete copy of {name} ({id})")]
+    NoHolder { name: String, id: String },
+    #[error("no dataset {0}")]
+    NoDataset(String),
+    #[error("dataset {name} may only live in {old:?}; a new version allowed in {new} would loosen that: pass --loosen-residency to do it on purpose")]
+    WouldLoosen { name: String, old: Vec<String>, new: String },
+    #[error("{0} chunk(s) of the manifest were not uploaded")]
+    NotUploaded(usize),
+    #[error("invalid manifest: {0}")]
+    Manifest(String),
+    #[error("ticket signing key {path}: {msg}")]
+    SigningKey { path: String, msg: String },
+    /// The coordinator's own chunk store or its redb index.
+    #[error("store: {0}")]
+    Store(String),
+    /// Fetching into the coordinator's own store failed.
+    #[error("fetch: {0}")]
+    Fetch(String),
+}
+
 /// Choose holders for `requester` and sign a ticket for each (pure; `now` injected).
 /// Refuses with the reason when residency forbids the requester.
 pub fn plan_for(
@@ -64,18 +90,18 @@ pub fn plan_for(
     coordinator: Option<(&str, &str)>,
     signer: &TicketSigner,
     now: u64,
-) -> Result<FetchPlan, String> {
+) -> Result<FetchPlan, BrokerError> {
     if requester.kind == PeerKind::Agent
         && !residency_allows(&d.jurisdictions, requester.jurisdiction.as_deref())
     {
-        return Err(format!(
+        return Err(BrokerError::Residency(format!(
             "residency: dataset {} ({}) may only live in {:?}; agent {} is in {}",
             d.name,
             short(&d.id),
             d.jurisdictions,
             requester.name,
             requester.jurisdiction.as_deref().unwrap_or("no jurisdiction")
-        ));
+        )));
     }
     let ticket = |holder: &str| {
         signer.sign(Ticket {
@@ -115,11 +141,7 @@ pub fn plan_for(
     // A requester that already holds a complete copy needs nobody (an empty plan).
     let has_it = d.holders.get(&requester.name).is_some_and(|h| h.complete);
     if holders.is_empty() && !has_it {
-        return Err(format!(
-            "no connected holder has a complete copy of {} ({})",
-            d.name,
-            short(&d.id)
-        ));
+        return Err(BrokerError::NoHolder { name: d.name.clone(), id: short(&d.id).to_string() });
     }
     Ok(FetchPlan {
         dataset: d.id.clone(),
@@ -157,26 +179,28 @@ impl DataBroker {
         name: &str,
         trust_domain: &str,
         store_limit: u64,
-    ) -> Result<Arc<Self>, String> {
+    ) -> Result<Arc<Self>, BrokerError> {
         let key_path = data_dir.join("ticket-signing.key");
+        let key_err =
+            |msg: String| BrokerError::SigningKey { path: key_path.display().to_string(), msg };
         let der = match std::fs::read(&key_path) {
             Ok(d) => d,
             Err(_) => {
-                let d = TicketSigner::generate_pkcs8().map_err(|e| e.to_string())?;
+                let d = TicketSigner::generate_pkcs8().map_err(|e| key_err(e.to_string()))?;
                 fleetmesh_protocol::pki::write_private(&key_path, &d, false)
-                    .map_err(|e| format!("{}: {e}", key_path.display()))?;
+                    .map_err(|e| key_err(e.to_string()))?;
                 d
             }
         };
-        let signer = TicketSigner::from_pkcs8(&der).map_err(|e| e.to_string())?;
+        let signer = TicketSigner::from_pkcs8(&der).map_err(|e| key_err(e.to_string()))?;
         let local = Arc::new(
             fleetmesh_data::Store::open(&data_dir.join("datastore"), store_limit)
-                .map_err(|e| e.to_string())?,
+                .map_err(|e| BrokerError::Store(e.to_string()))?,
         );
         let server =
             XferServer::new(local.clone(), name, trust_domain, Some(signer.public_key()), None);
         let mut index = BTreeMap::new();
-        for raw in store.datasets().map_err(|e| e.to_string())? {
+        for raw in store.datasets().map_err(|e| BrokerError::Store(e.to_string()))? {
             match serde_json::from_slice::<DatasetRecord>(&raw) {
                 Ok(r) => {
                     index.insert(r.id.clone(), r);
@@ -391,10 +415,10 @@ impl DataBroker {
         id: &str,
         requester: &Requester,
         candidates: &[Candidate],
-    ) -> Result<FetchPlan, String> {
+    ) -> Result<FetchPlan, BrokerError> {
         let addr = self.addr.lock().ok().and_then(|a| a.clone());
         let idx = self.lock();
-        let d = idx.get(id).ok_or_else(|| format!("no dataset {}", short(id)))?;
+        let d = idx.get(id).ok_or_else(|| BrokerError::NoDataset(short(id).to_string()))?;
         let r = plan_for(
             d,
             requester,
@@ -419,8 +443,8 @@ impl DataBroker {
         name: &str,
         jurisdictions: Vec<String>,
         loosen_residency: bool,
-    ) -> Result<(DatasetRecord, Option<Vec<String>>), String> {
-        manifest.validate().map_err(|e| e.to_string())?;
+    ) -> Result<(DatasetRecord, Option<Vec<String>>), BrokerError> {
+        manifest.validate().map_err(|e| BrokerError::Manifest(e.to_string()))?;
         let loosened = {
             let idx = self.lock();
             // Content already known keeps its residency (register only narrows it).
@@ -431,14 +455,16 @@ impl DataBroker {
         }
         .filter(|old| is_looser(&jurisdictions, old));
         if let (Some(old), false) = (&loosened, loosen_residency) {
-            return Err(format!(
-                "dataset {name} may only live in {old:?}; a new version allowed in {} would loosen that: pass --loosen-residency to do it on purpose",
-                if jurisdictions.is_empty() { "any jurisdiction".to_string() } else { format!("{jurisdictions:?}") }
-            ));
+            let new = if jurisdictions.is_empty() {
+                "any jurisdiction".to_string()
+            } else {
+                format!("{jurisdictions:?}")
+            };
+            return Err(BrokerError::WouldLoosen { name: name.to_string(), old: old.clone(), new });
         }
         let missing = manifest.unique_chunks().iter().filter(|(h, _)| !self.local.has(h)).count();
         if missing > 0 {
-            return Err(format!("{missing} chunk(s) of the manifest were not uploaded"));
+            return Err(BrokerError::NotUploaded(missing));
         }
         let id = manifest.id();
         self.local
@@ -448,7 +474,7 @@ impl DataBroker {
                 jurisdictions: jurisdictions.clone(),
                 manifest: manifest.clone(),
             })
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| BrokerError::Store(e.to_string()))?;
         let name_owned = self.name.clone();
         Ok((self.register(manifest, name, jurisdictions, &name_owned, None), loosened))
     }
@@ -477,7 +503,7 @@ impl DataBroker {
         id: &str,
         candidates: &[Candidate],
         tls: &fleetmesh_protocol::tls::TlsIdentity,
-    ) -> Result<(), String> {
+    ) -> Result<(), BrokerError> {
         if self.local.complete(id) {
             return Ok(());
         }
@@ -486,10 +512,10 @@ impl DataBroker {
         let plan = self.plan(id, &me, candidates)?;
         let ep =
             fleetmesh_data::xfer::endpoint((std::net::Ipv4Addr::UNSPECIFIED, 0).into(), tls, false)
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| BrokerError::Fetch(e.to_string()))?;
         let r = fleetmesh_data::fetch(&ep, tls, self.local.clone(), &plan, Arc::new(|_| {})).await;
         ep.close(fleetmesh_protocol::codec::close_code::DONE.into(), b"done");
-        let r = r.map_err(|e| e.to_string())?;
+        let r = r.map_err(|e| BrokerError::Fetch(e.to_string()))?;
         info!(dataset = %short(id), fetched = r.fetched_chunks, "staged in the coordinator store for download");
         Ok(())
     }
@@ -596,6 +622,8 @@ mod tests {
             jurisdiction: Some("US".into()),
         };
         let e = plan_for(&d, &us, &cands, Some(("coord", "x")), &signer, 1000).unwrap_err();
+        assert!(matches!(e, BrokerError::Residency(_)), "{e:?}");
+        let e = e.to_string();
         assert!(e.starts_with("residency:") && e.contains("us-1 is in US"), "{e}");
         let none = Requester { kind: PeerKind::Agent, name: "x".into(), jurisdiction: None };
         assert!(plan_for(&d, &none, &cands, None, &signer, 1000).is_err());
@@ -611,6 +639,7 @@ mod tests {
         let d2 = record(&[("eu-2", false)]);
         assert!(plan_for(&d2, &eu, &cands, None, &signer, 1000)
             .unwrap_err()
+            .to_string()
             .contains("no connected holder"));
     }
 
@@ -641,6 +670,8 @@ mod tests {
         assert_eq!((v1.version, loosened), (1, None));
         // No residency at all, under the EU name: refused unless asked for explicitly.
         let e = b.put_local(uploaded(&b, b"two"), "raw", vec![], false).unwrap_err();
+        assert!(matches!(e, BrokerError::WouldLoosen { .. }), "{e:?}");
+        let e = e.to_string();
         assert!(
             e.contains("dataset raw may only live in [\"EU\"]") && e.contains("--loosen-residency"),
             "{e}"

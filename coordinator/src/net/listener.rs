@@ -128,7 +128,7 @@ async fn serve_enrollment(
         };
     let result = match ractor::call_t!(authority, AuthorityMsg::Enroll, 10_000, Box::new(req)) {
         Ok(r) => r,
-        Err(e) => Err(format!("authority unavailable: {e}")),
+        Err(e) => Err(crate::trust::authority::AuthorityError::Unavailable(e.to_string())),
     };
     let reply = match &result {
         Ok(e) => EnrollReply::Issued {
@@ -136,7 +136,7 @@ async fn serve_enrollment(
             cert_pem: e.cert_pem.clone(),
             ca_pem: ca_pem.to_string(),
         },
-        Err(why) => EnrollReply::Refused { reason: why.clone() },
+        Err(why) => EnrollReply::Refused { reason: why.to_string() },
     };
     let _ = write_frame(&mut send, &reply).await;
     let _ = send.finish();

@@ -118,7 +118,7 @@ async fn resume_fetches(
             }
             Err(why) => broker.fetch_done(
                 name,
-                fleetmesh_protocol::FetchReport::without_transfer(id, false, why),
+                fleetmesh_protocol::FetchReport::without_transfer(id, false, why.to_string()),
             ),
         }
     }
@@ -391,7 +391,9 @@ impl Actor for AgentSession {
                     10_000
                 ) {
                     Ok(Ok(cert_pem)) => CoordinatorMessage::Renewed { cert_pem },
-                    Ok(Err(reason)) => CoordinatorMessage::RenewRefused { reason },
+                    Ok(Err(reason)) => {
+                        CoordinatorMessage::RenewRefused { reason: reason.to_string() }
+                    }
                     Err(e) => CoordinatorMessage::RenewRefused {
                         reason: format!("authority unavailable: {e}"),
                     },

@@ -24,7 +24,7 @@ use tracing::{info, warn};
 use super::records::{
     AttemptState, JobRecord, JobState, JobSummary, WorkflowRecord, WorkflowState, WorkflowSummary,
 };
-use crate::data::broker::{DataBroker, DatasetRecord, Requester};
+use crate::data::broker::{BrokerError, DataBroker, DatasetRecord, Requester};
 use crate::persist::writer::Work;
 use crate::placement::auction::{BidView, Candidate, OpenAuction};
 
@@ -100,7 +100,7 @@ pub trait Catalog: Send + Sync {
         id: &str,
         requester: &Requester,
         candidates: &[Candidate],
-    ) -> Result<FetchPlan, String>;
+    ) -> Result<FetchPlan, BrokerError>;
     /// Record an output held by `holder`.
     fn register(
         &self,
@@ -121,7 +121,7 @@ impl Catalog for DataBroker {
         id: &str,
         requester: &Requester,
         candidates: &[Candidate],
-    ) -> Result<FetchPlan, String> {
+    ) -> Result<FetchPlan, BrokerError> {
         DataBroker::plan(self, id, requester, candidates)
     }
     fn register(
@@ -146,6 +146,11 @@ pub(super) struct Backup {
     /// Its offer is considered too old after this.
     pub(super) until_unix_ms: u64,
 }
+
+/// A cancellation named neither a job nor a workflow.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("no job or workflow {0}")]
+pub struct UnknownId(pub String);
 
 /// Makes the random part of workflow and auction ids (a counter in tests).
 pub type IdSource = Box<dyn FnMut() -> String + Send>;
@@ -447,11 +452,11 @@ impl SchedulerCore {
 
     /// Cancel a job, or every job of a workflow; how many were cancelled. The caller
     /// acknowledges after the commit that follows in the effects.
-    pub fn cancel(&mut self, id: &str, now: u64) -> Result<usize, String> {
+    pub fn cancel(&mut self, id: &str, now: u64) -> Result<usize, UnknownId> {
         let targets: Vec<String> = match self.workflows.get(id) {
             Some(w) => w.jobs.clone(),
             None if self.jobs.contains_key(id) => vec![id.to_string()],
-            None => return Err(format!("no job or workflow {id}")),
+            None => return Err(UnknownId(id.to_string())),
         };
         let mut n = 0;
         for jid in targets {

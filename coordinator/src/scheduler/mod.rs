@@ -53,7 +53,8 @@ use fleetmesh_data::now_unix_ms as now_ms;
 
 /// Scheduler messages.
 pub enum SchedulerMsg {
-    Submit(Box<Workflow>, RpcReplyPort<Result<String, String>>),
+    /// Answered with the workflow's id once it is durable.
+    Submit(Box<Workflow>, RpcReplyPort<String>),
     /// The store writer cannot commit any more: the Scheduler fails with this reason.
     StoreBroken(String),
     Tick,
@@ -93,7 +94,7 @@ pub enum SchedulerMsg {
     AgentGone {
         agent: String,
     },
-    Cancel(String, RpcReplyPort<Result<usize, String>>),
+    Cancel(String, RpcReplyPort<Result<usize, core::UnknownId>>),
     ListWorkflows(RpcReplyPort<Vec<WorkflowSummary>>),
     ListJobs(Option<String>, RpcReplyPort<Vec<JobSummary>>),
     ShowJob(String, RpcReplyPort<Option<JobRecord>>),
@@ -352,7 +353,7 @@ impl Actor for Scheduler {
                 st.run_effects();
                 // Acknowledged once durable; a caller that gave up does not mind.
                 st.writer.after(move || {
-                    crate::answer(reply, Ok(id));
+                    crate::answer(reply, id);
                 });
                 // Place the new jobs now rather than at the next periodic tick (up to
                 // 100 ms away), and not behind the bids already in the mailbox: award

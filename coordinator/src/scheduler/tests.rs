@@ -11,7 +11,7 @@ use fleetmesh_protocol::{CoordinatorMessage, JobOutcome, OutputDataset};
 use super::core::*;
 use super::exit::{retry_backoff_ms, staging_backoff_ms, Exit};
 use super::records::*;
-use crate::data::broker::{DatasetRecord, HolderState, Requester};
+use crate::data::broker::{BrokerError, DatasetRecord, HolderState, Requester};
 use crate::placement::auction::{AuctionOutcome, BidView, Candidate, OpenAuction};
 
 /// Datasets by id and by name; registrations are kept.
@@ -51,8 +51,8 @@ impl Catalog for MemCatalog {
         let d = self.datasets.lock().unwrap();
         d.get(r).cloned().or_else(|| d.values().find(|x| x.name == r).cloned())
     }
-    fn plan(&self, id: &str, _r: &Requester, _c: &[Candidate]) -> Result<FetchPlan, String> {
-        let d = self.resolve(id).ok_or("gone")?;
+    fn plan(&self, id: &str, _r: &Requester, _c: &[Candidate]) -> Result<FetchPlan, BrokerError> {
+        let d = self.resolve(id).ok_or_else(|| BrokerError::NoDataset(id.into()))?;
         Ok(FetchPlan {
             dataset: d.id,
             name: d.name,
@@ -822,7 +822,8 @@ fn cancelling_a_starting_or_running_job_stops_it_and_it_stays_cancelled() {
 #[test]
 fn cancelling_something_unknown_is_an_error() {
     let mut h = Harness::new();
-    assert_eq!(h.core.cancel("nope", h.now), Err("no job or workflow nope".into()));
+    let e = h.core.cancel("nope", h.now).unwrap_err();
+    assert_eq!(e.to_string(), "no job or workflow nope");
 }
 
 // --- admission, claims, priority, views ---

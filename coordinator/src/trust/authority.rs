@@ -36,16 +36,57 @@ pub struct Enrolled {
 
 pub use crate::trust::revocations::Revocations;
 
+/// Why the Authority refused or failed. Shown to API callers and enrolling agents as is.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AuthorityError {
+    #[error("this coordinator has no CA key (start it with --ca-key): enrollment and renewal are disabled")]
+    NoCaKey,
+    /// The request itself is wrong (a name, a label, a duration, a version).
+    #[error("{0}")]
+    Invalid(String),
+    #[error("no join token {0}")]
+    NoToken(String),
+    #[error("no coordinator address to put in the join string: pass one, or start the coordinator with --advertise")]
+    NoAdvertisedAddress,
+    /// The identity is revoked (the reason names it).
+    #[error("{0}")]
+    Revoked(String),
+    #[error("{0}")]
+    Token(#[from] crate::persist::store::TokenRefusal),
+    #[error("store: {0}")]
+    Store(String),
+    #[error("certificate: {0}")]
+    Pki(String),
+    /// The Authority did not answer (the coordinator is stopping or overloaded).
+    #[error("authority unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl From<crate::persist::store::StoreError> for AuthorityError {
+    fn from(e: crate::persist::store::StoreError) -> Self {
+        AuthorityError::Store(e.to_string())
+    }
+}
+
+impl From<fleetmesh_protocol::pki::PkiError> for AuthorityError {
+    fn from(e: fleetmesh_protocol::pki::PkiError) -> Self {
+        AuthorityError::Pki(e.to_string())
+    }
+}
+
+/// What an Authority call answers.
+pub type AuthorityResult<T> = Result<T, AuthorityError>;
+
 /// Authority messages.
 pub enum AuthorityMsg {
-    CreateToken(TokenSpec, RpcReplyPort<Result<TokenCreated, String>>),
-    ListTokens(RpcReplyPort<Result<Vec<TokenView>, String>>),
-    RevokeToken(String, RpcReplyPort<Result<(), String>>),
-    Enroll(Box<EnrollRequest>, RpcReplyPort<Result<Enrolled, String>>),
+    CreateToken(TokenSpec, RpcReplyPort<AuthorityResult<TokenCreated>>),
+    ListTokens(RpcReplyPort<AuthorityResult<Vec<TokenView>>>),
+    RevokeToken(String, RpcReplyPort<AuthorityResult<()>>),
+    Enroll(Box<EnrollRequest>, RpcReplyPort<AuthorityResult<Enrolled>>),
     Renew {
         identity: PeerIdentity,
         csr_pem: String,
-        reply: RpcReplyPort<Result<String, String>>,
+        reply: RpcReplyPort<AuthorityResult<String>>,
     },
     /// Deny an identity on every port from now on; `actor` is who asked.
     Revoke {
@@ -53,14 +94,14 @@ pub enum AuthorityMsg {
         name: String,
         reason: String,
         actor: Option<String>,
-        reply: RpcReplyPort<Result<(), String>>,
+        reply: RpcReplyPort<AuthorityResult<()>>,
     },
     /// Append to the audit trail (the Api records every change it makes); answered once
     /// stored.
-    Record(Box<AuditRecord>, RpcReplyPort<Result<(), String>>),
+    Record(Box<AuditRecord>, RpcReplyPort<AuthorityResult<()>>),
     /// `Some(reason)` when this identity must not connect.
     CheckRevoked(PeerIdentity, RpcReplyPort<Option<String>>),
-    Audit(RpcReplyPort<Result<Vec<AuditRecord>, String>>),
+    Audit(RpcReplyPort<AuthorityResult<Vec<AuditRecord>>>),
 }
 
 /// Authority start-up arguments.
@@ -126,24 +167,23 @@ fn serial_of(cert_pem: &str) -> (Option<String>, Option<i64>) {
 }
 
 impl AuthorityState {
-    fn ca(&self) -> Result<&Ca, String> {
-        self.ca.as_ref().ok_or_else(|| {
-            "this coordinator has no CA key (start it with --ca-key): enrollment and renewal are disabled".into()
-        })
+    fn ca(&self) -> AuthorityResult<&Ca> {
+        self.ca.as_ref().ok_or(AuthorityError::NoCaKey)
     }
 
-    fn create_token(&self, spec: TokenSpec) -> Result<TokenCreated, String> {
+    fn create_token(&self, spec: TokenSpec) -> AuthorityResult<TokenCreated> {
         self.ca()?;
-        let attributes = spec.checked_attributes()?;
+        let attributes = spec.checked_attributes().map_err(AuthorityError::Invalid)?;
         let ttl = match &spec.ttl {
-            Some(t) => humantime::parse_duration(t).map_err(|e| format!("ttl {t:?}: {e}"))?,
+            Some(t) => humantime::parse_duration(t)
+                .map_err(|e| AuthorityError::Invalid(format!("ttl {t:?}: {e}")))?,
             None => DEFAULT_TOKEN_TTL,
         };
         let uses = spec.uses.unwrap_or(1);
         let coordinators =
             if spec.coordinators.is_empty() { self.advertise.clone() } else { spec.coordinators };
         if coordinators.is_empty() {
-            return Err("no coordinator address to put in the join string: pass one, or start the coordinator with --advertise".into());
+            return Err(AuthorityError::NoAdvertisedAddress);
         }
         let id = random_hex(8);
         let secret = random_hex(16);
@@ -160,17 +200,15 @@ impl AuthorityState {
             attributes,
             labels: spec.labels,
         };
-        self.store
-            .put_token(
-                &rec,
-                &audit(
-                    "token-created",
-                    None,
-                    Some(&id),
-                    format!("uses={uses} ttl={}", humantime::format_duration(ttl)),
-                ),
-            )
-            .map_err(|e| e.to_string())?;
+        self.store.put_token(
+            &rec,
+            &audit(
+                "token-created",
+                None,
+                Some(&id),
+                format!("uses={uses} ttl={}", humantime::format_duration(ttl)),
+            ),
+        )?;
         let join = JoinString {
             coordinators,
             token_id: id.clone(),
@@ -186,22 +224,22 @@ impl AuthorityState {
         })
     }
 
-    fn enroll(&mut self, req: &EnrollRequest) -> Result<Enrolled, String> {
+    fn enroll(&mut self, req: &EnrollRequest) -> AuthorityResult<Enrolled> {
         let ca = self.ca()?;
         if req.protocol_version != fleetmesh_protocol::PROTOCOL_VERSION {
-            return Err(format!(
+            return Err(AuthorityError::Invalid(format!(
                 "protocol version mismatch: agent speaks {}, coordinator speaks {}",
                 req.protocol_version,
                 fleetmesh_protocol::PROTOCOL_VERSION
-            ));
+            )));
         }
         // Validate what we can before using the token up.
-        let tokens = self.store.tokens().map_err(|e| e.to_string())?;
+        let tokens = self.store.tokens()?;
         let fixed = tokens.iter().find(|t| t.id == req.token_id).and_then(|t| t.name.clone());
         let name = fixed.unwrap_or_else(|| req.requested_name.clone());
-        validate_label("name", &name).map_err(|e| e.to_string())?;
+        validate_label("name", &name).map_err(|e| AuthorityError::Invalid(e.to_string()))?;
         if self.revocations.name_revoked(&name) {
-            return Err(format!("agent {name} is revoked"));
+            return Err(AuthorityError::Revoked(format!("agent {name} is revoked")));
         }
         rcgen_check(&req.csr_pem)?;
         let token = self
@@ -213,14 +251,14 @@ impl AuthorityState {
                 &audit("enrolled", Some(&name), Some(&req.token_id), "join token used"),
             )
             .map_err(|e| match e {
-                ConsumeError::Refused(r) => r.to_string(),
-                ConsumeError::Store(s) => s.to_string(),
+                ConsumeError::Refused(r) => AuthorityError::Token(r),
+                ConsumeError::Store(s) => AuthorityError::from(s),
             })?;
         let mut ireq = IssueRequest::new(PeerKind::Agent, name.clone(), self.cert_ttl);
         ireq.attributes = token.attributes.clone();
         // Tokens stored before labels were attributes keep them in `labels` only.
         ireq.attributes.labels.extend(token.labels.clone());
-        let cert_pem = ca.issue_from_csr(&ireq, &req.csr_pem).map_err(|e| e.to_string())?;
+        let cert_pem = ca.issue_from_csr(&ireq, &req.csr_pem)?;
         let (serial, not_after) = serial_of(&cert_pem);
         let mut rec =
             audit("issued", Some(&name), Some(&token.id), "certificate issued at enrollment");
@@ -233,20 +271,20 @@ impl AuthorityState {
         Ok(Enrolled { name, cert_pem })
     }
 
-    fn renew(&mut self, id: &PeerIdentity, csr_pem: &str) -> Result<String, String> {
+    fn renew(&mut self, id: &PeerIdentity, csr_pem: &str) -> AuthorityResult<String> {
         let ca = self.ca()?;
         if let Some(why) = self.check_revoked(id) {
-            return Err(why);
+            return Err(AuthorityError::Revoked(why));
         }
         let mut ireq = IssueRequest::new(PeerKind::Agent, id.name.clone(), self.cert_ttl);
         ireq.attributes = id.attributes.clone();
-        let cert_pem = ca.issue_from_csr(&ireq, csr_pem).map_err(|e| e.to_string())?;
+        let cert_pem = ca.issue_from_csr(&ireq, csr_pem)?;
         let (serial, not_after) = serial_of(&cert_pem);
         let mut rec =
             audit("renewed", Some(&id.name), None, format!("replaces serial {}", id.serial));
         rec.serial = serial;
         rec.not_after_unix = not_after;
-        self.store.append_audit(&rec).map_err(|e| e.to_string())?;
+        self.store.append_audit(&rec)?;
         info!(agent_id = %id.name, "certificate renewed");
         Ok(cert_pem)
     }
@@ -261,11 +299,11 @@ impl AuthorityState {
         name: &str,
         reason: &str,
         actor: Option<String>,
-    ) -> Result<(), String> {
-        validate_label("name", name).map_err(|e| e.to_string())?;
+    ) -> AuthorityResult<()> {
+        validate_label("name", name).map_err(|e| AuthorityError::Invalid(e.to_string()))?;
         // Serials are known for the certificates this Authority issued (to agents).
         let serials: Vec<String> = if kind == PeerKind::Agent {
-            let audit_log = self.store.audit().map_err(|e| e.to_string())?;
+            let audit_log = self.store.audit()?;
             audit_log
                 .iter()
                 .filter(|a| a.agent.as_deref() == Some(name))
@@ -277,7 +315,7 @@ impl AuthorityState {
         let key = Revocations::key(kind, name);
         let mut record = audit(&format!("{kind}-revoked"), Some(name), None, reason);
         record.actor = actor;
-        self.store.revoke_agent(&key, &serials, &record).map_err(|e| e.to_string())?;
+        self.store.revoke_agent(&key, &serials, &record)?;
         self.revocations.add([key], serials);
         if kind == PeerKind::Agent {
             let _ = self
@@ -289,9 +327,12 @@ impl AuthorityState {
     }
 }
 
-fn rcgen_check(csr_pem: &str) -> Result<(), String> {
-    if csr_pem.len() > 16 * 1024 || !csr_pem.contains("BEGIN CERTIFICATE REQUEST") {
-        return Err("malformed certificate request".into());
+/// Certificate requests longer than this are not looked at.
+const MAX_CSR_BYTES: usize = 16 * 1024;
+
+fn rcgen_check(csr_pem: &str) -> AuthorityResult<()> {
+    if csr_pem.len() > MAX_CSR_BYTES || !csr_pem.contains("BEGIN CERTIFICATE REQUEST") {
+        return Err(AuthorityError::Invalid("malformed certificate request".into()));
     }
     Ok(())
 }
@@ -338,7 +379,7 @@ impl Actor for Authority {
             }
             AuthorityMsg::ListTokens(reply) => {
                 let now = now_ms();
-                let r = st.store.tokens().map_err(|e| e.to_string()).map(|ts| {
+                let r = st.store.tokens().map_err(AuthorityError::from).map(|ts| {
                     ts.into_iter()
                         .map(|t| TokenView {
                             status: if t.revoked {
@@ -374,8 +415,8 @@ impl Actor for Authority {
                         info!(token = %id, "join token revoked");
                         Ok(())
                     }
-                    Ok(false) => Err(format!("no join token {id}")),
-                    Err(e) => Err(e.to_string()),
+                    Ok(false) => Err(AuthorityError::NoToken(id.clone())),
+                    Err(e) => Err(e.into()),
                 };
                 crate::answer(reply, r);
             }
@@ -387,7 +428,7 @@ impl Actor for Authority {
                         "enroll-refused",
                         Some(&req.requested_name),
                         Some(&req.token_id),
-                        why.clone(),
+                        why.to_string(),
                     );
                     let _ = st.store.append_audit(&rec);
                 }
@@ -404,13 +445,13 @@ impl Actor for Authority {
                 crate::answer(reply, st.revoke(kind, &name, &reason, actor));
             }
             AuthorityMsg::Record(record, reply) => {
-                crate::answer(reply, st.store.append_audit(&record).map_err(|e| e.to_string()));
+                crate::answer(reply, st.store.append_audit(&record).map_err(AuthorityError::from));
             }
             AuthorityMsg::CheckRevoked(id, reply) => {
                 crate::answer(reply, st.check_revoked(&id));
             }
             AuthorityMsg::Audit(reply) => {
-                crate::answer(reply, st.store.audit().map_err(|e| e.to_string()));
+                crate::answer(reply, st.store.audit().map_err(AuthorityError::from));
             }
         }
         Ok(())
