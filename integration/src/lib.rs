@@ -599,3 +599,63 @@ pub mod side_by_side {
         Ok((h, p))
     }
 }
+
+/// Workflows and jobs through the API, read as the API's own types.
+pub mod work {
+    use std::time::Duration;
+
+    pub use fleetmesh_api::data::DatasetRecord;
+    pub use fleetmesh_api::jobs::{
+        AttemptState, JobRecord, JobState, LogChunk, WorkflowState, WorkflowSummary,
+    };
+    use fleetmesh_coordinator::client::ApiClient;
+
+    /// Submit a workflow file; the workflow's id.
+    pub async fn submit(client: &ApiClient, yaml: &str) -> anyhow::Result<String> {
+        let r: fleetmesh_api::answers::Submitted =
+            client.post_raw("/api/v1/workflows", yaml.as_bytes().to_vec()).await?;
+        Ok(r.id)
+    }
+
+    /// A job's record, if the coordinator answers.
+    pub async fn job(client: &ApiClient, id: &str) -> Option<JobRecord> {
+        client.get_json(&format!("/api/v1/jobs/{id}")).await.ok()
+    }
+
+    /// Wait until `id` is in `state`; its record then. Panics with the last record seen.
+    pub async fn wait_job(
+        client: &ApiClient,
+        id: &str,
+        state: JobState,
+        within: Duration,
+    ) -> JobRecord {
+        let j = crate::wait_for(within, || async {
+            job(client, id).await.filter(|j| j.state == state)
+        })
+        .await;
+        match j {
+            Some(j) => j,
+            None => panic!("job {id} never reached {state:?}: {:#?}", job(client, id).await),
+        }
+    }
+
+    /// A job's kept output.
+    pub async fn logs(client: &ApiClient, id: &str) -> String {
+        let c: Option<LogChunk> = client.get_json(&format!("/api/v1/jobs/{id}/logs")).await.ok();
+        c.map(|c| c.data).unwrap_or_default()
+    }
+
+    /// The state of workflow `id`, once it finished (`None` while it runs or is unknown).
+    pub async fn finished(client: &ApiClient, id: &str) -> Option<WorkflowState> {
+        let wfs: Vec<WorkflowSummary> = client.get_json("/api/v1/workflows").await.ok()?;
+        wfs.into_iter()
+            .find(|w| w.id == id)
+            .map(|w| w.state)
+            .filter(|s| *s != WorkflowState::Running)
+    }
+
+    /// A dataset's record (id, `NAME@VERSION` or name).
+    pub async fn dataset(client: &ApiClient, r: &str) -> Option<DatasetRecord> {
+        client.get_json(&format!("/api/v1/data/{r}")).await.ok()
+    }
+}

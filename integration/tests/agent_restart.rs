@@ -9,9 +9,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use fleetmesh_api::answers::Submitted;
+use fleetmesh_api::jobs::JobSummary;
 use fleetmesh_coordinator::client::ApiClient;
+use fleetmesh_integration::work::{self, JobState};
 use fleetmesh_integration::{attrs, wait_for, AgentProc, CoordinatorProc, Pki};
-use serde_json::Value;
 
 /// Jobs in the kill-loop workflow, and how long each runs.
 const JOBS: usize = 30;
@@ -58,22 +60,11 @@ fn workflow(log: &Path) -> String {
     y
 }
 
-async fn job_states(client: &ApiClient, wf: &str) -> Vec<(String, String, usize)> {
-    let jobs: Value =
-        client.get_json(&format!("/api/v1/jobs?workflow={wf}")).await.unwrap_or(Value::Null);
-    jobs.as_array()
-        .map(|a| {
-            a.iter()
-                .map(|j| {
-                    (
-                        j["id"].as_str().unwrap_or_default().to_string(),
-                        j["state"].as_str().unwrap_or_default().to_string(),
-                        j["attempts"].as_u64().unwrap_or(0) as usize,
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+/// (job, state, attempts) of every job of `wf` (none while the API does not answer).
+async fn job_states(client: &ApiClient, wf: &str) -> Vec<(String, JobState, usize)> {
+    let jobs: Vec<JobSummary> =
+        client.get_json(&format!("/api/v1/jobs?workflow={wf}")).await.unwrap_or_default();
+    jobs.into_iter().map(|j| (j.id, j.state, j.attempts)).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -107,8 +98,8 @@ async fn kill_loop_never_runs_a_job_twice() -> anyhow::Result<()> {
     .await
     .expect("agents up with their GPUs");
     let log = work.path().join("runs.log");
-    let r: Value = client.post_raw("/api/v1/workflows", workflow(&log).into_bytes()).await?;
-    let wf = r["id"].as_str().unwrap_or_default().to_string();
+    let r: Submitted = client.post_raw("/api/v1/workflows", workflow(&log).into_bytes()).await?;
+    let wf = r.id;
 
     let started = Instant::now();
     for k in 0..AGENT_KILLS {
@@ -125,7 +116,7 @@ async fn kill_loop_never_runs_a_job_twice() -> anyhow::Result<()> {
     let client = coord.client(&pki)?;
     let done = wait_for(Duration::from_secs(120), || async {
         let s = job_states(&client, &wf).await;
-        (s.len() == JOBS && s.iter().all(|(_, st, _)| st == "succeeded")).then_some(s)
+        (s.len() == JOBS && s.iter().all(|(_, st, _)| *st == JobState::Succeeded)).then_some(s)
     })
     .await;
     let states = job_states(&client, &wf).await;
@@ -189,12 +180,11 @@ async fn an_exit_while_the_agent_is_down_is_delivered_and_leftovers_are_killed(
         "name: quick\njobs:\n  q:\n    resources: {{ gpus: 1 }}\n    script: |\n      sleep 2\n      echo done-while-away\n      touch {}\n",
         marker.display()
     );
-    let r: Value = client.post_raw("/api/v1/workflows", yaml.into_bytes()).await?;
-    let wf = r["id"].as_str().unwrap_or_default().to_string();
+    let r: Submitted = client.post_raw("/api/v1/workflows", yaml.into_bytes()).await?;
+    let wf = r.id;
     let job = format!("{wf}.q");
     wait_for(Duration::from_secs(20), || async {
-        let j: Value = client.get_json(&format!("/api/v1/jobs/{job}")).await.ok()?;
-        (j["state"] == "running").then_some(())
+        work::job(&client, &job).await.filter(|j| j.state == JobState::Running).map(|_| ())
     })
     .await
     .expect("job running");
@@ -206,24 +196,21 @@ async fn an_exit_while_the_agent_is_down_is_delivered_and_leftovers_are_killed(
     tokio::time::sleep(Duration::from_millis(500)).await;
     a.spawn()?;
     let j = wait_for(Duration::from_secs(20), || async {
-        let j: Value = client.get_json(&format!("/api/v1/jobs/{job}")).await.ok()?;
-        (j["state"] == "succeeded").then_some(j)
+        work::job(&client, &job).await.filter(|j| j.state == JobState::Succeeded)
     })
     .await;
-    assert!(j.is_some(), "exit not delivered: {}", a.log_text());
-    let j = j.unwrap_or_default();
-    assert_eq!(j["attempts"].as_array().map(|a| a.len()), Some(1), "{j:#}");
+    let Some(j) = j else { panic!("exit not delivered: {}", a.log_text()) };
+    assert_eq!(j.attempts.len(), 1, "{j:#?}");
     assert!(a.log_text().contains("attempt ended while the agent was down"));
 
     // A supervised group that no record vouches for (the record is lost) is killed
     // when the agent restarts.
     let yaml =
         "name: orphan\njobs:\n  o:\n    resources: { gpus: 1 }\n    command: [sleep, \"60\"]\n";
-    let r: Value = client.post_raw("/api/v1/workflows", yaml.as_bytes().to_vec()).await?;
-    let job = format!("{}.o", r["id"].as_str().unwrap_or_default());
+    let r: Submitted = client.post_raw("/api/v1/workflows", yaml.as_bytes().to_vec()).await?;
+    let job = format!("{}.o", r.id);
     wait_for(Duration::from_secs(20), || async {
-        let j: Value = client.get_json(&format!("/api/v1/jobs/{job}")).await.ok()?;
-        (j["state"] == "running").then_some(())
+        work::job(&client, &job).await.filter(|j| j.state == JobState::Running).map(|_| ())
     })
     .await
     .expect("second job running");
@@ -277,8 +264,8 @@ async fn self_fencing_holds_while_the_agent_is_dead() -> anyhow::Result<()> {
         "name: fence\njobs:\n  f:\n    resources: {{ gpus: 1 }}\n    script: while true; do date +%s%N > {}; sleep 0.1; done\n",
         marker.display()
     );
-    let r: Value = client.post_raw("/api/v1/workflows", yaml.into_bytes()).await?;
-    let job = format!("{}.f", r["id"].as_str().unwrap_or_default());
+    let r: Submitted = client.post_raw("/api/v1/workflows", yaml.into_bytes()).await?;
+    let job = format!("{}.f", r.id);
     wait_for(Duration::from_secs(20), || async { marker.exists().then_some(()) })
         .await
         .expect("job running");
@@ -298,11 +285,11 @@ async fn self_fencing_holds_while_the_agent_is_dead() -> anyhow::Result<()> {
     // Back, the agent reports it as abandoned (no retry used) and the job runs again.
     a.spawn()?;
     let j = wait_for(Duration::from_secs(20), || async {
-        let j: Value = client.get_json(&format!("/api/v1/jobs/{job}")).await.ok()?;
-        (j["attempts"].as_array()?.len() >= 2).then_some(j)
+        work::job(&client, &job).await.filter(|j| j.attempts.len() >= 2)
     })
-    .await;
-    let j = j.unwrap_or_default();
-    assert!(j.to_string().contains("stopped by the attempt's supervisor"), "{j:#}");
+    .await
+    .expect("placed again");
+    let outcome = j.attempts[0].outcomes[0].clone().unwrap_or_default();
+    assert!(outcome.contains("stopped by the attempt's supervisor"), "{j:#?}");
     Ok(())
 }

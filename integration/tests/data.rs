@@ -6,13 +6,14 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use fleetmesh_api::answers::{Placed, Submitted};
 use fleetmesh_coordinator::client::ApiClient;
+use fleetmesh_integration::work::{self, AttemptState, DatasetRecord, JobRecord, JobState};
 use fleetmesh_integration::{
     agents, attrs, free_udp_port, wait_for, AgentProc, CoordinatorProc, Pki,
 };
 use fleetmesh_protocol::data::{hash_bytes, hash_hex, FetchPlan, Holder, Ticket, TicketSigner};
 use fleetmesh_protocol::PeerKind;
-use serde_json::Value;
 
 fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
     // xorshift: incompressible enough, reproducible.
@@ -64,24 +65,12 @@ async fn cli_ok(coord: &CoordinatorProc, pki: &Pki, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-async fn dataset(client: &ApiClient, r: &str) -> Value {
-    client.get_json(&format!("/api/v1/data/{r}")).await.unwrap_or(Value::Null)
+async fn dataset(client: &ApiClient, r: &str) -> DatasetRecord {
+    work::dataset(client, r).await.unwrap_or_else(|| panic!("no dataset {r}"))
 }
 
-async fn job(client: &ApiClient, id: &str) -> Value {
-    client.get_json(&format!("/api/v1/jobs/{id}")).await.unwrap_or(Value::Null)
-}
-
-async fn wait_job(client: &ApiClient, id: &str, state: &str, secs: u64) -> Value {
-    match wait_for(Duration::from_secs(secs), || async {
-        let j = job(client, id).await;
-        (j["state"] == state).then_some(j)
-    })
-    .await
-    {
-        Some(j) => j,
-        None => panic!("job {id} never reached {state}: {:#}", job(client, id).await),
-    }
+async fn wait_job(client: &ApiClient, id: &str, state: JobState, secs: u64) -> JobRecord {
+    work::wait_job(client, id, state, Duration::from_secs(secs)).await
 }
 
 /// An agent certified for jurisdiction EU (region `r`, provider `p`), no GPUs.
@@ -165,25 +154,22 @@ jobs:
     script: |
       cp -r "$FLEETMESH_INPUTS/out/." "$FLEETMESH_OUTPUTS/final/"
 "#;
-    let r: Value = client.post_raw("/api/v1/workflows", yaml.as_bytes().to_vec()).await?;
-    let wf = r["id"].as_str().unwrap_or_default().to_string();
-    let second = wait_job(&client, &format!("{wf}.second"), "succeeded", 60).await;
-    assert_eq!(second["attempts"][0]["agents"][0], "b");
-    let first = job(&client, &format!("{wf}.first")).await;
-    assert_eq!(first["attempts"][0]["agents"][0], "a");
+    let wf = work::submit(&client, yaml).await?;
+    let second = wait_job(&client, &format!("{wf}.second"), JobState::Succeeded, 60).await;
+    assert_eq!(second.attempts[0].agents[0], "b");
+    let first = work::job(&client, &format!("{wf}.first")).await.expect("first");
+    assert_eq!(first.attempts[0].agents[0], "a");
 
     // first's output: held by a (and now b), named WORKFLOW.JOB.OUTPUT, EU residency inherited.
     let out_ds = dataset(&client, "roundtrip.first.out").await;
-    assert_eq!(out_ds["jurisdictions"], serde_json::json!(["EU"]), "{out_ds:#}");
-    assert_eq!(out_ds["producer"], format!("{wf}.first"));
-    assert_eq!(out_ds["holders"]["a"]["complete"], true, "{out_ds:#}");
+    assert_eq!(out_ds.jurisdictions, ["EU"], "{out_ds:#?}");
+    assert_eq!(out_ds.producer, Some(format!("{wf}.first")));
+    assert!(out_ds.holders.get("a").is_some_and(|h| h.complete), "{out_ds:#?}");
     // b fetched it straight from a: the coordinator was not on the path.
     let b_log = std::fs::read_to_string(work.path().join("agent-b.log"))?;
     let fetch_line = b_log
         .lines()
-        .find(|l| {
-            l.contains("fetch complete") && l.contains(&out_ds["id"].as_str().unwrap_or("?")[..12])
-        })
+        .find(|l| l.contains("fetch complete") && l.contains(&out_ds.id[..12]))
         .unwrap_or_else(|| panic!("no fetch by b in its log:\n{b_log}"));
     assert!(fetch_line.contains("(\"a\","), "{fetch_line}");
     assert!(!fetch_line.contains("\"main\""), "{fetch_line}");
@@ -250,16 +236,11 @@ async fn multi_source_fetch_survives_a_dead_holder_and_a_corrupt_chunk() -> anyh
     // 1. f1 fetches with chunks served by all three holders.
     cli_ok(&coord, &pki, &["data", "place", "blob", "f1"]).await;
     let d = dataset(&client, "blob").await;
-    let rep = &d["fetches"]["f1"];
-    assert_eq!(rep["ok"], true, "{d:#}");
-    assert_eq!(rep["fetched_chunks"], 48, "{rep}");
-    let per: BTreeMap<String, u64> = rep["per_holder"]
-        .as_array()
-        .expect("per_holder")
-        .iter()
-        .map(|p| (p[0].as_str().unwrap_or_default().to_string(), p[1].as_u64().unwrap_or(0)))
-        .collect();
-    assert_eq!(per.keys().collect::<Vec<_>>(), ["h1", "h2", "h3"], "{rep}");
+    let rep = d.fetches.get("f1").expect("f1 reported");
+    assert!(rep.ok, "{d:#?}");
+    assert_eq!(rep.fetched_chunks, 48, "{rep:?}");
+    let per: BTreeMap<String, u64> = rep.per_holder.iter().cloned().collect();
+    assert_eq!(per.keys().collect::<Vec<_>>(), ["h1", "h2", "h3"], "{rep:?}");
     assert!(per.values().all(|n| *n > 0), "every holder served chunks: {per:?}");
 
     // 2. Every chunk file at h1 is corrupted on disk, and h3 is killed mid-transfer: f2
@@ -288,9 +269,9 @@ async fn multi_source_fetch_survives_a_dead_holder_and_a_corrupt_chunk() -> anyh
     let out = out?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let d = dataset(&client, "blob").await;
-    let rep = &d["fetches"]["f2"];
-    assert_eq!(rep["ok"], true, "{rep}");
-    assert_eq!(rep["fetched_chunks"], 48, "{rep}");
+    let rep = d.fetches.get("f2").expect("f2 reported");
+    assert!(rep.ok, "{rep:?}");
+    assert_eq!(rep.fetched_chunks, 48, "{rep:?}");
     let f2_log = std::fs::read_to_string(work.path().join("agent-f2.log"))?;
     assert!(
         f2_log.contains("chunk failed hash verification") && f2_log.contains("holder=h1"),
@@ -355,8 +336,7 @@ async fn eu_dataset_never_reaches_a_us_agent() -> anyhow::Result<()> {
         ],
     )
     .await;
-    let d = dataset(&client, "patients").await;
-    let id = d["id"].as_str().unwrap_or_default().to_string();
+    let id = dataset(&client, "patients").await.id;
 
     // (b) DataBroker: no plan, no ticket for the US agent.
     let out = coord.cli(&pki, &["data", "place", "patients", "us"]).await?;
@@ -377,19 +357,17 @@ jobs:
     inputs: [patients]
     command: ["sh", "-c", "test -s $FLEETMESH_INPUTS/patients/patients.csv"]
 "#;
-    let r: Value = client.post_raw("/api/v1/workflows", yaml.as_bytes().to_vec()).await?;
-    let wf = r["id"].as_str().unwrap_or_default().to_string();
-    let ok = wait_job(&client, &format!("{wf}.anywhere"), "succeeded", 30).await;
-    assert_eq!(ok["attempts"][0]["agents"][0], "eu");
+    let wf = work::submit(&client, yaml).await?;
+    let ok = wait_job(&client, &format!("{wf}.anywhere"), JobState::Succeeded, 30).await;
+    assert_eq!(ok.attempts[0].agents[0], "eu");
     let pinned = wait_for(Duration::from_secs(10), || async {
-        let j = job(&client, &format!("{wf}.pinned-us")).await;
-        let reasons = j["queued_reasons"].to_string();
-        (reasons.contains("residency")).then_some(j)
+        let j = work::job(&client, &format!("{wf}.pinned-us")).await?;
+        j.queued_reasons.iter().any(|r| r.contains("residency")).then_some(j)
     })
     .await
     .expect("residency reason shown");
-    assert_eq!(pinned["state"], "queued");
-    assert!(pinned["attempts"].as_array().is_some_and(|a| a.is_empty()));
+    assert_eq!(pinned.state, JobState::Queued);
+    assert!(pinned.attempts.is_empty());
 
     // (c) The serving agent, asked directly by the US agent's certificate.
     let us_tls = pki.identity(PeerKind::Agent, "us")?;
@@ -472,9 +450,9 @@ async fn killed_fetcher_resumes_without_refetching_verified_chunks() -> anyhow::
     cli_ok(&coord, &pki, &["data", "place", "ckpt", "h2"]).await;
 
     // Start the fetch, kill the fetcher once some chunks are in.
-    let r: Value =
+    let r: Placed =
         client.post_json("/api/v1/data/ckpt/place", &serde_json::json!({ "agent": "f" })).await?;
-    assert_eq!(r["agent"], "f");
+    assert_eq!(r.agent, "f");
     let f_store = work.path().join("agent-f/store");
     wait_for(Duration::from_secs(20), || async {
         (chunk_files(&f_store).len() >= 8).then_some(())
@@ -488,15 +466,13 @@ async fn killed_fetcher_resumes_without_refetching_verified_chunks() -> anyhow::
     // The coordinator asks the restarted agent again (it reports a partial copy), and
     // the fetch resumes from what is on disk.
     let rep = wait_for(Duration::from_secs(60), || async {
-        let r = dataset(&client, "ckpt").await["fetches"]["f"].clone();
-        (!r.is_null()).then_some(r)
+        work::dataset(&client, "ckpt").await?.fetches.get("f").cloned()
     })
     .await
     .expect("the restarted fetcher reports its fetch");
-    assert_eq!(rep["ok"], true, "{rep}");
-    let fetched = rep["fetched_chunks"].as_u64().unwrap_or(0);
-    let reused = rep["reused_chunks"].as_u64().unwrap_or(0);
-    assert_eq!(fetched + reused, 40, "{rep}");
+    assert!(rep.ok, "{rep:?}");
+    let (fetched, reused) = (rep.fetched_chunks, rep.reused_chunks);
+    assert_eq!(fetched + reused, 40, "{rep:?}");
     assert!(reused >= had as u64, "every verified chunk kept: had {had}, reused {reused}");
     assert_eq!(chunk_files(&f_store).len(), 40);
     Ok(())
@@ -528,26 +504,20 @@ async fn balanced_job_goes_to_the_free_agent_that_holds_its_input() -> anyhow::R
         let yaml = format!(
             "name: local-{round}\nobjective: balanced\njobs:\n  use:\n    inputs: [features]\n    command: [\"true\"]\n"
         );
-        let r: Value = client.post_raw("/api/v1/workflows", yaml.into_bytes()).await?;
-        let wf = r["id"].as_str().unwrap_or_default().to_string();
-        let j = wait_job(&client, &format!("{wf}.use"), "succeeded", 30).await;
-        let a = &j["attempts"][0];
-        assert_eq!(a["agents"][0], "q", "round {round}: {a:#}");
+        let wf = work::submit(&client, &yaml).await?;
+        let j = wait_job(&client, &format!("{wf}.use"), JobState::Succeeded, 30).await;
+        let a = &j.attempts[0];
+        assert_eq!(a.agents[0], "q", "round {round}: {a:#?}");
         // Every agent bid; only q said it holds the 16 MiB already, and its ETA is shorter.
-        let bids = a["bids"].as_array().expect("bids");
-        assert_eq!(bids.len(), 3, "{a:#}");
-        for b in bids {
-            let local = b["local_bytes"].as_u64().unwrap_or(0);
-            if b["agent"] == "q" {
-                assert_eq!(local, 16 << 20, "{b}");
-            } else {
-                assert_eq!(local, 0, "{b}");
-            }
+        assert_eq!(a.bids.len(), 3, "{a:#?}");
+        for b in &a.bids {
+            let want = if b.agent == "q" { 16 << 20 } else { 0 };
+            assert_eq!(b.local_bytes, want, "{b:?}");
         }
     }
     // Nobody else fetched it.
     let d = dataset(&client, "features").await;
-    assert!(d["holders"].get("p").is_none() && d["holders"].get("s").is_none(), "{d:#}");
+    assert!(!d.holders.contains_key("p") && !d.holders.contains_key("s"), "{d:#?}");
     Ok(())
 }
 
@@ -561,14 +531,14 @@ async fn unstageable_input_places_the_job_again_without_using_a_retry() -> anyho
     let _w = eu_agent(&pki, &coord, "w", &["--labels", "role=w"], work.path())?;
     mesh_up(&client, 2).await;
     // An output held only by h.
-    let r: Value = client
+    let r: Submitted = client
         .post_raw(
             "/api/v1/workflows",
             b"name: make\njobs:\n  gen:\n    outputs: [o]\n    constraints: { labels: { role: h } }\n    script: head -c 3000000 /dev/urandom > $FLEETMESH_OUTPUTS/o/blob\n".to_vec(),
         )
         .await?;
-    let wf = r["id"].as_str().unwrap_or_default().to_string();
-    wait_job(&client, &format!("{wf}.gen"), "succeeded", 30).await;
+    let wf = r.id;
+    wait_job(&client, &format!("{wf}.gen"), JobState::Succeeded, 30).await;
     // h loses the chunks on disk (kept aside to put back later).
     let store = work.path().join("agent-h/store");
     let aside = work.path().join("aside");
@@ -578,24 +548,24 @@ async fn unstageable_input_places_the_job_again_without_using_a_retry() -> anyho
     for c in &chunks {
         std::fs::rename(c, aside.join(c.file_name().unwrap_or_default()))?;
     }
-    let r: Value = client
+    let r: Submitted = client
         .post_raw(
             "/api/v1/workflows",
             b"name: use\njobs:\n  read:\n    inputs: [make.gen.o]\n    constraints: { labels: { role: w } }\n    command: [\"test\", \"-s\", \"inputs/make.gen.o/blob\"]\n".to_vec(),
         )
         .await?;
-    let id = format!("{}.read", r["id"].as_str().unwrap_or_default());
+    let id = format!("{}.read", r.id);
     let j = wait_for(Duration::from_secs(20), || async {
-        let j = job(&client, &id).await;
-        (j["attempts"][0]["state"] == "staging-failed").then_some(j)
+        let j = work::job(&client, &id).await?;
+        j.attempts.first().is_some_and(|a| a.state == AttemptState::StagingFailed).then_some(j)
     })
     .await
     .expect("staging failed on w");
-    assert_eq!(j["failures"], 0, "no retry used: {j:#}");
-    assert_ne!(j["state"], "failed", "{j:#}");
+    assert_eq!(j.failures, 0, "no retry used: {j:#?}");
+    assert_ne!(j.state, JobState::Failed, "{j:#?}");
     assert!(
-        j["attempts"][0]["outcomes"][0].as_str().unwrap_or_default().contains("inputs not staged"),
-        "{j:#}"
+        j.attempts[0].outcomes[0].as_deref().unwrap_or_default().contains("inputs not staged"),
+        "{j:#?}"
     );
     // The data comes back (h restarts with its chunks): the job runs.
     for c in &chunks {
@@ -603,9 +573,8 @@ async fn unstageable_input_places_the_job_again_without_using_a_retry() -> anyho
     }
     h.kill9();
     h.spawn()?;
-    let j = wait_job(&client, &id, "succeeded", 60).await;
-    assert_eq!(j["failures"], 0);
-    let last = j["attempts"].as_array().and_then(|a| a.last()).cloned().unwrap_or_default();
-    assert_eq!(last["state"], "succeeded", "{j:#}");
+    let j = wait_job(&client, &id, JobState::Succeeded, 60).await;
+    assert_eq!(j.failures, 0);
+    assert_eq!(j.attempts.last().map(|a| a.state), Some(AttemptState::Succeeded), "{j:#?}");
     Ok(())
 }

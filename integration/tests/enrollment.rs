@@ -5,6 +5,8 @@
 use std::time::{Duration, Instant};
 
 use fleetmesh_agent::enroll::{enroll, EnrollFailure};
+use fleetmesh_api::answers::Revoked;
+use fleetmesh_api::trust::{AuditRecord, TokenCreated, TokenView};
 use fleetmesh_coordinator::client::ApiClient;
 use fleetmesh_coordinator::fleet::liveness::AgentState;
 use fleetmesh_integration::{agents, wait_for, AgentProc, CoordinatorProc, Pki};
@@ -23,13 +25,13 @@ async fn coordinator(
 }
 
 async fn token(client: &ApiClient, spec: Value) -> anyhow::Result<JoinString> {
-    let created: Value = client.post_json("/api/v1/tokens", &spec).await?;
-    Ok(created["join"].as_str().expect("join string").parse()?)
+    let created: TokenCreated = client.post_json("/api/v1/tokens", &spec).await?;
+    Ok(created.join.parse()?)
 }
 
 async fn audit_events(client: &ApiClient, event: &str) -> usize {
-    let log: Vec<Value> = client.get_json("/api/v1/audit").await.unwrap_or_default();
-    log.iter().filter(|a| a["event"] == event).count()
+    let log: Vec<AuditRecord> = client.get_json("/api/v1/audit").await.unwrap_or_default();
+    log.iter().filter(|a| a.event == event).count()
 }
 
 fn join_agent(name: &str, join: &JoinString, work: &std::path::Path) -> anyhow::Result<AgentProc> {
@@ -124,9 +126,9 @@ async fn join_string_alone_enrolls_with_token_attributes_and_survives_restarts(
         1,
         "the token must have been used exactly once"
     );
-    let tokens: Vec<Value> = client.get_json("/api/v1/tokens").await?;
-    assert_eq!(tokens[0]["uses"], 1);
-    assert_eq!(tokens[0]["status"], "used");
+    let tokens: Vec<TokenView> = client.get_json("/api/v1/tokens").await?;
+    assert_eq!(tokens[0].uses, 1);
+    assert_eq!(tokens[0].status, "used");
     assert!(
         !serde_json::to_string(&tokens)?.contains(&join.secret),
         "token secret leaked by the API"
@@ -158,7 +160,7 @@ async fn bad_tokens_and_wrong_ca_are_refused_with_clear_messages() -> anyhow::Re
     assert!(why.contains("has no uses left"), "{why}");
 
     let revoked = token(&client, json!({})).await?;
-    let _: Value = client
+    let _: serde::de::IgnoredAny = client
         .post_json(&format!("/api/v1/tokens/{}/revoke", revoked.token_id), &json!({}))
         .await?;
     let why = refused(enroll(&revoked, &key, "n4", &none).await);
@@ -300,7 +302,7 @@ async fn revoked_agent_is_cut_off_within_1s_and_cannot_reconnect() -> anyhow::Re
     .expect("enrolled");
 
     let t0 = Instant::now();
-    let _: Value =
+    let _: Revoked =
         client.post_json("/api/v1/agents/doomed/revoke", &json!({"reason": "compromised"})).await?;
     let cut = wait_for(Duration::from_secs(3), || async {
         a.log_text()

@@ -6,16 +6,20 @@
 use std::path::Path;
 use std::time::Duration;
 
+use fleetmesh_api::answers::{Cancelled, Submitted};
+use fleetmesh_api::fleet::AgentView;
+use fleetmesh_api::jobs::JobSummary;
+use fleetmesh_api::trust::AuditRecord;
 use fleetmesh_coordinator::client::{ApiClient, ClientError};
+use fleetmesh_integration::work::{self, DatasetRecord, JobRecord, JobState, LogChunk};
 use fleetmesh_integration::{attrs, wait_for, AgentProc, CoordinatorProc, Pki};
 use fleetmesh_protocol::tls::TlsIdentity;
 use fleetmesh_protocol::{Attributes, PeerKind};
-use serde_json::Value;
 
 /// The API's answer to a submission: Ok(id) or Err((status, message)).
 async fn submit(client: &ApiClient, yaml: String) -> Result<String, (u16, String)> {
-    match client.post_raw::<Value>("/api/v1/workflows", yaml.into_bytes()).await {
-        Ok(v) => Ok(v["id"].as_str().unwrap_or_default().to_string()),
+    match client.post_raw::<Submitted>("/api/v1/workflows", yaml.into_bytes()).await {
+        Ok(v) => Ok(v.id),
         Err(ClientError::Api { status, message }) => Err((status, message)),
         Err(e) => Err((0, e.to_string())),
     }
@@ -50,19 +54,14 @@ async fn mesh_with_agent(
     Ok((pki, work, coord, client, a))
 }
 
-async fn wait_state(client: &ApiClient, job: &str, state: &str) -> Value {
-    let got = wait_for(Duration::from_secs(30), || async {
-        let j: Value = client.get_json(&format!("/api/v1/jobs/{job}")).await.ok()?;
-        (j["state"] == state).then_some(j)
-    })
-    .await;
-    match got {
-        Some(j) => j,
-        None => panic!(
-            "{job} never {state}: {:#}",
-            client.get_json::<Value>(&format!("/api/v1/jobs/{job}")).await.unwrap_or_default()
-        ),
-    }
+async fn wait_state(client: &ApiClient, job: &str, state: JobState) -> JobRecord {
+    work::wait_job(client, job, state, Duration::from_secs(30)).await
+}
+
+/// A job's kept output.
+async fn logs_of(client: &ApiClient, job: &str) -> anyhow::Result<String> {
+    let l: LogChunk = client.get_json(&format!("/api/v1/jobs/{job}/logs")).await?;
+    Ok(l.data)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -140,7 +139,7 @@ async fn revoked_and_foreign_operators_get_nothing_and_changes_name_their_actor(
     );
     let (cert, key) = evil.issue_to_dir(other.path(), &req)?;
     let eve = ApiClient::new(&url, &TlsIdentity::load(&pki.ca_pem(), &cert, &key)?)?;
-    match eve.get_json::<Value>("/api/v1/agents").await {
+    match eve.get_json::<Vec<AgentView>>("/api/v1/agents").await {
         Err(ClientError::Api { status: 403, message }) => assert!(
             message.contains("is for trust domain evil.test; this mesh is mesh.test"),
             "{message}"
@@ -151,7 +150,7 @@ async fn revoked_and_foreign_operators_get_nothing_and_changes_name_their_actor(
     // Revoking bob (an operator) denies him at once, on reads too.
     let out = coord.cli(&pki, &["revoke", "operator", "bob", "--reason", "left the team"]).await?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    match bob.get_json::<Value>("/api/v1/agents").await {
+    match bob.get_json::<Vec<AgentView>>("/api/v1/agents").await {
         Err(ClientError::Api { status: 403, message }) => assert!(
             message.contains("certificate of spiffe://mesh.test/operator/bob is revoked"),
             "{message}"
@@ -167,7 +166,7 @@ async fn revoked_and_foreign_operators_get_nothing_and_changes_name_their_actor(
         &pki.identity(PeerKind::Operator, "bob")?,
     )?;
     assert!(matches!(
-        bob.get_json::<Value>("/api/v1/agents").await,
+        bob.get_json::<Vec<AgentView>>("/api/v1/agents").await,
         Err(ClientError::Api { status: 403, .. })
     ));
 
@@ -176,12 +175,11 @@ async fn revoked_and_foreign_operators_get_nothing_and_changes_name_their_actor(
     let id = submit(&admin, "name: c\njobs:\n  a:\n    command: [sleep, \"30\"]\n".into())
         .await
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let _: Value = admin.post_json(&format!("/api/v1/workflows/{id}/cancel"), &()).await?;
-    let audit: Vec<Value> = admin.get_json("/api/v1/audit").await?;
+    let _: Cancelled = admin.post_json(&format!("/api/v1/workflows/{id}/cancel"), &()).await?;
+    let audit: Vec<AuditRecord> = admin.get_json("/api/v1/audit").await?;
     let by = |actor: &str, what: &str| {
         audit.iter().any(|a| {
-            a["actor"].as_str().is_some_and(|x| x.ends_with(actor))
-                && a["detail"].as_str().is_some_and(|d| d.contains(what))
+            a.actor.as_deref().is_some_and(|x| x.ends_with(actor)) && a.detail.contains(what)
         })
     };
     assert!(by("/operator/bob", "POST /api/v1/workflows -> 201"), "{audit:#?}");
@@ -194,7 +192,7 @@ async fn revoked_and_foreign_operators_get_nothing_and_changes_name_their_actor(
         "{audit:#?}"
     );
     assert!(
-        audit.iter().any(|a| a["event"] == "operator-revoked" && a["detail"] == "left the team"),
+        audit.iter().any(|a| a.event == "operator-revoked" && a.detail == "left the team"),
         "{audit:#?}"
     );
     Ok(())
@@ -230,9 +228,9 @@ async fn outputs_keep_their_inputs_residency_and_never_carry_the_agents_key() ->
     )
     .await
     .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let j = wait_state(&client, &format!("{wf}.copy"), "failed").await;
-    let why = j.to_string();
-    assert!(why.contains("has nothing in common with the residency of its inputs"), "{j:#}");
+    let j = wait_state(&client, &format!("{wf}.copy"), JobState::Failed).await;
+    let why = j.history.last().map(|h| h.2.clone()).unwrap_or_default();
+    assert!(why.contains("has nothing in common with the residency of its inputs"), "{j:#?}");
 
     // Declaring [EU, US] narrows to EU: an output is never less restricted than its input.
     let wf = submit(
@@ -241,9 +239,9 @@ async fn outputs_keep_their_inputs_residency_and_never_carry_the_agents_key() ->
     )
     .await
     .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    wait_state(&client, &format!("{wf}.copy"), "succeeded").await;
-    let d: Value = client.get_json("/api/v1/data/narrow.copy.o").await?;
-    assert_eq!(d["jurisdictions"], serde_json::json!(["EU"]), "{d:#}");
+    wait_state(&client, &format!("{wf}.copy"), JobState::Succeeded).await;
+    let d: DatasetRecord = client.get_json("/api/v1/data/narrow.copy.o").await?;
+    assert_eq!(d.jurisdictions, ["EU"], "{d:#?}");
 
     // A job that knows where the agent's key is hard-links it into an output.
     let key = pki.path().join("agent-eu1.key");
@@ -256,9 +254,9 @@ async fn outputs_keep_their_inputs_residency_and_never_carry_the_agents_key() ->
     )
     .await
     .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let j = wait_state(&client, &format!("{wf}.s"), "failed").await;
-    assert!(j.to_string().contains("is a hard link to a file outside the outputs"), "{j:#}");
-    let r = client.get_json::<Value>("/api/v1/data/steal.s.loot").await;
+    let j = wait_state(&client, &format!("{wf}.s"), JobState::Failed).await;
+    assert!(format!("{j:?}").contains("is a hard link to a file outside the outputs"), "{j:#?}");
+    let r = client.get_json::<DatasetRecord>("/api/v1/data/steal.s.loot").await;
     assert!(r.is_err(), "the loot was registered: {r:?}");
     Ok(())
 }
@@ -293,7 +291,7 @@ async fn idle_connections_cannot_starve_the_api() -> anyhow::Result<()> {
     }
     // An operator still gets through, promptly.
     let t0 = std::time::Instant::now();
-    let agents: Vec<Value> = client.get_json("/api/v1/agents").await?;
+    let agents: Vec<AgentView> = client.get_json("/api/v1/agents").await?;
     assert!(agents.is_empty());
     assert!(t0.elapsed() < Duration::from_secs(2), "operator waited {:?}", t0.elapsed());
     // And the flood is not a flood of warnings: at most one per second per kind.
@@ -348,22 +346,22 @@ async fn a_name_is_never_re_pointed_silently_and_workflows_read_what_they_pinned
     // ...unless asked for explicitly, which is audited with who did it.
     let out = put("version two, anywhere", &["--loosen-residency"]).await?;
     assert!(String::from_utf8_lossy(&out.stdout).contains("dataset raw@2"), "{out:?}");
-    let audit: Vec<Value> = client.get_json("/api/v1/audit").await?;
+    let audit: Vec<AuditRecord> = client.get_json("/api/v1/audit").await?;
     assert!(
-        audit.iter().any(|a| a["event"] == "residency-loosened"
-            && a["actor"].as_str().is_some_and(|x| x.ends_with("/operator/harness"))
-            && a["detail"].as_str().is_some_and(|d| d.contains("raw@2: from [\"EU\"] to []"))),
+        audit.iter().any(|a| a.event == "residency-loosened"
+            && a.actor.as_deref().is_some_and(|x| x.ends_with("/operator/harness"))
+            && a.detail.contains("raw@2: from [\"EU\"] to []")),
         "{audit:#?}"
     );
     // The workflow reads the version it pinned at submission.
-    wait_state(&client, &format!("{wf}.b"), "succeeded").await;
+    wait_state(&client, &format!("{wf}.b"), JobState::Succeeded).await;
     let dest = work.path().join("got");
     let out =
         coord.cli(&pki, &["data", "get", "pin.b.o", dest.to_str().unwrap_or_default()]).await?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(std::fs::read_to_string(dest.join("data.txt"))?, "version one");
-    let d: Value = client.get_json("/api/v1/data/pin.b.o").await?;
-    assert_eq!(d["jurisdictions"], serde_json::json!(["EU"]), "{d:#}");
+    let d: DatasetRecord = client.get_json("/api/v1/data/pin.b.o").await?;
+    assert_eq!(d.jurisdictions, ["EU"], "{d:#?}");
     Ok(())
 }
 
@@ -394,9 +392,9 @@ async fn finished_jobs_output_leaves_the_coordinators_memory() -> anyhow::Result
     }
     let wf = submit(&client, y).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let done = wait_for(Duration::from_secs(120), || async {
-        let jobs: Value = client.get_json(&format!("/api/v1/jobs?workflow={wf}")).await.ok()?;
-        let a = jobs.as_array()?;
-        (a.len() == JOBS && a.iter().all(|j| j["state"] == "succeeded")).then_some(())
+        let a: Vec<JobSummary> =
+            client.get_json(&format!("/api/v1/jobs?workflow={wf}")).await.ok()?;
+        (a.len() == JOBS && a.iter().all(|j| j.state == JobState::Succeeded)).then_some(())
     })
     .await;
     assert!(done.is_some(), "jobs did not all succeed");
@@ -409,17 +407,17 @@ async fn finished_jobs_output_leaves_the_coordinators_memory() -> anyhow::Result
     );
     // The output is still there, from disk. While 80 jobs print at once the total cap
     // may have dropped the front of some; what was dropped is counted in the offset.
-    let l: Value = client.get_json(&format!("/api/v1/jobs/{wf}.p00/logs")).await?;
-    assert_eq!(l["next_offset"].as_u64(), Some(MIB), "{}", &l.to_string()[..200]);
-    assert!(l["data"].as_str().is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b == b'x')));
-    assert_eq!(l["finished"], true);
+    let l: LogChunk = client.get_json(&format!("/api/v1/jobs/{wf}.p00/logs")).await?;
+    assert_eq!(l.next_offset as u64, MIB, "{}", &l.data[..l.data.len().min(200)]);
+    assert!(!l.data.is_empty() && l.data.bytes().all(|b| b == b'x'));
+    assert!(l.finished);
     // A job printing alone keeps its whole tail (up to the per-job cap) on disk.
     let alone =
         format!("name: alone\njobs:\n  p:\n    script: head -c {MIB} /dev/zero | tr '\\0' x\n");
     let wf = submit(&client, alone).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    wait_state(&client, &format!("{wf}.p"), "succeeded").await;
-    let l: Value = client.get_json(&format!("/api/v1/jobs/{wf}.p/logs")).await?;
-    assert_eq!(l["data"].as_str().map(str::len), Some(MIB as usize), "{}", &l.to_string()[..200]);
+    wait_state(&client, &format!("{wf}.p"), JobState::Succeeded).await;
+    let l = logs_of(&client, &format!("{wf}.p")).await?;
+    assert_eq!(l.len(), MIB as usize, "{}", &l[..l.len().min(200)]);
     Ok(())
 }
 
@@ -468,11 +466,10 @@ async fn jobs_run_as_the_job_user_and_cannot_read_the_agents_files() -> anyhow::
         key = key.display(),
     );
     let wf = submit(&client, yaml).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let first = wait_state(&client, &format!("{wf}.first"), "succeeded").await;
-    assert!(first["state"] == "succeeded");
-    wait_state(&client, &format!("{wf}.probe"), "succeeded").await;
-    let l: Value = client.get_json(&format!("/api/v1/jobs/{wf}.probe/logs")).await?;
-    let text = l["data"].as_str().unwrap_or_default().to_string();
+    let first = wait_state(&client, &format!("{wf}.first"), JobState::Succeeded).await;
+    assert_eq!(first.state, JobState::Succeeded);
+    wait_state(&client, &format!("{wf}.probe"), JobState::Succeeded).await;
+    let text = logs_of(&client, &format!("{wf}.probe")).await?;
     println!("{text}");
     assert!(text.starts_with(&format!("{}\n", user.uid)), "not run as {TEST_JOB_USER}: {text}");
     assert!(!text.contains("secret data"), "read the chunk store: {text}");
@@ -484,8 +481,8 @@ async fn jobs_run_as_the_job_user_and_cannot_read_the_agents_files() -> anyhow::
         "expected EACCES for store, attempts, data dir listing, other attempt, key: {text}"
     );
     // The first job's output was still collected (by the agent, from its own dir).
-    let d: Value = client.get_json("/api/v1/data/jail.first.o").await?;
-    assert_eq!(d["files"], 1, "{d:#}");
+    let d: DatasetRecord = client.get_json("/api/v1/data/jail.first.o").await?;
+    assert_eq!(d.files, 1, "{d:#?}");
     Ok(())
 }
 
@@ -525,11 +522,11 @@ async fn a_revoked_agent_is_refused_on_its_peers_data_ports_despite_its_ticket(
         )
         .await?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let d: Value = client.get_json("/api/v1/data/raw").await?;
-    let id = d["id"].as_str().unwrap_or_default().to_string();
+    let d: DatasetRecord = client.get_json("/api/v1/data/raw").await?;
+    let id = d.id.clone();
     wait_for(Duration::from_secs(10), || async {
-        let d: Value = client.get_json("/api/v1/data/raw").await.ok()?;
-        (d["holders"]["holder"]["complete"] == true).then_some(())
+        let d = work::dataset(&client, "raw").await?;
+        d.holders.get("holder").is_some_and(|h| h.complete).then_some(())
     })
     .await
     .expect("holder has it");
@@ -594,15 +591,12 @@ async fn attempts_running_side_by_side_get_their_own_uids() -> anyhow::Result<()
     let wf = submit(&client, fleetmesh_integration::side_by_side::WORKFLOW.into())
         .await
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    wait_state(&client, &format!("{wf}.peeker"), "succeeded").await;
-    wait_state(&client, &format!("{wf}.holder"), "succeeded").await;
+    wait_state(&client, &format!("{wf}.peeker"), JobState::Succeeded).await;
+    wait_state(&client, &format!("{wf}.holder"), JobState::Succeeded).await;
     let logs = |job: &'static str| {
         let client = &client;
         let wf = wf.clone();
-        async move {
-            let l: Value = client.get_json(&format!("/api/v1/jobs/{wf}.{job}/logs")).await?;
-            anyhow::Ok(l["data"].as_str().unwrap_or_default().to_string())
-        }
+        async move { logs_of(client, &format!("{wf}.{job}")).await }
     };
     let (h, p) = (logs("holder").await?, logs("peeker").await?);
     println!("holder:\n{h}peeker:\n{p}");

@@ -118,7 +118,9 @@ async fn three_agents_report_live_telemetry_visible_in_cli_api_and_metrics() -> 
     let gpus: Vec<fleetmesh_coordinator::fleet::views::GpuView> =
         client.get_json("/api/v1/gpus").await?;
     assert_eq!(gpus.len(), 12);
-    let missing = client.get_json::<serde_json::Value>("/api/v1/agents/nope").await;
+    let missing = client
+        .get_json::<fleetmesh_coordinator::fleet::views::AgentDetail>("/api/v1/agents/nope")
+        .await;
     assert!(matches!(
         missing,
         Err(fleetmesh_coordinator::client::ClientError::Api { status: 404, .. })

@@ -5,34 +5,21 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use fleetmesh_api::answers::{Cancelled, Drained};
 use fleetmesh_coordinator::client::ApiClient;
+use fleetmesh_integration::work::{self, logs, AttemptState, JobRecord, JobState, WorkflowState};
 use fleetmesh_integration::{agents, attrs, wait_for, AgentProc, CoordinatorProc, Netns, Pki};
-use serde_json::Value;
 
 async fn submit(client: &ApiClient, yaml: &str) -> anyhow::Result<String> {
-    let r: Value = client.post_raw("/api/v1/workflows", yaml.as_bytes().to_vec()).await?;
-    Ok(r["id"].as_str().expect("id").to_string())
+    work::submit(client, yaml).await
 }
 
-async fn job(client: &ApiClient, id: &str) -> Value {
-    client.get_json(&format!("/api/v1/jobs/{id}")).await.unwrap_or(Value::Null)
+async fn job(client: &ApiClient, id: &str) -> JobRecord {
+    work::job(client, id).await.unwrap_or_else(|| panic!("no job {id}"))
 }
 
-async fn wait_state(client: &ApiClient, id: &str, state: &str, secs: u64) -> Value {
-    let j = wait_for(Duration::from_secs(secs), || async {
-        let j = job(client, id).await;
-        (j["state"] == state).then_some(j)
-    })
-    .await;
-    match j {
-        Some(j) => j,
-        None => panic!("job {id} never reached {state}: {}", job(client, id).await),
-    }
-}
-
-async fn logs(client: &ApiClient, id: &str) -> String {
-    let c: Value = client.get_json(&format!("/api/v1/jobs/{id}/logs")).await.unwrap_or(Value::Null);
-    c["data"].as_str().unwrap_or_default().to_string()
+async fn wait_state(client: &ApiClient, id: &str, state: JobState, secs: u64) -> JobRecord {
+    work::wait_job(client, id, state, Duration::from_secs(secs)).await
 }
 
 async fn mesh_up(client: &ApiClient, n: usize) {
@@ -90,12 +77,12 @@ jobs:
 "#,
     )
     .await?;
-    let report = wait_state(&client, &format!("{wf}.report"), "succeeded", 20).await;
+    let report = wait_state(&client, &format!("{wf}.report"), JobState::Succeeded, 20).await;
     let fetch = job(&client, &format!("{wf}.fetch")).await;
     let train = job(&client, &format!("{wf}.train")).await;
     // Order: each job started after the one it needs ended.
-    let ended = |j: &Value| j["attempts"][0]["ended_unix_ms"].as_u64().expect("ended");
-    let started = |j: &Value| j["attempts"][0]["started_unix_ms"].as_u64().expect("started");
+    let ended = |j: &JobRecord| j.attempts[0].ended_unix_ms.expect("ended");
+    let started = |j: &JobRecord| j.attempts[0].started_unix_ms.expect("started");
     assert!(ended(&fetch) <= started(&train), "train started before fetch ended");
     assert!(ended(&train) <= started(&report), "report started before train ended");
     // Logs through the coordinator.
@@ -106,23 +93,20 @@ jobs:
     assert_eq!(logs(&client, &format!("{wf}.report")).await.trim(), "report-done");
     // Costs: price x duration on the cheapest agent.
     for j in [&fetch, &train, &report] {
-        assert_eq!(j["attempts"][0]["agents"][0], "a", "objective cheapest should pick a: {j}");
-        assert!(j["cost"].as_f64().unwrap_or(0.0) > 0.0, "no cost recorded: {j}");
+        assert_eq!(j.attempts[0].agents[0], "a", "objective cheapest should pick a: {j:?}");
+        assert!(j.cost > 0.0, "no cost recorded: {j:?}");
     }
     // The cost is the agent's price x the run time it measured: at least the 0.3 s the
     // job slept, at most the span the coordinator saw (plus slack for clock steps).
-    let fetch_cost = fetch["cost"].as_f64().unwrap_or(0.0);
+    let fetch_cost = fetch.cost;
     let fetch_ms = (ended(&fetch) - started(&fetch)) as f64;
     assert!(
         fetch_cost >= 2.0 * 300.0 / 3.6e6 && fetch_cost <= 2.0 * (fetch_ms + 100.0) / 3.6e6,
         "cost {fetch_cost} for a 0.3 s job seen as {fetch_ms} ms at 2/h"
     );
-    let finished = wait_for(Duration::from_secs(5), || async {
-        let wfs: Vec<Value> = client.get_json("/api/v1/workflows").await.unwrap_or_default();
-        wfs.first().filter(|w| w["state"] != "running").map(|w| w["state"].clone())
-    })
-    .await;
-    assert_eq!(finished, Some(Value::from("succeeded")));
+    let finished =
+        wait_for(Duration::from_secs(5), || async { work::finished(&client, &wf).await }).await;
+    assert_eq!(finished, Some(WorkflowState::Succeeded));
     Ok(())
 }
 
@@ -186,12 +170,12 @@ jobs:
         ("no-spot", "eu-h100"),
         ("big-memory", "eu-h100"),
     ] {
-        let done = wait_state(&client, &format!("{wf}.{j}"), "succeeded", 15).await;
-        assert_eq!(done["attempts"][0]["agents"][0], agent, "{j} ran on the wrong agent: {done}");
+        let done = wait_state(&client, &format!("{wf}.{j}"), JobState::Succeeded, 15).await;
+        assert_eq!(done.attempts[0].agents[0], agent, "{j:?} ran on the wrong agent: {done:?}");
     }
     let india = job(&client, &format!("{wf}.india")).await;
-    assert_eq!(india["state"], "queued");
-    let reasons = india["queued_reasons"].to_string();
+    assert_eq!(india.state, JobState::Queued);
+    let reasons = india.queued_reasons.join("; ");
     assert!(
         reasons.contains("region eu-west-1 not in") && reasons.contains("region us-east-1 not in"),
         "{reasons}"
@@ -206,8 +190,8 @@ jobs:
         &[],
         work.path(),
     )?;
-    let done = wait_state(&client, &format!("{wf}.india"), "succeeded", 15).await;
-    assert_eq!(done["attempts"][0]["agents"][0], "ap-1");
+    let done = wait_state(&client, &format!("{wf}.india"), JobState::Succeeded, 15).await;
+    assert_eq!(done.attempts[0].agents[0], "ap-1");
     assert_eq!(logs(&client, &format!("{wf}.india")).await.trim(), "finally");
     Ok(())
 }
@@ -246,13 +230,10 @@ async fn concurrent_auctions_never_double_book_a_gpu() -> anyhow::Result<()> {
         ));
     }
     let wf = submit(&client, &yaml).await?;
-    let done = wait_for(Duration::from_secs(40), || async {
-        let wfs: Vec<Value> = client.get_json("/api/v1/workflows").await.unwrap_or_default();
-        wfs.iter().find(|w| w["id"] == wf.as_str()).filter(|w| w["state"] != "running").cloned()
-    })
-    .await
-    .expect("workflow finished");
-    assert_eq!(done["state"], "succeeded");
+    let done = wait_for(Duration::from_secs(40), || async { work::finished(&client, &wf).await })
+        .await
+        .expect("workflow finished");
+    assert_eq!(done, WorkflowState::Succeeded);
     // Agent-side records: per GPU, intervals never overlap.
     let text = std::fs::read_to_string(&record)?;
     let mut spans: BTreeMap<String, Vec<(u128, char)>> = BTreeMap::new();
@@ -305,32 +286,28 @@ async fn killed_agent_job_runs_elsewhere_within_3s() -> anyhow::Result<()> {
     )
     .await?;
     let id = format!("{wf}.sleeper");
-    let running = wait_state(&client, &id, "running", 10).await;
-    let victim = running["attempts"][0]["agents"][0].as_str().expect("agent").to_string();
+    let running = wait_state(&client, &id, JobState::Running, 10).await;
+    let victim = running.attempts[0].agents[0].clone();
     // `jobs show` lists the bids with the health facts of the GPUs they offered.
-    let bid = running["attempts"][0]["bids"]
-        .as_array()
-        .and_then(|b| b.iter().find(|b| b["agent"] == victim.as_str()))
-        .cloned()
-        .unwrap_or_default();
-    assert_eq!(bid["health"][0]["uuid"], running["attempts"][0]["gpus"][0][0], "{running}");
-    assert!(bid["health"][0]["temperature_c"].is_u64(), "{running}");
+    let bid = running.attempts[0].bids.iter().find(|b| b.agent == victim).expect("its bid");
+    assert_eq!(bid.health[0].uuid, running.attempts[0].gpus[0][0], "{running:?}");
+    assert!(bid.health[0].temperature_c.is_some(), "{running:?}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let killed = Instant::now();
     if let Some(p) = procs.get_mut(&victim) {
         p.kill9();
     }
     let moved = wait_for(Duration::from_secs(6), || async {
-        let j = job(&client, &id).await;
-        (j["state"] == "running" && j["attempts"].as_array().map(|a| a.len()) == Some(2))
+        let j = work::job(&client, &id).await?;
+        (j.state == JobState::Running && Some(j.attempts.len()) == Some(2))
             .then(|| (killed.elapsed(), j))
     })
     .await;
     let (after, j) = moved.unwrap_or_else(|| panic!("job not re-placed"));
     eprintln!("job running elsewhere {after:?} after kill -9 of {victim}");
     assert!(after < Duration::from_secs(3), "failover took {after:?}");
-    assert_ne!(j["attempts"][1]["agents"][0], victim.as_str());
-    assert_eq!(j["attempts"][0]["state"], "lost");
+    assert_ne!(j.attempts[1].agents[0], victim.as_str());
+    assert_eq!(j.attempts[0].state, AttemptState::Lost);
     // The killed agent comes back: the coordinator tells it its attempt is stale (the
     // process died with it here, but a partitioned agent would be told to stop it).
     if let Some(p) = procs.get_mut(&victim) {
@@ -338,8 +315,8 @@ async fn killed_agent_job_runs_elsewhere_within_3s() -> anyhow::Result<()> {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let j = job(&client, &id).await;
-    assert_eq!(j["state"], "running");
-    assert_eq!(j["attempts"].as_array().map(|a| a.len()), Some(2), "no third attempt");
+    assert_eq!(j.state, JobState::Running);
+    assert_eq!(Some(j.attempts.len()), Some(2), "no third attempt");
     Ok(())
 }
 
@@ -368,9 +345,9 @@ async fn gang_job_starts_on_two_agents_with_rank_env_or_waits() -> anyhow::Resul
     // One agent: not all nodes can be placed, so none is.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let j = job(&client, &id).await;
-    assert_eq!(j["state"], "queued", "{j}");
-    assert!(j["attempts"].as_array().is_none_or(|a| a.is_empty()));
-    assert!(j["queued_reasons"].to_string().contains("gang of 2 needs 2 eligible agents"), "{j}");
+    assert_eq!(j.state, JobState::Queued, "{j:?}");
+    assert!(j.attempts.is_empty());
+    assert!(j.queued_reasons.join("; ").contains("gang of 2 needs 2 eligible agents"), "{j:?}");
     let _b = AgentProc::start_extra(
         &pki,
         coord.control,
@@ -380,8 +357,8 @@ async fn gang_job_starts_on_two_agents_with_rank_env_or_waits() -> anyhow::Resul
         &[],
         work.path(),
     )?;
-    let done = wait_state(&client, &id, "succeeded", 15).await;
-    let ranks = done["attempts"][0]["agents"].as_array().map(|a| a.len());
+    let done = wait_state(&client, &id, JobState::Succeeded, 15).await;
+    let ranks = Some(done.attempts[0].agents.len());
     assert_eq!(ranks, Some(2));
     let out = logs(&client, &id).await;
     assert!(out.contains("rank=0 world=2 master="), "{out}");
@@ -446,19 +423,16 @@ async fn coordinator_kill9_mid_workflow_loses_nothing_and_runs_nothing_twice() -
         r = rec.display()
     );
     let wf = submit(&client, &yaml).await?;
-    wait_state(&client, &format!("{wf}.step1"), "running", 10).await;
+    wait_state(&client, &format!("{wf}.step1"), JobState::Running, 10).await;
     coord.kill9();
     tokio::time::sleep(Duration::from_millis(800)).await;
     coord.restart(&pki).await?;
-    let done = wait_for(Duration::from_secs(20), || async {
-        let wfs: Vec<Value> = client.get_json("/api/v1/workflows").await.unwrap_or_default();
-        wfs.iter().find(|w| w["id"] == wf.as_str()).filter(|w| w["state"] != "running").cloned()
-    })
-    .await
-    .unwrap_or_else(|| panic!("workflow did not finish after the restart"));
+    let done = wait_for(Duration::from_secs(20), || async { work::finished(&client, &wf).await })
+        .await
+        .unwrap_or_else(|| panic!("workflow did not finish after the restart"));
     let step1 = job(&client, &format!("{wf}.step1")).await;
     let step2 = job(&client, &format!("{wf}.step2")).await;
-    assert_eq!(done["state"], "succeeded", "{step1}\n{step2}\n{}", coord.log_text());
+    assert_eq!(done, WorkflowState::Succeeded, "{step1:?}\n{step2:?}\n{}", coord.log_text());
     let log = std::fs::read_to_string(&rec)?;
     assert_eq!(
         log.matches("step1-").count(),
@@ -468,11 +442,7 @@ async fn coordinator_kill9_mid_workflow_loses_nothing_and_runs_nothing_twice() -
     );
     assert_eq!(log.matches("step2-1 start").count(), 1, "step2 not exactly once:\n{log}");
     let step1 = job(&client, &format!("{wf}.step1")).await;
-    assert_eq!(
-        step1["attempts"].as_array().map(|a| a.len()),
-        Some(1),
-        "step1 was re-placed: {step1}"
-    );
+    assert_eq!(Some(step1.attempts.len()), Some(1), "step1 was re-placed: {step1:?}");
     assert!(coord.log_text().contains("attempt re-adopted"), "{}", coord.log_text());
     Ok(())
 }
@@ -508,15 +478,14 @@ async fn partitioned_agent_that_comes_back_does_not_leave_two_copies_running() -
     );
     let wf = submit(&client, &yaml).await?;
     let id = format!("{wf}.svc");
-    let first = wait_state(&client, &id, "running", 10).await;
-    let cut = first["attempts"][0]["agents"][0].as_str().expect("agent").to_string();
+    let first = wait_state(&client, &id, JobState::Running, 10).await;
+    let cut = first.attempts[0].agents[0].clone();
     let pid = procs.get(&cut).and_then(|p| p.pid()).expect("pid");
     // Cut the agent off (its job keeps running: it is in its own process group).
     std::process::Command::new("kill").args(["-STOP", &pid.to_string()]).status()?;
     wait_for(Duration::from_secs(8), || async {
-        let j = job(&client, &id).await;
-        (j["state"] == "running" && j["attempts"].as_array().map(|a| a.len()) == Some(2))
-            .then_some(())
+        let j = work::job(&client, &id).await?;
+        (j.state == JobState::Running && Some(j.attempts.len()) == Some(2)).then_some(())
     })
     .await
     .expect("job re-placed while its agent was cut off");
@@ -526,12 +495,12 @@ async fn partitioned_agent_that_comes_back_does_not_leave_two_copies_running() -
     tokio::time::sleep(Duration::from_secs(6)).await;
     assert_only_current_copy_runs(&rec, healed_ns, 3);
     let j = job(&client, &id).await;
-    assert_eq!(j["state"], "running");
-    assert_eq!(j["attempts"].as_array().map(|a| a.len()), Some(2));
+    assert_eq!(j.state, JobState::Running);
+    assert_eq!(Some(j.attempts.len()), Some(2));
     // Clean up the long-running job.
-    let _: Value =
+    let _: Cancelled =
         client.post_json(&format!("/api/v1/jobs/{id}/cancel"), &serde_json::json!({})).await?;
-    wait_state(&client, &id, "cancelled", 5).await;
+    wait_state(&client, &id, JobState::Cancelled, 5).await;
     Ok(())
 }
 
@@ -550,7 +519,7 @@ async fn logs_follow_streams_output_live_and_ends_with_the_job() -> anyhow::Resu
     )
     .await?;
     let id = format!("{wf}.talk");
-    wait_state(&client, &id, "running", 10).await;
+    wait_state(&client, &id, JobState::Running, 10).await;
     let mut child = coord
         .cli_command(&pki, &["logs", "-f", &id])
         .stdout(std::process::Stdio::piped())
@@ -560,7 +529,11 @@ async fn logs_follow_streams_output_live_and_ends_with_the_job() -> anyhow::Resu
     // The first line arrives while the job is still running.
     let first = tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await??;
     assert_eq!(first.as_deref(), Some("line1"));
-    assert_eq!(job(&client, &id).await["state"], "running", "streamed live, not after the end");
+    assert_eq!(
+        job(&client, &id).await.state,
+        JobState::Running,
+        "streamed live, not after the end"
+    );
     let mut rest = Vec::new();
     while let Some(l) = tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await?? {
         rest.push(l);
@@ -569,7 +542,7 @@ async fn logs_follow_streams_output_live_and_ends_with_the_job() -> anyhow::Resu
     // It ends by itself once the job has ended.
     let status = tokio::time::timeout(Duration::from_secs(5), child.wait()).await??;
     assert!(status.success());
-    assert_eq!(job(&client, &id).await["state"], "succeeded");
+    assert_eq!(job(&client, &id).await.state, JobState::Succeeded);
     Ok(())
 }
 
@@ -637,8 +610,8 @@ async fn partition_mesh(wf_name: &str, p_extra: &[&str]) -> anyhow::Result<Optio
     );
     let wf = submit(&client, &yaml).await?;
     let id = format!("{wf}.svc");
-    let first = wait_state(&client, &id, "running", 10).await;
-    assert_eq!(first["attempts"][0]["agents"][0], "p");
+    let first = wait_state(&client, &id, JobState::Running, 10).await;
+    assert_eq!(first.attempts[0].agents[0], "p");
     let q = AgentProc::start_extra(
         &pki,
         coord.control,
@@ -661,11 +634,11 @@ async fn network_partition_re_places_the_job_and_the_healed_agent_stops_its_copy
     net.set_link(false)?;
     let cut = Instant::now();
     wait_for(Duration::from_secs(8), || async {
-        let j = job(client, id).await;
-        (j["state"] == "running"
-            && j["attempts"].as_array().map(|a| a.len()) == Some(2)
-            && j["attempts"][1]["agents"][0] == "q")
-            .then_some(())
+        let j = work::job(client, id).await?;
+        (j.state == JobState::Running
+            && Some(j.attempts.len()) == Some(2)
+            && j.attempts.get(1).is_some_and(|a| a.agents[0] == "q"))
+        .then_some(())
     })
     .await
     .expect("job re-placed on q while p was cut off");
@@ -678,13 +651,13 @@ async fn network_partition_re_places_the_job_and_the_healed_agent_stops_its_copy
     tokio::time::sleep(Duration::from_secs(10)).await;
     assert_only_current_copy_runs(rec, healed_ns, 8);
     let j = job(client, id).await;
-    assert_eq!(j["state"], "running");
-    assert_eq!(j["attempts"].as_array().map(|a| a.len()), Some(2), "no third attempt");
+    assert_eq!(j.state, JobState::Running);
+    assert_eq!(Some(j.attempts.len()), Some(2), "no third attempt");
     let plog = std::fs::read_to_string(&m.p.log)?;
     assert!(plog.matches("session established").count() >= 2, "p reconnected:\n{plog}");
-    let _: Value =
+    let _: Cancelled =
         client.post_json(&format!("/api/v1/jobs/{id}/cancel"), &serde_json::json!({})).await?;
-    wait_state(client, id, "cancelled", 5).await;
+    wait_state(client, id, JobState::Cancelled, 5).await;
     Ok(())
 }
 
@@ -733,38 +706,34 @@ jobs:
         p = pidfile.display()
     );
     let wf = submit(&client, &yaml).await?;
-    let flaky = wait_state(&client, &format!("{wf}.flaky"), "succeeded", 15).await;
-    assert_eq!(flaky["attempts"].as_array().map(|a| a.len()), Some(2), "{flaky}");
-    assert_eq!(flaky["failures"], 1);
-    assert_eq!(flaky["attempts"][0]["outcomes"][0], "exited with code 3");
-    let broken = wait_state(&client, &format!("{wf}.broken"), "failed", 15).await;
-    assert_eq!(
-        broken["attempts"].as_array().map(|a| a.len()),
-        Some(2),
-        "one retry, then failed: {broken}"
-    );
-    let skipped = wait_state(&client, &format!("{wf}.after-broken"), "skipped", 5).await;
-    assert!(skipped["history"].to_string().contains("dependency broken failed"), "{skipped}");
-    let slow = wait_state(&client, &format!("{wf}.slow"), "failed", 15).await;
-    assert_eq!(slow["attempts"][0]["outcomes"][0], "timed out");
+    let flaky = wait_state(&client, &format!("{wf}.flaky"), JobState::Succeeded, 15).await;
+    assert_eq!(Some(flaky.attempts.len()), Some(2), "{flaky:?}");
+    assert_eq!(flaky.failures, 1);
+    assert_eq!(flaky.attempts[0].outcomes[0].as_deref(), Some("exited with code 3"));
+    let broken = wait_state(&client, &format!("{wf}.broken"), JobState::Failed, 15).await;
+    assert_eq!(Some(broken.attempts.len()), Some(2), "one retry, then failed: {broken:?}");
+    let skipped = wait_state(&client, &format!("{wf}.after-broken"), JobState::Skipped, 5).await;
+    assert!(format!("{:?}", skipped.history).contains("dependency broken failed"), "{skipped:?}");
+    let slow = wait_state(&client, &format!("{wf}.slow"), JobState::Failed, 15).await;
+    assert_eq!(slow.attempts[0].outcomes[0].as_deref(), Some("timed out"));
     // Cancel: SIGTERM reaches the process, which is gone afterwards.
-    wait_state(&client, &format!("{wf}.victim"), "running", 10).await;
+    wait_state(&client, &format!("{wf}.victim"), JobState::Running, 10).await;
     let pid = wait_for(Duration::from_secs(5), || async {
         std::fs::read_to_string(&pidfile).ok().and_then(|s| s.trim().parse::<u32>().ok())
     })
     .await
     .expect("victim pid");
-    let r: Value = client
+    let r: Cancelled = client
         .post_json(&format!("/api/v1/jobs/{wf}.victim/cancel"), &serde_json::json!({}))
         .await?;
-    assert_eq!(r["cancelled_jobs"], 1);
+    assert_eq!(r.cancelled_jobs, 1);
     let gone = wait_for(Duration::from_secs(10), || async {
         (!std::path::Path::new(&format!("/proc/{pid}")).exists()).then_some(())
     })
     .await;
     assert!(gone.is_some(), "cancelled process {pid} still running");
     let v = job(&client, &format!("{wf}.victim")).await;
-    assert_eq!(v["state"], "cancelled");
+    assert_eq!(v.state, JobState::Cancelled);
     Ok(())
 }
 
@@ -785,18 +754,18 @@ async fn drained_agent_gets_no_new_jobs_but_finishes_running_ones() -> anyhow::R
     )?;
     mesh_up(&client, 1).await;
     let wf = submit(&client, "name: d1\njobs:\n  running:\n    command: [sleep, \"2\"]\n").await?;
-    wait_state(&client, &format!("{wf}.running"), "running", 10).await;
-    let _: Value = client.post_json("/api/v1/agents/only/drain", &serde_json::json!({})).await?;
+    wait_state(&client, &format!("{wf}.running"), JobState::Running, 10).await;
+    let _: Drained = client.post_json("/api/v1/agents/only/drain", &serde_json::json!({})).await?;
     let wf2 = submit(&client, "name: d2\njobs:\n  later:\n    command: [\"true\"]\n").await?;
     // The running job finishes on the drained agent; the new one waits with the reason.
-    wait_state(&client, &format!("{wf}.running"), "succeeded", 10).await;
+    wait_state(&client, &format!("{wf}.running"), JobState::Succeeded, 10).await;
     let later = job(&client, &format!("{wf2}.later")).await;
-    assert_eq!(later["state"], "queued");
-    assert!(later["queued_reasons"].to_string().contains("only: draining"), "{later}");
-    let _: Value = client
+    assert_eq!(later.state, JobState::Queued);
+    assert!(later.queued_reasons.join("; ").contains("only: draining"), "{later:?}");
+    let _: Drained = client
         .post_json("/api/v1/agents/only/drain", &serde_json::json!({ "draining": false }))
         .await?;
-    wait_state(&client, &format!("{wf2}.later"), "succeeded", 10).await;
+    wait_state(&client, &format!("{wf2}.later"), JobState::Succeeded, 10).await;
     Ok(())
 }
 
@@ -881,12 +850,12 @@ jobs:
     .await?;
     let id = format!("{wf}.train");
     let queued = wait_for(Duration::from_secs(10), || async {
-        let j = job(&client, &id).await;
-        let r = j["queued_reasons"].to_string();
-        (j["state"] == "queued" && r.contains("no docker or podman")).then_some(j)
+        let j = work::job(&client, &id).await?;
+        let r = j.queued_reasons.join("; ");
+        (j.state == JobState::Queued && r.contains("no docker or podman")).then_some(j)
     })
     .await;
-    assert!(queued.is_some(), "no decline reason: {}", job(&client, &id).await);
+    assert!(queued.is_some(), "no decline reason: {:?}", job(&client, &id).await);
     // A node with a runtime joins: the job runs through it, in the attempt's work dir.
     let rt_dir = work.path().join("rt");
     std::fs::create_dir_all(&rt_dir)?;
@@ -903,10 +872,10 @@ jobs:
         &["--container-runtime", &fake_s],
         work.path(),
     )?;
-    let done = wait_state(&client, &id, "succeeded", 20).await;
-    assert_eq!(done["attempts"][0]["agents"][0], "ctr", "{done}");
-    let gpu = done["attempts"][0]["gpus"][0][0].as_str().unwrap_or_default().to_string();
-    assert!(gpu.starts_with("GPU-"), "{done}");
+    let done = wait_state(&client, &id, JobState::Succeeded, 20).await;
+    assert_eq!(done.attempts[0].agents[0], "ctr", "{done:?}");
+    let gpu = done.attempts[0].gpus[0][0].clone();
+    assert!(gpu.starts_with("GPU-"), "{done:?}");
     let out = logs(&client, &id).await;
     assert!(out.contains(&format!("gpus={gpu} job={id}")), "{out}");
     let calls = std::fs::read_to_string(rt_dir.join("fake-docker-calls"))?;
@@ -1042,9 +1011,9 @@ jobs:
     )
     .await?;
     let id = format!("{wf}.hello");
-    let done = wait_state(&client, &id, "succeeded", 60).await;
-    let gpu = done["attempts"][0]["gpus"][0][0].as_str().unwrap_or_default().to_string();
-    assert!(gpu.starts_with("GPU-"), "{done}");
+    let done = wait_state(&client, &id, JobState::Succeeded, 60).await;
+    let gpu = done.attempts[0].gpus[0][0].clone();
+    assert!(gpu.starts_with("GPU-"), "{done:?}");
     let out = logs(&client, &id).await;
     assert!(out.contains(&format!("in-container gpus={gpu} job={id} mode=real")), "{out}");
     assert!(out.contains("own-root") && !out.contains("host-root"), "{out}");
@@ -1069,16 +1038,16 @@ jobs:
     )
     .await?;
     let id = format!("{wf}.long");
-    wait_state(&client, &id, "running", 60).await;
+    wait_state(&client, &id, JobState::Running, 60).await;
     let up = wait_for(Duration::from_secs(30), || async {
         let ps = podman_containers();
         ps.contains("fleetmesh-").then_some(ps)
     })
     .await;
     assert!(up.is_some_and(|ps| ps.contains("sleep 300")), "{}", podman_containers());
-    let _: Value =
+    let _: Cancelled =
         client.post_json(&format!("/api/v1/jobs/{id}/cancel"), &serde_json::json!({})).await?;
-    wait_state(&client, &id, "cancelled", 5).await;
+    wait_state(&client, &id, JobState::Cancelled, 5).await;
     // Default grace 5 s, then SIGKILL; the container is removed.
     let gone = wait_for(Duration::from_secs(30), || async {
         (!podman_containers().contains("fleetmesh-")).then_some(())
@@ -1093,7 +1062,7 @@ jobs:
         ),
     )
     .await?;
-    wait_state(&client, &format!("{wf}.again"), "succeeded", 60).await;
+    wait_state(&client, &format!("{wf}.again"), JobState::Succeeded, 60).await;
     Ok(())
 }
 
@@ -1106,13 +1075,14 @@ async fn self_fencing_agent_stops_its_copy_before_the_job_runs_elsewhere() -> an
     let (net, client, id, rec) = (&m.net, &m.client, m.id.as_str(), &m.rec);
     // A healthy session never trips the fence: p has been connected for a while.
     let j = job(client, id).await;
-    assert_eq!(j["attempts"].as_array().map(|a| a.len()), Some(1), "fenced while connected: {j}");
+    assert_eq!(Some(j.attempts.len()), Some(1), "fenced while connected: {j:?}");
     // Partition.
     net.set_link(false)?;
     let cut = Instant::now();
     wait_for(Duration::from_secs(8), || async {
-        let j = job(client, id).await;
-        (j["state"] == "running" && j["attempts"][1]["agents"][0] == "q").then_some(())
+        let j = work::job(client, id).await?;
+        (j.state == JobState::Running && j.attempts.get(1).is_some_and(|a| a.agents[0] == "q"))
+            .then_some(())
     })
     .await
     .expect("job re-placed on q while p was cut off");
@@ -1133,21 +1103,21 @@ async fn self_fencing_agent_stops_its_copy_before_the_job_runs_elsewhere() -> an
     // Heal: p reports how its attempt ended; the job stays where it is.
     net.set_link(true)?;
     let reported = wait_for(Duration::from_secs(15), || async {
-        let j = job(client, id).await;
-        let o = j["attempts"][0]["outcomes"][0].as_str().unwrap_or_default().to_string();
+        let j = work::job(client, id).await?;
+        let o = j.attempts[0].outcomes[0].clone().unwrap_or_default();
         o.contains("stopped by its agent").then_some(j)
     })
     .await;
     let j = reported.unwrap_or(job(client, id).await);
     assert!(
-        j["attempts"][0]["outcomes"][0].as_str().unwrap_or_default().contains("coordinator"),
-        "{j}"
+        j.attempts[0].outcomes[0].as_deref().unwrap_or_default().contains("coordinator"),
+        "{j:?}"
     );
-    assert_eq!(j["state"], "running");
-    assert_eq!(j["failures"], 0, "a fenced attempt must not use a retry: {j}");
-    assert_eq!(j["attempts"].as_array().map(|a| a.len()), Some(2), "no third attempt: {j}");
-    let _: Value =
+    assert_eq!(j.state, JobState::Running);
+    assert_eq!(j.failures, 0, "a fenced attempt must not use a retry: {j:?}");
+    assert_eq!(Some(j.attempts.len()), Some(2), "no third attempt: {j:?}");
+    let _: Cancelled =
         client.post_json(&format!("/api/v1/jobs/{id}/cancel"), &serde_json::json!({})).await?;
-    wait_state(client, id, "cancelled", 5).await;
+    wait_state(client, id, JobState::Cancelled, 5).await;
     Ok(())
 }

@@ -307,7 +307,10 @@ async fn api_requires_an_operator_certificate_from_the_mesh_ca() -> anyhow::Resu
     let url = format!("https://127.0.0.1:{}", coord.api.port());
     pki.issue(PeerKind::Agent, "sneaky", Attributes::default())?;
     let as_agent = ApiClient::new(&url, &pki.identity(PeerKind::Agent, "sneaky")?)?;
-    match as_agent.get_json::<serde_json::Value>("/api/v1/agents").await {
+    match as_agent
+        .get_json::<Vec<fleetmesh_coordinator::fleet::views::AgentView>>("/api/v1/agents")
+        .await
+    {
         Err(ClientError::Api { status: 403, message }) => {
             assert!(message.contains("operator certificate"), "{message}")
         }
@@ -317,7 +320,9 @@ async fn api_requires_an_operator_certificate_from_the_mesh_ca() -> anyhow::Resu
     let rogue = Pki::new("mesh.test")?;
     let (cert, key) = rogue.issue(PeerKind::Operator, "mallory", Attributes::default())?;
     let tls = TlsIdentity::load(&pki.ca_pem(), &cert, &key)?;
-    let r = ApiClient::new(&url, &tls)?.get_json::<serde_json::Value>("/api/v1/agents").await;
+    let r = ApiClient::new(&url, &tls)?
+        .get_json::<Vec<fleetmesh_coordinator::fleet::views::AgentView>>("/api/v1/agents")
+        .await;
     assert!(r.is_err(), "rogue operator got an answer: {r:?}");
     Ok(())
 }

@@ -15,9 +15,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use fleetmesh_integration::work::{self, JobRecord, JobState};
 use fleetmesh_integration::{attrs, bin, wait_for, CoordinatorProc, Pki};
 use fleetmesh_protocol::PeerKind;
-use serde_json::Value;
 
 /// Where scripts/test.sh keeps the booted tree (debootstrap takes ~50 s; it is reused).
 const ROOTFS: &str = "/var/cache/fleetmesh-test/rootfs";
@@ -141,14 +141,16 @@ impl Drop for Booted {
     }
 }
 
-async fn wait_job(client: &fleetmesh_coordinator::client::ApiClient, job: &str) -> Value {
+/// The job once it succeeded or failed.
+async fn wait_job(
+    client: &fleetmesh_coordinator::client::ApiClient,
+    job: &str,
+) -> Option<JobRecord> {
     wait_for(Duration::from_secs(60), || async {
-        let j: Value = client.get_json(&format!("/api/v1/jobs/{job}")).await.ok()?;
-        let done = j["state"] == "succeeded" || j["state"] == "failed";
-        done.then_some(j)
+        let j = work::job(client, job).await?;
+        matches!(j.state, JobState::Succeeded | JobState::Failed).then_some(j)
     })
     .await
-    .unwrap_or(Value::Null)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -227,17 +229,15 @@ async fn installed_agent_runs_host_and_image_jobs_outside_its_own_sandbox() -> a
     }
 
     let yaml = "name: installed\njobs:\n  host:\n    script: |\n      id -un\n      cat /proc/self/cgroup\n      touch /var/tmp/fm-host-job && echo wrote-var-tmp\n      test -d /home && echo sees-home\n      V=dollars-kept.x; echo \"${V%.x}\"\n  image:\n    image: docker.io/library/busybox:1.36\n    command: [sh, -c, \"id -un; echo in-image\"]\n";
-    let r: Value = client.post_raw("/api/v1/workflows", yaml.as_bytes().to_vec()).await?;
-    let wf = r["id"].as_str().unwrap_or_default().to_string();
+    let wf = work::submit(&client, yaml).await?;
     for job in ["host", "image"] {
         let j = wait_job(&client, &format!("{wf}.{job}")).await;
-        let logs: Value = client.get_json(&format!("/api/v1/jobs/{wf}.{job}/logs")).await?;
-        let text = logs["data"].as_str().unwrap_or_default().to_string();
+        let text = work::logs(&client, &format!("{wf}.{job}")).await;
         println!("--- {job} job output:\n{text}");
         assert_eq!(
-            j["state"],
-            "succeeded",
-            "{job}: {j:#}\n{text}\n{}",
+            j.as_ref().map(|j| j.state),
+            Some(JobState::Succeeded),
+            "{job}: {j:#?}\n{text}\n{}",
             booted.sh("journalctl -u fleetmesh-agent --no-pager | tail -40")?
         );
         // An account of the installer's pool, in the job user's group.
@@ -258,20 +258,13 @@ async fn installed_agent_runs_host_and_image_jobs_outside_its_own_sandbox() -> a
 
     // Attempts running side by side run as different accounts and cannot read each
     // other's dirs or processes.
-    let r: Value = client
-        .post_raw(
-            "/api/v1/workflows",
-            fleetmesh_integration::side_by_side::WORKFLOW.as_bytes().to_vec(),
-        )
-        .await?;
-    let wf = r["id"].as_str().unwrap_or_default().to_string();
+    let wf = work::submit(&client, fleetmesh_integration::side_by_side::WORKFLOW).await?;
     let mut logs = Vec::new();
     for job in ["holder", "peeker"] {
         let j = wait_job(&client, &format!("{wf}.{job}")).await;
-        let l: Value = client.get_json(&format!("/api/v1/jobs/{wf}.{job}/logs")).await?;
-        let text = l["data"].as_str().unwrap_or_default().to_string();
+        let text = work::logs(&client, &format!("{wf}.{job}")).await;
         println!("--- {job} job output:\n{text}");
-        assert_eq!(j["state"], "succeeded", "{job}: {j:#}\n{text}");
+        assert_eq!(j.as_ref().map(|j| j.state), Some(JobState::Succeeded), "{job}: {j:#?}\n{text}");
         logs.push(text);
     }
     let (h, p) = fleetmesh_integration::side_by_side::check(&logs[0], &logs[1])

@@ -25,6 +25,7 @@ use clap::{Parser, Subcommand};
 use fleetmesh_agent::gpu::simulated::SimulatedBackend;
 use fleetmesh_agent::sampler::{NodeSampler, Sampler};
 use fleetmesh_agent::session::{run_forever, AgentStats, ConnectOptions};
+use fleetmesh_api::jobs::{JobRecord, JobState, JobSummary, WorkflowState, WorkflowSummary};
 use fleetmesh_coordinator::fleet::views::IngestStats;
 use fleetmesh_coordinator::fleet::{Fleet, FleetArgs, FleetConfig, FleetMsg};
 use fleetmesh_coordinator::net::agent_link::ToSession;
@@ -526,7 +527,7 @@ async fn placement(
     let mut next = 0;
     while next < jobs {
         let n = batch.min(jobs - next);
-        let _: serde_json::Value =
+        let _: fleetmesh_api::answers::Submitted =
             client.post_raw("/api/v1/workflows", workflow(next, n).into_bytes()).await?;
         next += n;
         if next < jobs {
@@ -539,9 +540,10 @@ async fn placement(
     let done_by = Instant::now() + Duration::from_secs(600);
     let mut busy_answers = 0u32;
     loop {
-        match client.get_json::<Vec<serde_json::Value>>("/api/v1/workflows").await {
+        match client.get_json::<Vec<WorkflowSummary>>("/api/v1/workflows").await {
             Ok(wfs) => {
-                if wfs.iter().all(|w| w["state"] != "running") || Instant::now() > done_by {
+                if wfs.iter().all(|w| w.state != WorkflowState::Running) || Instant::now() > done_by
+                {
                     break;
                 }
             }
@@ -553,7 +555,7 @@ async fn placement(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let list: Vec<serde_json::Value> = client.get_json("/api/v1/jobs").await?;
+    let list: Vec<JobSummary> = client.get_json("/api/v1/jobs").await?;
     let total_s = t0.elapsed().as_secs_f64();
     let mut award_ms = Vec::new();
     let mut start_ms = Vec::new();
@@ -564,24 +566,23 @@ async fn placement(
     // their award time is that of a later attempt.
     let mut reawarded = 0;
     for j in &list {
-        if j["attempts"].as_u64().unwrap_or(0) > 1 {
+        if j.attempts > 1 {
             reawarded += 1;
         }
-        let sub = j["submitted_unix_ms"].as_u64().unwrap_or(0);
-        if let Some(a) = j["awarded_unix_ms"].as_u64() {
+        let sub = j.submitted_unix_ms;
+        if let Some(a) = j.awarded_unix_ms {
             award_ms.push(a.saturating_sub(sub) as f64);
             first_award = first_award.min(a);
             last_award = last_award.max(a);
         }
-        if let Some(s) = j["started_unix_ms"].as_u64() {
+        if let Some(s) = j.started_unix_ms {
             start_ms.push(s.saturating_sub(sub) as f64);
         }
-        if j["state"] == "succeeded" {
+        if j.state == JobState::Succeeded {
             succeeded += 1;
         }
     }
-    let first_submit =
-        list.iter().filter_map(|j| j["submitted_unix_ms"].as_u64()).min().unwrap_or(0);
+    let first_submit = list.iter().map(|j| j.submitted_unix_ms).min().unwrap_or(0);
     let span_s = (last_award.saturating_sub(first_submit)) as f64 / 1000.0;
     let _ = stop_tx.send(true);
     for t in tasks {
@@ -607,18 +608,18 @@ async fn placement(
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     for round in 0..failovers {
-        let r: serde_json::Value = client
+        let r: fleetmesh_api::answers::Submitted = client
             .post_raw("/api/v1/workflows", format!("name: fo{round}\njobs:\n  long:\n    command: [sleep, \"120\"]\n    resources: {{ gpus: 1 }}\n").into_bytes())
             .await?;
-        let id = format!("{}.long", r["id"].as_str().context("id")?);
+        let id = format!("{}.long", r.id);
         let running = loop {
-            let j: serde_json::Value = client.get_json(&format!("/api/v1/jobs/{id}")).await?;
-            if j["state"] == "running" {
+            let j: JobRecord = client.get_json(&format!("/api/v1/jobs/{id}")).await?;
+            if j.state == JobState::Running {
                 break j;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
-        let victim = running["attempts"][0]["agents"][0].as_str().unwrap_or_default().to_string();
+        let victim = running.attempts[0].agents[0].clone();
         let Some(p) = procs.iter_mut().find(|p| p.name == victim) else {
             bail!("unknown victim {victim}")
         };
@@ -626,8 +627,8 @@ async fn placement(
         let killed = Instant::now();
         p.kill9();
         loop {
-            let j: serde_json::Value = client.get_json(&format!("/api/v1/jobs/{id}")).await?;
-            if j["state"] == "running" && j["attempts"].as_array().map(|a| a.len()) == Some(2) {
+            let j: JobRecord = client.get_json(&format!("/api/v1/jobs/{id}")).await?;
+            if j.state == JobState::Running && j.attempts.len() == 2 {
                 break;
             }
             if killed.elapsed() > Duration::from_secs(20) {
@@ -636,7 +637,7 @@ async fn placement(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         failover_ms.push(killed.elapsed().as_secs_f64() * 1000.0);
-        let _: serde_json::Value =
+        let _: fleetmesh_api::answers::Cancelled =
             client.post_json(&format!("/api/v1/jobs/{id}/cancel"), &json!({})).await?;
         p.spawn()?;
         tokio::time::sleep(Duration::from_secs(3)).await;
