@@ -101,6 +101,15 @@ fn healthy(g: &GpuState, now_ms: u64) -> bool {
     !(recent_fatal || hot || ecc)
 }
 
+/// Why awarded GPUs cannot be taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GpuTaken {
+    #[error("GPU {0} is reserved or running another job")]
+    Busy(String),
+    #[error("GPU {0} is not on this node")]
+    NotHere(String),
+}
+
 impl LocalState {
     /// Drop reservations whose lease has passed.
     pub fn expire(&mut self, now_ms: u64) {
@@ -121,15 +130,15 @@ impl LocalState {
         auction: &str,
         gpus: &[String],
         now_ms: u64,
-    ) -> Result<(), String> {
+    ) -> Result<(), GpuTaken> {
         self.expire(now_ms);
         let reserved = self.release(auction).map(|r| r.gpus).unwrap_or_default();
         for g in gpus.iter().filter(|g| !reserved.contains(g)) {
             if self.held(g) {
-                return Err(format!("GPU {g} is reserved or running another job"));
+                return Err(GpuTaken::Busy(g.clone()));
             }
             if !self.gpus.iter().any(|x| &x.uuid == g) {
-                return Err(format!("GPU {g} is not on this node"));
+                return Err(GpuTaken::NotHere(g.clone()));
             }
         }
         Ok(())
@@ -321,10 +330,13 @@ mod tests {
         // Passed on after the reservation was released: free GPUs are taken, held ones not.
         let other = s.bid(&call("a2", 1), 20).unwrap();
         assert_ne!(other.gpus, offer.gpus);
-        assert!(s.take_for_award("gone", &offer.gpus, 30).unwrap_err().contains("running"));
-        assert!(s.take_for_award("gone", &other.gpus, 30).unwrap_err().contains("reserved"));
+        let busy = s.take_for_award("gone", &offer.gpus, 30).unwrap_err();
+        assert!(matches!(busy, GpuTaken::Busy(_)) && busy.to_string().contains("running"));
+        let busy = s.take_for_award("gone", &other.gpus, 30).unwrap_err();
+        assert!(busy.to_string().contains("reserved"), "{busy}");
         s.release("a2");
         assert_eq!(s.take_for_award("gone", &other.gpus, 40), Ok(()));
-        assert!(s.take_for_award("x", &["GPU-9".to_string()], 50).unwrap_err().contains("not on"));
+        let e = s.take_for_award("x", &["GPU-9".to_string()], 50).unwrap_err();
+        assert_eq!(e, GpuTaken::NotHere("GPU-9".into()));
     }
 }

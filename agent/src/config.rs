@@ -111,11 +111,11 @@ fn job_uid_pool(
             "job-uids {r}: systemd-run cannot start a unit as a uid without an account; use job-accounts (install-agent.sh creates fleetmesh-job-0..63)"
         )),
         (Some(r), None) => {
-            let range = crate::sandbox::parse_uid_range(r).map_err(AgentError::Config)?;
+            let range = crate::sandbox::parse_uid_range(r)?;
             Ok(Some(range.collect()))
         }
         (None, Some(prefix)) => {
-            Ok(Some(crate::sandbox::pool_accounts(prefix).map_err(AgentError::Config)?))
+            Ok(Some(crate::sandbox::pool_accounts(prefix)?))
         }
     }
 }

@@ -39,6 +39,22 @@ const FENCE_FILE_EVERY: Duration = Duration::from_millis(200);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub use crate::outbox::Outbox;
 
+/// Why an award is refused (told to the coordinator, which gives it to the runner-up or
+/// auctions the job again).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AwardRefused {
+    #[error("this agent does not run jobs")]
+    NoJobs,
+    #[error("agent state poisoned")]
+    Poisoned,
+    #[error("attempt {attempt} of {job} is stale or already running here")]
+    Stale { job: String, attempt: u64 },
+    #[error("award cannot be taken: {0}")]
+    Gpus(#[from] crate::bidding::GpuTaken),
+    #[error("all {0} job uids are in use by running attempts")]
+    NoFreeUid(usize),
+}
+
 struct RunningAttempt {
     gpus: Vec<String>,
     stop: Option<oneshot::Sender<(JobOutcome, Duration)>>,
@@ -525,18 +541,14 @@ impl Jobs {
 
     /// Start an awarded attempt. Refused if the attempt (or a newer one of the job) is
     /// already running here, or if the awarded GPUs are not the reserved ones.
-    pub fn start(self: &Arc<Self>, a: &Award) -> Result<(), String> {
+    pub fn start(self: &Arc<Self>, a: &Award) -> Result<(), AwardRefused> {
         let key = (a.job.clone(), a.attempt);
         {
-            let mut s = self.state.lock().map_err(|_| "agent state poisoned".to_string())?;
+            let mut s = self.state.lock().map_err(|_| AwardRefused::Poisoned)?;
             if s.1.keys().any(|(j, n)| *j == a.job && *n >= a.attempt) {
-                return Err(format!(
-                    "attempt {} of {} is stale or already running here",
-                    a.attempt, a.job
-                ));
+                return Err(AwardRefused::Stale { job: a.job.clone(), attempt: a.attempt });
             }
-            s.0.take_for_award(&a.auction, &a.gpus, now_ms())
-                .map_err(|e| format!("award cannot be taken: {e}"))?;
+            s.0.take_for_award(&a.auction, &a.gpus, now_ms())?;
             // Older attempts of the same job must not survive a newer award.
             let stale: Vec<(String, u64)> =
                 s.1.keys().filter(|(j, _)| *j == a.job).cloned().collect();
@@ -553,9 +565,7 @@ impl Jobs {
                     let taken: std::collections::HashSet<u32> =
                         s.1.values().filter_map(|r| r.uid).collect();
                     let free = pool.iter().copied().find(|u| !taken.contains(u));
-                    Some(free.ok_or_else(|| {
-                        format!("all {} job uids are in use by running attempts", pool.len())
-                    })?)
+                    Some(free.ok_or(AwardRefused::NoFreeUid(pool.len()))?)
                 }
                 None => None,
             };

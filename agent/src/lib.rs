@@ -47,6 +47,8 @@ pub enum AgentError {
     Enroll(#[from] enroll::EnrollFailure),
     #[error("data dir {path}: {source}")]
     DataDir { path: std::path::PathBuf, source: std::io::Error },
+    #[error("configuration: {0}")]
+    Sandbox(#[from] sandbox::SandboxError),
 }
 
 /// Where the agent's identity comes from.
@@ -195,7 +197,7 @@ async fn start_jobs(config: &AgentConfig) -> Result<Arc<jobs::Jobs>, AgentError>
     // Before anything private is written: the job user must find no way in.
     let job_user = match &config.job_user {
         Some(name) => {
-            let u = sandbox::lookup(name).map_err(AgentError::Config)?;
+            let u = sandbox::lookup(name)?;
             sandbox::prepare_data_dir(&config.data_dir)
                 .map_err(|source| AgentError::DataDir { path: config.data_dir.clone(), source })?;
             tracing::info!(user = %u.name, uid = u.uid, gid = u.gid, "jobs run as an unprivileged user");

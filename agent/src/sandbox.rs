@@ -23,6 +23,28 @@
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
+/// Why a job user or uid pool cannot be used. Each names the setting and the fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SandboxError {
+    #[error("/etc/passwd: {0}")]
+    Passwd(String),
+    #[error("job user {0:?} does not exist (scripts/install-agent.sh creates fleetmesh-job)")]
+    NoSuchUser(String),
+    #[error("job user {0:?} is root: jobs must run unprivileged")]
+    Root(String),
+    #[error(
+        "--job-user {0} needs the agent to run as root (it switches each attempt to that user)"
+    )]
+    AgentNotRoot(String),
+    /// A `--job-uids` range that is malformed, too large, or used by accounts or
+    /// subordinate ids (the message says which).
+    #[error("{0}")]
+    UidRange(String),
+    /// A `--job-accounts` prefix with no usable accounts (the message says why).
+    #[error("{0}")]
+    Accounts(String),
+}
+
 /// The user jobs run as.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobUser {
@@ -38,18 +60,16 @@ const PRIVATE: u32 = 0o700;
 
 /// Find `name` in `/etc/passwd`; it must not be root, and the agent must be root to
 /// switch to it.
-pub fn lookup(name: &str) -> Result<JobUser, String> {
-    let passwd = std::fs::read_to_string("/etc/passwd").map_err(|e| format!("/etc/passwd: {e}"))?;
-    let user = parse_passwd(&passwd, name).ok_or_else(|| {
-        format!("job user {name:?} does not exist (scripts/install-agent.sh creates fleetmesh-job)")
-    })?;
+pub fn lookup(name: &str) -> Result<JobUser, SandboxError> {
+    let passwd =
+        std::fs::read_to_string("/etc/passwd").map_err(|e| SandboxError::Passwd(e.to_string()))?;
+    let user =
+        parse_passwd(&passwd, name).ok_or_else(|| SandboxError::NoSuchUser(name.to_string()))?;
     if user.uid == 0 {
-        return Err(format!("job user {name:?} is root: jobs must run unprivileged"));
+        return Err(SandboxError::Root(name.to_string()));
     }
     if agent_uid() != 0 {
-        return Err(format!(
-            "--job-user {name} needs the agent to run as root (it switches each attempt to that user)"
-        ));
+        return Err(SandboxError::AgentNotRoot(name.to_string()));
     }
     Ok(user)
 }
@@ -60,7 +80,11 @@ pub const MAX_POOL_UIDS: u32 = 65_536;
 /// Parse `--job-uids START-END`: uids that no account in `/etc/passwd` uses, that no
 /// subordinate range in `/etc/subuid` or `/etc/subgid` maps (rootless containers own
 /// those), and never 0.
-pub fn parse_uid_range(spec: &str) -> Result<std::ops::RangeInclusive<u32>, String> {
+pub fn parse_uid_range(spec: &str) -> Result<std::ops::RangeInclusive<u32>, SandboxError> {
+    uid_range(spec).map_err(SandboxError::UidRange)
+}
+
+fn uid_range(spec: &str) -> Result<std::ops::RangeInclusive<u32>, String> {
     let bad = || format!("job-uids {spec:?}: give START-END, e.g. 200000-200999");
     let (a, b) = spec.split_once('-').ok_or_else(bad)?;
     let (a, b): (u32, u32) =
@@ -91,9 +115,10 @@ pub fn parse_uid_range(spec: &str) -> Result<std::ops::RangeInclusive<u32>, Stri
 
 /// Parse `--job-accounts PREFIX`: the uids of the accounts `PREFIX0`, `PREFIX1`, ... in
 /// `/etc/passwd`, in index order. There must be at least one, and none may be root.
-pub fn pool_accounts(prefix: &str) -> Result<Vec<u32>, String> {
-    let passwd = std::fs::read_to_string("/etc/passwd").map_err(|e| format!("/etc/passwd: {e}"))?;
-    accounts_with_prefix(&passwd, prefix)
+pub fn pool_accounts(prefix: &str) -> Result<Vec<u32>, SandboxError> {
+    let passwd =
+        std::fs::read_to_string("/etc/passwd").map_err(|e| SandboxError::Passwd(e.to_string()))?;
+    accounts_with_prefix(&passwd, prefix).map_err(SandboxError::Accounts)
 }
 
 fn accounts_with_prefix(passwd: &str, prefix: &str) -> Result<Vec<u32>, String> {
@@ -229,14 +254,15 @@ mod tests {
     #[test]
     fn uid_ranges_are_checked() {
         assert_eq!(parse_uid_range("200000-200009"), Ok(200000..=200009));
+        assert!(matches!(parse_uid_range("x"), Err(SandboxError::UidRange(_))));
         for bad in ["", "5", "0-10", "10-5", "a-b"] {
             assert!(parse_uid_range(bad).is_err(), "{bad}");
         }
         // Root's uid 0 is refused outright; a range over a real account is too.
         assert!(parse_uid_range("0-0").is_err());
-        let e = parse_uid_range("1-1000").unwrap_err();
+        let e = parse_uid_range("1-1000").unwrap_err().to_string();
         assert!(e.contains("includes the account"), "{e}");
-        let e = parse_uid_range("300000-4000000000").unwrap_err();
+        let e = parse_uid_range("300000-4000000000").unwrap_err().to_string();
         assert!(e.contains("at most"), "{e}");
         let sub = "alice:100000:65536\nbob:165536:65536\n";
         assert_eq!(

@@ -588,7 +588,7 @@ impl<'a> Live<'a> {
     async fn award(&mut self, a: &fleetmesh_protocol::Award) -> Result<(), SessionError> {
         let r = match self.jobs() {
             Some(jobs) => jobs.start(a),
-            None => Err("this agent does not run jobs".into()),
+            None => Err(crate::jobs::AwardRefused::NoJobs),
         };
         if let Err(why) = &r {
             warn!(job_id = %a.job, attempt = a.attempt, reason = %why, "award refused");
@@ -597,7 +597,7 @@ impl<'a> Live<'a> {
             job: a.job.clone(),
             attempt: a.attempt,
             accepted: r.is_ok(),
-            reason: r.err().unwrap_or_default(),
+            reason: r.err().map(|e| e.to_string()).unwrap_or_default(),
         };
         write_msg(&mut self.send, &answer).await
     }
