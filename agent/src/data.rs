@@ -15,6 +15,23 @@ use tracing::{info, warn};
 use crate::config::DataConfig;
 use crate::outbox::Outbox;
 
+/// Why the agent's data plane could not do something.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("this agent has no identity to fetch with")]
+    NoIdentity,
+    #[error("input {0} vanished from the store")]
+    Vanished(String),
+    #[error("{what}: {source}")]
+    Io { what: String, source: fleetmesh_data::StoreError },
+    #[error(transparent)]
+    Store(#[from] fleetmesh_data::StoreError),
+    #[error(transparent)]
+    Fetch(#[from] fleetmesh_data::xfer::FetchError),
+    #[error("worker task: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
 /// Data-plane state of one agent.
 pub struct DataPlane {
     pub store: Arc<Store>,
@@ -42,11 +59,9 @@ impl DataPlane {
         cfg: &DataConfig,
         tls: &TlsIdentity,
         outbox: Arc<Outbox>,
-    ) -> Result<Arc<Self>, String> {
-        let store = Arc::new(
-            Store::open(&data_dir.join("store"), cfg.store_limit).map_err(|e| e.to_string())?,
-        );
-        let endpoint = xfer::endpoint(cfg.listen, tls, true).map_err(|e| e.to_string())?;
+    ) -> Result<Arc<Self>, DataError> {
+        let store = Arc::new(Store::open(&data_dir.join("store"), cfg.store_limit)?);
+        let endpoint = xfer::endpoint(cfg.listen, tls, true)?;
         let server = XferServer::new(
             store.clone(),
             &tls.identity.name,
@@ -109,11 +124,9 @@ impl DataPlane {
         }
     }
 
-    async fn fetch(&self, plan: &FetchPlan) -> Result<FetchReport, String> {
-        let tls = self.tls().ok_or("identity unavailable")?;
-        xfer::fetch(&self.endpoint, &tls, self.store.clone(), plan, Arc::new(|_| {}))
-            .await
-            .map_err(|e| e.to_string())
+    async fn fetch(&self, plan: &FetchPlan) -> Result<FetchReport, DataError> {
+        let tls = self.tls().ok_or(DataError::NoIdentity)?;
+        Ok(xfer::fetch(&self.endpoint, &tls, self.store.clone(), plan, Arc::new(|_| {})).await?)
     }
 
     /// A fetch the coordinator asked for: report the result and the new holdings.
@@ -138,7 +151,7 @@ impl DataPlane {
                 Ok(r) => r,
                 Err(e) => {
                     warn!(dataset = %short(&plan.dataset), error = %e, "fetch failed");
-                    FetchReport::without_transfer(plan.dataset.clone(), false, e)
+                    FetchReport::without_transfer(plan.dataset.clone(), false, e.to_string())
                 }
             };
             if let Ok(mut f) = me.fetching.lock() {
@@ -183,7 +196,7 @@ impl DataPlane {
         dir: &Path,
         job: &str,
         key: &str,
-    ) -> Result<(), String> {
+    ) -> Result<(), DataError> {
         for i in inputs {
             if !self.store.complete(&i.plan.dataset) {
                 info!(job_id = %job, dataset = %short(&i.plan.dataset), input = %i.mount, "fetching input");
@@ -198,13 +211,12 @@ impl DataPlane {
             let d = self
                 .store
                 .dataset(&i.plan.dataset)
-                .ok_or_else(|| format!("input {} vanished from the store", i.mount))?;
+                .ok_or_else(|| DataError::Vanished(i.mount.clone()))?;
             let dest = dir.join("inputs").join(&i.mount);
             let store = self.store.clone();
             tokio::task::spawn_blocking(move || dataset::materialize(&store, &d.manifest, &dest))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("input {}: {e}", i.mount))?;
+                .await?
+                .map_err(|source| DataError::Io { what: format!("input {}", i.mount), source })?;
         }
         Ok(())
     }
@@ -222,7 +234,7 @@ impl DataPlane {
         &self,
         outputs: &[AwardOutput],
         dir: &Path,
-    ) -> Result<Vec<OutputDataset>, String> {
+    ) -> Result<Vec<OutputDataset>, DataError> {
         let mut out = Vec::new();
         for o in outputs {
             let src = dir.join("outputs").join(&o.output);
@@ -230,18 +242,15 @@ impl DataPlane {
             let m = tokio::task::spawn_blocking(move || {
                 dataset::import_output(&store, &src, DEFAULT_CHUNK_SIZE)
             })
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("output {}: {e}", o.output))?;
+            .await?
+            .map_err(|source| DataError::Io { what: format!("output {}", o.output), source })?;
             let id = m.id();
-            self.store
-                .add_dataset(LocalDataset {
-                    id: id.clone(),
-                    name: o.dataset_name.clone(),
-                    jurisdictions: o.jurisdictions.clone(),
-                    manifest: m.clone(),
-                })
-                .map_err(|e| e.to_string())?;
+            self.store.add_dataset(LocalDataset {
+                id: id.clone(),
+                name: o.dataset_name.clone(),
+                jurisdictions: o.jurisdictions.clone(),
+                manifest: m.clone(),
+            })?;
             info!(dataset = %short(&id), name = %o.dataset_name, bytes = m.total_bytes(), "output stored");
             out.push(OutputDataset { output: o.output.clone(), manifest: m });
         }

@@ -39,6 +39,38 @@ const FENCE_FILE_EVERY: Duration = Duration::from_millis(200);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub use crate::outbox::Outbox;
 
+/// Why an attempt could not be started (reported as `FailedToStart`).
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("job needs a container image; no docker or podman here")]
+    NoRuntime,
+    #[error("{0}")]
+    Image(String),
+    #[error("empty command")]
+    EmptyCommand,
+    #[error("cannot find the agent program to supervise the attempt")]
+    NoSupervisor,
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("systemd unit {unit}: {why}")]
+    Unit { unit: String, why: String },
+}
+
+/// A container runtime that does not answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("{program}: {why}")]
+    Spawn { program: String, why: String },
+    #[error("`{program} info` failed ({status})")]
+    Failed { program: String, status: String },
+    #[error("`{program} info` did not answer in {secs} s")]
+    Silent { program: String, secs: u64 },
+}
+
+/// How long `RUNTIME info` may take before the runtime counts as not answering.
+const RUNTIME_INFO_TIMEOUT: Duration = Duration::from_secs(15);
+const RUNTIME_INFO_POLL: Duration = Duration::from_millis(50);
+
 /// Why an award is refused (told to the coordinator, which gives it to the runner-up or
 /// auctions the job again).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -180,15 +212,18 @@ async fn launch_unit(
     env: &[(String, String)],
     dir: &Path,
     run_as: Option<&crate::sandbox::JobUser>,
-) -> Result<u32, String> {
+) -> Result<u32, LaunchError> {
     // The job's words go in a file: systemd expands `$` in a unit's command line.
     let launch_file = dir.join(shim::LAUNCH_FILE);
     let launch = shim::LaunchFile {
         argv: argv.to_vec(),
         env: env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
     };
-    let bytes = serde_json::to_vec(&launch).map_err(|e| e.to_string())?;
-    let at = |e: std::io::Error| format!("{}: {e}", launch_file.display());
+    let bytes = serde_json::to_vec(&launch).map_err(|e| LaunchError::Io {
+        path: launch_file.clone(),
+        source: std::io::Error::other(e),
+    })?;
+    let at = |source: std::io::Error| LaunchError::Io { path: launch_file.clone(), source };
     std::fs::write(&launch_file, bytes).map_err(at)?;
     if let Some(u) = run_as {
         crate::sandbox::give(&launch_file, u).map_err(at)?;
@@ -208,13 +243,14 @@ async fn launch_unit(
     cmd.arg("--").arg(shim_program).args(&shim_args);
     let out = tokio::time::timeout(UNIT_START_TIMEOUT, cmd.output())
         .await
-        .map_err(|_| format!("systemd-run did not start {unit} in time"))?
-        .map_err(|e| format!("systemd-run: {e}"))?;
+        .map_err(|_| LaunchError::Unit {
+            unit: unit.into(),
+            why: "systemd-run did not answer in time".into(),
+        })?
+        .map_err(|e| LaunchError::Unit { unit: unit.into(), why: format!("systemd-run: {e}") })?;
     if !out.status.success() {
-        return Err(format!(
-            "systemd-run could not start {unit}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+        let why = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        return Err(LaunchError::Unit { unit: unit.into(), why });
     }
     let deadline = Instant::now() + UNIT_START_TIMEOUT;
     loop {
@@ -226,9 +262,8 @@ async fn launch_unit(
             return Ok(0);
         }
         if Instant::now() > deadline {
-            return Err(format!(
-                "{unit} started, but its supervisor never took the attempt's lock"
-            ));
+            let why = "it started, but its supervisor never took the attempt's lock".into();
+            return Err(LaunchError::Unit { unit: unit.into(), why });
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -244,7 +279,8 @@ use fleetmesh_data::now_unix_ms as now_ms;
 
 /// Whether `program info` succeeds within 15 s: a docker client whose daemon is not
 /// running is on the PATH but cannot run anything.
-pub fn runtime_answers(program: &str, launcher: JobLauncher) -> Result<(), String> {
+pub fn runtime_answers(program: &str, launcher: JobLauncher) -> Result<(), RuntimeError> {
+    let spawn = |why: String| RuntimeError::Spawn { program: program.to_string(), why };
     let (prog, prefix) = launcher.outside(program);
     let mut child = std::process::Command::new(prog)
         .args(prefix)
@@ -253,19 +289,24 @@ pub fn runtime_answers(program: &str, launcher: JobLauncher) -> Result<(), Strin
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
-        .map_err(|e| format!("{program}: {e}"))?;
-    let deadline = Instant::now() + Duration::from_secs(15);
+        .map_err(|e| spawn(e.to_string()))?;
+    let deadline = Instant::now() + RUNTIME_INFO_TIMEOUT;
     loop {
         match child.try_wait() {
             Ok(Some(st)) if st.success() => return Ok(()),
-            Ok(Some(st)) => return Err(format!("`{program} info` failed ({st})")),
+            Ok(Some(st)) => {
+                let status = st.to_string();
+                return Err(RuntimeError::Failed { program: program.to_string(), status });
+            }
             Ok(None) if Instant::now() > deadline => {
+                // Best effort: a client that hangs is abandoned either way.
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!("`{program} info` did not answer in 15 s"));
+                let secs = RUNTIME_INFO_TIMEOUT.as_secs();
+                return Err(RuntimeError::Silent { program: program.to_string(), secs });
             }
-            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
-            Err(e) => return Err(format!("{program}: {e}")),
+            Ok(None) => std::thread::sleep(RUNTIME_INFO_POLL),
+            Err(e) => return Err(spawn(e.to_string())),
         }
     }
 }
@@ -275,7 +316,7 @@ pub fn runtime_answers(program: &str, launcher: JobLauncher) -> Result<(), Strin
 pub fn find_container_runtime(
     choice: &crate::config::ContainerRuntime,
     launcher: JobLauncher,
-) -> Result<Option<String>, String> {
+) -> Result<Option<String>, RuntimeError> {
     use crate::config::ContainerRuntime;
     match choice {
         ContainerRuntime::None => Ok(None),
@@ -650,7 +691,9 @@ impl Jobs {
             if outcome.succeeded() && !a.outputs.is_empty() {
                 match d.collect(&a.outputs, dir).await {
                     Ok(o) => outputs = o,
-                    Err(reason) => outcome = JobOutcome::OutputFailed { reason },
+                    Err(reason) => {
+                        outcome = JobOutcome::OutputFailed { reason: reason.to_string() }
+                    }
                 }
             }
         }
@@ -826,7 +869,7 @@ impl Jobs {
         }
         let (argv, container) = match self.command_line(a, &dir, user, &env) {
             Ok(c) => c,
-            Err(reason) => return JobOutcome::FailedToStart { reason },
+            Err(reason) => return JobOutcome::FailedToStart { reason: reason.to_string() },
         };
         if let Some(run) = self.simulated_run.get() {
             info!(job_id = %a.job, attempt = a.attempt, "attempt started (simulated: no process)");
@@ -851,7 +894,7 @@ impl Jobs {
             (self.launcher() == JobLauncher::SystemdRun).then(|| unit_name(&a.job, a.attempt));
         let (pid, child) = match self.launch(&dir, &argv, &env, run_as, unit.as_deref()).await {
             Ok(p) => p,
-            Err(reason) => return JobOutcome::FailedToStart { reason },
+            Err(reason) => return JobOutcome::FailedToStart { reason: reason.to_string() },
         };
         self.record_attempt(a, &dir, pid, &container, &unit, uid).await;
         info!(job_id = %a.job, attempt = a.attempt, pid, gpus = ?a.gpus, "attempt started");
@@ -906,7 +949,7 @@ impl Jobs {
                 return Err(outcome);
             }
         };
-        staging.map_err(|reason| JobOutcome::StagingFailed { reason })?;
+        staging.map_err(|reason| JobOutcome::StagingFailed { reason: reason.to_string() })?;
         for o in &a.outputs {
             let p = dir.join("outputs").join(o.output.as_str());
             let made = std::fs::create_dir_all(&p).and_then(|()| match user {
@@ -932,16 +975,15 @@ impl Jobs {
         dir: &Path,
         user: Option<&crate::sandbox::JobUser>,
         env: &[(String, String)],
-    ) -> Result<(Vec<String>, Option<(String, String)>), String> {
+    ) -> Result<(Vec<String>, Option<(String, String)>), LaunchError> {
         let argv = match (&a.exec.image, &self.container_runtime) {
             (None, _) => (a.exec.argv.clone(), None),
-            (Some(_), None) => {
-                return Err("job needs a container image; no docker or podman here".into())
-            }
+            (Some(_), None) => return Err(LaunchError::NoRuntime),
             (Some(image), Some(rt)) => {
                 // Checked at submission too; here because the image must never be read
                 // by the runtime as one of its options.
-                fleetmesh_protocol::workflow::validate_image_reference(image)?;
+                fleetmesh_protocol::workflow::validate_image_reference(image)
+                    .map_err(LaunchError::Image)?;
                 let name = format!("fleetmesh-{}-{}", sanitize(&a.job), a.attempt);
                 let mut v = vec![rt.clone(), "run".into(), "--rm".into(), "-v".into()];
                 v.push(format!("{}:/work", dir.display()));
@@ -960,7 +1002,7 @@ impl Jobs {
             }
         };
         if argv.0.is_empty() {
-            return Err("empty command".into());
+            return Err(LaunchError::EmptyCommand);
         }
         Ok(argv)
     }
@@ -974,11 +1016,8 @@ impl Jobs {
         env: &[(String, String)],
         run_as: Option<&crate::sandbox::JobUser>,
         unit: Option<&str>,
-    ) -> Result<(u32, Option<tokio::process::Child>), String> {
-        let shim_program = self
-            .shim_program
-            .as_ref()
-            .ok_or("cannot find the agent program to supervise the attempt")?;
+    ) -> Result<(u32, Option<tokio::process::Child>), LaunchError> {
+        let shim_program = self.shim_program.as_ref().ok_or(LaunchError::NoSupervisor)?;
         let mut shim_args: Vec<std::ffi::OsString> =
             vec![shim::SHIM_ARG.into(), dir.to_path_buf().into()];
         if let Some((after, file)) = self.fence.get() {
@@ -1008,7 +1047,8 @@ impl Jobs {
             // std drops the supplementary groups when it switches uid.
             cmd.uid(u.uid).gid(u.gid);
         }
-        let c = cmd.spawn().map_err(|e| format!("{}: {e}", shim_program.display()))?;
+        let c =
+            cmd.spawn().map_err(|source| LaunchError::Io { path: shim_program.clone(), source })?;
         Ok((c.id().unwrap_or(0), Some(c)))
     }
 
