@@ -87,18 +87,74 @@ pub fn endpoint(
         .map_err(|e| setup(&e))
 }
 
-/// A frame, with errors as text (how the data plane reports them per holder).
+/// Why a peer of the data plane (a holder we fetch from, or a requester we serve) could
+/// not be used. The fetch records it per holder and goes on with the others.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("{addr}: {why}")]
+    Address { addr: String, why: String },
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("connect {addr}: {why}")]
+    Connect { addr: SocketAddr, why: String },
+    #[error("closed by the holder: {0}")]
+    Closed(String),
+    /// The holder refused (its reason).
+    #[error("refused: {0}")]
+    Refused(String),
+    /// We refused the requester (the reason it was sent).
+    #[error(transparent)]
+    Refusal(#[from] Refusal),
+    #[error(transparent)]
+    Frame(#[from] crate::framing::FrameError),
+    #[error("stream: {0}")]
+    Stream(String),
+    #[error("no answer in time")]
+    Timeout,
+    #[error("no request in time")]
+    NoRequest,
+    #[error("chunk body timed out")]
+    BodyTimeout,
+    #[error("unexpected reply")]
+    Unexpected,
+    #[error("unknown request")]
+    UnknownRequest,
+    #[error("sent chunk {got} ({got_len} bytes) instead of {want} ({want_len} bytes)")]
+    WrongChunk { got: String, got_len: u32, want: String, want_len: u32 },
+    #[error("stream ended early")]
+    Ended,
+    #[error("local store: {0}")]
+    Local(String),
+}
+
+/// Why a holder refuses a request; sent to the requester as `Refused`.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Refusal {
+    #[error("this holder has no ticket key yet (not connected to the coordinator)")]
+    NoTicketKey,
+    #[error(transparent)]
+    Ticket(#[from] fleetmesh_protocol::data::DataError),
+    #[error("dataset {0} is not held here")]
+    NotHeld(String),
+    #[error("residency: dataset {id} may only live in {allowed:?}; requester certificate's jurisdiction is {requester}")]
+    Residency { id: String, allowed: Vec<String>, requester: String },
+    #[error("chunk {chunk} is not part of dataset {dataset}")]
+    NotInDataset { chunk: String, dataset: String },
+    #[error("bad request: {0}")]
+    BadRequest(String),
+}
+
 async fn read_frame<T: serde::de::DeserializeOwned>(
     recv: &mut quinn::RecvStream,
-) -> Result<Option<T>, String> {
-    crate::framing::read_frame(recv).await.map_err(|e| e.to_string())
+) -> Result<Option<T>, PeerError> {
+    Ok(crate::framing::read_frame(recv).await?)
 }
 
 async fn write_frame<T: serde::Serialize>(
     send: &mut quinn::SendStream,
     msg: &T,
-) -> Result<(), String> {
-    crate::framing::write_frame(send, msg, None).await.map_err(|e| e.to_string())
+) -> Result<(), PeerError> {
+    Ok(crate::framing::write_frame(send, msg, None).await?)
 }
 
 /// Paces outgoing bytes to a configured rate (an operator's cap on serving bandwidth).
@@ -243,28 +299,22 @@ impl XferServer {
     }
 
     /// Check a request's ticket against the verified requester and the local copy.
-    fn authorize(&self, peer: &PeerIdentity, t: &SignedTicket) -> Result<LocalDataset, String> {
+    fn authorize(&self, peer: &PeerIdentity, t: &SignedTicket) -> Result<LocalDataset, Refusal> {
         let key = self.ticket_key.read().ok().and_then(|k| k.clone());
-        let Some(key) = key else {
-            return Err(
-                "this holder has no ticket key yet (not connected to the coordinator)".into()
-            );
-        };
+        let Some(key) = key else { return Err(Refusal::NoTicketKey) };
         let juris = peer.attributes.jurisdiction.as_deref();
-        verify_ticket(&key, t, &t.ticket.dataset, &self.name, peer, crate::now_unix_ms())
-            .map_err(|e| e.to_string())?;
+        verify_ticket(&key, t, &t.ticket.dataset, &self.name, peer, crate::now_unix_ms())?;
         let local = self
             .store
             .dataset(&t.ticket.dataset)
-            .ok_or_else(|| format!("dataset {} is not held here", short(&t.ticket.dataset)))?;
+            .ok_or_else(|| Refusal::NotHeld(short(&t.ticket.dataset).to_string()))?;
         // The residency recorded with our copy is checked as well as the ticket's.
         if peer.kind == PeerKind::Agent && !residency_allows(&local.jurisdictions, juris) {
-            return Err(format!(
-                "residency: dataset {} may only live in {:?}; requester certificate's jurisdiction is {}",
-                short(&local.id),
-                local.jurisdictions,
-                juris.unwrap_or("none")
-            ));
+            return Err(Refusal::Residency {
+                id: short(&local.id).to_string(),
+                allowed: local.jurisdictions.clone(),
+                requester: juris.unwrap_or("none").to_string(),
+            });
         }
         Ok(local)
     }
@@ -274,26 +324,24 @@ impl XferServer {
         peer: &PeerIdentity,
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
-    ) -> Result<(), String> {
+    ) -> Result<(), PeerError> {
         let req = match tokio::time::timeout(REQUEST_TIMEOUT, read_frame::<XferRequest>(&mut recv))
             .await
         {
             Ok(Ok(Some(r))) => r,
             Ok(Ok(None)) => return Ok(()),
             Ok(Err(e)) => {
-                let _ = write_frame(
-                    &mut send,
-                    &XferReply::Refused { reason: format!("bad request: {e}") },
-                )
-                .await;
+                let reason = Refusal::BadRequest(e.to_string()).to_string();
+                // The requester may be gone already: it learns nothing more either way.
+                let _ = write_frame(&mut send, &XferReply::Refused { reason }).await;
                 return Err(e);
             }
-            Err(_) => return Err("no request in time".into()),
+            Err(_) => return Err(PeerError::NoRequest),
         };
         let (ticket, hashes) = match &req {
             XferRequest::Manifest { ticket } => (ticket, None),
             XferRequest::Chunks { ticket, hashes } => (ticket, Some(hashes)),
-            _ => return Err("unknown request".into()),
+            _ => return Err(PeerError::UnknownRequest),
         };
         let local = match self.authorize(peer, ticket) {
             Ok(l) => l,
@@ -305,10 +353,11 @@ impl XferServer {
                     %reason,
                     "xfer request refused"
                 );
-                let _ =
-                    write_frame(&mut send, &XferReply::Refused { reason: reason.clone() }).await;
+                // Best effort: the requester may be gone already.
+                let _ = write_frame(&mut send, &XferReply::Refused { reason: reason.to_string() })
+                    .await;
                 let _ = send.finish();
-                return Err(reason);
+                return Err(reason.into());
             }
         };
         match hashes {
@@ -318,13 +367,13 @@ impl XferServer {
             Some(hashes) => {
                 for h in hashes {
                     if !self.store.contains(&local.id, h) {
-                        let reason = format!(
-                            "chunk {} is not part of dataset {}",
-                            short(&hash_hex(h)),
-                            short(&local.id)
-                        );
+                        let reason = Refusal::NotInDataset {
+                            chunk: short(&hash_hex(h)).to_string(),
+                            dataset: short(&local.id).to_string(),
+                        };
                         warn!(requester = %peer.spiffe_id(), %reason, "xfer request refused");
                         self.refusals.fetch_add(1, Ordering::Relaxed);
+                        let reason = reason.to_string();
                         write_frame(&mut send, &XferReply::Refused { reason }).await?;
                         break;
                     }
@@ -332,7 +381,7 @@ impl XferServer {
                     let hh = *h;
                     let bytes = tokio::task::spawn_blocking(move || store.read(&hh))
                         .await
-                        .map_err(|e| e.to_string())?;
+                        .map_err(|e| PeerError::Local(e.to_string()))?;
                     let Ok(bytes) = bytes else {
                         write_frame(&mut send, &XferReply::Missing { hash: *h }).await?;
                         continue;
@@ -343,7 +392,9 @@ impl XferServer {
                     let len = bytes.len() as u64;
                     write_frame(&mut send, &XferReply::Chunk { hash: *h, len: len as u32 }).await?;
                     // Handed to quinn without another copy.
-                    send.write_chunk(bytes.into()).await.map_err(|e| e.to_string())?;
+                    send.write_chunk(bytes.into())
+                        .await
+                        .map_err(|e| PeerError::Stream(e.to_string()))?;
                     self.chunks_served.fetch_add(1, Ordering::Relaxed);
                     self.bytes_served.fetch_add(len, Ordering::Relaxed);
                 }
@@ -381,57 +432,68 @@ async fn connect(
     endpoint: &quinn::Endpoint,
     tls: &TlsIdentity,
     h: &Holder,
-) -> Result<quinn::Connection, String> {
+) -> Result<quinn::Connection, PeerError> {
+    let bad_addr = |why: String| PeerError::Address { addr: h.addr.clone(), why };
     let addr: SocketAddr = match h.addr.parse() {
         Ok(a) => a,
         Err(_) => tokio::net::lookup_host(&h.addr)
             .await
-            .map_err(|e| format!("{}: {e}", h.addr))?
+            .map_err(|e| bad_addr(e.to_string()))?
             .next()
-            .ok_or_else(|| format!("{}: no address", h.addr))?,
+            .ok_or_else(|| bad_addr("no address".into()))?,
     };
-    let rustls_cfg =
-        tls.peer_client_config(&[ALPN_XFER], h.kind, &h.name).map_err(|e| e.to_string())?;
-    let quic =
-        quinn::crypto::rustls::QuicClientConfig::try_from(rustls_cfg).map_err(|e| e.to_string())?;
+    let rustls_cfg = tls
+        .peer_client_config(&[ALPN_XFER], h.kind, &h.name)
+        .map_err(|e| PeerError::Tls(e.to_string()))?;
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(rustls_cfg)
+        .map_err(|e| PeerError::Tls(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(Duration::from_secs(1)));
     transport.max_idle_timeout(quinn::IdleTimeout::try_from(Duration::from_secs(5)).ok());
     cfg.transport_config(Arc::new(transport));
+    let connect_err = |why: String| PeerError::Connect { addr, why };
     let connecting = endpoint
         .connect_with(cfg, addr, "fleetmesh-peer")
-        .map_err(|e| format!("connect {addr}: {e}"))?;
+        .map_err(|e| connect_err(e.to_string()))?;
     tokio::time::timeout(CONNECT_TIMEOUT, connecting)
         .await
-        .map_err(|_| format!("connect {addr}: timed out"))?
-        .map_err(|e| format!("connect {addr}: {e}"))
+        .map_err(|_| connect_err("timed out".into()))?
+        .map_err(|e| connect_err(e.to_string()))
 }
 
 /// The holder's own reason when it closed the connection (a refusal), else `e`.
-fn with_close_reason(conn: &quinn::Connection, e: String) -> String {
+fn with_close_reason(conn: &quinn::Connection, e: PeerError) -> PeerError {
     match conn.close_reason() {
         Some(quinn::ConnectionError::ApplicationClosed(c)) => {
-            format!("closed by the holder: {}", String::from_utf8_lossy(&c.reason))
+            PeerError::Closed(String::from_utf8_lossy(&c.reason).into_owned())
         }
         _ => e,
     }
 }
 
-async fn get_manifest(conn: &quinn::Connection, ticket: &SignedTicket) -> Result<Manifest, String> {
+async fn get_manifest(
+    conn: &quinn::Connection,
+    ticket: &SignedTicket,
+) -> Result<Manifest, PeerError> {
     ask_manifest(conn, ticket).await.map_err(|e| with_close_reason(conn, e))
 }
 
-async fn ask_manifest(conn: &quinn::Connection, ticket: &SignedTicket) -> Result<Manifest, String> {
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+async fn ask_manifest(
+    conn: &quinn::Connection,
+    ticket: &SignedTicket,
+) -> Result<Manifest, PeerError> {
+    let (mut send, mut recv) =
+        conn.open_bi().await.map_err(|e| PeerError::Stream(e.to_string()))?;
     write_frame(&mut send, &XferRequest::Manifest { ticket: ticket.clone() }).await?;
+    // The request is written; a stream that cannot be finished shows in the answer.
     let _ = send.finish();
     match tokio::time::timeout(REQUEST_TIMEOUT, read_frame::<XferReply>(&mut recv)).await {
         Ok(Ok(Some(XferReply::Manifest(m)))) => Ok(m),
-        Ok(Ok(Some(XferReply::Refused { reason }))) => Err(format!("refused: {reason}")),
-        Ok(Ok(_)) => Err("unexpected reply".into()),
+        Ok(Ok(Some(XferReply::Refused { reason }))) => Err(PeerError::Refused(reason)),
+        Ok(Ok(_)) => Err(PeerError::Unexpected),
         Ok(Err(e)) => Err(e),
-        Err(_) => Err("no answer in time".into()),
+        Err(_) => Err(PeerError::Timeout),
     }
 }
 
@@ -446,8 +508,9 @@ async fn get_chunks(
     conn: &quinn::Connection,
     ticket: &SignedTicket,
     batch: &[Item],
-) -> Result<Vec<Got>, String> {
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+) -> Result<Vec<Got>, PeerError> {
+    let (mut send, mut recv) =
+        conn.open_bi().await.map_err(|e| PeerError::Stream(e.to_string()))?;
     let hashes = batch.iter().map(|i| i.hash).collect();
     write_frame(&mut send, &XferRequest::Chunks { ticket: ticket.clone(), hashes }).await?;
     let _ = send.finish();
@@ -455,27 +518,27 @@ async fn get_chunks(
     for it in batch {
         let reply = tokio::time::timeout(REQUEST_TIMEOUT, read_frame::<XferReply>(&mut recv))
             .await
-            .map_err(|_| "no answer in time".to_string())??;
+            .map_err(|_| PeerError::Timeout)??;
         match reply {
             Some(XferReply::Chunk { hash, len }) if hash == it.hash && len == it.len => {
                 let mut buf = vec![0u8; len as usize];
                 tokio::time::timeout(REQUEST_TIMEOUT, recv.read_exact(&mut buf))
                     .await
-                    .map_err(|_| "chunk body timed out".to_string())?
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|_| PeerError::BodyTimeout)?
+                    .map_err(|e| PeerError::Stream(e.to_string()))?;
                 out.push(Got::Bytes(buf));
             }
             Some(XferReply::Chunk { hash, len }) => {
-                return Err(format!(
-                    "sent chunk {} ({len} bytes) instead of {} ({} bytes)",
-                    short(&hash_hex(&hash)),
-                    short(&hash_hex(&it.hash)),
-                    it.len
-                ))
+                return Err(PeerError::WrongChunk {
+                    got: short(&hash_hex(&hash)).to_string(),
+                    got_len: len,
+                    want: short(&hash_hex(&it.hash)).to_string(),
+                    want_len: it.len,
+                })
             }
             Some(XferReply::Missing { .. }) => out.push(Got::Missing),
-            Some(XferReply::Refused { reason }) => return Err(format!("refused: {reason}")),
-            Some(_) | None => return Err("stream ended early".into()),
+            Some(XferReply::Refused { reason }) => return Err(PeerError::Refused(reason)),
+            Some(_) | None => return Err(PeerError::Ended),
         }
     }
     Ok(out)
@@ -544,7 +607,7 @@ async fn connect_all(
     endpoint: &quinn::Endpoint,
     tls: &TlsIdentity,
     holders: &[Holder],
-) -> Vec<Result<quinn::Connection, String>> {
+) -> Vec<Result<quinn::Connection, PeerError>> {
     let tasks: Vec<_> = holders
         .iter()
         .map(|h| {
@@ -554,7 +617,7 @@ async fn connect_all(
         .collect();
     let mut connections = Vec::new();
     for c in tasks {
-        connections.push(c.await.unwrap_or_else(|e| Err(e.to_string())));
+        connections.push(c.await.unwrap_or_else(|e| Err(PeerError::Stream(e.to_string()))));
     }
     connections
 }
@@ -564,7 +627,7 @@ async fn connect_all(
 async fn manifest_for(
     store: &Store,
     plan: &FetchPlan,
-    connections: &[Result<quinn::Connection, String>],
+    connections: &[Result<quinn::Connection, PeerError>],
 ) -> Result<Manifest, FetchError> {
     if let Some(d) = store.dataset(&plan.dataset) {
         return Ok(d.manifest);
@@ -572,8 +635,8 @@ async fn manifest_for(
     let mut reasons = Vec::new();
     for (h, c) in plan.holders.iter().zip(connections) {
         let m = match c {
-            Ok(c) => get_manifest(c, &h.ticket).await,
-            Err(e) => Err(e.clone()),
+            Ok(c) => get_manifest(c, &h.ticket).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
         };
         match m {
             Ok(m) if m.id() == plan.dataset && m.validate().is_ok() => {
@@ -645,7 +708,7 @@ enum Next {
 struct Landed {
     requeue: Vec<Item>,
     landed: u64,
-    dead: Option<String>,
+    dead: Option<PeerError>,
 }
 
 /// How long an idle worker waits for others before looking at the queue again.
@@ -726,7 +789,7 @@ impl Pull {
         me: usize,
         holder: &Holder,
         batch: Vec<Item>,
-        result: Result<Vec<Got>, String>,
+        result: Result<Vec<Got>, PeerError>,
     ) -> Landed {
         let mut out = Landed::default();
         let got = match result {
