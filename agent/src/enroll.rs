@@ -112,19 +112,17 @@ impl IdentityFiles {
     }
 }
 
-async fn write_frame<T: serde::Serialize>(
-    send: &mut quinn::SendStream,
-    msg: &T,
-) -> Result<(), String> {
-    fleetmesh_data::framing::write_frame(send, msg, None).await.map_err(|e| e.to_string())
+/// The coordinator's answer could not be read.
+#[derive(Debug, thiserror::Error)]
+enum ReplyError {
+    #[error("the coordinator closed the stream before answering")]
+    Closed,
+    #[error(transparent)]
+    Frame(#[from] fleetmesh_data::framing::FrameError),
 }
 
-async fn read_reply(recv: &mut quinn::RecvStream) -> Result<EnrollReply, String> {
-    match fleetmesh_data::framing::read_frame(recv).await {
-        Ok(Some(r)) => Ok(r),
-        Ok(None) => Err("the coordinator closed the stream before answering".into()),
-        Err(e) => Err(e.to_string()),
-    }
+async fn read_reply(recv: &mut quinn::RecvStream) -> Result<EnrollReply, ReplyError> {
+    fleetmesh_data::framing::read_frame(recv).await?.ok_or(ReplyError::Closed)
 }
 
 fn classify(msg: String) -> EnrollFailure {
@@ -184,13 +182,15 @@ pub async fn enroll(
                 requested_name: requested_name.to_string(),
                 csr_pem: csr_pem.clone(),
             };
-            write_frame(&mut send, &EnrollMessage::Enroll(req)).await.map_err(classify)?;
+            fleetmesh_data::framing::write_frame(&mut send, &EnrollMessage::Enroll(req), None)
+                .await
+                .map_err(|e| classify(e.to_string()))?;
             let _ = send.finish();
             let reply = read_reply(&mut recv).await.map_err(|e| match conn.close_reason() {
                 Some(quinn::ConnectionError::ApplicationClosed(c)) => {
                     EnrollFailure::Refused(String::from_utf8_lossy(&c.reason).into_owned())
                 }
-                _ => classify(e),
+                _ => classify(e.to_string()),
             })?;
             conn.close(fleetmesh_protocol::codec::close_code::DONE.into(), b"done");
             match reply {

@@ -81,11 +81,12 @@ pub const MAX_POOL_UIDS: u32 = 65_536;
 /// subordinate range in `/etc/subuid` or `/etc/subgid` maps (rootless containers own
 /// those), and never 0.
 pub fn parse_uid_range(spec: &str) -> Result<std::ops::RangeInclusive<u32>, SandboxError> {
-    uid_range(spec).map_err(SandboxError::UidRange)
+    uid_range(spec)
 }
 
-fn uid_range(spec: &str) -> Result<std::ops::RangeInclusive<u32>, String> {
-    let bad = || format!("job-uids {spec:?}: give START-END, e.g. 200000-200999");
+fn uid_range(spec: &str) -> Result<std::ops::RangeInclusive<u32>, SandboxError> {
+    let bad =
+        || SandboxError::UidRange(format!("job-uids {spec:?}: give START-END, e.g. 200000-200999"));
     let (a, b) = spec.split_once('-').ok_or_else(bad)?;
     let (a, b): (u32, u32) =
         (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
@@ -93,7 +94,9 @@ fn uid_range(spec: &str) -> Result<std::ops::RangeInclusive<u32>, String> {
         return Err(bad());
     }
     if b - a >= MAX_POOL_UIDS {
-        return Err(format!("job-uids {spec}: at most {MAX_POOL_UIDS} uids"));
+        return Err(SandboxError::UidRange(format!(
+            "job-uids {spec}: at most {MAX_POOL_UIDS} uids"
+        )));
     }
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
     let taken = passwd.lines().find_map(|l| {
@@ -102,12 +105,16 @@ fn uid_range(spec: &str) -> Result<std::ops::RangeInclusive<u32>, String> {
         (a..=b).contains(&uid).then(|| format!("{} ({uid})", f[0]))
     });
     if let Some(who) = taken {
-        return Err(format!("job-uids {spec}: the range includes the account {who}"));
+        return Err(SandboxError::UidRange(format!(
+            "job-uids {spec}: the range includes the account {who}"
+        )));
     }
     for file in ["/etc/subuid", "/etc/subgid"] {
         let text = std::fs::read_to_string(file).unwrap_or_default();
         if let Some(line) = overlapping_subordinate(&text, a, b) {
-            return Err(format!("job-uids {spec}: overlaps {file} entry {line:?}"));
+            return Err(SandboxError::UidRange(format!(
+                "job-uids {spec}: overlaps {file} entry {line:?}"
+            )));
         }
     }
     Ok(a..=b)
@@ -118,12 +125,14 @@ fn uid_range(spec: &str) -> Result<std::ops::RangeInclusive<u32>, String> {
 pub fn pool_accounts(prefix: &str) -> Result<Vec<u32>, SandboxError> {
     let passwd =
         std::fs::read_to_string("/etc/passwd").map_err(|e| SandboxError::Passwd(e.to_string()))?;
-    accounts_with_prefix(&passwd, prefix).map_err(SandboxError::Accounts)
+    accounts_with_prefix(&passwd, prefix)
 }
 
-fn accounts_with_prefix(passwd: &str, prefix: &str) -> Result<Vec<u32>, String> {
+fn accounts_with_prefix(passwd: &str, prefix: &str) -> Result<Vec<u32>, SandboxError> {
     if prefix.is_empty() {
-        return Err("job-accounts: give the accounts' name prefix, e.g. fleetmesh-job-".into());
+        return Err(SandboxError::Accounts(
+            "job-accounts: give the accounts' name prefix, e.g. fleetmesh-job-".into(),
+        ));
     }
     let mut found: Vec<(u64, u32, String)> = Vec::new();
     for line in passwd.lines() {
@@ -134,20 +143,22 @@ fn accounts_with_prefix(passwd: &str, prefix: &str) -> Result<Vec<u32>, String> 
             continue;
         };
         if uid == 0 {
-            return Err(format!("job-accounts {prefix}: {} is root", f[0]));
+            return Err(SandboxError::Accounts(format!("job-accounts {prefix}: {} is root", f[0])));
         }
         found.push((index, uid, f[0].to_string()));
     }
     if found.is_empty() {
-        return Err(format!(
+        return Err(SandboxError::Accounts(format!(
             "job-accounts {prefix}: no account {prefix}0, {prefix}1, ... exists (scripts/install-agent.sh creates fleetmesh-job-0..63)"
-        ));
+        )));
     }
     found.sort();
     let mut uids: Vec<u32> = found.iter().map(|(_, uid, _)| *uid).collect();
     uids.dedup();
     if uids.len() != found.len() {
-        return Err(format!("job-accounts {prefix}: two accounts share a uid"));
+        return Err(SandboxError::Accounts(format!(
+            "job-accounts {prefix}: two accounts share a uid"
+        )));
     }
     Ok(uids)
 }
@@ -277,13 +288,16 @@ mod tests {
     fn pool_accounts_are_found_by_prefix_in_index_order() {
         let p = "root:x:0:0::/root:/bin/bash\nfleetmesh-job:x:990:990::/:/bin/false\nfleetmesh-job-10:x:1010:990::/:/bin/false\nfleetmesh-job-2:x:1002:990::/:/bin/false\nfleetmesh-job-x:x:1:990::/:/bin/false\n";
         assert_eq!(accounts_with_prefix(p, "fleetmesh-job-"), Ok(vec![1002, 1010]));
-        let none = accounts_with_prefix(p, "other-").unwrap_err();
+        let none = accounts_with_prefix(p, "other-").unwrap_err().to_string();
         assert!(none.contains("no account other-0"), "{none}");
         assert!(accounts_with_prefix(p, "").is_err());
         let rooted = "evil-0:x:0:0::/:/bin/sh\n";
-        assert!(accounts_with_prefix(rooted, "evil-").unwrap_err().contains("is root"));
+        assert!(accounts_with_prefix(rooted, "evil-").unwrap_err().to_string().contains("is root"));
         let shared = "a-0:x:5:5::/:/bin/sh\na-1:x:5:5::/:/bin/sh\n";
-        assert!(accounts_with_prefix(shared, "a-").unwrap_err().contains("share a uid"));
+        assert!(accounts_with_prefix(shared, "a-")
+            .unwrap_err()
+            .to_string()
+            .contains("share a uid"));
     }
 
     #[test]

@@ -114,12 +114,23 @@ fn renew_retry(id: &fleetmesh_protocol::PeerIdentity) -> Duration {
     Duration::from_secs_f64((lifetime / 10.0).clamp(1.0, 30.0))
 }
 
+/// Why a renewed certificate cannot be used (the current one stays in use).
+#[derive(Debug, thiserror::Error)]
+pub enum RenewalError {
+    #[error(transparent)]
+    Tls(#[from] fleetmesh_protocol::tls::TlsError),
+    #[error("renewed certificate is for {got}, not agent {want}")]
+    WrongIdentity { got: String, want: String },
+    #[error(transparent)]
+    Files(#[from] crate::enroll::EnrollFailure),
+}
+
 fn apply_renewal(
     r: &Renewal,
     ca_pem: &str,
     current: &str,
     cert_pem: &str,
-) -> Result<TlsIdentity, String> {
+) -> Result<TlsIdentity, RenewalError> {
     let p = std::path::Path::new("renewed");
     let id = TlsIdentity::from_pem(
         p,
@@ -128,16 +139,14 @@ fn apply_renewal(
         cert_pem.as_bytes(),
         p,
         r.key_pem.as_bytes(),
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     if id.identity.name != current || id.identity.kind != PeerKind::Agent {
-        return Err(format!(
-            "renewed certificate is for {}, not agent {current}",
-            id.identity.spiffe_id()
-        ));
+        return Err(RenewalError::WrongIdentity {
+            got: id.identity.spiffe_id(),
+            want: current.to_string(),
+        });
     }
-    crate::enroll::IdentityFiles::write_atomic(&r.files.cert(), cert_pem)
-        .map_err(|e| e.to_string())?;
+    crate::enroll::IdentityFiles::write_atomic(&r.files.cert(), cert_pem)?;
     Ok(id)
 }
 

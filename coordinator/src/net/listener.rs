@@ -95,6 +95,23 @@ fn server_config(tls: &TlsIdentity) -> Result<quinn::ServerConfig, ActorProcessi
     Ok(cfg)
 }
 
+/// Why an incoming connection was not accepted (logged; the peer was told, where it
+/// could be).
+#[derive(Debug, thiserror::Error)]
+pub enum NotAccepted {
+    #[error("handshake failed: {0}")]
+    Handshake(String),
+    /// Enrollment went wrong, or the Authority refused it (the reason).
+    #[error("{0}")]
+    Enrollment(String),
+    /// The certificate does not admit the peer to the control port.
+    #[error("{0}")]
+    Identity(String),
+    /// The hello exchange failed; `who` is the peer's SPIFFE id.
+    #[error("{who}: {why}")]
+    Hello { who: String, why: String },
+}
+
 fn refuse(conn: &quinn::Connection, code: u32, reason: &str) {
     conn.close(code.into(), reason.as_bytes());
 }
@@ -104,13 +121,14 @@ async fn serve_enrollment(
     conn: quinn::Connection,
     authority: &ActorRef<AuthorityMsg>,
     ca_pem: &str,
-) -> Result<String, String> {
+) -> Result<String, NotAccepted> {
+    let failed = |why: &str| NotAccepted::Enrollment(why.to_string());
     let (mut send, mut recv) = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(format!("enrollment connection ended early: {e}")),
+        Ok(Err(e)) => return Err(failed(&format!("enrollment connection ended early: {e}"))),
         Err(_) => {
             refuse(&conn, close_code::PROTOCOL_ERROR, "no enrollment request in time");
-            return Err("no enrollment request in time".into());
+            return Err(failed("no enrollment request in time"));
         }
     };
     let req =
@@ -118,12 +136,12 @@ async fn serve_enrollment(
             Ok(Ok(Some(EnrollMessage::Enroll(req)))) => req,
             Ok(Ok(_)) | Err(_) => {
                 refuse(&conn, close_code::PROTOCOL_ERROR, "expected an enrollment request");
-                return Err("expected an enrollment request".into());
+                return Err(failed("expected an enrollment request"));
             }
             Ok(Err(e)) => {
                 let why = format!("protocol error: {e}");
                 refuse(&conn, close_code::PROTOCOL_ERROR, &why);
-                return Err(why);
+                return Err(failed(&why));
             }
         };
     let result = match ractor::call_t!(authority, AuthorityMsg::Enroll, 10_000, Box::new(req)) {
@@ -142,7 +160,7 @@ async fn serve_enrollment(
     let _ = send.finish();
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
     conn.close(close_code::DONE.into(), b"enrollment done");
-    result.map(|e| e.name).map_err(|why| format!("enrollment refused: {why}"))
+    result.map(|e| e.name).map_err(|why| failed(&format!("enrollment refused: {why}")))
 }
 
 /// How long a refused agent gets to read the reason before the connection closes.
@@ -163,8 +181,8 @@ async fn authenticate(
     authority: &ActorRef<AuthorityMsg>,
     ca_pem: &str,
     broker: &Arc<crate::data::broker::DataBroker>,
-) -> Result<Outcome, String> {
-    let conn = incoming.await.map_err(|e| format!("handshake failed: {e}"))?;
+) -> Result<Outcome, NotAccepted> {
+    let conn = incoming.await.map_err(|e| NotAccepted::Handshake(e.to_string()))?;
     let alpn = conn
         .handshake_data()
         .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
@@ -188,13 +206,13 @@ async fn authorised_agent(
     conn: &quinn::Connection,
     trust_domain: &str,
     authority: &ActorRef<AuthorityMsg>,
-) -> Result<PeerIdentity, String> {
+) -> Result<PeerIdentity, NotAccepted> {
     let chain = conn
         .peer_identity()
         .and_then(|any| any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok());
     let refused = |why: String| {
         refuse(conn, close_code::REFUSED, &why);
-        why
+        NotAccepted::Identity(why)
     };
     let identity = peer_identity(chain.as_deref().map(|v| v.as_slice()))
         .map_err(|e| refused(format!("certificate identity unusable: {e}")))?;
@@ -245,26 +263,27 @@ fn hello_refusal(hello: &Hello, identity: &PeerIdentity) -> Option<(u32, String)
 async fn control_session(
     conn: quinn::Connection,
     identity: PeerIdentity,
-) -> Result<Outcome, String> {
+) -> Result<Outcome, NotAccepted> {
     let who = identity.spiffe_id();
+    let hello_failed = |why: String| NotAccepted::Hello { who: who.clone(), why };
     let protocol_error = |why: String| {
         refuse(&conn, close_code::PROTOCOL_ERROR, &why);
-        format!("{who}: {why}")
+        hello_failed(why)
     };
     let (mut send, mut recv) = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(format!("{who}: connection ended before hello: {e}")),
+        Ok(Err(e)) => return Err(hello_failed(format!("connection ended before hello: {e}"))),
         Err(_) => return Err(protocol_error("no control stream within the hello timeout".into())),
     };
     let first = tokio::time::timeout(HELLO_TIMEOUT, read_frame::<AgentMessage>(&mut recv)).await;
     let hello = match first {
         Ok(Ok(Some(AgentMessage::Hello(h)))) => h,
         Ok(Ok(Some(_))) => return Err(protocol_error("first frame was not a hello".into())),
-        Ok(Ok(None)) => return Err(format!("{who}: stream closed before hello")),
+        Ok(Ok(None)) => return Err(hello_failed("stream closed before hello".into())),
         Ok(Err(FrameError::Codec(e))) => {
             return Err(protocol_error(format!("protocol error: {e}")))
         }
-        Ok(Err(e)) => return Err(format!("{who}: {e}")),
+        Ok(Err(e)) => return Err(hello_failed(e.to_string())),
         Err(_) => return Err(protocol_error("no hello within the hello timeout".into())),
     };
     if let Some((code, why)) = hello_refusal(&hello, &identity) {
@@ -273,7 +292,7 @@ async fn control_session(
         let _ = send.finish();
         let _ = tokio::time::timeout(REJECT_LINGER, conn.closed()).await;
         refuse(&conn, code, &why);
-        return Err(format!("{who}: {why}"));
+        return Err(hello_failed(why));
     }
     Ok(Outcome::Session(Box::new(Accepted { conn, send, recv, identity })))
 }

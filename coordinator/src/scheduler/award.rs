@@ -36,7 +36,7 @@ pub(super) fn priced_hours(spec: &JobSpec) -> f64 {
 
 impl SchedulerCore {
     /// A job's inputs, resolved to datasets (pinned versions first).
-    fn resolve_inputs(&self, j: &JobRecord) -> Result<ResolvedInputs, String> {
+    fn resolve_inputs(&self, j: &JobRecord) -> Result<ResolvedInputs, InputError> {
         let empty = BTreeMap::new();
         let wf = self.workflows.get(&j.workflow);
         let jobs = wf.map_or(&empty, |w| &w.spec.jobs);
@@ -44,31 +44,32 @@ impl SchedulerCore {
         for (mount, r) in j.spec.input_refs(jobs) {
             let rec = match r {
                 InputRef::Dataset(n) => match wf.and_then(|w| w.pinned.get(&n)) {
-                    Some(id) => self.catalog.resolve(id).ok_or_else(|| {
-                        format!("input {n}: the version pinned at submission ({id}) is gone")
+                    Some(id) => self.catalog.resolve(id).ok_or_else(|| InputError::PinnedGone {
+                        name: n.clone(),
+                        id: id.clone(),
                     })?,
-                    None => self
-                        .catalog
-                        .resolve(&n)
-                        .ok_or_else(|| format!("input {n}: no dataset with that name or id"))?,
+                    None => self.catalog.resolve(&n).ok_or(InputError::NoDataset(n))?,
                 },
                 InputRef::JobOutput { job, output } => {
                     let producer = format!("{}.{job}", j.workflow);
                     let id =
                         self.jobs.get(&producer).and_then(|p| p.outputs.get(&output)).ok_or_else(
-                            || format!("input {job}.{output}: not registered by {job}"),
+                            || InputError::NotRegistered {
+                                job: job.clone(),
+                                output: output.clone(),
+                            },
                         )?;
-                    self.catalog
-                        .resolve(id)
-                        .ok_or_else(|| format!("input {job}.{output}: dataset {id} is gone"))?
+                    self.catalog.resolve(id).ok_or_else(|| InputError::OutputGone {
+                        job: job.clone(),
+                        output: output.clone(),
+                        id: id.clone(),
+                    })?
                 }
             };
             out.push((mount, rec));
         }
         let residency = intersect_residency(out.iter().map(|(_, d)| &d.jurisdictions[..]))
-            .ok_or_else(|| {
-                "inputs have no jurisdiction in common: no agent may hold all of them".to_string()
-            })?;
+            .ok_or(InputError::NoCommonJurisdiction)?;
         Ok((out, residency))
     }
 
@@ -107,7 +108,7 @@ impl SchedulerCore {
         let (inputs, residency) = match data {
             None => (Vec::new(), Vec::new()),
             Some(Err(why)) => {
-                self.keep_queued(id, vec![why], now);
+                self.keep_queued(id, vec![why.to_string()], now);
                 return None;
             }
             Some(Ok((ins, res))) => {
@@ -449,6 +450,21 @@ impl SchedulerCore {
         self.close_auction(outcome, now);
         true
     }
+}
+
+/// Why a job's inputs cannot be resolved now (it stays queued with the reason).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InputError {
+    #[error("input {name}: the version pinned at submission ({id}) is gone")]
+    PinnedGone { name: String, id: String },
+    #[error("input {0}: no dataset with that name or id")]
+    NoDataset(String),
+    #[error("input {job}.{output}: not registered by {job}")]
+    NotRegistered { job: String, output: String },
+    #[error("input {job}.{output}: dataset {id} is gone")]
+    OutputGone { job: String, output: String, id: String },
+    #[error("inputs have no jurisdiction in common: no agent may hold all of them")]
+    NoCommonJurisdiction,
 }
 
 /// Why an auction's winners get no award.
