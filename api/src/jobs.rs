@@ -131,7 +131,7 @@ pub struct JobRecord {
     pub attempts: Vec<Attempt>,
     /// Failed attempts that used up a retry.
     pub failures: u32,
-    pub history: Vec<(u64, String, String)>,
+    pub history: Vec<HistoryEntry>,
     /// Why the job is not placed yet (per agent), while queued.
     pub queued_reasons: Vec<String>,
     pub next_try_unix_ms: u64,
@@ -218,7 +218,7 @@ impl JobRecord {
         let detail = detail.into();
         info!(job_id = %self.id, from = ?self.state, to = ?state, %detail, "job state");
         self.state = state;
-        self.history.push((now, format!("{state:?}").to_lowercase(), detail));
+        self.history.push(HistoryEntry { at_unix_ms: now, state, detail });
         if self.history.len() > HISTORY_LIMIT {
             self.history.remove(0);
         }
@@ -246,4 +246,28 @@ pub struct BidView {
     /// Health facts of the offered GPUs, as the bidder read them (`jobs show`).
     #[serde(default)]
     pub health: Vec<fleetmesh_protocol::GpuHealth>,
+}
+
+/// One step of a job's history. Stored and served as `[at_unix_ms, state, detail]`, as
+/// earlier builds wrote it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "(u64, JobState, String)", into = "(u64, JobState, String)")]
+pub struct HistoryEntry {
+    pub at_unix_ms: u64,
+    /// The state the job entered.
+    pub state: JobState,
+    /// What happened.
+    pub detail: String,
+}
+
+impl From<(u64, JobState, String)> for HistoryEntry {
+    fn from((at_unix_ms, state, detail): (u64, JobState, String)) -> Self {
+        Self { at_unix_ms, state, detail }
+    }
+}
+
+impl From<HistoryEntry> for (u64, JobState, String) {
+    fn from(e: HistoryEntry) -> Self {
+        (e.at_unix_ms, e.state, e.detail)
+    }
 }

@@ -110,8 +110,8 @@ pub async fn show_job(conn: &ConnArgs, out: Output, id: &str) -> Result<()> {
         }
     }
     outln!("history:");
-    for (at, state, detail) in &j.history {
-        outln!("  {}  {state:<10} {detail}", rfc3339_ms(*at));
+    for h in &j.history {
+        outln!("  {}  {:<10} {}", rfc3339_ms(h.at_unix_ms), h.state.as_str(), h.detail);
     }
     outln!("attempts:");
     for a in &j.attempts {

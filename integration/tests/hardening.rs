@@ -229,7 +229,7 @@ async fn outputs_keep_their_inputs_residency_and_never_carry_the_agents_key() ->
     .await
     .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let j = wait_state(&client, &format!("{wf}.copy"), JobState::Failed).await;
-    let why = j.history.last().map(|h| h.2.clone()).unwrap_or_default();
+    let why = j.history.last().map(|h| h.detail.clone()).unwrap_or_default();
     assert!(why.contains("has nothing in common with the residency of its inputs"), "{j:#?}");
 
     // Declaring [EU, US] narrows to EU: an output is never less restricted than its input.

@@ -22,7 +22,8 @@ use fleetmesh_protocol::CoordinatorMessage;
 use tracing::{info, warn};
 
 use super::records::{
-    AttemptState, JobRecord, JobState, JobSummary, WorkflowRecord, WorkflowState, WorkflowSummary,
+    AttemptState, HistoryEntry, JobRecord, JobState, JobSummary, WorkflowRecord, WorkflowState,
+    WorkflowSummary,
 };
 use crate::data::broker::{BrokerError, DataBroker, DatasetRecord, Requester};
 use crate::persist::writer::Work;
@@ -307,7 +308,11 @@ impl SchedulerCore {
                 state: JobState::Waiting,
                 attempts: Vec::new(),
                 failures: 0,
-                history: vec![(now, "waiting".into(), "submitted".into())],
+                history: vec![HistoryEntry {
+                    at_unix_ms: now,
+                    state: JobState::Waiting,
+                    detail: "submitted".into(),
+                }],
                 queued_reasons: Vec::new(),
                 next_try_unix_ms: 0,
                 cost: 0.0,
@@ -550,7 +555,7 @@ impl SchedulerCore {
                     .queued_reasons
                     .first()
                     .cloned()
-                    .or_else(|| j.history.last().map(|h| h.2.clone())),
+                    .or_else(|| j.history.last().map(|h| h.detail.clone())),
                 submitted_unix_ms: j.submitted_unix_ms,
                 awarded_unix_ms: j.current().map(|a| a.awarded_unix_ms),
                 started_unix_ms: j.current().and_then(|a| a.started_unix_ms),

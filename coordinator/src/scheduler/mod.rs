@@ -437,4 +437,16 @@ mod record_tests {
             assert_eq!(serde_json::from_str::<WorkflowState>(&json).unwrap(), w);
         }
     }
+
+    #[test]
+    fn history_entries_keep_their_stored_shape() {
+        // Earlier builds stored history as [ms, state, detail] arrays.
+        let json = r#"[1700000000000,"queued","dependencies succeeded"]"#;
+        let e: HistoryEntry = serde_json::from_str(json).unwrap();
+        assert_eq!(
+            (e.at_unix_ms, e.state, e.detail.as_str()),
+            (1_700_000_000_000, JobState::Queued, "dependencies succeeded")
+        );
+        assert_eq!(serde_json::to_string(&e).unwrap(), json);
+    }
 }

@@ -341,7 +341,7 @@ fn a_failed_dependency_skips_its_dependents_and_fails_the_workflow() {
     h.advance(100);
     let b = h.job(&format!("{wf}.b"));
     assert_eq!(b.state, JobState::Skipped);
-    assert_eq!(b.history.last().map(|e| e.2.as_str()), Some("dependency a failed"));
+    assert_eq!(b.history.last().map(|e| e.detail.as_str()), Some("dependency a failed"));
     assert_eq!(h.core.workflow(&wf).map(|w| w.state), Some(WorkflowState::Failed));
 }
 
@@ -455,7 +455,11 @@ fn an_award_too_large_for_a_frame_fails_the_job_instead_of_looping() {
     h.close(&o, &["a"], None);
     let j = h.job(&id);
     assert_eq!(j.state, JobState::Failed);
-    assert!(j.history.last().is_some_and(|e| e.2.contains("cannot be sent")), "{:?}", j.history);
+    assert!(
+        j.history.last().is_some_and(|e| e.detail.contains("cannot be sent")),
+        "{:?}",
+        j.history
+    );
     assert_eq!(h.trace(), ["release:a", "commit"]);
 }
 
@@ -481,7 +485,7 @@ fn an_unanswered_award_goes_to_the_runner_up_after_the_answer_deadline() {
     assert!(!h.trace().iter().any(|t| t.starts_with("award")), "not yet");
     h.advance(1);
     assert_eq!(h.trace(), ["stop:a:1", "commit", "award:b:2"]);
-    assert!(h.job(&job).history.iter().any(|e| e.2.contains("not accepted in time")));
+    assert!(h.job(&job).history.iter().any(|e| e.detail.contains("not accepted in time")));
 }
 
 #[test]
@@ -578,7 +582,7 @@ fn a_failed_attempt_is_retried_with_doubling_backoff_until_the_limit() {
     h.exit("a", &job, 3, exited(1));
     let j = h.job(&job);
     assert_eq!(j.state, JobState::Failed);
-    assert!(j.history.last().is_some_and(|e| e.2.ends_with("no retries left")));
+    assert!(j.history.last().is_some_and(|e| e.detail.ends_with("no retries left")));
 }
 
 #[test]
@@ -929,7 +933,7 @@ fn outputs_cannot_be_less_restricted_than_their_inputs() {
     h.close(&o, &["eu"], None);
     let j = h.job(&format!("{wf}.j"));
     assert_eq!(j.state, JobState::Failed);
-    assert!(j.history.last().is_some_and(|e| e.2.contains("cannot be less restricted")));
+    assert!(j.history.last().is_some_and(|e| e.detail.contains("cannot be less restricted")));
 }
 
 #[test]
