@@ -586,6 +586,17 @@ fn a_failed_attempt_is_retried_with_doubling_backoff_until_the_limit() {
 }
 
 #[test]
+fn a_job_that_ran_past_its_timeout_uses_a_retry_like_any_failure() {
+    let mut h = Harness::new();
+    let job = h.running(RETRY, "j", &["a"]);
+    h.exit("a", &job, 1, JobOutcome::TimedOut);
+    let j = h.job(&job);
+    assert_eq!((j.state, j.failures), (JobState::Queued, 1));
+    assert_eq!(j.attempts[0].state, AttemptState::Failed);
+    assert_eq!(j.attempts[0].outcomes[0].as_deref(), Some("timed out"));
+}
+
+#[test]
 fn retry_backoff_doubles_and_never_overflows() {
     assert_eq!(retry_backoff_ms(1000, 1), 1000);
     assert_eq!(retry_backoff_ms(1000, 3), 4000);
