@@ -183,12 +183,38 @@ fn attempt_env(a: &Award, dir: &Path) -> Vec<(String, String)> {
     env.push(("FLEETMESH_ATTEMPT".into(), a.attempt.to_string()));
     env.push(("FLEETMESH_WORK_DIR".into(), dir.display().to_string()));
     if a.world_size > 1 {
-        env.push(("FLEETMESH_RANK".into(), a.rank.to_string()));
-        env.push(("FLEETMESH_WORLD_SIZE".into(), a.world_size.to_string()));
-        env.push(("MASTER_ADDR".into(), a.master_addr.clone()));
-        env.push(("MASTER_PORT".into(), a.master_port.to_string()));
+        env.extend(gang_env(a));
     }
     env
+}
+
+/// A gang member's rendezvous, under the names `torch.distributed` (`env://`) and
+/// torchrun read: each member is one process on its own node, so its node rank is its
+/// rank and it is local rank 0 of 1. The `PET_*` names are torchrun's defaults for
+/// `--nnodes`, `--node-rank`, `--master-addr` and `--master-port`, so a member can run
+/// `torchrun --nproc-per-node=N train.py` with no further arguments.
+fn gang_env(a: &Award) -> Vec<(String, String)> {
+    let (rank, world) = (a.rank.to_string(), a.world_size.to_string());
+    let port = a.master_port.to_string();
+    let pairs: [(&str, &str); 16] = [
+        ("FLEETMESH_RANK", &rank),
+        ("FLEETMESH_WORLD_SIZE", &world),
+        ("RANK", &rank),
+        ("WORLD_SIZE", &world),
+        ("LOCAL_RANK", "0"),
+        ("LOCAL_WORLD_SIZE", "1"),
+        ("NODE_RANK", &rank),
+        ("GROUP_RANK", &rank),
+        ("GROUP_WORLD_SIZE", &world),
+        ("MASTER_ADDR", &a.master_addr),
+        ("MASTER_PORT", &port),
+        ("PET_NNODES", &world),
+        ("PET_NODE_RANK", &rank),
+        ("PET_MASTER_ADDR", &a.master_addr),
+        ("PET_MASTER_PORT", &port),
+        ("TORCHELASTIC_RUN_ID", &a.job),
+    ];
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
 fn unit_name(job: &str, attempt: u64) -> String {

@@ -367,6 +367,82 @@ async fn gang_job_starts_on_two_agents_with_rank_env_or_waits() -> anyhow::Resul
     Ok(())
 }
 
+/// What a gang member runs: rank 0 listens on `MASTER_ADDR:MASTER_PORT`, the others
+/// connect to it (retrying while it starts) and each side learns the other's rank, as a
+/// `torch.distributed` rendezvous would (torch itself is too heavy to install here).
+const RENDEZVOUS: &str = r#"import os, socket, time
+env = {k: os.environ[k] for k in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT", "PET_NNODES", "PET_NODE_RANK"]}
+print("env", sorted(env.items()))
+rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+addr = (env["MASTER_ADDR"], int(env["MASTER_PORT"]))
+if rank == 0:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", addr[1]))
+    s.listen()
+    peers = []
+    for _ in range(world - 1):
+        c, _ = s.accept()
+        peers.append(int(c.recv(16)))
+        c.sendall(b"0")
+    print("rank 0 met ranks", sorted(peers))
+else:
+    for _ in range(200):
+        try:
+            c = socket.create_connection(addr, timeout=1)
+            break
+        except OSError:
+            time.sleep(0.05)
+    c.sendall(str(rank).encode())
+    print("rank", rank, "met rank", c.recv(16).decode())
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gang_members_meet_at_master_addr_with_the_names_torch_reads() -> anyhow::Result<()> {
+    let pki = Pki::new("mesh.test")?;
+    let work = tempfile::tempdir()?;
+    let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
+    let client = coord.client(&pki)?;
+    let mut agents = Vec::new();
+    for name in ["t1", "t2"] {
+        agents.push(AgentProc::start_extra(
+            &pki,
+            coord.control,
+            name,
+            attrs("r", "EU", "p"),
+            Some("1xH100-80GB"),
+            &[],
+            work.path(),
+        )?);
+    }
+    mesh_up(&client, 2).await;
+    let script: String = RENDEZVOUS.lines().map(|l| format!("        {l}\n")).collect();
+    let yaml = format!(
+        "name: ddp\njobs:\n  meet:\n    nodes: 2\n    resources: {{ gpus: 1 }}\n    timeout: 30s\n    command:\n      - python3\n      - -c\n      - |\n{script}"
+    );
+    let wf = submit(&client, &yaml).await?;
+    let id = format!("{wf}.meet");
+    let done = wait_state(&client, &id, JobState::Succeeded, 30).await;
+    assert_eq!(done.attempts[0].agents.len(), 2);
+    let out = logs(&client, &id).await;
+    println!("{out}");
+    assert!(out.contains("rank 0 met ranks [1]"), "{out}");
+    assert!(out.contains("rank 1 met rank 0"), "{out}");
+    for want in [
+        "('LOCAL_RANK', '0')",
+        "('LOCAL_WORLD_SIZE', '1')",
+        "('NODE_RANK', '1')",
+        "('GROUP_RANK', '1')",
+        "('PET_NNODES', '2')",
+        "('WORLD_SIZE', '2')",
+        "('MASTER_ADDR', '127.0.0.1')",
+        "('MASTER_PORT', '29500')",
+    ] {
+        assert!(out.contains(want), "{want} missing: {out}");
+    }
+    Ok(())
+}
+
 /// Parse `<tag> <ns>` lines written by jobs into per-tag sorted timestamps.
 /// `secs` after the partition healed, attempt 1 (the stale copy) has stopped writing
 /// heartbeats and attempt 2 (the current one) still writes them.
