@@ -319,14 +319,20 @@ async fn require_operator(
             detail: format!("{method} {path} -> {}", response.status().as_u16()),
             actor: Some(id.spiffe_id()),
         };
-        let stored =
-            ractor::call_t!(st.authority, AuthorityMsg::Record, FLEET_CALL_MS, Box::new(record));
-        if !matches!(stored, Ok(Ok(()))) {
-            // The change is made; say that its record is missing rather than hide it.
-            warn!(actor = %id.spiffe_id(), %method, %path, result = ?stored, "audit record not stored");
-        }
+        record_audit(&st, record).await;
     }
     response
+}
+
+/// Append to the audit trail. The change is made either way; a record that could not be
+/// stored is said so in the log rather than hidden.
+async fn record_audit(st: &AppState, record: crate::persist::store::AuditRecord) {
+    let (actor, detail) = (record.actor.clone(), record.detail.clone());
+    let stored =
+        ractor::call_t!(st.authority, AuthorityMsg::Record, FLEET_CALL_MS, Box::new(record));
+    if !matches!(stored, Ok(Ok(()))) {
+        warn!(actor = ?actor, %detail, result = ?stored, "audit record not stored");
+    }
 }
 
 macro_rules! fleet_call {
@@ -448,12 +454,7 @@ async fn data_put(
                     ),
                     actor: peer.0.as_ref().map(|p| p.spiffe_id()),
                 };
-                let _ = ractor::call_t!(
-                    st.authority,
-                    AuthorityMsg::Record,
-                    FLEET_CALL_MS,
-                    Box::new(record)
-                );
+                record_audit(&st, record).await;
             }
             rec
         }

@@ -286,8 +286,20 @@ impl DataBroker {
         holder: &str,
         producer: Option<String>,
     ) -> DatasetRecord {
+        self.register_at(manifest, name, jurisdictions, holder, producer, now_ms())
+    }
+
+    /// [`Self::register`], created at `now` if new.
+    pub fn register_at(
+        &self,
+        manifest: Manifest,
+        name: &str,
+        jurisdictions: Vec<String>,
+        holder: &str,
+        producer: Option<String>,
+        now: u64,
+    ) -> DatasetRecord {
         let id = manifest.id();
-        let now = now_ms();
         let mut idx = self.lock();
         let next_version = newest(&idx, name).filter(|d| d.id != id).map_or(1, |d| d.version + 1);
         let rec = idx.entry(id.clone()).or_insert_with(|| DatasetRecord {
@@ -416,6 +428,17 @@ impl DataBroker {
         requester: &Requester,
         candidates: &[Candidate],
     ) -> Result<FetchPlan, BrokerError> {
+        self.plan_at(id, requester, candidates, now_ms())
+    }
+
+    /// [`Self::plan`], with tickets valid from `now`.
+    pub fn plan_at(
+        &self,
+        id: &str,
+        requester: &Requester,
+        candidates: &[Candidate],
+        now: u64,
+    ) -> Result<FetchPlan, BrokerError> {
         let addr = self.addr.lock().ok().and_then(|a| a.clone());
         let idx = self.lock();
         let d = idx.get(id).ok_or_else(|| BrokerError::NoDataset(short(id).to_string()))?;
@@ -425,7 +448,7 @@ impl DataBroker {
             candidates,
             addr.as_deref().map(|a| (self.name.as_str(), a)),
             &self.signer,
-            now_ms(),
+            now,
         );
         if let Err(why) = &r {
             warn!(dataset = %short(id), requester = %requester.name, reason = %why, "no fetch plan");

@@ -314,7 +314,7 @@ impl SchedulerCore {
                 "output_jurisdictions {declared:?} has nothing in common with the residency of its inputs {:?}: an output cannot be less restricted than what it is made from",
                 run.residency
             )))?;
-        let plans = self.fetch_plans(run, winners)?;
+        let plans = self.fetch_plans(run, winners, now)?;
         let wf_name = self.workflows.get(&j.workflow).map(|w| w.name.clone()).unwrap_or_default();
         let outputs: Vec<AwardOutput> = j
             .spec
@@ -370,6 +370,7 @@ impl SchedulerCore {
         &self,
         run: &AuctionOutcome,
         winners: &[BidView],
+        now: u64,
     ) -> Result<Vec<Vec<AwardInput>>, Refusal> {
         let mut plans = Vec::new();
         for w in winners.iter().filter(|_| !run.inputs.is_empty()) {
@@ -381,9 +382,10 @@ impl SchedulerCore {
             };
             let mut ins = Vec::new();
             for (mount, ds) in &run.inputs {
-                let plan = self.catalog.plan(ds, &me, &self.last_candidates).map_err(|why| {
-                    Refusal::Requeue(vec![format!("{}: input {mount}: {why}", w.agent)])
-                })?;
+                let plan =
+                    self.catalog.plan(ds, &me, &self.last_candidates, now).map_err(|why| {
+                        Refusal::Requeue(vec![format!("{}: input {mount}: {why}", w.agent)])
+                    })?;
                 ins.push(AwardInput { mount: mount.clone(), plan });
             }
             plans.push(ins);

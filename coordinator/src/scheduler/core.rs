@@ -95,14 +95,15 @@ pub enum Effect {
 pub trait Catalog: Send + Sync {
     /// A dataset by id, `NAME@VERSION` or name (the newest version).
     fn resolve(&self, name_or_id: &str) -> Option<DatasetRecord>;
-    /// A fetch plan (with tickets) for `requester` to fetch dataset `id`.
+    /// A fetch plan for `requester` to fetch dataset `id`, with tickets valid from `now`.
     fn plan(
         &self,
         id: &str,
         requester: &Requester,
         candidates: &[Candidate],
+        now: u64,
     ) -> Result<FetchPlan, BrokerError>;
-    /// Record an output held by `holder`.
+    /// Record an output held by `holder` (created at `now` if new).
     fn register(
         &self,
         manifest: Manifest,
@@ -110,6 +111,7 @@ pub trait Catalog: Send + Sync {
         jurisdictions: Vec<String>,
         holder: &str,
         producer: Option<String>,
+        now: u64,
     ) -> DatasetRecord;
 }
 
@@ -122,8 +124,9 @@ impl Catalog for DataBroker {
         id: &str,
         requester: &Requester,
         candidates: &[Candidate],
+        now: u64,
     ) -> Result<FetchPlan, BrokerError> {
-        DataBroker::plan(self, id, requester, candidates)
+        self.plan_at(id, requester, candidates, now)
     }
     fn register(
         &self,
@@ -132,8 +135,9 @@ impl Catalog for DataBroker {
         jurisdictions: Vec<String>,
         holder: &str,
         producer: Option<String>,
+        now: u64,
     ) -> DatasetRecord {
-        DataBroker::register(self, manifest, name, jurisdictions, holder, producer)
+        self.register_at(manifest, name, jurisdictions, holder, producer, now)
     }
 }
 

@@ -139,6 +139,7 @@ impl SchedulerCore {
                     j.output_residency.clone(),
                     &exit.agent,
                     Some(exit.job.clone()),
+                    now,
                 );
                 registered.push((o.output, rec.id));
             }

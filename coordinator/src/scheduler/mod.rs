@@ -207,9 +207,12 @@ impl SchedulerState {
         let now = now_ms();
         self.core.tick_timers(now);
         self.run_effects();
+        let due = self.core.due_jobs(now);
         // A Fleet too busy to answer is not an empty fleet: no view, and the auctions
         // wait for the next tick rather than mark every queued job "no agents".
-        let view = if self.core.wants_fleet_view(now) {
+        let view = if due.is_empty() {
+            None
+        } else {
             match ractor::call_t!(self.fleet, FleetMsg::Candidates, FLEET_VIEW_TIMEOUT_MS) {
                 Ok(c) => Some(c),
                 Err(e) => {
@@ -217,10 +220,9 @@ impl SchedulerState {
                     None
                 }
             }
-        } else {
-            None
         };
-        if let Some(mut p) = view.and_then(|v| self.core.begin_placement(now, v)) {
+        if let Some(v) = view {
+            let mut p = self.core.begin_placement(due, v);
             // Each auction opens as soon as it is decided.
             while self.core.place_next(&mut p, now) {
                 self.run_effects();

@@ -51,7 +51,13 @@ impl Catalog for MemCatalog {
         let d = self.datasets.lock().unwrap();
         d.get(r).cloned().or_else(|| d.values().find(|x| x.name == r).cloned())
     }
-    fn plan(&self, id: &str, _r: &Requester, _c: &[Candidate]) -> Result<FetchPlan, BrokerError> {
+    fn plan(
+        &self,
+        id: &str,
+        _r: &Requester,
+        _c: &[Candidate],
+        _now: u64,
+    ) -> Result<FetchPlan, BrokerError> {
         let d = self.resolve(id).ok_or_else(|| BrokerError::NoDataset(id.into()))?;
         Ok(FetchPlan {
             dataset: d.id,
@@ -68,6 +74,7 @@ impl Catalog for MemCatalog {
         jurisdictions: Vec<String>,
         holder: &str,
         _p: Option<String>,
+        _now: u64,
     ) -> DatasetRecord {
         let j: Vec<&str> = jurisdictions.iter().map(String::as_str).collect();
         let id = self.add(name, &j, holder);
