@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 use fleetmesh_data::{dataset, xfer, LocalDataset, Store, XferServer};
-use fleetmesh_protocol::data::{short, FetchPlan, DEFAULT_CHUNK_SIZE};
+use fleetmesh_protocol::data::{check_rel_path, short, FetchPlan, Shard, DEFAULT_CHUNK_SIZE};
 use fleetmesh_protocol::tls::TlsIdentity;
 use fleetmesh_protocol::{
     AgentMessage, AwardInput, AwardOutput, FetchReport, Holding, InputSummary, OutputDataset,
@@ -22,6 +22,8 @@ pub enum DataError {
     NoIdentity,
     #[error("input {0} vanished from the store")]
     Vanished(String),
+    #[error("input mount {0:?} refused: {1}")]
+    BadMount(String, String),
     #[error("{what}: {source}")]
     Io { what: String, source: fleetmesh_data::StoreError },
     #[error(transparent)]
@@ -125,8 +127,29 @@ impl DataPlane {
     }
 
     async fn fetch(&self, plan: &FetchPlan) -> Result<FetchReport, DataError> {
+        self.fetch_part(plan, None).await
+    }
+
+    /// Fetch only `shard`'s files of the plan's dataset (all of it without one).
+    async fn fetch_part(
+        &self,
+        plan: &FetchPlan,
+        shard: Option<Shard>,
+    ) -> Result<FetchReport, DataError> {
         let tls = self.tls().ok_or(DataError::NoIdentity)?;
-        Ok(xfer::fetch(&self.endpoint, &tls, self.store.clone(), plan, Arc::new(|_| {})).await?)
+        let store = self.store.clone();
+        Ok(xfer::fetch_part(&self.endpoint, &tls, store, plan, shard, Arc::new(|_| {})).await?)
+    }
+
+    /// Whether every chunk of `shard`'s files of dataset `id` is here.
+    fn has_part(&self, id: &str, shard: Option<Shard>) -> bool {
+        match (shard, self.store.dataset(id)) {
+            (None, _) => self.store.complete(id),
+            (Some(s), Some(d)) => {
+                d.manifest.shard(Some(s)).unique_chunks().iter().all(|(h, _)| self.store.has(h))
+            }
+            (Some(_), None) => false,
+        }
     }
 
     /// A fetch the coordinator asked for: report the result and the new holdings.
@@ -198,9 +221,11 @@ impl DataPlane {
         key: &str,
     ) -> Result<(), DataError> {
         for i in inputs {
-            if !self.store.complete(&i.plan.dataset) {
-                info!(job_id = %job, dataset = %short(&i.plan.dataset), input = %i.mount, "fetching input");
-                let r = self.fetch(&i.plan).await?;
+            // The mount comes from the network: a relative path that stays inside inputs/.
+            check_rel_path(&i.mount).map_err(|why| DataError::BadMount(i.mount.clone(), why))?;
+            if !self.has_part(&i.plan.dataset, i.shard) {
+                info!(job_id = %job, dataset = %short(&i.plan.dataset), input = %i.mount, shard = ?i.shard, "fetching input");
+                let r = self.fetch_part(&i.plan, i.shard).await?;
                 self.outbox.push(self.holdings());
                 info!(job_id = %job, input = %i.mount, fetched = r.fetched_chunks, reused = r.reused_chunks, "input fetched");
             }
@@ -214,7 +239,8 @@ impl DataPlane {
                 .ok_or_else(|| DataError::Vanished(i.mount.clone()))?;
             let dest = dir.join("inputs").join(&i.mount);
             let store = self.store.clone();
-            tokio::task::spawn_blocking(move || dataset::materialize(&store, &d.manifest, &dest))
+            let part = d.manifest.shard(i.shard);
+            tokio::task::spawn_blocking(move || dataset::materialize(&store, &part, &dest))
                 .await?
                 .map_err(|source| DataError::Io { what: format!("input {}", i.mount), source })?;
         }

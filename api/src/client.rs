@@ -187,6 +187,20 @@ impl ApiClient {
     }
 }
 
+/// `s` percent-encoded for one path segment or query value: everything but the
+/// unreserved characters (array members' ids carry `[` and `]`).
+pub fn segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 fn decode<T: DeserializeOwned>(status: u16, body: &[u8]) -> Result<T, ClientError> {
     if !(200..300).contains(&status) {
         let message = serde_json::from_slice::<ApiErrorBody>(body)
@@ -211,5 +225,11 @@ mod tests {
         assert_eq!(parse_api_url("https://[::1]:9000").unwrap(), ("::1".into(), 9000));
         assert!(parse_api_url("http://x").is_err());
         assert!(parse_api_url("https://x/y").is_err());
+    }
+
+    #[test]
+    fn member_ids_are_encoded_for_paths() {
+        assert_eq!(segment("wf-1a2b3c.map[17]"), "wf-1a2b3c.map%5B17%5D");
+        assert_eq!(segment("a b/c?d"), "a%20b%2Fc%3Fd");
     }
 }

@@ -2,8 +2,9 @@
 //! shows them (`fleetmesh jobs show -o json`), with the bids each attempt was chosen from.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use fleetmesh_protocol::workflow::Workflow;
+use fleetmesh_protocol::workflow::{JobSpec, Run, Workflow};
 use serde::{Deserialize, Serialize};
 use tracing::info;
 
@@ -12,7 +13,7 @@ use tracing::info;
 const HISTORY_LIMIT: usize = 200;
 
 /// Job states.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobState {
     /// Waiting for the jobs it needs.
@@ -119,13 +120,109 @@ impl WorkflowState {
     }
 }
 
+/// A job's spec. The members of an array share their array's: one copy in memory, and
+/// none stored with each member (a member's record is linked to it again when the
+/// Scheduler restores; API answers carry it in full).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedSpec {
+    spec: Arc<JobSpec>,
+    /// Stored and served with the record that holds it.
+    with_record: bool,
+}
+
+impl SharedSpec {
+    /// A spec of the record's own.
+    pub fn own(spec: Arc<JobSpec>) -> Self {
+        Self { spec, with_record: true }
+    }
+    /// An array's spec, as one of its members holds it.
+    pub fn member(spec: Arc<JobSpec>) -> Self {
+        Self { spec, with_record: false }
+    }
+    pub fn arc(&self) -> &Arc<JobSpec> {
+        &self.spec
+    }
+    /// Whether it is stored elsewhere (a member read back before being linked).
+    pub fn is_shared(&self) -> bool {
+        !self.with_record
+    }
+    /// The same spec, written out in full (for API answers).
+    pub fn shown(&self) -> Self {
+        Self { spec: self.spec.clone(), with_record: true }
+    }
+}
+
+impl std::ops::Deref for SharedSpec {
+    type Target = JobSpec;
+    fn deref(&self) -> &JobSpec {
+        &self.spec
+    }
+}
+
+impl Serialize for SharedSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.with_record {
+            self.spec.serialize(s)
+        } else {
+            s.serialize_none()
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for SharedSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(match Option::<JobSpec>::deserialize(d)? {
+            Some(spec) => Self::own(Arc::new(spec)),
+            None => Self::member(Arc::new(placeholder_spec())),
+        })
+    }
+}
+
+/// What a member read back from the store holds until it is linked to its array's spec.
+fn placeholder_spec() -> JobSpec {
+    JobSpec {
+        name: String::new(),
+        run: Run::Command(Vec::new()),
+        image: None,
+        env: BTreeMap::new(),
+        resources: fleetmesh_protocol::workflow::Resources {
+            cpus: 0.0,
+            memory_bytes: 0,
+            gpus: 0,
+            gpu_memory_bytes: None,
+            gpu_model: None,
+        },
+        constraints: Default::default(),
+        needs: Vec::new(),
+        retries: fleetmesh_protocol::workflow::Retries { limit: 0, backoff_ms: 0 },
+        timeout_ms: None,
+        nodes: 1,
+        priority: 0,
+        inputs: Vec::new(),
+        outputs: Vec::new(),
+        output_jurisdictions: None,
+        array: None,
+    }
+}
+
+/// Which member of which array a job is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberOf {
+    /// The array job's id (`WORKFLOW.JOB`).
+    pub array: String,
+    pub index: u32,
+}
+
 /// A job and its history.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobRecord {
     pub id: String,
     pub workflow: String,
     pub name: String,
-    pub spec: fleetmesh_protocol::workflow::JobSpec,
+    pub spec: SharedSpec,
+    /// Set for a member of an array job (`WORKFLOW.JOB[i]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<MemberOf>,
     pub objective: fleetmesh_protocol::workflow::Objective,
     pub state: JobState,
     pub attempts: Vec<Attempt>,
@@ -188,7 +285,24 @@ pub struct JobSummary {
     /// Award and start of the current attempt.
     pub awarded_unix_ms: Option<u64>,
     pub started_unix_ms: Option<u64>,
+    /// For an array job: its members per state (the members are listed with `?array=`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub members: Option<BTreeMap<JobState, usize>>,
 }
+
+/// Jobs in listing order (by id), one page at a time.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct JobPage {
+    pub jobs: Vec<JobSummary>,
+    /// Pass as `after=` for the next page; absent on the last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+/// Jobs per page when the request does not say...
+pub const DEFAULT_PAGE_JOBS: usize = 1000;
+/// ...and at most.
+pub const MAX_PAGE_JOBS: usize = 5000;
 
 /// Output of an attempt, for `fleetmesh logs`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -228,6 +342,10 @@ impl JobRecord {
     }
     pub fn current_mut(&mut self) -> Option<&mut Attempt> {
         self.attempts.last_mut()
+    }
+    /// An array job itself (its members are the ones placed).
+    pub fn is_array(&self) -> bool {
+        self.spec.array.is_some() && self.member.is_none()
     }
 }
 

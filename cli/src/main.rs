@@ -87,10 +87,10 @@ enum Command {
     },
     /// List workflows.
     Workflows,
-    /// List jobs, or show one.
+    /// List jobs (arrays folded, with their members per state), or show one.
     Jobs {
-        #[arg(long)]
-        workflow: Option<String>,
+        #[command(flatten)]
+        filter: work::JobsFilter,
         #[command(subcommand)]
         cmd: Option<work::JobsCmd>,
     },
@@ -122,7 +122,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Submit { file } => work::submit(conn, out, &file).await,
         Command::Run { gpus, command } => work::run_one(conn, out, gpus, &command).await,
         Command::Workflows => work::workflows(conn, out).await,
-        Command::Jobs { workflow, cmd: None } => work::jobs(conn, out, workflow).await,
+        Command::Jobs { filter, cmd: None } => work::jobs(conn, out, &filter).await,
         Command::Jobs { cmd: Some(work::JobsCmd::Show { id }), .. } => {
             work::show_job(conn, out, &id).await
         }

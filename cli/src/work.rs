@@ -4,9 +4,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use fleetmesh_api::answers::{Cancelled, Submitted};
-use fleetmesh_api::jobs::{JobRecord, JobSummary, LogChunk, WorkflowSummary};
+use fleetmesh_api::client::segment;
+use fleetmesh_api::jobs::{JobPage, JobRecord, JobSummary, LogChunk, WorkflowSummary};
 use fleetmesh_api::rfc3339_ms;
 
 use crate::conn::ConnArgs;
@@ -14,6 +15,20 @@ use crate::output::{list, print_json, print_raw, table, Output};
 
 /// How often `logs --follow` asks for more.
 const FOLLOW_POLL: Duration = Duration::from_millis(300);
+
+/// Which jobs `fleetmesh jobs` lists.
+#[derive(Args, Debug)]
+pub struct JobsFilter {
+    /// Only this workflow's jobs.
+    #[arg(long)]
+    pub workflow: Option<String>,
+    /// The members of this array job (`WORKFLOW.JOB`) instead of the top-level jobs.
+    #[arg(long)]
+    pub array: Option<String>,
+    /// Show at most this many (the API is read page by page).
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
 
 #[derive(Subcommand, Debug)]
 pub enum JobsCmd {
@@ -69,12 +84,42 @@ pub async fn workflows(conn: &ConnArgs, out: Output) -> Result<()> {
     Ok(())
 }
 
-pub async fn jobs(conn: &ConnArgs, out: Output, workflow: Option<String>) -> Result<()> {
-    let path = match &workflow {
-        Some(w) => format!("/api/v1/jobs?workflow={w}"),
-        None => "/api/v1/jobs".into(),
-    };
-    let jobs: Vec<JobSummary> = conn.client()?.get_json(&path).await?;
+/// Every job the filter names, following the API's pages (up to `limit`).
+async fn job_pages(conn: &ConnArgs, f: &JobsFilter) -> Result<Vec<JobSummary>> {
+    let c = conn.client()?;
+    let mut query: Vec<String> = Vec::new();
+    if let Some(w) = &f.workflow {
+        query.push(format!("workflow={}", segment(w)));
+    }
+    if let Some(a) = &f.array {
+        query.push(format!("array={}", segment(a)));
+    }
+    let want = f.limit.unwrap_or(usize::MAX);
+    let mut jobs = Vec::new();
+    let mut after: Option<String> = None;
+    while jobs.len() < want {
+        let mut q = query.clone();
+        q.extend(after.as_ref().map(|a| format!("after={}", segment(a))));
+        let page: JobPage = c.get_json(&format!("/api/v1/jobs?{}", q.join("&"))).await?;
+        jobs.extend(page.jobs);
+        match page.next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    jobs.truncate(want);
+    Ok(jobs)
+}
+
+/// An array's members per state, e.g. `succeeded 190, failed 2, running 8`.
+fn members_line(j: &JobSummary) -> String {
+    let Some(m) = &j.members else { return "-".into() };
+    let parts: Vec<String> = m.iter().map(|(s, n)| format!("{} {n}", s.as_str())).collect();
+    parts.join(", ")
+}
+
+pub async fn jobs(conn: &ConnArgs, out: Output, filter: &JobsFilter) -> Result<()> {
+    let jobs = job_pages(conn, filter).await?;
     if out == Output::Json {
         return print_json(&jobs);
     }
@@ -85,18 +130,19 @@ pub async fn jobs(conn: &ConnArgs, out: Output, workflow: Option<String>) -> Res
             j.attempts.to_string(),
             list(&j.agents),
             format!("{:.4}", j.cost),
+            members_line(j),
             j.reason.clone().unwrap_or_else(|| "-".into()),
         ]
     };
     table(
-        &["JOB", "STATE", "ATTEMPTS", "AGENTS", "COST", "LAST EVENT"],
+        &["JOB", "STATE", "ATTEMPTS", "AGENTS", "COST", "MEMBERS", "LAST EVENT"],
         jobs.iter().map(row).collect(),
     );
     Ok(())
 }
 
 pub async fn show_job(conn: &ConnArgs, out: Output, id: &str) -> Result<()> {
-    let j: JobRecord = conn.client()?.get_json(&format!("/api/v1/jobs/{id}")).await?;
+    let j: JobRecord = conn.client()?.get_json(&format!("/api/v1/jobs/{}", segment(id))).await?;
     if out == Output::Json {
         return print_json(&j);
     }
@@ -136,7 +182,7 @@ pub async fn logs(conn: &ConnArgs, job: &str, follow: bool) -> Result<()> {
     let mut offset = 0usize;
     loop {
         let chunk: LogChunk =
-            c.get_json(&format!("/api/v1/jobs/{job}/logs?offset={offset}")).await?;
+            c.get_json(&format!("/api/v1/jobs/{}/logs?offset={offset}", segment(job))).await?;
         print_raw(&chunk.data);
         offset = chunk.next_offset;
         if !follow || chunk.finished {
@@ -149,9 +195,9 @@ pub async fn logs(conn: &ConnArgs, job: &str, follow: bool) -> Result<()> {
 pub async fn cancel(conn: &ConnArgs, id: &str) -> Result<()> {
     // Job ids are WORKFLOW.JOB; workflow ids have no dot.
     let path = if id.contains('.') {
-        format!("/api/v1/jobs/{id}/cancel")
+        format!("/api/v1/jobs/{}/cancel", segment(id))
     } else {
-        format!("/api/v1/workflows/{id}/cancel")
+        format!("/api/v1/workflows/{}/cancel", segment(id))
     };
     let r: Cancelled = conn.client()?.post_json(&path, &serde_json::json!({})).await?;
     outln!("cancelled {} job(s)", r.cancelled_jobs);

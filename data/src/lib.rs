@@ -19,7 +19,7 @@ pub mod store;
 pub mod xfer;
 
 pub use store::{LocalDataset, Store, StoreError};
-pub use xfer::{fetch, FetchError, XferServer};
+pub use xfer::{fetch, fetch_part, FetchError, XferServer};
 
 /// Milliseconds since the Unix epoch.
 pub fn now_unix_ms() -> u64 {

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use fleetmesh_protocol::codec::close_code;
 use fleetmesh_protocol::data::{
-    hash_hex, residency_allows, short, verify_ticket, FetchPlan, Hash, Holder, Manifest,
+    hash_hex, residency_allows, short, verify_ticket, FetchPlan, Hash, Holder, Manifest, Shard,
     SignedTicket, XferReply, XferRequest, ALPN_XFER,
 };
 use fleetmesh_protocol::tls::{peer_identity, TlsIdentity};
@@ -553,10 +553,23 @@ pub async fn fetch(
     plan: &FetchPlan,
     progress: Arc<dyn Fn(u64) + Send + Sync>,
 ) -> Result<FetchReport, FetchError> {
+    fetch_part(endpoint, tls, store, plan, None, progress).await
+}
+
+/// Like [`fetch`], but only the chunks of `shard`'s files (all of them without one):
+/// an array member fetches its share of a dataset, not the whole.
+pub async fn fetch_part(
+    endpoint: &quinn::Endpoint,
+    tls: &TlsIdentity,
+    store: Arc<Store>,
+    plan: &FetchPlan,
+    shard: Option<Shard>,
+    progress: Arc<dyn Fn(u64) + Send + Sync>,
+) -> Result<FetchReport, FetchError> {
     let id = plan.dataset.clone();
     let connections = connect_all(endpoint, tls, &plan.holders).await;
     let manifest = manifest_for(&store, plan, &connections).await?;
-    let all = manifest.unique_chunks();
+    let all = manifest.shard(shard).unique_chunks();
     let missing: VecDeque<Item> = all
         .iter()
         .filter(|(h, _)| !store.has(h))

@@ -604,11 +604,30 @@ pub mod side_by_side {
 pub mod work {
     use std::time::Duration;
 
+    use fleetmesh_api::client::segment;
     pub use fleetmesh_api::data::DatasetRecord;
     pub use fleetmesh_api::jobs::{
-        AttemptState, JobRecord, JobState, LogChunk, WorkflowState, WorkflowSummary,
+        AttemptState, JobPage, JobRecord, JobState, JobSummary, LogChunk, WorkflowState,
+        WorkflowSummary,
     };
     use fleetmesh_coordinator::client::ApiClient;
+
+    /// Every job a listing names (`workflow=W`, `array=J`, or "" for all top-level jobs),
+    /// page by page; `None` when the coordinator does not answer.
+    pub async fn jobs(client: &ApiClient, filter: &str) -> Option<Vec<JobSummary>> {
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let cursor = after.as_ref().map(|a| format!("&after={}", segment(a)));
+            let path = format!("/api/v1/jobs?{filter}{}", cursor.unwrap_or_default());
+            let page: JobPage = client.get_json(&path).await.ok()?;
+            out.extend(page.jobs);
+            match page.next {
+                Some(n) => after = Some(n),
+                None => return Some(out),
+            }
+        }
+    }
 
     /// Submit a workflow file; the workflow's id.
     pub async fn submit(client: &ApiClient, yaml: &str) -> anyhow::Result<String> {
@@ -619,7 +638,7 @@ pub mod work {
 
     /// A job's record, if the coordinator answers.
     pub async fn job(client: &ApiClient, id: &str) -> Option<JobRecord> {
-        client.get_json(&format!("/api/v1/jobs/{id}")).await.ok()
+        client.get_json(&format!("/api/v1/jobs/{}", segment(id))).await.ok()
     }
 
     /// Wait until `id` is in `state`; its record then. Panics with the last record seen.
@@ -641,7 +660,8 @@ pub mod work {
 
     /// A job's kept output.
     pub async fn logs(client: &ApiClient, id: &str) -> String {
-        let c: Option<LogChunk> = client.get_json(&format!("/api/v1/jobs/{id}/logs")).await.ok();
+        let c: Option<LogChunk> =
+            client.get_json(&format!("/api/v1/jobs/{}/logs", segment(id))).await.ok();
         c.map(|c| c.data).unwrap_or_default()
     }
 

@@ -10,7 +10,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use fleetmesh_api::answers::Submitted;
-use fleetmesh_api::jobs::JobSummary;
 use fleetmesh_coordinator::client::ApiClient;
 use fleetmesh_integration::work::{self, JobState};
 use fleetmesh_integration::{attrs, wait_for, AgentProc, CoordinatorProc, Pki};
@@ -62,8 +61,9 @@ fn workflow(log: &Path) -> String {
 
 /// (job, state, attempts) of every job of `wf` (none while the API does not answer).
 async fn job_states(client: &ApiClient, wf: &str) -> Vec<(String, JobState, usize)> {
-    let jobs: Vec<JobSummary> =
-        client.get_json(&format!("/api/v1/jobs?workflow={wf}")).await.unwrap_or_default();
+    let jobs = fleetmesh_integration::work::jobs(client, &format!("workflow={wf}"))
+        .await
+        .unwrap_or_default();
     jobs.into_iter().map(|j| (j.id, j.state, j.attempts)).collect()
 }
 

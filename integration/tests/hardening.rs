@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use fleetmesh_api::answers::{Cancelled, Submitted};
 use fleetmesh_api::fleet::AgentView;
-use fleetmesh_api::jobs::JobSummary;
 use fleetmesh_api::trust::AuditRecord;
 use fleetmesh_coordinator::client::{ApiClient, ClientError};
 use fleetmesh_integration::work::{self, DatasetRecord, JobRecord, JobState, LogChunk};
@@ -392,8 +391,7 @@ async fn finished_jobs_output_leaves_the_coordinators_memory() -> anyhow::Result
     }
     let wf = submit(&client, y).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let done = wait_for(Duration::from_secs(120), || async {
-        let a: Vec<JobSummary> =
-            client.get_json(&format!("/api/v1/jobs?workflow={wf}")).await.ok()?;
+        let a = fleetmesh_integration::work::jobs(&client, &format!("workflow={wf}")).await?;
         (a.len() == JOBS && a.iter().all(|j| j.state == JobState::Succeeded)).then_some(())
     })
     .await;

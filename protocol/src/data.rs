@@ -73,6 +73,25 @@ pub struct FileEntry {
     pub chunks: Vec<Hash>,
 }
 
+/// One member's share of a dataset's files, for array jobs: the files in path order are
+/// split into `count` contiguous runs whose sizes differ by at most one file, and member
+/// `index` takes run `index` (deterministic: the same manifest always splits the same).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shard {
+    pub index: u32,
+    pub count: u32,
+}
+
+impl Shard {
+    /// The range of file positions this shard takes out of `files`.
+    pub fn range(self, files: usize) -> std::ops::Range<usize> {
+        let count = u64::from(self.count.max(1));
+        let index = u64::from(self.index.min(self.count.saturating_sub(1)));
+        let at = |i: u64| (i * files as u64 / count) as usize;
+        at(index)..at(index + 1)
+    }
+}
+
 /// The content of a dataset.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -100,6 +119,17 @@ impl Manifest {
     pub fn chunk_len(&self, f: &FileEntry, i: usize) -> u32 {
         let start = i as u64 * u64::from(self.chunk_size);
         (f.size.saturating_sub(start)).min(u64::from(self.chunk_size)) as u32
+    }
+
+    /// The part of this manifest a shard takes (all of it without a shard).
+    pub fn shard(&self, shard: Option<Shard>) -> Manifest {
+        match shard {
+            None => self.clone(),
+            Some(s) => Manifest {
+                chunk_size: self.chunk_size,
+                files: self.files[s.range(self.files.len())].to_vec(),
+            },
+        }
     }
 
     /// Every distinct chunk with its length, in manifest order.
@@ -428,6 +458,22 @@ mod tests {
         assert!(deep.validate().is_err());
         let fine = Manifest { chunk_size: 4, files: vec![f("x/y"), f("x/z"), f("xy")] };
         assert!(fine.validate().is_ok());
+    }
+
+    #[test]
+    fn shards_split_files_evenly_contiguously_and_cover_each_file_once() {
+        for (files, count) in [(10usize, 3u32), (3, 5), (0, 4), (7, 1), (10_000, 10_000)] {
+            let ranges: Vec<_> =
+                (0..count).map(|index| Shard { index, count }.range(files)).collect();
+            let mut next = 0;
+            for r in &ranges {
+                assert_eq!(r.start, next, "{files} files in {count}: gaps or overlaps");
+                let (lo, hi) = (files / count as usize, files.div_ceil(count as usize));
+                assert!((lo..=hi).contains(&r.len()), "{files}/{count}: uneven {r:?}");
+                next = r.end;
+            }
+            assert_eq!(next, files);
+        }
     }
 
     #[test]

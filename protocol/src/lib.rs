@@ -25,7 +25,7 @@ pub use messages::*;
 /// Version of the control protocol carried in `Hello`/`Welcome`. Bump on any
 /// incompatible change of the message enums; ALPN stays `fleetmesh/ctl/1` until the
 /// framing itself changes.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// ALPN for the agent <-> coordinator control plane.
 pub const ALPN_CTL: &[u8] = b"fleetmesh/ctl/1";

@@ -187,9 +187,12 @@ pub struct InputSummary {
 /// An input to stage before the process starts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AwardInput {
-    /// Directory name under `$FLEETMESH_INPUTS`.
+    /// Directory under `$FLEETMESH_INPUTS`: a name, or `NAME/INDEX` for one member's
+    /// output of an array taken together (fan-in).
     pub mount: String,
     pub plan: crate::data::FetchPlan,
+    /// Only this share of the dataset's files is fetched and mounted (array members).
+    pub shard: Option<crate::data::Shard>,
 }
 
 /// An output to collect after the process succeeds.

@@ -32,6 +32,16 @@
 //!     inputs: [imagenet-subset, prepare.shards]   # datasets, or JOB.OUTPUT of a needed job
 //!     outputs: [checkpoints]                       # $FLEETMESH_OUTPUTS/checkpoints
 //!     output_jurisdictions: [EU]                   # default: most restrictive of the inputs
+//!   align:                       # an array: one member per value, `align[0]`..`align[N-1]`
+//!     needs: [train]
+//!     command: [sh, -c, "align --ref $FLEETMESH_MATRIX_REF $FLEETMESH_INPUTS/reads/*"]
+//!     matrix: { ref: [hg19, hg38] }   # or `parallel: 100`
+//!     success: 95%                    # the job succeeds when this share of members does
+//!     inputs: [{ from: reads, shard: true }]  # each member mounts its share of the files
+//!     outputs: [bam]                  # registered per member: WORKFLOW.align[i].bam
+//!   merge:
+//!     needs: [align]
+//!     inputs: [{ from: align.bam, as: bams }]  # every member's output, under bams/<index>/
 //! ```
 
 use std::collections::BTreeMap;
@@ -64,6 +74,18 @@ pub const MAX_ENV_BYTES: usize = 64 << 10;
 /// Inputs, and outputs, per job.
 pub const MAX_INPUTS_PER_JOB: usize = 64;
 pub const MAX_OUTPUTS_PER_JOB: usize = 64;
+/// Members of one array job (`parallel: N`, or the product of a `matrix`).
+pub const MAX_ARRAY_MEMBERS: u32 = 10_000;
+/// Jobs and array members of one workflow together: the records it is stored as.
+pub const MAX_MEMBERS_PER_WORKFLOW: u64 = 20_000;
+/// Values of one matrix axis.
+pub const MAX_MATRIX_VALUES: usize = 10_000;
+/// Bytes of one matrix value (it becomes an environment variable).
+pub const MAX_MATRIX_VALUE_BYTES: usize = 1024;
+/// Share of an array's members that must succeed, when the file does not say.
+pub const DEFAULT_SUCCESS_PERCENT: f64 = 100.0;
+/// Prefix of the variables a matrix's values are given in (`FLEETMESH_MATRIX_REF`).
+pub const MATRIX_ENV_PREFIX: &str = "FLEETMESH_MATRIX_";
 
 /// How bids are scored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -115,10 +137,45 @@ struct RawJob {
     nodes: Option<u32>,
     priority: Option<i32>,
     #[serde(default)]
-    inputs: Vec<String>,
+    inputs: Vec<InputSpec>,
     #[serde(default)]
     outputs: Vec<String>,
     output_jurisdictions: Option<Vec<String>>,
+    parallel: Option<u32>,
+    matrix: Option<BTreeMap<String, Vec<MatrixValue>>>,
+    success: Option<MatrixValue>,
+}
+
+/// A matrix value as written: a string, number or boolean, given to the job as text.
+#[derive(Debug, Clone)]
+struct MatrixValue(String);
+
+impl<'de> Deserialize<'de> for MatrixValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = MatrixValue;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string, number or boolean")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<MatrixValue, E> {
+                Ok(MatrixValue(v.to_string()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<MatrixValue, E> {
+                Ok(MatrixValue(v.to_string()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<MatrixValue, E> {
+                Ok(MatrixValue(v.to_string()))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<MatrixValue, E> {
+                Ok(MatrixValue(v.to_string()))
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<MatrixValue, E> {
+                Ok(MatrixValue(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -207,9 +264,9 @@ pub struct JobSpec {
     pub nodes: u32,
     pub priority: i32,
     /// Datasets (names or ids) and outputs of needed jobs (`JOB.OUTPUT`), staged
-    /// read-only under `$FLEETMESH_INPUTS/<NAME or OUTPUT>`.
+    /// read-only under `$FLEETMESH_INPUTS/<NAME, OUTPUT or the name given with as>`.
     #[serde(default)]
-    pub inputs: Vec<String>,
+    pub inputs: Vec<InputSpec>,
     /// Directories under `$FLEETMESH_OUTPUTS` registered as datasets
     /// `WORKFLOW.JOB.OUTPUT` after success.
     #[serde(default)]
@@ -217,6 +274,124 @@ pub struct JobSpec {
     /// Residency of the outputs; by default the most restrictive of the inputs'.
     #[serde(default)]
     pub output_jurisdictions: Option<Vec<String>>,
+    /// Run as an array of members, each placed, retried and cancelled on its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub array: Option<ArraySpec>,
+}
+
+/// An input as written: `NAME` (a dataset, or `JOB.OUTPUT`), or
+/// `{from: NAME, as: MOUNT, shard: true}`. Stored the same way, as a plain string when
+/// it is only a name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputSpec {
+    /// A dataset name or id, or `JOB.OUTPUT` of a needed job.
+    pub from: String,
+    /// The directory name under `$FLEETMESH_INPUTS` (default: the dataset or output name).
+    pub mount: Option<String>,
+    /// Each array member mounts only its share of the files.
+    pub shard: bool,
+}
+
+impl From<&str> for InputSpec {
+    fn from(from: &str) -> Self {
+        InputSpec { from: from.to_string(), mount: None, shard: false }
+    }
+}
+
+impl Serialize for InputSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        if self.mount.is_none() && !self.shard {
+            return s.serialize_str(&self.from);
+        }
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("from", &self.from)?;
+        if let Some(a) = &self.mount {
+            m.serialize_entry("as", a)?;
+        }
+        if self.shard {
+            m.serialize_entry("shard", &true)?;
+        }
+        m.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for InputSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Long {
+            from: String,
+            #[serde(rename = "as")]
+            mount: Option<String>,
+            #[serde(default)]
+            shard: bool,
+        }
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = InputSpec;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a dataset name, JOB.OUTPUT, or {from, as, shard}")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<InputSpec, E> {
+                Ok(InputSpec::from(v))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, m: A) -> Result<InputSpec, A::Error> {
+                let l = Long::deserialize(serde::de::value::MapAccessDeserializer::new(m))?;
+                Ok(InputSpec { from: l.from, mount: l.mount, shard: l.shard })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// How a job fans out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArraySpec {
+    /// Members: `parallel`, or the product of the matrix's axes.
+    pub count: u32,
+    /// Matrix axes in name order (empty for `parallel`); the last varies fastest.
+    #[serde(default)]
+    pub matrix: Vec<MatrixAxis>,
+    /// Share of members, in percent, that must succeed for the job to succeed.
+    pub success_percent: f64,
+}
+
+impl ArraySpec {
+    /// The variables member `index` runs with: its index, the count, and its matrix
+    /// values (`FLEETMESH_MATRIX_<AXIS>`, the axis name upper-cased).
+    pub fn member_env(&self, index: u32) -> Vec<(String, String)> {
+        let mut env = vec![
+            ("FLEETMESH_INDEX".to_string(), index.to_string()),
+            ("FLEETMESH_COUNT".to_string(), self.count.to_string()),
+        ];
+        let mut rest = index as usize;
+        let mut values = Vec::with_capacity(self.matrix.len());
+        for (axis, vals) in self.matrix.iter().rev() {
+            let n = vals.len().max(1);
+            let v = vals.get(rest % n).cloned().unwrap_or_default();
+            values.push((format!("{MATRIX_ENV_PREFIX}{}", axis.to_ascii_uppercase()), v));
+            rest /= n;
+        }
+        env.extend(values.into_iter().rev());
+        env
+    }
+
+    /// Members that must succeed for the job to succeed.
+    pub fn required(&self) -> u32 {
+        let exact = f64::from(self.count) * self.success_percent / 100.0;
+        // A share that lands on a whole member (95% of 200 = 190) must not round up
+        // through floating-point noise.
+        (exact - 1e-9).ceil().clamp(0.0, f64::from(self.count)) as u32
+    }
+}
+
+/// One axis of a matrix: its name and values.
+pub type MatrixAxis = (String, Vec<String>);
+
+/// How array member `index` of job `job` is named (`align[3]`).
+pub fn member_name(job: &str, index: u32) -> String {
+    format!("{job}[{index}]")
 }
 
 /// How a job input is named.
@@ -233,18 +408,22 @@ impl JobSpec {
     pub fn input_refs(&self, jobs: &BTreeMap<String, JobSpec>) -> Vec<(String, InputRef)> {
         self.inputs.iter().map(|i| input_ref(i, |j| jobs.contains_key(j))).collect()
     }
+
+    /// Whether the input mounted as `mount` is split among the array's members.
+    pub fn sharded(&self, mount: &str, jobs: &BTreeMap<String, JobSpec>) -> bool {
+        self.inputs.iter().any(|i| i.shard && input_ref(i, |j| jobs.contains_key(j)).0 == mount)
+    }
 }
 
-fn input_ref(i: &str, is_job: impl Fn(&str) -> bool) -> (String, InputRef) {
-    if let Some((job, output)) = i.split_once('.') {
-        if !output.contains('.') && is_job(job) {
-            return (
-                output.to_string(),
-                InputRef::JobOutput { job: job.to_string(), output: output.to_string() },
-            );
-        }
-    }
-    (i.to_string(), InputRef::Dataset(i.to_string()))
+fn input_ref(i: &InputSpec, is_job: impl Fn(&str) -> bool) -> (String, InputRef) {
+    let (name, r) = match i.from.split_once('.') {
+        Some((job, output)) if !output.contains('.') && is_job(job) => (
+            output.to_string(),
+            InputRef::JobOutput { job: job.to_string(), output: output.to_string() },
+        ),
+        _ => (i.from.clone(), InputRef::Dataset(i.from.clone())),
+    };
+    (i.mount.clone().unwrap_or(name), r)
 }
 
 /// A validated workflow.
@@ -443,6 +622,7 @@ fn validate(raw: RawWorkflow) -> Result<Workflow, WorkflowError> {
         );
     }
     let mut jobs = BTreeMap::new();
+    let mut members: u64 = 0;
     for (name, j) in &raw.jobs {
         let jn = Some(name.as_str());
         if let Err(e) = validate_label("job name", name) {
@@ -570,9 +750,20 @@ fn validate(raw: RawWorkflow) -> Result<Workflow, WorkflowError> {
         if nodes == 0 || nodes > MAX_NODES {
             push(jn, "nodes", format!("must be between 1 and {MAX_NODES}"));
         }
+        let array = validate_array(j, &mut |field, m| push(jn, field, m));
+        members = members.saturating_add(array.as_ref().map_or(1, |a| u64::from(a.count)));
         let mut mounts = std::collections::BTreeSet::new();
-        for i in &j.inputs {
-            let (mount, r) = input_ref(i, |n| raw.jobs.contains_key(n));
+        for spec in &j.inputs {
+            let i = &spec.from;
+            let (mount, r) = input_ref(spec, |n| raw.jobs.contains_key(n));
+            if spec.shard && array.is_none() {
+                push(jn, "inputs", format!("`{i}`: shard needs `parallel` or `matrix`"));
+            }
+            if let (true, InputRef::JobOutput { job, .. }) = (spec.shard, &r) {
+                if raw.jobs.get(job).is_some_and(is_array) {
+                    push(jn, "inputs", format!("`{i}`: an array's outputs cannot be sharded"));
+                }
+            }
             if let InputRef::JobOutput { job, output } = &r {
                 if job == name {
                     push(jn, "inputs", format!("`{i}`: a job cannot read its own output"));
@@ -582,7 +773,9 @@ fn validate(raw: RawWorkflow) -> Result<Workflow, WorkflowError> {
                     push(jn, "inputs", format!("job `{job}` has no output `{output}`"));
                 }
             }
-            if mount.is_empty() || mount.contains('/') || mount.starts_with('.') {
+            if spec.mount.as_deref().is_some_and(|m| validate_label("mount name", m).is_err()) {
+                push(jn, "inputs", format!("`{i}`: `as: {mount}` is not a valid directory name"));
+            } else if mount.is_empty() || mount.contains('/') || mount.starts_with('.') {
                 push(jn, "inputs", format!("`{i}` is not a dataset name, id or JOB.OUTPUT"));
             } else if !mounts.insert(mount.clone()) {
                 push(jn, "inputs", format!("two inputs would both appear as `{mount}`"));
@@ -642,9 +835,19 @@ fn validate(raw: RawWorkflow) -> Result<Workflow, WorkflowError> {
                     inputs: j.inputs.clone(),
                     outputs: j.outputs.clone(),
                     output_jurisdictions: j.output_jurisdictions.clone(),
+                    array,
                 },
             );
         }
+    }
+    if members > MAX_MEMBERS_PER_WORKFLOW {
+        push(
+            None,
+            "jobs",
+            format!(
+                "{members} jobs and array members; at most {MAX_MEMBERS_PER_WORKFLOW} per workflow"
+            ),
+        );
     }
     if let Some(cycle) = find_cycle(&raw.jobs) {
         push(Some(&cycle[0]), "needs", format!("dependency cycle: {}", cycle.join(" -> ")));
@@ -653,6 +856,99 @@ fn validate(raw: RawWorkflow) -> Result<Workflow, WorkflowError> {
         return Err(WorkflowError::Invalid(problems));
     }
     Ok(Workflow { name: raw.name, objective: raw.objective.unwrap_or_default(), jobs })
+}
+
+fn is_array(j: &RawJob) -> bool {
+    j.parallel.is_some() || j.matrix.is_some()
+}
+
+/// The array a job fans out to (`parallel`, `matrix`, `success`), with every problem
+/// reported through `push(field, message)`.
+fn validate_array(j: &RawJob, push: &mut impl FnMut(&str, String)) -> Option<ArraySpec> {
+    let success_percent = match j.success.as_ref().map(|v| parse_percent(&v.0)).transpose() {
+        Ok(p) => p.unwrap_or(DEFAULT_SUCCESS_PERCENT),
+        Err(e) => {
+            push("success", e);
+            DEFAULT_SUCCESS_PERCENT
+        }
+    };
+    let (count, matrix) = match (j.parallel, &j.matrix) {
+        (None, None) => {
+            if j.success.is_some() {
+                push("success", "set without `parallel` or `matrix`".into());
+            }
+            return None;
+        }
+        (Some(_), Some(_)) => {
+            push("parallel", "give either `parallel` or `matrix`, not both".into());
+            return None;
+        }
+        (Some(n), None) => (u64::from(n), Vec::new()),
+        (None, Some(m)) => validate_matrix(m, push)?,
+    };
+    if count == 0 || count > u64::from(MAX_ARRAY_MEMBERS) {
+        let field = if matrix.is_empty() { "parallel" } else { "matrix" };
+        let what = if matrix.is_empty() { "members" } else { "members (the product of its axes)" };
+        push(field, format!("{count} {what}; an array has 1 to {MAX_ARRAY_MEMBERS} members"));
+        return None;
+    }
+    Some(ArraySpec { count: count as u32, matrix, success_percent })
+}
+
+/// A matrix's axes and its member count (the product of the axes' lengths, saturating).
+fn validate_matrix(
+    m: &BTreeMap<String, Vec<MatrixValue>>,
+    push: &mut impl FnMut(&str, String),
+) -> Option<(u64, Vec<MatrixAxis>)> {
+    if m.is_empty() {
+        push("matrix", "needs at least one axis".into());
+        return None;
+    }
+    let mut ok = true;
+    let mut count: u64 = 1;
+    let mut axes = Vec::new();
+    for (axis, values) in m {
+        let field = format!("matrix.{axis}");
+        let name_ok = axis.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && axis.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !name_ok {
+            push(&field, "axis names are letters, digits and _ (they name a variable)".into());
+            ok = false;
+        }
+        if values.is_empty() || values.len() > MAX_MATRIX_VALUES {
+            push(&field, format!("needs 1 to {MAX_MATRIX_VALUES} values"));
+            ok = false;
+        }
+        if let Some(v) =
+            values.iter().find(|v| v.0.len() > MAX_MATRIX_VALUE_BYTES || v.0.contains('\0'))
+        {
+            let n = v.0.len();
+            push(
+                &field,
+                format!("a value of {n} bytes or with NUL; at most {MAX_MATRIX_VALUE_BYTES}"),
+            );
+            ok = false;
+        }
+        count = count.saturating_mul(values.len() as u64);
+        axes.push((axis.clone(), values.iter().map(|v| v.0.clone()).collect()));
+    }
+    ok.then_some((count, axes))
+}
+
+/// `95%`, `95` or `99.5%`: a share above 0 and at most 100.
+fn parse_percent(s: &str) -> Result<f64, String> {
+    let t = s.trim();
+    let n: f64 = t
+        .strip_suffix('%')
+        .unwrap_or(t)
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid share {s:?} (e.g. 95%)"))?;
+    if n > 0.0 && n <= 100.0 {
+        Ok(n)
+    } else {
+        Err(format!("{s:?}: the share must be above 0% and at most 100%"))
+    }
 }
 
 /// A dependency cycle, if there is one: iterative depth-first search (a chain of
@@ -1182,6 +1478,90 @@ jobs:
             e.contains("job `a`, field `image`: \"--privileged\" is not an image reference"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn arrays_fan_out_by_count_or_matrix() {
+        let w = parse(
+            "name: w\njobs:\n  prep:\n    command: [x]\n    outputs: [o]\n  map:\n    needs: [prep]\n    command: [x]\n    parallel: 200\n    success: 95%\n    inputs: [{from: reads, shard: true}, prep.o]\n    outputs: [bam]\n  grid:\n    command: [x]\n    matrix: { lr: [0.1, 0.01], model: [small, large, xl], fp16: [true] }\n  merge:\n    needs: [map]\n    command: [x]\n    inputs: [{from: map.bam, as: bams}]\n",
+        )
+        .unwrap();
+        let map = w.jobs["map"].array.as_ref().unwrap();
+        assert_eq!((map.count, map.required()), (200, 190));
+        assert!(w.jobs["map"].sharded("reads", &w.jobs));
+        assert!(!w.jobs["map"].sharded("o", &w.jobs));
+        let grid = w.jobs["grid"].array.as_ref().unwrap();
+        assert_eq!((grid.count, grid.required()), (6, 6));
+        // Axes in name order (fp16, lr, model); the last varies fastest.
+        let env = |i| grid.member_env(i).into_iter().collect::<BTreeMap<_, _>>();
+        let m4 = env(4);
+        assert_eq!(m4["FLEETMESH_INDEX"], "4");
+        assert_eq!(m4["FLEETMESH_COUNT"], "6");
+        assert_eq!(m4["FLEETMESH_MATRIX_LR"], "0.01");
+        assert_eq!(m4["FLEETMESH_MATRIX_MODEL"], "large");
+        assert_eq!(m4["FLEETMESH_MATRIX_FP16"], "true");
+        let all: std::collections::BTreeSet<_> = (0..6)
+            .map(|i| {
+                (env(i)["FLEETMESH_MATRIX_LR"].clone(), env(i)["FLEETMESH_MATRIX_MODEL"].clone())
+            })
+            .collect();
+        assert_eq!(all.len(), 6, "every combination once");
+        let refs = w.jobs["merge"].input_refs(&w.jobs);
+        assert_eq!(
+            refs,
+            [("bams".to_string(), InputRef::JobOutput { job: "map".into(), output: "bam".into() })]
+        );
+        assert_eq!(member_name("map", 7), "map[7]");
+        // Stored and read back (inputs stored as written: names stay plain strings).
+        let json = serde_json::to_string(&w).unwrap();
+        assert!(json.contains(r#""inputs":[{"from":"reads","shard":true},"prep.o"]"#), "{json}");
+        assert_eq!(serde_json::from_str::<Workflow>(&json).unwrap(), w);
+    }
+
+    #[test]
+    fn array_limits_and_mistakes_name_the_job_the_field_and_the_limit() {
+        let e = problems("name: w\njobs:\n  a:\n    command: [x]\n    parallel: 10001\n");
+        assert!(
+            e.contains("job `a`, field `parallel`: 10001 members; an array has 1 to 10000 members"),
+            "{e}"
+        );
+        let vals: Vec<String> = (0..101).map(|i| i.to_string()).collect();
+        let e = problems(&format!(
+            "name: w\njobs:\n  a:\n    command: [x]\n    matrix: {{ x: [{v}], y: [{v}] }}\n",
+            v = vals.join(",")
+        ));
+        assert!(e.contains("job `a`, field `matrix`: 10201 members (the product of its axes); an array has 1 to 10000"), "{e}");
+        for (yaml, want) in [
+            ("parallel: 0", "field `parallel`: 0 members"),
+            ("parallel: 2\n    matrix: {x: [1]}", "not both"),
+            ("matrix: {}", "field `matrix`: needs at least one axis"),
+            ("matrix: {x: []}", "field `matrix.x`: needs 1 to 10000 values"),
+            ("matrix: {\"a-b\": [1]}", "field `matrix.a-b`: axis names"),
+            ("success: 90%", "field `success`: set without `parallel` or `matrix`"),
+            ("parallel: 3\n    success: 0%", "the share must be above 0%"),
+            ("parallel: 3\n    success: lots", "invalid share \"lots\""),
+            ("inputs: [{from: d, shard: true}]", "`d`: shard needs `parallel` or `matrix`"),
+            ("inputs: [{from: d, as: \"../x\"}]", "is not a valid directory name"),
+            ("inputs: [{from: d, mount: x}]", "unknown field `mount`"),
+            ("inputs: [d, {from: e, as: d}]", "two inputs would both appear as `d`"),
+        ] {
+            let e = problems(&format!("name: w\njobs:\n  a:\n    command: [x]\n    {yaml}\n"));
+            assert!(e.contains(want), "{yaml}: missing {want:?} in {e}");
+            if !want.contains("unknown field") {
+                assert!(e.contains("job `a`"), "{yaml}: {e}");
+            }
+        }
+        let e = problems("name: w\njobs:\n  a:\n    command: [x]\n    parallel: 2\n    outputs: [o]\n  b:\n    command: [x]\n    needs: [a]\n    parallel: 2\n    inputs: [{from: a.o, shard: true}]\n");
+        assert!(
+            e.contains("job `b`, field `inputs`: `a.o`: an array's outputs cannot be sharded"),
+            "{e}"
+        );
+        // Members count against the workflow's records: three arrays at the limit are too many.
+        let e = problems("name: w\njobs:\n  a:\n    command: [x]\n    parallel: 10000\n  b:\n    command: [x]\n    parallel: 10000\n  c:\n    command: [x]\n    parallel: 10000\n");
+        assert!(e.contains("30000 jobs and array members; at most 20000 per workflow"), "{e}");
+        // An array at the limit is accepted.
+        let w = parse("name: w\njobs:\n  a:\n    command: [x]\n    parallel: 10000\n").unwrap();
+        assert_eq!(w.jobs["a"].array.as_ref().map(|a| a.count), Some(10_000));
     }
 
     #[test]

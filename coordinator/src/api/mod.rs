@@ -55,7 +55,8 @@ use tracing::{debug, info, warn};
 use crate::data::broker::{DataBroker, Requester};
 use crate::fleet::views::ApiErrorBody;
 use crate::fleet::FleetMsg;
-use crate::scheduler::SchedulerMsg;
+use crate::scheduler::arrays::JobListing;
+use crate::scheduler::{SchedulerMsg, DEFAULT_PAGE_JOBS};
 use crate::trust::authority::{AuthorityMsg, Revocations};
 use fleetmesh_api::answers::{Cancelled, Drained, Placed, Removed, Revoked, Submitted};
 use fleetmesh_protocol::api::{DrainBody, PlaceBody, PutBody, RevokeBody, TokenSpec};
@@ -116,13 +117,24 @@ async fn list_workflows(State(st): State<AppState>) -> Response {
     Json(sched_call!(st, SchedulerMsg::ListWorkflows)).into_response()
 }
 
+/// `?workflow=W` (its jobs), `?array=J` (an array's members), `?after=ID&limit=N`
+/// (pages; the answer's `next` is the following page's `after`).
 #[derive(serde::Deserialize)]
 struct JobsQuery {
     workflow: Option<String>,
+    array: Option<String>,
+    after: Option<String>,
+    limit: Option<usize>,
 }
 
 async fn list_jobs(State(st): State<AppState>, Query(q): Query<JobsQuery>) -> Response {
-    Json(sched_call!(st, SchedulerMsg::ListJobs, q.workflow)).into_response()
+    let listing = JobListing {
+        workflow: q.workflow,
+        array: q.array,
+        after: q.after,
+        limit: q.limit.unwrap_or(DEFAULT_PAGE_JOBS),
+    };
+    Json(sched_call!(st, SchedulerMsg::ListJobs, listing)).into_response()
 }
 
 async fn show_job(State(st): State<AppState>, Path(id): Path<String>) -> Response {

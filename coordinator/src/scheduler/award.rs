@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use fleetmesh_protocol::codec::encode_frame;
-use fleetmesh_protocol::data::{intersect_residency, residency_allows};
+use fleetmesh_protocol::data::{intersect_residency, residency_allows, Shard};
 use fleetmesh_protocol::workflow::{InputRef, JobSpec, Run};
 use fleetmesh_protocol::{
     Award, AwardInput, AwardOutput, CallForBids, CoordinatorMessage, ExecSpec, InputSummary,
@@ -50,6 +50,10 @@ impl SchedulerCore {
                     })?,
                     None => self.catalog.resolve(&n).ok_or(InputError::NoDataset(n))?,
                 },
+                InputRef::JobOutput { job, output } if self.is_array(&j.workflow, &job) => {
+                    out.extend(self.fan_in(&j.workflow, &job, &output, &mount)?);
+                    continue;
+                }
                 InputRef::JobOutput { job, output } => {
                     let producer = format!("{}.{job}", j.workflow);
                     let id =
@@ -73,14 +77,43 @@ impl SchedulerCore {
         Ok((out, residency))
     }
 
+    fn is_array(&self, workflow: &str, job: &str) -> bool {
+        self.jobs.get(&format!("{workflow}.{job}")).is_some_and(JobRecord::is_array)
+    }
+
+    /// Fan-in: output `output` of every member of array `job` that registered it,
+    /// mounted as `MOUNT/INDEX` (members that did not succeed have none).
+    fn fan_in(
+        &self,
+        workflow: &str,
+        job: &str,
+        output: &str,
+        mount: &str,
+    ) -> Result<Vec<(String, DatasetRecord)>, InputError> {
+        let mut out = Vec::new();
+        for m in self.member_ids(&format!("{workflow}.{job}")) {
+            let Some(mj) = self.jobs.get(&m) else { continue };
+            let (Some(id), Some(member)) = (mj.outputs.get(output), &mj.member) else { continue };
+            let rec = self.catalog.resolve(id).ok_or_else(|| InputError::OutputGone {
+                job: mj.name.clone(),
+                output: output.to_string(),
+                id: id.clone(),
+            })?;
+            out.push((format!("{mount}/{}", member.index), rec));
+        }
+        Ok(out)
+    }
+
     /// Pin the dataset inputs of `job` that were not resolvable at submission to the
-    /// version they resolve to now (`resolved` is in the order of its inputs).
+    /// version they resolve to now (`resolved` pairs mounts with datasets).
     fn pin_inputs(&mut self, job: &str, resolved: &[(String, DatasetRecord)]) {
         let Some(j) = self.jobs.get(job) else { return };
         let Some(w) = self.workflows.get_mut(&j.workflow) else { return };
         let mut changed = false;
-        for ((_, r), (_, rec)) in j.spec.input_refs(&w.spec.jobs).into_iter().zip(resolved) {
-            if let InputRef::Dataset(n) = r {
+        let refs: BTreeMap<String, InputRef> =
+            j.spec.input_refs(&w.spec.jobs).into_iter().collect();
+        for (mount, rec) in resolved {
+            if let Some(InputRef::Dataset(n)) = refs.get(mount).cloned() {
                 if let std::collections::btree_map::Entry::Vacant(e) = w.pinned.entry(n) {
                     e.insert(rec.id.clone());
                     changed = true;
@@ -326,7 +359,10 @@ impl SchedulerCore {
                 jurisdictions: output_residency.clone(),
             })
             .collect();
-        let exec = exec_spec(&j.spec);
+        let mut exec = exec_spec(&j.spec);
+        if let (Some(m), Some(a)) = (&j.member, &j.spec.array) {
+            exec.env.extend(a.member_env(m.index));
+        }
         // Rank 0's address as the coordinator sees it (its name if unknown).
         let master = winners
             .first()
@@ -373,6 +409,14 @@ impl SchedulerCore {
         now: u64,
     ) -> Result<Vec<Vec<AwardInput>>, Refusal> {
         let mut plans = Vec::new();
+        let j = self.jobs.get(&run.job);
+        let empty = BTreeMap::new();
+        let jobs = j.and_then(|j| self.workflows.get(&j.workflow)).map_or(&empty, |w| &w.spec.jobs);
+        let shard = |mount: &str| {
+            let j = j?;
+            let (m, a) = (j.member.as_ref()?, j.spec.array.as_ref()?);
+            j.spec.sharded(mount, jobs).then_some(Shard { index: m.index, count: a.count })
+        };
         for w in winners.iter().filter(|_| !run.inputs.is_empty()) {
             let cand = self.last_candidates.iter().find(|c| c.agent == w.agent);
             let me = Requester {
@@ -386,7 +430,7 @@ impl SchedulerCore {
                     self.catalog.plan(ds, &me, &self.last_candidates, now).map_err(|why| {
                         Refusal::Requeue(vec![format!("{}: input {mount}: {why}", w.agent)])
                     })?;
-                ins.push(AwardInput { mount: mount.clone(), plan });
+                ins.push(AwardInput { mount: mount.clone(), plan, shard: shard(mount) });
             }
             plans.push(ins);
         }

@@ -22,7 +22,7 @@ use fleetmesh_protocol::CoordinatorMessage;
 use tracing::{info, warn};
 
 use super::records::{
-    AttemptState, HistoryEntry, JobRecord, JobState, JobSummary, WorkflowRecord, WorkflowState,
+    AttemptState, HistoryEntry, JobRecord, JobState, SharedSpec, WorkflowRecord, WorkflowState,
     WorkflowSummary,
 };
 use crate::data::broker::{BrokerError, DataBroker, DatasetRecord, Requester};
@@ -191,6 +191,8 @@ pub struct SchedulerCore {
     pub(super) backups: HashMap<(String, u64), Backup>,
     /// Workflows whose completion must be re-checked (a job of theirs changed).
     pub(super) wf_check: BTreeSet<String>,
+    /// Arrays whose completion must be re-checked (a member changed).
+    pub(super) array_check: BTreeSet<String>,
     pub(super) catalog: Arc<dyn Catalog>,
     /// The last fleet view (holders' data addresses and jurisdictions for fetch plans).
     pub(super) last_candidates: Arc<Vec<Candidate>>,
@@ -203,12 +205,13 @@ impl SchedulerCore {
     /// [`READOPT_GRACE_MS`] for their agents to report them).
     pub fn restore(
         workflows: BTreeMap<String, WorkflowRecord>,
-        jobs: BTreeMap<String, JobRecord>,
+        mut jobs: BTreeMap<String, JobRecord>,
         catalog: Arc<dyn Catalog>,
         top_k: usize,
         ids: IdSource,
         now: u64,
     ) -> Self {
+        Self::link_members(&mut jobs);
         let verify = jobs
             .values()
             .filter(|j| matches!(j.state, JobState::Starting | JobState::Running))
@@ -227,6 +230,7 @@ impl SchedulerCore {
             top_k: top_k.max(1),
             backups: HashMap::new(),
             wf_check,
+            array_check: BTreeSet::new(),
             catalog,
             last_candidates: Arc::new(Vec::new()),
             ids,
@@ -257,9 +261,18 @@ impl SchedulerCore {
 
     pub(super) fn touch_job(&mut self, id: &str) {
         self.dirty_j.insert(id.to_string());
-        if let Some(w) = self.jobs.get(id).map(|j| j.workflow.clone()) {
-            self.wf_check.insert(w);
-        }
+        let Some(j) = self.jobs.get(id) else { return };
+        match &j.member {
+            Some(m) => self.array_check.insert(m.array.clone()),
+            None => self.wf_check.insert(j.workflow.clone()),
+        };
+    }
+
+    /// A job as the API shows it (a member with its array's spec written out).
+    pub fn show_job(&self, id: &str) -> Option<JobRecord> {
+        let mut j = self.jobs.get(id)?.clone();
+        j.spec = j.spec.shown();
+        Some(j)
     }
 
     /// Commit what changed (nothing when nothing did).
@@ -303,27 +316,12 @@ impl SchedulerCore {
         for (name, spec) in &wf.jobs {
             let jid = format!("{id}.{name}");
             job_ids.push(jid.clone());
-            let rec = JobRecord {
-                id: jid.clone(),
-                workflow: id.clone(),
-                name: name.clone(),
-                spec: spec.clone(),
-                objective: wf.objective,
-                state: JobState::Waiting,
-                attempts: Vec::new(),
-                failures: 0,
-                history: vec![HistoryEntry {
-                    at_unix_ms: now,
-                    state: JobState::Waiting,
-                    detail: "submitted".into(),
-                }],
-                queued_reasons: Vec::new(),
-                next_try_unix_ms: 0,
-                cost: 0.0,
-                submitted_unix_ms: now,
-                outputs: BTreeMap::new(),
-                output_residency: Vec::new(),
-            };
+            let spec = SharedSpec::own(Arc::new(spec.clone()));
+            let rec = new_job(&jid, &id, name, spec, wf.objective, now);
+            for m in Self::member_records(&rec) {
+                self.dirty_j.insert(m.id.clone());
+                self.jobs.insert(m.id.clone(), m);
+            }
             self.jobs.insert(jid.clone(), rec);
             self.dirty_j.insert(jid);
         }
@@ -462,11 +460,14 @@ impl SchedulerCore {
     /// Cancel a job, or every job of a workflow; how many were cancelled. The caller
     /// acknowledges after the commit that follows in the effects.
     pub fn cancel(&mut self, id: &str, now: u64) -> Result<usize, UnknownId> {
-        let targets: Vec<String> = match self.workflows.get(id) {
+        let top: Vec<String> = match self.workflows.get(id) {
             Some(w) => w.jobs.clone(),
             None if self.jobs.contains_key(id) => vec![id.to_string()],
             None => return Err(UnknownId(id.to_string())),
         };
+        // An array is cancelled with its members (a member alone leaves the rest).
+        let targets: Vec<String> =
+            top.into_iter().flat_map(|t| self.member_ids(&t).into_iter().chain([t])).collect();
         let mut n = 0;
         for jid in targets {
             let Some(j) = self.jobs.get_mut(&jid) else { continue };
@@ -541,30 +542,38 @@ impl SchedulerCore {
             })
             .collect()
     }
+}
 
-    /// Jobs, of one workflow or all.
-    pub fn list_jobs(&self, workflow: Option<&str>) -> Vec<JobSummary> {
-        self.jobs
-            .values()
-            .filter(|j| workflow.is_none_or(|w| j.workflow == w))
-            .map(|j| JobSummary {
-                id: j.id.clone(),
-                workflow: j.workflow.clone(),
-                name: j.name.clone(),
-                state: j.state,
-                attempts: j.attempts.len(),
-                agents: j.current().map(|a| a.agents.clone()).unwrap_or_default(),
-                cost: j.cost,
-                reason: j
-                    .queued_reasons
-                    .first()
-                    .cloned()
-                    .or_else(|| j.history.last().map(|h| h.detail.clone())),
-                submitted_unix_ms: j.submitted_unix_ms,
-                awarded_unix_ms: j.current().map(|a| a.awarded_unix_ms),
-                started_unix_ms: j.current().and_then(|a| a.started_unix_ms),
-            })
-            .collect()
+/// A new job record, waiting for its dependencies.
+fn new_job(
+    id: &str,
+    workflow: &str,
+    name: &str,
+    spec: SharedSpec,
+    objective: fleetmesh_protocol::workflow::Objective,
+    now: u64,
+) -> JobRecord {
+    JobRecord {
+        id: id.to_string(),
+        workflow: workflow.to_string(),
+        name: name.to_string(),
+        spec,
+        member: None,
+        objective,
+        state: JobState::Waiting,
+        attempts: Vec::new(),
+        failures: 0,
+        history: vec![HistoryEntry {
+            at_unix_ms: now,
+            state: JobState::Waiting,
+            detail: "submitted".into(),
+        }],
+        queued_reasons: Vec::new(),
+        next_try_unix_ms: 0,
+        cost: 0.0,
+        submitted_unix_ms: now,
+        outputs: BTreeMap::new(),
+        output_residency: Vec::new(),
     }
 }
 

@@ -10,6 +10,7 @@
 //! Fencing: every award carries the job's attempt number. Events from any other attempt
 //! are ignored; an agent that reports running a non-current attempt is told to stop it.
 
+pub mod arrays;
 pub mod award;
 pub mod core;
 pub mod exit;
@@ -96,7 +97,7 @@ pub enum SchedulerMsg {
     },
     Cancel(String, RpcReplyPort<Result<usize, core::UnknownId>>),
     ListWorkflows(RpcReplyPort<Vec<WorkflowSummary>>),
-    ListJobs(Option<String>, RpcReplyPort<Vec<JobSummary>>),
+    ListJobs(arrays::JobListing, RpcReplyPort<JobPage>),
     ShowJob(String, RpcReplyPort<Option<JobRecord>>),
     Logs {
         job: String,
@@ -229,7 +230,7 @@ impl SchedulerState {
             }
             self.core.end_placement(p);
         }
-        self.core.finish_tick();
+        self.core.finish_tick(now);
         self.run_effects();
     }
 
@@ -399,11 +400,11 @@ impl Actor for Scheduler {
             SchedulerMsg::ListWorkflows(reply) => {
                 crate::answer(reply, st.core.list_workflows());
             }
-            SchedulerMsg::ListJobs(wf, reply) => {
-                crate::answer(reply, st.core.list_jobs(wf.as_deref()));
+            SchedulerMsg::ListJobs(q, reply) => {
+                crate::answer(reply, st.core.list_jobs(&q));
             }
             SchedulerMsg::ShowJob(id, reply) => {
-                crate::answer(reply, st.core.job(&id).cloned());
+                crate::answer(reply, st.core.show_job(&id));
             }
             SchedulerMsg::Logs { job, offset, reply } => {
                 crate::answer(reply, st.logs(&job, offset));

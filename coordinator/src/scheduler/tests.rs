@@ -454,7 +454,9 @@ fn an_award_too_large_for_a_frame_fails_the_job_instead_of_looping() {
     // Beyond what validation lets through: as if the limits had been looser when stored.
     let big = "x".repeat(fleetmesh_protocol::codec::MAX_FRAME_LEN + 1);
     if let Some(j) = h.core.jobs.get_mut(&id) {
-        j.spec.run = fleetmesh_protocol::workflow::Run::Script(big);
+        let mut spec = (*j.spec).clone();
+        spec.run = fleetmesh_protocol::workflow::Run::Script(big);
+        j.spec = SharedSpec::own(Arc::new(spec));
     }
     h.tick();
     let o = h.auction_for(&id);
@@ -772,7 +774,9 @@ fn restart(h: &Harness) -> Harness {
         .iter()
         .map(|w| (w.id.clone(), h.core.workflow(&w.id).cloned().unwrap()))
         .collect();
-    let js = h.core.list_jobs(None).iter().map(|j| (j.id.clone(), h.job(&j.id).clone())).collect();
+    // Read back as stored: members come back without their spec and are linked again.
+    let stored = |j: &JobRecord| serde_json::from_slice(&serde_json::to_vec(j).unwrap()).unwrap();
+    let js = h.core.jobs.iter().map(|(id, j)| (id.clone(), stored(j))).collect();
     let mut r = Harness::restored(ws, js);
     r.now = h.now;
     r.core = SchedulerCore::restore(
@@ -1000,3 +1004,5 @@ fn outputs_of_a_succeeded_job_become_inputs_of_its_dependents() {
     let o = h.auction_for(&format!("{wf}.use"));
     assert_eq!(o.inputs, [("out".to_string(), "ds-p.make.out".to_string())]);
 }
+
+mod arrays;

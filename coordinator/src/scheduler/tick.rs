@@ -50,24 +50,25 @@ impl SchedulerCore {
             while self.place_next(&mut p, now) {}
             self.end_placement(p);
         }
-        self.finish_tick();
+        self.finish_tick(now);
     }
 
     /// The awards (and their fences) and recorded exits in one commit, then the sends;
-    /// then workflow completion.
-    pub fn finish_tick(&mut self) {
+    /// then array and workflow completion.
+    pub fn finish_tick(&mut self, now: u64) {
         self.flush();
+        self.finish_arrays(now);
         self.finish_workflows();
         self.persist();
     }
 
-    /// Waiting jobs whose dependencies all succeeded are queued; those with a failed,
-    /// skipped or cancelled dependency are skipped.
+    /// Waiting jobs whose dependencies all succeeded are queued (an array's members
+    /// are); those with a failed, skipped or cancelled dependency are skipped.
     fn release_dependents(&mut self, now: u64) {
         let waiting: Vec<String> = self
             .jobs
             .values()
-            .filter(|j| j.state == JobState::Waiting)
+            .filter(|j| j.state == JobState::Waiting && j.member.is_none())
             .map(|j| j.id.clone())
             .collect();
         for id in waiting {
@@ -94,9 +95,8 @@ impl SchedulerCore {
                 }
                 None => None,
             };
-            if let (Some((state, why)), Some(j)) = (next, self.jobs.get_mut(&id)) {
-                j.set(now, state, why);
-                self.touch_job(&id);
+            if let Some((state, why)) = next {
+                self.release_job(&id, state, why, now);
             }
         }
     }

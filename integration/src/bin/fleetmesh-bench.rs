@@ -25,7 +25,7 @@ use clap::{Parser, Subcommand};
 use fleetmesh_agent::gpu::simulated::SimulatedBackend;
 use fleetmesh_agent::sampler::{NodeSampler, Sampler};
 use fleetmesh_agent::session::{run_forever, AgentStats, ConnectOptions};
-use fleetmesh_api::jobs::{JobRecord, JobState, JobSummary, WorkflowState, WorkflowSummary};
+use fleetmesh_api::jobs::{JobRecord, JobState, WorkflowState, WorkflowSummary};
 use fleetmesh_coordinator::fleet::views::IngestStats;
 use fleetmesh_coordinator::fleet::{Fleet, FleetArgs, FleetConfig, FleetMsg};
 use fleetmesh_coordinator::net::agent_link::ToSession;
@@ -555,7 +555,9 @@ async fn placement(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let list: Vec<JobSummary> = client.get_json("/api/v1/jobs").await?;
+    let list = fleetmesh_integration::work::jobs(&client, "")
+        .await
+        .ok_or_else(|| anyhow::anyhow!("the job listing did not answer"))?;
     let total_s = t0.elapsed().as_secs_f64();
     let mut award_ms = Vec::new();
     let mut start_ms = Vec::new();
