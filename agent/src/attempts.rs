@@ -203,6 +203,8 @@ mod tests {
             job: job.into(),
             attempt,
             gpus: vec!["GPU-1".into()],
+            cpus: 1.0,
+            memory_bytes: 0,
             exec: ExecSpec {
                 argv: vec!["true".into()],
                 env: vec![],

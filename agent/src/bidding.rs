@@ -28,11 +28,22 @@ pub struct GpuState {
     pub last_fatal_event_ms: Option<u64>,
 }
 
-/// A tentative hold on GPUs for one auction.
+/// Slack in CPU sums, so that ten jobs of 0.1 CPU fit one CPU despite rounding.
+const CPU_EPSILON: f64 = 1e-9;
+
+/// What one attempt, running or reserved for, holds on this node.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Hold {
+    pub gpus: Vec<String>,
+    pub cpus: f64,
+    pub memory_bytes: u64,
+}
+
+/// A tentative hold for one auction.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reservation {
     pub auction: String,
-    pub gpus: Vec<String>,
+    pub hold: Hold,
     pub expires_at_ms: u64,
 }
 
@@ -41,8 +52,11 @@ pub struct Reservation {
 pub struct LocalState {
     pub gpus: Vec<GpuState>,
     pub reservations: Vec<Reservation>,
-    /// GPUs held by running attempts.
-    pub running: Vec<(String, Vec<String>)>,
+    /// What running attempts hold, by `job/attempt`.
+    pub running: Vec<(String, Hold)>,
+    /// CPUs and memory jobs may use on this node (0: not known, not accounted).
+    pub cpus: f64,
+    pub memory_bytes: u64,
     pub price_per_hour: f64,
     pub spot: bool,
     pub has_container_runtime: bool,
@@ -55,6 +69,8 @@ pub struct CallForBids {
     pub gpus: u32,
     pub gpu_model: Option<String>,
     pub gpu_memory_bytes: Option<u64>,
+    pub cpus: f64,
+    pub memory_bytes: u64,
     pub needs_container: bool,
     pub expected_duration_ms: u64,
     pub lease_ms: u64,
@@ -69,6 +85,8 @@ pub struct Offer {
     pub price: f64,
     pub eta_ms: u64,
     pub reserved_until_ms: u64,
+    /// Share of the node's CPUs taken once this job runs (0 when not accounted).
+    pub load: f64,
 }
 
 /// Why the agent declines.
@@ -76,6 +94,8 @@ pub struct Offer {
 #[serde(tag = "reason", rename_all = "snake_case")]
 pub enum Decline {
     NotEnoughFreeGpus { wanted: u32, free: u32, unhealthy: u32 },
+    NotEnoughFreeCpus { wanted: String, free: String, total: String },
+    NotEnoughFreeMemory { wanted: u64, free: u64, total: u64 },
     NoContainerRuntime,
     AlreadyBidding,
 }
@@ -87,6 +107,12 @@ impl std::fmt::Display for Decline {
                 f,
                 "{free} free healthy matching GPU(s), {wanted} wanted ({unhealthy} excluded as unhealthy)"
             ),
+            Decline::NotEnoughFreeCpus { wanted, free, total } => {
+                write!(f, "{free} of {total} CPUs free, job needs {wanted}")
+            }
+            Decline::NotEnoughFreeMemory { wanted, free, total } => {
+                write!(f, "{free} of {total} bytes of memory free, job needs {wanted}")
+            }
             Decline::NoContainerRuntime => write!(f, "job needs a container image; no docker or podman here"),
             Decline::AlreadyBidding => write!(f, "already holding a reservation for this auction"),
         }
@@ -101,13 +127,15 @@ fn healthy(g: &GpuState, now_ms: u64) -> bool {
     !(recent_fatal || hot || ecc)
 }
 
-/// Why awarded GPUs cannot be taken.
+/// Why an award's GPUs, CPUs or memory cannot be taken.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GpuTaken {
     #[error("GPU {0} is reserved or running another job")]
     Busy(String),
     #[error("GPU {0} is not on this node")]
     NotHere(String),
+    #[error("{0}")]
+    NoRoom(String),
 }
 
 impl LocalState {
@@ -128,12 +156,13 @@ impl LocalState {
     pub fn take_for_award(
         &mut self,
         auction: &str,
-        gpus: &[String],
+        hold: &Hold,
         now_ms: u64,
     ) -> Result<(), GpuTaken> {
         self.expire(now_ms);
-        let reserved = self.release(auction).map(|r| r.gpus).unwrap_or_default();
-        for g in gpus.iter().filter(|g| !reserved.contains(g)) {
+        let reserved = self.release(auction);
+        let reserved_gpus = reserved.as_ref().map(|r| r.hold.gpus.as_slice()).unwrap_or_default();
+        for g in hold.gpus.iter().filter(|g| !reserved_gpus.contains(g)) {
             if self.held(g) {
                 return Err(GpuTaken::Busy(g.clone()));
             }
@@ -141,12 +170,56 @@ impl LocalState {
                 return Err(GpuTaken::NotHere(g.clone()));
             }
         }
+        if reserved.is_none() {
+            // Passed on after its reservation went: only what is free now may be taken.
+            self.fits(hold.cpus, hold.memory_bytes).map_err(|d| GpuTaken::NoRoom(d.to_string()))?;
+        }
         Ok(())
     }
 
     fn held(&self, uuid: &str) -> bool {
-        self.reservations.iter().any(|r| r.gpus.iter().any(|g| g == uuid))
-            || self.running.iter().any(|(_, gs)| gs.iter().any(|g| g == uuid))
+        self.holds().any(|h| h.gpus.iter().any(|g| g == uuid))
+    }
+
+    /// Everything held: running attempts and reservations.
+    fn holds(&self) -> impl Iterator<Item = &Hold> {
+        self.running.iter().map(|(_, h)| h).chain(self.reservations.iter().map(|r| &r.hold))
+    }
+
+    /// CPUs and memory not held by anything (when the node's size is known).
+    pub fn free_cpus_and_memory(&self) -> (f64, u64) {
+        let cpus: f64 = self.holds().map(|h| h.cpus).sum();
+        let memory: u64 = self.holds().map(|h| h.memory_bytes).sum();
+        ((self.cpus - cpus).max(0.0), self.memory_bytes.saturating_sub(memory))
+    }
+
+    /// Whether `cpus` and `memory` fit beside what is held; why not.
+    fn fits(&self, cpus: f64, memory: u64) -> Result<(), Decline> {
+        let (free_cpus, free_memory) = self.free_cpus_and_memory();
+        if self.cpus > 0.0 && cpus > free_cpus + CPU_EPSILON {
+            return Err(Decline::NotEnoughFreeCpus {
+                wanted: format!("{cpus}"),
+                free: format!("{free_cpus:.2}"),
+                total: format!("{}", self.cpus),
+            });
+        }
+        if self.memory_bytes > 0 && memory > free_memory {
+            return Err(Decline::NotEnoughFreeMemory {
+                wanted: memory,
+                free: free_memory,
+                total: self.memory_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// Share of the CPUs taken once `cpus` more run.
+    fn load_with(&self, cpus: f64) -> f64 {
+        if self.cpus <= 0.0 {
+            return 0.0;
+        }
+        let (free, _) = self.free_cpus_and_memory();
+        ((self.cpus - free + cpus) / self.cpus).clamp(0.0, 1.0)
     }
 
     /// Bid for `call`: on success the offered GPUs are reserved until the lease ends.
@@ -158,6 +231,7 @@ impl LocalState {
         if call.needs_container && !self.has_container_runtime {
             return Err(Decline::NoContainerRuntime);
         }
+        self.fits(call.cpus, call.memory_bytes)?;
         let mut unhealthy = 0u32;
         let mut free: Vec<&GpuState> = Vec::new();
         for g in &self.gpus {
@@ -208,12 +282,14 @@ impl LocalState {
         let hours = call.expected_duration_ms as f64 / 3_600_000.0;
         let price = self.price_per_hour * hours * f64::from(call.gpus.max(1));
         let reserved_until_ms = now_ms + call.lease_ms;
+        let load = self.load_with(call.cpus);
+        let hold = Hold { gpus: gpus.clone(), cpus: call.cpus, memory_bytes: call.memory_bytes };
         self.reservations.push(Reservation {
             auction: call.auction.clone(),
-            gpus: gpus.clone(),
+            hold,
             expires_at_ms: reserved_until_ms,
         });
-        Ok(Offer { gpus, health, price, eta_ms: 0, reserved_until_ms })
+        Ok(Offer { gpus, health, price, eta_ms: 0, reserved_until_ms, load })
     }
 }
 
@@ -243,6 +319,8 @@ mod tests {
             gpus,
             gpu_model: None,
             gpu_memory_bytes: None,
+            cpus: 1.0,
+            memory_bytes: 0,
             needs_container: false,
             expected_duration_ms: 1_800_000,
             lease_ms: 2000,
@@ -267,8 +345,8 @@ mod tests {
         let mut s = state(2);
         let a = s.bid(&call("a", 2), 0).unwrap();
         let r = s.release("a").unwrap();
-        s.running.push(("job-1/1".into(), r.gpus.clone()));
-        assert_eq!(a.gpus, r.gpus);
+        assert_eq!(a.gpus, r.hold.gpus);
+        s.running.push(("job-1/1".into(), r.hold));
         assert!(matches!(s.bid(&call("b", 1), 0), Err(Decline::NotEnoughFreeGpus { free: 0, .. })));
     }
 
@@ -320,23 +398,73 @@ mod tests {
         assert_eq!(s.bid(&c, 0).unwrap_err(), Decline::NoContainerRuntime);
     }
 
+    fn gpus_only(gpus: &[String]) -> Hold {
+        Hold { gpus: gpus.to_vec(), cpus: 0.0, memory_bytes: 0 }
+    }
+
     #[test]
     fn awards_take_their_reservation_or_only_gpus_nothing_else_holds() {
         let mut s = state(2);
         let offer = s.bid(&call("a1", 1), 0).unwrap();
         // Its own reservation.
-        assert_eq!(s.take_for_award("a1", &offer.gpus, 10), Ok(()));
-        s.running.push(("j/1".into(), offer.gpus.clone()));
+        assert_eq!(s.take_for_award("a1", &gpus_only(&offer.gpus), 10), Ok(()));
+        s.running.push(("j/1".into(), gpus_only(&offer.gpus)));
         // Passed on after the reservation was released: free GPUs are taken, held ones not.
         let other = s.bid(&call("a2", 1), 20).unwrap();
         assert_ne!(other.gpus, offer.gpus);
-        let busy = s.take_for_award("gone", &offer.gpus, 30).unwrap_err();
+        let busy = s.take_for_award("gone", &gpus_only(&offer.gpus), 30).unwrap_err();
         assert!(matches!(busy, GpuTaken::Busy(_)) && busy.to_string().contains("running"));
-        let busy = s.take_for_award("gone", &other.gpus, 30).unwrap_err();
+        let busy = s.take_for_award("gone", &gpus_only(&other.gpus), 30).unwrap_err();
         assert!(busy.to_string().contains("reserved"), "{busy}");
         s.release("a2");
-        assert_eq!(s.take_for_award("gone", &other.gpus, 40), Ok(()));
-        let e = s.take_for_award("x", &["GPU-9".to_string()], 50).unwrap_err();
+        assert_eq!(s.take_for_award("gone", &gpus_only(&other.gpus), 40), Ok(()));
+        let e = s.take_for_award("x", &gpus_only(&["GPU-9".to_string()]), 50).unwrap_err();
         assert_eq!(e, GpuTaken::NotHere("GPU-9".into()));
+    }
+
+    #[test]
+    fn cpus_and_memory_are_never_offered_twice_and_bids_say_how_loaded_the_node_gets() {
+        let mut s = LocalState { cpus: 4.0, memory_bytes: 8 << 30, ..state(0) };
+        let mut c = call("a", 0);
+        c.cpus = 1.5;
+        c.memory_bytes = 2 << 30;
+        let a = s.bid(&c, 0).unwrap();
+        assert!((a.load - 1.5 / 4.0).abs() < 1e-9, "{}", a.load);
+        // Held by a running attempt now; a second bid sees only what is left.
+        let r = s.release("a").unwrap();
+        s.running.push(("j/1".into(), r.hold));
+        c.auction = "b".into();
+        let b = s.bid(&c, 0).unwrap();
+        assert!((b.load - 3.0 / 4.0).abs() < 1e-9, "{}", b.load);
+        c.auction = "c".into();
+        let e = s.bid(&c, 0).unwrap_err();
+        assert_eq!(e.to_string(), "1.00 of 4 CPUs free, job needs 1.5");
+        // Ten tenths fit one CPU.
+        let mut tenth = call("t", 0);
+        tenth.cpus = 0.1;
+        s.reservations.clear();
+        s.running.push(("j/2".into(), Hold { cpus: 1.5, ..Hold::default() }));
+        for i in 0..10 {
+            tenth.auction = format!("t{i}");
+            assert!(s.bid(&tenth, 0).is_ok(), "tenth {i}");
+        }
+        tenth.auction = "t10".into();
+        assert!(matches!(s.bid(&tenth, 0), Err(Decline::NotEnoughFreeCpus { .. })));
+        // Memory is accounted the same way.
+        let mut s = LocalState { cpus: 4.0, memory_bytes: 8 << 30, ..state(0) };
+        let mut m = call("m", 0);
+        m.cpus = 0.0;
+        m.memory_bytes = 6 << 30;
+        s.bid(&m, 0).unwrap();
+        m.auction = "n".into();
+        assert!(
+            matches!(s.bid(&m, 0), Err(Decline::NotEnoughFreeMemory { free, .. }) if free == 2 << 30)
+        );
+        // A runner-up's award without its reservation takes only what is free.
+        let e = s.take_for_award("gone", &Hold { memory_bytes: 3 << 30, ..Hold::default() }, 1);
+        assert!(matches!(e, Err(GpuTaken::NoRoom(_))), "{e:?}");
+        // A node whose size is unknown does not account.
+        let mut u = state(0);
+        assert_eq!(u.bid(&m, 0).map(|o| o.load), Ok(0.0));
     }
 }

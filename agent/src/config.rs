@@ -27,6 +27,10 @@ pub struct FileConfig {
     pub price_per_hour: Option<f64>,
     /// This node is spot/preemptible capacity.
     pub spot: Option<bool>,
+    /// CPUs jobs may use together (default: every CPU of the host).
+    pub cpus: Option<u32>,
+    /// Memory jobs may use together, e.g. `64GiB` (default: the host's).
+    pub memory: Option<String>,
     /// Node labels `k=v` used by placement constraints.
     pub labels: Option<Vec<String>>,
     /// UDP address of the data-plane (xfer) endpoint.
@@ -78,6 +82,9 @@ pub struct AgentConfig {
     pub reconnect_max: Duration,
     pub price_per_hour: f64,
     pub spot: bool,
+    /// CPUs and memory offered to jobs (none: the host's).
+    pub cpus: Option<u32>,
+    pub memory_bytes: Option<u64>,
     pub labels: Vec<(String, String)>,
     pub data: DataConfig,
     pub container_runtime: ContainerRuntime,
@@ -206,6 +213,8 @@ impl FileConfig {
             reconnect_max: self.reconnect_max.or(other.reconnect_max),
             price_per_hour: self.price_per_hour.or(other.price_per_hour),
             spot: self.spot.or(other.spot),
+            cpus: self.cpus.or(other.cpus),
+            memory: self.memory.or(other.memory),
             labels: self.labels.or(other.labels),
             data_listen: self.data_listen.or(other.data_listen),
             store_limit: self.store_limit.or(other.store_limit),
@@ -248,6 +257,14 @@ fn check_identity_files(c: &FileConfig, joining: bool) -> Result<(), AgentError>
 
 fn duration_or(key: &str, value: Option<&str>, default: Duration) -> Result<Duration, AgentError> {
     value.map_or(Ok(default), |s| parse_duration(key, s))
+}
+
+/// CPUs offered to jobs: at least one.
+fn offered_cpus(cpus: Option<u32>) -> Result<Option<u32>, AgentError> {
+    match cpus {
+        Some(0) => Err(AgentError::Config("cpus must be at least 1".into())),
+        other => Ok(other),
+    }
 }
 
 /// `k=v` labels.
@@ -374,6 +391,8 @@ impl AgentConfig {
             )?,
             price_per_hour,
             spot: c.spot.unwrap_or(false),
+            cpus: offered_cpus(c.cpus)?,
+            memory_bytes: c.memory.as_deref().map(|m| size("memory", m)).transpose()?,
             labels: labels(c.labels.unwrap_or_default())?,
         })
     }

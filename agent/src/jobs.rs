@@ -150,6 +150,11 @@ impl JobLauncher {
 }
 
 /// The transient unit of an attempt.
+/// What an awarded attempt holds on this node.
+fn hold_of(a: &Award) -> bidding::Hold {
+    bidding::Hold { gpus: a.gpus.clone(), cpus: a.cpus, memory_bytes: a.memory_bytes }
+}
+
 /// Uids of `pool` that neither a running attempt nor one of `reserved` bids (each may
 /// become an attempt) will take.
 fn uids_left(
@@ -537,6 +542,14 @@ impl Jobs {
             .collect();
     }
 
+    /// The CPUs and memory jobs may use here (as the inventory reports them).
+    pub fn set_capacity(&self, cpus: u32, memory_bytes: u64) {
+        if let Ok(mut s) = self.state.lock() {
+            s.0.cpus = f64::from(cpus);
+            s.0.memory_bytes = memory_bytes;
+        }
+    }
+
     /// Attempts currently running.
     pub fn running(&self) -> Vec<(String, u64)> {
         self.state.lock().map(|s| s.1.keys().cloned().collect()).unwrap_or_default()
@@ -549,6 +562,8 @@ impl Jobs {
             gpus: c.gpus,
             gpu_model: c.gpu_model.clone(),
             gpu_memory_bytes: c.gpu_memory_bytes,
+            cpus: c.cpus,
+            memory_bytes: c.memory_bytes,
             needs_container: c.needs_container,
             expected_duration_ms: c.expected_duration_ms,
             lease_ms: c.lease_ms,
@@ -594,6 +609,7 @@ impl Jobs {
                     eta_ms: o.eta_ms + eta,
                     local_bytes,
                     health: o.health,
+                    load: o.load,
                 }
             }
             Err(d) => AgentMessage::Decline { auction: c.auction.clone(), reason: d.to_string() },
@@ -615,7 +631,7 @@ impl Jobs {
             if s.1.keys().any(|(j, n)| *j == a.job && *n >= a.attempt) {
                 return Err(AwardRefused::Stale { job: a.job.clone(), attempt: a.attempt });
             }
-            s.0.take_for_award(&a.auction, &a.gpus, now_ms())?;
+            s.0.take_for_award(&a.auction, &hold_of(a), now_ms())?;
             // Older attempts of the same job must not survive a newer award.
             let stale: Vec<(String, u64)> =
                 s.1.keys().filter(|(j, _)| *j == a.job).cloned().collect();
@@ -636,7 +652,7 @@ impl Jobs {
                 }
                 None => None,
             };
-            s.0.running.push((format!("{}/{}", a.job, a.attempt), a.gpus.clone()));
+            s.0.running.push((format!("{}/{}", a.job, a.attempt), hold_of(a)));
             let (tx, rx) = oneshot::channel();
             s.1.insert(key, RunningAttempt { gpus: a.gpus.clone(), stop: Some(tx), uid });
             let me = self.clone();
@@ -691,7 +707,7 @@ impl Jobs {
         if let Ok(mut s) = self.state.lock() {
             if let Some(r) = s.1.remove(&(job.to_string(), attempt)) {
                 let tag = format!("{job}/{attempt}");
-                s.0.running.retain(|(t, g)| !(*t == tag && *g == r.gpus));
+                s.0.running.retain(|(t, h)| !(*t == tag && h.gpus == r.gpus));
             }
         }
     }
@@ -825,7 +841,7 @@ impl Jobs {
         let key = (a.job.clone(), a.attempt);
         let (tx, rx) = oneshot::channel();
         if let Ok(mut s) = self.state.lock() {
-            s.0.running.push((format!("{}/{}", a.job, a.attempt), a.gpus.clone()));
+            s.0.running.push((format!("{}/{}", a.job, a.attempt), hold_of(&a)));
             s.1.insert(key, RunningAttempt { gpus: a.gpus.clone(), stop: Some(tx), uid: rec.uid });
         }
         info!(job_id = %a.job, attempt = a.attempt, pid, gpus = ?a.gpus, "attempt re-adopted after an agent restart");

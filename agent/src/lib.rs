@@ -324,6 +324,8 @@ fn node_sampler(
         labels: config.labels.clone(),
         container_runtime: jobs.container_runtime(),
         data_port: jobs.data().and_then(|d| d.port()),
+        cpus: config.cpus,
+        memory_bytes: config.memory_bytes,
     };
     Ok(s)
 }

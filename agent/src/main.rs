@@ -53,6 +53,12 @@ struct Cli {
     /// This node is spot/preemptible capacity.
     #[arg(long)]
     spot: bool,
+    /// CPUs jobs may use together [default: every CPU of the host].
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// Memory jobs may use together, e.g. 64GiB [default: the host's].
+    #[arg(long)]
+    memory: Option<String>,
     /// Node labels for placement constraints, e.g. rack=a7,tier=gold.
     #[arg(long, value_delimiter = ',')]
     labels: Vec<String>,
@@ -189,6 +195,8 @@ fn main() -> ExitCode {
         reconnect_max: cli.reconnect_max,
         price_per_hour: cli.price_per_hour,
         spot: cli.spot.then_some(true),
+        cpus: cli.cpus,
+        memory: cli.memory,
         labels: (!cli.labels.is_empty()).then_some(cli.labels),
         data_listen: cli.data_listen,
         store_limit: cli.store_limit,

@@ -28,6 +28,9 @@ pub struct NodeOffer {
     pub labels: Vec<(String, String)>,
     pub container_runtime: Option<String>,
     pub data_port: Option<u16>,
+    /// CPUs and memory offered to jobs, when not the whole host's.
+    pub cpus: Option<u32>,
+    pub memory_bytes: Option<u64>,
 }
 
 impl Default for NodeOffer {
@@ -38,6 +41,8 @@ impl Default for NodeOffer {
             labels: Vec::new(),
             container_runtime: None,
             data_port: None,
+            cpus: None,
+            memory_bytes: None,
         }
     }
 }
@@ -73,10 +78,13 @@ impl NodeSampler {
 
 impl Sampler for NodeSampler {
     fn inventory(&mut self) -> Inventory {
-        let host = match &self.host {
+        let mut host = match &self.host {
             HostSource::Live(h) => h.info(),
             HostSource::Fixed(f) => f.0.clone(),
         };
+        // What is offered is what placement accounts against.
+        host.cpu_count = self.offer.cpus.unwrap_or(host.cpu_count);
+        host.memory_total_bytes = self.offer.memory_bytes.unwrap_or(host.memory_total_bytes);
         Inventory {
             host,
             gpu_source: self.gpu.source(),

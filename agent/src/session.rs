@@ -382,6 +382,9 @@ async fn announce(
 ) -> Result<Vec<fleetmesh_protocol::GpuInfo>, SessionError> {
     let inventory = sampler.inventory();
     let gpus = inventory.gpus.clone();
+    if let Some(jobs) = &opts.jobs {
+        jobs.set_capacity(inventory.host.cpu_count, inventory.host.memory_total_bytes);
+    }
     write_msg(send, &AgentMessage::Inventory(inventory)).await?;
     if let Some(jobs) = &opts.jobs {
         write_msg(send, &AgentMessage::Running { attempts: jobs.running() }).await?;

@@ -364,6 +364,9 @@ pub struct BidView {
     /// Health facts of the offered GPUs, as the bidder read them (`jobs show`).
     #[serde(default)]
     pub health: Vec<fleetmesh_protocol::GpuHealth>,
+    /// Share of the bidder's CPUs taken once the job runs there (0 to 1).
+    #[serde(default)]
+    pub load: f64,
 }
 
 /// One step of a job's history. Stored and served as `[at_unix_ms, state, detail]`, as

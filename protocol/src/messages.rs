@@ -33,6 +33,9 @@ pub enum AgentMessage {
         local_bytes: u64,
         /// One per offered GPU, in the order of `gpus`: what the agent saw when it bid.
         health: Vec<GpuHealth>,
+        /// Share (0 to 1) of the node's CPUs that would be taken once this job runs:
+        /// with equal offers, the less loaded node wins (jobs spread out).
+        load: f64,
     },
     /// Answer to a call for bids: no.
     Decline { auction: String, reason: String },
@@ -168,6 +171,9 @@ pub struct CallForBids {
     pub gpus: u32,
     pub gpu_model: Option<String>,
     pub gpu_memory_bytes: Option<u64>,
+    /// CPUs and memory the job takes on the node while it runs.
+    pub cpus: f64,
+    pub memory_bytes: u64,
     pub needs_container: bool,
     pub expected_duration_ms: u64,
     pub lease_ms: u64,
@@ -213,6 +219,12 @@ pub struct Award {
     pub job: String,
     pub attempt: u64,
     pub gpus: Vec<String>,
+    /// CPUs and memory the attempt holds on the node while it runs (attempt records
+    /// written before these existed read as none).
+    #[serde(default)]
+    pub cpus: f64,
+    #[serde(default)]
+    pub memory_bytes: u64,
     pub exec: ExecSpec,
     pub rank: u32,
     pub world_size: u32,

@@ -566,6 +566,8 @@ mod tests {
             data_addr: Some(format!("127.0.0.1:{}", name.len())),
             cpus: 0,
             memory_bytes: 0,
+            used_cpus: 0.0,
+            used_memory_bytes: 0,
         }
     }
 

@@ -574,6 +574,8 @@ impl FleetState {
                 .unwrap_or_default(),
             cpus: inv.map(|i| i.host.cpu_count).unwrap_or(0),
             memory_bytes: inv.map(|i| i.host.memory_total_bytes).unwrap_or(0),
+            used_cpus: 0.0,
+            used_memory_bytes: 0,
             addr: e.remote_ip.map(|ip| ip.to_string()),
             data_addr: match (e.remote_ip, inv.and_then(|i| i.data_port)) {
                 (Some(ip), Some(port)) => Some(std::net::SocketAddr::new(ip, port).to_string()),

@@ -12,6 +12,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tracing::{debug, info, warn};
 
 use crate::fleet::FleetMsg;
+use crate::placement::auction::BidView;
 use crate::scheduler::SchedulerMsg;
 use crate::trust::authority::AuthorityMsg;
 
@@ -220,8 +221,11 @@ impl Routes {
         use crate::placement::auctioneer::AuctioneerMsg;
         let agent = self.name.clone();
         let m = match msg {
-            AgentMessage::Bid { auction, gpus, price, eta_ms, local_bytes, health } => {
-                AuctioneerMsg::Bid { agent, auction, gpus, price, eta_ms, local_bytes, health }
+            AgentMessage::Bid { auction, gpus, price, eta_ms, local_bytes, health, load } => {
+                // A load outside 0..1 (or NaN) from a confused agent counts as fully loaded.
+                let load = if (0.0..=1.0).contains(&load) { load } else { 1.0 };
+                let bid = BidView { agent, price, eta_ms, gpus, local_bytes, health, load };
+                AuctioneerMsg::Bid { auction, bid }
             }
             AgentMessage::Decline { auction, reason } => {
                 AuctioneerMsg::Decline { agent, auction, reason }

@@ -71,7 +71,17 @@ pub struct Candidate {
     /// The node's CPUs and memory (from its inventory; 0 = not reported yet).
     pub cpus: u32,
     pub memory_bytes: u64,
+    /// CPUs and memory held there by the scheduler's attempts and this tick's claims.
+    pub used_cpus: f64,
+    pub used_memory_bytes: u64,
 }
+
+/// Slack in CPU sums, so that ten jobs of 0.1 CPU fit one CPU despite rounding.
+pub const CPU_EPSILON: f64 = 1e-9;
+/// A fully loaded bidder counts as this many hours of extra wait: with otherwise equal
+/// offers jobs spread over nodes, while input held locally (hours of fetching saved for
+/// big inputs, tens of seconds per GB at 100 MiB/s) still wins over an idle node.
+pub const FULL_LOAD_AS_WAIT_HOURS: f64 = 0.01;
 
 /// Why an agent cannot take a job. Shown to users (`jobs show`), so the text matters.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,16 +89,52 @@ pub struct Candidate {
 pub enum Ineligible {
     NotConnected,
     Draining,
-    Region { wanted: Vec<String>, has: Option<String> },
-    Jurisdiction { wanted: Vec<String>, has: Option<String> },
-    Provider { wanted: Vec<String>, has: Option<String> },
-    Label { key: String, wanted: String, has: Option<String> },
+    Region {
+        wanted: Vec<String>,
+        has: Option<String>,
+    },
+    Jurisdiction {
+        wanted: Vec<String>,
+        has: Option<String>,
+    },
+    Provider {
+        wanted: Vec<String>,
+        has: Option<String>,
+    },
+    Label {
+        key: String,
+        wanted: String,
+        has: Option<String>,
+    },
     SpotForbidden,
     SpotOnly,
-    TooExpensive { max: String, price: String },
-    NotEnoughGpus { wanted: u32, matching: u32 },
-    NotEnoughCpus { wanted: String, has: u32 },
-    NotEnoughMemory { wanted: u64, has: u64 },
+    TooExpensive {
+        max: String,
+        price: String,
+    },
+    NotEnoughGpus {
+        wanted: u32,
+        matching: u32,
+    },
+    NotEnoughCpus {
+        wanted: String,
+        has: u32,
+    },
+    NotEnoughMemory {
+        wanted: u64,
+        has: u64,
+    },
+    /// Taken by running or awarded attempts (the job waits for them).
+    CpusBusy {
+        wanted: String,
+        free: String,
+        has: u32,
+    },
+    MemoryBusy {
+        wanted: u64,
+        free: u64,
+        has: u64,
+    },
 }
 
 impl std::fmt::Display for Ineligible {
@@ -123,6 +169,13 @@ impl std::fmt::Display for Ineligible {
             Ineligible::NotEnoughMemory { wanted, has } => {
                 write!(f, "{has} bytes of memory on the node, job needs {wanted}")
             }
+            Ineligible::CpusBusy { wanted, free, has } => {
+                write!(f, "{free} of {has} CPUs free (the rest run other jobs), job needs {wanted}")
+            }
+            Ineligible::MemoryBusy { wanted, free, has } => write!(
+                f,
+                "{free} of {has} bytes of memory free (the rest run other jobs), job needs {wanted}"
+            ),
         }
     }
 }
@@ -182,6 +235,23 @@ pub fn eligible(job: &JobSpec, c: &Candidate) -> Result<(), Ineligible> {
     if c.memory_bytes > 0 && r.memory_bytes > c.memory_bytes {
         return Err(Ineligible::NotEnoughMemory { wanted: r.memory_bytes, has: c.memory_bytes });
     }
+    // What is left beside the attempts already there.
+    let free_cpus = (f64::from(c.cpus) - c.used_cpus).max(0.0);
+    if c.cpus > 0 && r.cpus > free_cpus + CPU_EPSILON {
+        return Err(Ineligible::CpusBusy {
+            wanted: format!("{}", r.cpus),
+            free: format!("{free_cpus:.2}"),
+            has: c.cpus,
+        });
+    }
+    let free_memory = c.memory_bytes.saturating_sub(c.used_memory_bytes);
+    if c.memory_bytes > 0 && r.memory_bytes > free_memory {
+        return Err(Ineligible::MemoryBusy {
+            wanted: r.memory_bytes,
+            free: free_memory,
+            has: c.memory_bytes,
+        });
+    }
     if r.gpus > 0 {
         let matching = c
             .free_gpus
@@ -237,9 +307,11 @@ pub fn prefilter(
 
 pub use fleetmesh_api::jobs::BidView;
 
-/// Lower is better. `balanced` weighs one hour of waiting like doubling the price.
+/// Lower is better. `balanced` weighs one hour of waiting like doubling the price. A
+/// bidder's load after the job counts as extra wait ([`FULL_LOAD_AS_WAIT_HOURS`]).
 pub fn score(objective: Objective, bid: &BidView, cheapest_price: f64) -> f64 {
-    let eta_h = bid.eta_ms as f64 / 3_600_000.0;
+    let load = if bid.load.is_finite() { bid.load.clamp(0.0, 1.0) } else { 1.0 };
+    let eta_h = bid.eta_ms as f64 / 3_600_000.0 + load * FULL_LOAD_AS_WAIT_HOURS;
     match objective {
         Objective::Cheapest => bid.price + eta_h * 1e-6,
         Objective::Fastest => eta_h + bid.price * 1e-9,
@@ -299,6 +371,8 @@ mod tests {
             data_addr: None,
             cpus: 0,
             memory_bytes: 0,
+            used_cpus: 0.0,
+            used_memory_bytes: 0,
         }
     }
 
@@ -343,6 +417,13 @@ mod tests {
         assert_eq!(e.to_string(), "8 CPUs on the node, job needs 16");
         let mem = job("    resources: { memory: 64GiB, gpus: 1 }\n");
         assert!(matches!(eligible(&mem, &c), Err(Ineligible::NotEnoughMemory { .. })));
+        // What other attempts hold there is not free: the job waits, saying so.
+        c.used_cpus = 7.5;
+        let e = eligible(&fits, &c).unwrap_err();
+        assert_eq!(e.to_string(), "0.50 of 8 CPUs free (the rest run other jobs), job needs 8");
+        c.used_cpus = 0.0;
+        c.used_memory_bytes = 1;
+        assert!(matches!(eligible(&fits, &c), Err(Ineligible::MemoryBusy { .. })));
         // A node that has not reported its size yet is not turned away for it.
         c.cpus = 0;
         c.memory_bytes = 0;
@@ -375,7 +456,15 @@ mod tests {
     }
 
     fn bid(agent: &str, price: f64, eta_ms: u64) -> BidView {
-        BidView { agent: agent.into(), price, eta_ms, gpus: vec![], local_bytes: 0, health: vec![] }
+        BidView {
+            agent: agent.into(),
+            price,
+            eta_ms,
+            gpus: vec![],
+            local_bytes: 0,
+            health: vec![],
+            load: 0.0,
+        }
     }
 
     #[test]
@@ -385,6 +474,25 @@ mod tests {
         assert_eq!(select(Objective::Fastest, &bids, 1).unwrap()[0].agent, "dear-fast");
         // balanced: 1.0/1.0 + 1h = 2.0 vs 3.0/1.0 + 0 = 3.0
         assert_eq!(select(Objective::Balanced, &bids, 1).unwrap()[0].agent, "cheap-slow");
+    }
+
+    #[test]
+    fn equal_offers_go_to_the_less_loaded_node_but_local_data_still_wins() {
+        let mut busy = bid("busy", 1.0, 0);
+        busy.load = 0.75;
+        let idle = bid("idle", 1.0, 0);
+        for o in [Objective::Cheapest, Objective::Fastest, Objective::Balanced] {
+            let w = select(o, &[busy.clone(), idle.clone()], 1).unwrap();
+            assert_eq!(w[0].agent, "idle", "{o:?}");
+        }
+        // The idle node must fetch 10 GB first (100 s at 100 MB/s): the busy one holds it.
+        let far = bid("idle", 1.0, 100_000);
+        let w = select(Objective::Balanced, &[busy.clone(), far], 1).unwrap();
+        assert_eq!(w[0].agent, "busy");
+        // A nonsense load counts as full.
+        let mut odd = bid("odd", 1.0, 0);
+        odd.load = f64::NAN;
+        assert_eq!(select(Objective::Balanced, &[odd, busy], 1).unwrap()[0].agent, "busy");
     }
 
     #[test]

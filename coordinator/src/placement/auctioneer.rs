@@ -32,13 +32,8 @@ pub enum AuctioneerMsg {
     SetScheduler(DerivedActorRef<AuctionOutcome>),
     Open(Box<OpenAuction>),
     Bid {
-        agent: String,
         auction: String,
-        gpus: Vec<String>,
-        price: f64,
-        eta_ms: u64,
-        local_bytes: u64,
-        health: Vec<fleetmesh_protocol::GpuHealth>,
+        bid: BidView,
     },
     Decline {
         agent: String,
@@ -164,15 +159,15 @@ impl Actor for Auctioneer {
                 let id = open.id.clone();
                 st.runs.insert(id, Run { open: *open, bids: Vec::new(), declines: Vec::new() });
             }
-            AuctioneerMsg::Bid { agent, auction, gpus, price, eta_ms, local_bytes, health } => {
+            AuctioneerMsg::Bid { auction, bid } => {
                 let complete = match st.runs.get_mut(&auction) {
-                    Some(r) if r.open.invite.contains(&agent) => {
-                        r.bids.push(BidView { agent, price, eta_ms, gpus, local_bytes, health });
+                    Some(r) if r.open.invite.contains(&bid.agent) => {
+                        r.bids.push(bid);
                         AuctioneerState::answered(r)
                     }
                     _ => {
                         // Closed or unknown: the bidder drops its reservation now.
-                        st.send(&agent, CoordinatorMessage::Release { auction });
+                        st.send(&bid.agent, CoordinatorMessage::Release { auction });
                         return Ok(());
                     }
                 };
@@ -261,6 +256,8 @@ mod tests {
                 gpus: 1,
                 gpu_model: None,
                 gpu_memory_bytes: None,
+                cpus: 1.0,
+                memory_bytes: 0,
                 needs_container: false,
                 expected_duration_ms: 1000,
                 lease_ms: 3000,
@@ -274,13 +271,16 @@ mod tests {
 
     fn bid(agent: &str, auction: &str, price: f64) -> AuctioneerMsg {
         AuctioneerMsg::Bid {
-            agent: agent.into(),
             auction: auction.into(),
-            gpus: vec![format!("GPU-{agent}")],
-            price,
-            eta_ms: 0,
-            local_bytes: 0,
-            health: vec![],
+            bid: BidView {
+                agent: agent.into(),
+                gpus: vec![format!("GPU-{agent}")],
+                price,
+                eta_ms: 0,
+                local_bytes: 0,
+                health: vec![],
+                load: 0.0,
+            },
         }
     }
 

@@ -193,6 +193,9 @@ pub struct SchedulerCore {
     pub(super) wf_check: BTreeSet<String>,
     /// Arrays whose completion must be re-checked (a member changed).
     pub(super) array_check: BTreeSet<String>,
+    /// An attempt ended since the last tick: jobs that waited for room try again now
+    /// rather than after [`REQUEUE_MS`].
+    pub(super) room_freed: bool,
     pub(super) catalog: Arc<dyn Catalog>,
     /// The last fleet view (holders' data addresses and jurisdictions for fetch plans).
     pub(super) last_candidates: Arc<Vec<Candidate>>,
@@ -231,6 +234,7 @@ impl SchedulerCore {
             backups: HashMap::new(),
             wf_check,
             array_check: BTreeSet::new(),
+            room_freed: false,
             catalog,
             last_candidates: Arc::new(Vec::new()),
             ids,
@@ -480,6 +484,7 @@ impl SchedulerCore {
             n += 1;
             if let (true, Some(a)) = (running, attempt) {
                 self.stop_attempt(&jid, a, "cancelled");
+                self.room_freed = true;
             }
             self.effects.push(Effect::LogsFinished { job: jid.clone() });
             self.touch_job(&jid);
@@ -524,6 +529,7 @@ impl SchedulerCore {
             a.state = AttemptState::Lost;
             a.ended_unix_ms = Some(now);
         }
+        self.room_freed = true;
         j.next_try_unix_ms = 0;
         j.set(now, JobState::Queued, format!("attempt {attempt} lost: {why}; placing again"));
         self.touch_job(job);

@@ -42,6 +42,7 @@ impl SchedulerCore {
         let (agent, job, attempt) = (exit.agent.clone(), exit.job.clone(), exit.attempt);
         self.verify.remove(&(job.clone(), attempt));
         self.exited(exit, now);
+        self.room_freed = true;
         let over = self
             .jobs
             .get(&job)

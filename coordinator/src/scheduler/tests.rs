@@ -111,6 +111,8 @@ fn agent(name: &str, gpus: usize, jurisdiction: Option<&str>) -> Candidate {
         data_addr: None,
         cpus: 64,
         memory_bytes: 1 << 40,
+        used_cpus: 0.0,
+        used_memory_bytes: 0,
     }
 }
 
@@ -122,6 +124,7 @@ fn bid(agent: &str) -> BidView {
         gpus: vec![format!("GPU-{agent}-0")],
         local_bytes: 0,
         health: vec![],
+        load: 0.0,
     }
 }
 

@@ -34,6 +34,7 @@ impl SchedulerCore {
 
     /// Dependencies, and attempts whose deadlines passed.
     pub fn tick_timers(&mut self, now: u64) {
+        self.wake_waiting_for_room(now);
         self.release_dependents(now);
         self.lose_unconfirmed(now);
         self.pass_on_unanswered_awards(now);
@@ -97,6 +98,22 @@ impl SchedulerCore {
             };
             if let Some((state, why)) = next {
                 self.release_job(&id, state, why, now);
+            }
+        }
+    }
+
+    /// After an attempt ended, the jobs left queued for want of room (those with
+    /// reasons; a retry's backoff has none) are considered again at once.
+    fn wake_waiting_for_room(&mut self, now: u64) {
+        if !std::mem::take(&mut self.room_freed) {
+            return;
+        }
+        for j in self.jobs.values_mut() {
+            if j.state == JobState::Queued
+                && j.next_try_unix_ms > now
+                && !j.queued_reasons.is_empty()
+            {
+                j.next_try_unix_ms = now;
             }
         }
     }
@@ -177,14 +194,24 @@ impl SchedulerCore {
         queued.into_iter().map(|j| j.id.clone()).collect()
     }
 
-    /// GPUs the core's own attempts hold (the view may not show them busy yet).
-    fn busy_gpus(&self) -> HashSet<&str> {
-        self.jobs
-            .values()
-            .filter(|j| matches!(j.state, JobState::Starting | JobState::Running))
-            .filter_map(|j| j.current())
-            .flat_map(|a| a.gpus.iter().flatten().map(String::as_str))
-            .collect()
+    /// GPUs the core's own attempts hold (the view may not show them busy yet), and the
+    /// CPUs and memory they hold per agent.
+    fn held_by_attempts(&self) -> (HashSet<&str>, HashMap<&str, (f64, u64)>) {
+        let mut gpus = HashSet::new();
+        let mut per_agent: HashMap<&str, (f64, u64)> = HashMap::new();
+        for j in self.jobs.values() {
+            if !matches!(j.state, JobState::Starting | JobState::Running) {
+                continue;
+            }
+            let Some(a) = j.current() else { continue };
+            gpus.extend(a.gpus.iter().flatten().map(String::as_str));
+            for agent in &a.agents {
+                let e = per_agent.entry(agent.as_str()).or_default();
+                e.0 += j.spec.resources.cpus;
+                e.1 = e.1.saturating_add(j.spec.resources.memory_bytes);
+            }
+        }
+        (gpus, per_agent)
     }
 
     /// Start placing `queued` (this tick's [`Self::due_jobs`]) on `candidates`. GPUs
@@ -201,8 +228,11 @@ impl SchedulerCore {
                 self.addrs.insert(c.agent.clone(), a.clone());
             }
         }
-        let busy = self.busy_gpus();
+        let (busy, held) = self.held_by_attempts();
         for c in &mut candidates {
+            let (cpus, memory) = held.get(c.agent.as_str()).copied().unwrap_or_default();
+            c.used_cpus = cpus;
+            c.used_memory_bytes = memory;
             let free: Vec<(String, u64)> = c
                 .gpu_uuids
                 .iter()
@@ -226,7 +256,8 @@ impl SchedulerCore {
     pub fn place_next(&mut self, p: &mut Placement, now: u64) -> bool {
         while p.room > 0 {
             let Some(id) = p.queued.pop_front() else { return false };
-            let gpus = self.jobs.get(&id).map_or(0, |j| j.spec.resources.gpus as usize);
+            let Some(r) = self.jobs.get(&id).map(|j| j.spec.resources.clone()) else { continue };
+            let gpus = r.gpus as usize;
             if gpus > 0 && p.free_gpus == 0 {
                 // This tick's capacity is spoken for; try again next tick.
                 continue;
@@ -235,11 +266,18 @@ impl SchedulerCore {
                 continue;
             };
             p.room -= 1;
+            // One invitee wins: each is charged its share of the CPUs and memory, so a
+            // tick opens about as many auctions as the fleet has room for (the agents
+            // themselves never offer more than is free).
+            let share = 1.0 / invited.len().max(1) as f64;
             for a in invited {
                 if let Some(c) = p.index.get(&a).and_then(|i| p.candidates.get_mut(*i)) {
                     let n = gpus.min(c.free_gpus.len());
                     c.free_gpus.drain(..n);
                     p.free_gpus = p.free_gpus.saturating_sub(n);
+                    c.used_cpus += r.cpus * share;
+                    let memory = (r.memory_bytes as f64 * share) as u64;
+                    c.used_memory_bytes = c.used_memory_bytes.saturating_add(memory);
                 }
             }
             return true;

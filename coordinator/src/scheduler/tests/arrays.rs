@@ -235,3 +235,54 @@ fn members_are_stored_without_the_spec_and_restored_with_their_arrays() {
     r.tick();
     assert_eq!(r.opened().len(), 3, "restored members are placed");
 }
+
+#[test]
+fn cpus_are_packed_per_node_and_jobs_wait_for_room_with_the_reason() {
+    let mut h = Harness::new();
+    let mut a = agent("a", 0, None);
+    a.cpus = 2;
+    let mut b = agent("b", 0, None);
+    b.cpus = 2;
+    h.fleet = vec![a, b];
+    let wf = h.submit("name: k\njobs:\n  m:\n    command: [\"true\"]\n    parallel: 6\n    resources: { cpus: 1 }\n");
+    let m = format!("{wf}.m");
+    h.tick();
+    // Four CPUs in the fleet; each auction charges half a CPU to each of its two
+    // invitees, so the third leaves half a CPU on each: three this tick, never more
+    // than there is room for.
+    let mut opened = h.opened();
+    assert_eq!(opened.len(), 3, "{:?}", opened.iter().map(|o| &o.invite).collect::<Vec<_>>());
+    for (o, to) in opened.iter().zip(["a", "a", "b"]) {
+        h.close(o, &[to], None);
+        h.started(to, &o.job, 1);
+    }
+    // Next tick: a is full with the core's own attempts, b has one CPU left.
+    h.advance(100);
+    let last = h.opened();
+    assert_eq!(last.len(), 1);
+    assert_eq!(last[0].invite, ["b"], "a has no room left");
+    h.close(&last[0], &["b"], None);
+    h.started("b", &last[0].job, 1);
+    opened.extend(last);
+    // The nodes are full; the rest wait, saying why.
+    h.advance(100);
+    assert!(h.opened().is_empty());
+    let waiting: Vec<String> =
+        (0..6).map(|i| format!("{m}[{i}]")).filter(|id| h.state(id) == JobState::Queued).collect();
+    assert_eq!(waiting.len(), 2);
+    let reasons = &h.job(&waiting[0]).queued_reasons;
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r == "a: 0.00 of 2 CPUs free (the rest run other jobs), job needs 1"),
+        "{reasons:?}"
+    );
+    // One member ends: a waiting one is placed on the next tick, not a second later.
+    let done = opened[3].job.clone();
+    assert_eq!(h.job(&done).attempts[0].agents, ["b"]);
+    h.exit("b", &done, 1, exited(0));
+    h.advance(100);
+    let next = h.opened();
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].invite, ["b"], "only b has room");
+}
