@@ -1,0 +1,229 @@
+//! Workflows for real pipelines on a real local mesh: an array fanned out over three
+//! agents (each member run once, CPUs never oversubscribed, the work spread), its
+//! outputs fanned in to one job, a dataset split into shards among an array's members,
+//! and the CLI's folded listings of it all.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::Duration;
+
+use fleetmesh_coordinator::client::ApiClient;
+use fleetmesh_integration::work::{self, JobState, WorkflowState};
+use fleetmesh_integration::{agents, attrs, wait_for, AgentProc, CoordinatorProc, Pki};
+
+/// CPUs each agent offers to jobs: what the packing check holds the records against.
+const AGENT_CPUS: &str = "2";
+const MEMBERS: usize = 200;
+
+async fn mesh_up(client: &ApiClient, n: usize) {
+    wait_for(Duration::from_secs(20), || async {
+        let a = agents(client).await;
+        let up = a
+            .iter()
+            .filter(|a| {
+                a.host.is_some()
+                    && a.state == fleetmesh_coordinator::fleet::liveness::AgentState::Connected
+            })
+            .count();
+        (up >= n).then_some(())
+    })
+    .await
+    .expect("agents up");
+}
+
+async fn cli_ok(coord: &CoordinatorProc, pki: &Pki, args: &[&str]) -> String {
+    let out = coord.cli(pki, args).await.expect("cli runs");
+    assert!(
+        out.status.success(),
+        "fleetmesh {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Three agents offering two CPUs each.
+fn three_agents(pki: &Pki, coord: &CoordinatorProc, work: &Path) -> Vec<AgentProc> {
+    ["a", "b", "c"]
+        .iter()
+        .map(|n| {
+            let extra = ["--cpus", AGENT_CPUS];
+            AgentProc::start_extra(pki, coord.control, n, attrs("r", "EU", "p"), None, &extra, work)
+                .expect("agent starts")
+        })
+        .collect()
+}
+
+/// One record a member wrote: the agent it ran on (from its work dir) and when.
+struct Record {
+    agent: String,
+    start_ns: u128,
+    end_ns: u128,
+}
+
+/// `index -> records` from the files `INDEX.ATTEMPT` holding `WORKDIR START END`.
+fn read_records(dir: &Path) -> BTreeMap<usize, Vec<Record>> {
+    let mut out: BTreeMap<usize, Vec<Record>> = BTreeMap::new();
+    for e in std::fs::read_dir(dir).expect("records dir").flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let index: usize = name.split('.').next().and_then(|i| i.parse().ok()).expect("INDEX.N");
+        let text = std::fs::read_to_string(e.path()).expect("record");
+        let f: Vec<&str> = text.split_whitespace().collect();
+        assert_eq!(f.len(), 3, "record {name}: {text:?}");
+        let agent = Path::new(f[0])
+            .components()
+            .filter_map(|c| c.as_os_str().to_str())
+            .find_map(|c| c.strip_prefix("agent-"))
+            .unwrap_or_else(|| panic!("no agent in work dir {}", f[0]))
+            .to_string();
+        let (start_ns, end_ns) = (f[1].parse().expect("start"), f[2].parse().expect("end"));
+        out.entry(index).or_default().push(Record { agent, start_ns, end_ns });
+    }
+    out
+}
+
+/// The most records of one agent that overlap in time.
+fn peak_concurrency(records: &[&Record]) -> usize {
+    let mut edges: Vec<(u128, i32)> =
+        records.iter().flat_map(|r| [(r.start_ns, 1), (r.end_ns, -1)]).collect();
+    // An end before a start at the same instant: touching intervals do not overlap.
+    edges.sort();
+    let (mut now, mut peak) = (0i32, 0i32);
+    for (_, d) in edges {
+        now += d;
+        peak = peak.max(now);
+    }
+    peak as usize
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_array_of_200_runs_each_member_once_packed_and_spread_and_fans_in() -> anyhow::Result<()>
+{
+    let pki = Pki::new("mesh.test")?;
+    let work = tempfile::tempdir()?;
+    let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
+    let client = coord.client(&pki)?;
+    let _agents = three_agents(&pki, &coord, work.path());
+    mesh_up(&client, 3).await;
+    let records = work.path().join("records");
+    std::fs::create_dir_all(&records)?;
+    let yaml = format!(
+        r#"
+name: scatter
+jobs:
+  map:
+    parallel: {MEMBERS}
+    resources: {{ cpus: 1 }}
+    outputs: [part]
+    env: {{ RECORDS: "{records}" }}
+    script: |
+      start=$(date +%s%N)
+      echo "$FLEETMESH_INDEX of $FLEETMESH_COUNT" > "$FLEETMESH_OUTPUTS/part/n.txt"
+      sleep 0.2
+      echo "$FLEETMESH_WORK_DIR $start $(date +%s%N)" > "$RECORDS/$FLEETMESH_INDEX.$FLEETMESH_ATTEMPT"
+  reduce:
+    needs: [map]
+    inputs: [{{ from: map.part, as: parts }}]
+    script: |
+      n=0
+      for d in "$FLEETMESH_INPUTS"/parts/*; do
+        i=$(basename "$d")
+        [ "$(cat "$d/n.txt")" = "$i of {MEMBERS}" ] || {{ echo "part $i holds $(cat "$d/n.txt")"; exit 1; }}
+        n=$((n + 1))
+      done
+      echo "reduced $n parts"
+"#,
+        records = records.display()
+    );
+    let wf = work::submit(&client, &yaml).await?;
+    let state = wait_for(Duration::from_secs(240), || work::finished(&client, &wf)).await;
+    let reduce = format!("{wf}.reduce");
+    assert_eq!(state, Some(WorkflowState::Succeeded), "{:#?}", work::job(&client, &reduce).await);
+    assert!(work::logs(&client, &reduce).await.contains(&format!("reduced {MEMBERS} parts")));
+
+    // Each member ran exactly once (one attempt, one record).
+    let by_index = read_records(&records);
+    let indexes: Vec<usize> = by_index.keys().copied().collect();
+    assert_eq!(indexes, (0..MEMBERS).collect::<Vec<_>>(), "a record per member");
+    let twice: Vec<&usize> =
+        by_index.iter().filter(|(_, r)| r.len() != 1).map(|(i, _)| i).collect();
+    assert!(twice.is_empty(), "members run more than once: {twice:?}");
+    // No agent ever ran more one-CPU members at once than it has CPUs, and all took work.
+    let all: Vec<&Record> = by_index.values().flatten().collect();
+    for agent in ["a", "b", "c"] {
+        let mine: Vec<&Record> = all.iter().copied().filter(|r| r.agent == agent).collect();
+        let peak = peak_concurrency(&mine);
+        eprintln!("agent {agent}: {} members, at most {peak} at once", mine.len());
+        assert!(peak <= 2, "agent {agent} ran {peak} one-CPU members at once on 2 CPUs");
+        assert!(mine.len() >= MEMBERS / 10, "agent {agent} ran only {} members", mine.len());
+    }
+
+    // The CLI folds the array into one line with its members per state...
+    let listing = cli_ok(&coord, &pki, &["jobs", "--workflow", &wf]).await;
+    let map_line = listing.lines().find(|l| l.contains(".map ")).unwrap_or_default();
+    assert!(map_line.contains(&format!("succeeded {MEMBERS}")), "{listing}");
+    assert_eq!(listing.lines().count(), 3, "header, map, reduce:\n{listing}");
+    // ...lists the members on request, and shows one by its bracketed name.
+    let members =
+        cli_ok(&coord, &pki, &["jobs", "--array", &format!("{wf}.map"), "-o", "json"]).await;
+    let members: Vec<serde_json::Value> = serde_json::from_str(&members)?;
+    assert_eq!(members.len(), MEMBERS);
+    let shown = cli_ok(&coord, &pki, &["jobs", "show", &format!("{wf}.map[7]")]).await;
+    assert!(shown.contains("state:    succeeded"), "{shown}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_take_their_shard_of_a_dataset_and_each_file_goes_to_one() -> anyhow::Result<()> {
+    let pki = Pki::new("mesh.test")?;
+    let work = tempfile::tempdir()?;
+    let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
+    let client = coord.client(&pki)?;
+    let _agents = three_agents(&pki, &coord, work.path());
+    mesh_up(&client, 3).await;
+    let src = work.path().join("reads");
+    std::fs::create_dir_all(&src)?;
+    for i in 0..10 {
+        std::fs::write(src.join(format!("r{i:02}.fq")), format!("read file {i}\n"))?;
+    }
+    let put = ["data", "put", src.to_str().unwrap_or_default(), "--name", "reads"];
+    cli_ok(&coord, &pki, &[&put[..], &["--jurisdiction", "EU"]].concat()).await;
+    let yaml = r#"
+name: shards
+jobs:
+  count:
+    parallel: 4
+    resources: { cpus: 0.5 }
+    inputs: [{ from: reads, shard: true }]
+    outputs: [list]
+    script: |
+      ls "$FLEETMESH_INPUTS/reads" > "$FLEETMESH_OUTPUTS/list/files.txt"
+  gather:
+    needs: [count]
+    inputs: [{ from: count.list, as: lists }]
+    script: |
+      for i in 0 1 2 3; do echo "$i: $(tr '\n' ' ' < "$FLEETMESH_INPUTS/lists/$i/files.txt")"; done
+"#;
+    let wf = work::submit(&client, yaml).await?;
+    let state = wait_for(Duration::from_secs(120), || work::finished(&client, &wf)).await;
+    let gather = format!("{wf}.gather");
+    assert_eq!(state, Some(WorkflowState::Succeeded), "{:#?}", work::job(&client, &gather).await);
+    let out = work::logs(&client, &gather).await;
+    // 10 files over 4 members in path order: 2, 3, 2, 3 (contiguous, none twice).
+    let shard = |i: usize| -> Vec<String> {
+        let line = out.lines().find(|l| l.starts_with(&format!("{i}: "))).unwrap_or_default();
+        line.split_whitespace().skip(1).map(str::to_string).collect()
+    };
+    let want = [(0..2), (2..5), (5..7), (7..10)];
+    let mut seen = BTreeSet::new();
+    for (i, range) in want.into_iter().enumerate() {
+        let files: Vec<String> = range.map(|n| format!("r{n:02}.fq")).collect();
+        assert_eq!(shard(i), files, "member {i}:\n{out}");
+        seen.extend(files);
+    }
+    assert_eq!(seen.len(), 10);
+    // Nothing in the whole listing is left behind as running or queued.
+    let jobs = work::jobs(&client, &format!("array={wf}.count")).await.expect("listing");
+    assert!(jobs.iter().all(|j| j.state == JobState::Succeeded), "{jobs:#?}");
+    Ok(())
+}
