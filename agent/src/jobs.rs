@@ -583,7 +583,12 @@ impl Jobs {
                         ),
                     };
                 }
-                s.0.bid(&call, now)
+                let offer = s.0.bid(&call, now);
+                if c.dry_run {
+                    // A plan asks what would be offered; nothing is held for it.
+                    s.0.release(&c.auction);
+                }
+                offer
             }
             Err(_) => {
                 return AgentMessage::Decline {

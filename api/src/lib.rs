@@ -8,6 +8,7 @@ pub mod client;
 pub mod data;
 pub mod fleet;
 pub mod jobs;
+pub mod plan;
 pub mod trust;
 
 /// Format ms since the epoch as RFC 3339 (UTC, millisecond precision).

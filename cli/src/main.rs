@@ -25,6 +25,7 @@ mod conn;
 mod data;
 mod fleet;
 mod output;
+mod plan;
 mod tokens;
 mod work;
 
@@ -85,6 +86,10 @@ enum Command {
         #[arg(required = true, last = true)]
         command: Vec<String>,
     },
+    /// A dry run: where each job would go, at what price, what it would move, and why
+    /// anything would wait. Nothing is submitted. Exit 0: all placeable now; 2: something
+    /// would wait; 1: invalid file.
+    Plan { file: std::path::PathBuf },
     /// List workflows.
     Workflows,
     /// List jobs (arrays folded, with their members per state), or show one.
@@ -121,6 +126,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Tokens { cmd } => tokens::run(conn, out, cmd).await,
         Command::Submit { file } => work::submit(conn, out, &file).await,
         Command::Run { gpus, command } => work::run_one(conn, out, gpus, &command).await,
+        Command::Plan { file } => plan::plan(conn, out, &file).await,
         Command::Workflows => work::workflows(conn, out).await,
         Command::Jobs { filter, cmd: None } => work::jobs(conn, out, &filter).await,
         Command::Jobs { cmd: Some(work::JobsCmd::Show { id }), .. } => {
@@ -144,9 +150,17 @@ fn main() -> ExitCode {
     };
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<plan::WouldWait>().is_some() => {
+            eprintln!("fleetmesh: {e:#}");
+            ExitCode::from(PLAN_WOULD_WAIT)
+        }
         Err(e) => {
             eprintln!("fleetmesh: {e:#}");
             ExitCode::FAILURE
         }
     }
 }
+
+/// `fleetmesh plan`'s exit code when a job would wait (as `nomad job plan` uses 1 for
+/// changes, 2 is distinct from the failure code 1 here).
+const PLAN_WOULD_WAIT: u8 = 2;

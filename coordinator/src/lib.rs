@@ -186,6 +186,7 @@ impl Actor for Coordinator {
         let api_args = api::ApiArgs {
             authority: authority.clone(),
             scheduler: scheduler.clone(),
+            auctioneer: auctioneer.clone(),
             listen: a.config.api_listen,
             tls: a.tls,
             fleet: fleet.clone(),

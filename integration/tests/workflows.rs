@@ -227,3 +227,74 @@ jobs:
     assert!(jobs.iter().all(|j| j.state == JobState::Succeeded), "{jobs:#?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_shows_where_jobs_would_go_changes_nothing_and_matches_where_they_go(
+) -> anyhow::Result<()> {
+    let pki = Pki::new("mesh.test")?;
+    let work = tempfile::tempdir()?;
+    let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
+    let client = coord.client(&pki)?;
+    let mut agents = Vec::new();
+    for (name, price, role) in [("a", "1.0", "x"), ("b", "2.0", "y"), ("c", "3.0", "y")] {
+        let extra =
+            ["--cpus", AGENT_CPUS, "--price-per-hour", price, "--labels", &format!("role={role}")];
+        let attrs = attrs("r", "EU", "p");
+        agents.push(AgentProc::start_extra(
+            &pki,
+            coord.control,
+            name,
+            attrs,
+            None,
+            &extra,
+            work.path(),
+        )?);
+    }
+    mesh_up(&client, 3).await;
+    let placeable = "name: where\njobs:\n  cheap:\n    command: [\"true\"]\n  labelled:\n    command: [\"true\"]\n    constraints: { labels: { role: y } }\n  wide:\n    command: [\"true\"]\n    parallel: 3\n";
+    let waiting = format!("{placeable}  lost:\n    command: [\"true\"]\n    constraints: {{ labels: {{ role: z }} }}\n");
+    let file = |name: &str, text: &str| {
+        let p = work.path().join(name);
+        std::fs::write(&p, text).expect("write");
+        p.display().to_string()
+    };
+    let (ok_file, wait_file) = (file("ok.yaml", placeable), file("wait.yaml", &waiting));
+    let bad_file = file("bad.yaml", "name: w\njobs:\n  a:\n    command: [x]\n    parallel: 0\n");
+
+    // Something would wait: exit 2, with the reason per agent.
+    let out = coord.cli(&pki, &["plan", &wait_file]).await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("WAITS: no eligible agent"), "{text}");
+    assert!(text.contains("not a: label role=x (wanted z)"), "{text}");
+    // An invalid file: exit 1, naming the job and field.
+    let out = coord.cli(&pki, &["plan", &bad_file]).await?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("job `a`, field `parallel`"));
+    // Everything placeable: exit 0, and the JSON says where each job would go.
+    let json = cli_ok(&coord, &pki, &["plan", &ok_file, "-o", "json"]).await;
+    let plan: fleetmesh_api::plan::Plan = serde_json::from_str(&json)?;
+    assert!(plan.all_placeable_now, "{json}");
+    let planned = |job: &str| -> Vec<String> {
+        plan.jobs.iter().find(|j| j.job == job).map(|j| j.placement.clone()).unwrap_or_default()
+    };
+    assert_eq!(planned("cheap"), ["a"], "the cheapest agent");
+    assert_eq!(planned("labelled"), ["b"], "the cheaper of the two with the label");
+    let cheap = plan.jobs.iter().find(|j| j.job == "cheap").expect("cheap");
+    assert_eq!(cheap.offers.len(), 3, "every agent offered");
+    let wide = plan.jobs.iter().find(|j| j.job == "wide").expect("wide");
+    assert_eq!((wide.members, wide.start_now), (3, 3));
+    // Nothing was submitted, nothing is held on the agents.
+    let wfs: Vec<work::WorkflowSummary> = client.get_json("/api/v1/workflows").await?;
+    assert!(wfs.is_empty());
+
+    // Submitted now, the jobs go where the plan said.
+    let wf = work::submit(&client, placeable).await?;
+    let state = wait_for(Duration::from_secs(60), || work::finished(&client, &wf)).await;
+    assert_eq!(state, Some(WorkflowState::Succeeded));
+    for job in ["cheap", "labelled"] {
+        let j = work::job(&client, &format!("{wf}.{job}")).await.expect("job");
+        assert_eq!(j.attempts[0].agents, planned(job), "{job} went elsewhere than planned");
+    }
+    Ok(())
+}

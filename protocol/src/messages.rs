@@ -179,6 +179,8 @@ pub struct CallForBids {
     pub lease_ms: u64,
     /// Input datasets, for bids that account for data already held.
     pub inputs: Vec<InputSummary>,
+    /// Answer as for a real auction, but reserve nothing (`fleetmesh plan`).
+    pub dry_run: bool,
 }
 
 /// An input of a job being auctioned.

@@ -55,6 +55,8 @@ use tracing::{debug, info, warn};
 use crate::data::broker::{DataBroker, Requester};
 use crate::fleet::views::ApiErrorBody;
 use crate::fleet::FleetMsg;
+use crate::placement::auctioneer::AuctioneerMsg;
+use crate::placement::plan;
 use crate::scheduler::arrays::JobListing;
 use crate::scheduler::{SchedulerMsg, DEFAULT_PAGE_JOBS};
 use crate::trust::authority::{AuthorityMsg, Revocations};
@@ -79,6 +81,8 @@ const MAX_PER_OTHER_IDENTITY: usize = 4;
 const WARN_EVERY: Duration = Duration::from_secs(1);
 /// Longest the API waits for the Fleet to answer.
 const FLEET_CALL_MS: u64 = 5000;
+/// Longest a plan waits for its dry-run auctions (each closes within its window).
+const PLAN_CALL_MS: u64 = crate::scheduler::core::AUCTION_WINDOW_MS * 4;
 
 #[derive(Clone)]
 struct Peer(Option<PeerIdentity>);
@@ -88,6 +92,7 @@ struct AppState {
     fleet: ActorRef<FleetMsg>,
     authority: ActorRef<AuthorityMsg>,
     scheduler: ActorRef<SchedulerMsg>,
+    auctioneer: ActorRef<AuctioneerMsg>,
     broker: Arc<DataBroker>,
     tls: Arc<TlsIdentity>,
     revocations: Arc<Revocations>,
@@ -111,6 +116,34 @@ async fn submit_workflow(State(st): State<AppState>, body: String) -> Response {
     };
     let id = sched_call!(st, SchedulerMsg::Submit, Box::new(wf));
     (StatusCode::CREATED, Json(Submitted { id })).into_response()
+}
+
+/// Body: a workflow file (YAML). A dry run on the fleet as it is now: nothing is
+/// stored, and the agents asked answer without reserving anything.
+async fn plan_workflow(State(st): State<AppState>, body: String) -> Response {
+    let wf = match fleetmesh_protocol::workflow::parse(&body) {
+        Ok(w) => w,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    let candidates = match ractor::call_t!(st.fleet, FleetMsg::Candidates, FLEET_CALL_MS) {
+        Ok(c) => c,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, format!("fleet unavailable: {e}")),
+    };
+    let now = fleetmesh_data::now_unix_ms();
+    let resolve = |n: &str| st.broker.resolve(n);
+    let prefix = format!("plan-{now}-{}", wf.name);
+    let (draft, auctions) = plan::draft(&wf, &candidates, &resolve, &prefix, now);
+    let outcomes =
+        match ractor::call_t!(st.auctioneer, AuctioneerMsg::Probe, PLAN_CALL_MS, auctions) {
+            Ok(o) => o,
+            Err(e) => {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("auctioneer unavailable: {e}"),
+                )
+            }
+        };
+    Json(plan::finish(draft, outcomes, &wf, &candidates)).into_response()
 }
 
 async fn list_workflows(State(st): State<AppState>) -> Response {
@@ -588,6 +621,7 @@ fn router(state: AppState) -> Router {
         .route("/api/v1/data/{r}/stage", post(data_stage))
         .route("/api/v1/data/{r}/rm", post(data_rm))
         .route("/api/v1/workflows", get(list_workflows).post(submit_workflow))
+        .route("/api/v1/plan", axum::routing::post(plan_workflow))
         .route("/api/v1/workflows/{id}/cancel", axum::routing::post(cancel))
         .route("/api/v1/jobs", get(list_jobs))
         .route("/api/v1/jobs/{id}", get(show_job))
@@ -766,6 +800,7 @@ pub struct ApiArgs {
     pub fleet: ActorRef<FleetMsg>,
     pub authority: ActorRef<AuthorityMsg>,
     pub scheduler: ActorRef<SchedulerMsg>,
+    pub auctioneer: ActorRef<AuctioneerMsg>,
     pub broker: Arc<DataBroker>,
     pub revocations: Arc<Revocations>,
     pub link: Arc<crate::net::agent_link::AgentLink>,
@@ -805,6 +840,7 @@ impl Actor for Api {
             fleet: args.fleet,
             authority: args.authority,
             scheduler: args.scheduler,
+            auctioneer: args.auctioneer,
             broker: args.broker,
             tls: args.tls.clone(),
             revocations: args.revocations,

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use fleetmesh_protocol::CoordinatorMessage;
-use ractor::{Actor, ActorProcessingErr, ActorRef, DerivedActorRef};
+use ractor::{Actor, ActorProcessingErr, ActorRef, DerivedActorRef, RpcReplyPort};
 use tracing::debug;
 
 use crate::placement::auction::{self, BidView};
@@ -42,18 +42,32 @@ pub enum AuctioneerMsg {
     },
     /// Close the auctions whose deadline passed.
     Tick,
+    /// Run dry-run auctions (`fleetmesh plan`): the agents answer without reserving, and
+    /// the outcomes come back here instead of going to the Scheduler.
+    Probe(Vec<OpenAuction>, RpcReplyPort<Vec<AuctionOutcome>>),
 }
 
 struct Run {
     open: OpenAuction,
     bids: Vec<BidView>,
     declines: Vec<String>,
+    /// The probe it belongs to (none: a real auction).
+    probe: Option<u64>,
+}
+
+/// Dry-run auctions waiting to be answered together.
+struct Probe {
+    open: usize,
+    outcomes: Vec<AuctionOutcome>,
+    reply: RpcReplyPort<Vec<AuctionOutcome>>,
 }
 
 pub struct AuctioneerState {
     scheduler: Option<DerivedActorRef<AuctionOutcome>>,
     link: std::sync::Arc<crate::net::agent_link::AgentLink>,
     runs: HashMap<String, Run>,
+    probes: HashMap<u64, Probe>,
+    next_probe: u64,
 }
 
 impl AuctioneerState {
@@ -66,10 +80,31 @@ impl AuctioneerState {
         run.bids.len() + run.declines.len() >= run.open.invite.len()
     }
 
+    /// Send the calls of `open` and wait for its answers.
+    fn open(&mut self, open: OpenAuction, probe: Option<u64>) {
+        for a in &open.invite {
+            self.send(a, CoordinatorMessage::CallForBids(open.call.clone()));
+        }
+        let id = open.id.clone();
+        self.runs.insert(id, Run { open, bids: Vec::new(), declines: Vec::new(), probe });
+    }
+
+    /// A dry run's outcome joins its probe, which answers once all have closed.
+    fn close_probe(&mut self, probe: u64, outcome: AuctionOutcome) {
+        let Some(p) = self.probes.get_mut(&probe) else { return };
+        p.outcomes.push(outcome);
+        p.open -= 1;
+        if p.open == 0 {
+            if let Some(p) = self.probes.remove(&probe) {
+                crate::answer(p.reply, p.outcomes);
+            }
+        }
+    }
+
     /// Score, release the losers, hand the outcome over.
     fn close(&mut self, id: &str) {
         let Some(run) = self.runs.remove(id) else { return };
-        let Run { open, bids, mut declines } = run;
+        let Run { open, bids, mut declines, probe } = run;
         for a in &open.invite {
             let heard = bids.iter().any(|b| &b.agent == a)
                 || declines.iter().any(|d| d.starts_with(&format!("{a}:")));
@@ -78,6 +113,22 @@ impl AuctioneerState {
             }
         }
         let winners = auction::select(open.objective, &bids, open.nodes);
+        if let Some(probe) = probe {
+            // Nothing was reserved: nothing to release, nothing to award.
+            let outcome = AuctionOutcome {
+                id: open.id,
+                job: open.job,
+                attempt: open.attempt,
+                invited: open.invite,
+                bids,
+                declines,
+                winners,
+                backup: None,
+                inputs: open.inputs,
+                residency: open.residency,
+            };
+            return self.close_probe(probe, outcome);
+        }
         let backup = match &winners {
             Some(_) if open.nodes == 1 => {
                 auction::select(open.objective, &bids, 2).and_then(|r| r.into_iter().nth(1))
@@ -141,7 +192,13 @@ impl Actor for Auctioneer {
         a: AuctioneerArgs,
     ) -> Result<AuctioneerState, ActorProcessingErr> {
         myself.send_interval(DEADLINE_TICK, || AuctioneerMsg::Tick);
-        Ok(AuctioneerState { scheduler: None, link: a.link, runs: HashMap::new() })
+        Ok(AuctioneerState {
+            scheduler: None,
+            link: a.link,
+            runs: HashMap::new(),
+            probes: HashMap::new(),
+            next_probe: 0,
+        })
     }
 
     async fn handle(
@@ -152,12 +209,19 @@ impl Actor for Auctioneer {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             AuctioneerMsg::SetScheduler(s) => st.scheduler = Some(s),
-            AuctioneerMsg::Open(open) => {
-                for a in &open.invite {
-                    st.send(a, CoordinatorMessage::CallForBids(open.call.clone()));
+            AuctioneerMsg::Open(open) => st.open(*open, None),
+            AuctioneerMsg::Probe(auctions, reply) => {
+                if auctions.is_empty() {
+                    crate::answer(reply, Vec::new());
+                    return Ok(());
                 }
-                let id = open.id.clone();
-                st.runs.insert(id, Run { open: *open, bids: Vec::new(), declines: Vec::new() });
+                st.next_probe += 1;
+                let probe = st.next_probe;
+                let open = auctions.len();
+                st.probes.insert(probe, Probe { open, outcomes: Vec::new(), reply });
+                for a in auctions {
+                    st.open(a, Some(probe));
+                }
             }
             AuctioneerMsg::Bid { auction, bid } => {
                 let complete = match st.runs.get_mut(&auction) {
@@ -262,6 +326,7 @@ mod tests {
                 expected_duration_ms: 1000,
                 lease_ms: 3000,
                 inputs: vec![],
+                dry_run: false,
             },
             deadline_unix_ms,
             inputs: vec![],
@@ -343,6 +408,34 @@ mod tests {
             ["a", "c", "z"],
             "losers at once, then the late bidder; never the winner"
         );
+    }
+
+    #[tokio::test]
+    async fn a_probe_answers_its_caller_releases_nothing_and_awards_nothing() {
+        let (link, mut fleet_rx) = crate::net::agent_link::AgentLink::recording();
+        let (sched, mut sched_rx) = recorder::<AuctionOutcome>().await;
+        let (a, _) = Actor::spawn(None, Auctioneer, AuctioneerArgs { link }).await.unwrap();
+        a.cast(AuctioneerMsg::SetScheduler(sched.get_derived())).unwrap();
+        let far = now_ms() + 60_000;
+        let probes = vec![*open("p.one", &["a", "b"], far), *open("p.two", &["a"], now_ms() + 100)];
+        let a2 = a.clone();
+        let bids =
+            tokio::spawn(async move { ractor::call_t!(a2, AuctioneerMsg::Probe, 5000, probes) });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        a.cast(bid("a", "p.one", 2.0)).unwrap();
+        a.cast(bid("b", "p.one", 1.0)).unwrap();
+        // p.two's invitee never answers: it closes at its deadline, and the probe with it.
+        let mut outcomes = bids.await.unwrap().expect("the probe answers");
+        outcomes.sort_by(|x, y| x.id.cmp(&y.id));
+        assert_eq!(outcomes.len(), 2);
+        assert_eq!(outcomes[0].winners.as_ref().map(|w| w[0].agent.as_str()), Some("b"));
+        assert_eq!(outcomes[1].declines, ["a: no answer in time"]);
+        let s = sent(&mut fleet_rx);
+        assert!(s.iter().all(|(_, k)| k == "call"), "dry runs reserve nothing to release: {s:?}");
+        assert!(sched_rx.try_recv().is_err(), "nothing goes to the Scheduler");
+        // An empty probe answers at once.
+        let none = ractor::call_t!(a, AuctioneerMsg::Probe, 5000, Vec::new()).unwrap();
+        assert!(none.is_empty());
     }
 
     #[tokio::test]

@@ -236,6 +236,7 @@ impl SchedulerCore {
             expected_duration_ms: j.spec.timeout_ms.unwrap_or(DEFAULT_EXPECTED_MS),
             lease_ms: LEASE_MS,
             inputs: inputs.iter().map(|(_, d)| self.input_summary(d)).collect(),
+            dry_run: false,
         };
         let open = OpenAuction {
             id: auction_id.clone(),
