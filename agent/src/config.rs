@@ -31,6 +31,9 @@ pub struct FileConfig {
     pub cpus: Option<u32>,
     /// Memory jobs may use together, e.g. `64GiB` (default: the host's).
     pub memory: Option<String>,
+    /// IP address peers and gang members reach this node at (default: the address its
+    /// coordinator connection comes from).
+    pub advertise_addr: Option<String>,
     /// Node labels `k=v` used by placement constraints.
     pub labels: Option<Vec<String>>,
     /// UDP address of the data-plane (xfer) endpoint.
@@ -85,6 +88,7 @@ pub struct AgentConfig {
     /// CPUs and memory offered to jobs (none: the host's).
     pub cpus: Option<u32>,
     pub memory_bytes: Option<u64>,
+    pub advertise_addr: Option<std::net::IpAddr>,
     pub labels: Vec<(String, String)>,
     pub data: DataConfig,
     pub container_runtime: ContainerRuntime,
@@ -215,6 +219,7 @@ impl FileConfig {
             spot: self.spot.or(other.spot),
             cpus: self.cpus.or(other.cpus),
             memory: self.memory.or(other.memory),
+            advertise_addr: self.advertise_addr.or(other.advertise_addr),
             labels: self.labels.or(other.labels),
             data_listen: self.data_listen.or(other.data_listen),
             store_limit: self.store_limit.or(other.store_limit),
@@ -392,6 +397,15 @@ impl AgentConfig {
             price_per_hour,
             spot: c.spot.unwrap_or(false),
             cpus: offered_cpus(c.cpus)?,
+            advertise_addr: c
+                .advertise_addr
+                .as_deref()
+                .map(|a| {
+                    a.parse().map_err(|_| {
+                        AgentError::Config(format!("advertise-addr {a:?} is not an IP address"))
+                    })
+                })
+                .transpose()?,
             memory_bytes: c.memory.as_deref().map(|m| size("memory", m)).transpose()?,
             labels: labels(c.labels.unwrap_or_default())?,
         })

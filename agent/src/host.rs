@@ -52,6 +52,24 @@ impl HostCollector {
         }
     }
 
+    /// The host's interface addresses other hosts may reach: loopback and IPv6
+    /// link-local left out, IPv4 first.
+    pub fn addresses(&self) -> Vec<String> {
+        let Some(n) = self.networks.as_ref() else { return Vec::new() };
+        let mut ips: Vec<std::net::IpAddr> = n
+            .iter()
+            .flat_map(|(_, data)| data.ip_networks().iter().map(|net| net.addr))
+            .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+            .filter(|ip| match ip {
+                std::net::IpAddr::V6(v6) => !v6.is_unicast_link_local(),
+                std::net::IpAddr::V4(_) => true,
+            })
+            .collect();
+        ips.sort_by_key(|ip| (ip.is_ipv6(), *ip));
+        ips.dedup();
+        ips.into_iter().map(|ip| ip.to_string()).collect()
+    }
+
     /// One sample. CPU utilisation is measured since the previous call.
     pub fn sample(&mut self) -> HostSample {
         let (cpu, mem_total, mem_used) = match self.sys.as_mut() {

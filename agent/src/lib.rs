@@ -326,6 +326,7 @@ fn node_sampler(
         data_port: jobs.data().and_then(|d| d.port()),
         cpus: config.cpus,
         memory_bytes: config.memory_bytes,
+        advertise_addr: config.advertise_addr.map(|ip| ip.to_string()),
     };
     Ok(s)
 }

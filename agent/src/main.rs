@@ -59,6 +59,10 @@ struct Cli {
     /// Memory jobs may use together, e.g. 64GiB [default: the host's].
     #[arg(long)]
     memory: Option<String>,
+    /// IP address peers and gang members reach this node at [default: the address the
+    /// coordinator sees its connection come from].
+    #[arg(long)]
+    advertise_addr: Option<String>,
     /// Node labels for placement constraints, e.g. rack=a7,tier=gold.
     #[arg(long, value_delimiter = ',')]
     labels: Vec<String>,
@@ -197,6 +201,7 @@ fn main() -> ExitCode {
         spot: cli.spot.then_some(true),
         cpus: cli.cpus,
         memory: cli.memory,
+        advertise_addr: cli.advertise_addr,
         labels: (!cli.labels.is_empty()).then_some(cli.labels),
         data_listen: cli.data_listen,
         store_limit: cli.store_limit,
@@ -270,6 +275,7 @@ fn print_probe(out: &fleetmesh_agent::ProbeOutput) {
         inv.host.memory_total_bytes >> 20
     );
     println!("gpu source: {:?}", inv.gpu_source);
+    println!("addresses:  {}", inv.host_addrs.join(", "));
     let h = &out.telemetry.host;
     println!(
         "cpu util:   {:.1}%  load: {:.2} {:.2} {:.2}  mem used: {} MiB",

@@ -31,6 +31,8 @@ pub struct NodeOffer {
     /// CPUs and memory offered to jobs, when not the whole host's.
     pub cpus: Option<u32>,
     pub memory_bytes: Option<u64>,
+    /// The address peers reach this node at, when not the one the coordinator sees.
+    pub advertise_addr: Option<String>,
 }
 
 impl Default for NodeOffer {
@@ -43,6 +45,7 @@ impl Default for NodeOffer {
             data_port: None,
             cpus: None,
             memory_bytes: None,
+            advertise_addr: None,
         }
     }
 }
@@ -78,9 +81,9 @@ impl NodeSampler {
 
 impl Sampler for NodeSampler {
     fn inventory(&mut self) -> Inventory {
-        let mut host = match &self.host {
-            HostSource::Live(h) => h.info(),
-            HostSource::Fixed(f) => f.0.clone(),
+        let (mut host, host_addrs) = match &self.host {
+            HostSource::Live(h) => (h.info(), h.addresses()),
+            HostSource::Fixed(f) => (f.0.clone(), Vec::new()),
         };
         // What is offered is what placement accounts against.
         host.cpu_count = self.offer.cpus.unwrap_or(host.cpu_count);
@@ -94,6 +97,8 @@ impl Sampler for NodeSampler {
             labels: self.offer.labels.clone(),
             container_runtime: self.offer.container_runtime.clone(),
             data_port: self.offer.data_port,
+            advertise_addr: self.offer.advertise_addr.clone(),
+            host_addrs,
         }
     }
 

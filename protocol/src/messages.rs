@@ -354,6 +354,14 @@ pub struct Inventory {
     pub container_runtime: Option<String>,
     /// UDP port of the agent's data-plane (xfer) endpoint; `None` = not serving data.
     pub data_port: Option<u16>,
+    /// The address peers reach this node at (`--advertise-addr`); none: the address
+    /// its coordinator connection comes from.
+    #[serde(default)]
+    pub advertise_addr: Option<String>,
+    /// The host's own addresses, loopback excluded: a gang's rendezvous when the
+    /// coordinator sees this node over loopback but other members are on other hosts.
+    #[serde(default)]
+    pub host_addrs: Vec<String>,
 }
 
 /// Static host facts.

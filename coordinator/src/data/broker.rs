@@ -568,6 +568,8 @@ mod tests {
             memory_bytes: 0,
             used_cpus: 0.0,
             used_memory_bytes: 0,
+            hostname: None,
+            host_addrs: vec![],
         }
     }
 

@@ -550,6 +550,9 @@ impl FleetState {
 
     fn candidate(name: &str, e: &AgentEntry) -> crate::placement::auction::Candidate {
         let inv = e.inventory.as_ref();
+        // Where peers reach it: what it advertises, else where its connection comes from.
+        let advertised = inv.and_then(|i| i.advertise_addr.as_deref()).and_then(|a| a.parse().ok());
+        let reach_ip: Option<std::net::IpAddr> = advertised.or(e.remote_ip);
         crate::placement::auction::Candidate {
             agent: name.to_string(),
             connected: e.record.state == AgentState::Connected
@@ -576,11 +579,13 @@ impl FleetState {
             memory_bytes: inv.map(|i| i.host.memory_total_bytes).unwrap_or(0),
             used_cpus: 0.0,
             used_memory_bytes: 0,
-            addr: e.remote_ip.map(|ip| ip.to_string()),
-            data_addr: match (e.remote_ip, inv.and_then(|i| i.data_port)) {
+            addr: reach_ip.map(|ip| ip.to_string()),
+            data_addr: match (reach_ip, inv.and_then(|i| i.data_port)) {
                 (Some(ip), Some(port)) => Some(std::net::SocketAddr::new(ip, port).to_string()),
                 _ => None,
             },
+            hostname: inv.map(|i| i.host.hostname.clone()),
+            host_addrs: inv.map(|i| i.host_addrs.clone()).unwrap_or_default(),
         }
     }
 

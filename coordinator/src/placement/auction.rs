@@ -64,8 +64,12 @@ pub struct Candidate {
     pub free_gpus: Vec<(String, u64)>,
     /// UUIDs in the same order as `free_gpus` (used to subtract busy GPUs).
     pub gpu_uuids: Vec<String>,
-    /// The agent's address as seen by the coordinator (gang rendezvous).
+    /// The agent's address: the one it advertises, else where its coordinator
+    /// connection comes from (gang rendezvous).
     pub addr: Option<String>,
+    /// Its host's name and own addresses (loopback excluded), as it reports them.
+    pub hostname: Option<String>,
+    pub host_addrs: Vec<String>,
     /// `IP:PORT` of its data-plane endpoint.
     pub data_addr: Option<String>,
     /// The node's CPUs and memory (from its inventory; 0 = not reported yet).
@@ -373,6 +377,8 @@ mod tests {
             memory_bytes: 0,
             used_cpus: 0.0,
             used_memory_bytes: 0,
+            hostname: None,
+            host_addrs: vec![],
         }
     }
 

@@ -15,8 +15,8 @@ use fleetmesh_protocol::{
 use tracing::{info, warn};
 
 use super::core::{
-    Backup, Effect, SchedulerCore, AUCTION_WINDOW_MS, BACKUP_MARGIN_MS, DEFAULT_EXPECTED_MS,
-    LEASE_MS, MASTER_PORT, MS_PER_HOUR, REQUEUE_MS,
+    rendezvous_addr, Backup, Effect, SchedulerCore, AUCTION_WINDOW_MS, BACKUP_MARGIN_MS,
+    DEFAULT_EXPECTED_MS, LEASE_MS, MASTER_PORT, MS_PER_HOUR, REQUEUE_MS,
 };
 use super::records::{Attempt, AttemptState, JobRecord, JobState};
 use crate::data::broker::{DatasetRecord, Requester};
@@ -366,10 +366,14 @@ impl SchedulerCore {
         if let (Some(m), Some(a)) = (&j.member, &j.spec.array) {
             exec.env.extend(a.member_env(m.index));
         }
-        // Rank 0's address as the coordinator sees it (its name if unknown).
+        // Rank 0's address as the other members can reach it (its name if unknown).
+        let members: Vec<_> = winners.iter().map(|w| self.reach.get(&w.agent)).collect();
         let master = winners
             .first()
-            .map(|w| self.addrs.get(&w.agent).cloned().unwrap_or_else(|| w.agent.clone()))
+            .map(|w| {
+                rendezvous_addr(self.reach.get(&w.agent), &members)
+                    .unwrap_or_else(|| w.agent.clone())
+            })
             .unwrap_or_default();
         let awards: Vec<(String, CoordinatorMessage)> = winners
             .iter()

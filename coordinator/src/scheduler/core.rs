@@ -152,6 +152,34 @@ pub(super) struct Backup {
     pub(super) until_unix_ms: u64,
 }
 
+/// How an agent is reached: its address (advertised, or where its connection comes
+/// from), its host's name and the host's own addresses.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Reach {
+    pub addr: Option<String>,
+    pub hostname: Option<String>,
+    pub host_addrs: Vec<String>,
+}
+
+/// Where a gang's members meet (`MASTER_ADDR`): rank 0's address as the others can
+/// reach it. A loopback address serves only when every member is on rank 0's host;
+/// otherwise rank 0's first own address is used. `None`: nothing is known of rank 0.
+pub fn rendezvous_addr(rank0: Option<&Reach>, members: &[Option<&Reach>]) -> Option<String> {
+    let r = rank0?;
+    let addr = r.addr.clone();
+    let loopback = addr
+        .as_deref()
+        .and_then(|a| a.parse::<std::net::IpAddr>().ok())
+        .is_some_and(|ip| ip.is_loopback());
+    let same_host = |m: &Option<&Reach>| {
+        m.and_then(|m| m.hostname.as_deref()).is_some_and(|h| Some(h) == r.hostname.as_deref())
+    };
+    if addr.is_some() && !(loopback && !members.iter().all(same_host)) {
+        return addr;
+    }
+    r.host_addrs.first().cloned().or(addr)
+}
+
 /// A cancellation named neither a job nor a workflow.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("no job or workflow {0}")]
@@ -184,8 +212,8 @@ pub struct SchedulerCore {
     /// Awards decided and exits recorded: sent only after the state they depend on is
     /// committed (one commit for all of them).
     pub(super) outgoing: Vec<(String, CoordinatorMessage)>,
-    /// Agent addresses from the last candidate list (gang rendezvous `MASTER_ADDR`).
-    pub(super) addrs: BTreeMap<String, String>,
+    /// How each agent is reached, from the last candidate list (gang rendezvous).
+    pub(super) reach: BTreeMap<String, Reach>,
     pub(super) top_k: usize,
     /// Runner-up bids of awarded single-node attempts not yet accepted.
     pub(super) backups: HashMap<(String, u64), Backup>,
@@ -229,7 +257,7 @@ impl SchedulerCore {
             dirty_w: Vec::new(),
             dirty_j: BTreeSet::new(),
             outgoing: Vec::new(),
-            addrs: BTreeMap::new(),
+            reach: BTreeMap::new(),
             top_k: top_k.max(1),
             backups: HashMap::new(),
             wf_check,

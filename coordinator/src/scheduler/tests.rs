@@ -113,6 +113,8 @@ fn agent(name: &str, gpus: usize, jurisdiction: Option<&str>) -> Candidate {
         memory_bytes: 1 << 40,
         used_cpus: 0.0,
         used_memory_bytes: 0,
+        hostname: None,
+        host_addrs: vec![],
     }
 }
 
@@ -379,6 +381,60 @@ fn an_award_leaves_only_after_the_commit_that_records_its_fence() {
     let j = h.job(&format!("{wf}.j"));
     assert_eq!((j.state, j.attempts.len()), (JobState::Starting, 1));
     assert_eq!(j.attempts[0].state, AttemptState::Awarded);
+}
+
+#[test]
+fn a_gang_meets_at_an_address_every_member_can_reach() {
+    let reach = |addr: &str, host: &str, own: &[&str]| Reach {
+        addr: Some(addr.into()),
+        hostname: Some(host.into()),
+        host_addrs: own.iter().map(|a| a.to_string()).collect(),
+    };
+    let local0 = reach("127.0.0.1", "box", &["192.168.1.5"]);
+    let local1 = reach("127.0.0.1", "box", &["192.168.1.5"]);
+    let remote = reach("192.168.1.9", "other", &["192.168.1.9"]);
+    // All on one host: loopback is fine.
+    assert_eq!(
+        rendezvous_addr(Some(&local0), &[Some(&local0), Some(&local1)]).unwrap(),
+        "127.0.0.1"
+    );
+    // Rank 0 reaches the coordinator over loopback, a member is elsewhere: rank 0's own
+    // address, never 127.0.0.1.
+    assert_eq!(
+        rendezvous_addr(Some(&local0), &[Some(&local0), Some(&remote)]).unwrap(),
+        "192.168.1.5"
+    );
+    // A member whose host is unknown is not assumed to be on rank 0's.
+    assert_eq!(rendezvous_addr(Some(&local0), &[Some(&local0), None]).unwrap(), "192.168.1.5");
+    // A routable address (advertised, or where the connection comes from) is used as is.
+    assert_eq!(
+        rendezvous_addr(Some(&remote), &[Some(&remote), Some(&local0)]).unwrap(),
+        "192.168.1.9"
+    );
+    // Nothing better known: what there is.
+    let bare = reach("127.0.0.1", "box", &[]);
+    assert_eq!(rendezvous_addr(Some(&bare), &[Some(&bare), Some(&remote)]).unwrap(), "127.0.0.1");
+    assert_eq!(rendezvous_addr(None, &[]), None);
+    // Through the core: two agents on different hosts, rank 0 seen over loopback.
+    let mut h = Harness::new();
+    for (c, host) in h.fleet.iter_mut().zip(["box", "other"]) {
+        c.addr = Some("127.0.0.1".into());
+        c.hostname = Some(host.into());
+        c.host_addrs = vec![format!("10.1.0.{}", c.agent.len() + 1)];
+    }
+    let wf = h.submit(GANG);
+    h.tick();
+    let o = h.auction_for(&format!("{wf}.j"));
+    h.close(&o, &["a", "b"], None);
+    let masters: Vec<String> = h
+        .sent()
+        .into_iter()
+        .filter_map(|(_, m)| match m {
+            CoordinatorMessage::Award(a) => Some(a.master_addr),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(masters, ["10.1.0.2", "10.1.0.2"], "rank 0's own address for both ranks");
 }
 
 #[test]

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use tracing::info;
 
 use super::core::{
-    SchedulerCore, AWARD_ANSWER_MS, MAX_AUCTIONS_PER_TICK, MAX_OPEN_AUCTIONS, START_TIMEOUT_MS,
+    Reach, SchedulerCore, AWARD_ANSWER_MS, MAX_AUCTIONS_PER_TICK, MAX_OPEN_AUCTIONS,
+    START_TIMEOUT_MS,
 };
 use super::records::{AttemptState, JobRecord, JobState, WorkflowState};
 use crate::placement::auction::{self, Candidate};
@@ -224,9 +225,12 @@ impl SchedulerCore {
         mut candidates: Vec<Candidate>,
     ) -> Placement {
         for c in &candidates {
-            if let Some(a) = &c.addr {
-                self.addrs.insert(c.agent.clone(), a.clone());
-            }
+            let reach = Reach {
+                addr: c.addr.clone(),
+                hostname: c.hostname.clone(),
+                host_addrs: c.host_addrs.clone(),
+            };
+            self.reach.insert(c.agent.clone(), reach);
         }
         let (busy, held) = self.held_by_attempts();
         for c in &mut candidates {
