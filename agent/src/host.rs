@@ -57,8 +57,8 @@ impl HostCollector {
     pub fn addresses(&self) -> Vec<String> {
         let Some(n) = self.networks.as_ref() else { return Vec::new() };
         let mut ips: Vec<std::net::IpAddr> = n
-            .iter()
-            .flat_map(|(_, data)| data.ip_networks().iter().map(|net| net.addr))
+            .values()
+            .flat_map(|data| data.ip_networks().iter().map(|net| net.addr))
             .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
             .filter(|ip| match ip {
                 std::net::IpAddr::V6(v6) => !v6.is_unicast_link_local(),

@@ -174,7 +174,8 @@ pub fn rendezvous_addr(rank0: Option<&Reach>, members: &[Option<&Reach>]) -> Opt
     let same_host = |m: &Option<&Reach>| {
         m.and_then(|m| m.hostname.as_deref()).is_some_and(|h| Some(h) == r.hostname.as_deref())
     };
-    if addr.is_some() && !(loopback && !members.iter().all(same_host)) {
+    let reachable_as_is = !loopback || members.iter().all(same_host);
+    if addr.is_some() && reachable_as_is {
         return addr;
     }
     r.host_addrs.first().cloned().or(addr)
