@@ -165,26 +165,7 @@ fn main() -> ExitCode {
             data_dir: cli.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(".")),
             simulate_gpus: cli.simulate_gpus.or(file.simulate_gpus),
         };
-        return match fleetmesh_agent::probe(&cfg) {
-            Ok(out) => {
-                if json {
-                    match serde_json::to_string_pretty(&out) {
-                        Ok(s) => println!("{s}"),
-                        Err(e) => {
-                            eprintln!("fleetmesh-agent: {e}");
-                            return ExitCode::FAILURE;
-                        }
-                    }
-                } else {
-                    print_probe(&out);
-                }
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("fleetmesh-agent: {e}");
-                ExitCode::FAILURE
-            }
-        };
+        return probe(&cfg, json);
     }
     let flags = FileConfig {
         coordinator: cli.coordinator,
@@ -261,6 +242,31 @@ async fn wait_for_signal() {
         }
         _ => {
             let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// `fleetmesh-agent probe`: what this node would report, printed.
+fn probe(cfg: &ProbeConfig, json: bool) -> ExitCode {
+    let out = match fleetmesh_agent::probe(cfg) {
+        Ok(out) => out,
+        Err(e) => {
+            eprintln!("fleetmesh-agent: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if !json {
+        print_probe(&out);
+        return ExitCode::SUCCESS;
+    }
+    match serde_json::to_string_pretty(&out) {
+        Ok(s) => {
+            println!("{s}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("fleetmesh-agent: {e}");
+            ExitCode::FAILURE
         }
     }
 }
