@@ -75,6 +75,10 @@ enum Cmd {
         /// starts off this one machine). Printed in the result as `job_exec`.
         #[arg(long, value_enum, default_value_t = JobExec::Process)]
         exec: JobExec,
+        /// Then place the same number of jobs again as one array job (`parallel: N`) on
+        /// the same agents, and print both figures with their ratio.
+        #[arg(long)]
+        array: bool,
     },
     /// Internal: host a shard of the placement bench's simulated agents (one process
     /// of `placement --agent-procs`). Prints `ready` once all are connected and runs
@@ -426,15 +430,23 @@ async fn bidders(
     Ok(())
 }
 
-async fn placement(
+/// What the placement bench places: agents, jobs, GPUs per agent, the offered rate,
+/// and whether an array round follows.
+struct PlacementShape {
     agents: usize,
     jobs: usize,
     gpus: u32,
-    failovers: usize,
     rate: Option<u32>,
+    array: bool,
+}
+
+async fn placement(
+    shape: PlacementShape,
+    failovers: usize,
     agent_procs: usize,
     exec: JobExec,
 ) -> Result<()> {
+    let PlacementShape { agents, jobs, gpus, rate, array } = shape;
     let pki = Pki::new("bench.local")?;
     let work = tempfile::tempdir()?;
     let coord =
@@ -523,69 +535,18 @@ async fn placement(
         yaml
     };
     eprintln!("submitting {jobs} jobs in workflows of {batch}");
-    let t0 = Instant::now();
-    let mut next = 0;
-    while next < jobs {
-        let n = batch.min(jobs - next);
-        let _: fleetmesh_api::answers::Submitted =
-            client.post_raw("/api/v1/workflows", workflow(next, n).into_bytes()).await?;
-        next += n;
-        if next < jobs {
-            let slot = t0 + Duration::from_millis(100 * (next / batch) as u64);
-            tokio::time::sleep_until(slot.into()).await;
-        }
-    }
-    // Poll the (small) workflow list until every workflow has finished, then read the
-    // jobs once: listing 10,000 jobs every poll would load the scheduler under test.
-    let done_by = Instant::now() + Duration::from_secs(600);
-    let mut busy_answers = 0u32;
-    loop {
-        match client.get_json::<Vec<WorkflowSummary>>("/api/v1/workflows").await {
-            Ok(wfs) => {
-                if wfs.iter().all(|w| w.state != WorkflowState::Running) || Instant::now() > done_by
-                {
-                    break;
-                }
-            }
-            Err(e) => {
-                // The scheduler answers late while saturated: count it, poll again.
-                busy_answers += 1;
-                eprintln!("status poll failed ({e}); retrying");
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let list = fleetmesh_integration::work::jobs(&client, "")
-        .await
-        .ok_or_else(|| anyhow::anyhow!("the job listing did not answer"))?;
-    let total_s = t0.elapsed().as_secs_f64();
-    let mut award_ms = Vec::new();
-    let mut start_ms = Vec::new();
-    let mut first_award = u64::MAX;
-    let mut last_award = 0u64;
-    let mut succeeded = 0;
-    // Jobs whose first award did not stick (refused, not answered in time, or lost):
-    // their award time is that of a later attempt.
-    let mut reawarded = 0;
-    for j in &list {
-        if j.attempts > 1 {
-            reawarded += 1;
-        }
-        let sub = j.submitted_unix_ms;
-        if let Some(a) = j.awarded_unix_ms {
-            award_ms.push(a.saturating_sub(sub) as f64);
-            first_award = first_award.min(a);
-            last_award = last_award.max(a);
-        }
-        if let Some(s) = j.started_unix_ms {
-            start_ms.push(s.saturating_sub(sub) as f64);
-        }
-        if j.state == JobState::Succeeded {
-            succeeded += 1;
-        }
-    }
-    let first_submit = list.iter().map(|j| j.submitted_unix_ms).min().unwrap_or(0);
-    let span_s = (last_award.saturating_sub(first_submit)) as f64 / 1000.0;
+    let files: Vec<String> =
+        (0..jobs).step_by(batch).map(|first| workflow(first, batch.min(jobs - first))).collect();
+    let separate = round(&client, files, |_| String::new()).await?;
+    let array_round = if array {
+        eprintln!("submitting one array job of {jobs} members");
+        let yaml = format!(
+            "name: bench-array\nobjective: cheapest\njobs:\n  a:\n    command: [\"true\"]\n    resources: {{ gpus: 1 }}\n    parallel: {jobs}\n"
+        );
+        Some(round(&client, vec![yaml], |wf| format!("array={wf}.a")).await?)
+    } else {
+        None
+    };
     let _ = stop_tx.send(true);
     for t in tasks {
         t.abort();
@@ -644,29 +605,133 @@ async fn placement(
         p.spawn()?;
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
-    let out = json!({
+    let mut out = json!({
         "bench": "placement",
         "agents": agents,
         "jobs": jobs,
         "gpus_per_agent": gpus,
-        "succeeded": succeeded,
         "offered_jobs_per_s": rate,
         "job_exec": if exec == JobExec::Simulated { "simulated" } else { "process" },
         "agent_procs": agent_procs,
-        "placements_per_s": if span_s > 0.0 { (award_ms.len() as f64 / span_s * 10.0).round() / 10.0 } else { 0.0 },
-        "all_done_s": (total_s * 10.0).round() / 10.0,
-        "award_p50_ms": pct(&mut award_ms.clone(), 0.5),
-        "award_p99_ms": pct(&mut award_ms, 0.99),
-        "jobs_with_several_attempts": reawarded,
-        "awards_over_500ms": award_ms.iter().filter(|&&x| x > 500.0).count(),
-        "start_p50_ms": pct(&mut start_ms.clone(), 0.5),
-        "start_p99_ms": pct(&mut start_ms, 0.99),
         "failover_ms": (pct(&mut failover_ms.clone(), 0.5)).round(),
-        "api_busy_answers": busy_answers,
         "failover_all_ms": failover_ms.iter().map(|f| f.round()).collect::<Vec<_>>(),
     });
+    merge(&mut out, separate.figures());
+    if let Some(a) = &array_round {
+        let ratio = a.placements_per_s() / separate.placements_per_s().max(f64::MIN_POSITIVE);
+        out["array"] = a.figures();
+        out["array_vs_separate_placements_per_s"] = json!((ratio * 100.0).round() / 100.0);
+    }
     println!("{out}");
     Ok(())
+}
+
+/// One round of placements: the jobs' summaries once every workflow has finished.
+struct Round {
+    jobs: Vec<fleetmesh_api::jobs::JobSummary>,
+    total_s: f64,
+    busy_answers: u32,
+}
+
+/// Submit `files` one per 100 ms (all at once when there is one), wait until every
+/// workflow has finished, then list their jobs once (`listing(workflow)` is the query;
+/// empty for top-level jobs): listing 10,000 jobs every poll would load the scheduler
+/// under test.
+async fn round(
+    client: &fleetmesh_coordinator::client::ApiClient,
+    files: Vec<String>,
+    listing: impl Fn(&str) -> String,
+) -> Result<Round> {
+    let t0 = Instant::now();
+    let mut ids = Vec::new();
+    for (n, yaml) in files.into_iter().enumerate() {
+        let slot = t0 + Duration::from_millis(100 * n as u64);
+        tokio::time::sleep_until(slot.into()).await;
+        let r: fleetmesh_api::answers::Submitted =
+            client.post_raw("/api/v1/workflows", yaml.into_bytes()).await?;
+        ids.push(r.id);
+    }
+    let done_by = Instant::now() + Duration::from_secs(600);
+    let mut busy_answers = 0u32;
+    loop {
+        match client.get_json::<Vec<WorkflowSummary>>("/api/v1/workflows").await {
+            Ok(wfs) => {
+                let ours = wfs.iter().filter(|w| ids.contains(&w.id));
+                if ours.clone().all(|w| w.state != WorkflowState::Running)
+                    || Instant::now() > done_by
+                {
+                    break;
+                }
+            }
+            Err(e) => {
+                // The scheduler answers late while saturated: count it, poll again.
+                busy_answers += 1;
+                eprintln!("status poll failed ({e}); retrying");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut jobs = Vec::new();
+    for id in &ids {
+        let filter = listing(id);
+        let filter = if filter.is_empty() { format!("workflow={id}") } else { filter };
+        let page = fleetmesh_integration::work::jobs(client, &filter).await;
+        jobs.extend(page.ok_or_else(|| anyhow::anyhow!("the job listing did not answer"))?);
+    }
+    Ok(Round { jobs, total_s: t0.elapsed().as_secs_f64(), busy_answers })
+}
+
+impl Round {
+    /// First submission to last award, in seconds.
+    fn award_span_s(&self) -> f64 {
+        let first = self.jobs.iter().map(|j| j.submitted_unix_ms).min().unwrap_or(0);
+        let last = self.jobs.iter().filter_map(|j| j.awarded_unix_ms).max().unwrap_or(first);
+        last.saturating_sub(first) as f64 / 1000.0
+    }
+
+    fn placements_per_s(&self) -> f64 {
+        let awarded = self.jobs.iter().filter(|j| j.awarded_unix_ms.is_some()).count();
+        let span = self.award_span_s();
+        if span > 0.0 {
+            (awarded as f64 / span * 10.0).round() / 10.0
+        } else {
+            0.0
+        }
+    }
+
+    /// The round's figures, as the bench prints them.
+    fn figures(&self) -> serde_json::Value {
+        let since_submit = |t: fn(&fleetmesh_api::jobs::JobSummary) -> Option<u64>| -> Vec<f64> {
+            self.jobs
+                .iter()
+                .filter_map(|j| t(j).map(|x| x.saturating_sub(j.submitted_unix_ms) as f64))
+                .collect()
+        };
+        let award_ms = since_submit(|j| j.awarded_unix_ms);
+        let mut start_ms = since_submit(|j| j.started_unix_ms);
+        json!({
+            "succeeded": self.jobs.iter().filter(|j| j.state == JobState::Succeeded).count(),
+            "placements_per_s": self.placements_per_s(),
+            "all_awarded_s": (self.award_span_s() * 10.0).round() / 10.0,
+            "all_done_s": (self.total_s * 10.0).round() / 10.0,
+            "award_p50_ms": pct(&mut award_ms.clone(), 0.5),
+            "award_p99_ms": pct(&mut award_ms.clone(), 0.99),
+            // Jobs whose first award did not stick (refused, not answered in time, or
+            // lost): their award time is that of a later attempt.
+            "jobs_with_several_attempts": self.jobs.iter().filter(|j| j.attempts > 1).count(),
+            "awards_over_500ms": award_ms.iter().filter(|&&x| x > 500.0).count(),
+            "start_p50_ms": pct(&mut start_ms.clone(), 0.5),
+            "start_p99_ms": pct(&mut start_ms, 0.99),
+            "api_busy_answers": self.busy_answers,
+        })
+    }
+}
+
+/// `extra`'s fields added to the object `out`.
+fn merge(out: &mut serde_json::Value, extra: serde_json::Value) {
+    if let (Some(o), serde_json::Value::Object(e)) = (out.as_object_mut(), extra) {
+        o.extend(e);
+    }
 }
 
 /// A session stand-in for the in-memory baseline (the Fleet only ever sends `Close`).
@@ -974,8 +1039,18 @@ fn main() -> Result<()> {
             Cmd::Telemetry { agents, gpus_per_agent, seconds, connect_rate, no_baseline } => {
                 telemetry(agents, gpus_per_agent, seconds, connect_rate, no_baseline).await
             }
-            Cmd::Placement { agents, jobs, gpus_per_agent, failovers, rate, agent_procs, exec } => {
-                placement(agents, jobs, gpus_per_agent, failovers, rate, agent_procs, exec).await
+            Cmd::Placement {
+                agents,
+                jobs,
+                gpus_per_agent,
+                failovers,
+                rate,
+                agent_procs,
+                exec,
+                array,
+            } => {
+                let shape = PlacementShape { agents, jobs, gpus: gpus_per_agent, rate, array };
+                placement(shape, failovers, agent_procs, exec).await
             }
             Cmd::Bidders { ca_dir, coordinator, first, count, gpus_per_agent, work, exec } => {
                 bidders(&ca_dir, coordinator, first, count, gpus_per_agent, &work, exec).await
