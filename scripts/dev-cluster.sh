@@ -33,6 +33,27 @@ down() {
   fi
 }
 
+# Submit FILE, wait for its workflow to finish, show its jobs (arrays folded) and the
+# output of JOB; returns non-zero unless the workflow succeeded.
+run_example() {
+  local file=$1 job=$2 wf state=running
+  echo "==> $file: fleetmesh plan, then submit"
+  cli plan "$file" | head -12 || true
+  wf=$(cli submit "$file")
+  for _ in $(seq 1 600); do
+    state=$(cli workflows | awk -v id="$wf" '$1 == id { print $2 }')
+    [ "$state" != running ] && break
+    sleep 0.1
+  done
+  cli jobs --workflow "$wf"
+  echo
+  echo "output of $wf.$job:"
+  cli logs "$wf.$job"
+  echo "workflow $wf: $state"
+  echo
+  [ "$state" = succeeded ]
+}
+
 up() {
   down
   echo "==> building (debug)"
@@ -127,6 +148,9 @@ up() {
   echo "top words (output of $wf.count):"
   cli logs "$wf.count"
   echo "workflow $wf: $state"
+  echo
+  run_example examples/scatter-gather.yaml reduce
+  run_example examples/gang-allreduce.yaml allreduce
   echo
   echo "The mesh keeps running. Try:"
   echo "  eval \"\$(scripts/dev-cluster.sh env)\"; target/debug/fleetmesh agents show gpu-eu-1"
