@@ -298,3 +298,49 @@ async fn plan_shows_where_jobs_would_go_changes_nothing_and_matches_where_they_g
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_10000_member_array_is_stored_listed_in_pages_and_folded() -> anyhow::Result<()> {
+    const BIG: usize = 10_000;
+    let pki = Pki::new("mesh.test")?;
+    let work = tempfile::tempdir()?;
+    let mut coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
+    let client = coord.client(&pki)?;
+    // No agent: the members stay queued, and nothing else changes while we look.
+    let yaml = format!("name: big\njobs:\n  m:\n    command: [\"true\"]\n    parallel: {BIG}\n");
+    let wf = work::submit(&client, &yaml).await?;
+    let too_big = "name: huge\njobs:\n  m:\n    command: [\"true\"]\n    parallel: 10001\n";
+    let refused = client.post_raw::<serde_json::Value>("/api/v1/workflows", too_big.into()).await;
+    let refused = format!("{:?}", refused.expect_err("over the limit"));
+    assert!(refused.contains("job `m`, field `parallel`: 10001 members; an array has 1 to 10000"));
+    // Stored: a kill -9 and a restart later it is all there.
+    coord.restart(&pki).await?;
+    let client = coord.client(&pki)?;
+    let array = format!("{wf}.m");
+    let queued = wait_for(Duration::from_secs(30), || async {
+        let top = work::jobs(&client, &format!("workflow={wf}")).await?;
+        let counts = top.first()?.members.clone()?;
+        (counts.get(&JobState::Queued) == Some(&BIG)).then_some(top)
+    })
+    .await
+    .expect("the restarted coordinator lists the array with every member queued");
+    assert_eq!(queued.len(), 1, "one folded line");
+    // Pages of at most 5,000, however many are asked for.
+    let page: fleetmesh_api::jobs::JobPage =
+        client.get_json(&format!("/api/v1/jobs?array={array}&limit=100000")).await?;
+    assert_eq!(page.jobs.len(), fleetmesh_api::jobs::MAX_PAGE_JOBS);
+    assert_eq!(page.next.as_deref(), Some(format!("{array}[4999]").as_str()));
+    let members = work::jobs(&client, &format!("array={array}")).await.expect("members");
+    assert_eq!(members.len(), BIG);
+    assert_eq!(members[BIG - 1].id, format!("{array}[9999]"));
+    let reason = members[0].reason.clone().unwrap_or_default();
+    assert!(reason.contains("no agents in the fleet"), "{reason}");
+    // The CLI's listing stays one line for the array, and cancelling it cancels all.
+    let listing = cli_ok(&coord, &pki, &["jobs", "--workflow", &wf]).await;
+    assert!(listing.contains(&format!("queued {BIG}")), "{listing}");
+    let out = cli_ok(&coord, &pki, &["cancel", &array]).await;
+    assert!(out.contains(&format!("cancelled {} job(s)", BIG + 1)), "{out}");
+    let state = wait_for(Duration::from_secs(10), || work::finished(&client, &wf)).await;
+    assert_eq!(state, Some(WorkflowState::Failed));
+    Ok(())
+}
