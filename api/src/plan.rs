@@ -32,6 +32,10 @@ pub struct JobPlan {
     pub offers: Vec<PlanOffer>,
     /// `agent: reason` for every agent ruled out or declining.
     pub refused: Vec<String>,
+    /// Eligible agents beyond those asked (a plan asks at most 16 per job); their room
+    /// for an array's members is counted as if they were idle.
+    #[serde(default)]
+    pub also_eligible: Vec<String>,
     pub inputs: Vec<InputPlan>,
     /// Jurisdictions the job may run in (empty: anywhere).
     pub residency: Vec<String>,

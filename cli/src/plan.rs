@@ -80,13 +80,17 @@ fn print_job(j: &JobPlan) {
     }
     for o in &j.offers {
         outln!(
-            "  offer {}: price {:.4}, eta {}ms, load {:.0}%, room for {}",
+            "  offer {}: price {:.4}, eta {}ms, holds {} of the inputs, load {:.0}%, room for {}",
             o.agent,
             o.price,
             o.eta_ms,
+            human_bytes(o.local_bytes),
             o.load * 100.0,
             o.room
         );
+    }
+    if !j.also_eligible.is_empty() {
+        outln!("  also eligible (not asked): {}", j.also_eligible.join(", "));
     }
     for r in &j.refused {
         outln!("  not {r}");

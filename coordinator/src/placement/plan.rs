@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use fleetmesh_api::plan::{InputPlan, JobPlan, Plan, PlanOffer};
-use fleetmesh_protocol::data::{intersect_residency, residency_allows};
+use fleetmesh_protocol::data::{intersect_residency, residency_allows, Shard};
 use fleetmesh_protocol::workflow::{InputRef, JobSpec, Workflow};
 use fleetmesh_protocol::{CallForBids, InputSummary};
 
@@ -99,7 +99,7 @@ fn inputs(
                     mount,
                     from: n,
                     dataset: Some(ds.id.clone()),
-                    bytes: Some(if sharded { ds.bytes.div_ceil(members) } else { ds.bytes }),
+                    bytes: Some(if sharded { largest_shard(&ds, members) } else { ds.bytes }),
                     holders: ds
                         .holders
                         .iter()
@@ -137,6 +137,16 @@ fn inputs(
     out
 }
 
+/// Bytes of the largest of `members` shards of a dataset (what one member moves at most).
+fn largest_shard(ds: &DatasetRecord, members: u64) -> u64 {
+    let count = u32::try_from(members).unwrap_or(u32::MAX).max(1);
+    let sizes: Vec<u64> = ds.manifest.files.iter().map(|f| f.size).collect();
+    (0..count)
+        .map(|index| sizes[Shard { index, count }.range(sizes.len())].iter().sum::<u64>())
+        .max()
+        .unwrap_or(0)
+}
+
 /// The dry-run auction for a job, or `None` with the reasons recorded.
 fn call(
     spec: &JobSpec,
@@ -156,7 +166,7 @@ fn call(
     let within: Vec<Candidate> = sorted.iter().filter(allowed).cloned().collect();
     let (mut invite, refused) = auction::prefilter(spec, &within, usize::MAX);
     jp.refused.extend(refused.iter().map(|(a, why)| format!("{a}: {why}")));
-    invite.truncate(MAX_ASKED_PER_JOB);
+    jp.also_eligible = invite.split_off(invite.len().min(MAX_ASKED_PER_JOB));
     if (invite.len() as u32) < spec.nodes {
         jp.waits.push(if spec.nodes > 1 {
             format!(
@@ -267,7 +277,15 @@ fn settle(
     jp.placement = winners.iter().map(|w| w.agent.clone()).collect();
     let per_member: f64 = winners.iter().map(|w| w.price).sum();
     jp.expected_cost = per_member * f64::from(jp.members);
-    let room: u32 = jp.offers.iter().map(|o| o.room).sum::<u32>() / spec.nodes.max(1);
+    let idle_room = |agent: &String| {
+        let c = candidates.iter().find(|c| &c.agent == agent);
+        let idle_load =
+            c.filter(|c| c.cpus > 0).map_or(0.0, |c| spec.resources.cpus / f64::from(c.cpus));
+        c.map_or(0, |c| room(spec, c, idle_load))
+    };
+    let asked: u32 = jp.offers.iter().map(|o| o.room).sum();
+    let others: u32 = jp.also_eligible.iter().map(idle_room).sum();
+    let room = asked.saturating_add(others) / spec.nodes.max(1);
     jp.start_now = room.min(jp.members);
     if jp.start_now < jp.members {
         let rest = jp.members - jp.start_now;
@@ -358,8 +376,15 @@ mod tests {
             producer: None,
             created_unix_ms: 0,
             manifest: std::sync::Arc::new(fleetmesh_protocol::data::Manifest {
-                chunk_size: 1,
-                files: vec![],
+                chunk_size: 1 << 20,
+                files: (0..10)
+                    .map(|i| fleetmesh_protocol::data::FileEntry {
+                        path: format!("f{i}"),
+                        size: bytes / 10,
+                        mode: 0o644,
+                        chunks: vec![],
+                    })
+                    .collect(),
             }),
             fetches: BTreeMap::new(),
             pending: Default::default(),
@@ -442,6 +467,21 @@ mod tests {
         assert!(lost.refused.iter().all(|r| r.contains("label gpu=none")), "{:?}", lost.refused);
         assert!(!p.all_placeable_now);
         assert!((p.expected_cost - 11.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn room_counts_the_eligible_agents_beyond_those_asked() {
+        let wf = parse("name: r\njobs:\n  m:\n    command: [x]\n    parallel: 100\n    resources: { cpus: 1 }\n").unwrap();
+        let fleet: Vec<Candidate> =
+            (0..20).map(|i| cand(&format!("n{i:02}"), 1.0, 4, "EU")).collect();
+        let (d, auctions) = draft(&wf, &fleet, &|_| None, "p", 0);
+        assert_eq!(auctions[0].invite.len(), MAX_ASKED_PER_JOB);
+        let bids = auctions[0].invite.iter().map(|a| bid(a, 1.0, 0.25)).collect();
+        let p = finish(d, vec![answered(&auctions[0], bids)], &wf, &fleet);
+        let m = &p.jobs[0];
+        assert_eq!(m.also_eligible.len(), 4);
+        assert_eq!(m.start_now, 80, "4 members on each of 20 idle 4-CPU agents");
+        assert_eq!(m.waits, ["80 of 100 members can start now; 20 wait for room"]);
     }
 
     #[test]

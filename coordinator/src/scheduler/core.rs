@@ -250,6 +250,13 @@ impl SchedulerCore {
             .filter_map(|j| j.current().map(|a| ((j.id.clone(), a.n), now + READOPT_GRACE_MS)))
             .collect();
         let wf_check = workflows.keys().cloned().collect();
+        // An array whose last member ended just before a restart is decided on the first
+        // tick, as a workflow is.
+        let array_check = jobs
+            .values()
+            .filter(|j| j.is_array() && j.state == JobState::Running)
+            .map(|j| j.id.clone())
+            .collect();
         Self {
             workflows,
             jobs,
@@ -262,7 +269,7 @@ impl SchedulerCore {
             top_k: top_k.max(1),
             backups: HashMap::new(),
             wf_check,
-            array_check: BTreeSet::new(),
+            array_check,
             room_freed: false,
             catalog,
             last_candidates: Arc::new(Vec::new()),

@@ -286,3 +286,20 @@ fn cpus_are_packed_per_node_and_jobs_wait_for_room_with_the_reason() {
     assert_eq!(next.len(), 1);
     assert_eq!(next[0].invite, ["b"], "only b has room");
 }
+
+#[test]
+fn an_array_whose_members_all_ended_before_a_restart_is_decided_after_it() {
+    let mut h = Harness::new();
+    let wf = h.submit("name: z\njobs:\n  m:\n    command: [\"true\"]\n    parallel: 2\n");
+    let m = format!("{wf}.m");
+    run_members(&mut h, &m, 2);
+    // Both members end, and the coordinator stops before the tick that decides the array.
+    for i in 0..2 {
+        member_exits(&mut h, &m, i, 0);
+    }
+    assert_eq!(h.state(&m), JobState::Running);
+    let mut r = restart(&h);
+    r.tick();
+    assert_eq!(r.state(&m), JobState::Succeeded);
+    assert_eq!(r.core.workflow(&wf).unwrap().state, WorkflowState::Succeeded);
+}
