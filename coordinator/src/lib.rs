@@ -22,6 +22,7 @@
 #![warn(clippy::too_many_lines, clippy::too_many_arguments)]
 
 pub mod api;
+pub mod autoscale;
 pub use fleetmesh_api::client;
 pub mod config;
 pub mod data;
