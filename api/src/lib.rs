@@ -9,6 +9,7 @@ pub mod data;
 pub mod fleet;
 pub mod jobs;
 pub mod plan;
+pub mod pools;
 pub mod trust;
 
 /// Format ms since the epoch as RFC 3339 (UTC, millisecond precision).

@@ -26,6 +26,7 @@ mod data;
 mod fleet;
 mod output;
 mod plan;
+mod pools;
 mod tokens;
 mod work;
 
@@ -90,6 +91,11 @@ enum Command {
     /// anything would wait. Nothing is submitted. Exit 0: all placeable now; 2: something
     /// would wait; 1: invalid file.
     Plan { file: std::path::PathBuf },
+    /// Capacity pools: nodes, launches, failures, idle time (`show NAME` for one).
+    Pools {
+        #[command(subcommand)]
+        cmd: Option<pools::PoolsCmd>,
+    },
     /// List workflows.
     Workflows,
     /// List jobs (arrays folded, with their members per state), or show one.
@@ -127,6 +133,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Submit { file } => work::submit(conn, out, &file).await,
         Command::Run { gpus, command } => work::run_one(conn, out, gpus, &command).await,
         Command::Plan { file } => plan::plan(conn, out, &file).await,
+        Command::Pools { cmd } => pools::run(conn, out, cmd).await,
         Command::Workflows => work::workflows(conn, out).await,
         Command::Jobs { filter, cmd: None } => work::jobs(conn, out, &filter).await,
         Command::Jobs { cmd: Some(work::JobsCmd::Show { id }), .. } => {

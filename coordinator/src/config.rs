@@ -32,6 +32,8 @@ pub struct FileConfig {
     pub auction_top_k: Option<usize>,
     /// Size limit of the coordinator's own chunk store (`data put`), e.g. `100GiB`.
     pub store_limit: Option<String>,
+    /// Capacity pools (`[[pool]]` tables; config file only).
+    pub pool: Option<Vec<crate::autoscale::pools::RawPool>>,
 }
 
 /// Configuration errors.
@@ -64,6 +66,7 @@ pub struct CoordinatorConfig {
     pub advertise: Vec<String>,
     pub auction_top_k: usize,
     pub store_limit: u64,
+    pub pools: Vec<crate::autoscale::pools::PoolSpec>,
 }
 
 fn dur(what: &str, s: Option<String>, default: Duration) -> Result<Duration, ConfigError> {
@@ -140,6 +143,8 @@ impl CoordinatorConfig {
                 .auction_top_k
                 .or(file.auction_top_k)
                 .unwrap_or(crate::scheduler::DEFAULT_TOP_K),
+            pools: crate::autoscale::pools::validate(&file.pool.unwrap_or_default())
+                .map_err(ConfigError)?,
             store_limit: match flags.store_limit.or(file.store_limit) {
                 Some(s) => fleetmesh_protocol::workflow::parse_size(&s)
                     .map_err(|e| ConfigError(format!("store-limit: {e}")))?,

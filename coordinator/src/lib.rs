@@ -184,7 +184,21 @@ impl Actor for Coordinator {
         let (listener, _) =
             Actor::spawn_linked(None, net::listener::Listener, listener_args, myself.get_cell())
                 .await?;
+        let (autoscaler, _) = Actor::spawn_linked(
+            None,
+            autoscale::Autoscaler,
+            autoscale::AutoscalerArgs {
+                pools: a.config.pools.clone(),
+                store: a.store.clone(),
+                scheduler: scheduler.clone(),
+                fleet: fleet.clone(),
+                authority: authority.clone(),
+            },
+            myself.get_cell(),
+        )
+        .await?;
         let api_args = api::ApiArgs {
+            autoscaler,
             authority: authority.clone(),
             scheduler: scheduler.clone(),
             auctioneer: auctioneer.clone(),

@@ -52,6 +52,7 @@ use tokio::sync::oneshot;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
+use crate::autoscale::AutoscalerMsg;
 use crate::data::broker::{DataBroker, Requester};
 use crate::fleet::views::ApiErrorBody;
 use crate::fleet::FleetMsg;
@@ -93,6 +94,7 @@ struct AppState {
     authority: ActorRef<AuthorityMsg>,
     scheduler: ActorRef<SchedulerMsg>,
     auctioneer: ActorRef<AuctioneerMsg>,
+    autoscaler: ActorRef<AutoscalerMsg>,
     broker: Arc<DataBroker>,
     tls: Arc<TlsIdentity>,
     revocations: Arc<Revocations>,
@@ -144,6 +146,13 @@ async fn plan_workflow(State(st): State<AppState>, body: String) -> Response {
             }
         };
     Json(plan::finish(draft, outcomes, &wf, &candidates)).into_response()
+}
+
+async fn list_pools(State(st): State<AppState>) -> Response {
+    match ractor::call_t!(st.autoscaler, AutoscalerMsg::List, FLEET_CALL_MS) {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("autoscaler unavailable: {e}")),
+    }
 }
 
 async fn list_workflows(State(st): State<AppState>) -> Response {
@@ -622,6 +631,7 @@ fn router(state: AppState) -> Router {
         .route("/api/v1/data/{r}/rm", post(data_rm))
         .route("/api/v1/workflows", get(list_workflows).post(submit_workflow))
         .route("/api/v1/plan", axum::routing::post(plan_workflow))
+        .route("/api/v1/pools", get(list_pools))
         .route("/api/v1/workflows/{id}/cancel", axum::routing::post(cancel))
         .route("/api/v1/jobs", get(list_jobs))
         .route("/api/v1/jobs/{id}", get(show_job))
@@ -801,6 +811,7 @@ pub struct ApiArgs {
     pub authority: ActorRef<AuthorityMsg>,
     pub scheduler: ActorRef<SchedulerMsg>,
     pub auctioneer: ActorRef<AuctioneerMsg>,
+    pub autoscaler: ActorRef<AutoscalerMsg>,
     pub broker: Arc<DataBroker>,
     pub revocations: Arc<Revocations>,
     pub link: Arc<crate::net::agent_link::AgentLink>,
@@ -841,6 +852,7 @@ impl Actor for Api {
             authority: args.authority,
             scheduler: args.scheduler,
             auctioneer: args.auctioneer,
+            autoscaler: args.autoscaler,
             broker: args.broker,
             tls: args.tls.clone(),
             revocations: args.revocations,

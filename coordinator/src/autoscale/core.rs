@@ -16,10 +16,10 @@ use std::sync::Arc;
 
 use fleetmesh_protocol::data::residency_allows;
 use fleetmesh_protocol::workflow::{JobSpec, Objective};
-use serde::{Deserialize, Serialize};
 
-use super::pools::{PoolSpec, POOL_LABEL};
+use super::pools::POOL_LABEL;
 use crate::placement::auction::{self, Candidate};
+pub use fleetmesh_api::pools::{NodeState, PoolHistory, PoolNode, PoolSpec};
 
 /// First back-off after a failed launch; it doubles with each failure in a row...
 pub const BACKOFF_FIRST_MS: u64 = 5_000;
@@ -30,57 +30,6 @@ pub const BACKOFF_MAX_MS: u64 = 10 * 60_000;
 pub const DRAIN_SETTLE_MS: u64 = 3_000;
 /// Boot times remembered per pool (for the `fastest` objective).
 const BOOT_SAMPLES: usize = 16;
-
-/// Where a pool node is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum NodeState {
-    /// The launch program runs.
-    Launching,
-    /// Launched; not joined yet.
-    Booting,
-    /// Connected as an agent.
-    Joined,
-    /// Idle past its timeout: no new awards, terminated once it stays idle.
-    Draining,
-    /// The terminate program runs (or is retried).
-    Terminating,
-}
-
-/// A node a pool launched.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PoolNode {
-    /// Its agent name (fixed in its join token).
-    pub name: String,
-    pub pool: String,
-    /// What the launch program printed; none while launching.
-    pub instance: Option<String>,
-    pub state: NodeState,
-    pub launched_unix_ms: u64,
-    pub joined_unix_ms: Option<u64>,
-    /// Since when it has run nothing (while joined or draining).
-    pub idle_since_unix_ms: Option<u64>,
-    pub drained_unix_ms: Option<u64>,
-}
-
-/// What a pool has done, kept across restarts.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct PoolHistory {
-    /// Launch failures in a row (a node joining resets it).
-    pub failures: u32,
-    pub backoff_until_unix_ms: u64,
-    pub last_failure: Option<String>,
-    pub launches: u64,
-    pub launch_failures: u64,
-    pub terminations: u64,
-    /// Recent boot times, launch to join.
-    pub boot_ms: Vec<u64>,
-    /// GPU-hours its nodes spent joined with nothing running, and what they cost.
-    pub idle_gpu_hours: f64,
-    pub idle_cost: f64,
-    /// Names given so far (the next node is `POOL-N`).
-    pub next_node: u64,
-}
 
 /// A job that waits, as the autoscaler sees it.
 #[derive(Debug, Clone)]
@@ -123,6 +72,8 @@ pub struct AutoscalerCore {
     pub nodes: BTreeMap<String, PoolNode>,
     /// Idle accounting is integrated between decisions.
     last_decision_unix_ms: Option<u64>,
+    /// Terminations that failed, retried at the next decision (nothing is leaked).
+    retry_terminate: Vec<(String, String)>,
 }
 
 /// Room left on one node (existing or planned) while packing demand.
@@ -141,8 +92,15 @@ impl AutoscalerCore {
         history: BTreeMap<String, PoolHistory>,
         nodes: Vec<PoolNode>,
     ) -> Self {
-        let nodes = nodes.into_iter().map(|n| (n.name.clone(), n)).collect();
-        Self { pools, history, nodes, last_decision_unix_ms: None }
+        let nodes: BTreeMap<String, PoolNode> =
+            nodes.into_iter().map(|n| (n.name.clone(), n)).collect();
+        // Terminations a restart interrupted are run again.
+        let retry_terminate = nodes
+            .values()
+            .filter(|n: &&PoolNode| n.state == NodeState::Terminating)
+            .map(|n| (n.name.clone(), "terminating when the coordinator restarted".to_string()))
+            .collect();
+        Self { pools, history, nodes, last_decision_unix_ms: None, retry_terminate }
     }
 
     fn pool(&self, name: &str) -> Option<&PoolSpec> {
@@ -158,6 +116,12 @@ impl AutoscalerCore {
         now: u64,
     ) -> Vec<Action> {
         let mut actions = Vec::new();
+        for (node, why) in std::mem::take(&mut self.retry_terminate) {
+            if let Some(n) = self.nodes.get(&node) {
+                let (pool, instance) = (n.pool.clone(), n.instance.clone());
+                actions.push(Action::Terminate { pool, node, instance, why });
+            }
+        }
         self.observe(fleet, now);
         self.time_out_boots(now, &mut actions);
         self.scale_down(fleet, now, &mut actions);
@@ -435,6 +399,31 @@ impl AutoscalerCore {
             self.back_off(&n.pool, reason, now);
             self.history.entry(n.pool).or_default().launch_failures += 1;
         }
+    }
+
+    /// The terminate program failed for `node`: it is run again next time.
+    pub fn terminate_failed(&mut self, node: &str, reason: &str) {
+        if let Some(n) = self.nodes.get(node) {
+            let why = format!("retrying after: {reason}");
+            self.history.entry(n.pool.clone()).or_default().last_failure = Some(why.clone());
+            self.retry_terminate.push((node.to_string(), why));
+        }
+    }
+
+    /// The pools as the API shows them.
+    pub fn view(&self, now: u64) -> Vec<fleetmesh_api::pools::PoolView> {
+        self.pools
+            .iter()
+            .map(|p| {
+                let history = self.history.get(&p.name).cloned().unwrap_or_default();
+                fleetmesh_api::pools::PoolView {
+                    spec: p.clone(),
+                    backing_off: now < history.backoff_until_unix_ms,
+                    history,
+                    nodes: self.nodes.values().filter(|n| n.pool == p.name).cloned().collect(),
+                }
+            })
+            .collect()
     }
 
     /// The terminate program succeeded for `node`.

@@ -24,7 +24,9 @@
 use std::collections::BTreeMap;
 
 use fleetmesh_protocol::identity::validate_label;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
+
+pub use fleetmesh_api::pools::PoolSpec;
 
 /// The label a pool node's certificate carries: which pool it came from.
 pub const POOL_LABEL: &str = "fleetmesh.pool";
@@ -56,31 +58,6 @@ pub struct RawPool {
     #[serde(default)]
     pub launch: Vec<String>,
     #[serde(default)]
-    pub terminate: Vec<String>,
-}
-
-/// A validated pool.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PoolSpec {
-    pub name: String,
-    pub provider: Option<String>,
-    pub region: Option<String>,
-    pub jurisdiction: Option<String>,
-    pub labels: BTreeMap<String, String>,
-    /// GPUs per node, their model and memory each.
-    pub gpus: u32,
-    pub gpu_model: Option<String>,
-    pub gpu_memory_bytes: u64,
-    pub cpus: u32,
-    pub memory_bytes: u64,
-    pub price_per_hour: f64,
-    pub spot: bool,
-    pub min_nodes: u32,
-    pub max_nodes: u32,
-    pub boot_timeout_ms: u64,
-    pub idle_timeout_ms: u64,
-    /// argv of the launch and terminate programs.
-    pub launch: Vec<String>,
     pub terminate: Vec<String>,
 }
 

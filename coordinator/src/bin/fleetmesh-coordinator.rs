@@ -105,6 +105,7 @@ fn main() -> ExitCode {
         advertise: cli.advertise,
         auction_top_k: cli.auction_top_k,
         store_limit: cli.store_limit,
+        pool: None,
     };
     let config = match CoordinatorConfig::resolve(file, flags) {
         Ok(c) => c,

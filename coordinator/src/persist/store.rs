@@ -25,6 +25,9 @@ const WORKFLOWS: TableDefinition<&str, &[u8]> = TableDefinition::new("workflows"
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 /// Dataset index (DataBroker): id -> JSON record.
 const DATASETS: TableDefinition<&str, &[u8]> = TableDefinition::new("datasets");
+/// The autoscaler's pools: their nodes and history, one record under [`POOLS_KEY`].
+const POOLS: TableDefinition<&str, &[u8]> = TableDefinition::new("pools");
+const POOLS_KEY: &str = "state";
 
 /// Store errors.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +90,7 @@ impl Store {
         tx.open_table(WORKFLOWS).map_err(db_err(&path))?;
         tx.open_table(JOBS).map_err(db_err(&path))?;
         tx.open_table(DATASETS).map_err(db_err(&path))?;
+        tx.open_table(POOLS).map_err(db_err(&path))?;
         tx.commit().map_err(db_err(&path))?;
         Ok(Self { db })
     }
@@ -367,6 +371,20 @@ impl Store {
             }
         }
         tx.commit().map_err(db)
+    }
+
+    /// Replace the autoscaler's record (durable when this returns).
+    pub fn put_pools(&self, record: &[u8]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        tx.open_table(POOLS).map_err(db)?.insert(POOLS_KEY, record).map_err(db)?;
+        tx.commit().map_err(db)
+    }
+
+    /// The autoscaler's record, if one was stored.
+    pub fn pools(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let t = tx.open_table(POOLS).map_err(db)?;
+        Ok(t.get(POOLS_KEY).map_err(db)?.map(|v| v.value().to_vec()))
     }
 
     /// Every dataset record.

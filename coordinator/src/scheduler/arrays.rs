@@ -219,3 +219,69 @@ impl SchedulerCore {
         }
     }
 }
+
+/// Jobs waiting for capacity, for the autoscaler, and what the Scheduler's own attempts
+/// hold per agent.
+#[derive(Debug, Clone, Default)]
+pub struct Demand {
+    pub waiting: Vec<crate::autoscale::core::Waiting>,
+    /// What running or awarded attempts hold, per agent.
+    pub held: BTreeMap<String, Held>,
+}
+
+/// What the Scheduler's attempts hold on one agent.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Held {
+    pub attempts: usize,
+    pub gpus: usize,
+    pub cpus: f64,
+    pub memory_bytes: u64,
+}
+
+/// Waiting jobs handed to the autoscaler per decision at most (the oldest first).
+pub const MAX_DEMAND: usize = 10_000;
+
+impl SchedulerCore {
+    /// The queued jobs no agent took in their last auction (they have reasons), with
+    /// the residency their inputs impose; and the per-agent holds.
+    pub fn demand(&self) -> Demand {
+        let mut waiting: Vec<&JobRecord> = self
+            .jobs
+            .values()
+            .filter(|j| j.state == JobState::Queued && !j.queued_reasons.is_empty())
+            .collect();
+        waiting.sort_by_key(|j| (std::cmp::Reverse(j.spec.priority), j.submitted_unix_ms));
+        waiting.truncate(MAX_DEMAND);
+        let waiting = waiting
+            .into_iter()
+            .filter_map(|j| {
+                let residency = match j.spec.inputs.is_empty() {
+                    true => Vec::new(),
+                    false => self.resolve_inputs(j).ok()?.1,
+                };
+                Some(crate::autoscale::core::Waiting {
+                    job: j.id.clone(),
+                    spec: j.spec.arc().clone(),
+                    residency,
+                    objective: j.objective,
+                })
+            })
+            .collect();
+        let mut held: BTreeMap<String, Held> = BTreeMap::new();
+        let running = self
+            .jobs
+            .values()
+            .filter(|j| matches!(j.state, JobState::Starting | JobState::Running));
+        for j in running {
+            let Some(a) = j.current() else { continue };
+            for (rank, agent) in a.agents.iter().enumerate() {
+                let e = held.entry(agent.clone()).or_default();
+                e.attempts += 1;
+                e.gpus += a.gpus.get(rank).map_or(0, Vec::len);
+                e.cpus += j.spec.resources.cpus;
+                e.memory_bytes = e.memory_bytes.saturating_add(j.spec.resources.memory_bytes);
+            }
+        }
+        Demand { waiting, held }
+    }
+}

@@ -36,7 +36,7 @@ pub(super) fn priced_hours(spec: &JobSpec) -> f64 {
 
 impl SchedulerCore {
     /// A job's inputs, resolved to datasets (pinned versions first).
-    fn resolve_inputs(&self, j: &JobRecord) -> Result<ResolvedInputs, InputError> {
+    pub(super) fn resolve_inputs(&self, j: &JobRecord) -> Result<ResolvedInputs, InputError> {
         let empty = BTreeMap::new();
         let wf = self.workflows.get(&j.workflow);
         let jobs = wf.map_or(&empty, |w| &w.spec.jobs);

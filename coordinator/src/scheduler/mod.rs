@@ -99,6 +99,8 @@ pub enum SchedulerMsg {
     ListWorkflows(RpcReplyPort<Vec<WorkflowSummary>>),
     ListJobs(arrays::JobListing, RpcReplyPort<JobPage>),
     ShowJob(String, RpcReplyPort<Option<JobRecord>>),
+    /// What waits for capacity (the autoscaler asks).
+    Demand(RpcReplyPort<arrays::Demand>),
     Logs {
         job: String,
         offset: usize,
@@ -406,6 +408,7 @@ impl Actor for Scheduler {
             SchedulerMsg::ShowJob(id, reply) => {
                 crate::answer(reply, st.core.show_job(&id));
             }
+            SchedulerMsg::Demand(reply) => crate::answer(reply, st.core.demand()),
             SchedulerMsg::Logs { job, offset, reply } => {
                 crate::answer(reply, st.logs(&job, offset));
             }

@@ -24,6 +24,8 @@ pub struct Placement {
     index: HashMap<String, usize>,
     room: usize,
     free_gpus: usize,
+    /// Free GPUs before this tick's claims.
+    unclaimed_free_gpus: usize,
 }
 
 impl SchedulerCore {
@@ -251,7 +253,15 @@ impl SchedulerCore {
         let index = unclaimed.iter().enumerate().map(|(i, c)| (c.agent.clone(), i)).collect();
         let room = MAX_AUCTIONS_PER_TICK.min(MAX_OPEN_AUCTIONS.saturating_sub(self.auctions.len()));
         let free_gpus = candidates.iter().map(|c| c.free_gpus.len()).sum();
-        Placement { queued: queued.into(), candidates, unclaimed, index, room, free_gpus }
+        Placement {
+            queued: queued.into(),
+            candidates,
+            unclaimed,
+            index,
+            room,
+            free_gpus,
+            unclaimed_free_gpus: free_gpus,
+        }
     }
 
     /// Consider queued jobs until one auction opens; false when the tick's placement is
@@ -263,7 +273,13 @@ impl SchedulerCore {
             let Some(r) = self.jobs.get(&id).map(|j| j.spec.resources.clone()) else { continue };
             let gpus = r.gpus as usize;
             if gpus > 0 && p.free_gpus == 0 {
-                // This tick's capacity is spoken for; try again next tick.
+                if p.unclaimed_free_gpus == 0 {
+                    // Not one free GPU in the fleet: the job waits, saying so (which is
+                    // also what the autoscaler launches for).
+                    let why = format!("no free GPU in the fleet ({gpus} wanted)");
+                    self.keep_queued(&id, vec![why], now);
+                }
+                // Otherwise this tick's capacity is spoken for; try again next tick.
                 continue;
             }
             let Some(invited) = self.start_auction(&id, &p.candidates, &p.unclaimed, now) else {

@@ -1,0 +1,187 @@
+//! Elastic capacity on a real local mesh: a coordinator with pools whose programs are
+//! real processes (`scripts/pools/local` starts `fleetmesh-agent`s with SIMULATED GPUs
+//! that join with the single-use string they are given). Burst from zero nodes, fail
+//! over from a pool out of capacity, scale idle nodes away.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use fleetmesh_api::pools::{NodeState, PoolView};
+use fleetmesh_coordinator::client::ApiClient;
+use fleetmesh_integration::work::{self, JobState, WorkflowState};
+use fleetmesh_integration::{agents, bin, wait_for, CoordinatorProc, Pki};
+
+fn local_program() -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    root.join("scripts/pools/local").display().to_string()
+}
+
+/// A `[[pool]]` table for the `local` program.
+fn local_pool(name: &str, price: f64, max: u32, work: &Path) -> String {
+    let agent = bin("fleetmesh-agent").display().to_string();
+    let prog = local_program();
+    let nodes = work.join("nodes").display().to_string();
+    format!(
+        r#"
+[[pool]]
+name = "{name}"
+provider = "local"
+region = "here"
+jurisdiction = "EU"
+labels = {{ tier = "burst" }}
+gpus = "4 x H100-80GB"
+cpus = 4
+memory = "16GiB"
+price-per-hour = {price}
+max-nodes = {max}
+boot-timeout = "30s"
+idle-timeout = "3s"
+launch = ["{prog}", "launch", "--agent", "{agent}", "--work", "{nodes}"]
+terminate = ["{prog}", "terminate"]
+"#
+    )
+}
+
+async fn coordinator(pki: &Pki, work: &Path, pools: &str) -> anyhow::Result<CoordinatorProc> {
+    let config = work.join("coordinator.toml");
+    std::fs::write(&config, pools)?;
+    let key = pki.path().join("ca.key").display().to_string();
+    let args = ["--ca-key", &key, "--config", config.to_str().unwrap_or_default()];
+    CoordinatorProc::start(pki, &work.join("coord"), &args).await
+}
+
+async fn pools(client: &ApiClient) -> Vec<PoolView> {
+    client.get_json("/api/v1/pools").await.unwrap_or_default()
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+fn pids(v: &[PoolView]) -> Vec<u32> {
+    v.iter()
+        .flat_map(|p| &p.nodes)
+        .filter_map(|n| n.instance.as_deref()?.strip_prefix("local-")?.parse().ok())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_launches_the_nodes_the_work_needs_and_idle_ones_are_terminated(
+) -> anyhow::Result<()> {
+    let pki = Pki::new("mesh.test")?;
+    let work = tempfile::tempdir()?;
+    let coord = coordinator(&pki, work.path(), &local_pool("local-a", 1.0, 5, work.path())).await?;
+    let client = coord.client(&pki)?;
+    assert!(agents(&client).await.is_empty(), "no node to start with");
+    // 10 one-GPU jobs on 4-GPU nodes: 3 nodes, not 10.
+    let mut yaml = String::from("name: burst\njobs:\n");
+    for i in 0..10 {
+        yaml.push_str(&format!(
+            "  j{i}:\n    command: [sleep, \"2\"]\n    resources: {{ gpus: 1, cpus: 0.5 }}\n"
+        ));
+    }
+    let t0 = Instant::now();
+    let wf = work::submit(&client, &yaml).await?;
+    let first = wait_for(Duration::from_secs(60), || async {
+        let jobs = work::jobs(&client, &format!("workflow={wf}")).await?;
+        jobs.iter().any(|j| j.state == JobState::Running).then_some(())
+    })
+    .await;
+    let log = coord.log_text();
+    let tail: String =
+        log.lines().filter(|l| !l.contains("DEBUG")).rev().take(40).collect::<Vec<_>>().join("\n");
+    assert!(first.is_some(), "nothing ran: {:#?}\n{tail}", pools(&client).await);
+    eprintln!("submit -> first job running: {} ms", t0.elapsed().as_millis());
+    let state = wait_for(Duration::from_secs(90), || work::finished(&client, &wf)).await;
+    assert_eq!(state, Some(WorkflowState::Succeeded), "{:#?}", pools(&client).await);
+    eprintln!("submit -> all done: {} ms", t0.elapsed().as_millis());
+    let p = pools(&client).await;
+    assert_eq!(p[0].history.launches, 3, "{:#?}", p[0]);
+    let launched = pids(&p);
+    assert_eq!(launched.len(), 3);
+    // The nodes joined with the pool's attributes and are marked as its nodes.
+    let fleet = agents(&client).await;
+    for a in &fleet {
+        assert!(a.name.starts_with("local-a-"), "{}", a.name);
+        assert_eq!(a.jurisdiction.as_deref(), Some("EU"));
+        assert_eq!(a.region.as_deref(), Some("here"));
+    }
+    let j = work::job(&client, &format!("{wf}.j0")).await.expect("job");
+    assert!(j.attempts[0].agents[0].starts_with("local-a-"));
+    // Idle for 3 s (then drained, then terminated): every node goes, every process exits.
+    let gone = wait_for(Duration::from_secs(30), || async {
+        let p = pools(&client).await;
+        (p.first()?.nodes.is_empty()).then_some(p)
+    })
+    .await
+    .expect("idle nodes terminated");
+    assert_eq!(gone[0].history.terminations, 3);
+    assert!(gone[0].history.idle_gpu_hours > 0.0, "{:#?}", gone[0].history);
+    let dead = wait_for(Duration::from_secs(10), || async {
+        launched.iter().all(|p| !alive(*p)).then_some(())
+    })
+    .await;
+    assert!(dead.is_some(), "a terminated node's agent still runs");
+    // Every launch and terminate is in the audit trail.
+    let audit: Vec<fleetmesh_api::trust::AuditRecord> = client.get_json("/api/v1/audit").await?;
+    let count = |e: &str| audit.iter().filter(|r| r.event == e).count();
+    assert_eq!((count("pool-launch"), count("pool-terminate")), (3, 3));
+    let listing = coord.cli(&pki, &["pools"]).await?;
+    let text = String::from_utf8_lossy(&listing.stdout);
+    assert!(text.contains("local-a") && text.contains("3 (0 failed)"), "{text}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_out_of_capacity_backs_off_and_the_job_runs_on_the_next() -> anyhow::Result<()> {
+    let pki = Pki::new("mesh.test")?;
+    let work = tempfile::tempdir()?;
+    let full: PathBuf = work.path().join("no-capacity");
+    std::fs::write(
+        &full,
+        "#!/bin/sh\necho 'InsufficientInstanceCapacity: no H100 in eu-west-1' >&2\nexit 1\n",
+    )?;
+    std::fs::set_permissions(&full, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let cheap = local_pool("cheap", 0.5, 2, work.path()).replace(
+        &format!("launch = [\"{}\", \"launch\"", local_program()),
+        &format!("launch = [\"{}\", \"launch\"", full.display()),
+    );
+    let config = format!("{cheap}{}", local_pool("backup", 2.0, 2, work.path()));
+    let coord = coordinator(&pki, work.path(), &config).await?;
+    let client = coord.client(&pki)?;
+    let t0 = Instant::now();
+    let wf = work::submit(
+        &client,
+        "name: one\njobs:\n  j:\n    command: [\"true\"]\n    resources: { gpus: 1 }\n",
+    )
+    .await?;
+    let j =
+        work::wait_job(&client, &format!("{wf}.j"), JobState::Succeeded, Duration::from_secs(60))
+            .await;
+    eprintln!(
+        "submit -> running on the second pool: {} ms",
+        j.attempts[0].started_unix_ms.unwrap_or(0).saturating_sub(j.submitted_unix_ms)
+    );
+    assert!(t0.elapsed() < Duration::from_secs(60));
+    assert_eq!(j.attempts[0].agents, ["backup-1"]);
+    let p = pools(&client).await;
+    let cheap = p.iter().find(|p| p.spec.name == "cheap").expect("pool");
+    assert!(cheap.history.launch_failures >= 1);
+    let why = cheap.history.last_failure.clone().unwrap_or_default();
+    assert!(why.contains("InsufficientInstanceCapacity"), "{why}");
+    let backup = p.iter().find(|p| p.spec.name == "backup").expect("pool");
+    assert!(backup
+        .nodes
+        .iter()
+        .any(|n| n.state == NodeState::Joined || n.state == NodeState::Draining));
+    let shown = coord.cli(&pki, &["pools", "show", "cheap"]).await?;
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        text.contains("last failure:") && text.contains("InsufficientInstanceCapacity"),
+        "{text}"
+    );
+    Ok(())
+}
