@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use fleetmesh_api::pools::{NodeState, PoolView};
+use fleetmesh_api::pools::PoolView;
 use fleetmesh_coordinator::client::ApiClient;
 use fleetmesh_integration::work::{self, JobState, WorkflowState};
 use fleetmesh_integration::{agents, bin, wait_for, CoordinatorProc, Pki};
@@ -173,10 +173,8 @@ async fn a_pool_out_of_capacity_backs_off_and_the_job_runs_on_the_next() -> anyh
     let why = cheap.history.last_failure.clone().unwrap_or_default();
     assert!(why.contains("InsufficientInstanceCapacity"), "{why}");
     let backup = p.iter().find(|p| p.spec.name == "backup").expect("pool");
-    assert!(backup
-        .nodes
-        .iter()
-        .any(|n| n.state == NodeState::Joined || n.state == NodeState::Draining));
+    // Its node may already be idle and on its way out: what it did is in its history.
+    assert_eq!((backup.history.launches, backup.history.launch_failures), (1, 0));
     let shown = coord.cli(&pki, &["pools", "show", "cheap"]).await?;
     let text = String::from_utf8_lossy(&shown.stdout);
     assert!(

@@ -61,6 +61,8 @@ impl Default for FleetConfig {
 pub enum FleetEvent {
     /// The agent left, was lost or was revoked: what ran there must run elsewhere.
     AgentGone { agent: String },
+    /// The agent reported its inventory: it can take work (jobs waiting for room may).
+    AgentReady { agent: String },
 }
 
 pub enum FleetMsg {
@@ -219,6 +221,10 @@ impl FleetState {
         FleetState::refresh_free_gpus(e);
         if host_changed {
             self.changed.insert(name.to_string());
+        }
+        if let Some(s) = &self.scheduler {
+            // A Scheduler that is gone is stopping the coordinator anyway.
+            let _ = s.send_message(FleetEvent::AgentReady { agent: name.to_string() });
         }
     }
 

@@ -478,6 +478,11 @@ impl SchedulerCore {
         self.send(agent, CoordinatorMessage::Keep { attempts: keep });
     }
 
+    /// An agent can take work: jobs waiting for room are considered at the next tick.
+    pub fn capacity_added(&mut self) {
+        self.room_freed = true;
+    }
+
     /// An agent is lost: its attempts are stopped (should it come back) and placed again.
     pub fn agent_gone(&mut self, agent: &str, now: u64) {
         let hit: Vec<(String, u64)> = self

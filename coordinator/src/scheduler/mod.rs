@@ -95,6 +95,10 @@ pub enum SchedulerMsg {
     AgentGone {
         agent: String,
     },
+    /// An agent can take work now (it joined, or came back).
+    AgentReady {
+        agent: String,
+    },
     Cancel(String, RpcReplyPort<Result<usize, core::UnknownId>>),
     ListWorkflows(RpcReplyPort<Vec<WorkflowSummary>>),
     ListJobs(arrays::JobListing, RpcReplyPort<JobPage>),
@@ -112,6 +116,7 @@ impl From<crate::fleet::FleetEvent> for SchedulerMsg {
     fn from(e: crate::fleet::FleetEvent) -> Self {
         match e {
             crate::fleet::FleetEvent::AgentGone { agent } => SchedulerMsg::AgentGone { agent },
+            crate::fleet::FleetEvent::AgentReady { agent } => SchedulerMsg::AgentReady { agent },
         }
     }
 }
@@ -122,6 +127,7 @@ impl TryFrom<SchedulerMsg> for crate::fleet::FleetEvent {
     fn try_from(m: SchedulerMsg) -> Result<Self, Self::Error> {
         match m {
             SchedulerMsg::AgentGone { agent } => Ok(Self::AgentGone { agent }),
+            SchedulerMsg::AgentReady { agent } => Ok(Self::AgentReady { agent }),
             _ => Err("not a Fleet event"),
         }
     }
@@ -391,6 +397,7 @@ impl Actor for Scheduler {
                 st.core.agent_running(&agent, &attempts, now);
             }
             SchedulerMsg::AgentGone { agent } => st.core.agent_gone(&agent, now),
+            SchedulerMsg::AgentReady { .. } => st.core.capacity_added(),
             SchedulerMsg::Cancel(id, reply) => {
                 let r = st.core.cancel(&id, now);
                 st.run_effects();
