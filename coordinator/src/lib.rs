@@ -101,6 +101,7 @@ async fn spawn_authority(
         None => None,
     };
     let args = trust::authority::AuthorityArgs {
+        pools: a.config.pools.iter().map(|p| p.name.clone()).collect(),
         ca,
         ca_pem: a.tls.ca_pem.clone(),
         store: a.store.clone(),

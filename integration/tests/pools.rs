@@ -183,3 +183,26 @@ async fn a_pool_out_of_capacity_backs_off_and_the_job_runs_on_the_next() -> anyh
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_token_is_refused_once_its_pool_is_no_longer_configured() -> anyhow::Result<()> {
+    let pki = Pki::new("mesh.test")?;
+    let work = tempfile::tempdir()?;
+    let coord = coordinator(&pki, work.path(), &local_pool("here", 1.0, 1, work.path())).await?;
+    let client = coord.client(&pki)?;
+    let token = |pool: &str| serde_json::json!({ "labels": { "fleetmesh.pool": pool }, "name": format!("from-{pool}") });
+    let gone: fleetmesh_api::trust::TokenCreated =
+        client.post_json("/api/v1/tokens", &token("gone")).await?;
+    let data = work.path().join("agent-gone");
+    let agent = |join: &str, data: &Path| {
+        std::process::Command::new(bin("fleetmesh-agent"))
+            .args(["--join", join, "--data-dir", data.to_str().unwrap_or_default()])
+            .output()
+    };
+    let out = agent(&gone.join, &data)?;
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(text.contains("pool gone, which is no longer configured"), "{text}");
+    assert!(agents(&client).await.is_empty());
+    Ok(())
+}

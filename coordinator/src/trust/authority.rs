@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use fleetmesh_protocol::enroll::{sha256_hex, EnrollRequest, JoinString};
 use fleetmesh_protocol::identity::validate_label;
+
+use crate::autoscale::pools::POOL_LABEL;
 use fleetmesh_protocol::pki::{Ca, IssueRequest};
 use fleetmesh_protocol::{PeerIdentity, PeerKind};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -106,6 +108,8 @@ pub enum AuthorityMsg {
 
 /// Authority start-up arguments.
 pub struct AuthorityArgs {
+    /// Names of the configured pools (their nodes' tokens are refused once a pool goes).
+    pub pools: std::collections::BTreeSet<String>,
     pub ca: Option<Ca>,
     pub ca_pem: String,
     pub store: Arc<Store>,
@@ -124,6 +128,7 @@ pub struct AuthorityState {
     advertise: Vec<String>,
     fleet: ActorRef<FleetMsg>,
     revocations: Arc<Revocations>,
+    pools: std::collections::BTreeSet<String>,
 }
 
 /// The Authority actor.
@@ -235,8 +240,18 @@ impl AuthorityState {
         }
         // Validate what we can before using the token up.
         let tokens = self.store.tokens()?;
-        let fixed = tokens.iter().find(|t| t.id == req.token_id).and_then(|t| t.name.clone());
+        let presented = tokens.iter().find(|t| t.id == req.token_id);
+        let fixed = presented.and_then(|t| t.name.clone());
         let name = fixed.unwrap_or_else(|| req.requested_name.clone());
+        // A pool's token is only good while the pool is configured.
+        let pool = presented.and_then(|t| {
+            t.attributes.labels.get(POOL_LABEL).or_else(|| t.labels.get(POOL_LABEL)).cloned()
+        });
+        if let Some(pool) = pool.filter(|p| !self.pools.contains(p)) {
+            return Err(AuthorityError::Invalid(format!(
+                "the token is for pool {pool}, which is no longer configured"
+            )));
+        }
         validate_label("name", &name).map_err(|e| AuthorityError::Invalid(e.to_string()))?;
         if self.revocations.name_revoked(&name) {
             return Err(AuthorityError::Revoked(format!("agent {name} is revoked")));
@@ -360,6 +375,7 @@ impl Actor for Authority {
             cert_ttl: a.cert_ttl,
             advertise: a.advertise,
             fleet: a.fleet,
+            pools: a.pools,
             revocations: {
                 a.revocations.add(names, serials);
                 a.revocations
