@@ -135,6 +135,20 @@ fn classify(msg: String) -> EnrollFailure {
     }
 }
 
+/// What the coordinator's closing of an enrollment connection means: a refusal (of the
+/// token, the name, the version) is final; anything else, such as a busy coordinator
+/// that did not see the request in time, is worth another try.
+fn closed_by_coordinator(c: &quinn::ApplicationClose) -> EnrollFailure {
+    use fleetmesh_protocol::codec::close_code::{REFUSED, VERSION_MISMATCH};
+    let reason = String::from_utf8_lossy(&c.reason).into_owned();
+    match u64::from(c.error_code) {
+        code if code == u64::from(REFUSED) || code == u64::from(VERSION_MISMATCH) => {
+            EnrollFailure::Refused(reason)
+        }
+        _ => EnrollFailure::Unreachable(format!("the coordinator closed the connection: {reason}")),
+    }
+}
+
 /// Enroll once against the coordinators of `join` (first that answers wins).
 pub async fn enroll(
     join: &JoinString,
@@ -187,9 +201,7 @@ pub async fn enroll(
                 .map_err(|e| classify(e.to_string()))?;
             let _ = send.finish();
             let reply = read_reply(&mut recv).await.map_err(|e| match conn.close_reason() {
-                Some(quinn::ConnectionError::ApplicationClosed(c)) => {
-                    EnrollFailure::Refused(String::from_utf8_lossy(&c.reason).into_owned())
-                }
+                Some(quinn::ConnectionError::ApplicationClosed(c)) => closed_by_coordinator(&c),
                 _ => classify(e.to_string()),
             })?;
             conn.close(fleetmesh_protocol::codec::close_code::DONE.into(), b"done");

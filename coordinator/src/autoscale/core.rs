@@ -387,8 +387,11 @@ impl AutoscalerCore {
 
     /// The launch program returned `instance` for `node`.
     pub fn launched(&mut self, node: &str, instance: String) {
-        if let Some(n) = self.nodes.get_mut(node).filter(|n| n.state == NodeState::Launching) {
-            n.instance = Some(instance);
+        let Some(n) = self.nodes.get_mut(node) else { return };
+        // The node may have joined before its program returned: the id is kept anyway,
+        // or the node could not be terminated.
+        n.instance.get_or_insert(instance);
+        if n.state == NodeState::Launching {
             n.state = NodeState::Booting;
         }
     }

@@ -33,6 +33,9 @@ use fleetmesh_data::now_unix_ms as now_ms;
 const TICK: Duration = Duration::from_millis(500);
 /// Longest it waits for the Scheduler's or the Fleet's answer.
 const ASK_MS: u64 = 2000;
+/// Longest a launch waits for its join token, or a record for the audit trail: the
+/// Authority may be busy enrolling the nodes of a burst (these waits run off the actor).
+const AUTHORITY_MS: u64 = 15_000;
 
 pub enum AutoscalerMsg {
     Tick,
@@ -229,7 +232,7 @@ async fn launch(
         ttl: Some(format!("{}ms", p.boot_timeout_ms.max(1))),
         coordinators: Vec::new(),
     };
-    let token = match ractor::call_t!(authority, AuthorityMsg::CreateToken, ASK_MS, spec) {
+    let token = match ractor::call_t!(authority, AuthorityMsg::CreateToken, AUTHORITY_MS, spec) {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => return Err(format!("no join token: {e}")),
         Err(e) => return Err(format!("no join token: authority unavailable: {e}")),
@@ -303,7 +306,7 @@ async fn audit(authority: &ActorRef<AuthorityMsg>, event: &str, node: &str, deta
         detail,
         actor: None,
     };
-    if let Err(e) = ractor::call_t!(authority, AuthorityMsg::Record, ASK_MS, Box::new(rec)) {
+    if let Err(e) = ractor::call_t!(authority, AuthorityMsg::Record, AUTHORITY_MS, Box::new(rec)) {
         warn!(agent_id = %node, error = %e, "pool change not recorded in the audit trail");
     }
 }

@@ -238,3 +238,24 @@ fn joined_room_is_counted_and_a_gang_needs_distinct_nodes() {
     let two_heavy = waiting(2, "    resources: { gpus: 8, memory: 2GiB }\n");
     assert_eq!(launches(&j.decide(&two_heavy, &fleet, 4_000)).len(), 1, "one fits p-2");
 }
+
+#[test]
+fn a_node_that_joins_before_its_launch_program_returns_keeps_its_instance_id() {
+    let mut s = AutoscalerCore::new(vec![pool("p", 8, 1.0, 10)], BTreeMap::new(), vec![]);
+    s.decide(&waiting(1, GPU1), &BTreeMap::new(), 0);
+    let joined = BTreeMap::from([(
+        "p-1".to_string(),
+        FleetNode {
+            connected: true,
+            busy: false,
+            free_gpus: 8,
+            free_cpus: 64.0,
+            free_memory_bytes: 512 << 30,
+        },
+    )]);
+    s.decide(&[], &joined, 100);
+    assert_eq!(s.nodes["p-1"].state, NodeState::Joined);
+    s.launched("p-1", "i-late".into());
+    assert_eq!(s.nodes["p-1"].instance.as_deref(), Some("i-late"));
+    assert_eq!(s.nodes["p-1"].state, NodeState::Joined);
+}

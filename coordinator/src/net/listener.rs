@@ -148,6 +148,12 @@ async fn serve_enrollment(
         Ok(r) => r,
         Err(e) => Err(crate::trust::authority::AuthorityError::Unavailable(e.to_string())),
     };
+    if let Err(crate::trust::authority::AuthorityError::Unavailable(why)) = &result {
+        // Not a refusal: the agent tries again (it treats a closed connection so).
+        let why = format!("the coordinator is busy, try again: {why}");
+        refuse(&conn, close_code::CLOSED, &why);
+        return Err(failed(&why));
+    }
     let reply = match &result {
         Ok(e) => EnrollReply::Issued {
             name: e.name.clone(),

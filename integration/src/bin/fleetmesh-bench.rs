@@ -20,6 +20,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[path = "bench/burst.rs"]
+mod burst;
+
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use fleetmesh_agent::gpu::simulated::SimulatedBackend;
@@ -79,6 +82,16 @@ enum Cmd {
         /// the same agents, and print both figures with their ratio.
         #[arg(long)]
         array: bool,
+    },
+    /// Elastic capacity from zero: one `local` pool, no node, one array of N one-GPU jobs.
+    Burst {
+        #[arg(long, default_value_t = 500)]
+        jobs: u32,
+        #[arg(long, default_value_t = 8)]
+        gpus_per_node: u32,
+        /// How long each job runs.
+        #[arg(long, default_value_t = 1.0)]
+        job_seconds: f64,
     },
     /// Internal: host a shard of the placement bench's simulated agents (one process
     /// of `placement --agent-procs`). Prints `ready` once all are connected and runs
@@ -1054,6 +1067,9 @@ fn main() -> Result<()> {
             }
             Cmd::Bidders { ca_dir, coordinator, first, count, gpus_per_agent, work, exec } => {
                 bidders(&ca_dir, coordinator, first, count, gpus_per_agent, &work, exec).await
+            }
+            Cmd::Burst { jobs, gpus_per_node, job_seconds } => {
+                burst::burst(jobs, gpus_per_node, job_seconds).await
             }
             Cmd::Transfer { size, sources, chunk_size, dir } => {
                 transfer(&size, sources, &chunk_size, dir).await
