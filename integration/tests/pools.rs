@@ -85,6 +85,15 @@ async fn a_burst_launches_the_nodes_the_work_needs_and_idle_ones_are_terminated(
     }
     let t0 = Instant::now();
     let wf = work::submit(&client, &yaml).await?;
+    // While its node boots, a job says which node it waits for.
+    let note = wait_for(Duration::from_secs(30), || async {
+        let j = work::job(&client, &format!("{wf}.j9")).await?;
+        let first = j.queued_reasons.first()?.clone();
+        first.contains("to boot").then_some(first)
+    })
+    .await;
+    let note = note.unwrap_or_default();
+    assert!(note.starts_with("waits for local-a-") && note.contains("of pool local-a"), "{note:?}");
     let first = wait_for(Duration::from_secs(60), || async {
         let jobs = work::jobs(&client, &format!("workflow={wf}")).await?;
         jobs.iter().any(|j| j.state == JobState::Running).then_some(())
@@ -129,6 +138,16 @@ async fn a_burst_launches_the_nodes_the_work_needs_and_idle_ones_are_terminated(
     let audit: Vec<fleetmesh_api::trust::AuditRecord> = client.get_json("/api/v1/audit").await?;
     let count = |e: &str| audit.iter().filter(|r| r.event == e).count();
     assert_eq!((count("pool-launch"), count("pool-terminate")), (3, 3));
+    let metrics = client.get_text("/metrics").await?;
+    for series in [
+        "fleetmesh_pool_launches_total{pool=\"local-a\"} 3",
+        "fleetmesh_pool_terminations_total{pool=\"local-a\"} 3",
+        "fleetmesh_pool_nodes{pool=\"local-a\",state=\"joined\"} 0",
+        "fleetmesh_pool_launch_failures_total{pool=\"local-a\"} 0",
+    ] {
+        assert!(metrics.contains(series), "no {series} in:\n{metrics}");
+    }
+    assert!(metrics.contains("fleetmesh_pool_idle_gpu_hours_total{pool=\"local-a\"}"));
     let listing = coord.cli(&pki, &["pools"]).await?;
     let text = String::from_utf8_lossy(&listing.stdout);
     assert!(text.contains("local-a") && text.contains("3 (0 failed)"), "{text}");

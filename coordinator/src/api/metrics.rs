@@ -10,15 +10,22 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use fleetmesh_api::pools::{NodeState, PoolView};
+
 use crate::fleet::liveness::AgentState;
 use crate::fleet::views::{AgentView, IngestStats};
 
 type Labels = Vec<(String, String)>;
 type GaugeF = Gauge<f64, AtomicU64>;
 
-/// Render the metrics text for the given agents.
-pub fn render(agents: &[AgentView], ingest: &IngestStats) -> Result<String, std::fmt::Error> {
+/// Render the metrics text for the given agents and pools.
+pub fn render(
+    agents: &[AgentView],
+    ingest: &IngestStats,
+    pools: &[PoolView],
+) -> Result<String, std::fmt::Error> {
     let mut reg = Registry::with_prefix("fleetmesh");
+    register_pools(&mut reg, pools);
 
     let agents_by_state = Family::<Labels, Gauge>::default();
     for s in AgentState::ALL {
@@ -102,4 +109,43 @@ pub fn render(agents: &[AgentView], ingest: &IngestStats) -> Result<String, std:
     let mut out = String::new();
     encode(&mut out, &reg)?;
     Ok(out)
+}
+
+/// Pool nodes by state, launches, failures, terminations, back-off, idle time and cost.
+fn register_pools(reg: &mut Registry, pools: &[PoolView]) {
+    const STATES: [(NodeState, &str); 5] = [
+        (NodeState::Launching, "launching"),
+        (NodeState::Booting, "booting"),
+        (NodeState::Joined, "joined"),
+        (NodeState::Draining, "draining"),
+        (NodeState::Terminating, "terminating"),
+    ];
+    let nodes = Family::<Labels, Gauge>::default();
+    let launches = Family::<Labels, Counter<u64>>::default();
+    let failures = Family::<Labels, Counter<u64>>::default();
+    let terminations = Family::<Labels, Counter<u64>>::default();
+    let backing_off = Family::<Labels, Gauge>::default();
+    let idle_hours = Family::<Labels, Counter<f64, AtomicU64>>::default();
+    let idle_cost = Family::<Labels, Counter<f64, AtomicU64>>::default();
+    for p in pools {
+        let pool: Labels = vec![("pool".into(), p.spec.name.clone())];
+        for (state, name) in STATES {
+            let mut l = pool.clone();
+            l.push(("state".into(), name.into()));
+            nodes.get_or_create(&l).set(p.nodes.iter().filter(|n| n.state == state).count() as i64);
+        }
+        launches.get_or_create(&pool).inc_by(p.history.launches);
+        failures.get_or_create(&pool).inc_by(p.history.launch_failures);
+        terminations.get_or_create(&pool).inc_by(p.history.terminations);
+        backing_off.get_or_create(&pool).set(i64::from(p.backing_off));
+        idle_hours.get_or_create(&pool).inc_by(p.history.idle_gpu_hours);
+        idle_cost.get_or_create(&pool).inc_by(p.history.idle_cost);
+    }
+    reg.register("pool_nodes", "Pool nodes by state", nodes);
+    reg.register("pool_launches", "Nodes a pool's launch program was run for", launches);
+    reg.register("pool_launch_failures", "Launches that failed (the pool backed off)", failures);
+    reg.register("pool_terminations", "Pool nodes terminated", terminations);
+    reg.register("pool_backing_off", "1 while a pool waits after failures", backing_off);
+    reg.register("pool_idle_gpu_hours", "GPU-hours pool nodes spent joined and idle", idle_hours);
+    reg.register("pool_idle_cost", "What the idle GPU-hours cost at the pool's price", idle_cost);
 }

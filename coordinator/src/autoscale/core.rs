@@ -74,6 +74,9 @@ pub struct AutoscalerCore {
     last_decision_unix_ms: Option<u64>,
     /// Terminations that failed, retried at the next decision (nothing is leaked).
     retry_terminate: Vec<(String, String)>,
+    /// From the last decision: waiting job -> the booting (or just launched) node it
+    /// was counted on.
+    pub waits_for: BTreeMap<String, String>,
 }
 
 /// Room left on one node (existing or planned) while packing demand.
@@ -82,6 +85,10 @@ struct Bin {
     gpus: u32,
     cpus: f64,
     memory: u64,
+    /// The node it is (none: one this decision launches).
+    node: Option<String>,
+    /// Not joined yet: a job packed here waits for it to boot.
+    booting: bool,
 }
 
 impl AutoscalerCore {
@@ -100,7 +107,14 @@ impl AutoscalerCore {
             .filter(|n: &&PoolNode| n.state == NodeState::Terminating)
             .map(|n| (n.name.clone(), "terminating when the coordinator restarted".to_string()))
             .collect();
-        Self { pools, history, nodes, last_decision_unix_ms: None, retry_terminate }
+        Self {
+            pools,
+            history,
+            nodes,
+            last_decision_unix_ms: None,
+            retry_terminate,
+            waits_for: BTreeMap::new(),
+        }
     }
 
     fn pool(&self, name: &str) -> Option<&PoolSpec> {
@@ -262,6 +276,7 @@ impl AutoscalerCore {
     ) {
         let mut bins = self.existing_bins(fleet);
         let mut planned = vec![0usize; self.pools.len()];
+        let mut first_rank: Vec<(String, usize)> = Vec::new();
         for w in waiting {
             let order = self.pools_for(w, now);
             // A gang's ranks go to distinct nodes.
@@ -284,6 +299,8 @@ impl AutoscalerCore {
                             gpus: p.gpus,
                             cpus: f64::from(p.cpus),
                             memory: p.memory_bytes,
+                            node: None,
+                            booting: true,
                         };
                         take(&mut b, &w.spec);
                         mine.push(bins.len());
@@ -293,16 +310,32 @@ impl AutoscalerCore {
                 }
                 break; // no pool has room for this job: the rest of its ranks neither
             }
+            if let Some(&b) = mine.first() {
+                first_rank.push((w.job.clone(), b));
+            }
         }
         for (pi, p) in self.pools.iter().enumerate() {
             let short = (p.min_nodes as usize).saturating_sub(self.live_nodes(&p.name));
             planned[pi] = planned[pi].max(short);
         }
         for (pi, n) in planned.into_iter().enumerate() {
+            // The bins planned for this pool get the names of the nodes launched now.
+            let mut unnamed: Vec<usize> =
+                (0..bins.len()).filter(|&i| bins[i].pool == pi && bins[i].node.is_none()).collect();
+            unnamed.reverse();
             for _ in 0..n {
-                actions.push(self.new_node(pi, now));
+                let launch = self.new_node(pi, now);
+                if let (Action::Launch { node, .. }, Some(i)) = (&launch, unnamed.pop()) {
+                    bins[i].node = Some(node.clone());
+                }
+                actions.push(launch);
             }
         }
+        self.waits_for = first_rank
+            .into_iter()
+            .filter(|(_, b)| bins[*b].booting)
+            .filter_map(|(job, b)| Some((job, bins[b].node.clone()?)))
+            .collect();
     }
 
     /// Room on pool nodes that are booting (all of it) or joined (what the fleet shows
@@ -312,17 +345,24 @@ impl AutoscalerCore {
         for n in self.nodes.values() {
             let Some(pi) = self.pools.iter().position(|p| p.name == n.pool) else { continue };
             let p = &self.pools[pi];
-            let full =
-                Bin { pool: pi, gpus: p.gpus, cpus: f64::from(p.cpus), memory: p.memory_bytes };
+            let full = Bin {
+                pool: pi,
+                gpus: p.gpus,
+                cpus: f64::from(p.cpus),
+                memory: p.memory_bytes,
+                node: Some(n.name.clone()),
+                booting: true,
+            };
             match n.state {
                 NodeState::Launching | NodeState::Booting => bins.push(full),
                 NodeState::Joined => {
                     let f = fleet.get(&n.name).cloned().unwrap_or_default();
                     bins.push(Bin {
-                        pool: pi,
                         gpus: f.free_gpus.min(p.gpus),
                         cpus: f.free_cpus.min(full.cpus),
                         memory: f.free_memory_bytes.min(full.memory),
+                        booting: false,
+                        ..full
                     });
                 }
                 NodeState::Draining | NodeState::Terminating => {}

@@ -155,6 +155,21 @@ impl AutoscalerState {
             fleet.insert(c.agent.clone(), node);
         }
         let actions = self.core.decide(&demand.waiting, &fleet, now);
+        let notes = self
+            .core
+            .waits_for
+            .iter()
+            .filter_map(|(job, node)| {
+                let n = self.core.nodes.get(node)?;
+                let since = fleetmesh_api::rfc3339_ms(n.launched_unix_ms);
+                Some((
+                    job.clone(),
+                    format!("waits for {node} of pool {} to boot (launched {since})", n.pool),
+                ))
+            })
+            .collect();
+        // A Scheduler that is gone is stopping the coordinator anyway.
+        let _ = self.scheduler.cast(SchedulerMsg::WaitsFor(notes));
         // Stored before acting: a restart neither forgets a launch nor repeats it.
         self.store()?;
         for a in actions {

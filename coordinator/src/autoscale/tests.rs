@@ -68,6 +68,10 @@ fn a_hundred_one_gpu_jobs_on_eight_gpu_nodes_launch_thirteen() {
     let l = launches(&acts);
     assert_eq!(l.len(), 13);
     assert_eq!(l[0], ("p".to_string(), "p-1".to_string()));
+    // Each job is told which booting node it was counted on: 8 per node.
+    assert_eq!(a.waits_for.len(), 100);
+    assert_eq!(a.waits_for["w.j0"], "p-1");
+    assert_eq!(a.waits_for["w.j99"], "p-13");
     // The next decision counts the booting nodes' room: nothing more.
     for (_, node) in &l {
         a.launched(node, format!("i-{node}"));

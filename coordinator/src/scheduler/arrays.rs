@@ -207,9 +207,11 @@ impl SchedulerCore {
             attempts: j.attempts.len(),
             agents: j.current().map(|a| a.agents.clone()).unwrap_or_default(),
             cost: j.cost,
-            reason: j
-                .queued_reasons
-                .first()
+            reason: self
+                .booting_for
+                .get(&j.id)
+                .filter(|_| j.state == JobState::Queued)
+                .or(j.queued_reasons.first())
                 .cloned()
                 .or_else(|| j.history.last().map(|h| h.detail.clone())),
             submitted_unix_ms: j.submitted_unix_ms,

@@ -225,6 +225,9 @@ pub struct SchedulerCore {
     /// An attempt ended since the last tick: jobs that waited for room try again now
     /// rather than after [`REQUEUE_MS`].
     pub(super) room_freed: bool,
+    /// What the autoscaler says each waiting job waits for (a booting pool node); shown
+    /// with the job, not stored.
+    pub(super) booting_for: BTreeMap<String, String>,
     pub(super) catalog: Arc<dyn Catalog>,
     /// The last fleet view (holders' data addresses and jurisdictions for fetch plans).
     pub(super) last_candidates: Arc<Vec<Candidate>>,
@@ -271,6 +274,7 @@ impl SchedulerCore {
             wf_check,
             array_check,
             room_freed: false,
+            booting_for: BTreeMap::new(),
             catalog,
             last_candidates: Arc::new(Vec::new()),
             ids,
@@ -308,11 +312,20 @@ impl SchedulerCore {
         };
     }
 
-    /// A job as the API shows it (a member with its array's spec written out).
+    /// A job as the API shows it (a member with its array's spec written out, and the
+    /// pool node it waits for first among its reasons).
     pub fn show_job(&self, id: &str) -> Option<JobRecord> {
         let mut j = self.jobs.get(id)?.clone();
         j.spec = j.spec.shown();
+        if let Some(note) = self.booting_for.get(id).filter(|_| j.state == JobState::Queued) {
+            j.queued_reasons.insert(0, note.clone());
+        }
         Some(j)
+    }
+
+    /// The autoscaler's word on what the waiting jobs wait for (replaces the last).
+    pub fn waits_for(&mut self, notes: BTreeMap<String, String>) {
+        self.booting_for = notes;
     }
 
     /// Commit what changed (nothing when nothing did).

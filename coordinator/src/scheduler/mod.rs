@@ -105,6 +105,8 @@ pub enum SchedulerMsg {
     ShowJob(String, RpcReplyPort<Option<JobRecord>>),
     /// What waits for capacity (the autoscaler asks).
     Demand(RpcReplyPort<arrays::Demand>),
+    /// Job -> the booting pool node it waits for, in words (the autoscaler tells).
+    WaitsFor(std::collections::BTreeMap<String, String>),
     Logs {
         job: String,
         offset: usize,
@@ -416,6 +418,7 @@ impl Actor for Scheduler {
                 crate::answer(reply, st.core.show_job(&id));
             }
             SchedulerMsg::Demand(reply) => crate::answer(reply, st.core.demand()),
+            SchedulerMsg::WaitsFor(notes) => st.core.waits_for(notes),
             SchedulerMsg::Logs { job, offset, reply } => {
                 crate::answer(reply, st.logs(&job, offset));
             }
