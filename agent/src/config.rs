@@ -34,6 +34,10 @@ pub struct FileConfig {
     /// IP address peers and gang members reach this node at (default: the address its
     /// coordinator connection comes from).
     pub advertise_addr: Option<String>,
+    /// Spot interruption notice to poll: an `http://` metadata URL...
+    pub interruption_notice_url: Option<String>,
+    /// ...or a file whose appearance is the notice.
+    pub interruption_notice_file: Option<PathBuf>,
     /// Node labels `k=v` used by placement constraints.
     pub labels: Option<Vec<String>>,
     /// UDP address of the data-plane (xfer) endpoint.
@@ -89,6 +93,8 @@ pub struct AgentConfig {
     pub cpus: Option<u32>,
     pub memory_bytes: Option<u64>,
     pub advertise_addr: Option<std::net::IpAddr>,
+    /// Where a spot interruption notice would appear.
+    pub interruption_notice: Option<crate::interruption::NoticeSource>,
     pub labels: Vec<(String, String)>,
     pub data: DataConfig,
     pub container_runtime: ContainerRuntime,
@@ -220,6 +226,10 @@ impl FileConfig {
             cpus: self.cpus.or(other.cpus),
             memory: self.memory.or(other.memory),
             advertise_addr: self.advertise_addr.or(other.advertise_addr),
+            interruption_notice_url: self.interruption_notice_url.or(other.interruption_notice_url),
+            interruption_notice_file: self
+                .interruption_notice_file
+                .or(other.interruption_notice_file),
             labels: self.labels.or(other.labels),
             data_listen: self.data_listen.or(other.data_listen),
             store_limit: self.store_limit.or(other.store_limit),
@@ -262,6 +272,22 @@ fn check_identity_files(c: &FileConfig, joining: bool) -> Result<(), AgentError>
 
 fn duration_or(key: &str, value: Option<&str>, default: Duration) -> Result<Duration, AgentError> {
     value.map_or(Ok(default), |s| parse_duration(key, s))
+}
+
+/// The interruption notice's URL or file (not both; the URL plain `http://`).
+fn notice_source(c: &FileConfig) -> Result<Option<crate::interruption::NoticeSource>, AgentError> {
+    use crate::interruption::NoticeSource;
+    match (&c.interruption_notice_url, &c.interruption_notice_file) {
+        (Some(_), Some(_)) => Err(AgentError::Config(
+            "give interruption-notice-url or interruption-notice-file, not both".into(),
+        )),
+        (Some(u), None) if !u.starts_with("http://") => Err(AgentError::Config(format!(
+            "interruption-notice-url {u:?}: metadata services are plain http:// URLs"
+        ))),
+        (Some(u), None) => Ok(Some(NoticeSource::Url(u.clone()))),
+        (None, Some(f)) => Ok(Some(NoticeSource::File(f.clone()))),
+        (None, None) => Ok(None),
+    }
 }
 
 /// CPUs offered to jobs: at least one.
@@ -365,7 +391,9 @@ impl AgentConfig {
             job_user.is_some(),
             job_launcher,
         )?;
+        let interruption_notice = notice_source(&c)?;
         Ok(Self {
+            interruption_notice,
             job_uid_pool,
             job_launcher,
             data: data_config(&c)?,

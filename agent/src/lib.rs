@@ -15,6 +15,7 @@ pub mod data;
 pub mod enroll;
 pub mod gpu;
 pub mod host;
+pub mod interruption;
 pub mod jobs;
 pub mod outbox;
 pub mod sampler;
@@ -118,6 +119,23 @@ async fn enroll_with_retry(
     }
 }
 
+/// Look for a spot interruption notice until one comes, and tell the coordinator once.
+async fn watch_interruption(source: interruption::NoticeSource, outbox: Arc<outbox::Outbox>) {
+    loop {
+        tokio::time::sleep(interruption::NOTICE_POLL).await;
+        let Some(text) = interruption::read(&source).await else { continue };
+        let Some(grace_ms) = interruption::parse_notice(&text, fleetmesh_data::now_unix_ms())
+        else {
+            continue;
+        };
+        let reason =
+            format!("interruption notice: {}", text.trim().chars().take(200).collect::<String>());
+        tracing::warn!(grace_ms, %reason, "this node is being interrupted: no new work, attempts move elsewhere");
+        outbox.push(fleetmesh_protocol::AgentMessage::Interrupted { grace_ms, reason });
+        return;
+    }
+}
+
 /// How long an agent with an expired pre-issued certificate waits before checking again.
 const EXPIRED_CERT_RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -139,6 +157,9 @@ pub async fn run(
     let stats = Arc::new(AgentStats::default());
     // Running attempts outlive sessions and certificate changes.
     let jobs = start_jobs(&config).await?;
+    if let Some(source) = config.interruption_notice.clone() {
+        tokio::spawn(watch_interruption(source, jobs.outbox.clone()));
+    }
     loop {
         let Some(tls) = current_identity(&config, &source, &requested_name, &mut shutdown).await?
         else {

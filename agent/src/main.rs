@@ -63,6 +63,14 @@ struct Cli {
     /// coordinator sees its connection come from].
     #[arg(long)]
     advertise_addr: Option<String>,
+    /// Poll this http:// URL for a spot interruption notice (AWS:
+    /// http://169.254.169.254/latest/meta-data/spot/instance-action; GCP:
+    /// http://metadata.google.internal/computeMetadata/v1/instance/preempted).
+    #[arg(long)]
+    interruption_notice_url: Option<String>,
+    /// Treat this file appearing as a spot interruption notice.
+    #[arg(long)]
+    interruption_notice_file: Option<PathBuf>,
     /// Node labels for placement constraints, e.g. rack=a7,tier=gold.
     #[arg(long, value_delimiter = ',')]
     labels: Vec<String>,
@@ -183,6 +191,8 @@ fn main() -> ExitCode {
         cpus: cli.cpus,
         memory: cli.memory,
         advertise_addr: cli.advertise_addr,
+        interruption_notice_url: cli.interruption_notice_url,
+        interruption_notice_file: cli.interruption_notice_file,
         labels: (!cli.labels.is_empty()).then_some(cli.labels),
         data_listen: cli.data_listen,
         store_limit: cli.store_limit,

@@ -240,6 +240,9 @@ pub struct JobRecord {
     /// Residency given to the outputs (declared, or the most restrictive of the inputs').
     #[serde(default)]
     pub output_residency: Vec<String>,
+    /// A spot interruption moved it: it goes to capacity that is not spot when any fits.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub avoid_spot: bool,
 }
 
 /// A workflow.

@@ -225,3 +225,93 @@ async fn a_pool_token_is_refused_once_its_pool_is_no_longer_configured() -> anyh
     assert!(agents(&client).await.is_empty());
     Ok(())
 }
+
+/// A metadata service on loopback: 404 until armed, then an AWS-style instance-action
+/// notice giving the node `grace_s` seconds.
+async fn notice_server(
+    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    grace_s: u64,
+) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/latest/meta-data/spot/instance-action", l.local_addr()?);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            let reply = if armed.load(std::sync::atomic::Ordering::SeqCst) {
+                let at = fleetmesh_data::now_unix_ms() + grace_s * 1000;
+                let body = format!(
+                    "{{\"action\": \"terminate\", \"time\": \"{}\"}}",
+                    fleetmesh_api::rfc3339_ms(at)
+                );
+                format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+            } else {
+                "HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_string()
+            };
+            let _ = s.write_all(reply.as_bytes()).await;
+        }
+    });
+    Ok(url)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spot_interruption_notice_moves_the_job_off_spot_with_grace_and_no_retry(
+) -> anyhow::Result<()> {
+    use fleetmesh_integration::AgentProc;
+    let pki = Pki::new("mesh.test")?;
+    let work = tempfile::tempdir()?;
+    let coord = CoordinatorProc::start(&pki, &work.path().join("coord"), &[]).await?;
+    let client = coord.client(&pki)?;
+    let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let url = notice_server(armed.clone(), 30).await?;
+    let attrs = fleetmesh_integration::attrs("r", "EU", "p");
+    let spot = ["--spot", "--price-per-hour", "0.5", "--interruption-notice-url", &url];
+    let gpu = Some("1xH100-80GB");
+    let _spot = AgentProc::start_extra(
+        &pki,
+        coord.control,
+        "spot",
+        attrs.clone(),
+        gpu,
+        &spot,
+        work.path(),
+    )?;
+    let steady = ["--price-per-hour", "2.0"];
+    let _steady =
+        AgentProc::start_extra(&pki, coord.control, "steady", attrs, gpu, &steady, work.path())?;
+    wait_for(Duration::from_secs(20), || async {
+        (agents(&client).await.len() == 2).then_some(())
+    })
+    .await
+    .expect("agents up");
+    tokio::time::sleep(Duration::from_millis(1500)).await; // a telemetry sample each
+    let records = work.path().join("records");
+    std::fs::create_dir_all(&records)?;
+    let yaml = format!(
+        "name: ckpt\njobs:\n  train:\n    resources: {{ gpus: 1 }}\n    env: {{ R: \"{}\" }}\n    script: |\n      trap 'echo checkpointed > \"$R/term-$FLEETMESH_ATTEMPT\"; exit 0' TERM\n      sleep 60 & wait\n",
+        records.display()
+    );
+    let wf = work::submit(&client, &yaml).await?;
+    let id = format!("{wf}.train");
+    let j = work::wait_job(&client, &id, JobState::Running, Duration::from_secs(30)).await;
+    assert_eq!(j.attempts[0].agents, ["spot"], "the cheaper spot node first");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let moved = wait_for(Duration::from_secs(30), || async {
+        let j = work::job(&client, &id).await?;
+        (j.state == JobState::Running && j.attempts.len() == 2).then_some(j)
+    })
+    .await
+    .expect("the job moved");
+    assert_eq!(moved.attempts[1].agents, ["steady"], "off spot");
+    assert_eq!(moved.failures, 0, "no retry used");
+    // The first attempt got SIGTERM and could checkpoint.
+    let term = wait_for(Duration::from_secs(10), || async {
+        std::fs::read_to_string(records.join("term-1")).ok()
+    })
+    .await;
+    assert_eq!(term.as_deref(), Some("checkpointed\n"));
+    assert!(coord.log_text().contains("agent interrupted: draining it"), "no drain logged");
+    Ok(())
+}

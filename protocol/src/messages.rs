@@ -60,6 +60,9 @@ pub enum AgentMessage {
     Holdings { datasets: Vec<Holding> },
     /// A fetch the coordinator asked for (`Fetch`) ended.
     FetchDone(FetchReport),
+    /// The node will be taken away (a spot interruption notice): no new work, and its
+    /// attempts have `grace_ms` to checkpoint before they must be elsewhere.
+    Interrupted { grace_ms: u64, reason: String },
 }
 
 /// A dataset an agent holds.

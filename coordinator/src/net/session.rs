@@ -141,6 +141,9 @@ struct Routes {
 /// Why the reader stops.
 type Stop = String;
 
+/// Longest an interruption waits for the Fleet to drain the agent.
+const INTERRUPT_DRAIN_MS: u64 = 2000;
+
 impl Routes {
     /// Hand one message to whoever handles it; `Err` ends the session with the reason.
     async fn dispatch(&self, msg: AgentMessage) -> Result<(), Stop> {
@@ -176,6 +179,17 @@ impl Routes {
                     warn!(agent_id = %self.name, dataset = %ds, detail = %report.detail, "fetch failed");
                 }
                 self.broker.fetch_done(&self.name, report);
+                Ok(())
+            }
+            AgentMessage::Interrupted { grace_ms, reason } => {
+                warn!(agent_id = %self.name, grace_ms, %reason, "agent interrupted: draining it and moving its attempts");
+                let name = self.name.clone();
+                let drain = |reply| FleetMsg::Drain { name: name.clone(), draining: true, reply };
+                if let Err(e) = ractor::call_t!(self.fleet, drain, INTERRUPT_DRAIN_MS) {
+                    warn!(agent_id = %self.name, error = %e, "could not drain the interrupted agent");
+                }
+                let agent = self.name.clone();
+                let _ = self.scheduler.cast(SchedulerMsg::Interrupted { agent, grace_ms, reason });
                 Ok(())
             }
             AgentMessage::Renew { csr_pem } => self

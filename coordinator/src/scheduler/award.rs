@@ -179,6 +179,19 @@ impl SchedulerCore {
     ) -> Option<Vec<String>> {
         let j = self.jobs.get_mut(id)?;
         let want = self.top_k.max(j.spec.nodes as usize * 2);
+        // After a spot interruption: on-demand capacity first, spot only if nothing else fits.
+        let on_demand: Vec<Candidate>;
+        let candidates = if j.avoid_spot {
+            on_demand = candidates.iter().filter(|c| !c.spot).cloned().collect();
+            let (fits, _) = auction::prefilter(&j.spec, &on_demand, j.spec.nodes as usize);
+            if fits.len() >= j.spec.nodes as usize {
+                &on_demand[..]
+            } else {
+                candidates
+            }
+        } else {
+            candidates
+        };
         let (invite, refused) = if inputs.is_empty() {
             auction::prefilter(&j.spec, candidates, want)
         } else {

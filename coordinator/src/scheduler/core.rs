@@ -491,6 +491,38 @@ impl SchedulerCore {
         self.send(agent, CoordinatorMessage::Keep { attempts: keep });
     }
 
+    /// A spot interruption notice on `agent`: each attempt there gets SIGTERM with the
+    /// notice's grace (to checkpoint) and its job is placed again at once, without using
+    /// a retry, on capacity that is not spot where the job allows both.
+    pub fn interrupted(&mut self, agent: &str, grace_ms: u64, reason: &str, now: u64) {
+        let hit: Vec<(String, u64, Vec<String>)> = self
+            .jobs
+            .values()
+            .filter(|j| matches!(j.state, JobState::Starting | JobState::Running))
+            .filter_map(|j| {
+                let a = j.current().filter(|a| a.agents.iter().any(|x| x == agent))?;
+                Some((j.id.clone(), a.n, a.agents.clone()))
+            })
+            .collect();
+        for (job, n, agents) in hit {
+            for a in &agents {
+                let msg = CoordinatorMessage::Stop {
+                    job: job.clone(),
+                    attempt: n,
+                    grace_ms,
+                    reason: format!("{agent} is being interrupted: {reason}"),
+                };
+                self.send(a, msg);
+            }
+            self.attempt_lost(&job, n, &format!("{agent} interrupted ({reason})"), now);
+            if let Some(j) = self.jobs.get_mut(&job) {
+                j.avoid_spot = true;
+            }
+            self.touch_job(&job);
+        }
+        self.persist();
+    }
+
     /// An agent can take work: jobs waiting for room are considered at the next tick.
     pub fn capacity_added(&mut self) {
         self.room_freed = true;
@@ -634,6 +666,7 @@ fn new_job(
         submitted_unix_ms: now,
         outputs: BTreeMap::new(),
         output_residency: Vec::new(),
+        avoid_spot: false,
     }
 }
 

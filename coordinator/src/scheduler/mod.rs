@@ -99,6 +99,12 @@ pub enum SchedulerMsg {
     AgentReady {
         agent: String,
     },
+    /// An agent will be taken away (spot interruption): its attempts move, with grace.
+    Interrupted {
+        agent: String,
+        grace_ms: u64,
+        reason: String,
+    },
     Cancel(String, RpcReplyPort<Result<usize, core::UnknownId>>),
     ListWorkflows(RpcReplyPort<Vec<WorkflowSummary>>),
     ListJobs(arrays::JobListing, RpcReplyPort<JobPage>),
@@ -400,6 +406,9 @@ impl Actor for Scheduler {
             }
             SchedulerMsg::AgentGone { agent } => st.core.agent_gone(&agent, now),
             SchedulerMsg::AgentReady { .. } => st.core.capacity_added(),
+            SchedulerMsg::Interrupted { agent, grace_ms, reason } => {
+                st.core.interrupted(&agent, grace_ms, &reason, now);
+            }
             SchedulerMsg::Cancel(id, reply) => {
                 let r = st.core.cancel(&id, now);
                 st.run_effects();

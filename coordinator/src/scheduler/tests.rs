@@ -1065,3 +1065,33 @@ fn outputs_of_a_succeeded_job_become_inputs_of_its_dependents() {
 }
 
 mod arrays;
+
+#[test]
+fn a_spot_interruption_moves_the_attempt_with_grace_without_a_retry_and_off_spot() {
+    let mut h = Harness::new();
+    h.fleet[0].spot = true; // a is spot, b on demand
+    let id = h.running(RETRY, "j", &["a"]);
+    h.core.interrupted("a", 20_000, "notice", h.now);
+    let stops: Vec<(String, u64)> = h
+        .sent()
+        .into_iter()
+        .filter_map(|(to, m)| match m {
+            CoordinatorMessage::Stop { grace_ms, .. } => Some((to, grace_ms)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(stops, [("a".to_string(), 20_000)], "SIGTERM with the notice's grace");
+    let j = h.job(&id);
+    assert_eq!(j.state, JobState::Queued);
+    assert_eq!(j.failures, 0, "no retry used");
+    assert!(j.avoid_spot);
+    h.advance(10);
+    let o = h.auction_for(&id);
+    assert_eq!(o.invite, ["b"], "placed off spot when the job allows both");
+    // With no on-demand agent that fits, spot is still used.
+    h.fleet.retain(|c| c.agent == "a");
+    h.close(&o, &[], None);
+    h.advance(1_100);
+    let o = h.auction_for(&id);
+    assert_eq!(o.invite, ["a"]);
+}
