@@ -45,6 +45,13 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         fi
     fi
 fi
+# moto's EC2 server and the aws CLI (PyPI) for the aws-ec2 pool program's test.
+VENV=target/test-venv
+if [ ! -x "$VENV/bin/moto_server" ] || [ ! -x "$VENV/bin/aws" ]; then
+    echo "==> installing moto[server] and awscli into $VENV (for the EC2 pool test)"
+    { python3 -m venv "$VENV" && "$VENV/bin/pip" install -q 'moto[server]' awscli; } >/dev/null 2>&1 \
+        || echo "    could not install them: the EC2 pool test will be skipped"
+fi
 echo "==> tests"
 # One test at a time: integration tests start real coordinators and agents and assert
 # on wall-clock behaviour (lost within 3 s), which 2 cores shared by parallel clusters

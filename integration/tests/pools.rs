@@ -315,3 +315,172 @@ async fn a_spot_interruption_notice_moves_the_job_off_spot_with_grace_and_no_ret
     assert!(coord.log_text().contains("agent interrupted: draining it"), "no drain logged");
     Ok(())
 }
+
+/// The Python tools the AWS test needs (moto's EC2 server and the `aws` CLI), as
+/// `scripts/test.sh` installs them.
+fn test_venv() -> Option<PathBuf> {
+    let v = std::env::var_os("FLEETMESH_TEST_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-venv"));
+    (v.join("bin/moto_server").exists() && v.join("bin/aws").exists()).then_some(v)
+}
+
+/// `aws ec2 ARGS` against moto on `endpoint`.
+fn aws(venv: &Path, endpoint: &str, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let out = std::process::Command::new(venv.join("bin/aws"))
+        .args(["ec2", "--region", "eu-west-1", "--output", "json"])
+        .args(args)
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_ENDPOINT_URL", endpoint)
+        .output()?;
+    anyhow::ensure!(out.status.success(), "aws {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_aws_ec2_program_launches_an_instance_whose_user_data_joins_as_the_pool_node(
+) -> anyhow::Result<()> {
+    let Some(venv) = test_venv() else {
+        eprintln!("SKIPPED: moto_server and aws not found in target/test-venv (scripts/test.sh installs them from PyPI)");
+        return Ok(());
+    };
+    let port = fleetmesh_integration::free_tcp_port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let mut moto = std::process::Command::new(venv.join("bin/moto_server"))
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let up = wait_for(Duration::from_secs(30), || async {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
+    })
+    .await;
+    anyhow::ensure!(up.is_some(), "moto_server did not start");
+    let pki = Pki::new("mesh.test")?;
+    let work = tempfile::tempdir()?;
+    let prog = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../scripts/pools/aws-ec2")
+        .display()
+        .to_string();
+    let env = format!(
+        r#""env", "PATH={}:/usr/bin:/bin", "AWS_ACCESS_KEY_ID=test", "AWS_SECRET_ACCESS_KEY=test", "AWS_ENDPOINT_URL={endpoint}""#,
+        venv.join("bin").display()
+    );
+    let pool = format!(
+        r#"
+[[pool]]
+name = "aws-eu"
+provider = "aws"
+region = "eu-west-1"
+jurisdiction = "EU"
+labels = {{ tier = "burst" }}
+gpus = "1 x H100-80GB"
+cpus = 4
+spot = true
+max-nodes = 1
+boot-timeout = "60s"
+idle-timeout = "3s"
+launch = [{env}, "{prog}", "launch", "--region", "eu-west-1", "--image-id", "ami-12c6146b", "--instance-type", "p4d.24xlarge"]
+terminate = [{env}, "{prog}", "terminate", "--region", "eu-west-1"]
+"#
+    );
+    let coord = coordinator(&pki, work.path(), &pool).await?;
+    let client = coord.client(&pki)?;
+    let wf = work::submit(
+        &client,
+        "name: cloud\njobs:\n  j:\n    command: [\"true\"]\n    resources: { gpus: 1 }\n",
+    )
+    .await?;
+    // The launch made an EC2 instance, as spot, tagged with its pool and node.
+    let instance = wait_for(Duration::from_secs(30), || async {
+        pools(&client).await.first()?.nodes.first()?.instance.clone()
+    })
+    .await
+    .expect("an instance was launched");
+    let d = aws(&venv, &endpoint, &["describe-instances", "--instance-ids", &instance])?;
+    let i = &d["Reservations"][0]["Instances"][0];
+    assert_eq!(i["InstanceType"], "p4d.24xlarge");
+    assert_eq!(i["InstanceLifecycle"], "spot");
+    let tags: Vec<String> = i["Tags"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| {
+            format!("{}={}", t["Key"].as_str().unwrap_or(""), t["Value"].as_str().unwrap_or(""))
+        })
+        .collect();
+    assert!(
+        tags.contains(&"fleetmesh:pool=aws-eu".to_string())
+            && tags.contains(&"fleetmesh:node=aws-eu-1".to_string()),
+        "{tags:?}"
+    );
+    // Its user data joins with a single-use string: read it back and boot the node here.
+    let ud = aws(
+        &venv,
+        &endpoint,
+        &["describe-instance-attribute", "--instance-id", &instance, "--attribute", "userData"],
+    )?;
+    let script = String::from_utf8(base64_decode(ud["UserData"]["Value"].as_str().unwrap_or(""))?)?;
+    assert!(script.contains("--interruption-notice-url http://169.254.169.254/latest/meta-data/spot/instance-action"), "{script}");
+    let join = script
+        .split_whitespace()
+        .skip_while(|w| *w != "--join")
+        .nth(1)
+        .map(|w| w.trim_matches('\'').to_string())
+        .unwrap_or_default();
+    let parsed: fleetmesh_protocol::enroll::JoinString =
+        join.parse().map_err(|e| anyhow::anyhow!("{e:?}: {join}"))?;
+    assert!(!parsed.coordinators.is_empty());
+    let data = work.path().join("instance");
+    let mut node = fleetmesh_integration::AgentProc::start_args(
+        "aws-eu-1",
+        [
+            "--join",
+            join.as_str(),
+            "--data-dir",
+            data.to_str().unwrap_or_default(),
+            "--simulate-gpus",
+            "1xH100-80GB",
+            "--spot",
+        ]
+        .map(String::from)
+        .to_vec(),
+        work.path(),
+    )?;
+    let j =
+        work::wait_job(&client, &format!("{wf}.j"), JobState::Succeeded, Duration::from_secs(60))
+            .await;
+    assert_eq!(j.attempts[0].agents, ["aws-eu-1"]);
+    let a = agents(&client).await.into_iter().find(|a| a.name == "aws-eu-1").expect("joined");
+    assert_eq!(
+        (a.region.as_deref(), a.jurisdiction.as_deref(), a.provider.as_deref()),
+        (Some("eu-west-1"), Some("EU"), Some("aws"))
+    );
+    // Idle: terminated through the program, which EC2 shows.
+    let state = wait_for(Duration::from_secs(30), || async {
+        let d = aws(&venv, &endpoint, &["describe-instances", "--instance-ids", &instance]).ok()?;
+        let s = d["Reservations"][0]["Instances"][0]["State"]["Name"].as_str()?.to_string();
+        matches!(s.as_str(), "shutting-down" | "terminated").then_some(s)
+    })
+    .await;
+    assert!(state.is_some(), "the instance was not terminated");
+    node.kill9();
+    let _ = moto.kill();
+    let _ = moto.wait();
+    Ok(())
+}
+
+fn base64_decode(s: &str) -> anyhow::Result<Vec<u8>> {
+    let out = std::process::Command::new("base64")
+        .arg("-d")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().map(|mut i| i.write_all(s.as_bytes()));
+            c.wait_with_output()
+        })?;
+    Ok(out.stdout)
+}
