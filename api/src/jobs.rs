@@ -271,6 +271,9 @@ pub struct WorkflowSummary {
     /// Number of jobs.
     pub jobs: usize,
     pub submitted_unix_ms: u64,
+    /// What its attempts have cost so far.
+    #[serde(default)]
+    pub cost: f64,
 }
 
 /// A compact job line for listings.

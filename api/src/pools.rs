@@ -60,6 +60,9 @@ pub struct PoolNode {
     /// Since when it has run nothing (while joined or draining).
     pub idle_since_unix_ms: Option<u64>,
     pub drained_unix_ms: Option<u64>,
+    /// What attempts have cost on it so far.
+    #[serde(default)]
+    pub spend: f64,
 }
 
 /// What a pool has done, kept across restarts.
@@ -79,6 +82,9 @@ pub struct PoolHistory {
     pub idle_cost: f64,
     /// Names given so far (the next node is `POOL-N`).
     pub next_node: u64,
+    /// What attempts cost on its nodes that are gone.
+    #[serde(default)]
+    pub spend_of_terminated: f64,
 }
 
 /// One pool as `GET /api/v1/pools` shows it.
@@ -89,4 +95,7 @@ pub struct PoolView {
     pub nodes: Vec<PoolNode>,
     /// Launching is paused until `history.backoff_until_unix_ms`.
     pub backing_off: bool,
+    /// What attempts have cost on its nodes, those gone included.
+    #[serde(default)]
+    pub spend: f64,
 }

@@ -64,6 +64,7 @@ fn list(pools: &[PoolView]) {
             ),
             format!("{} ({} failed)", p.history.launches, p.history.launch_failures),
             format!("{:.3}", p.history.idle_gpu_hours),
+            format!("{:.4}", p.spend),
             if p.backing_off {
                 format!("backing off: {}", dash(&p.history.last_failure))
             } else {
@@ -82,6 +83,7 @@ fn list(pools: &[PoolView]) {
             "NOW",
             "LAUNCHES",
             "IDLE GPU-H",
+            "SPEND",
             "STATUS",
         ],
         pools.iter().map(row).collect(),
@@ -109,6 +111,7 @@ fn show(p: &PoolView) {
         h.terminations
     );
     outln!("idle:        {:.4} GPU-hours, cost {:.4}", h.idle_gpu_hours, h.idle_cost);
+    outln!("spend:       {:.4} (what attempts cost on its nodes)", p.spend);
     if let Some(f) = &h.last_failure {
         outln!(
             "last failure: {f}{}",

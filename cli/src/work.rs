@@ -77,10 +77,11 @@ pub async fn workflows(conn: &ConnArgs, out: Output) -> Result<()> {
             w.id.clone(),
             w.state.as_str().to_string(),
             w.jobs.to_string(),
+            format!("{:.4}", w.cost),
             rfc3339_ms(w.submitted_unix_ms),
         ]
     };
-    table(&["ID", "STATE", "JOBS", "SUBMITTED"], list.iter().map(row).collect());
+    table(&["ID", "STATE", "JOBS", "COST", "SUBMITTED"], list.iter().map(row).collect());
     Ok(())
 }
 

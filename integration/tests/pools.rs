@@ -128,6 +128,12 @@ async fn a_burst_launches_the_nodes_the_work_needs_and_idle_ones_are_terminated(
     .await
     .expect("idle nodes terminated");
     assert_eq!(gone[0].history.terminations, 3);
+    // Spend: 10 jobs of 2 s on one GPU at 1.0 per GPU-hour, counted on the pool and the
+    // workflow alike.
+    let expect = 10.0 * 2.0 / 3600.0;
+    assert!((gone[0].spend - expect).abs() < expect * 0.5, "pool spend {}", gone[0].spend);
+    let wfs: Vec<work::WorkflowSummary> = client.get_json("/api/v1/workflows").await?;
+    assert!((wfs[0].cost - gone[0].spend).abs() < 1e-9, "{} vs {}", wfs[0].cost, gone[0].spend);
     assert!(gone[0].history.idle_gpu_hours > 0.0, "{:#?}", gone[0].history);
     let dead = wait_for(Duration::from_secs(10), || async {
         launched.iter().all(|p| !alive(*p)).then_some(())
@@ -148,6 +154,7 @@ async fn a_burst_launches_the_nodes_the_work_needs_and_idle_ones_are_terminated(
         assert!(metrics.contains(series), "no {series} in:\n{metrics}");
     }
     assert!(metrics.contains("fleetmesh_pool_idle_gpu_hours_total{pool=\"local-a\"}"));
+    assert!(metrics.contains("fleetmesh_pool_spend_total{pool=\"local-a\"}"));
     let listing = coord.cli(&pki, &["pools"]).await?;
     let text = String::from_utf8_lossy(&listing.stdout);
     assert!(text.contains("local-a") && text.contains("3 (0 failed)"), "{text}");

@@ -127,6 +127,7 @@ fn register_pools(reg: &mut Registry, pools: &[PoolView]) {
     let backing_off = Family::<Labels, Gauge>::default();
     let idle_hours = Family::<Labels, Counter<f64, AtomicU64>>::default();
     let idle_cost = Family::<Labels, Counter<f64, AtomicU64>>::default();
+    let spend = Family::<Labels, Counter<f64, AtomicU64>>::default();
     for p in pools {
         let pool: Labels = vec![("pool".into(), p.spec.name.clone())];
         for (state, name) in STATES {
@@ -140,6 +141,7 @@ fn register_pools(reg: &mut Registry, pools: &[PoolView]) {
         backing_off.get_or_create(&pool).set(i64::from(p.backing_off));
         idle_hours.get_or_create(&pool).inc_by(p.history.idle_gpu_hours);
         idle_cost.get_or_create(&pool).inc_by(p.history.idle_cost);
+        spend.get_or_create(&pool).inc_by(p.spend);
     }
     reg.register("pool_nodes", "Pool nodes by state", nodes);
     reg.register("pool_launches", "Nodes a pool's launch program was run for", launches);
@@ -148,4 +150,5 @@ fn register_pools(reg: &mut Registry, pools: &[PoolView]) {
     reg.register("pool_backing_off", "1 while a pool waits after failures", backing_off);
     reg.register("pool_idle_gpu_hours", "GPU-hours pool nodes spent joined and idle", idle_hours);
     reg.register("pool_idle_cost", "What the idle GPU-hours cost at the pool's price", idle_cost);
+    reg.register("pool_spend", "What attempts cost on the pool's nodes", spend);
 }

@@ -51,6 +51,8 @@ pub struct FleetNode {
     pub free_gpus: u32,
     pub free_cpus: f64,
     pub free_memory_bytes: u64,
+    /// What attempts have cost there so far.
+    pub spend: f64,
 }
 
 /// What the autoscaler decided.
@@ -150,6 +152,9 @@ impl AutoscalerCore {
             self.last_decision_unix_ms.map_or(0.0, |t| now.saturating_sub(t) as f64 / 3.6e6);
         for n in self.nodes.values_mut() {
             let seen = fleet.get(&n.name);
+            if let Some(f) = seen {
+                n.spend = n.spend.max(f.spend);
+            }
             let connected = seen.is_some_and(|f| f.connected);
             if connected && matches!(n.state, NodeState::Launching | NodeState::Booting) {
                 n.state = NodeState::Joined;
@@ -420,6 +425,7 @@ impl AutoscalerCore {
                 joined_unix_ms: None,
                 idle_since_unix_ms: None,
                 drained_unix_ms: None,
+                spend: 0.0,
             },
         );
         Action::Launch { pool, node: name }
@@ -459,11 +465,14 @@ impl AutoscalerCore {
             .iter()
             .map(|p| {
                 let history = self.history.get(&p.name).cloned().unwrap_or_default();
+                let nodes: Vec<PoolNode> =
+                    self.nodes.values().filter(|n| n.pool == p.name).cloned().collect();
                 fleetmesh_api::pools::PoolView {
                     spec: p.clone(),
                     backing_off: now < history.backoff_until_unix_ms,
+                    spend: history.spend_of_terminated + nodes.iter().map(|n| n.spend).sum::<f64>(),
                     history,
-                    nodes: self.nodes.values().filter(|n| n.pool == p.name).cloned().collect(),
+                    nodes,
                 }
             })
             .collect()
@@ -472,7 +481,9 @@ impl AutoscalerCore {
     /// The terminate program succeeded for `node`.
     pub fn terminated(&mut self, node: &str) {
         if let Some(n) = self.nodes.remove(node) {
-            self.history.entry(n.pool).or_default().terminations += 1;
+            let h = self.history.entry(n.pool).or_default();
+            h.terminations += 1;
+            h.spend_of_terminated += n.spend;
         }
     }
 

@@ -151,6 +151,7 @@ impl AutoscalerState {
                 free_gpus: c.gpu_uuids.len().saturating_sub(held.gpus) as u32,
                 free_cpus: (f64::from(c.cpus) - held.cpus).max(0.0),
                 free_memory_bytes: c.memory_bytes.saturating_sub(held.memory_bytes),
+                spend: demand.spend.get(&c.agent).copied().unwrap_or(0.0),
             };
             fleet.insert(c.agent.clone(), node);
         }

@@ -151,6 +151,7 @@ fn a_node_that_does_not_join_in_time_is_terminated_and_one_that_joins_resets_the
             free_gpus: 8,
             free_cpus: 64.0,
             free_memory_bytes: 512 << 30,
+            spend: 0.0,
         },
     )]);
     s.decide(&[], &joined, 70_000);
@@ -180,6 +181,7 @@ fn idle_nodes_are_drained_then_terminated_busy_ones_and_min_nodes_are_kept() {
                     free_gpus: 8,
                     free_cpus: 64.0,
                     free_memory_bytes: 512 << 30,
+                    spend: 0.0,
                 },
             ),
             (
@@ -190,6 +192,7 @@ fn idle_nodes_are_drained_then_terminated_busy_ones_and_min_nodes_are_kept() {
                     free_gpus: 8,
                     free_cpus: 64.0,
                     free_memory_bytes: 512 << 30,
+                    spend: 0.0,
                 },
             ),
         ])
@@ -229,6 +232,7 @@ fn joined_room_is_counted_and_a_gang_needs_distinct_nodes() {
             free_gpus: 6,
             free_cpus: 62.0,
             free_memory_bytes: 1 << 30,
+            spend: 0.0,
         },
     )]);
     let acts = j.decide(&waiting(6, GPU1), &fleet, 1_000);
@@ -255,6 +259,7 @@ fn a_node_that_joins_before_its_launch_program_returns_keeps_its_instance_id() {
             free_gpus: 8,
             free_cpus: 64.0,
             free_memory_bytes: 512 << 30,
+            spend: 0.0,
         },
     )]);
     s.decide(&[], &joined, 100);

@@ -229,6 +229,8 @@ pub struct Demand {
     pub waiting: Vec<crate::autoscale::core::Waiting>,
     /// What running or awarded attempts hold, per agent.
     pub held: BTreeMap<String, Held>,
+    /// What attempts have cost on each agent, ever.
+    pub spend: BTreeMap<String, f64>,
 }
 
 /// What the Scheduler's attempts hold on one agent.
@@ -284,6 +286,6 @@ impl SchedulerCore {
                 e.memory_bytes = e.memory_bytes.saturating_add(j.spec.resources.memory_bytes);
             }
         }
-        Demand { waiting, held }
+        Demand { waiting, held, spend: self.spend_by_agent.clone() }
     }
 }

@@ -228,6 +228,8 @@ pub struct SchedulerCore {
     /// What the autoscaler says each waiting job waits for (a booting pool node); shown
     /// with the job, not stored.
     pub(super) booting_for: BTreeMap<String, String>,
+    /// What attempts have cost on each agent (recomputed from the records on restore).
+    pub(super) spend_by_agent: BTreeMap<String, f64>,
     pub(super) catalog: Arc<dyn Catalog>,
     /// The last fleet view (holders' data addresses and jurisdictions for fetch plans).
     pub(super) last_candidates: Arc<Vec<Candidate>>,
@@ -247,6 +249,14 @@ impl SchedulerCore {
         now: u64,
     ) -> Self {
         Self::link_members(&mut jobs);
+        let mut spend_by_agent: BTreeMap<String, f64> = BTreeMap::new();
+        for a in jobs.values().flat_map(|j| &j.attempts) {
+            // A gang's cost is split evenly among its ranks' agents.
+            let share = a.cost / a.agents.len().max(1) as f64;
+            for agent in &a.agents {
+                *spend_by_agent.entry(agent.clone()).or_default() += share;
+            }
+        }
         let verify = jobs
             .values()
             .filter(|j| matches!(j.state, JobState::Starting | JobState::Running))
@@ -275,6 +285,7 @@ impl SchedulerCore {
             array_check,
             room_freed: false,
             booting_for: BTreeMap::new(),
+            spend_by_agent,
             catalog,
             last_candidates: Arc::new(Vec::new()),
             ids,
@@ -625,6 +636,7 @@ impl SchedulerCore {
         self.workflows
             .values()
             .map(|w| WorkflowSummary {
+                cost: self.workflow_cost(&w.id),
                 id: w.id.clone(),
                 name: w.name.clone(),
                 objective: format!("{:?}", w.spec.objective).to_lowercase(),
@@ -633,6 +645,19 @@ impl SchedulerCore {
                 submitted_unix_ms: w.submitted_unix_ms,
             })
             .collect()
+    }
+}
+
+impl SchedulerCore {
+    /// What a workflow's attempts have cost so far (an array's members counted once).
+    fn workflow_cost(&self, id: &str) -> f64 {
+        let prefix = format!("{id}.");
+        self.jobs
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .filter(|(_, j)| j.workflow == id && !j.is_array())
+            .map(|(_, j)| j.cost)
+            .sum()
     }
 }
 

@@ -155,6 +155,7 @@ impl SchedulerCore {
             * units;
         a.cost += cost;
         j.cost += cost;
+        *self.spend_by_agent.entry(exit.agent.clone()).or_default() += cost;
         let all_done = a.outcomes.iter().all(Option::is_some);
         let any_failed = a.outcomes.iter().zip(&a.succeeded).any(|(o, s)| o.is_some() && !s);
         if any_failed && !all_done {
