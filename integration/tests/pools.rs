@@ -491,3 +491,63 @@ fn base64_decode(s: &str) -> anyhow::Result<Vec<u8>> {
         })?;
     Ok(out.stdout)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_restart_keeps_a_booting_node_and_launches_nothing_twice(
+) -> anyhow::Result<()> {
+    let pki = Pki::new("mesh.test")?;
+    let work = tempfile::tempdir()?;
+    // Nodes take 4 s to boot: the coordinator is killed while one does.
+    let pool = local_pool("slow", 1.0, 3, work.path())
+        .replace("\"launch\", \"--agent\"", "\"launch\", \"--boot-delay\", \"4\", \"--agent\"");
+    let mut coord = coordinator(&pki, work.path(), &pool).await?;
+    let client = coord.client(&pki)?;
+    let wf = work::submit(
+        &client,
+        "name: r\njobs:\n  j:\n    command: [\"true\"]\n    resources: { gpus: 1 }\n",
+    )
+    .await?;
+    let booting = wait_for(Duration::from_secs(20), || async {
+        let n = pools(&client).await.first()?.nodes.first()?.clone();
+        n.instance.is_some().then_some(n)
+    })
+    .await
+    .expect("a node is booting");
+    coord.restart(&pki).await?;
+    let client = coord.client(&pki)?;
+    let after = pools(&client).await;
+    assert_eq!(after[0].nodes.len(), 1, "{:#?}", after[0]);
+    assert_eq!(after[0].nodes[0].instance, booting.instance, "the same instance, remembered");
+    let j =
+        work::wait_job(&client, &format!("{wf}.j"), JobState::Succeeded, Duration::from_secs(60))
+            .await;
+    assert_eq!(j.attempts[0].agents, [booting.name.clone()]);
+    assert_eq!(pools(&client).await[0].history.launches, 1, "nothing launched twice");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_with_an_invalid_pool_refuses_to_start_naming_the_field() -> anyhow::Result<()>
+{
+    let pki = Pki::new("mesh.test")?;
+    let work = tempfile::tempdir()?;
+    let config = work.path().join("bad.toml");
+    std::fs::write(&config, "[[pool]]\nname = \"gpu\"\ngpus = \"eight H100\"\nmax-nodes = 2\nlaunch = [\"x\"]\nterminate = [\"y\"]\n")?;
+    pki.issue(fleetmesh_protocol::PeerKind::Coordinator, "main", Default::default())?;
+    let out = std::process::Command::new(bin("fleetmesh-coordinator"))
+        .args(["--config", config.to_str().unwrap_or_default(), "--data-dir"])
+        .arg(work.path().join("coord"))
+        .args(["--ca", pki.ca_pem().to_str().unwrap_or_default()])
+        .arg("--cert")
+        .arg(pki.path().join("coordinator-main.pem"))
+        .arg("--key")
+        .arg(pki.path().join("coordinator-main.key"))
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("pool \"gpu\", field `gpus`: \"eight H100\" is not N x MODEL-MEM"),
+        "{err}"
+    );
+    Ok(())
+}

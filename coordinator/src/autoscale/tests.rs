@@ -268,3 +268,30 @@ fn a_node_that_joins_before_its_launch_program_returns_keeps_its_instance_id() {
     assert_eq!(s.nodes["p-1"].instance.as_deref(), Some("i-late"));
     assert_eq!(s.nodes["p-1"].state, NodeState::Joined);
 }
+
+#[test]
+fn fastest_work_goes_to_the_pool_that_booted_quickest() {
+    let mut slow = pool("cheap-slow", 8, 1.0, 10);
+    slow.boot_timeout_ms = 600_000;
+    let mut quick = pool("dear-quick", 8, 3.0, 10);
+    quick.boot_timeout_ms = 600_000;
+    let mut history = BTreeMap::new();
+    history.insert(
+        "cheap-slow".to_string(),
+        PoolHistory { boot_ms: vec![240_000], ..Default::default() },
+    );
+    history.insert(
+        "dear-quick".to_string(),
+        PoolHistory { boot_ms: vec![30_000], ..Default::default() },
+    );
+    let mut s = AutoscalerCore::new(vec![slow, quick], history, vec![]);
+    let mut w = waiting(1, GPU1);
+    assert_eq!(launches(&s.decide(&w, &BTreeMap::new(), 0))[0].0, "cheap-slow", "cheapest first");
+    let mut s2 = AutoscalerCore::new(s.pools.clone(), s.history.clone(), vec![]);
+    w[0].objective = Objective::Fastest;
+    assert_eq!(
+        launches(&s2.decide(&w, &BTreeMap::new(), 0))[0].0,
+        "dear-quick",
+        "fastest boot first"
+    );
+}
