@@ -521,7 +521,7 @@ async fn a_coordinator_restart_keeps_a_booting_node_and_launches_nothing_twice(
     let j =
         work::wait_job(&client, &format!("{wf}.j"), JobState::Succeeded, Duration::from_secs(60))
             .await;
-    assert_eq!(j.attempts[0].agents, [booting.name.clone()]);
+    assert_eq!(j.attempts[0].agents, std::slice::from_ref(&booting.name));
     assert_eq!(pools(&client).await[0].history.launches, 1, "nothing launched twice");
     Ok(())
 }
