@@ -95,6 +95,9 @@ pub struct AgentView {
     pub cpu_count: Option<u32>,
     pub host: Option<HostSample>,
     pub gpus: Vec<GpuView>,
+    /// The capacity pool that launched it (its certificate's `fleetmesh.pool` label).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
 }
 
 /// A compact point of recent history.

@@ -29,8 +29,8 @@ pub enum AgentsCmd {
     },
 }
 
-const AGENT_HEADERS: [&str; 8] =
-    ["NAME", "STATE", "REGION", "PROVIDER", "GPUS", "GPU UTIL", "GPU MEM", "LAST SEEN"];
+const AGENT_HEADERS: [&str; 9] =
+    ["NAME", "STATE", "REGION", "PROVIDER", "POOL", "GPUS", "GPU UTIL", "GPU MEM", "LAST SEEN"];
 const GPU_HEADERS: [&str; 8] = ["AGENT", "IDX", "NAME", "UUID", "UTIL", "MEMORY", "TEMP", "POWER"];
 
 fn agent_row(a: &AgentView) -> Vec<String> {
@@ -52,6 +52,7 @@ fn agent_row(a: &AgentView) -> Vec<String> {
         a.state.as_str().into(),
         dash(&a.region),
         dash(&a.provider),
+        dash(&a.pool),
         gpus,
         util,
         if total > 0 { format!("{}/{} GiB", gib(used), gib(total)) } else { "-".into() },

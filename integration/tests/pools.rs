@@ -115,6 +115,7 @@ async fn a_burst_launches_the_nodes_the_work_needs_and_idle_ones_are_terminated(
     let fleet = agents(&client).await;
     for a in &fleet {
         assert!(a.name.starts_with("local-a-"), "{}", a.name);
+        assert_eq!(a.pool.as_deref(), Some("local-a"), "marked as the pool's node");
         assert_eq!(a.jurisdiction.as_deref(), Some("EU"));
         assert_eq!(a.region.as_deref(), Some("here"));
     }
@@ -155,6 +156,7 @@ async fn a_burst_launches_the_nodes_the_work_needs_and_idle_ones_are_terminated(
     }
     assert!(metrics.contains("fleetmesh_pool_idle_gpu_hours_total{pool=\"local-a\"}"));
     assert!(metrics.contains("fleetmesh_pool_spend_total{pool=\"local-a\"}"));
+    assert!(metrics.contains(&format!("fleetmesh_workflow_spend_total{{workflow=\"{wf}\"}}")));
     let listing = coord.cli(&pki, &["pools"]).await?;
     let text = String::from_utf8_lossy(&listing.stdout);
     assert!(text.contains("local-a") && text.contains("3 (0 failed)"), "{text}");

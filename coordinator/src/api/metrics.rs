@@ -10,6 +10,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use fleetmesh_api::jobs::WorkflowSummary;
 use fleetmesh_api::pools::{NodeState, PoolView};
 
 use crate::fleet::liveness::AgentState;
@@ -23,9 +24,15 @@ pub fn render(
     agents: &[AgentView],
     ingest: &IngestStats,
     pools: &[PoolView],
+    workflows: &[WorkflowSummary],
 ) -> Result<String, std::fmt::Error> {
     let mut reg = Registry::with_prefix("fleetmesh");
     register_pools(&mut reg, pools);
+    let spend = Family::<Labels, Counter<f64, AtomicU64>>::default();
+    for w in workflows {
+        spend.get_or_create(&vec![("workflow".into(), w.id.clone())]).inc_by(w.cost);
+    }
+    reg.register("workflow_spend", "What a workflow's attempts have cost", spend);
 
     let agents_by_state = Family::<Labels, Gauge>::default();
     for s in AgentState::ALL {

@@ -426,10 +426,13 @@ async fn ingest(State(st): State<AppState>, Query(q): Query<IngestQuery>) -> Res
 async fn metrics(State(st): State<AppState>) -> Response {
     let agents = fleet_call!(st.fleet, FleetMsg::ListAgents);
     let stats = fleet_call!(st.fleet, FleetMsg::Ingest, 0);
-    // Without the autoscaler's answer the fleet's figures are still served.
+    // Without the autoscaler's or the Scheduler's answer the fleet's figures are still
+    // served.
     let pools =
         ractor::call_t!(st.autoscaler, AutoscalerMsg::List, FLEET_CALL_MS).unwrap_or_default();
-    match crate::api::metrics::render(&agents, &stats, &pools) {
+    let workflows = ractor::call_t!(st.scheduler, SchedulerMsg::ListWorkflows, FLEET_CALL_MS)
+        .unwrap_or_default();
+    match crate::api::metrics::render(&agents, &stats, &pools, &workflows) {
         Ok(text) => (
             [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
             text,

@@ -618,6 +618,7 @@ impl FleetState {
             cpu_count: inv.map(|i| i.host.cpu_count),
             host: e.latest.as_ref().map(|l| l.host.clone()),
             gpus: Self::gpu_views(name, e),
+            pool: r.attributes.labels.get(crate::autoscale::pools::POOL_LABEL).cloned(),
         }
     }
 
