@@ -188,21 +188,18 @@ impl AutoscalerCore {
     /// Nodes that did not join within their pool's boot timeout are terminated, and the
     /// pool backs off.
     fn time_out_boots(&mut self, now: u64, actions: &mut Vec<Action>) {
-        let late: Vec<String> = self
+        let late: Vec<(String, u64)> = self
             .nodes
             .values()
             .filter(|n| matches!(n.state, NodeState::Launching | NodeState::Booting))
-            .filter(|n| {
+            .filter_map(|n| {
                 let timeout = self.pool(&n.pool).map_or(0, |p| p.boot_timeout_ms);
-                now >= n.launched_unix_ms + timeout
+                (now >= n.launched_unix_ms + timeout).then(|| (n.name.clone(), timeout))
             })
-            .map(|n| n.name.clone())
             .collect();
-        for name in late {
-            let Some(n) = self.nodes.get_mut(&name) else { continue };
-            let timeout =
-                self.pools.iter().find(|p| p.name == n.pool).map_or(0, |p| p.boot_timeout_ms);
+        for (name, timeout) in late {
             let why = format!("{name} did not join within {} s", timeout / 1000);
+            let Some(n) = self.nodes.get_mut(&name) else { continue };
             n.state = NodeState::Terminating;
             let (pool, instance) = (n.pool.clone(), n.instance.clone());
             self.back_off(&pool, &why, now);

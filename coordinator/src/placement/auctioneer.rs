@@ -113,32 +113,19 @@ impl AuctioneerState {
             }
         }
         let winners = auction::select(open.objective, &bids, open.nodes);
-        if let Some(probe) = probe {
-            // Nothing was reserved: nothing to release, nothing to award.
-            let outcome = AuctionOutcome {
-                id: open.id,
-                job: open.job,
-                attempt: open.attempt,
-                invited: open.invite,
-                bids,
-                declines,
-                winners,
-                backup: None,
-                inputs: open.inputs,
-                residency: open.residency,
-            };
-            return self.close_probe(probe, outcome);
-        }
+        // A dry run reserved nothing: no runner-up to keep, nothing to release.
         let backup = match &winners {
-            Some(_) if open.nodes == 1 => {
+            Some(_) if open.nodes == 1 && probe.is_none() => {
                 auction::select(open.objective, &bids, 2).and_then(|r| r.into_iter().nth(1))
             }
             _ => None,
         };
-        for b in &bids {
-            let won = winners.as_ref().is_some_and(|w| w.iter().any(|w| w.agent == b.agent));
-            if !won {
-                self.send(&b.agent, CoordinatorMessage::Release { auction: open.id.clone() });
+        if probe.is_none() {
+            for b in &bids {
+                let won = winners.as_ref().is_some_and(|w| w.iter().any(|w| w.agent == b.agent));
+                if !won {
+                    self.send(&b.agent, CoordinatorMessage::Release { auction: open.id.clone() });
+                }
             }
         }
         debug!(job_id = %open.job, auction = %open.id, bids = bids.len(), won = winners.is_some(), "auction closed");
@@ -154,6 +141,9 @@ impl AuctioneerState {
             inputs: open.inputs,
             residency: open.residency,
         };
+        if let Some(probe) = probe {
+            return self.close_probe(probe, outcome);
+        }
         match &self.scheduler {
             Some(s) => {
                 // A Scheduler that is gone is stopping the coordinator anyway.

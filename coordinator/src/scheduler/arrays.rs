@@ -233,14 +233,7 @@ pub struct Demand {
     pub spend: BTreeMap<String, f64>,
 }
 
-/// What the Scheduler's attempts hold on one agent.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Held {
-    pub attempts: usize,
-    pub gpus: usize,
-    pub cpus: f64,
-    pub memory_bytes: u64,
-}
+pub use super::core::Held;
 
 /// Waiting jobs handed to the autoscaler per decision at most (the oldest first).
 pub const MAX_DEMAND: usize = 10_000;
@@ -271,21 +264,8 @@ impl SchedulerCore {
                 })
             })
             .collect();
-        let mut held: BTreeMap<String, Held> = BTreeMap::new();
-        let running = self
-            .jobs
-            .values()
-            .filter(|j| matches!(j.state, JobState::Starting | JobState::Running));
-        for j in running {
-            let Some(a) = j.current() else { continue };
-            for (rank, agent) in a.agents.iter().enumerate() {
-                let e = held.entry(agent.clone()).or_default();
-                e.attempts += 1;
-                e.gpus += a.gpus.get(rank).map_or(0, Vec::len);
-                e.cpus += j.spec.resources.cpus;
-                e.memory_bytes = e.memory_bytes.saturating_add(j.spec.resources.memory_bytes);
-            }
-        }
+        let (_, holds) = self.attempt_holds();
+        let held = holds.into_iter().map(|(agent, h)| (agent.to_string(), h)).collect();
         Demand { waiting, held, spend: self.spend_by_agent.clone() }
     }
 }

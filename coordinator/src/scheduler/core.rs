@@ -13,7 +13,7 @@
 //! - `exit.rs`: what an attempt's end means (retry, re-place, gang failure);
 //! - this file: state, submission, agent events, cancellation, queries.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use fleetmesh_protocol::data::{FetchPlan, Manifest};
@@ -150,6 +150,15 @@ pub(super) struct Backup {
     pub(super) residency: Vec<String>,
     /// Its offer is considered too old after this.
     pub(super) until_unix_ms: u64,
+}
+
+/// What the Scheduler's current attempts (awarded or running) hold on one agent.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Held {
+    pub attempts: usize,
+    pub gpus: usize,
+    pub cpus: f64,
+    pub memory_bytes: u64,
 }
 
 /// How an agent is reached: its address (advertised, or where its connection comes
@@ -649,6 +658,29 @@ impl SchedulerCore {
 }
 
 impl SchedulerCore {
+    /// The GPUs the current attempts hold (the fleet view may not show them busy yet),
+    /// and what they hold per agent.
+    pub(super) fn attempt_holds(&self) -> (HashSet<&str>, HashMap<&str, Held>) {
+        let mut gpus = HashSet::new();
+        let mut per_agent: HashMap<&str, Held> = HashMap::new();
+        let current = self
+            .jobs
+            .values()
+            .filter(|j| matches!(j.state, JobState::Starting | JobState::Running));
+        for j in current {
+            let Some(a) = j.current() else { continue };
+            gpus.extend(a.gpus.iter().flatten().map(String::as_str));
+            for (rank, agent) in a.agents.iter().enumerate() {
+                let h = per_agent.entry(agent.as_str()).or_default();
+                h.attempts += 1;
+                h.gpus += a.gpus.get(rank).map_or(0, Vec::len);
+                h.cpus += j.spec.resources.cpus;
+                h.memory_bytes = h.memory_bytes.saturating_add(j.spec.resources.memory_bytes);
+            }
+        }
+        (gpus, per_agent)
+    }
+
     /// What a workflow's attempts have cost so far (an array's members counted once).
     fn workflow_cost(&self, id: &str) -> f64 {
         let prefix = format!("{id}.");

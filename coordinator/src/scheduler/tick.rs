@@ -197,26 +197,6 @@ impl SchedulerCore {
         queued.into_iter().map(|j| j.id.clone()).collect()
     }
 
-    /// GPUs the core's own attempts hold (the view may not show them busy yet), and the
-    /// CPUs and memory they hold per agent.
-    fn held_by_attempts(&self) -> (HashSet<&str>, HashMap<&str, (f64, u64)>) {
-        let mut gpus = HashSet::new();
-        let mut per_agent: HashMap<&str, (f64, u64)> = HashMap::new();
-        for j in self.jobs.values() {
-            if !matches!(j.state, JobState::Starting | JobState::Running) {
-                continue;
-            }
-            let Some(a) = j.current() else { continue };
-            gpus.extend(a.gpus.iter().flatten().map(String::as_str));
-            for agent in &a.agents {
-                let e = per_agent.entry(agent.as_str()).or_default();
-                e.0 += j.spec.resources.cpus;
-                e.1 = e.1.saturating_add(j.spec.resources.memory_bytes);
-            }
-        }
-        (gpus, per_agent)
-    }
-
     /// Start placing `queued` (this tick's [`Self::due_jobs`]) on `candidates`. GPUs
     /// invited for in this tick are claimed (taken out of a working copy), so concurrent
     /// auctions go to agents that still have room instead of all competing for the same
@@ -234,11 +214,11 @@ impl SchedulerCore {
             };
             self.reach.insert(c.agent.clone(), reach);
         }
-        let (busy, held) = self.held_by_attempts();
+        let (busy, held) = self.attempt_holds();
         for c in &mut candidates {
-            let (cpus, memory) = held.get(c.agent.as_str()).copied().unwrap_or_default();
-            c.used_cpus = cpus;
-            c.used_memory_bytes = memory;
+            let h = held.get(c.agent.as_str()).copied().unwrap_or_default();
+            c.used_cpus = h.cpus;
+            c.used_memory_bytes = h.memory_bytes;
             let free: Vec<(String, u64)> = c
                 .gpu_uuids
                 .iter()
